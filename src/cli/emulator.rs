@@ -1,0 +1,131 @@
+//! `dap emulator`: serve the built-in DAP emulator until interrupted.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::emulator::{
+    CsvNull, DEFAULT_ANCHOR, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, EmulatorConfig,
+    Mode,
+};
+use crate::time;
+
+#[derive(Debug, Args)]
+pub struct EmulatorArgs {
+    /// Port on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 8642)]
+    port: u16,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Base rows per table.
+    #[arg(long, default_value_t = 100)]
+    rows: u64,
+    /// Base rows for one table, as `[namespace.]table=N` (repeatable).
+    #[arg(long = "table-rows", value_name = "TABLE=N", value_parser = parse_table_rows)]
+    table_rows: Vec<(String, u64)>,
+    /// Client ID the emulator accepts.
+    #[arg(long = "accept-client-id", default_value = DEFAULT_CLIENT_ID)]
+    accept_client_id: String,
+    /// Client secret the emulator accepts.
+    #[arg(long = "accept-client-secret", default_value = DEFAULT_CLIENT_SECRET)]
+    accept_client_secret: String,
+    /// Lifetime of access tokens, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    token_lifetime: u64,
+    /// Seconds a new job stays `waiting`.
+    #[arg(long, default_value_t = 1.0)]
+    job_waiting: f64,
+    /// Seconds a job then stays `running`.
+    #[arg(long, default_value_t = 2.0)]
+    job_running: f64,
+    /// Seconds until a job and its objects expire.
+    #[arg(long, default_value_t = 86_400)]
+    job_lifetime: u64,
+    /// Seconds until an object URL expires.
+    #[arg(long, default_value_t = 900)]
+    url_lifetime: u64,
+    /// Rows per part file.
+    #[arg(long, default_value_t = 10_000)]
+    part_rows: u64,
+    /// Enforce the documented per-endpoint rate limits (5 queries per window, …).
+    #[arg(long)]
+    rate_limits: bool,
+    /// Seconds the rate limits count over (60 in the real service).
+    #[arg(long, default_value_t = 60.0)]
+    rate_window: f64,
+    /// Export time of the base data (RFC 3339).
+    #[arg(long, value_parser = time::parse_rfc3339)]
+    anchor: Option<i64>,
+    /// Layout of nested objects when a query names no mode.
+    #[arg(long, value_enum, default_value_t = Mode::Expanded)]
+    default_mode: Mode,
+    /// How CSV writes NULL.
+    #[arg(long, value_enum, default_value_t = CsvNull::Literal)]
+    csv_null: CsvNull,
+    /// Never generate NaN or infinite floats.
+    #[arg(long)]
+    no_special_floats: bool,
+    /// Refuse incrementals with `since` older than this many days (out of range).
+    #[arg(long)]
+    retention_days: Option<u64>,
+}
+
+fn parse_table_rows(s: &str) -> Result<(String, u64), String> {
+    let (table, n) = s.split_once('=').ok_or("expected TABLE=N")?;
+    Ok((
+        table.to_string(),
+        n.parse().map_err(|_| format!("{n:?} is not a row count"))?,
+    ))
+}
+
+impl EmulatorArgs {
+    fn config(&self) -> EmulatorConfig {
+        EmulatorConfig {
+            port: self.port,
+            seed: self.seed,
+            rows: self.rows,
+            table_rows: self.table_rows.iter().cloned().collect::<HashMap<_, _>>(),
+            client_id: self.accept_client_id.clone(),
+            client_secret: self.accept_client_secret.clone(),
+            token_lifetime: Duration::from_secs(self.token_lifetime),
+            job_waiting: Duration::from_secs_f64(self.job_waiting),
+            job_running: Duration::from_secs_f64(self.job_running),
+            job_lifetime: Duration::from_secs(self.job_lifetime),
+            url_lifetime: Duration::from_secs(self.url_lifetime),
+            part_rows: self.part_rows,
+            rate_limits: self.rate_limits,
+            rate_window: Duration::from_secs_f64(self.rate_window),
+            anchor: self.anchor.unwrap_or(DEFAULT_ANCHOR),
+            default_mode: self.default_mode,
+            csv_null: self.csv_null,
+            special_floats: !self.no_special_floats,
+            web_logs_duplicate_rate: EmulatorConfig::default().web_logs_duplicate_rate,
+            retention: self.retention_days.map(|d| Duration::from_secs(d * 86_400)),
+        }
+    }
+}
+
+pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
+    let config = args.config();
+    let emulator = Emulator::start(config)
+        .await
+        .context("starting the DAP emulator")?;
+    let c = emulator.config();
+    println!("DAP emulator serving on {}", emulator.base_url());
+    println!("  export DAP_API_URL={}", emulator.base_url());
+    println!("  export DAP_CLIENT_ID='{}'", c.client_id);
+    println!("  export DAP_CLIENT_SECRET='{}'", c.client_secret);
+    println!(
+        "Control: POST {0}/emulator/commit, POST {0}/emulator/schema, POST {0}/emulator/faults, GET {0}/emulator/truth/NS/TABLE",
+        emulator.base_url()
+    );
+    println!("Press Ctrl-C to stop.");
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    emulator.shutdown();
+    Ok(())
+}

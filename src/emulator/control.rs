@@ -1,0 +1,138 @@
+//! Control routes under `/emulator` (no auth, loopback only): commits, schema changes, faults,
+//! ground truth, statistics and job expiry. The same actions as the in-process API.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State as AxState};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::dataset::{DatasetError, SchemaChange};
+use super::faults::FaultSpec;
+use super::{ChangeCounts, State};
+use crate::time;
+
+type Shared = Arc<State>;
+
+pub(crate) fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/emulator/commit", post(commit))
+        .route("/emulator/schema", post(evolve))
+        .route("/emulator/faults", post(add_fault).delete(clear_faults))
+        .route("/emulator/truth/{ns}/{table}", get(truth))
+        .route("/emulator/stats", get(stats))
+        .route("/emulator/jobs/expire", post(expire_jobs))
+}
+
+fn failure(e: DatasetError) -> Response {
+    let status = match e {
+        DatasetError::UnknownNamespace(_) | DatasetError::UnknownTable { .. } => {
+            StatusCode::NOT_FOUND
+        }
+        _ => StatusCode::BAD_REQUEST,
+    };
+    (status, Json(json!({"error": e.to_string()}))).into_response()
+}
+
+#[derive(Deserialize)]
+struct CommitRequest {
+    namespace: String,
+    table: String,
+    #[serde(flatten)]
+    counts: ChangeCounts,
+}
+
+async fn commit(AxState(state): AxState<Shared>, Json(req): Json<CommitRequest>) -> Response {
+    match state.commit(&req.namespace, &req.table, req.counts) {
+        Ok(summary) => Json(summary).into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct SchemaRequest {
+    namespace: String,
+    table: String,
+    change: SchemaChange,
+}
+
+async fn evolve(AxState(state): AxState<Shared>, Json(req): Json<SchemaRequest>) -> Response {
+    match state.evolve(&req.namespace, &req.table, req.change) {
+        Ok((version, column)) => {
+            Json(json!({"version": version, "column": column})).into_response()
+        }
+        Err(e) => failure(e),
+    }
+}
+
+async fn add_fault(AxState(state): AxState<Shared>, Json(fault): Json<FaultSpec>) -> Response {
+    state.faults.lock().expect("faults lock").add(fault);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn clear_faults(AxState(state): AxState<Shared>) -> Response {
+    state.faults.lock().expect("faults lock").clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn stats(AxState(state): AxState<Shared>) -> Response {
+    Json(state.stats.lock().expect("stats lock").clone()).into_response()
+}
+
+async fn expire_jobs(AxState(state): AxState<Shared>) -> Response {
+    state
+        .jobs
+        .lock()
+        .expect("jobs lock")
+        .expire_all(time::now());
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Streams the table's current rows as typed JSON lines, generated on a blocking thread so that
+/// memory stays flat for large tables.
+async fn truth(
+    AxState(state): AxState<Shared>,
+    Path((ns, table)): Path<(String, String)>,
+) -> Response {
+    if let Err(e) = state
+        .dataset
+        .read()
+        .expect("dataset lock")
+        .table(&ns, &table)
+    {
+        return failure(e);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    tokio::task::spawn_blocking(move || {
+        let d = state.dataset.read().expect("dataset lock");
+        let Ok(rows) = d.truth(&ns, &table) else {
+            return;
+        };
+        let mut buf = Vec::with_capacity(1 << 16);
+        for row in rows {
+            serde_json::to_writer(&mut buf, &row).expect("JSON to memory");
+            buf.push(b'\n');
+            if buf.len() >= 1 << 16
+                && tx
+                    .blocking_send(Bytes::from(std::mem::take(&mut buf)))
+                    .is_err()
+            {
+                return;
+            }
+        }
+        let _ = tx.blocking_send(Bytes::from(buf));
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/jsonl")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}

@@ -1,0 +1,11 @@
+//! dap-replica: a fast, safe replacement for Instructure's `dap` client for Canvas Data 2.
+//!
+//! The data flow reads from the modules: [`schema`] turns DAP table schemas into typed table
+//! definitions, [`value`] holds typed column values, and [`emulator`] is a faithful local DAP
+//! server used for offline work and every test.
+
+pub mod cli;
+pub mod emulator;
+pub mod schema;
+pub mod time;
+pub mod value;

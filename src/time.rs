@@ -1,0 +1,109 @@
+//! UTC instants as microseconds since the Unix epoch: the one time representation in the project.
+//!
+//! DAP sends RFC 3339 timestamps with an offset; the official client writes UTC as `Z` with six
+//! fraction digits when there is a fraction (Python `isoformat`). Data values may carry 0 to 6.
+
+use chrono::{DateTime, NaiveDate, Timelike, Utc};
+
+/// Microseconds since 1970-01-01T00:00:00Z.
+pub type Micros = i64;
+
+pub const MICROS_PER_SECOND: Micros = 1_000_000;
+pub const MICROS_PER_DAY: Micros = 86_400 * MICROS_PER_SECOND;
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{value:?} is not an RFC 3339 timestamp with an offset (expected e.g. 2024-05-01T12:00:00Z)"
+)]
+pub struct TimestampError {
+    pub value: String,
+}
+
+/// The current time.
+pub fn now() -> Micros {
+    Utc::now().timestamp_micros()
+}
+
+fn to_datetime(us: Micros) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// Wire form: `2024-05-01T12:00:00Z`, or six fraction digits when there is a fraction.
+pub fn format_wire(us: Micros) -> String {
+    let dt = to_datetime(us);
+    if dt.nanosecond() == 0 {
+        dt.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    } else {
+        dt.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    }
+}
+
+/// Data form: like [`format_wire`] but with the fraction trimmed to its significant digits.
+pub fn format_trimmed(us: Micros) -> String {
+    let mut s = format_wire(us);
+    if s.contains('.') {
+        s.pop(); // the Z
+        while s.ends_with('0') {
+            s.pop();
+        }
+        s.push('Z');
+    }
+    s
+}
+
+/// Parses RFC 3339 with a mandatory offset (`Z` or `±hh:mm`).
+pub fn parse_rfc3339(s: &str) -> Result<Micros, TimestampError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|dt| dt.with_timezone(&Utc).timestamp_micros())
+        .map_err(|_| TimestampError {
+            value: s.to_string(),
+        })
+}
+
+/// `YYYY-MM-DD` for a day number counted from 1970-01-01.
+pub fn format_date(days: i32) -> String {
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date");
+    (epoch + chrono::Days::new(days.max(0) as u64))
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
+/// `hh:mm:ss[.ffffff]` for microseconds since midnight.
+pub fn format_time_of_day(us: Micros) -> String {
+    let secs = us / MICROS_PER_SECOND;
+    let frac = us % MICROS_PER_SECOND;
+    let base = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+    if frac == 0 {
+        base
+    } else {
+        format!("{base}.{frac:06}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_and_trimmed_forms() {
+        let t = parse_rfc3339("2024-05-01T14:00:00.5+02:00").unwrap();
+        assert_eq!(format_wire(t), "2024-05-01T12:00:00.500000Z");
+        assert_eq!(format_trimmed(t), "2024-05-01T12:00:00.5Z");
+        let whole = parse_rfc3339("2024-05-01T12:00:00Z").unwrap();
+        assert_eq!(format_wire(whole), "2024-05-01T12:00:00Z");
+        assert_eq!(format_trimmed(whole), "2024-05-01T12:00:00Z");
+    }
+
+    #[test]
+    fn rejects_naive_timestamps() {
+        assert!(parse_rfc3339("2024-05-01T12:00:00").is_err());
+        assert!(parse_rfc3339("yesterday").is_err());
+    }
+
+    #[test]
+    fn dates_and_times() {
+        assert_eq!(format_date(0), "1970-01-01");
+        assert_eq!(format_date(19844), "2024-05-01");
+        assert_eq!(format_time_of_day(3_723_000_001), "01:02:03.000001");
+    }
+}
