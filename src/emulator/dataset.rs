@@ -330,7 +330,7 @@ impl Dataset {
         state: &'a TableState,
         selection: Selection,
         version: u32,
-        range: std::ops::RangeInclusive<u64>,
+        range: std::ops::Range<u64>,
     ) -> impl Iterator<Item = Record> + 'a {
         let out = &state.version(version).def;
         let duplicates = if out.namespace == "canvas_logs"
@@ -425,7 +425,7 @@ impl Dataset {
                 state,
                 Selection::Snapshot { at: head },
                 def.version,
-                1..=state.history.key_space(),
+                1..state.history.key_space() + 1,
             )
             .scan(None, move |last_key: &mut Option<Value>, r| {
                 // web_logs duplicates are a delivery artefact, not rows.
@@ -625,7 +625,7 @@ mod tests {
                     at: state.history.head(),
                 },
                 1,
-                1..=2000,
+                1..2001,
             )
             .count();
         assert!(n > 2000 + 50, "{n}");

@@ -2,7 +2,7 @@
 //! waiting → running → complete | failed on a schedule, and expired after their lifetime.
 
 use std::collections::HashMap;
-use std::ops::RangeInclusive;
+use std::ops::Range;
 
 use axum::http::StatusCode;
 use serde_json::{Value, json};
@@ -15,7 +15,7 @@ use crate::time::{self, Micros};
 #[derive(Debug, Clone)]
 pub struct ObjectSpec {
     pub id: String,
-    pub rows: RangeInclusive<u64>,
+    pub rows: Range<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,9 +107,9 @@ pub fn plan_objects(
     (0..=data_parts)
         .map(|i| {
             let rows = if i == data_parts {
-                1..=0
+                0..0
             } else {
-                i * part_rows + 1..=((i + 1) * part_rows).min(key_space)
+                i * part_rows + 1..((i + 1) * part_rows).min(key_space) + 1
             };
             ObjectSpec {
                 id: format!("{job_id}/part-{i:05}-{tag}-c000.{}", format.extension()),

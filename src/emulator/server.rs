@@ -218,7 +218,11 @@ fn cut_body(response: Response) -> Response {
                     Some(Err(e)) => Some((Err(io::Error::other(e)), (inner, sent, 2))),
                     None => Some((Err(reset()), (inner, sent, 2))),
                 },
-                1 => Some((Err(reset()), (inner, sent, 2))),
+                1 => {
+                    // Let the headers and the partial body reach the client before the drop.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Some((Err(reset()), (inner, sent, 2)))
+                }
                 _ => None,
             }
         },

@@ -1,0 +1,142 @@
+//! Shared test support: the emulator in-process, the official Python client, fresh databases,
+//! and row-by-row comparison with the emulator's ground truth.
+#![allow(dead_code)] // each test crate uses a different part of this module
+
+pub mod truth;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use dap_replica::emulator::{Emulator, EmulatorConfig};
+
+/// The official client's `dap` executable: `$DAP_OFFICIAL_CLIENT`, else the virtual environment
+/// that `scripts/test` creates.
+pub fn official_client() -> PathBuf {
+    let path = std::env::var_os("DAP_OFFICIAL_CLIENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-official/bin/dap"));
+    assert!(
+        path.exists(),
+        "the official client is not installed at {}: run scripts/test (or scripts/official-client.sh) first, or set DAP_OFFICIAL_CLIENT",
+        path.display()
+    );
+    path
+}
+
+/// The Python interpreter of the official client's virtual environment (it also has pyarrow).
+pub fn official_python() -> PathBuf {
+    official_client().with_file_name("python")
+}
+
+pub async fn emulator(config: EmulatorConfig) -> Emulator {
+    Emulator::start(config).await.expect("emulator starts")
+}
+
+/// Runs the official client against the emulator in `dir`, non-interactively.
+pub async fn run_official(emu: &Emulator, dir: &Path, args: &[&str]) -> Output {
+    tokio::process::Command::new(official_client())
+        .current_dir(dir)
+        .env("DAP_API_URL", emu.base_url())
+        .env("DAP_CLIENT_ID", &emu.config().client_id)
+        .env("DAP_CLIENT_SECRET", &emu.config().client_secret)
+        .env("DAP_TRACKING", "false")
+        .arg("--non-interactive")
+        .args(args)
+        .output()
+        .await
+        .expect("the official client runs")
+}
+
+/// Like [`run_official`], but fails the test unless the command succeeds.
+pub async fn official_ok(emu: &Emulator, dir: &Path, args: &[&str]) -> String {
+    let out = run_official(emu, dir, args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "official client {args:?} failed ({}):\n{stderr}",
+        out.status
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The base URL of the PostgreSQL server the tests use (`scripts/db-up.sh` exports it).
+pub fn postgres_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgresql://repl:repl_pass@127.0.0.1:5432/repl_test".into())
+}
+
+pub fn mysql_url() -> String {
+    std::env::var("TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://repl:repl_pass@127.0.0.1:3306/repl_test".into())
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("database URL has a path");
+    format!("{base}/{db}")
+}
+
+/// A new, empty PostgreSQL database for one test; returns its URL and a connection.
+pub async fn fresh_postgres(name: &str) -> (String, tokio_postgres::Client) {
+    let admin_url = postgres_url();
+    let (admin, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot connect to PostgreSQL at {admin_url} ({e}): run scripts/db-up.sh")
+        });
+    tokio::spawn(conn);
+    let db = format!("dapt_{name}");
+    // Two statements: a multi-statement batch is one transaction, which DROP DATABASE refuses.
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .expect("drop old test database");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .expect("create test database");
+    let url = with_database(&admin_url, &db);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to test database");
+    tokio::spawn(conn);
+    (url, client)
+}
+
+/// Runs SQL on MariaDB/MySQL through the `mariadb` command-line client; returns tab-separated rows.
+pub async fn mysql_query(db: Option<&str>, sql: &str) -> Vec<Vec<String>> {
+    let url = mysql_url();
+    let rest = url.strip_prefix("mysql://").expect("mysql:// URL");
+    let (cred, hostdb) = rest.split_once('@').expect("user:pass@host");
+    let (user, pass) = cred.split_once(':').expect("user:pass");
+    let (hostport, _) = hostdb.split_once('/').expect("host/db");
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "3306"));
+    let mut cmd = tokio::process::Command::new("mariadb");
+    cmd.args(["-N", "-B", "--raw", "-h", host, "-P", port, "-u", user])
+        .arg(format!("-p{pass}"));
+    if let Some(db) = db {
+        cmd.arg(db);
+    }
+    let out = cmd
+        .arg("-e")
+        .arg(sql)
+        .output()
+        .await
+        .expect("the mariadb client runs (scripts/db-up.sh installs it)");
+    assert!(
+        out.status.success(),
+        "mariadb {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').map(String::from).collect())
+        .collect()
+}
+
+/// A new, empty MariaDB database; returns its URL.
+pub async fn fresh_mysql(name: &str) -> String {
+    let db = format!("dapt_{name}");
+    mysql_query(None, &format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")).await;
+    with_database(&mysql_url(), &db)
+}
