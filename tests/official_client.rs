@@ -85,35 +85,41 @@ async fn assert_postgres_matches(
     }
 }
 
+/// Runs a database command of the official client on a comma list of tables.
+async fn replicate(
+    emu: &Emulator,
+    dir: &Path,
+    command: &str,
+    ns: &str,
+    tables: &[&str],
+    url: &str,
+) {
+    let tables = tables.join(",");
+    official_ok(
+        emu,
+        dir,
+        &[
+            command,
+            "--namespace",
+            ns,
+            "--table",
+            &tables,
+            "--connection-string",
+            url,
+        ],
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_initdb_then_two_syncdb_rounds_equal_the_truth() {
     let emu = emulator(config(60)).await;
     let (url, client) = fresh_postgres("official_pg").await;
     let dir = workdir();
-    let tables = POSTGRES_TABLES.join(",");
-    let conn = ["--connection-string", url.as_str()];
-    let run = |cmd: &'static str, ns: &'static str, tables: String| {
-        let mut args = vec![
-            cmd.to_string(),
-            "--namespace".into(),
-            ns.into(),
-            "--table".into(),
-            tables,
-        ];
-        args.extend(conn.iter().map(|s| s.to_string()));
-        args
-    };
-    let go = |args: Vec<String>| {
-        let emu = &emu;
-        let dir = dir.path().to_path_buf();
-        async move {
-            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            official_ok(emu, &dir, &refs).await
-        }
-    };
+    let dir = dir.path();
 
-    go(run("initdb", "canvas", tables.clone())).await;
-    go(run("initdb", "canvas_logs", "web_logs".into())).await;
+    replicate(&emu, dir, "initdb", "canvas", POSTGRES_TABLES, &url).await;
+    replicate(&emu, dir, "initdb", "canvas_logs", &["web_logs"], &url).await;
     assert_postgres_matches(&emu, &client, "canvas", POSTGRES_TABLES, "after initdb").await;
     assert_postgres_matches(&emu, &client, "canvas_logs", &["web_logs"], "after initdb").await;
 
@@ -153,8 +159,8 @@ async fn postgres_initdb_then_two_syncdb_rounds_equal_the_truth() {
                 },
             );
         }
-        go(run("syncdb", "canvas", tables.clone())).await;
-        go(run("syncdb", "canvas_logs", "web_logs".into())).await;
+        replicate(&emu, dir, "syncdb", "canvas", POSTGRES_TABLES, &url).await;
+        replicate(&emu, dir, "syncdb", "canvas_logs", &["web_logs"], &url).await;
         let label = format!("after syncdb round {round}");
         assert_postgres_matches(&emu, &client, "canvas", POSTGRES_TABLES, &label).await;
         assert_postgres_matches(&emu, &client, "canvas_logs", &["web_logs"], &label).await;
@@ -167,7 +173,7 @@ async fn postgres_initdb_then_two_syncdb_rounds_equal_the_truth() {
         "the bookkeeping row records the bumped schema version"
     );
 
-    go(run("dropdb", "canvas", "all".into())).await;
+    replicate(&emu, dir, "dropdb", "canvas", &["all"], &url).await;
     let left = client
         .query(
             "SELECT count(*) FROM instructure_dap.table_sync WHERE source_namespace = 'canvas'",
@@ -212,29 +218,7 @@ async fn mariadb_initdb_then_syncdb_keeps_the_same_rows() {
     let url = fresh_mysql("official_my").await;
     let db = url.rsplit('/').next().unwrap().to_string();
     let dir = workdir();
-    let tables = MARIADB_TABLES.join(",");
-    let args = |cmd: &'static str| -> Vec<String> {
-        [
-            cmd,
-            "--namespace",
-            "canvas",
-            "--table",
-            tables.as_str(),
-            "--connection-string",
-            url.as_str(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let refs = |a: &Vec<String>| a.iter().map(String::clone).collect::<Vec<_>>();
-    let initdb = refs(&args("initdb"));
-    official_ok(
-        &emu,
-        dir.path(),
-        &initdb.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
+    replicate(&emu, dir.path(), "initdb", "canvas", MARIADB_TABLES, &url).await;
     for round in 0..3 {
         if round > 0 {
             commit_everywhere(
@@ -248,13 +232,7 @@ async fn mariadb_initdb_then_syncdb_keeps_the_same_rows() {
                     hard_deletes: 2,
                 },
             );
-            let syncdb = refs(&args("syncdb"));
-            official_ok(
-                &emu,
-                dir.path(),
-                &syncdb.iter().map(String::as_str).collect::<Vec<_>>(),
-            )
-            .await;
+            replicate(&emu, dir.path(), "syncdb", "canvas", MARIADB_TABLES, &url).await;
         }
         for t in MARIADB_TABLES {
             assert_eq!(
@@ -658,4 +636,46 @@ async fn injected_faults_look_like_the_real_api_to_the_official_client() {
         .unwrap();
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid client credentials"));
+}
+
+/// No bundled schema trips a known bug of the official client: every table of `canvas` and
+/// `catalog` initialises into PostgreSQL and equals the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_canvas_and_catalog_table_initialises_with_the_official_client() {
+    let emu = emulator(EmulatorConfig {
+        rows: 6,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let (url, client) = fresh_postgres("official_all").await;
+    let dir = workdir();
+    for ns in ["canvas", "catalog"] {
+        official_ok(
+            &emu,
+            dir.path(),
+            &[
+                "--loglevel",
+                "warning",
+                "initdb",
+                "--namespace",
+                ns,
+                "--table",
+                "all",
+                "--connection-string",
+                &url,
+            ],
+        )
+        .await;
+        let tables = emu.tables(ns).unwrap();
+        assert!(tables.len() >= 28);
+        for t in &tables {
+            let def = emu.table_def(ns, t).unwrap();
+            assert_same_rows(
+                &def,
+                &postgres_rows(&client, ns, t).await,
+                &emu.truth(ns, t).unwrap(),
+                "after initdb --table all",
+            );
+        }
+    }
 }

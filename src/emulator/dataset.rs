@@ -237,20 +237,21 @@ impl Dataset {
         let version = state.current().def.version;
         let mut rng = Rng::new(mix(&[seed, ts as u64, state.history.key_space()]));
         let [inserts, updates, soft, hard] = counts;
-        let mut plan = CommitPlan {
-            inserts: state.history.allocate(inserts as u64),
-            ..Default::default()
-        };
-        let mut taken = plan.inserts.clone();
-        for (n, slot) in [(updates, 0), (soft, 1), (hard, 2)] {
-            let picked = state.history.pick_live(&mut rng, n, &taken);
+        let inserts = state.history.allocate(inserts as u64);
+        let mut taken = inserts.clone();
+        let history = &state.history;
+        let mut pick = |n: usize| {
+            let picked = history.pick_live(&mut rng, n, &taken);
             taken.extend(&picked);
-            match slot {
-                0 => plan.updates = picked,
-                1 => plan.soft_deletes = picked,
-                _ => plan.hard_deletes = picked,
-            }
-        }
+            picked
+        };
+        let (updates, soft_deletes, hard_deletes) = (pick(updates), pick(soft), pick(hard));
+        let plan = CommitPlan {
+            inserts,
+            updates,
+            soft_deletes,
+            hard_deletes,
+        };
         state.history.commit(ts, &plan, version);
         Ok(plan)
     }

@@ -53,7 +53,8 @@ impl Generator {
         mix(&[self.seed, hash_str(&def.namespace), hash_str(&def.name)])
     }
 
-    /// The primary key of the row with index `idx` (1-based); increasing with `idx`.
+    /// The primary key of the row with index `idx` (1-based): shard-prefixed integers increasing
+    /// with `idx`, or v4 UUIDs.
     pub fn key(&self, def: &TableDef, idx: u64) -> Value {
         match def.key.ty {
             ColumnType::Int(64) => Value::Int(SHARD_OFFSET + idx as i64),
