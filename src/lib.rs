@@ -4,8 +4,13 @@
 //! definitions, [`value`] holds typed column values, and [`emulator`] is a faithful local DAP
 //! server used for offline work and every test.
 
+pub mod api;
 pub mod cli;
 pub mod emulator;
+pub mod export;
+pub mod fetch;
+pub mod progress;
 pub mod schema;
+pub mod tables;
 pub mod time;
 pub mod value;

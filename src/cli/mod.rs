@@ -2,10 +2,15 @@
 //! command over the library.
 
 mod emulator;
+mod export;
 
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::api::{ClientConfig, RetryPolicy};
 
 /// Canvas Data 2 (DAP) client: export tables, and keep a local SQLite mirror current.
 #[derive(Debug, Parser)]
@@ -40,9 +45,15 @@ pub struct Cli {
     /// With --non-interactive, do not log to stderr.
     #[arg(long, global = true)]
     pub no_log_to_console: bool,
-    /// Accepted for compatibility; dap-replica never sends usage data.
+    /// Accepted for compatibility; dap-replica never sends usage data (nor reads DAP_TRACKING).
     #[arg(long, global = true)]
     pub no_tracking: bool,
+    /// Attempts per request before giving up (429, 5xx, timeouts and resets are retried).
+    #[arg(long, default_value_t = 8, global = true)]
+    pub max_attempts: u32,
+    /// Job creations allowed per window, as N/SECONDS (DAP allows 5 per minute).
+    #[arg(long, env = "DAP_JOB_RATE", default_value = "5/60", value_parser = parse_rate, global = true)]
+    pub job_rate: (usize, f64),
     #[command(subcommand)]
     pub command: Command,
 }
@@ -61,15 +72,68 @@ pub enum LogFormat {
     Json,
 }
 
+fn parse_rate(s: &str) -> Result<(usize, f64), String> {
+    let (n, secs) = s.split_once('/').ok_or("expected N/SECONDS, e.g. 5/60")?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{n:?} is not a count"))?;
+    let secs: f64 = secs
+        .trim()
+        .parse()
+        .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+    if n == 0 || secs <= 0.0 {
+        return Err("the rate must allow at least one job per positive window".into());
+    }
+    Ok((n, secs))
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// List the tables of a namespace.
+    List(export::ListArgs),
+    /// Download table schemas as <table>_schema_version_<N>.json.
+    Schema(export::SchemaArgs),
+    /// Download a snapshot of tables into <output-directory>/job_<id>/.
+    Snapshot(export::SnapshotArgs),
+    /// Download the changes to tables since a time into <output-directory>/job_<id>/.
+    Incremental(export::IncrementalArgs),
     /// Run a local DAP emulator (loopback only) for offline work and tests.
     Emulator(emulator::EmulatorArgs),
 }
 
+/// What every command gets from the global options.
+pub struct Context {
+    pub client: ClientConfig,
+    pub interactive: bool,
+}
+
+impl Cli {
+    fn context(&self) -> Context {
+        let mut client = ClientConfig::new(&self.base_url);
+        client.client_id = self.client_id.clone();
+        client.client_secret = self.client_secret.clone();
+        client.retry = RetryPolicy {
+            attempts: self.max_attempts.max(1),
+            ..RetryPolicy::default()
+        };
+        client.job_limit = self.job_rate.0;
+        client.job_window = Duration::from_secs_f64(self.job_rate.1);
+        Context {
+            client,
+            interactive: !self.non_interactive,
+        }
+    }
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ctx = cli.context();
     match cli.command {
+        Command::List(args) => export::list(&ctx, args).await,
+        Command::Schema(args) => export::schema(&ctx, args).await,
+        Command::Snapshot(args) => export::snapshot(&ctx, args).await,
+        Command::Incremental(args) => export::incremental(&ctx, args).await,
         Command::Emulator(args) => emulator::run(args).await,
     }
 }

@@ -95,15 +95,16 @@ impl Job {
 }
 
 /// Splits `rows` row indexes into parts of at most `part_rows`, plus one header-only part.
+/// `tag` names the write (like Spark's per-write id): equal content gets equal names.
 pub fn plan_objects(
     job_id: &str,
+    tag: &str,
     format: Format,
     key_space: u64,
     part_rows: u64,
 ) -> Vec<ObjectSpec> {
     let part_rows = part_rows.max(1);
     let data_parts = key_space.div_ceil(part_rows).max(1);
-    let tag = &job_id[..job_id.len().min(8)];
     (0..=data_parts)
         .map(|i| {
             let rows = if i == data_parts {
@@ -195,7 +196,7 @@ mod tests {
 
     #[test]
     fn lifecycle_and_exact_keys() {
-        let objects = plan_objects("j1", Format::Tsv, 5, 2);
+        let objects = plan_objects("j1", "t", Format::Tsv, 5, 2);
         let j = job(
             Outcome::Complete { objects },
             Selection::Snapshot {
@@ -247,7 +248,7 @@ mod tests {
 
     #[test]
     fn parts_cover_every_row_once() {
-        let parts = plan_objects("abc", Format::Parquet, 10, 3);
+        let parts = plan_objects("abc", "t", Format::Parquet, 10, 3);
         let covered: Vec<u64> = parts.iter().flat_map(|p| p.rows.clone()).collect();
         assert_eq!(covered, (1..=10).collect::<Vec<_>>());
         assert!(parts.last().unwrap().rows.is_empty());

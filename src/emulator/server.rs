@@ -484,9 +484,23 @@ async fn query(
             )
             .error,
         },
-        None => Outcome::Complete {
-            objects: plan_objects(&id, q.format, t.history.key_space(), state.config.part_rows),
-        },
+        None => {
+            let content = format!(
+                "{ns}/{table}/{:?}/{mode:?}/{selection:?}/{}",
+                q.format,
+                t.current().def.version
+            );
+            let tag = format!("{:016x}", super::rng::hash_str(&content));
+            Outcome::Complete {
+                objects: plan_objects(
+                    &id,
+                    &tag,
+                    q.format,
+                    t.history.key_space(),
+                    state.config.part_rows,
+                ),
+            }
+        }
     };
     let running_at = now + state.config.job_waiting.as_micros() as i64;
     let job = Job {

@@ -140,3 +140,80 @@ pub async fn fresh_mysql(name: &str) -> String {
     mysql_query(None, &format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")).await;
     with_database(&mysql_url(), &db)
 }
+
+/// Runs our `dap` binary against the emulator in `dir`, non-interactively, with `env` on top.
+pub async fn run_ours_with(
+    emu: &Emulator,
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"));
+    cmd.current_dir(dir)
+        .env("DAP_API_URL", emu.base_url())
+        .env("DAP_CLIENT_ID", &emu.config().client_id)
+        .env("DAP_CLIENT_SECRET", &emu.config().client_secret)
+        .env_remove("DAP_CONNECTION_STRING")
+        .env("DAP_JOB_RATE", job_rate(emu.config()))
+        .arg("--non-interactive");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.args(args).output().await.expect("our dap runs")
+}
+
+/// Our client paces job creation to the emulator's limit, or not at all when it enforces none.
+fn job_rate(config: &EmulatorConfig) -> String {
+    if config.rate_limits {
+        format!("5/{}", config.rate_window.as_secs_f64())
+    } else {
+        "100000/1".into()
+    }
+}
+
+pub async fn run_ours(emu: &Emulator, dir: &Path, args: &[&str]) -> Output {
+    run_ours_with(emu, dir, args, &[]).await
+}
+
+/// Like [`run_ours`], but fails the test unless the command succeeds; returns stdout.
+pub async fn ours_ok(emu: &Emulator, dir: &Path, args: &[&str]) -> String {
+    let out = run_ours(emu, dir, args).await;
+    assert!(
+        out.status.success(),
+        "dap {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every file under `dir`, relative to it, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// A downloaded object's content: gunzipped for text formats, raw for Parquet.
+pub fn object_content(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(&bytes[..]), &mut out)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        out
+    } else {
+        bytes
+    }
+}

@@ -9,51 +9,11 @@ use std::io::{self, Write};
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use serde::{Deserialize, Serialize};
 
 use super::dataset::Record;
 use crate::schema::TableDef;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    Tsv,
-    Csv,
-    Jsonl,
-    Parquet,
-}
-
-impl Format {
-    pub fn parse(s: &str) -> Option<Format> {
-        Some(match s {
-            "tsv" => Format::Tsv,
-            "csv" => Format::Csv,
-            "jsonl" => Format::Jsonl,
-            "parquet" => Format::Parquet,
-            _ => return None,
-        })
-    }
-
-    /// The object file extension; TSV must end in `.tsv.gz` for the official client's DB path.
-    pub fn extension(self) -> &'static str {
-        match self {
-            Format::Tsv => "tsv.gz",
-            Format::Csv => "csv.gz",
-            Format::Jsonl => "json.gz",
-            Format::Parquet => "parquet",
-        }
-    }
-}
-
-/// How nested objects are laid out in tabular formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// One column per nested field (`value.settings.a`).
-    Expanded,
-    /// One JSON column per nested object (`value.settings`).
-    Condensed,
-}
+pub use crate::api::types::{Format, Mode};
 
 /// How CSV writes NULL: the client's docstring says the unquoted literal `NULL`, the public data
 /// format page says an empty field.

@@ -1,0 +1,568 @@
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
+use tokio::sync::Mutex;
+
+use super::error::{ApiError, ServerErrorKind};
+use super::types::{ErrorEnvelope, Job, JobStatus, Query, ResourceUrls, TableList, TokenResponse};
+
+/// How often and how patiently failed requests are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts in total, the first included.
+    pub attempts: u32,
+    /// First backoff; it doubles per attempt, with full jitter, up to `cap`.
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 8,
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `attempt + 1`: the server's `Retry-After` when given, else
+    /// exponential backoff with full jitter.
+    pub fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        if let Some(wait) = retry_after {
+            return wait.min(Duration::from_secs(300));
+        }
+        let ceiling = self.base.saturating_mul(1 << attempt.min(16)).min(self.cap);
+        ceiling.mul_f64(0.5 + fastrand::f64() * 0.5)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub base_url: String,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    /// The documented `scope` parameter (e.g. a root account), sent on query, table-list and
+    /// schema calls.
+    pub scope: Option<String>,
+    pub retry: RetryPolicy,
+    /// At most this many job creations (`POST …/data`) per `job_window` (5 per minute in DAP).
+    pub job_limit: usize,
+    pub job_window: Duration,
+    /// How long to wait for a job before giving up.
+    pub job_deadline: Duration,
+    /// Longest pause between two polls of a job.
+    pub poll_cap: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(base_url: &str) -> ClientConfig {
+        ClientConfig {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            client_id: None,
+            client_secret: None,
+            scope: None,
+            retry: RetryPolicy::default(),
+            job_limit: 5,
+            job_window: Duration::from_secs(60),
+            job_deadline: Duration::from_secs(6 * 3600),
+            poll_cap: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A complete job: what to download and the times it covers.
+#[derive(Debug, Clone)]
+pub struct CompleteJob {
+    pub id: String,
+    pub schema_version: u32,
+    pub objects: Vec<String>,
+    /// Snapshot time, or the incremental's `since` and `until`.
+    pub at: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+}
+
+struct Token {
+    bearer: String,
+    /// Unix seconds.
+    expires: i64,
+}
+
+/// Refresh the token when it has less than this left (as the official client does).
+const REFRESH_AHEAD_SECS: i64 = 300;
+
+pub struct Client {
+    http: reqwest::Client,
+    config: ClientConfig,
+    token: Mutex<Option<Token>>,
+    job_starts: Mutex<VecDeque<Instant>>,
+}
+
+/// The `exp` claim of a JWT (not verified: the server verifies it).
+fn jwt_expiry(token: &str) -> Option<i64> {
+    let payload = token.split('.').nth(1)?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?)
+            .ok()?;
+    claims.get("exp")?.as_i64()
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return Some(Duration::from_secs_f64(secs.max(0.0)));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// A URL without its query string (pre-signed URLs carry signatures that must not be logged).
+pub fn redact_url(url: &str) -> &str {
+    url.split('?').next().unwrap_or(url)
+}
+
+fn snippet(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]);
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl Client {
+    pub fn new(config: ClientConfig) -> Result<Client, ApiError> {
+        if config.client_id.as_deref().is_none_or(str::is_empty)
+            || config.client_secret.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(ApiError::MissingCredentials);
+        }
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("dap-replica/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(30))
+            .read_timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| ApiError::Transport {
+                url: config.base_url.clone(),
+                attempts: 0,
+                detail: e.to_string(),
+            })?;
+        Ok(Client {
+            http,
+            config,
+            token: Mutex::new(None),
+            job_starts: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// The plain HTTP client (for object downloads, which carry no Authorization header).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// A bearer token with at least five minutes left, logging in when needed.
+    async fn bearer(&self) -> Result<String, ApiError> {
+        let mut token = self.token.lock().await;
+        let now = crate::time::now() / 1_000_000;
+        if let Some(t) = token
+            .as_ref()
+            .filter(|t| t.expires - REFRESH_AHEAD_SECS > now)
+        {
+            return Ok(t.bearer.clone());
+        }
+        let (id, secret) = (
+            self.config.client_id.clone().unwrap_or_default(),
+            self.config.client_secret.clone().unwrap_or_default(),
+        );
+        let url = format!("{}/ids/auth/login", self.config.base_url);
+        // Boxed: `send` calls `bearer` for authenticated requests (never for this one).
+        let login = self.send(&url, false, false, || {
+            self.http
+                .post(&url)
+                .basic_auth(&id, Some(&secret))
+                .form(&[("grant_type", "client_credentials")])
+        });
+        let response: TokenResponse = Box::pin(login).await?;
+        let expires = jwt_expiry(&response.access_token).unwrap_or(now + 3600);
+        tracing::debug!(
+            "logged in; token valid until {}",
+            crate::time::format_wire(expires * 1_000_000)
+        );
+        *token = Some(Token {
+            bearer: response.access_token.clone(),
+            expires,
+        });
+        Ok(response.access_token)
+    }
+
+    /// Waits until one more job may be created within the pacing window.
+    async fn pace_job_creation(&self) {
+        loop {
+            let wait = {
+                let mut starts = self.job_starts.lock().await;
+                let now = Instant::now();
+                while starts
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= self.config.job_window)
+                {
+                    starts.pop_front();
+                }
+                if starts.len() < self.config.job_limit {
+                    starts.push_back(now);
+                    return;
+                }
+                self.config.job_window - now.duration_since(starts[0])
+            };
+            // A small margin absorbs clock and network skew between us and the server.
+            tokio::time::sleep(wait + self.config.job_window / 50).await;
+        }
+    }
+
+    /// Sends a request built by `build`, retrying 429, 5xx (JSON or not), connection errors,
+    /// timeouts and resets; parses a success as `T` and an error body by its `error.type`.
+    async fn send<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        authed: bool,
+        paced: bool,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<T, ApiError> {
+        let policy = self.config.retry;
+        let mut relogged = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if paced {
+                self.pace_job_creation().await;
+            }
+            let mut request = build();
+            if authed {
+                request = request.bearer_auth(self.bearer().await?);
+            }
+            let response = match request.send().await {
+                Ok(r) => r,
+                Err(e) if attempt < policy.attempts => {
+                    let wait = policy.backoff(attempt, None);
+                    tracing::warn!(
+                        "{url}: {e}; retrying in {:.1} s ({attempt}/{})",
+                        wait.as_secs_f64(),
+                        policy.attempts
+                    );
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(ApiError::Transport {
+                        url: url.into(),
+                        attempts: attempt,
+                        detail: e.to_string(),
+                    });
+                }
+            };
+            let status = response.status();
+            let wait_hint = retry_after(response.headers());
+            let json = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/json"));
+            let body = match response.bytes().await {
+                Ok(b) => b,
+                Err(e) if attempt < policy.attempts => {
+                    tracing::warn!(
+                        "{url}: response broke off ({e}); retrying ({attempt}/{})",
+                        policy.attempts
+                    );
+                    tokio::time::sleep(policy.backoff(attempt, None)).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(ApiError::Transport {
+                        url: url.into(),
+                        attempts: attempt,
+                        detail: e.to_string(),
+                    });
+                }
+            };
+            if (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error())
+                && attempt < policy.attempts
+            {
+                let wait = policy.backoff(attempt, wait_hint);
+                tracing::warn!(
+                    "{url}: HTTP {status}; retrying in {:.1} s ({attempt}/{})",
+                    wait.as_secs_f64(),
+                    policy.attempts
+                );
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            if status == StatusCode::UNAUTHORIZED && authed && !relogged {
+                // The token was refused (revoked or clock skew): log in again once.
+                relogged = true;
+                *self.token.lock().await = None;
+                continue;
+            }
+            if status.is_success() {
+                return serde_json::from_slice(&body).map_err(|e| ApiError::Malformed {
+                    url: url.into(),
+                    detail: e.to_string(),
+                });
+            }
+            if json && let Ok(envelope) = serde_json::from_slice::<ErrorEnvelope>(&body) {
+                return Err(ApiError::from_body(status.as_u16(), envelope.error));
+            }
+            return Err(ApiError::Unexpected {
+                status: status.as_u16(),
+                url: url.into(),
+                snippet: snippet(&body),
+            });
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        scoped: bool,
+        paced: bool,
+    ) -> Result<T, ApiError> {
+        let url = format!("{}{path}", self.config.base_url);
+        let scope: Vec<(&str, &str)> = match (&self.config.scope, scoped) {
+            (Some(s), true) => vec![("scope", s.as_str())],
+            _ => vec![],
+        };
+        self.send(&url, true, paced, || {
+            let r = self.http.request(method.clone(), &url).query(&scope);
+            match body {
+                Some(b) => r.json(b),
+                None => r,
+            }
+        })
+        .await
+    }
+
+    /// `GET /dap/query/{ns}/table`
+    pub async fn tables(&self, namespace: &str) -> Result<Vec<String>, ApiError> {
+        let list: TableList = self
+            .call(
+                Method::GET,
+                &format!("/dap/query/{namespace}/table"),
+                None,
+                true,
+                false,
+            )
+            .await?;
+        Ok(list.tables)
+    }
+
+    /// `GET /dap/query/{ns}/table/{t}/schema`: the `{"schema", "version"}` envelope.
+    pub async fn schema(
+        &self,
+        namespace: &str,
+        table: &str,
+    ) -> Result<serde_json::Value, ApiError> {
+        self.call(
+            Method::GET,
+            &format!("/dap/query/{namespace}/table/{table}/schema"),
+            None,
+            true,
+            false,
+        )
+        .await
+    }
+
+    /// `POST /dap/query/{ns}/table/{t}/data`, paced to the job-creation limit.
+    pub async fn submit(
+        &self,
+        namespace: &str,
+        table: &str,
+        query: &Query,
+    ) -> Result<Job, ApiError> {
+        let body = serde_json::to_value(query).expect("a query serialises");
+        self.call(
+            Method::POST,
+            &format!("/dap/query/{namespace}/table/{table}/data"),
+            Some(&body),
+            true,
+            true,
+        )
+        .await
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Job, ApiError> {
+        self.call(Method::GET, &format!("/dap/job/{id}"), None, false, false)
+            .await
+    }
+
+    /// Pre-signed URLs for `ids`, asked for in batches.
+    pub async fn object_urls(&self, ids: &[String]) -> Result<HashMap<String, String>, ApiError> {
+        let mut urls = HashMap::new();
+        for batch in ids.chunks(100) {
+            let body = serde_json::Value::Array(
+                batch
+                    .iter()
+                    .map(|id| serde_json::json!({"id": id}))
+                    .collect(),
+            );
+            let got: ResourceUrls = self
+                .call(Method::POST, "/dap/object/url", Some(&body), false, false)
+                .await?;
+            urls.extend(got.urls.into_iter().map(|(k, v)| (k, v.url)));
+        }
+        if let Some(missing) = ids.iter().find(|id| !urls.contains_key(*id)) {
+            return Err(ApiError::Malformed {
+                url: "/dap/object/url".into(),
+                detail: format!("no URL for object {missing}"),
+            });
+        }
+        Ok(urls)
+    }
+
+    /// Submits `query` and polls the job (with backoff, up to the deadline) until it is complete;
+    /// a job that expires while polled is submitted again. `on_status` sees every state.
+    pub async fn run_job(
+        &self,
+        namespace: &str,
+        table: &str,
+        query: &Query,
+        on_status: impl Fn(JobStatus),
+    ) -> Result<CompleteJob, ApiError> {
+        let started = Instant::now();
+        let mut job = self.submit(namespace, table, query).await?;
+        let mut delay = Duration::from_millis(250);
+        loop {
+            on_status(job.status);
+            match job.status {
+                JobStatus::Complete => return complete(job),
+                JobStatus::Failed => {
+                    let e = job.error.unwrap_or_default();
+                    return Err(ApiError::JobFailed {
+                        id: job.id,
+                        message: e.message.unwrap_or_else(|| "no reason given".into()),
+                        uuid: e.uuid.unwrap_or_else(|| "none".into()),
+                    });
+                }
+                _ => {}
+            }
+            if started.elapsed() >= self.config.job_deadline {
+                return Err(ApiError::JobTimeout {
+                    id: job.id,
+                    waited: started.elapsed(),
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 3 / 2).min(self.config.poll_cap);
+            job = match self.job(&job.id).await {
+                Ok(j) => j,
+                Err(e) if e.server_kind() == Some(&ServerErrorKind::NotFound) => {
+                    tracing::warn!(
+                        "job {} expired while waiting; submitting the query again",
+                        job.id
+                    );
+                    self.submit(namespace, table, query).await?
+                }
+                Err(e) => return Err(e),
+            };
+        }
+    }
+}
+
+fn complete(job: Job) -> Result<CompleteJob, ApiError> {
+    let malformed = |what: &str| ApiError::Malformed {
+        url: format!("/dap/job/{}", job.id),
+        detail: format!("complete job without {what}"),
+    };
+    Ok(CompleteJob {
+        schema_version: job
+            .schema_version
+            .ok_or_else(|| malformed("schema_version"))?,
+        objects: job
+            .objects
+            .clone()
+            .ok_or_else(|| malformed("objects"))?
+            .into_iter()
+            .map(|o| o.id)
+            .collect(),
+        id: job.id,
+        at: job.at,
+        since: job.since,
+        until: job.until,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_jwt_expiry() {
+        let payload = URL_SAFE_NO_PAD.encode(br#"{"exp":1700000000}"#);
+        assert_eq!(jwt_expiry(&format!("h.{payload}.s")), Some(1_700_000_000));
+        assert_eq!(jwt_expiry("garbage"), None);
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "3".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        h.insert(RETRY_AFTER, httpdate::fmt_http_date(later).parse().unwrap());
+        let d = retry_after(&h).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_honours_the_server() {
+        let p = RetryPolicy {
+            attempts: 5,
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(1),
+        };
+        for attempt in 1..10 {
+            let b = p.backoff(attempt, None);
+            assert!(b <= Duration::from_secs(1));
+            assert!(
+                b >= (Duration::from_millis(100) * (1 << attempt.min(4)))
+                    .min(Duration::from_secs(1))
+                    / 2
+            );
+        }
+        assert_eq!(
+            p.backoff(1, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+    }
+
+    #[test]
+    fn missing_credentials_fail_before_any_traffic() {
+        let e = Client::new(ClientConfig::new("http://127.0.0.1:1"))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("DAP_CLIENT_ID") && e.to_string().contains("DAP_CLIENT_SECRET")
+        );
+    }
+
+    #[test]
+    fn urls_are_logged_without_signatures() {
+        assert_eq!(
+            redact_url("http://h/o/p.tsv.gz?X-Amz-Signature=abc"),
+            "http://h/o/p.tsv.gz"
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! API errors, classified by the body's `error.type` (so snapshot-required is told apart from
+//! out-of-range), always carrying the server's `message` and `uuid`.
+
+use std::time::Duration;
+
+use super::types::ErrorBody;
+
+/// What kind of failure the server reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerErrorKind {
+    Validation,
+    NotFound,
+    OutOfRange,
+    SnapshotRequired,
+    Processing,
+    RequestTypeForbidden,
+    Other(String),
+}
+
+impl ServerErrorKind {
+    fn from_type(t: &str) -> ServerErrorKind {
+        match t {
+            "ValidationError" => Self::Validation,
+            "NotFoundError" => Self::NotFound,
+            "OutOfRangeError" => Self::OutOfRange,
+            "SnapshotRequiredError" => Self::SnapshotRequired,
+            "ProcessingError" => Self::Processing,
+            "RequestTypeForbidden" => Self::RequestTypeForbidden,
+            other => Self::Other(other.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(
+        "no DAP credentials: set DAP_CLIENT_ID and DAP_CLIENT_SECRET (or pass --client-id and --client-secret)"
+    )]
+    MissingCredentials,
+    #[error(
+        "authentication failed: {message} (uuid {uuid}); check DAP_CLIENT_ID and DAP_CLIENT_SECRET"
+    )]
+    Authentication { message: String, uuid: String },
+    #[error("the account cannot use DAP ({kind}): {message} (uuid {uuid})")]
+    Account {
+        kind: String,
+        message: String,
+        uuid: String,
+    },
+    #[error("{message} (HTTP {status}, {kind:?}, uuid {uuid})")]
+    Server {
+        status: u16,
+        kind: ServerErrorKind,
+        message: String,
+        uuid: String,
+    },
+    #[error("unexpected HTTP {status} from {url}: {snippet}")]
+    Unexpected {
+        status: u16,
+        url: String,
+        snippet: String,
+    },
+    #[error("request to {url} failed after {attempts} attempts: {detail}")]
+    Transport {
+        url: String,
+        attempts: u32,
+        detail: String,
+    },
+    #[error("malformed response from {url}: {detail}")]
+    Malformed { url: String, detail: String },
+    #[error("job {id} failed: {message} (uuid {uuid})")]
+    JobFailed {
+        id: String,
+        message: String,
+        uuid: String,
+    },
+    #[error(
+        "job {id} did not finish within {waited:?}; it may still complete, rerun the command later to pick it up"
+    )]
+    JobTimeout { id: String, waited: Duration },
+}
+
+impl ApiError {
+    /// Builds the error for an error status with a JSON `error` body.
+    pub fn from_body(status: u16, body: ErrorBody) -> ApiError {
+        let kind = body.kind.unwrap_or_default();
+        let message = body.message.unwrap_or_else(|| "no message".into());
+        let uuid = body.uuid.unwrap_or_else(|| "none".into());
+        match (status, kind.as_str()) {
+            (401, _) | (_, "AuthenticationError") => ApiError::Authentication { message, uuid },
+            (_, "AccountDisabled" | "AccountNotOnboarded" | "AccountUnderMaintenance") => {
+                ApiError::Account {
+                    kind,
+                    message,
+                    uuid,
+                }
+            }
+            _ => ApiError::Server {
+                status,
+                kind: ServerErrorKind::from_type(&kind),
+                message,
+                uuid,
+            },
+        }
+    }
+
+    /// Errors that stop a multi-table run: nothing else can succeed with these credentials.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            ApiError::MissingCredentials
+                | ApiError::Authentication { .. }
+                | ApiError::Account { .. }
+        )
+    }
+
+    pub fn server_kind(&self) -> Option<&ServerErrorKind> {
+        match self {
+            ApiError::Server { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(kind: &str) -> ErrorBody {
+        ErrorBody {
+            kind: Some(kind.into()),
+            uuid: Some("u-1".into()),
+            message: Some("boom".into()),
+        }
+    }
+
+    #[test]
+    fn classifies_by_type_not_shape() {
+        let e = ApiError::from_body(400, body("SnapshotRequiredError"));
+        assert_eq!(e.server_kind(), Some(&ServerErrorKind::SnapshotRequired));
+        assert_eq!(
+            ApiError::from_body(400, body("OutOfRangeError")).server_kind(),
+            Some(&ServerErrorKind::OutOfRange)
+        );
+        assert!(ApiError::from_body(403, body("AccountDisabled")).is_fatal());
+        assert!(ApiError::from_body(401, body("AuthenticationError")).is_fatal());
+        assert!(!ApiError::from_body(404, body("NotFoundError")).is_fatal());
+        let shown = ApiError::from_body(500, body("ProcessingError")).to_string();
+        assert!(shown.contains("boom") && shown.contains("u-1"), "{shown}");
+    }
+}

@@ -1,0 +1,9 @@
+//! The DAP Query API client: authentication with early refresh, retries with backoff and
+//! `Retry-After`, job-creation pacing, job polling with backoff and a deadline, object URLs.
+
+mod client;
+mod error;
+pub mod types;
+
+pub use client::{Client, ClientConfig, CompleteJob, RetryPolicy, redact_url};
+pub use error::{ApiError, ServerErrorKind};

@@ -1,0 +1,138 @@
+//! `snapshot` and `incremental` of one table into `<output>/job_<id>/`, objects kept as the
+//! server sends them (gzip for text formats), as the official client lays them out.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::api::types::{Format, JobStatus, Query};
+use crate::api::{ApiError, Client};
+use crate::fetch::{self, FetchError};
+use crate::progress::TableProgress;
+use crate::tables::Fatal;
+use crate::time::{self, Micros};
+
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
+    pub namespace: String,
+    pub format: Format,
+    /// `None` for a snapshot.
+    pub since: Option<Micros>,
+    pub until: Option<Micros>,
+    pub output_dir: PathBuf,
+    pub download_concurrency: usize,
+}
+
+impl ExportRequest {
+    pub fn query(&self) -> Query {
+        Query {
+            format: self.format,
+            mode: None,
+            since: self.since.map(time::format_wire),
+            until: self.until.map(time::format_wire),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileEntry {
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+/// What one table's export produced (the `--json` result).
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportResult {
+    pub job_id: String,
+    pub schema_version: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    pub directory: PathBuf,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+}
+
+impl Fatal for ExportError {
+    fn is_fatal(&self) -> bool {
+        match self {
+            ExportError::Api(e) | ExportError::Fetch(FetchError::Api(e)) => e.is_fatal(),
+            ExportError::Fetch(_) => false,
+        }
+    }
+}
+
+fn status_text(s: JobStatus) -> &'static str {
+    match s {
+        JobStatus::Waiting => "job waiting",
+        JobStatus::Running => "job running",
+        JobStatus::Complete => "job complete",
+        JobStatus::Failed => "job failed",
+        JobStatus::Unknown => "job in an unknown state",
+    }
+}
+
+pub async fn export_table(
+    client: &Client,
+    request: &ExportRequest,
+    table: &str,
+    progress: &TableProgress,
+) -> Result<ExportResult, ExportError> {
+    progress.stage("submitting query");
+    let job = client
+        .run_job(&request.namespace, table, &request.query(), |s| {
+            progress.stage(status_text(s))
+        })
+        .await?;
+    tracing::debug!(
+        "{table}: job {} complete with {} objects",
+        job.id,
+        job.objects.len()
+    );
+    let directory = request
+        .output_dir
+        .join(format!("job_{}", fetch::safe_component(&job.id)));
+    progress.downloading(job.objects.len());
+    let fetched = fetch::fetch_objects(
+        client,
+        &job.objects,
+        &directory,
+        request.format,
+        request.download_concurrency,
+        progress,
+    )
+    .await?;
+    let files: Vec<FileEntry> = fetched
+        .into_iter()
+        .map(|f| FileEntry {
+            path: f.path,
+            bytes: f.bytes,
+        })
+        .collect();
+    let total: u64 = files.iter().map(|f| f.bytes).sum();
+    progress.finish(&format!(
+        "done: {} files, {:.1} MB in {}",
+        files.len(),
+        total as f64 / 1e6,
+        directory.display()
+    ));
+    Ok(ExportResult {
+        job_id: job.id,
+        schema_version: job.schema_version,
+        at: job.at,
+        since: job.since,
+        until: job.until,
+        directory,
+        files,
+    })
+}

@@ -1,0 +1,168 @@
+//! Multi-table runs: table selection (`all` or a comma list, trimmed and de-duplicated), bounded
+//! parallelism, and a summary. A run keeps going after a table fails; only errors that no other
+//! table could survive (authentication, account) stop it, and the rest are then skipped.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures_util::StreamExt;
+use serde::Serialize;
+
+/// Errors that say whether they doom every other table too.
+pub trait Fatal {
+    fn is_fatal(&self) -> bool;
+}
+
+/// The tables named by `--table`: `None` for `all`, else the list, trimmed, without blanks or
+/// repeats, in the given order.
+pub fn parse_selection(spec: &str) -> Option<Vec<String>> {
+    if spec.trim() == "all" {
+        return None;
+    }
+    let mut tables: Vec<String> = Vec::new();
+    for t in spec.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if !tables.iter().any(|x| x == t) {
+            tables.push(t.to_string());
+        }
+    }
+    Some(tables)
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Outcome<T> {
+    Succeeded {
+        #[serde(flatten)]
+        result: T,
+    },
+    Failed {
+        error: String,
+    },
+    Skipped {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub struct TableOutcome<T> {
+    pub table: String,
+    #[serde(flatten)]
+    pub outcome: Outcome<T>,
+}
+
+/// Runs `op` on every table, at most `parallel` at once, in order of the list.
+pub async fn run_each<T, E, F, Fut>(
+    tables: &[String],
+    parallel: usize,
+    op: F,
+) -> Vec<TableOutcome<T>>
+where
+    E: Display + Fatal,
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let stop = AtomicBool::new(false);
+    let stop = &stop;
+    let op = &op;
+    futures_util::stream::iter(tables.iter().cloned())
+        .map(|table| async move {
+            if stop.load(Ordering::SeqCst) {
+                let reason = "skipped after an authentication or account error".to_string();
+                return TableOutcome {
+                    table,
+                    outcome: Outcome::Skipped { reason },
+                };
+            }
+            let outcome = match op(table.clone()).await {
+                Ok(result) => Outcome::Succeeded { result },
+                Err(e) => {
+                    if e.is_fatal() {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    Outcome::Failed {
+                        error: e.to_string(),
+                    }
+                }
+            };
+            TableOutcome { table, outcome }
+        })
+        .buffered(parallel.max(1))
+        .collect()
+        .await
+}
+
+/// `"3 succeeded, 1 failed, 0 skipped"` and whether everything succeeded.
+pub fn summarize<T>(outcomes: &[TableOutcome<T>]) -> (String, bool) {
+    let count = |f: fn(&Outcome<T>) -> bool| outcomes.iter().filter(|o| f(&o.outcome)).count();
+    let ok = count(|o| matches!(o, Outcome::Succeeded { .. }));
+    let failed = count(|o| matches!(o, Outcome::Failed { .. }));
+    let skipped = count(|o| matches!(o, Outcome::Skipped { .. }));
+    (
+        format!(
+            "{} tables: {ok} succeeded, {failed} failed, {skipped} skipped",
+            outcomes.len()
+        ),
+        failed + skipped == 0,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selections_are_trimmed_and_deduplicated() {
+        assert_eq!(parse_selection("all"), None);
+        assert_eq!(parse_selection(" a, b ,a,,c").unwrap(), ["a", "b", "c"]);
+        assert_eq!(
+            parse_selection("All").unwrap(),
+            ["All"],
+            "only lowercase `all` means every table"
+        );
+    }
+
+    struct E(bool);
+    impl Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}", if self.0 { "fatal" } else { "bad table" })
+        }
+    }
+    impl Fatal for E {
+        fn is_fatal(&self) -> bool {
+            self.0
+        }
+    }
+
+    #[tokio::test]
+    async fn keeps_going_after_a_failure_and_stops_after_a_fatal_one() {
+        let tables: Vec<String> = ["a", "bad", "c", "auth", "d"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let out = run_each(&tables, 1, |t| async move {
+            match t.as_str() {
+                "bad" => Err(E(false)),
+                "auth" => Err(E(true)),
+                _ => Ok(t.len()),
+            }
+        })
+        .await;
+        let kinds: Vec<&str> = out
+            .iter()
+            .map(|o| match o.outcome {
+                Outcome::Succeeded { .. } => "ok",
+                Outcome::Failed { .. } => "failed",
+                Outcome::Skipped { .. } => "skipped",
+            })
+            .collect();
+        assert_eq!(kinds, ["ok", "failed", "ok", "failed", "skipped"]);
+        assert_eq!(
+            summarize(&out),
+            (
+                "5 tables: 2 succeeded, 2 failed, 1 skipped".to_string(),
+                false
+            )
+        );
+    }
+}
