@@ -23,16 +23,10 @@ fn main() {
         }
     }
     entries.sort();
-    let mut out =
-        String::from("/// (namespace, table, flat JSON Schema) for every bundled table, sorted.\n");
+    let mut out = String::from("/// (namespace, table, flat JSON Schema) for every bundled table, sorted.\n");
     out.push_str("pub static BUNDLED: &[(&str, &str, &str)] = &[\n");
     for (ns, table, path) in entries {
-        writeln!(
-            out,
-            "    ({ns:?}, {table:?}, include_str!({:?})),",
-            path.display().to_string()
-        )
-        .unwrap();
+        writeln!(out, "    ({ns:?}, {table:?}, include_str!({:?})),", path.display().to_string()).unwrap();
     }
     out.push_str("];\n");
     let dest = Path::new(&std::env::var("OUT_DIR").unwrap()).join("bundled_schemas.rs");

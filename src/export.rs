@@ -89,43 +89,16 @@ pub async fn export_table(
     progress: &TableProgress,
 ) -> Result<ExportResult, ExportError> {
     progress.stage("submitting query");
-    let job = client
-        .run_job(&request.namespace, table, &request.query(), |s| {
-            progress.stage(status_text(s))
-        })
-        .await?;
-    tracing::debug!(
-        "{table}: job {} complete with {} objects",
-        job.id,
-        job.objects.len()
-    );
-    let directory = request
-        .output_dir
-        .join(format!("job_{}", fetch::safe_component(&job.id)));
+    let job = client.run_job(&request.namespace, table, &request.query(), |s| progress.stage(status_text(s))).await?;
+    tracing::debug!("{table}: job {} complete with {} objects", job.id, job.objects.len());
+    let directory = request.output_dir.join(format!("job_{}", fetch::safe_component(&job.id)));
     progress.downloading(job.objects.len());
-    let fetched = fetch::fetch_objects(
-        client,
-        &job.objects,
-        &directory,
-        request.format,
-        request.download_concurrency,
-        progress,
-    )
-    .await?;
-    let files: Vec<FileEntry> = fetched
-        .into_iter()
-        .map(|f| FileEntry {
-            path: f.path,
-            bytes: f.bytes,
-        })
-        .collect();
+    let fetched =
+        fetch::fetch_objects(client, &job.objects, &directory, request.format, request.download_concurrency, progress)
+            .await?;
+    let files: Vec<FileEntry> = fetched.into_iter().map(|f| FileEntry { path: f.path, bytes: f.bytes }).collect();
     let total: u64 = files.iter().map(|f| f.bytes).sum();
-    progress.finish(&format!(
-        "done: {} files, {:.1} MB in {}",
-        files.len(),
-        total as f64 / 1e6,
-        directory.display()
-    ));
+    progress.finish(&format!("done: {} files, {:.1} MB in {}", files.len(), total as f64 / 1e6, directory.display()));
     Ok(ExportResult {
         job_id: job.id,
         schema_version: job.schema_version,

@@ -30,16 +30,9 @@ pub enum FetchError {
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error("cannot write {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("object {object} could not be downloaded after {attempts} attempts: {detail}")]
-    Failed {
-        object: String,
-        attempts: u32,
-        detail: String,
-    },
+    Failed { object: String, attempts: u32, detail: String },
 }
 
 /// Receives download progress.
@@ -50,41 +43,24 @@ pub trait FetchProgress: Send + Sync {
 
 /// A file name for each object, taken from its URL path, made safe (no separators, no `..`,
 /// never empty) and unique within the job.
-pub fn file_names(
-    objects: &[String],
-    urls: &HashMap<String, String>,
-    format: Format,
-) -> Vec<String> {
+pub fn file_names(objects: &[String], urls: &HashMap<String, String>, format: Format) -> Vec<String> {
     let mut taken = HashSet::new();
     objects
         .iter()
         .enumerate()
         .map(|(i, id)| {
-            let path = urls
-                .get(id)
-                .map(|u| crate::api::redact_url(u))
-                .unwrap_or(id);
+            let path = urls.get(id).map(|u| crate::api::redact_url(u)).unwrap_or(id);
             let base = path.rsplit('/').next().unwrap_or_default();
-            let safe = base
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            let safe = base.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
                 && !base.starts_with('.')
                 && !base.is_empty();
-            let base = if safe {
-                base.to_string()
-            } else {
-                format!("part-{i:05}.{}", format.extension())
-            };
+            let base = if safe { base.to_string() } else { format!("part-{i:05}.{}", format.extension()) };
             let (stem, ext) = base.split_once('.').unwrap_or((&base, ""));
             let mut name = base.clone();
             let mut n = 0;
             while !taken.insert(name.clone()) {
                 n += 1;
-                name = if ext.is_empty() {
-                    format!("{stem}-{n}")
-                } else {
-                    format!("{stem}-{n}.{ext}")
-                };
+                name = if ext.is_empty() { format!("{stem}-{n}") } else { format!("{stem}-{n}.{ext}") };
             }
             name
         })
@@ -93,31 +69,15 @@ pub fn file_names(
 
 /// A name safe to use as one path component.
 pub fn safe_component(s: &str) -> String {
-    let cleaned: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if cleaned.is_empty() || cleaned.chars().all(|c| c == '.') {
-        "_".into()
-    } else {
-        cleaned
-    }
+    let cleaned: String =
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    if cleaned.is_empty() || cleaned.chars().all(|c| c == '.') { "_".into() } else { cleaned }
 }
 
 /// Checks an object's bytes as they arrive.
 enum Check {
     Gzip(flate2::write::MultiGzDecoder<std::io::Sink>),
-    Parquet {
-        len: u64,
-        head: Vec<u8>,
-        tail: Vec<u8>,
-    },
+    Parquet { len: u64, head: Vec<u8>, tail: Vec<u8> },
 }
 
 impl Check {
@@ -125,19 +85,13 @@ impl Check {
         if format.is_gzip() {
             Check::Gzip(flate2::write::MultiGzDecoder::new(std::io::sink()))
         } else {
-            Check::Parquet {
-                len: 0,
-                head: Vec::new(),
-                tail: Vec::new(),
-            }
+            Check::Parquet { len: 0, head: Vec::new(), tail: Vec::new() }
         }
     }
 
     fn feed(&mut self, chunk: &[u8]) -> Result<(), String> {
         match self {
-            Check::Gzip(d) => d
-                .write_all(chunk)
-                .map_err(|e| format!("corrupt gzip data: {e}")),
+            Check::Gzip(d) => d.write_all(chunk).map_err(|e| format!("corrupt gzip data: {e}")),
             Check::Parquet { len, head, tail } => {
                 *len += chunk.len() as u64;
                 if head.len() < 4 {
@@ -153,17 +107,9 @@ impl Check {
 
     fn finish(self) -> Result<(), String> {
         match self {
-            Check::Gzip(mut d) => d
-                .try_finish()
-                .map_err(|e| format!("incomplete or corrupt gzip data: {e}")),
-            Check::Parquet { len, head, tail }
-                if len >= 12 && head == b"PAR1" && tail == b"PAR1" =>
-            {
-                Ok(())
-            }
-            Check::Parquet { .. } => {
-                Err("not a complete Parquet file (magic bytes missing)".into())
-            }
+            Check::Gzip(mut d) => d.try_finish().map_err(|e| format!("incomplete or corrupt gzip data: {e}")),
+            Check::Parquet { len, head, tail } if len >= 12 && head == b"PAR1" && tail == b"PAR1" => Ok(()),
+            Check::Parquet { .. } => Err("not a complete Parquet file (magic bytes missing)".into()),
         }
     }
 }
@@ -177,12 +123,7 @@ pub async fn fetch_objects(
     concurrency: usize,
     progress: &dyn FetchProgress,
 ) -> Result<Vec<Fetched>, FetchError> {
-    tokio::fs::create_dir_all(dir)
-        .await
-        .map_err(|source| FetchError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+    tokio::fs::create_dir_all(dir).await.map_err(|source| FetchError::Io { path: dir.to_path_buf(), source })?;
     let urls = client.object_urls(objects).await?;
     let names = file_names(objects, &urls, format);
     let tasks = objects.iter().zip(names).map(|(id, name)| {
@@ -190,10 +131,7 @@ pub async fn fetch_objects(
         let target = dir.join(name);
         async move { fetch_one(client, id, url, &target, format, progress).await }
     });
-    futures_util::stream::iter(tasks)
-        .buffered(concurrency.max(1))
-        .try_collect()
-        .await
+    futures_util::stream::iter(tasks).buffered(concurrency.max(1)).try_collect().await
 }
 
 async fn fetch_one(
@@ -204,26 +142,16 @@ async fn fetch_one(
     format: Format,
     progress: &dyn FetchProgress,
 ) -> Result<Fetched, FetchError> {
-    let file_name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file_name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = target.with_file_name(format!(".{file_name}.partial"));
     let result = transfer(client, id, &mut url, &temp, format, progress).await;
     match result {
         Ok(bytes) => {
             tokio::fs::rename(&temp, target)
                 .await
-                .map_err(|source| FetchError::Io {
-                    path: target.to_path_buf(),
-                    source,
-                })?;
+                .map_err(|source| FetchError::Io { path: target.to_path_buf(), source })?;
             progress.object_done();
-            Ok(Fetched {
-                object_id: id.to_string(),
-                path: target.to_path_buf(),
-                bytes,
-            })
+            Ok(Fetched { object_id: id.to_string(), path: target.to_path_buf(), bytes })
         }
         Err(e) => {
             let _ = tokio::fs::remove_file(&temp).await;
@@ -241,10 +169,7 @@ async fn transfer(
     format: Format,
     progress: &dyn FetchProgress,
 ) -> Result<u64, FetchError> {
-    let io = |source| FetchError::Io {
-        path: temp.to_path_buf(),
-        source,
-    };
+    let io = |source| FetchError::Io { path: temp.to_path_buf(), source };
     let policy = client.config().retry;
     let mut file = tokio::fs::File::create(temp).await.map_err(io)?;
     let mut check = Check::new(format);
@@ -272,21 +197,14 @@ async fn transfer(
         if status == StatusCode::FORBIDDEN && !refreshed {
             // Most likely an expired pre-signed URL: ask for a fresh one.
             tracing::info!("object {id}: URL refused (HTTP 403); requesting a new one");
-            *url = client
-                .object_urls(&[id.to_string()])
-                .await?
-                .remove(id)
-                .unwrap_or_default();
+            *url = client.object_urls(&[id.to_string()]).await?.remove(id).unwrap_or_default();
             refreshed = true;
             attempt -= 1;
             continue;
         }
         if !(status.is_success()) {
             last_error = format!("HTTP {status} from {}", crate::api::redact_url(url));
-            if status.is_client_error()
-                && status != StatusCode::TOO_MANY_REQUESTS
-                && status != StatusCode::FORBIDDEN
-            {
+            if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::FORBIDDEN {
                 break;
             }
             continue;
@@ -299,10 +217,7 @@ async fn transfer(
             check = Check::new(format);
             written = 0;
         }
-        let resumable = response
-            .headers()
-            .get(ACCEPT_RANGES)
-            .is_some_and(|v| v == "bytes");
+        let resumable = response.headers().get(ACCEPT_RANGES).is_some_and(|v| v == "bytes");
         let mut body = response.bytes_stream();
         let mut broke = None;
         while let Some(chunk) = body.next().await {
@@ -317,10 +232,7 @@ async fn transfer(
                     progress.bytes(bytes.len() as u64);
                 }
                 Err(e) => {
-                    broke = Some((
-                        format!("transfer broke off after {written} bytes: {e}"),
-                        resumable,
-                    ));
+                    broke = Some((format!("transfer broke off after {written} bytes: {e}"), resumable));
                     break;
                 }
             }
@@ -356,11 +268,7 @@ async fn transfer(
         check = Check::new(format);
         written = 0;
     }
-    Err(FetchError::Failed {
-        object: id.to_string(),
-        attempts: attempt,
-        detail: last_error,
-    })
+    Err(FetchError::Failed { object: id.to_string(), attempts: attempt, detail: last_error })
 }
 
 #[cfg(test)]
@@ -380,15 +288,7 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let names = file_names(&objects, &urls, Format::Tsv);
-        assert_eq!(
-            names,
-            [
-                "part-0.tsv.gz",
-                "part-0-1.tsv.gz",
-                "part-00002.tsv.gz",
-                "part-00003.tsv.gz"
-            ]
-        );
+        assert_eq!(names, ["part-0.tsv.gz", "part-0-1.tsv.gz", "part-00002.tsv.gz", "part-00003.tsv.gz"]);
         assert_eq!(safe_component("../etc"), ".._etc");
         assert_eq!(safe_component(".."), "_");
     }
@@ -400,16 +300,10 @@ mod tests {
         let gz = e.finish().unwrap();
         let run = |bytes: &[u8], f: Format| {
             let mut c = Check::new(f);
-            bytes
-                .chunks(7)
-                .try_for_each(|ch| c.feed(ch))
-                .and_then(|_| c.finish())
+            bytes.chunks(7).try_for_each(|ch| c.feed(ch)).and_then(|_| c.finish())
         };
         assert!(run(&gz, Format::Tsv).is_ok());
-        assert!(
-            run(&[gz.clone(), gz.clone()].concat(), Format::Csv).is_ok(),
-            "multi-member gzip"
-        );
+        assert!(run(&[gz.clone(), gz.clone()].concat(), Format::Csv).is_ok(), "multi-member gzip");
         assert!(run(&gz[..gz.len() - 8], Format::Tsv).is_err());
         assert!(run(b"PAR1-----------PAR1", Format::Parquet).is_ok());
         assert!(run(b"PAR1-----------PAR", Format::Parquet).is_err());

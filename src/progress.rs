@@ -17,18 +17,13 @@ impl Progress {
     /// Bars only when asked for and stderr is a terminal.
     pub fn new(interactive: bool) -> Progress {
         let terminal = interactive && std::io::IsTerminal::is_terminal(&std::io::stderr());
-        Progress {
-            multi: terminal.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
-        }
+        Progress { multi: terminal.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())) }
     }
 
     pub fn table(&self, name: &str) -> TableProgress {
         let bar = self.multi.as_ref().map(|m| {
             let bar = m.add(ProgressBar::new_spinner());
-            bar.set_style(
-                ProgressStyle::with_template("{prefix:24.bold} {wide_msg}")
-                    .expect("valid template"),
-            );
+            bar.set_style(ProgressStyle::with_template("{prefix:24.bold} {wide_msg}").expect("valid template"));
             bar.set_prefix(name.to_string());
             bar.enable_steady_tick(std::time::Duration::from_millis(200));
             bar
@@ -83,11 +78,8 @@ impl TableProgress {
 
     fn redraw(&self) {
         let Some(bar) = &self.bar else { return };
-        let (bytes, done, total) = (
-            self.bytes.load(Ordering::Relaxed),
-            self.done.load(Ordering::Relaxed),
-            self.total.load(Ordering::Relaxed),
-        );
+        let (bytes, done, total) =
+            (self.bytes.load(Ordering::Relaxed), self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed));
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         let mb = bytes as f64 / 1e6;
         let eta = if done > 0 && total > done {
@@ -95,10 +87,7 @@ impl TableProgress {
         } else {
             String::new()
         };
-        bar.set_message(format!(
-            "{done}/{total} objects, {mb:.1} MB, {:.1} MB/s{eta}",
-            mb / secs
-        ));
+        bar.set_message(format!("{done}/{total} objects, {mb:.1} MB, {:.1} MB/s{eta}", mb / secs));
     }
 
     /// The table's final line.

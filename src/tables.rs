@@ -52,11 +52,7 @@ pub struct TableOutcome<T> {
 }
 
 /// Runs `op` on every table, at most `parallel` at once, in order of the list.
-pub async fn run_each<T, E, F, Fut>(
-    tables: &[String],
-    parallel: usize,
-    op: F,
-) -> Vec<TableOutcome<T>>
+pub async fn run_each<T, E, F, Fut>(tables: &[String], parallel: usize, op: F) -> Vec<TableOutcome<T>>
 where
     E: Display + Fatal,
     F: Fn(String) -> Fut,
@@ -69,10 +65,7 @@ where
         .map(|table| async move {
             if stop.load(Ordering::SeqCst) {
                 let reason = "skipped after an authentication or account error".to_string();
-                return TableOutcome {
-                    table,
-                    outcome: Outcome::Skipped { reason },
-                };
+                return TableOutcome { table, outcome: Outcome::Skipped { reason } };
             }
             let outcome = match op(table.clone()).await {
                 Ok(result) => Outcome::Succeeded { result },
@@ -80,9 +73,7 @@ where
                     if e.is_fatal() {
                         stop.store(true, Ordering::SeqCst);
                     }
-                    Outcome::Failed {
-                        error: e.to_string(),
-                    }
+                    Outcome::Failed { error: e.to_string() }
                 }
             };
             TableOutcome { table, outcome }
@@ -98,13 +89,7 @@ pub fn summarize<T>(outcomes: &[TableOutcome<T>]) -> (String, bool) {
     let ok = count(|o| matches!(o, Outcome::Succeeded { .. }));
     let failed = count(|o| matches!(o, Outcome::Failed { .. }));
     let skipped = count(|o| matches!(o, Outcome::Skipped { .. }));
-    (
-        format!(
-            "{} tables: {ok} succeeded, {failed} failed, {skipped} skipped",
-            outcomes.len()
-        ),
-        failed + skipped == 0,
-    )
+    (format!("{} tables: {ok} succeeded, {failed} failed, {skipped} skipped", outcomes.len()), failed + skipped == 0)
 }
 
 #[cfg(test)]
@@ -115,11 +100,7 @@ mod tests {
     fn selections_are_trimmed_and_deduplicated() {
         assert_eq!(parse_selection("all"), None);
         assert_eq!(parse_selection(" a, b ,a,,c").unwrap(), ["a", "b", "c"]);
-        assert_eq!(
-            parse_selection("All").unwrap(),
-            ["All"],
-            "only lowercase `all` means every table"
-        );
+        assert_eq!(parse_selection("All").unwrap(), ["All"], "only lowercase `all` means every table");
     }
 
     struct E(bool);
@@ -136,10 +117,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_going_after_a_failure_and_stops_after_a_fatal_one() {
-        let tables: Vec<String> = ["a", "bad", "c", "auth", "d"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let tables: Vec<String> = ["a", "bad", "c", "auth", "d"].iter().map(|s| s.to_string()).collect();
         let out = run_each(&tables, 1, |t| async move {
             match t.as_str() {
                 "bad" => Err(E(false)),
@@ -157,12 +135,6 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["ok", "failed", "ok", "failed", "skipped"]);
-        assert_eq!(
-            summarize(&out),
-            (
-                "5 tables: 2 succeeded, 2 failed, 1 skipped".to_string(),
-                false
-            )
-        );
+        assert_eq!(summarize(&out), ("5 tables: 2 succeeded, 2 failed, 1 skipped".to_string(), false));
     }
 }

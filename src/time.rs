@@ -12,9 +12,7 @@ pub const MICROS_PER_SECOND: Micros = 1_000_000;
 pub const MICROS_PER_DAY: Micros = 86_400 * MICROS_PER_SECOND;
 
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "{value:?} is not an RFC 3339 timestamp with an offset (expected e.g. 2024-05-01T12:00:00Z)"
-)]
+#[error("{value:?} is not an RFC 3339 timestamp with an offset (expected e.g. 2024-05-01T12:00:00Z)")]
 pub struct TimestampError {
     pub value: String,
 }
@@ -55,17 +53,13 @@ pub fn format_trimmed(us: Micros) -> String {
 pub fn parse_rfc3339(s: &str) -> Result<Micros, TimestampError> {
     DateTime::parse_from_rfc3339(s)
         .map(|dt| dt.with_timezone(&Utc).timestamp_micros())
-        .map_err(|_| TimestampError {
-            value: s.to_string(),
-        })
+        .map_err(|_| TimestampError { value: s.to_string() })
 }
 
 /// `YYYY-MM-DD` for a day number counted from 1970-01-01.
 pub fn format_date(days: i32) -> String {
     let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date");
-    (epoch + chrono::Days::new(days.max(0) as u64))
-        .format("%Y-%m-%d")
-        .to_string()
+    (epoch + chrono::Days::new(days.max(0) as u64)).format("%Y-%m-%d").to_string()
 }
 
 /// `hh:mm:ss[.ffffff]` for microseconds since midnight.
@@ -73,11 +67,7 @@ pub fn format_time_of_day(us: Micros) -> String {
     let secs = us / MICROS_PER_SECOND;
     let frac = us % MICROS_PER_SECOND;
     let base = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
-    if frac == 0 {
-        base
-    } else {
-        format!("{base}.{frac:06}")
-    }
+    if frac == 0 { base } else { format!("{base}.{frac:06}") }
 }
 
 #[cfg(test)]

@@ -41,27 +41,14 @@ impl fmt::Display for Decimal {
         let sign = if self.mantissa < 0 { "-" } else { "" };
         let abs = self.mantissa.unsigned_abs();
         let pow = pow as u128;
-        write!(
-            f,
-            "{sign}{}.{:0width$}",
-            abs / pow,
-            abs % pow,
-            width = self.scale as usize
-        )
+        write!(f, "{sign}{}.{:0width$}", abs / pow, abs % pow, width = self.scale as usize)
     }
 }
 
 /// Canonical hyphenated lowercase text of a UUID.
 pub fn format_uuid(u: u128) -> String {
     let h = format!("{u:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 /// Text of a float that Python, PostgreSQL and Spark all read back: `NaN`, `Infinity`,
@@ -70,11 +57,7 @@ pub fn format_float(f: f64) -> String {
     if f.is_nan() {
         "NaN".into()
     } else if f.is_infinite() {
-        if f > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        }
+        if f > 0.0 { "Infinity".into() } else { "-Infinity".into() }
     } else {
         format!("{f:?}")
     }
@@ -121,30 +104,9 @@ mod tests {
 
     #[test]
     fn decimals_keep_their_scale() {
-        assert_eq!(
-            Decimal {
-                mantissa: 1230,
-                scale: 2
-            }
-            .to_string(),
-            "12.30"
-        );
-        assert_eq!(
-            Decimal {
-                mantissa: -5,
-                scale: 2
-            }
-            .to_string(),
-            "-0.05"
-        );
-        assert_eq!(
-            Decimal {
-                mantissa: 7,
-                scale: 0
-            }
-            .to_string(),
-            "7"
-        );
+        assert_eq!(Decimal { mantissa: 1230, scale: 2 }.to_string(), "12.30");
+        assert_eq!(Decimal { mantissa: -5, scale: 2 }.to_string(), "-0.05");
+        assert_eq!(Decimal { mantissa: 7, scale: 0 }.to_string(), "7");
     }
 
     #[test]
@@ -153,17 +115,11 @@ mod tests {
         assert_eq!(format_float(1.5e-7).parse::<f64>().unwrap(), 1.5e-7);
         assert_eq!(format_float(f64::NAN), "NaN");
         assert_eq!(format_float(f64::NEG_INFINITY), "-Infinity");
-        assert_eq!(
-            Value::Float(f64::INFINITY).to_typed_json(),
-            serde_json::json!("Infinity")
-        );
+        assert_eq!(Value::Float(f64::INFINITY).to_typed_json(), serde_json::json!("Infinity"));
     }
 
     #[test]
     fn uuid_text() {
-        assert_eq!(
-            format_uuid(0x0123456789abcdef0123456789abcdef),
-            "01234567-89ab-cdef-0123-456789abcdef"
-        );
+        assert_eq!(format_uuid(0x0123456789abcdef0123456789abcdef), "01234567-89ab-cdef-0123-456789abcdef");
     }
 }

@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use dap_replica::emulator::{
-    ChangeCounts, Emulator, EmulatorConfig, Endpoint, FaultKind, FaultSpec,
-};
+use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig, Endpoint, FaultKind, FaultSpec};
 use serde_json::Value;
 
 const TABLES: &[&str] = &[
@@ -27,11 +25,7 @@ const TABLES: &[&str] = &[
 ];
 
 fn config() -> EmulatorConfig {
-    EmulatorConfig {
-        rows: 60,
-        part_rows: 25,
-        ..EmulatorConfig::default()
-    }
+    EmulatorConfig { rows: 60, part_rows: 25, ..EmulatorConfig::default() }
 }
 
 fn workdir() -> tempfile::TempDir {
@@ -45,20 +39,13 @@ fn objects(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     files_under(&root)
         .into_iter()
         .filter(|p| p.components().count() == 2)
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                object_content(&root.join(&p)),
-            )
-        })
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), object_content(&root.join(&p))))
         .collect()
 }
 
 fn no_partial_files(dir: &Path) {
-    let partial: Vec<PathBuf> = files_under(dir)
-        .into_iter()
-        .filter(|p| p.to_string_lossy().contains(".partial"))
-        .collect();
+    let partial: Vec<PathBuf> =
+        files_under(dir).into_iter().filter(|p| p.to_string_lossy().contains(".partial")).collect();
     assert!(partial.is_empty(), "partial files left behind: {partial:?}");
 }
 
@@ -72,57 +59,23 @@ async fn snapshot_and_incremental_files_equal_the_official_clients() {
     let tables = TABLES.join(",");
     for format in ["tsv", "csv", "jsonl", "parquet"] {
         let (theirs, ours) = (workdir(), workdir());
-        let args = [
-            "snapshot",
-            "--namespace",
-            "canvas",
-            "--table",
-            tables.as_str(),
-            "--format",
-            format,
-        ];
+        let args = ["snapshot", "--namespace", "canvas", "--table", tables.as_str(), "--format", format];
         official_ok(&emu, theirs.path(), &args).await;
         emu.expire_jobs(); // our run gets jobs of its own
         ours_ok(&emu, ours.path(), &args).await;
         let (a, b) = (objects(theirs.path()), objects(ours.path()));
-        assert_eq!(
-            a.len(),
-            TABLES.len() * 4,
-            "{format}: 3 data parts and a header-only part per table"
-        );
-        assert_eq!(
-            a.keys().collect::<Vec<_>>(),
-            b.keys().collect::<Vec<_>>(),
-            "{format}: the same files"
-        );
+        assert_eq!(a.len(), TABLES.len() * 4, "{format}: 3 data parts and a header-only part per table");
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{format}: the same files");
         for (name, content) in &a {
             assert!(b[name] == *content, "{format}: {name} differs");
         }
         emu.expire_jobs();
     }
 
-    let first = emu
-        .commit(
-            "canvas",
-            "accounts",
-            ChangeCounts {
-                updates: 3,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let first = emu.commit("canvas", "accounts", ChangeCounts { updates: 3, ..Default::default() }).unwrap();
     for t in TABLES {
-        emu.commit(
-            "canvas",
-            t,
-            ChangeCounts {
-                inserts: 2,
-                updates: 2,
-                hard_deletes: 1,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        emu.commit("canvas", t, ChangeCounts { inserts: 2, updates: 2, hard_deletes: 1, ..Default::default() })
+            .unwrap();
     }
     let (theirs, ours) = (workdir(), workdir());
     let args = [
@@ -141,10 +94,7 @@ async fn snapshot_and_incremental_files_equal_the_official_clients() {
     ours_ok(&emu, ours.path(), &args).await;
     let (a, b) = (objects(theirs.path()), objects(ours.path()));
     assert!(!a.is_empty());
-    assert_eq!(
-        a, b,
-        "incremental files are byte-identical after decompression"
-    );
+    assert_eq!(a, b, "incremental files are byte-identical after decompression");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,10 +102,7 @@ async fn list_and_schema_equal_the_official_clients() {
     let emu = emulator(config()).await;
     let (theirs, ours) = (workdir(), workdir());
     let list = ["list", "--namespace", "canvas"];
-    assert_eq!(
-        official_ok(&emu, theirs.path(), &list).await,
-        ours_ok(&emu, ours.path(), &list).await
-    );
+    assert_eq!(official_ok(&emu, theirs.path(), &list).await, ours_ok(&emu, ours.path(), &list).await);
     let schema = ["schema", "--namespace", "canvas", "--table", "all"];
     official_ok(&emu, theirs.path(), &schema).await;
     ours_ok(&emu, ours.path(), &schema).await;
@@ -163,18 +110,13 @@ async fn list_and_schema_equal_the_official_clients() {
     assert_eq!(a.len(), 91);
     assert_eq!(a, b, "the same schema file names");
     for f in &a {
-        let parse = |root: &Path| -> Value {
-            serde_json::from_slice(&std::fs::read(root.join(f)).unwrap()).unwrap()
-        };
+        let parse = |root: &Path| -> Value { serde_json::from_slice(&std::fs::read(root.join(f)).unwrap()).unwrap() };
         assert_eq!(parse(theirs.path()), parse(ours.path()), "{}", f.display());
     }
 }
 
 /// Downloads `accounts` in TSV with `fault` injected and returns its objects.
-async fn snapshot_with(
-    emu: &Emulator,
-    fault: Option<FaultSpec>,
-) -> (std::process::Output, tempfile::TempDir) {
+async fn snapshot_with(emu: &Emulator, fault: Option<FaultSpec>) -> (std::process::Output, tempfile::TempDir) {
     emu.expire_jobs();
     if let Some(f) = fault {
         emu.inject(f);
@@ -183,15 +125,7 @@ async fn snapshot_with(
     let out = run_ours_with(
         emu,
         dir.path(),
-        &[
-            "snapshot",
-            "--namespace",
-            "canvas",
-            "--table",
-            "accounts",
-            "--format",
-            "tsv",
-        ],
+        &["snapshot", "--namespace", "canvas", "--table", "accounts", "--format", "tsv"],
         &[],
     )
     .await;
@@ -221,81 +155,40 @@ async fn every_fault_is_survived_or_reported_with_the_servers_message() {
         let label = format!("{:?} on {:?}", fault.kind, fault.endpoint);
         let (out, dir) = snapshot_with(&emu, Some(fault)).await;
         assert!(out.status.success(), "{label}: {}", stderr(&out));
-        assert_eq!(
-            objects(dir.path()),
-            expected,
-            "{label}: the same result as without the fault"
-        );
+        assert_eq!(objects(dir.path()), expected, "{label}: the same result as without the fault");
     }
 
     // A job that expires while we wait for it is submitted again.
-    let slow = common::emulator(EmulatorConfig {
-        job_waiting: Duration::from_millis(1500),
-        ..config()
-    })
-    .await;
+    let slow = common::emulator(EmulatorConfig { job_waiting: Duration::from_millis(1500), ..config() }).await;
     let dir = workdir();
-    let run = run_ours(
-        &slow,
-        dir.path(),
-        &[
-            "snapshot",
-            "--namespace",
-            "canvas",
-            "--table",
-            "accounts",
-            "--format",
-            "tsv",
-        ],
-    );
+    let run =
+        run_ours(&slow, dir.path(), &["snapshot", "--namespace", "canvas", "--table", "accounts", "--format", "tsv"]);
     let expire = async {
         tokio::time::sleep(Duration::from_millis(600)).await;
         slow.expire_jobs();
     };
     let (out, ()) = tokio::join!(run, expire);
     assert!(out.status.success(), "expired job: {}", stderr(&out));
-    assert!(
-        stderr(&out).contains("expired while waiting"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("expired while waiting"), "{}", stderr(&out));
     assert_eq!(objects(dir.path()), expected);
 
     // Not retryable: reported with the server's message and uuid, nothing left behind.
-    for (kind, words) in [
-        (FaultKind::FailedJob, "the query job failed (injected)"),
-        (FaultKind::AccountError, "AccountDisabled"),
-    ] {
+    for (kind, words) in
+        [(FaultKind::FailedJob, "the query job failed (injected)"), (FaultKind::AccountError, "AccountDisabled")]
+    {
         let (out, dir) = snapshot_with(&emu, Some(FaultSpec::new(kind, 1))).await;
         assert_eq!(out.status.code(), Some(5), "{kind:?}");
         let err = stderr(&out);
-        assert!(
-            err.contains(words) && err.contains("uuid"),
-            "{kind:?}: {err}"
-        );
-        assert!(
-            files_under(&dir.path().join("downloads")).is_empty(),
-            "{kind:?}: no files"
-        );
+        assert!(err.contains(words) && err.contains("uuid"), "{kind:?}: {err}");
+        assert!(files_under(&dir.path().join("downloads")).is_empty(), "{kind:?}: no files");
     }
     let dir = workdir();
-    for (kind, shown) in [
-        (FaultKind::OutOfRange, "OutOfRange"),
-        (FaultKind::SnapshotRequired, "SnapshotRequired"),
-    ] {
+    for (kind, shown) in [(FaultKind::OutOfRange, "OutOfRange"), (FaultKind::SnapshotRequired, "SnapshotRequired")] {
         emu.inject(FaultSpec::new(kind, 1));
         let out = run_ours(
             &emu,
             dir.path(),
-            &[
-                "incremental",
-                "--namespace",
-                "canvas",
-                "--table",
-                "accounts",
-                "--since",
-                "2025-06-01T00:00:00Z",
-            ],
+            &["incremental", "--namespace", "canvas", "--table", "accounts", "--since", "2025-06-01T00:00:00Z"],
         )
         .await;
         assert_eq!(out.status.code(), Some(5));
@@ -310,15 +203,7 @@ async fn every_fault_is_survived_or_reported_with_the_servers_message() {
     let out = run_ours(
         &emu,
         dir.path(),
-        &[
-            "--max-attempts",
-            "3",
-            "snapshot",
-            "--namespace",
-            "canvas",
-            "--table",
-            "accounts",
-        ],
+        &["--max-attempts", "3", "snapshot", "--namespace", "canvas", "--table", "accounts"],
     )
     .await;
     emu.clear_faults();
@@ -330,11 +215,7 @@ async fn every_fault_is_survived_or_reported_with_the_servers_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_account_error_stops_the_run_and_the_rest_is_skipped() {
     let emu = emulator(config()).await;
-    emu.inject(
-        FaultSpec::new(FaultKind::AccountError, 1)
-            .on(Endpoint::Query)
-            .for_table("courses"),
-    );
+    emu.inject(FaultSpec::new(FaultKind::AccountError, 1).on(Endpoint::Query).for_table("courses"));
     let dir = workdir();
     let out = run_ours(
         &emu,
@@ -353,12 +234,7 @@ async fn an_account_error_stops_the_run_and_the_rest_is_skipped() {
     .await;
     assert_eq!(out.status.code(), Some(5));
     let results: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let statuses: Vec<&str> = results
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["status"].as_str().unwrap())
-        .collect();
+    let statuses: Vec<&str> = results.as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["succeeded", "failed", "skipped", "skipped"]);
     assert!(stderr(&out).contains("1 succeeded, 1 failed, 2 skipped"));
 }
@@ -385,31 +261,16 @@ async fn json_results_describe_each_table() {
     assert_eq!(out.status.code(), Some(5), "one table failed");
     let results: Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
     let results = results.as_array().unwrap();
-    let tables: Vec<&str> = results
-        .iter()
-        .map(|r| r["table"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        tables,
-        ["accounts", "users", "nope"],
-        "trimmed and de-duplicated, in order"
-    );
+    let tables: Vec<&str> = results.iter().map(|r| r["table"].as_str().unwrap()).collect();
+    assert_eq!(tables, ["accounts", "users", "nope"], "trimmed and de-duplicated, in order");
     for r in &results[..2] {
         assert_eq!(r["status"], "succeeded");
-        assert!(
-            r["job_id"].is_string() && r["at"].is_string() && r["schema_version"] == 1,
-            "{r}"
-        );
+        assert!(r["job_id"].is_string() && r["at"].is_string() && r["schema_version"] == 1, "{r}");
         let files = r["files"].as_array().unwrap();
         assert_eq!(files.len(), 4);
         for f in files {
             let path = dir.path().join(f["path"].as_str().unwrap());
-            assert_eq!(
-                std::fs::metadata(&path).unwrap().len(),
-                f["bytes"].as_u64().unwrap(),
-                "{}",
-                path.display()
-            );
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), f["bytes"].as_u64().unwrap(), "{}", path.display());
         }
     }
     assert_eq!(results[2]["status"], "failed");
@@ -430,16 +291,7 @@ async fn table_all_is_paced_below_the_job_creation_limit() {
     let out = run_ours(
         &emu,
         dir.path(),
-        &[
-            "snapshot",
-            "--namespace",
-            "catalog",
-            "--table",
-            "all",
-            "--format",
-            "csv",
-            "--json",
-        ],
+        &["snapshot", "--namespace", "catalog", "--table", "all", "--format", "csv", "--json"],
     )
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
@@ -461,97 +313,41 @@ async fn bad_input_gets_a_clear_error() {
         .current_dir(dir.path())
         .env_remove("DAP_CLIENT_ID")
         .env_remove("DAP_CLIENT_SECRET")
-        .args([
-            "--base-url",
-            emu.base_url(),
-            "list",
-            "--namespace",
-            "canvas",
-        ])
+        .args(["--base-url", emu.base_url(), "list", "--namespace", "canvas"])
         .output()
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(5));
-    assert!(
-        stderr(&out).contains("DAP_CLIENT_ID") && stderr(&out).contains("DAP_CLIENT_SECRET"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("DAP_CLIENT_ID") && stderr(&out).contains("DAP_CLIENT_SECRET"), "{}", stderr(&out));
     assert!(emu.stats().responses.is_empty(), "no network traffic");
 
     // Wrong secret: the 401 message and uuid.
-    let out = run_ours_with(
-        &emu,
-        dir.path(),
-        &["list", "--namespace", "canvas"],
-        &[("DAP_CLIENT_SECRET", "wrong")],
-    )
-    .await;
+    let out =
+        run_ours_with(&emu, dir.path(), &["list", "--namespace", "canvas"], &[("DAP_CLIENT_SECRET", "wrong")]).await;
     assert_eq!(out.status.code(), Some(5));
-    assert!(
-        stderr(&out).contains("invalid client credentials") && stderr(&out).contains("uuid"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("invalid client credentials") && stderr(&out).contains("uuid"), "{}", stderr(&out));
     assert!(!stderr(&out).contains("wrong"), "the secret is never shown");
 
     // Unknown namespace and table.
     let out = run_ours(&emu, dir.path(), &["list", "--namespace", "nowhere"]).await;
     assert_eq!(out.status.code(), Some(5));
-    assert!(
-        stderr(&out).contains("namespace nowhere not found"),
-        "{}",
-        stderr(&out)
-    );
-    let out = run_ours(
-        &emu,
-        dir.path(),
-        &["snapshot", "--namespace", "canvas", "--table", "nope"],
-    )
-    .await;
+    assert!(stderr(&out).contains("namespace nowhere not found"), "{}", stderr(&out));
+    let out = run_ours(&emu, dir.path(), &["snapshot", "--namespace", "canvas", "--table", "nope"]).await;
     assert_eq!(out.status.code(), Some(5));
-    assert!(
-        stderr(&out).contains("table nope not found"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("table nope not found"), "{}", stderr(&out));
 
     // Usage errors: exit 2.
-    let out = run_ours(
-        &emu,
-        dir.path(),
-        &[
-            "snapshot",
-            "--namespace",
-            "canvas",
-            "--table",
-            "users",
-            "--format",
-            "xml",
-        ],
-    )
-    .await;
+    let out =
+        run_ours(&emu, dir.path(), &["snapshot", "--namespace", "canvas", "--table", "users", "--format", "xml"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--format"));
     let out = run_ours(
         &emu,
         dir.path(),
-        &[
-            "incremental",
-            "--namespace",
-            "canvas",
-            "--table",
-            "users",
-            "--since",
-            "last tuesday",
-        ],
+        &["incremental", "--namespace", "canvas", "--table", "users", "--since", "last tuesday"],
     )
     .await;
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("--since") && stderr(&out).contains("RFC 3339"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("--since") && stderr(&out).contains("RFC 3339"), "{}", stderr(&out));
     assert!(files_under(dir.path()).is_empty(), "nothing was written");
 }

@@ -20,9 +20,7 @@ impl Api {
     async fn start(config: EmulatorConfig) -> Api {
         let emu = common::emulator(config).await;
         let http = reqwest::Client::new();
-        let token = login(&http, &emu, &emu.config().client_secret.clone())
-            .await
-            .1["access_token"]
+        let token = login(&http, &emu, &emu.config().client_secret.clone()).await.1["access_token"]
             .as_str()
             .unwrap()
             .to_string();
@@ -34,13 +32,7 @@ impl Api {
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
+        let r = self.http.get(self.url(path)).bearer_auth(&self.token).send().await.unwrap();
         (r.status(), r.json().await.unwrap_or(Value::Null))
     }
 
@@ -59,18 +51,14 @@ impl Api {
 
     /// Submits a query and returns the complete job (the default schedule completes at once).
     async fn complete_job(&self, table: &str, body: &str) -> Value {
-        let (status, job) = self
-            .post(&format!("/dap/query/canvas/table/{table}/data"), body)
-            .await;
+        let (status, job) = self.post(&format!("/dap/query/canvas/table/{table}/data"), body).await;
         assert_eq!(status, StatusCode::OK, "{job}");
         assert_eq!(job["status"], "complete");
         job
     }
 
     async fn object_url(&self, object_id: &str) -> String {
-        let (status, urls) = self
-            .post("/dap/object/url", &json!([{"id": object_id}]).to_string())
-            .await;
+        let (status, urls) = self.post("/dap/object/url", &json!([{"id": object_id}]).to_string()).await;
         assert_eq!(status, StatusCode::OK, "{urls}");
         urls["urls"][object_id]["url"].as_str().unwrap().to_string()
     }
@@ -89,11 +77,7 @@ async fn login(http: &reqwest::Client, emu: &Emulator, secret: &str) -> (StatusC
 }
 
 fn quick(config: EmulatorConfig) -> EmulatorConfig {
-    EmulatorConfig {
-        rows: 30,
-        part_rows: 10,
-        ..config
-    }
+    EmulatorConfig { rows: 30, part_rows: 10, ..config }
 }
 
 #[tokio::test]
@@ -112,36 +96,16 @@ async fn login_answers_exactly_the_token_keys_and_refuses_bad_secrets() {
 
 #[tokio::test]
 async fn every_dap_route_needs_an_unexpired_bearer_token() {
-    let api = Api::start(quick(EmulatorConfig {
-        token_lifetime: Duration::from_secs(1),
-        ..Default::default()
-    }))
-    .await;
+    let api = Api::start(quick(EmulatorConfig { token_lifetime: Duration::from_secs(1), ..Default::default() })).await;
     assert_eq!(api.get("/dap/query/canvas/table").await.0, StatusCode::OK);
-    let anonymous = api
-        .http
-        .get(api.url("/dap/query/canvas/table"))
-        .send()
-        .await
-        .unwrap();
+    let anonymous = api.http.get(api.url("/dap/query/canvas/table")).send().await.unwrap();
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
-    let forged = api
-        .http
-        .get(api.url("/dap/job/x"))
-        .bearer_auth(format!("{}x", api.token))
-        .send()
-        .await
-        .unwrap();
+    let forged = api.http.get(api.url("/dap/job/x")).bearer_auth(format!("{}x", api.token)).send().await.unwrap();
     assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let (status, body) = api.get("/dap/query/canvas/table").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("expired")
-    );
+    assert!(body["error"]["message"].as_str().unwrap().contains("expired"));
 }
 
 #[tokio::test]
@@ -152,112 +116,51 @@ async fn jobs_walk_waiting_running_complete_and_identical_queries_share_a_job() 
         ..quick(Default::default())
     };
     let api = Api::start(config).await;
-    let (status, job) = api
-        .post(
-            "/dap/query/canvas/table/users/data",
-            r#"{"format":"tsv","mode":"condensed"}"#,
-        )
-        .await;
-    assert_eq!(
-        (status, job["status"].as_str()),
-        (StatusCode::ACCEPTED, Some("waiting"))
-    );
-    assert_eq!(
-        job.as_object().unwrap().len(),
-        3,
-        "waiting jobs carry only id, status, expires_at: {job}"
-    );
+    let (status, job) = api.post("/dap/query/canvas/table/users/data", r#"{"format":"tsv","mode":"condensed"}"#).await;
+    assert_eq!((status, job["status"].as_str()), (StatusCode::ACCEPTED, Some("waiting")));
+    assert_eq!(job.as_object().unwrap().len(), 3, "waiting jobs carry only id, status, expires_at: {job}");
     let id = job["id"].as_str().unwrap();
-    let (_, again) = api
-        .post(
-            "/dap/query/canvas/table/users/data",
-            r#"{"format":"tsv","mode":"condensed"}"#,
-        )
-        .await;
+    let (_, again) = api.post("/dap/query/canvas/table/users/data", r#"{"format":"tsv","mode":"condensed"}"#).await;
     assert_eq!(again["id"], id, "an identical query returns the same job");
-    let (_, other) = api
-        .post("/dap/query/canvas/table/users/data", r#"{"format":"csv"}"#)
-        .await;
+    let (_, other) = api.post("/dap/query/canvas/table/users/data", r#"{"format":"csv"}"#).await;
     assert_ne!(other["id"], id);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (status, running) = api.get(&format!("/dap/job/{id}")).await;
-    assert_eq!(
-        (status, running["status"].as_str()),
-        (StatusCode::ACCEPTED, Some("running"))
-    );
+    assert_eq!((status, running["status"].as_str()), (StatusCode::ACCEPTED, Some("running")));
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let (status, done) = api.get(&format!("/dap/job/{id}")).await;
     assert_eq!(status, StatusCode::OK);
     let keys: Vec<&String> = done.as_object().unwrap().keys().collect();
-    assert_eq!(
-        keys,
-        [
-            "id",
-            "status",
-            "expires_at",
-            "objects",
-            "schema_version",
-            "at"
-        ]
-    );
-    assert_eq!(
-        done["objects"].as_array().unwrap().len(),
-        4,
-        "3 data parts and a header-only part"
-    );
+    assert_eq!(keys, ["id", "status", "expires_at", "objects", "schema_version", "at"]);
+    assert_eq!(done["objects"].as_array().unwrap().len(), 4, "3 data parts and a header-only part");
     api.emu.expire_jobs();
     let (status, gone) = api.get(&format!("/dap/job/{id}")).await;
-    assert_eq!(
-        (status, gone["error"]["kind"].as_str()),
-        (StatusCode::NOT_FOUND, Some("job"))
-    );
+    assert_eq!((status, gone["error"]["kind"].as_str()), (StatusCode::NOT_FOUND, Some("job")));
 }
 
 #[tokio::test]
 async fn bad_queries_get_validation_and_not_found_errors() {
     let api = Api::start(quick(Default::default())).await;
-    let (status, e) = api
-        .post("/dap/query/canvas/table/users/data", r#"{"format":"xml"}"#)
-        .await;
+    let (status, e) = api.post("/dap/query/canvas/table/users/data", r#"{"format":"xml"}"#).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(e["error"]["type"], "ValidationError");
-    assert_eq!(
-        e["error"]["location"],
-        json!({"line": 1, "column": 2, "character": 1})
-    );
-    let (status, e) = api
-        .post(
-            "/dap/query/canvas/table/users/data",
-            r#"{"format":"tsv","since":"2025-01-01T00:00:00"}"#,
-        )
-        .await;
+    assert_eq!(e["error"]["location"], json!({"line": 1, "column": 2, "character": 1}));
+    let (status, e) =
+        api.post("/dap/query/canvas/table/users/data", r#"{"format":"tsv","since":"2025-01-01T00:00:00"}"#).await;
     assert_eq!(
         (status, e["error"]["type"].as_str()),
         (StatusCode::BAD_REQUEST, Some("ValidationError")),
         "naive since"
     );
-    let (status, e) = api
-        .post("/dap/query/canvas/table/nope/data", r#"{"format":"tsv"}"#)
-        .await;
+    let (status, e) = api.post("/dap/query/canvas/table/nope/data", r#"{"format":"tsv"}"#).await;
     assert_eq!(
         (status, &e["error"]["kind"], &e["error"]["id"]),
         (StatusCode::NOT_FOUND, &json!("table"), &json!("nope"))
     );
     let (status, e) = api.get("/dap/query/nowhere/table").await;
-    assert_eq!(
-        (status, e["error"]["kind"].as_str()),
-        (StatusCode::NOT_FOUND, Some("namespace"))
-    );
-    let (status, e) = api
-        .post(
-            "/dap/object/url",
-            r#"[{"id":"no-such-job/part-00000.tsv.gz"}]"#,
-        )
-        .await;
-    assert_eq!(
-        (status, e["error"]["kind"].as_str()),
-        (StatusCode::NOT_FOUND, Some("object"))
-    );
+    assert_eq!((status, e["error"]["kind"].as_str()), (StatusCode::NOT_FOUND, Some("namespace")));
+    let (status, e) = api.post("/dap/object/url", r#"[{"id":"no-such-job/part-00000.tsv.gz"}]"#).await;
+    assert_eq!((status, e["error"]["kind"].as_str()), (StatusCode::NOT_FOUND, Some("object")));
 }
 
 #[tokio::test]
@@ -265,170 +168,79 @@ async fn incrementals_report_the_latest_commit_as_until() {
     let api = Api::start(quick(Default::default())).await;
     let snap = api.complete_job("accounts", r#"{"format":"jsonl"}"#).await;
     let at = snap["at"].as_str().unwrap().to_string();
-    let (_, nothing) = api
-        .post(
-            "/dap/query/canvas/table/accounts/data",
-            &json!({"format": "jsonl", "since": at}).to_string(),
-        )
-        .await;
+    let (_, nothing) =
+        api.post("/dap/query/canvas/table/accounts/data", &json!({"format": "jsonl", "since": at}).to_string()).await;
     assert_eq!(nothing["until"], at, "no changes: until = since");
     let c = api
         .emu
         .commit(
             "canvas",
             "accounts",
-            dap_replica::emulator::ChangeCounts {
-                updates: 2,
-                hard_deletes: 1,
-                ..Default::default()
-            },
+            dap_replica::emulator::ChangeCounts { updates: 2, hard_deletes: 1, ..Default::default() },
         )
         .unwrap();
-    let job = api
-        .complete_job(
-            "accounts",
-            &json!({"format": "jsonl", "since": at, "mode": "condensed"}).to_string(),
-        )
-        .await;
+    let job =
+        api.complete_job("accounts", &json!({"format": "jsonl", "since": at, "mode": "condensed"}).to_string()).await;
     assert_eq!(job["until"], c.ts);
     let mut records = Vec::new();
     for o in job["objects"].as_array().unwrap() {
-        let bytes = api
-            .http
-            .get(api.object_url(o["id"].as_str().unwrap()).await)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let bytes =
+            api.http.get(api.object_url(o["id"].as_str().unwrap()).await).send().await.unwrap().bytes().await.unwrap();
         let mut text = String::new();
-        flate2::read::GzDecoder::new(&bytes[..])
-            .read_to_string(&mut text)
-            .unwrap();
-        records.extend(
-            text.lines()
-                .map(|l| serde_json::from_str::<Value>(l).unwrap()),
-        );
+        flate2::read::GzDecoder::new(&bytes[..]).read_to_string(&mut text).unwrap();
+        records.extend(text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()));
     }
     assert_eq!(records.len(), 3);
-    let deletes: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["meta"]["action"] == "D")
-        .collect();
+    let deletes: Vec<&Value> = records.iter().filter(|r| r["meta"]["action"] == "D").collect();
     assert_eq!(deletes.len(), 1);
     assert_eq!(deletes[0]["key"]["id"], c.hard_deleted[0]);
-    assert!(
-        deletes[0].get("value").is_none(),
-        "a delete carries the key only"
-    );
+    assert!(deletes[0].get("value").is_none(), "a delete carries the key only");
 }
 
 #[tokio::test]
 async fn object_urls_expire_and_downloads_support_ranges() {
-    let api = Api::start(quick(EmulatorConfig {
-        url_lifetime: Duration::from_secs(1),
-        ..Default::default()
-    }))
-    .await;
-    let job = api
-        .complete_job("users", r#"{"format":"tsv","mode":"condensed"}"#)
-        .await;
-    let url = api
-        .object_url(job["objects"][0]["id"].as_str().unwrap())
-        .await;
+    let api = Api::start(quick(EmulatorConfig { url_lifetime: Duration::from_secs(1), ..Default::default() })).await;
+    let job = api.complete_job("users", r#"{"format":"tsv","mode":"condensed"}"#).await;
+    let url = api.object_url(job["objects"][0]["id"].as_str().unwrap()).await;
     let full = api.http.get(&url).send().await.unwrap();
     assert_eq!(full.status(), StatusCode::OK);
-    assert!(
-        full.headers().get("content-encoding").is_none(),
-        "objects are served without Content-Encoding"
-    );
+    assert!(full.headers().get("content-encoding").is_none(), "objects are served without Content-Encoding");
     let full = full.bytes().await.unwrap();
     let mut text = String::new();
-    flate2::read::GzDecoder::new(&full[..])
-        .read_to_string(&mut text)
-        .unwrap();
+    flate2::read::GzDecoder::new(&full[..]).read_to_string(&mut text).unwrap();
     assert!(text.starts_with("meta.ts\tkey.id\t"));
-    let tail = api
-        .http
-        .get(&url)
-        .header("range", "bytes=10-")
-        .send()
-        .await
-        .unwrap();
+    let tail = api.http.get(&url).header("range", "bytes=10-").send().await.unwrap();
     assert_eq!(tail.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(tail.bytes().await.unwrap(), full.slice(10..));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let expired = api.http.get(&url).send().await.unwrap();
     assert_eq!(expired.status(), StatusCode::FORBIDDEN);
-    assert!(
-        expired
-            .text()
-            .await
-            .unwrap()
-            .contains("Request has expired")
-    );
+    assert!(expired.text().await.unwrap().contains("Request has expired"));
 }
 
 #[tokio::test]
 async fn truncated_and_reset_downloads_are_broken_transfers() {
     let api = Api::start(quick(Default::default())).await;
     let job = api.complete_job("users", r#"{"format":"csv"}"#).await;
-    let url = api
-        .object_url(job["objects"][0]["id"].as_str().unwrap())
-        .await;
-    let good = api
-        .http
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let url = api.object_url(job["objects"][0]["id"].as_str().unwrap()).await;
+    let good = api.http.get(&url).send().await.unwrap().bytes().await.unwrap();
 
-    api.emu
-        .inject(FaultSpec::new(FaultKind::TruncatedGzip, 1).on(Endpoint::Object));
-    let cut = api
-        .http
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    api.emu.inject(FaultSpec::new(FaultKind::TruncatedGzip, 1).on(Endpoint::Object));
+    let cut = api.http.get(&url).send().await.unwrap().bytes().await.unwrap();
     assert!(cut.len() < good.len());
     let mut sink = Vec::new();
     assert!(
-        flate2::read::GzDecoder::new(&cut[..])
-            .read_to_end(&mut sink)
-            .is_err(),
+        flate2::read::GzDecoder::new(&cut[..]).read_to_end(&mut sink).is_err(),
         "a truncated gzip stream does not decode"
     );
 
-    api.emu
-        .inject(FaultSpec::new(FaultKind::Reset, 1).on(Endpoint::Object));
+    api.emu.inject(FaultSpec::new(FaultKind::Reset, 1).on(Endpoint::Object));
     let reset = api.http.get(&url).send().await.unwrap();
     assert!(reset.bytes().await.is_err(), "the body breaks off");
 
     api.emu.inject(FaultSpec::new(FaultKind::ExpiredUrl, 1));
-    assert_eq!(
-        api.http.get(&url).send().await.unwrap().status(),
-        StatusCode::FORBIDDEN
-    );
-    assert_eq!(
-        api.http
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-        good,
-        "faults are used up"
-    );
+    assert_eq!(api.http.get(&url).send().await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(api.http.get(&url).send().await.unwrap().bytes().await.unwrap(), good, "faults are used up");
 }
 
 #[tokio::test]
@@ -441,12 +253,7 @@ async fn rate_limits_answer_429_with_retry_after() {
     .await;
     for t in ["users", "accounts", "courses", "roles", "scores"] {
         assert_eq!(
-            api.post(
-                &format!("/dap/query/canvas/table/{t}/data"),
-                r#"{"format":"tsv"}"#
-            )
-            .await
-            .0,
+            api.post(&format!("/dap/query/canvas/table/{t}/data"), r#"{"format":"tsv"}"#).await.0,
             StatusCode::OK
         );
     }
@@ -459,24 +266,11 @@ async fn rate_limits_answer_429_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(sixth.status(), StatusCode::TOO_MANY_REQUESTS);
-    let wait: u64 = sixth.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait: u64 = sixth.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=2).contains(&wait));
-    assert_eq!(
-        api.get("/dap/query/canvas/table/users/schema").await.0,
-        StatusCode::OK,
-        "limits are per endpoint"
-    );
+    assert_eq!(api.get("/dap/query/canvas/table/users/schema").await.0, StatusCode::OK, "limits are per endpoint");
     tokio::time::sleep(Duration::from_secs(wait)).await;
-    assert_eq!(
-        api.post("/dap/query/canvas/table/wikis/data", r#"{"format":"tsv"}"#)
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(api.post("/dap/query/canvas/table/wikis/data", r#"{"format":"tsv"}"#).await.0, StatusCode::OK);
     assert_eq!(api.emu.stats().count(Endpoint::Query, 429), 1);
 }
 
@@ -494,14 +288,7 @@ async fn control_routes_commit_evolve_inject_and_report_truth() {
         .await
         .unwrap();
     assert_eq!(commit["inserted"].as_array().unwrap().len(), 2);
-    let truth = http
-        .get(api.url("/emulator/truth/canvas/users"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let truth = http.get(api.url("/emulator/truth/canvas/users")).send().await.unwrap().text().await.unwrap();
     assert_eq!(truth.lines().count(), 31);
     let first: Value = serde_json::from_str(truth.lines().next().unwrap()).unwrap();
     assert!(first.get("id").is_some() && first.get("workflow_state").is_some());
@@ -524,25 +311,11 @@ async fn control_routes_commit_evolve_inject_and_report_truth() {
         .await
         .unwrap();
     assert_eq!(fault.status(), StatusCode::NO_CONTENT);
-    assert_eq!(
-        api.get("/dap/query/canvas/table").await.0,
-        StatusCode::INTERNAL_SERVER_ERROR
-    );
+    assert_eq!(api.get("/dap/query/canvas/table").await.0, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(api.get("/dap/query/canvas/table").await.0, StatusCode::OK);
-    let stats: Value = http
-        .get(api.url("/emulator/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = http.get(api.url("/emulator/stats")).send().await.unwrap().json().await.unwrap();
     assert_eq!(stats["responses"]["table_list"]["500"], 1);
 
-    let missing = http
-        .get(api.url("/emulator/truth/canvas/nope"))
-        .send()
-        .await
-        .unwrap();
+    let missing = http.get(api.url("/emulator/truth/canvas/nope")).send().await.unwrap();
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
 }

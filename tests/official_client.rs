@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::truth::{assert_same_rows, postgres_rows};
 use common::*;
-use dap_replica::emulator::{
-    ChangeCounts, Emulator, EmulatorConfig, Endpoint, FaultKind, FaultSpec, SchemaChange,
-};
+use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig, Endpoint, FaultKind, FaultSpec, SchemaChange};
 use serde_json::Value as Json;
 
 /// Tables that together cover every column type of the canvas schemas: nested objects
@@ -42,21 +40,11 @@ const POSTGRES_TABLES: &[&str] = &[
 
 /// No float columns: the official client refuses NaN and infinity on MySQL (spec §5.10), which
 /// the emulator generates in float columns.
-const MARIADB_TABLES: &[&str] = &[
-    "accounts",
-    "enrollments",
-    "course_sections",
-    "pseudonyms",
-    "communication_channels",
-    "group_memberships",
-];
+const MARIADB_TABLES: &[&str] =
+    &["accounts", "enrollments", "course_sections", "pseudonyms", "communication_channels", "group_memberships"];
 
 fn config(rows: u64) -> EmulatorConfig {
-    EmulatorConfig {
-        rows,
-        part_rows: 25,
-        ..EmulatorConfig::default()
-    }
+    EmulatorConfig { rows, part_rows: 25, ..EmulatorConfig::default() }
 }
 
 fn workdir() -> tempfile::TempDir {
@@ -65,8 +53,7 @@ fn workdir() -> tempfile::TempDir {
 
 fn commit_everywhere(emu: &Emulator, ns: &str, tables: &[&str], counts: ChangeCounts) {
     for t in tables {
-        emu.commit(ns, t, counts)
-            .unwrap_or_else(|e| panic!("commit on {t}: {e}"));
+        emu.commit(ns, t, counts).unwrap_or_else(|e| panic!("commit on {t}: {e}"));
     }
 }
 
@@ -86,29 +73,9 @@ async fn assert_postgres_matches(
 }
 
 /// Runs a database command of the official client on a comma list of tables.
-async fn replicate(
-    emu: &Emulator,
-    dir: &Path,
-    command: &str,
-    ns: &str,
-    tables: &[&str],
-    url: &str,
-) {
+async fn replicate(emu: &Emulator, dir: &Path, command: &str, ns: &str, tables: &[&str], url: &str) {
     let tables = tables.join(",");
-    official_ok(
-        emu,
-        dir,
-        &[
-            command,
-            "--namespace",
-            ns,
-            "--table",
-            &tables,
-            "--connection-string",
-            url,
-        ],
-    )
-    .await;
+    official_ok(emu, dir, &[command, "--namespace", ns, "--table", &tables, "--connection-string", url]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,39 +91,19 @@ async fn postgres_initdb_then_two_syncdb_rounds_equal_the_truth() {
     assert_postgres_matches(&emu, &client, "canvas_logs", &["web_logs"], "after initdb").await;
 
     for round in 1..=2 {
-        let counts = ChangeCounts {
-            inserts: 4,
-            updates: 6,
-            soft_deletes: 2,
-            hard_deletes: 3,
-        };
+        let counts = ChangeCounts { inserts: 4, updates: 6, soft_deletes: 2, hard_deletes: 3 };
         commit_everywhere(&emu, "canvas", POSTGRES_TABLES, counts);
-        commit_everywhere(
-            &emu,
-            "canvas_logs",
-            &["web_logs"],
-            ChangeCounts {
-                inserts: 20,
-                ..Default::default()
-            },
-        );
+        commit_everywhere(&emu, "canvas_logs", &["web_logs"], ChangeCounts { inserts: 20, ..Default::default() });
         if round == 2 {
             // Additive schema changes between rounds; later rows carry them.
-            emu.evolve("canvas", "accounts", SchemaChange::AddColumn)
-                .unwrap();
-            emu.evolve("canvas", "courses", SchemaChange::WidenMaxLength)
-                .unwrap();
-            emu.evolve("canvas", "enrollments", SchemaChange::AddEnumValue)
-                .unwrap();
+            emu.evolve("canvas", "accounts", SchemaChange::AddColumn).unwrap();
+            emu.evolve("canvas", "courses", SchemaChange::WidenMaxLength).unwrap();
+            emu.evolve("canvas", "enrollments", SchemaChange::AddEnumValue).unwrap();
             commit_everywhere(
                 &emu,
                 "canvas",
                 &["accounts", "courses", "enrollments"],
-                ChangeCounts {
-                    inserts: 3,
-                    updates: 3,
-                    ..Default::default()
-                },
+                ChangeCounts { inserts: 3, updates: 3, ..Default::default() },
             );
         }
         replicate(&emu, dir, "syncdb", "canvas", POSTGRES_TABLES, &url).await;
@@ -166,50 +113,34 @@ async fn postgres_initdb_then_two_syncdb_rounds_equal_the_truth() {
         assert_postgres_matches(&emu, &client, "canvas_logs", &["web_logs"], &label).await;
     }
 
-    let versions = client.query("SELECT source_table, schema_version FROM instructure_dap.table_sync WHERE source_table = 'accounts'", &[]).await.unwrap();
-    assert_eq!(
-        versions[0].get::<_, i64>(1),
-        2,
-        "the bookkeeping row records the bumped schema version"
-    );
+    let versions = client
+        .query(
+            "SELECT source_table, schema_version FROM instructure_dap.table_sync WHERE source_table = 'accounts'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions[0].get::<_, i64>(1), 2, "the bookkeeping row records the bumped schema version");
 
     replicate(&emu, dir, "dropdb", "canvas", &["all"], &url).await;
     let left = client
-        .query(
-            "SELECT count(*) FROM instructure_dap.table_sync WHERE source_namespace = 'canvas'",
-            &[],
-        )
+        .query("SELECT count(*) FROM instructure_dap.table_sync WHERE source_namespace = 'canvas'", &[])
         .await
         .unwrap();
     assert_eq!(left[0].get::<_, i64>(0), 0);
     let tables_left = client
-        .query(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'canvas'",
-            &[],
-        )
+        .query("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'canvas'", &[])
         .await
         .unwrap();
-    assert_eq!(
-        tables_left[0].get::<_, i64>(0),
-        0,
-        "dropdb removed every canvas table"
-    );
+    assert_eq!(tables_left[0].get::<_, i64>(0), 0, "dropdb removed every canvas table");
 }
 
 async fn mariadb_keys(db: &str, table: &str) -> BTreeSet<String> {
-    mysql_query(Some(db), &format!("SELECT id FROM canvas__{table}"))
-        .await
-        .into_iter()
-        .map(|r| r[0].clone())
-        .collect()
+    mysql_query(Some(db), &format!("SELECT id FROM canvas__{table}")).await.into_iter().map(|r| r[0].clone()).collect()
 }
 
 fn truth_keys(emu: &Emulator, table: &str) -> BTreeSet<String> {
-    emu.truth("canvas", table)
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].to_string())
-        .collect()
+    emu.truth("canvas", table).unwrap().iter().map(|r| r["id"].to_string()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,12 +156,7 @@ async fn mariadb_initdb_then_syncdb_keeps_the_same_rows() {
                 &emu,
                 "canvas",
                 MARIADB_TABLES,
-                ChangeCounts {
-                    inserts: 3,
-                    updates: 4,
-                    soft_deletes: 1,
-                    hard_deletes: 2,
-                },
+                ChangeCounts { inserts: 3, updates: 4, soft_deletes: 1, hard_deletes: 2 },
             );
             replicate(&emu, dir.path(), "syncdb", "canvas", MARIADB_TABLES, &url).await;
         }
@@ -242,22 +168,10 @@ async fn mariadb_initdb_then_syncdb_keeps_the_same_rows() {
             );
         }
     }
-    let soft = mysql_query(
-        Some(&db),
-        "SELECT count(*) FROM canvas__accounts WHERE workflow_state = 'deleted'",
-    )
-    .await;
-    let truth_soft = emu
-        .truth("canvas", "accounts")
-        .unwrap()
-        .iter()
-        .filter(|r| r["workflow_state"] == "deleted")
-        .count();
-    assert_eq!(
-        soft[0][0],
-        truth_soft.to_string(),
-        "soft deletes arrive as updates"
-    );
+    let soft = mysql_query(Some(&db), "SELECT count(*) FROM canvas__accounts WHERE workflow_state = 'deleted'").await;
+    let truth_soft =
+        emu.truth("canvas", "accounts").unwrap().iter().filter(|r| r["workflow_state"] == "deleted").count();
+    assert_eq!(soft[0][0], truth_soft.to_string(), "soft deletes arrive as updates");
 }
 
 /// Every downloaded object file under `dir`.
@@ -283,13 +197,8 @@ fn gunzip(path: &Path) -> String {
 
 /// Splits one CSV record stream (RFC 4180) into rows of fields.
 fn csv_rows(text: &str) -> Vec<Vec<String>> {
-    let (mut rows, mut row, mut field, mut quoted, mut chars) = (
-        Vec::new(),
-        Vec::new(),
-        String::new(),
-        false,
-        text.chars().peekable(),
-    );
+    let (mut rows, mut row, mut field, mut quoted, mut chars) =
+        (Vec::new(), Vec::new(), String::new(), false, text.chars().peekable());
     while let Some(c) = chars.next() {
         match (c, quoted) {
             ('"', true) if chars.peek() == Some(&'"') => {
@@ -305,10 +214,7 @@ fn csv_rows(text: &str) -> Vec<Vec<String>> {
             (c, _) => field.push(c),
         }
     }
-    assert!(
-        !quoted && field.is_empty() && row.is_empty(),
-        "CSV ends with a complete record"
-    );
+    assert!(!quoted && field.is_empty() && row.is_empty(), "CSV ends with a complete record");
     rows
 }
 
@@ -317,31 +223,15 @@ fn tsv_keys(text: &str, incremental: bool, key: &str) -> Vec<String> {
     assert!(text.ends_with('\n'), "LF-terminated");
     let mut lines = text.split('\n');
     let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
-    let expected_start: Vec<&str> = if incremental {
-        vec!["meta.ts", "meta.action"]
-    } else {
-        vec!["meta.ts"]
-    };
-    assert_eq!(
-        &header[..expected_start.len()],
-        &expected_start[..],
-        "header starts with the meta columns"
-    );
+    let expected_start: Vec<&str> = if incremental { vec!["meta.ts", "meta.action"] } else { vec!["meta.ts"] };
+    assert_eq!(&header[..expected_start.len()], &expected_start[..], "header starts with the meta columns");
     assert_eq!(header[expected_start.len()], format!("key.{key}"));
-    assert!(
-        header[expected_start.len() + 1..]
-            .iter()
-            .all(|h| h.starts_with("value."))
-    );
+    assert!(header[expected_start.len() + 1..].iter().all(|h| h.starts_with("value.")));
     let key_col = expected_start.len();
     let mut keys = Vec::new();
     for line in lines.filter(|l| !l.is_empty()) {
         let fields: Vec<&str> = line.split('\t').collect();
-        assert_eq!(
-            fields.len(),
-            header.len(),
-            "every record has every column: {line:?}"
-        );
+        assert_eq!(fields.len(), header.len(), "every record has every column: {line:?}");
         for f in &fields {
             let mut chars = f.chars();
             while let Some(c) = chars.next() {
@@ -349,10 +239,7 @@ fn tsv_keys(text: &str, incremental: bool, key: &str) -> Vec<String> {
                 if c == '\\' {
                     let e = chars.next();
                     assert!(
-                        matches!(
-                            e,
-                            Some('N' | '\\' | 't' | 'n' | 'r' | 'b' | 'f' | 'v' | '0')
-                        ),
+                        matches!(e, Some('N' | '\\' | 't' | 'n' | 'r' | 'b' | 'f' | 'v' | '0')),
                         "valid escape in {f:?}"
                     );
                 }
@@ -370,12 +257,7 @@ fn parquet_rows(path: &Path) -> i64 {
         .arg(path)
         .output()
         .expect("python with pyarrow runs");
-    assert!(
-        out.status.success(),
-        "pyarrow cannot read {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "pyarrow cannot read {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("'meta', 'key', 'value'"), "{text}");
     text.lines().next().unwrap().parse().unwrap()
@@ -387,25 +269,16 @@ async fn list_schema_snapshot_and_incremental_in_every_format() {
 
     let dir = workdir();
     let listed = official_ok(&emu, dir.path(), &["list", "--namespace", "canvas"]).await;
-    assert_eq!(
-        listed.lines().collect::<Vec<_>>(),
-        emu.tables("canvas").unwrap()
-    );
+    assert_eq!(listed.lines().collect::<Vec<_>>(), emu.tables("canvas").unwrap());
 
-    official_ok(
-        &emu,
-        dir.path(),
-        &["schema", "--namespace", "canvas", "--table", "all"],
-    )
-    .await;
+    official_ok(&emu, dir.path(), &["schema", "--namespace", "canvas", "--table", "all"]).await;
     let schemas: Vec<_> = std::fs::read_dir(dir.path().join("downloads"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(schemas.len(), 91);
     let accounts: Json = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("downloads/accounts_schema_version_1.json"))
-            .unwrap(),
+        &std::fs::read_to_string(dir.path().join("downloads/accounts_schema_version_1.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(accounts["version"], 1);
@@ -415,25 +288,10 @@ async fn list_schema_snapshot_and_incremental_in_every_format() {
     let truth: BTreeSet<String> = truth_keys(&emu, table);
     for format in ["tsv", "csv", "jsonl", "parquet"] {
         let dir = workdir();
-        official_ok(
-            &emu,
-            dir.path(),
-            &[
-                "snapshot",
-                "--namespace",
-                "canvas",
-                "--table",
-                table,
-                "--format",
-                format,
-            ],
-        )
-        .await;
+        official_ok(&emu, dir.path(), &["snapshot", "--namespace", "canvas", "--table", table, "--format", format])
+            .await;
         let files = downloaded(dir.path());
-        assert!(
-            files.len() >= 4,
-            "{format}: several part files, got {files:?}"
-        );
+        assert!(files.len() >= 4, "{format}: several part files, got {files:?}");
         let mut keys = Vec::new();
         let mut header_only = 0;
         for f in &files {
@@ -442,10 +300,7 @@ async fn list_schema_snapshot_and_incremental_in_every_format() {
                 "csv" => {
                     let rows = csv_rows(&gunzip(f));
                     assert_eq!(rows[0][..2], ["meta.ts".to_string(), "key.id".to_string()]);
-                    assert!(
-                        rows.iter().all(|r| r.len() == rows[0].len()),
-                        "{format}: equal field counts"
-                    );
+                    assert!(rows.iter().all(|r| r.len() == rows[0].len()), "{format}: equal field counts");
                     rows[1..].iter().map(|r| r[1].clone()).collect()
                 }
                 "jsonl" => gunzip(f)
@@ -476,39 +331,12 @@ async fn list_schema_snapshot_and_incremental_in_every_format() {
     }
 
     // An incremental over [since, until) sees exactly the keys changed in between.
-    let before = emu
-        .commit(
-            "canvas",
-            table,
-            ChangeCounts {
-                updates: 1,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let before = emu.commit("canvas", table, ChangeCounts { updates: 1, ..Default::default() }).unwrap();
     let change = emu
-        .commit(
-            "canvas",
-            table,
-            ChangeCounts {
-                inserts: 2,
-                updates: 3,
-                hard_deletes: 2,
-                ..Default::default()
-            },
-        )
+        .commit("canvas", table, ChangeCounts { inserts: 2, updates: 3, hard_deletes: 2, ..Default::default() })
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let after = emu
-        .commit(
-            "canvas",
-            table,
-            ChangeCounts {
-                updates: 1,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let after = emu.commit("canvas", table, ChangeCounts { updates: 1, ..Default::default() }).unwrap();
     let dir = workdir();
     official_ok(
         &emu,
@@ -528,36 +356,16 @@ async fn list_schema_snapshot_and_incremental_in_every_format() {
         ],
     )
     .await;
-    let keys: BTreeSet<String> = downloaded(dir.path())
-        .iter()
-        .flat_map(|f| tsv_keys(&gunzip(f), true, "id"))
-        .collect();
-    let expected: BTreeSet<String> = change
-        .inserted
-        .iter()
-        .chain(&change.updated)
-        .chain(&change.hard_deleted)
-        .map(|k| k.to_string())
-        .collect();
-    assert_eq!(
-        keys, expected,
-        "changes before `since` ({}) and at `until` are excluded",
-        before.ts
-    );
+    let keys: BTreeSet<String> = downloaded(dir.path()).iter().flat_map(|f| tsv_keys(&gunzip(f), true, "id")).collect();
+    let expected: BTreeSet<String> =
+        change.inserted.iter().chain(&change.updated).chain(&change.hard_deleted).map(|k| k.to_string()).collect();
+    assert_eq!(keys, expected, "changes before `since` ({}) and at `until` are excluded", before.ts);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_faults_look_like_the_real_api_to_the_official_client() {
     let emu = emulator(config(20)).await;
-    let snapshot = [
-        "snapshot",
-        "--namespace",
-        "canvas",
-        "--table",
-        "accounts",
-        "--format",
-        "jsonl",
-    ];
+    let snapshot = ["snapshot", "--namespace", "canvas", "--table", "accounts", "--format", "jsonl"];
 
     // Retryable: one 429 (Retry-After honoured), one 500, one HTML 502 — each then success.
     for (kind, endpoint, status) in [
@@ -569,11 +377,7 @@ async fn injected_faults_look_like_the_real_api_to_the_official_client() {
         emu.inject(FaultSpec::new(kind, 1).on(endpoint));
         let before = emu.stats().count(endpoint, status);
         official_ok(&emu, dir.path(), &snapshot).await;
-        assert_eq!(
-            emu.stats().count(endpoint, status),
-            before + 1,
-            "{kind:?} was sent once"
-        );
+        assert_eq!(emu.stats().count(endpoint, status), before + 1, "{kind:?} was sent once");
         assert!(!downloaded(dir.path()).is_empty());
         emu.expire_jobs();
     }
@@ -617,12 +421,7 @@ async fn injected_faults_look_like_the_real_api_to_the_official_client() {
     // A connection reset mid-download fails that table (the official client does not resume).
     emu.inject(FaultSpec::new(FaultKind::Reset, 1).on(Endpoint::Object));
     let out = run_official(&emu, workdir().path(), &snapshot).await;
-    assert_eq!(
-        out.status.code(),
-        Some(5),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
 
     // A wrong secret is a 401 with the error envelope.
     let out = tokio::process::Command::new(official_client())
@@ -642,28 +441,14 @@ async fn injected_faults_look_like_the_real_api_to_the_official_client() {
 /// `catalog` initialises into PostgreSQL and equals the truth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_canvas_and_catalog_table_initialises_with_the_official_client() {
-    let emu = emulator(EmulatorConfig {
-        rows: 6,
-        ..EmulatorConfig::default()
-    })
-    .await;
+    let emu = emulator(EmulatorConfig { rows: 6, ..EmulatorConfig::default() }).await;
     let (url, client) = fresh_postgres("official_all").await;
     let dir = workdir();
     for ns in ["canvas", "catalog"] {
         official_ok(
             &emu,
             dir.path(),
-            &[
-                "--loglevel",
-                "warning",
-                "initdb",
-                "--namespace",
-                ns,
-                "--table",
-                "all",
-                "--connection-string",
-                &url,
-            ],
+            &["--loglevel", "warning", "initdb", "--namespace", ns, "--table", "all", "--connection-string", &url],
         )
         .await;
         let tables = emu.tables(ns).unwrap();

@@ -23,11 +23,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy {
-            attempts: 8,
-            base: Duration::from_millis(500),
-            cap: Duration::from_secs(30),
-        }
+        RetryPolicy { attempts: 8, base: Duration::from_millis(500), cap: Duration::from_secs(30) }
     }
 }
 
@@ -109,8 +105,7 @@ pub struct Client {
 fn jwt_expiry(token: &str) -> Option<i64> {
     let payload = token.split('.').nth(1)?;
     let claims: serde_json::Value =
-        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?)
-            .ok()?;
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?).ok()?;
     claims.get("exp")?.as_i64()
 }
 
@@ -120,10 +115,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs_f64(secs.max(0.0)));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(
-        when.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
-    )
+    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or_default())
 }
 
 /// A URL without its query string (pre-signed URLs carry signatures that must not be logged).
@@ -148,17 +140,8 @@ impl Client {
             .connect_timeout(Duration::from_secs(30))
             .read_timeout(Duration::from_secs(120))
             .build()
-            .map_err(|e| ApiError::Transport {
-                url: config.base_url.clone(),
-                attempts: 0,
-                detail: e.to_string(),
-            })?;
-        Ok(Client {
-            http,
-            config,
-            token: Mutex::new(None),
-            job_starts: Mutex::new(VecDeque::new()),
-        })
+            .map_err(|e| ApiError::Transport { url: config.base_url.clone(), attempts: 0, detail: e.to_string() })?;
+        Ok(Client { http, config, token: Mutex::new(None), job_starts: Mutex::new(VecDeque::new()) })
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -174,34 +157,20 @@ impl Client {
     async fn bearer(&self) -> Result<String, ApiError> {
         let mut token = self.token.lock().await;
         let now = crate::time::now() / 1_000_000;
-        if let Some(t) = token
-            .as_ref()
-            .filter(|t| t.expires - REFRESH_AHEAD_SECS > now)
-        {
+        if let Some(t) = token.as_ref().filter(|t| t.expires - REFRESH_AHEAD_SECS > now) {
             return Ok(t.bearer.clone());
         }
-        let (id, secret) = (
-            self.config.client_id.clone().unwrap_or_default(),
-            self.config.client_secret.clone().unwrap_or_default(),
-        );
+        let (id, secret) =
+            (self.config.client_id.clone().unwrap_or_default(), self.config.client_secret.clone().unwrap_or_default());
         let url = format!("{}/ids/auth/login", self.config.base_url);
         // Boxed: `send` calls `bearer` for authenticated requests (never for this one).
         let login = self.send(&url, false, false, || {
-            self.http
-                .post(&url)
-                .basic_auth(&id, Some(&secret))
-                .form(&[("grant_type", "client_credentials")])
+            self.http.post(&url).basic_auth(&id, Some(&secret)).form(&[("grant_type", "client_credentials")])
         });
         let response: TokenResponse = Box::pin(login).await?;
         let expires = jwt_expiry(&response.access_token).unwrap_or(now + 3600);
-        tracing::debug!(
-            "logged in; token valid until {}",
-            crate::time::format_wire(expires * 1_000_000)
-        );
-        *token = Some(Token {
-            bearer: response.access_token.clone(),
-            expires,
-        });
+        tracing::debug!("logged in; token valid until {}", crate::time::format_wire(expires * 1_000_000));
+        *token = Some(Token { bearer: response.access_token.clone(), expires });
         Ok(response.access_token)
     }
 
@@ -211,10 +180,7 @@ impl Client {
             let wait = {
                 let mut starts = self.job_starts.lock().await;
                 let now = Instant::now();
-                while starts
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) >= self.config.job_window)
-                {
+                while starts.front().is_some_and(|t| now.duration_since(*t) >= self.config.job_window) {
                     starts.pop_front();
                 }
                 if starts.len() < self.config.job_limit {
@@ -249,8 +215,20 @@ impl Client {
             if authed {
                 request = request.bearer_auth(self.bearer().await?);
             }
-            let response = match request.send().await {
-                Ok(r) => r,
+            // One exchange: a failure to connect and a body that breaks off are retried alike.
+            let exchange = async {
+                let response = request.send().await?;
+                let status = response.status();
+                let wait_hint = retry_after(response.headers());
+                let json = response
+                    .headers()
+                    .get(CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("application/json"));
+                Ok::<_, reqwest::Error>((status, wait_hint, json, response.bytes().await?))
+            };
+            let (status, wait_hint, json, body) = match exchange.await {
+                Ok(exchanged) => exchanged,
                 Err(e) if attempt < policy.attempts => {
                     let wait = policy.backoff(attempt, None);
                     tracing::warn!(
@@ -262,41 +240,10 @@ impl Client {
                     continue;
                 }
                 Err(e) => {
-                    return Err(ApiError::Transport {
-                        url: url.into(),
-                        attempts: attempt,
-                        detail: e.to_string(),
-                    });
+                    return Err(ApiError::Transport { url: url.into(), attempts: attempt, detail: e.to_string() });
                 }
             };
-            let status = response.status();
-            let wait_hint = retry_after(response.headers());
-            let json = response
-                .headers()
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.starts_with("application/json"));
-            let body = match response.bytes().await {
-                Ok(b) => b,
-                Err(e) if attempt < policy.attempts => {
-                    tracing::warn!(
-                        "{url}: response broke off ({e}); retrying ({attempt}/{})",
-                        policy.attempts
-                    );
-                    tokio::time::sleep(policy.backoff(attempt, None)).await;
-                    continue;
-                }
-                Err(e) => {
-                    return Err(ApiError::Transport {
-                        url: url.into(),
-                        attempts: attempt,
-                        detail: e.to_string(),
-                    });
-                }
-            };
-            if (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error())
-                && attempt < policy.attempts
-            {
+            if (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()) && attempt < policy.attempts {
                 let wait = policy.backoff(attempt, wait_hint);
                 tracing::warn!(
                     "{url}: HTTP {status}; retrying in {:.1} s ({attempt}/{})",
@@ -313,19 +260,13 @@ impl Client {
                 continue;
             }
             if status.is_success() {
-                return serde_json::from_slice(&body).map_err(|e| ApiError::Malformed {
-                    url: url.into(),
-                    detail: e.to_string(),
-                });
+                return serde_json::from_slice(&body)
+                    .map_err(|e| ApiError::Malformed { url: url.into(), detail: e.to_string() });
             }
             if json && let Ok(envelope) = serde_json::from_slice::<ErrorEnvelope>(&body) {
                 return Err(ApiError::from_body(status.as_u16(), envelope.error));
             }
-            return Err(ApiError::Unexpected {
-                status: status.as_u16(),
-                url: url.into(),
-                snippet: snippet(&body),
-            });
+            return Err(ApiError::Unexpected { status: status.as_u16(), url: url.into(), snippet: snippet(&body) });
         }
     }
 
@@ -354,70 +295,32 @@ impl Client {
 
     /// `GET /dap/query/{ns}/table`
     pub async fn tables(&self, namespace: &str) -> Result<Vec<String>, ApiError> {
-        let list: TableList = self
-            .call(
-                Method::GET,
-                &format!("/dap/query/{namespace}/table"),
-                None,
-                true,
-                false,
-            )
-            .await?;
+        let list: TableList =
+            self.call(Method::GET, &format!("/dap/query/{namespace}/table"), None, true, false).await?;
         Ok(list.tables)
     }
 
     /// `GET /dap/query/{ns}/table/{t}/schema`: the `{"schema", "version"}` envelope.
-    pub async fn schema(
-        &self,
-        namespace: &str,
-        table: &str,
-    ) -> Result<serde_json::Value, ApiError> {
-        self.call(
-            Method::GET,
-            &format!("/dap/query/{namespace}/table/{table}/schema"),
-            None,
-            true,
-            false,
-        )
-        .await
+    pub async fn schema(&self, namespace: &str, table: &str) -> Result<serde_json::Value, ApiError> {
+        self.call(Method::GET, &format!("/dap/query/{namespace}/table/{table}/schema"), None, true, false).await
     }
 
     /// `POST /dap/query/{ns}/table/{t}/data`, paced to the job-creation limit.
-    pub async fn submit(
-        &self,
-        namespace: &str,
-        table: &str,
-        query: &Query,
-    ) -> Result<Job, ApiError> {
+    pub async fn submit(&self, namespace: &str, table: &str, query: &Query) -> Result<Job, ApiError> {
         let body = serde_json::to_value(query).expect("a query serialises");
-        self.call(
-            Method::POST,
-            &format!("/dap/query/{namespace}/table/{table}/data"),
-            Some(&body),
-            true,
-            true,
-        )
-        .await
+        self.call(Method::POST, &format!("/dap/query/{namespace}/table/{table}/data"), Some(&body), true, true).await
     }
 
     pub async fn job(&self, id: &str) -> Result<Job, ApiError> {
-        self.call(Method::GET, &format!("/dap/job/{id}"), None, false, false)
-            .await
+        self.call(Method::GET, &format!("/dap/job/{id}"), None, false, false).await
     }
 
     /// Pre-signed URLs for `ids`, asked for in batches.
     pub async fn object_urls(&self, ids: &[String]) -> Result<HashMap<String, String>, ApiError> {
         let mut urls = HashMap::new();
         for batch in ids.chunks(100) {
-            let body = serde_json::Value::Array(
-                batch
-                    .iter()
-                    .map(|id| serde_json::json!({"id": id}))
-                    .collect(),
-            );
-            let got: ResourceUrls = self
-                .call(Method::POST, "/dap/object/url", Some(&body), false, false)
-                .await?;
+            let body = serde_json::Value::Array(batch.iter().map(|id| serde_json::json!({"id": id})).collect());
+            let got: ResourceUrls = self.call(Method::POST, "/dap/object/url", Some(&body), false, false).await?;
             urls.extend(got.urls.into_iter().map(|(k, v)| (k, v.url)));
         }
         if let Some(missing) = ids.iter().find(|id| !urls.contains_key(*id)) {
@@ -456,20 +359,14 @@ impl Client {
                 _ => {}
             }
             if started.elapsed() >= self.config.job_deadline {
-                return Err(ApiError::JobTimeout {
-                    id: job.id,
-                    waited: started.elapsed(),
-                });
+                return Err(ApiError::JobTimeout { id: job.id, waited: started.elapsed() });
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 3 / 2).min(self.config.poll_cap);
             job = match self.job(&job.id).await {
                 Ok(j) => j,
                 Err(e) if e.server_kind() == Some(&ServerErrorKind::NotFound) => {
-                    tracing::warn!(
-                        "job {} expired while waiting; submitting the query again",
-                        job.id
-                    );
+                    tracing::warn!("job {} expired while waiting; submitting the query again", job.id);
                     self.submit(namespace, table, query).await?
                 }
                 Err(e) => return Err(e),
@@ -484,16 +381,8 @@ fn complete(job: Job) -> Result<CompleteJob, ApiError> {
         detail: format!("complete job without {what}"),
     };
     Ok(CompleteJob {
-        schema_version: job
-            .schema_version
-            .ok_or_else(|| malformed("schema_version"))?,
-        objects: job
-            .objects
-            .clone()
-            .ok_or_else(|| malformed("objects"))?
-            .into_iter()
-            .map(|o| o.id)
-            .collect(),
+        schema_version: job.schema_version.ok_or_else(|| malformed("schema_version"))?,
+        objects: job.objects.clone().ok_or_else(|| malformed("objects"))?.into_iter().map(|o| o.id).collect(),
         id: job.id,
         at: job.at,
         since: job.since,
@@ -520,49 +409,28 @@ mod tests {
         let later = std::time::SystemTime::now() + Duration::from_secs(120);
         h.insert(RETRY_AFTER, httpdate::fmt_http_date(later).parse().unwrap());
         let d = retry_after(&h).unwrap();
-        assert!(
-            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
-            "{d:?}"
-        );
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
     }
 
     #[test]
     fn backoff_grows_with_jitter_and_honours_the_server() {
-        let p = RetryPolicy {
-            attempts: 5,
-            base: Duration::from_millis(100),
-            cap: Duration::from_secs(1),
-        };
+        let p = RetryPolicy { attempts: 5, base: Duration::from_millis(100), cap: Duration::from_secs(1) };
         for attempt in 1..10 {
             let b = p.backoff(attempt, None);
             assert!(b <= Duration::from_secs(1));
-            assert!(
-                b >= (Duration::from_millis(100) * (1 << attempt.min(4)))
-                    .min(Duration::from_secs(1))
-                    / 2
-            );
+            assert!(b >= (Duration::from_millis(100) * (1 << attempt.min(4))).min(Duration::from_secs(1)) / 2);
         }
-        assert_eq!(
-            p.backoff(1, Some(Duration::from_secs(7))),
-            Duration::from_secs(7)
-        );
+        assert_eq!(p.backoff(1, Some(Duration::from_secs(7))), Duration::from_secs(7));
     }
 
     #[test]
     fn missing_credentials_fail_before_any_traffic() {
-        let e = Client::new(ClientConfig::new("http://127.0.0.1:1"))
-            .err()
-            .unwrap();
-        assert!(
-            e.to_string().contains("DAP_CLIENT_ID") && e.to_string().contains("DAP_CLIENT_SECRET")
-        );
+        let e = Client::new(ClientConfig::new("http://127.0.0.1:1")).err().unwrap();
+        assert!(e.to_string().contains("DAP_CLIENT_ID") && e.to_string().contains("DAP_CLIENT_SECRET"));
     }
 
     #[test]
     fn urls_are_logged_without_signatures() {
-        assert_eq!(
-            redact_url("http://h/o/p.tsv.gz?X-Amz-Signature=abc"),
-            "http://h/o/p.tsv.gz"
-        );
+        assert_eq!(redact_url("http://h/o/p.tsv.gz?X-Amz-Signature=abc"), "http://h/o/p.tsv.gz");
     }
 }

@@ -33,50 +33,23 @@ impl ServerErrorKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error(
-        "no DAP credentials: set DAP_CLIENT_ID and DAP_CLIENT_SECRET (or pass --client-id and --client-secret)"
-    )]
+    #[error("no DAP credentials: set DAP_CLIENT_ID and DAP_CLIENT_SECRET (or pass --client-id and --client-secret)")]
     MissingCredentials,
-    #[error(
-        "authentication failed: {message} (uuid {uuid}); check DAP_CLIENT_ID and DAP_CLIENT_SECRET"
-    )]
+    #[error("authentication failed: {message} (uuid {uuid}); check DAP_CLIENT_ID and DAP_CLIENT_SECRET")]
     Authentication { message: String, uuid: String },
     #[error("the account cannot use DAP ({kind}): {message} (uuid {uuid})")]
-    Account {
-        kind: String,
-        message: String,
-        uuid: String,
-    },
+    Account { kind: String, message: String, uuid: String },
     #[error("{message} (HTTP {status}, {kind:?}, uuid {uuid})")]
-    Server {
-        status: u16,
-        kind: ServerErrorKind,
-        message: String,
-        uuid: String,
-    },
+    Server { status: u16, kind: ServerErrorKind, message: String, uuid: String },
     #[error("unexpected HTTP {status} from {url}: {snippet}")]
-    Unexpected {
-        status: u16,
-        url: String,
-        snippet: String,
-    },
+    Unexpected { status: u16, url: String, snippet: String },
     #[error("request to {url} failed after {attempts} attempts: {detail}")]
-    Transport {
-        url: String,
-        attempts: u32,
-        detail: String,
-    },
+    Transport { url: String, attempts: u32, detail: String },
     #[error("malformed response from {url}: {detail}")]
     Malformed { url: String, detail: String },
     #[error("job {id} failed: {message} (uuid {uuid})")]
-    JobFailed {
-        id: String,
-        message: String,
-        uuid: String,
-    },
-    #[error(
-        "job {id} did not finish within {waited:?}; it may still complete, rerun the command later to pick it up"
-    )]
+    JobFailed { id: String, message: String, uuid: String },
+    #[error("job {id} did not finish within {waited:?}; it may still complete, rerun the command later to pick it up")]
     JobTimeout { id: String, waited: Duration },
 }
 
@@ -89,29 +62,15 @@ impl ApiError {
         match (status, kind.as_str()) {
             (401, _) | (_, "AuthenticationError") => ApiError::Authentication { message, uuid },
             (_, "AccountDisabled" | "AccountNotOnboarded" | "AccountUnderMaintenance") => {
-                ApiError::Account {
-                    kind,
-                    message,
-                    uuid,
-                }
+                ApiError::Account { kind, message, uuid }
             }
-            _ => ApiError::Server {
-                status,
-                kind: ServerErrorKind::from_type(&kind),
-                message,
-                uuid,
-            },
+            _ => ApiError::Server { status, kind: ServerErrorKind::from_type(&kind), message, uuid },
         }
     }
 
     /// Errors that stop a multi-table run: nothing else can succeed with these credentials.
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            ApiError::MissingCredentials
-                | ApiError::Authentication { .. }
-                | ApiError::Account { .. }
-        )
+        matches!(self, ApiError::MissingCredentials | ApiError::Authentication { .. } | ApiError::Account { .. })
     }
 
     pub fn server_kind(&self) -> Option<&ServerErrorKind> {
@@ -127,21 +86,14 @@ mod tests {
     use super::*;
 
     fn body(kind: &str) -> ErrorBody {
-        ErrorBody {
-            kind: Some(kind.into()),
-            uuid: Some("u-1".into()),
-            message: Some("boom".into()),
-        }
+        ErrorBody { kind: Some(kind.into()), uuid: Some("u-1".into()), message: Some("boom".into()) }
     }
 
     #[test]
     fn classifies_by_type_not_shape() {
         let e = ApiError::from_body(400, body("SnapshotRequiredError"));
         assert_eq!(e.server_kind(), Some(&ServerErrorKind::SnapshotRequired));
-        assert_eq!(
-            ApiError::from_body(400, body("OutOfRangeError")).server_kind(),
-            Some(&ServerErrorKind::OutOfRange)
-        );
+        assert_eq!(ApiError::from_body(400, body("OutOfRangeError")).server_kind(), Some(&ServerErrorKind::OutOfRange));
         assert!(ApiError::from_body(403, body("AccountDisabled")).is_fatal());
         assert!(ApiError::from_body(401, body("AuthenticationError")).is_fatal());
         assert!(!ApiError::from_body(404, body("NotFoundError")).is_fatal());

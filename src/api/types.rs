@@ -150,16 +150,8 @@ mod tests {
 
     #[test]
     fn query_bodies_match_the_official_client() {
-        let snap = Query {
-            format: Format::Jsonl,
-            mode: None,
-            since: None,
-            until: None,
-        };
-        assert_eq!(
-            serde_json::to_string(&snap).unwrap(),
-            r#"{"format":"jsonl"}"#
-        );
+        let snap = Query { format: Format::Jsonl, mode: None, since: None, until: None };
+        assert_eq!(serde_json::to_string(&snap).unwrap(), r#"{"format":"jsonl"}"#);
         let inc = Query {
             format: Format::Tsv,
             mode: Some(Mode::Condensed),

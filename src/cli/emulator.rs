@@ -7,8 +7,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::emulator::{
-    CsvNull, DEFAULT_ANCHOR, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, EmulatorConfig,
-    Mode,
+    CsvNull, DEFAULT_ANCHOR, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, EmulatorConfig, Mode,
 };
 use crate::time;
 
@@ -75,10 +74,7 @@ pub struct EmulatorArgs {
 
 fn parse_table_rows(s: &str) -> Result<(String, u64), String> {
     let (table, n) = s.split_once('=').ok_or("expected TABLE=N")?;
-    Ok((
-        table.to_string(),
-        n.parse().map_err(|_| format!("{n:?} is not a row count"))?,
-    ))
+    Ok((table.to_string(), n.parse().map_err(|_| format!("{n:?} is not a row count"))?))
 }
 
 impl EmulatorArgs {
@@ -110,9 +106,7 @@ impl EmulatorArgs {
 
 pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
     let config = args.config();
-    let emulator = Emulator::start(config)
-        .await
-        .context("starting the DAP emulator")?;
+    let emulator = Emulator::start(config).await.context("starting the DAP emulator")?;
     let c = emulator.config();
     println!("DAP emulator serving on {}", emulator.base_url());
     println!("  export DAP_API_URL={}", emulator.base_url());
@@ -123,9 +117,7 @@ pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
         emulator.base_url()
     );
     println!("Press Ctrl-C to stop.");
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
     emulator.shutdown();
     Ok(())
 }

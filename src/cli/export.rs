@@ -82,36 +82,21 @@ pub struct CliTime {
 
 fn parse_time(s: &str) -> Result<CliTime, String> {
     if let Ok(micros) = time::parse_rfc3339(s) {
-        return Ok(CliTime {
-            micros,
-            naive: false,
-        });
+        return Ok(CliTime { micros, naive: false });
     }
     let naive = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
         .iter()
         .find_map(|f| chrono::NaiveDateTime::parse_from_str(s, f).ok())
-        .or_else(|| {
-            chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
-                .ok()
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-        });
+        .or_else(|| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok().and_then(|d| d.and_hms_opt(0, 0, 0)));
     match naive {
-        Some(dt) => Ok(CliTime {
-            micros: dt.and_utc().timestamp_micros(),
-            naive: true,
-        }),
-        None => Err(format!(
-            "{s:?} is not a timestamp; expected RFC 3339 such as 2024-05-01T12:00:00Z"
-        )),
+        Some(dt) => Ok(CliTime { micros: dt.and_utc().timestamp_micros(), naive: true }),
+        None => Err(format!("{s:?} is not a timestamp; expected RFC 3339 such as 2024-05-01T12:00:00Z")),
     }
 }
 
 fn warn_if_naive(name: &str, t: Option<CliTime>) {
     if let Some(t) = t.filter(|t| t.naive) {
-        tracing::warn!(
-            "--{name} has no UTC offset; reading it as UTC ({})",
-            time::format_wire(t.micros)
-        );
+        tracing::warn!("--{name} has no UTC offset; reading it as UTC ({})", time::format_wire(t.micros));
     }
 }
 
@@ -121,18 +106,11 @@ fn client(ctx: &Context, scope: &Option<String>) -> anyhow::Result<Client> {
     Ok(Client::new(config)?)
 }
 
-async fn resolve_tables(
-    client: &Client,
-    namespace: &str,
-    spec: &str,
-) -> anyhow::Result<Vec<String>> {
+async fn resolve_tables(client: &Client, namespace: &str, spec: &str) -> anyhow::Result<Vec<String>> {
     match tables::parse_selection(spec) {
         Some(list) if list.is_empty() => bail!("--table names no table"),
         Some(list) => Ok(list),
-        None => client
-            .tables(namespace)
-            .await
-            .with_context(|| format!("listing the tables of namespace {namespace}")),
+        None => client.tables(namespace).await.with_context(|| format!("listing the tables of namespace {namespace}")),
     }
 }
 
@@ -166,34 +144,17 @@ pub async fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn write_schema(
-    client: &Client,
-    namespace: &str,
-    table: &str,
-    dir: &Path,
-) -> anyhow::Result<PathBuf> {
+async fn write_schema(client: &Client, namespace: &str, table: &str, dir: &Path) -> anyhow::Result<PathBuf> {
     let schema = client.schema(namespace, table).await?;
-    let version = schema
-        .get("version")
-        .and_then(serde_json::Value::as_u64)
-        .context("the schema response has no version")?;
-    let path = dir.join(format!(
-        "{}_schema_version_{version}.json",
-        crate::fetch::safe_component(table)
-    ));
+    let version =
+        schema.get("version").and_then(serde_json::Value::as_u64).context("the schema response has no version")?;
+    let path = dir.join(format!("{}_schema_version_{version}.json", crate::fetch::safe_component(table)));
     let mut text = Vec::new();
     let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    serde::Serialize::serialize(
-        &schema,
-        &mut serde_json::Serializer::with_formatter(&mut text, formatter),
-    )?;
+    serde::Serialize::serialize(&schema, &mut serde_json::Serializer::with_formatter(&mut text, formatter))?;
     let temp = path.with_extension("json.partial");
-    tokio::fs::write(&temp, &text)
-        .await
-        .with_context(|| format!("writing {}", temp.display()))?;
-    tokio::fs::rename(&temp, &path)
-        .await
-        .with_context(|| format!("writing {}", path.display()))?;
+    tokio::fs::write(&temp, &text).await.with_context(|| format!("writing {}", temp.display()))?;
+    tokio::fs::rename(&temp, &path).await.with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
@@ -207,9 +168,7 @@ impl std::fmt::Display for SchemaError {
 
 impl tables::Fatal for SchemaError {
     fn is_fatal(&self) -> bool {
-        self.0
-            .downcast_ref::<crate::api::ApiError>()
-            .is_some_and(|e| e.is_fatal())
+        self.0.downcast_ref::<crate::api::ApiError>().is_some_and(|e| e.is_fatal())
     }
 }
 
@@ -222,9 +181,7 @@ pub async fn schema(ctx: &Context, args: SchemaArgs) -> anyhow::Result<()> {
     let outcomes = tables::run_each(&tables, 8, |t| {
         let (client, ns, dir) = (&client, &args.namespace, &args.output_directory);
         async move {
-            let path = write_schema(client, ns, &t, dir)
-                .await
-                .map_err(SchemaError)?;
+            let path = write_schema(client, ns, &t, dir).await.map_err(SchemaError)?;
             tracing::info!("schema of {t} written to {}", path.display());
             Ok::<_, SchemaError>(path)
         }
@@ -241,11 +198,7 @@ async fn export(
 ) -> anyhow::Result<()> {
     warn_if_naive("since", since);
     warn_if_naive("until", until);
-    let command = if since.is_some() {
-        "incremental"
-    } else {
-        "snapshot"
-    };
+    let command = if since.is_some() { "incremental" } else { "snapshot" };
     let client = client(ctx, &args.scope)?;
     let tables = resolve_tables(&client, &args.namespace, &args.table).await?;
     let request = ExportRequest {
@@ -302,15 +255,9 @@ mod tests {
     #[test]
     fn times_with_and_without_offsets() {
         let t = parse_time("2024-05-01T14:00:00.5+02:00").unwrap();
-        assert_eq!(
-            (time::format_wire(t.micros), t.naive),
-            ("2024-05-01T12:00:00.500000Z".to_string(), false)
-        );
+        assert_eq!((time::format_wire(t.micros), t.naive), ("2024-05-01T12:00:00.500000Z".to_string(), false));
         let t = parse_time("2024-05-01T12:00:00").unwrap();
-        assert_eq!(
-            (time::format_wire(t.micros), t.naive),
-            ("2024-05-01T12:00:00Z".to_string(), true)
-        );
+        assert_eq!((time::format_wire(t.micros), t.naive), ("2024-05-01T12:00:00Z".to_string(), true));
         assert!(parse_time("2024-05-01").unwrap().naive);
         assert!(parse_time("yesterday").is_err());
     }

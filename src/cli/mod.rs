@@ -17,12 +17,7 @@ use crate::api::{ClientConfig, RetryPolicy};
 #[command(name = "dap", version, about, long_about = None)]
 pub struct Cli {
     /// Base URL of the DAP API.
-    #[arg(
-        long,
-        env = "DAP_API_URL",
-        default_value = "https://api-gateway.instructure.com",
-        global = true
-    )]
+    #[arg(long, env = "DAP_API_URL", default_value = "https://api-gateway.instructure.com", global = true)]
     pub base_url: String,
     /// Client ID (e.g. `us-east-1#…`).
     #[arg(long, env = "DAP_CLIENT_ID", global = true, hide_env_values = true)]
@@ -74,14 +69,8 @@ pub enum LogFormat {
 
 fn parse_rate(s: &str) -> Result<(usize, f64), String> {
     let (n, secs) = s.split_once('/').ok_or("expected N/SECONDS, e.g. 5/60")?;
-    let n: usize = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("{n:?} is not a count"))?;
-    let secs: f64 = secs
-        .trim()
-        .parse()
-        .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+    let n: usize = n.trim().parse().map_err(|_| format!("{n:?} is not a count"))?;
+    let secs: f64 = secs.trim().parse().map_err(|_| format!("{secs:?} is not a number of seconds"))?;
     if n == 0 || secs <= 0.0 {
         return Err("the rate must allow at least one job per positive window".into());
     }
@@ -113,16 +102,10 @@ impl Cli {
         let mut client = ClientConfig::new(&self.base_url);
         client.client_id = self.client_id.clone();
         client.client_secret = self.client_secret.clone();
-        client.retry = RetryPolicy {
-            attempts: self.max_attempts.max(1),
-            ..RetryPolicy::default()
-        };
+        client.retry = RetryPolicy { attempts: self.max_attempts.max(1), ..RetryPolicy::default() };
         client.job_limit = self.job_rate.0;
         client.job_window = Duration::from_secs_f64(self.job_rate.1);
-        Context {
-            client,
-            interactive: !self.non_interactive,
-        }
+        Context { client, interactive: !self.non_interactive }
     }
 }
 
@@ -156,9 +139,7 @@ pub fn init_logging(cli: &Cli) -> anyhow::Result<()> {
                 .append(true)
                 .open(path)
                 .map_err(|e| anyhow::anyhow!("cannot open log file {}: {e}", path.display()))?;
-            let b = builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file));
+            let b = builder.with_ansi(false).with_writer(std::sync::Mutex::new(file));
             match format {
                 LogFormat::Json => b.json().init(),
                 LogFormat::Plain => b.init(),

@@ -30,18 +30,14 @@ impl ApiError {
     }
 
     pub fn not_found(kind: &str, id: &str, message: String) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "NotFoundError", message)
-            .with("id", json!(id))
-            .with("kind", json!(kind))
+        ApiError::new(StatusCode::NOT_FOUND, "NotFoundError", message).with("id", json!(id)).with("kind", json!(kind))
     }
 
     /// `location` points at the offending part of the request body (1-based line and column,
     /// 0-based character offset).
     pub fn validation(message: String, location: (usize, usize, usize)) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "ValidationError", message).with(
-            "location",
-            json!({"line": location.0, "column": location.1, "character": location.2}),
-        )
+        ApiError::new(StatusCode::BAD_REQUEST, "ValidationError", message)
+            .with("location", json!({"line": location.0, "column": location.1, "character": location.2}))
     }
 
     pub fn out_of_range(since: &str, until: Option<&str>) -> ApiError {

@@ -25,15 +25,13 @@ pub fn basic_matches(header: &str, client_id: &str, secret: &str) -> bool {
         return false;
     };
     // The client id may contain `#` (region prefix) but not `:`; the secret may contain anything.
-    text.split_once(':')
-        .is_some_and(|(id, s)| id == client_id && s == secret)
+    text.split_once(':').is_some_and(|(id, s)| id == client_id && s == secret)
 }
 
 /// A signed JWT for `subject` that expires at `exp` (Unix seconds).
 pub fn issue_token(key: &[u8], subject: &str, iat: i64, exp: i64) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let claims =
-        serde_json::json!({"sub": subject, "iat": iat, "exp": exp, "iss": "dap-replica-emulator"});
+    let claims = serde_json::json!({"sub": subject, "iat": iat, "exp": exp, "iss": "dap-replica-emulator"});
     let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
     let signing_input = format!("{header}.{payload}");
     let signature = sign(key, signing_input.as_bytes());
@@ -53,21 +51,14 @@ pub fn verify_token(key: &[u8], token: &str, now: i64) -> Result<(), TokenError>
     if sign(key, signing_input.as_bytes()) != signature {
         return Err(TokenError::BadSignature);
     }
-    let payload = signing_input
-        .split_once('.')
-        .ok_or(TokenError::Malformed)?
-        .1;
+    let payload = signing_input.split_once('.').ok_or(TokenError::Malformed)?.1;
     let claims: serde_json::Value = URL_SAFE_NO_PAD
         .decode(payload)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or(TokenError::Malformed)?;
     let exp = claims["exp"].as_i64().ok_or(TokenError::Malformed)?;
-    if exp <= now {
-        Err(TokenError::Expired)
-    } else {
-        Ok(())
-    }
+    if exp <= now { Err(TokenError::Expired) } else { Ok(()) }
 }
 
 #[cfg(test)]
@@ -80,14 +71,8 @@ mod tests {
         assert_eq!(t.split('.').count(), 3);
         assert_eq!(verify_token(b"k", &t, 150), Ok(()));
         assert_eq!(verify_token(b"k", &t, 200), Err(TokenError::Expired));
-        assert_eq!(
-            verify_token(b"other", &t, 150),
-            Err(TokenError::BadSignature)
-        );
-        assert_eq!(
-            verify_token(b"k", "nonsense", 150),
-            Err(TokenError::Malformed)
-        );
+        assert_eq!(verify_token(b"other", &t, 150), Err(TokenError::BadSignature));
+        assert_eq!(verify_token(b"k", "nonsense", 150), Err(TokenError::Malformed));
     }
 
     #[test]

@@ -31,9 +31,7 @@ pub(crate) fn routes() -> Router<Shared> {
 
 fn failure(e: DatasetError) -> Response {
     let status = match e {
-        DatasetError::UnknownNamespace(_) | DatasetError::UnknownTable { .. } => {
-            StatusCode::NOT_FOUND
-        }
+        DatasetError::UnknownNamespace(_) | DatasetError::UnknownTable { .. } => StatusCode::NOT_FOUND,
         _ => StatusCode::BAD_REQUEST,
     };
     (status, Json(json!({"error": e.to_string()}))).into_response()
@@ -63,9 +61,7 @@ struct SchemaRequest {
 
 async fn evolve(AxState(state): AxState<Shared>, Json(req): Json<SchemaRequest>) -> Response {
     match state.evolve(&req.namespace, &req.table, req.change) {
-        Ok((version, column)) => {
-            Json(json!({"version": version, "column": column})).into_response()
-        }
+        Ok((version, column)) => Json(json!({"version": version, "column": column})).into_response(),
         Err(e) => failure(e),
     }
 }
@@ -85,26 +81,14 @@ async fn stats(AxState(state): AxState<Shared>) -> Response {
 }
 
 async fn expire_jobs(AxState(state): AxState<Shared>) -> Response {
-    state
-        .jobs
-        .lock()
-        .expect("jobs lock")
-        .expire_all(time::now());
+    state.jobs.lock().expect("jobs lock").expire_all(time::now());
     StatusCode::NO_CONTENT.into_response()
 }
 
 /// Streams the table's current rows as typed JSON lines, generated on a blocking thread so that
 /// memory stays flat for large tables.
-async fn truth(
-    AxState(state): AxState<Shared>,
-    Path((ns, table)): Path<(String, String)>,
-) -> Response {
-    if let Err(e) = state
-        .dataset
-        .read()
-        .expect("dataset lock")
-        .table(&ns, &table)
-    {
+async fn truth(AxState(state): AxState<Shared>, Path((ns, table)): Path<(String, String)>) -> Response {
+    if let Err(e) = state.dataset.read().expect("dataset lock").table(&ns, &table) {
         return failure(e);
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
@@ -117,22 +101,16 @@ async fn truth(
         for row in rows {
             serde_json::to_writer(&mut buf, &row).expect("JSON to memory");
             buf.push(b'\n');
-            if buf.len() >= 1 << 16
-                && tx
-                    .blocking_send(Bytes::from(std::mem::take(&mut buf)))
-                    .is_err()
-            {
+            if buf.len() >= 1 << 16 && tx.blocking_send(Bytes::from(std::mem::take(&mut buf))).is_err() {
                 return;
             }
         }
         let _ = tx.blocking_send(Bytes::from(buf));
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    });
-    (
-        [(header::CONTENT_TYPE, "application/jsonl")],
-        Body::from_stream(stream),
-    )
-        .into_response()
+    let stream =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
+        );
+    ([(header::CONTENT_TYPE, "application/jsonl")], Body::from_stream(stream)).into_response()
 }

@@ -31,29 +31,19 @@ pub struct TableState {
 
 impl TableState {
     pub fn current(&self) -> &SchemaVersion {
-        self.versions
-            .last()
-            .expect("a table has at least one schema version")
+        self.versions.last().expect("a table has at least one schema version")
     }
 
     pub fn version(&self, v: u32) -> &SchemaVersion {
-        self.versions
-            .iter()
-            .find(|s| s.def.version == v)
-            .unwrap_or_else(|| self.current())
+        self.versions.iter().find(|s| s.def.version == v).unwrap_or_else(|| self.current())
     }
 }
 
 /// Which rows a query selects.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Selection {
-    Snapshot {
-        at: Micros,
-    },
-    Incremental {
-        since: Micros,
-        until: Option<Micros>,
-    },
+    Snapshot { at: Micros },
+    Incremental { since: Micros, until: Option<Micros> },
 }
 
 /// One output record in the layout of a given schema version.
@@ -103,14 +93,9 @@ pub fn envelope(flat: &Json, version: u32) -> Json {
     let props = flat["properties"].as_object().cloned().unwrap_or_default();
     let required: Vec<Json> = flat["required"].as_array().cloned().unwrap_or_default();
     let mut iter = props.into_iter();
-    let (key_name, key_node) = iter
-        .next()
-        .expect("a table schema has at least one property");
+    let (key_name, key_node) = iter.next().expect("a table schema has at least one property");
     let value_props: Map<String, Json> = iter.collect();
-    let value_required: Vec<&Json> = required
-        .iter()
-        .filter(|r| r.as_str() != Some(key_name.as_str()))
-        .collect();
+    let value_required: Vec<&Json> = required.iter().filter(|r| r.as_str() != Some(key_name.as_str())).collect();
     let mut schema = json!({
         "$schema": "http://json-schema.org/draft-07/schema#",
         "type": "object",
@@ -139,88 +124,48 @@ pub fn envelope(flat: &Json, version: u32) -> Json {
 }
 
 /// Parses a flat schema into the [`TableDef`] of its envelope.
-pub fn envelope_def(
-    namespace: &str,
-    table: &str,
-    version: u32,
-    flat: &Json,
-) -> Result<TableDef, SchemaError> {
+pub fn envelope_def(namespace: &str, table: &str, version: u32, flat: &Json) -> Result<TableDef, SchemaError> {
     TableDef::from_versioned(namespace, table, &envelope(flat, version))
 }
 
-fn schema_version(
-    namespace: &str,
-    table: &str,
-    version: u32,
-    flat: Json,
-) -> Result<SchemaVersion, SchemaError> {
+fn schema_version(namespace: &str, table: &str, version: u32, flat: Json) -> Result<SchemaVersion, SchemaError> {
     let envelope = envelope(&flat, version);
     let def = TableDef::from_versioned(namespace, table, &envelope)?;
-    Ok(SchemaVersion {
-        flat,
-        envelope,
-        def,
-    })
+    Ok(SchemaVersion { flat, envelope, def })
 }
 
 impl Dataset {
     /// Every bundled table, with `rows(namespace, table)` base rows each.
-    pub fn bundled(
-        generator: Generator,
-        rows: impl Fn(&str, &str) -> u64,
-    ) -> Result<Dataset, DatasetError> {
+    pub fn bundled(generator: Generator, rows: impl Fn(&str, &str) -> u64) -> Result<Dataset, DatasetError> {
         let mut tables: BTreeMap<String, BTreeMap<String, TableState>> = BTreeMap::new();
         for ns in bundled::namespaces() {
             for (table, text) in bundled::tables(ns) {
-                let flat: Json = serde_json::from_str(text).map_err(|e| SchemaError::Invalid {
-                    table: format!("{ns}.{table}"),
-                    what: e.to_string(),
-                })?;
+                let flat: Json = serde_json::from_str(text)
+                    .map_err(|e| SchemaError::Invalid { table: format!("{ns}.{table}"), what: e.to_string() })?;
                 let first = schema_version(ns, table, 1, flat)?;
-                let history = History::new(
-                    generator.table_seed(&first.def),
-                    rows(ns, table),
-                    generator.anchor,
-                    1,
-                );
-                tables.entry(ns.to_string()).or_default().insert(
-                    table.to_string(),
-                    TableState {
-                        versions: vec![first],
-                        history,
-                    },
-                );
+                let history = History::new(generator.table_seed(&first.def), rows(ns, table), generator.anchor, 1);
+                tables
+                    .entry(ns.to_string())
+                    .or_default()
+                    .insert(table.to_string(), TableState { versions: vec![first], history });
             }
         }
-        Ok(Dataset {
-            generator,
-            tables,
-            web_logs_duplicate_rate: 0.01,
-        })
+        Ok(Dataset { generator, tables, web_logs_duplicate_rate: 0.01 })
     }
 
     pub fn namespace(&self, ns: &str) -> Result<&BTreeMap<String, TableState>, DatasetError> {
-        self.tables
-            .get(ns)
-            .ok_or_else(|| DatasetError::UnknownNamespace(ns.to_string()))
+        self.tables.get(ns).ok_or_else(|| DatasetError::UnknownNamespace(ns.to_string()))
     }
 
     pub fn table(&self, ns: &str, table: &str) -> Result<&TableState, DatasetError> {
         self.namespace(ns)?
             .get(table)
-            .ok_or_else(|| DatasetError::UnknownTable {
-                namespace: ns.into(),
-                table: table.into(),
-            })
+            .ok_or_else(|| DatasetError::UnknownTable { namespace: ns.into(), table: table.into() })
     }
 
     fn table_mut(&mut self, ns: &str, table: &str) -> Result<&mut TableState, DatasetError> {
         self.table(ns, table)?;
-        Ok(self
-            .tables
-            .get_mut(ns)
-            .and_then(|t| t.get_mut(table))
-            .expect("checked above"))
+        Ok(self.tables.get_mut(ns).and_then(|t| t.get_mut(table)).expect("checked above"))
     }
 
     /// Applies a random commit: `inserts` new rows, then updates, soft and hard deletes of
@@ -246,35 +191,20 @@ impl Dataset {
             picked
         };
         let (updates, soft_deletes, hard_deletes) = (pick(updates), pick(soft), pick(hard));
-        let plan = CommitPlan {
-            inserts,
-            updates,
-            soft_deletes,
-            hard_deletes,
-        };
+        let plan = CommitPlan { inserts, updates, soft_deletes, hard_deletes };
         state.history.commit(ts, &plan, version);
         Ok(plan)
     }
 
     /// Bumps a table's schema version with an additive change; returns the new version and the
     /// column it touched.
-    pub fn evolve(
-        &mut self,
-        ns: &str,
-        table: &str,
-        change: SchemaChange,
-    ) -> Result<(u32, String), DatasetError> {
+    pub fn evolve(&mut self, ns: &str, table: &str, change: SchemaChange) -> Result<(u32, String), DatasetError> {
         let state = self.table_mut(ns, table)?;
         let current = state.current();
         let version = current.def.version + 1;
         let mut flat = current.flat.clone();
-        let props = flat["properties"]
-            .as_object_mut()
-            .expect("flat schema has properties");
-        let not_applicable = || DatasetError::NotApplicable {
-            table: format!("{ns}.{table}"),
-            change,
-        };
+        let props = flat["properties"].as_object_mut().expect("flat schema has properties");
+        let not_applicable = || DatasetError::NotApplicable { table: format!("{ns}.{table}"), change };
         let column = match change {
             SchemaChange::AddColumn => {
                 let name = format!("added_in_v{version}");
@@ -308,15 +238,10 @@ impl Dataset {
                     .iter_mut()
                     .skip(1)
                     .find(|(_, n)| {
-                        n.get("enum").is_some_and(|e| {
-                            e.as_array().is_some_and(|a| a.iter().all(Json::is_string))
-                        })
+                        n.get("enum").is_some_and(|e| e.as_array().is_some_and(|a| a.iter().all(Json::is_string)))
                     })
                     .ok_or_else(not_applicable)?;
-                node["enum"]
-                    .as_array_mut()
-                    .expect("checked")
-                    .push(json!(format!("added_in_v{version}")));
+                node["enum"].as_array_mut().expect("checked").push(json!(format!("added_in_v{version}")));
                 name.clone()
             }
         };
@@ -346,37 +271,20 @@ impl Dataset {
         range.flat_map(move |idx| {
             let change = match selection {
                 Selection::Snapshot { at } => state.history.state_at(idx, at),
-                Selection::Incremental { since, until } => {
-                    state.history.change_in(idx, since, until)
-                }
+                Selection::Incremental { since, until } => state.history.change_in(idx, since, until),
             };
             let record = change.map(|c| self.record(state, out, idx, c, selection));
-            let repeat =
-                duplicates > 0.0 && Rng::new(mix(&[seed, idx, 0xd0b1e])).chance(duplicates);
+            let repeat = duplicates > 0.0 && Rng::new(mix(&[seed, idx, 0xd0b1e])).chance(duplicates);
             let copies = if repeat { 2 } else { 1 };
-            record
-                .into_iter()
-                .flat_map(move |r| std::iter::repeat_n(r, copies))
+            record.into_iter().flat_map(move |r| std::iter::repeat_n(r, copies))
         })
     }
 
-    fn record(
-        &self,
-        state: &TableState,
-        out: &TableDef,
-        idx: u64,
-        change: Change,
-        selection: Selection,
-    ) -> Record {
+    fn record(&self, state: &TableState, out: &TableDef, idx: u64, change: Change, selection: Selection) -> Record {
         let incremental = matches!(selection, Selection::Incremental { .. });
         let key = self.generator.key(out, idx);
         if change.kind == ChangeKind::HardDelete {
-            return Record {
-                ts: change.ts,
-                action: Some('D'),
-                key,
-                values: None,
-            };
+            return Record { ts: change.ts, action: Some('D'), key, values: None };
         }
         Record {
             ts: change.ts,
@@ -388,13 +296,7 @@ impl Dataset {
 
     /// A row version's values, generated under the schema it was written with and laid out in
     /// `out` (columns added later are NULL).
-    pub fn row_values(
-        &self,
-        state: &TableState,
-        out: &TableDef,
-        idx: u64,
-        change: Change,
-    ) -> Vec<Value> {
+    pub fn row_values(&self, state: &TableState, out: &TableDef, idx: u64, change: Change) -> Vec<Value> {
         let written = &state.version(change.schema_version).def;
         let mut generated = self.generator.row(written, idx, change.revision);
         if change.kind == ChangeKind::SoftDelete {
@@ -402,32 +304,17 @@ impl Dataset {
         }
         out.values
             .iter()
-            .map(|c| {
-                written
-                    .values
-                    .iter()
-                    .position(|w| w.name == c.name)
-                    .map_or(Value::Null, |i| generated[i].clone())
-            })
+            .map(|c| written.values.iter().position(|w| w.name == c.name).map_or(Value::Null, |i| generated[i].clone()))
             .collect()
     }
 
     /// The current rows of a table (ground truth), as typed JSON objects in key order.
-    pub fn truth(
-        &self,
-        ns: &str,
-        table: &str,
-    ) -> Result<impl Iterator<Item = Map<String, Json>> + '_, DatasetError> {
+    pub fn truth(&self, ns: &str, table: &str) -> Result<impl Iterator<Item = Map<String, Json>> + '_, DatasetError> {
         let state = self.table(ns, table)?;
         let def = &state.current().def;
         let head = state.history.head();
         Ok(self
-            .records(
-                state,
-                Selection::Snapshot { at: head },
-                def.version,
-                1..state.history.key_space() + 1,
-            )
+            .records(state, Selection::Snapshot { at: head }, def.version, 1..state.history.key_space() + 1)
             .scan(None, move |last_key: &mut Option<Value>, r| {
                 // web_logs duplicates are a delivery artefact, not rows.
                 let dup = last_key.as_ref() == Some(&r.key);
@@ -467,15 +354,7 @@ mod tests {
     use super::*;
 
     fn dataset() -> Dataset {
-        Dataset::bundled(
-            Generator {
-                seed: 5,
-                anchor: 1_767_225_600_000_000,
-                special_floats: true,
-            },
-            |_, _| 20,
-        )
-        .unwrap()
+        Dataset::bundled(Generator { seed: 5, anchor: 1_767_225_600_000_000, special_floats: true }, |_, _| 20).unwrap()
     }
 
     #[test]
@@ -484,20 +363,10 @@ mod tests {
         assert_eq!(d.namespace("canvas").unwrap().len(), 91);
         let accounts = d.table("canvas", "accounts").unwrap().current();
         assert_eq!(accounts.envelope["version"], 1);
-        assert_eq!(
-            accounts.envelope["schema"]["properties"]["key"]["required"],
-            json!(["id"])
-        );
-        assert!(
-            accounts.envelope["schema"]["properties"]["value"]["properties"]
-                .get("id")
-                .is_none()
-        );
+        assert_eq!(accounts.envelope["schema"]["properties"]["key"]["required"], json!(["id"]));
+        assert!(accounts.envelope["schema"]["properties"]["value"]["properties"].get("id").is_none());
         let web = d.table("canvas_logs", "web_logs").unwrap().current();
-        assert_eq!(
-            web.def.value_column("remote_ip").unwrap().ty,
-            ColumnType::Ip
-        );
+        assert_eq!(web.def.value_column("remote_ip").unwrap().ty, ColumnType::Ip);
         assert!(web.def.value_column("user_agent").is_some());
         assert!(web.def.value_column("user_agent_id").is_none());
     }
@@ -505,58 +374,26 @@ mod tests {
     #[test]
     fn schema_changes_are_additive_and_versions_grow() {
         let mut d = dataset();
-        let (v2, col) = d
-            .evolve("canvas", "accounts", SchemaChange::AddColumn)
-            .unwrap();
+        let (v2, col) = d.evolve("canvas", "accounts", SchemaChange::AddColumn).unwrap();
         assert_eq!(v2, 2);
         let state = d.table("canvas", "accounts").unwrap();
         assert!(!state.current().def.value_column(&col).unwrap().required);
-        let (v3, widened) = d
-            .evolve("canvas", "accounts", SchemaChange::WidenMaxLength)
-            .unwrap();
-        let before = d
-            .table("canvas", "accounts")
-            .unwrap()
-            .version(2)
-            .def
-            .value_column(&widened)
-            .unwrap()
-            .ty
-            .clone();
-        let after = d
-            .table("canvas", "accounts")
-            .unwrap()
-            .version(3)
-            .def
-            .value_column(&widened)
-            .unwrap()
-            .ty
-            .clone();
+        let (v3, widened) = d.evolve("canvas", "accounts", SchemaChange::WidenMaxLength).unwrap();
+        let before = d.table("canvas", "accounts").unwrap().version(2).def.value_column(&widened).unwrap().ty.clone();
+        let after = d.table("canvas", "accounts").unwrap().version(3).def.value_column(&widened).unwrap().ty.clone();
         assert!(
             matches!((before, after), (ColumnType::Str { max_length: Some(a), .. }, ColumnType::Str { max_length: Some(b), .. }) if b > a)
         );
-        let (v4, e) = d
-            .evolve("canvas", "accounts", SchemaChange::AddEnumValue)
-            .unwrap();
+        let (v4, e) = d.evolve("canvas", "accounts", SchemaChange::AddEnumValue).unwrap();
         assert_eq!((v3, v4), (3, 4));
-        let ColumnType::Enum(values) = &d
-            .table("canvas", "accounts")
-            .unwrap()
-            .current()
-            .def
-            .value_column(&e)
-            .unwrap()
-            .ty
+        let ColumnType::Enum(values) =
+            &d.table("canvas", "accounts").unwrap().current().def.value_column(&e).unwrap().ty
         else {
             panic!()
         };
         assert_eq!(values.last().unwrap(), "added_in_v4");
         assert!(matches!(
-            d.evolve(
-                "canvas",
-                "assignment_override_students",
-                SchemaChange::WidenMaxLength
-            ),
+            d.evolve("canvas", "assignment_override_students", SchemaChange::WidenMaxLength),
             Err(DatasetError::NotApplicable { .. })
         ));
     }
@@ -564,12 +401,8 @@ mod tests {
     #[test]
     fn rows_written_before_a_new_column_have_null_there() {
         let mut d = dataset();
-        let (_, col) = d
-            .evolve("canvas", "accounts", SchemaChange::AddColumn)
-            .unwrap();
-        let plan = d
-            .commit("canvas", "accounts", d.generator.anchor + 1, [1, 0, 0, 0])
-            .unwrap();
+        let (_, col) = d.evolve("canvas", "accounts", SchemaChange::AddColumn).unwrap();
+        let plan = d.commit("canvas", "accounts", d.generator.anchor + 1, [1, 0, 0, 0]).unwrap();
         let truth: Vec<_> = d.truth("canvas", "accounts").unwrap().collect();
         assert_eq!(truth.len(), 21);
         assert!(truth[..20].iter().all(|r| r[&col].is_null()));
@@ -581,26 +414,16 @@ mod tests {
     #[test]
     fn truth_follows_commits() {
         let mut d = dataset();
-        let plan = d
-            .commit("canvas", "accounts", d.generator.anchor + 5, [2, 3, 1, 2])
-            .unwrap();
+        let plan = d.commit("canvas", "accounts", d.generator.anchor + 5, [2, 3, 1, 2]).unwrap();
         assert_eq!(
-            (
-                plan.inserts.len(),
-                plan.updates.len(),
-                plan.soft_deletes.len(),
-                plan.hard_deletes.len()
-            ),
+            (plan.inserts.len(), plan.updates.len(), plan.soft_deletes.len(), plan.hard_deletes.len()),
             (2, 3, 1, 2)
         );
         let truth: Vec<_> = d.truth("canvas", "accounts").unwrap().collect();
         assert_eq!(truth.len(), 20);
         let soft = d
             .generator
-            .key(
-                &d.table("canvas", "accounts").unwrap().current().def,
-                plan.soft_deletes[0],
-            )
+            .key(&d.table("canvas", "accounts").unwrap().current().def, plan.soft_deletes[0])
             .to_typed_json();
         let row = truth.iter().find(|r| r["id"] == soft).unwrap();
         assert_eq!(row["workflow_state"], "deleted");
@@ -608,27 +431,12 @@ mod tests {
 
     #[test]
     fn web_logs_snapshots_repeat_some_keys_but_truth_does_not() {
-        let mut d = Dataset::bundled(
-            Generator {
-                seed: 5,
-                anchor: 1_767_225_600_000_000,
-                special_floats: true,
-            },
-            |_, _| 2000,
-        )
-        .unwrap();
+        let mut d =
+            Dataset::bundled(Generator { seed: 5, anchor: 1_767_225_600_000_000, special_floats: true }, |_, _| 2000)
+                .unwrap();
         d.web_logs_duplicate_rate = 0.05;
         let state = d.table("canvas_logs", "web_logs").unwrap();
-        let n = d
-            .records(
-                state,
-                Selection::Snapshot {
-                    at: state.history.head(),
-                },
-                1,
-                1..2001,
-            )
-            .count();
+        let n = d.records(state, Selection::Snapshot { at: state.history.head() }, 1, 1..2001).count();
         assert!(n > 2000 + 50, "{n}");
         assert_eq!(d.truth("canvas_logs", "web_logs").unwrap().count(), 2000);
     }

@@ -93,15 +93,7 @@ fn one() -> u32 {
 
 impl FaultSpec {
     pub fn new(kind: FaultKind, count: u32) -> FaultSpec {
-        FaultSpec {
-            kind,
-            count,
-            endpoint: None,
-            table: None,
-            retry_after: None,
-            delay_ms: None,
-            error_type: None,
-        }
+        FaultSpec { kind, count, endpoint: None, table: None, retry_after: None, delay_ms: None, error_type: None }
     }
 
     pub fn on(mut self, endpoint: Endpoint) -> FaultSpec {
@@ -162,31 +154,11 @@ mod tests {
         let mut f = Faults::default();
         f.add(FaultSpec::new(FaultKind::ServerError, 2).on(Endpoint::Job));
         f.add(FaultSpec::new(FaultKind::FailedJob, 1).for_table("users"));
-        assert!(
-            f.take(Endpoint::Query, Some("users"), FaultKind::is_transport)
-                .is_none()
-        );
-        assert_eq!(
-            f.take(Endpoint::Query, Some("users"), |k| !k.is_transport())
-                .unwrap()
-                .kind,
-            FaultKind::FailedJob
-        );
-        assert!(
-            f.take(Endpoint::Query, Some("users"), |k| !k.is_transport())
-                .is_none()
-        );
-        assert!(
-            f.take(Endpoint::Job, None, FaultKind::is_transport)
-                .is_some()
-        );
-        assert!(
-            f.take(Endpoint::Job, None, FaultKind::is_transport)
-                .is_some()
-        );
-        assert!(
-            f.take(Endpoint::Job, None, FaultKind::is_transport)
-                .is_none()
-        );
+        assert!(f.take(Endpoint::Query, Some("users"), FaultKind::is_transport).is_none());
+        assert_eq!(f.take(Endpoint::Query, Some("users"), |k| !k.is_transport()).unwrap().kind, FaultKind::FailedJob);
+        assert!(f.take(Endpoint::Query, Some("users"), |k| !k.is_transport()).is_none());
+        assert!(f.take(Endpoint::Job, None, FaultKind::is_transport).is_some());
+        assert!(f.take(Endpoint::Job, None, FaultKind::is_transport).is_some());
+        assert!(f.take(Endpoint::Job, None, FaultKind::is_transport).is_none());
     }
 }

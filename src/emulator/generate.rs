@@ -97,18 +97,11 @@ impl Generator {
                 let limit = 10i128.pow(digits) - 1;
                 let small = 10i128.pow((*scale as u32 + 3).min(digits));
                 let span = if rng.chance(0.9) { small } else { limit };
-                let m = (((rng.next_u64() as u128) << 64 | rng.next_u64() as u128)
-                    % (span as u128 + 1)) as i128;
-                Value::Decimal(Decimal {
-                    mantissa: if rng.chance(0.2) { -m } else { m },
-                    scale: *scale,
-                })
+                let m = (((rng.next_u64() as u128) << 64 | rng.next_u64() as u128) % (span as u128 + 1)) as i128;
+                Value::Decimal(Decimal { mantissa: if rng.chance(0.2) { -m } else { m }, scale: *scale })
             }
             ColumnType::Bool => Value::Bool(rng.chance(0.5)),
-            ColumnType::Str {
-                max_length,
-                truncatable,
-            } => {
+            ColumnType::Str { max_length, truncatable } => {
                 if *truncatable && rng.chance(0.04) {
                     return Value::Str(OVERSIZED_PLACEHOLDER.into());
                 }
@@ -116,27 +109,15 @@ impl Generator {
             }
             ColumnType::Enum(values) => Value::Str(rng.pick(values).clone()),
             ColumnType::Timestamp => Value::Timestamp(self.timestamp(rng)),
-            ColumnType::Date => {
-                Value::Date(((self.anchor / MICROS_PER_DAY) - rng.below(12_000) as i64) as i32)
-            }
+            ColumnType::Date => Value::Date(((self.anchor / MICROS_PER_DAY) - rng.below(12_000) as i64) as i32),
             ColumnType::Time => Value::Time(rng.below(MICROS_PER_DAY as u64) as i64 / 1000 * 1000),
-            ColumnType::Uuid => Value::Uuid(uuid_v4(
-                (rng.next_u64() as u128) << 64 | rng.next_u64() as u128,
-            )),
+            ColumnType::Uuid => Value::Uuid(uuid_v4((rng.next_u64() as u128) << 64 | rng.next_u64() as u128)),
             ColumnType::Ipv4 => Value::Ip(ipv4(rng)),
             ColumnType::Ipv6 => Value::Ip(ipv6(rng)),
-            ColumnType::Ip => Value::Ip(if rng.chance(0.8) {
-                ipv4(rng)
-            } else {
-                ipv6(rng)
-            }),
+            ColumnType::Ip => Value::Ip(if rng.chance(0.8) { ipv4(rng) } else { ipv6(rng) }),
             ColumnType::Array(item) => {
                 let n = rng.below(4);
-                Value::Json(Json::Array(
-                    (0..n)
-                        .map(|_| self.value(rng, item, false).to_typed_json())
-                        .collect(),
-                ))
+                Value::Json(Json::Array((0..n).map(|_| self.value(rng, item, false).to_typed_json()).collect()))
             }
             ColumnType::Object(fields) => {
                 let mut map = Map::new();
@@ -147,15 +128,9 @@ impl Generator {
                     }
                 }
                 // Condensed mode sends an all-NULL object as NULL, not `{}`.
-                if map.is_empty() {
-                    Value::Null
-                } else {
-                    Value::Json(Json::Object(map))
-                }
+                if map.is_empty() { Value::Null } else { Value::Json(Json::Object(map)) }
             }
-            ColumnType::Json => {
-                Value::Json(serde_json::json!({"n": rng.below(100), "s": text(rng, 20)}))
-            }
+            ColumnType::Json => Value::Json(serde_json::json!({"n": rng.below(100), "s": text(rng, 20)})),
         }
     }
 
@@ -209,10 +184,7 @@ fn text(rng: &mut Rng, max_chars: u32) -> String {
         return String::new();
     }
     let parts = 1 + rng.below(3);
-    let mut s = (0..parts)
-        .map(|_| *rng.pick(TEXT))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let mut s = (0..parts).map(|_| *rng.pick(TEXT)).collect::<Vec<_>>().join(" ");
     s.push_str(&format!(" {}", rng.below(100_000)));
     s.chars().take(max_chars as usize).collect()
 }
@@ -226,11 +198,7 @@ fn ipv6(rng: &mut Rng) -> IpAddr {
     segs[0] = 0x2001;
     segs[1] = 0x0db8;
     for s in segs.iter_mut().skip(2) {
-        *s = if rng.chance(0.3) {
-            0
-        } else {
-            rng.next_u64() as u16
-        };
+        *s = if rng.chance(0.3) { 0 } else { rng.next_u64() as u16 };
     }
     IpAddr::V6(Ipv6Addr::from(segs))
 }
@@ -241,18 +209,13 @@ mod tests {
     use crate::schema::bundled;
 
     fn def(ns: &str, name: &str) -> TableDef {
-        let flat: Json =
-            serde_json::from_str(bundled::tables(ns).find(|t| t.0 == name).unwrap().1).unwrap();
+        let flat: Json = serde_json::from_str(bundled::tables(ns).find(|t| t.0 == name).unwrap().1).unwrap();
         crate::emulator::dataset::envelope_def(ns, name, 1, &flat).unwrap()
     }
 
     #[test]
     fn rows_are_deterministic_and_respect_the_schema() {
-        let g = Generator {
-            seed: 3,
-            anchor: 1_767_225_600_000_000,
-            special_floats: true,
-        };
+        let g = Generator { seed: 3, anchor: 1_767_225_600_000_000, special_floats: true };
         let d = def("canvas", "submissions");
         for idx in 1..300 {
             let row = g.row(&d, idx, 0);
@@ -262,14 +225,7 @@ mod tests {
                 if c.required {
                     assert_ne!(*v, Value::Null, "{} is required", c.name);
                 }
-                if let (
-                    ColumnType::Str {
-                        max_length: Some(n),
-                        ..
-                    },
-                    Value::Str(s),
-                ) = (&c.ty, v)
-                {
+                if let (ColumnType::Str { max_length: Some(n), .. }, Value::Str(s)) = (&c.ty, v) {
                     assert!(s.chars().count() <= *n as usize, "{} too long", c.name);
                 }
                 if let (ColumnType::Enum(values), Value::Str(s)) = (&c.ty, v) {
@@ -287,14 +243,9 @@ mod tests {
 
     #[test]
     fn web_logs_keys_are_unique_v4_uuids() {
-        let g = Generator {
-            seed: 1,
-            anchor: 0,
-            special_floats: false,
-        };
+        let g = Generator { seed: 1, anchor: 0, special_floats: false };
         let d = def("canvas_logs", "web_logs");
-        let keys: std::collections::HashSet<String> =
-            (1..2000).map(|i| g.key(&d, i).to_text().unwrap()).collect();
+        let keys: std::collections::HashSet<String> = (1..2000).map(|i| g.key(&d, i).to_text().unwrap()).collect();
         assert_eq!(keys.len(), 1999);
         assert!(keys.iter().all(|k| k.as_bytes()[14] == b'4'));
     }

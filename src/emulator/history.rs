@@ -84,35 +84,23 @@ impl History {
         if rng.chance(0.5) {
             ts -= ts.rem_euclid(MICROS_PER_SECOND);
         }
-        Some(Change {
-            ts,
-            kind: ChangeKind::Upsert,
-            revision: 0,
-            schema_version: self.base_version,
-        })
+        Some(Change { ts, kind: ChangeKind::Upsert, revision: 0, schema_version: self.base_version })
     }
 
     /// Every version of row `idx`, oldest first.
     fn versions(&self, idx: u64) -> impl Iterator<Item = Change> + '_ {
-        self.base_change(idx)
-            .into_iter()
-            .chain(self.changes.get(&idx).into_iter().flatten().copied())
+        self.base_change(idx).into_iter().chain(self.changes.get(&idx).into_iter().flatten().copied())
     }
 
     /// The latest version of row `idx` at time `at`, if the row exists then.
     pub fn state_at(&self, idx: u64, at: Micros) -> Option<Change> {
-        self.versions(idx)
-            .take_while(|c| c.ts <= at)
-            .last()
-            .filter(|c| c.kind != ChangeKind::HardDelete)
+        self.versions(idx).take_while(|c| c.ts <= at).last().filter(|c| c.kind != ChangeKind::HardDelete)
     }
 
     /// The latest version of row `idx` committed in `[since, until)` (no upper bound when `until`
     /// is `None`): the consolidated change an incremental query reports.
     pub fn change_in(&self, idx: u64, since: Micros, until: Option<Micros>) -> Option<Change> {
-        self.versions(idx)
-            .filter(|c| c.ts >= since && until.is_none_or(|u| c.ts < u))
-            .last()
+        self.versions(idx).filter(|c| c.ts >= since && until.is_none_or(|u| c.ts < u)).last()
     }
 
     /// The latest commit time in `[since, …)`, used as `until` when a query gives none.
@@ -124,11 +112,7 @@ impl History {
             return None;
         }
         // Only base rows can fall in the window.
-        (1..=self.base_rows)
-            .filter_map(|i| self.base_change(i))
-            .map(|c| c.ts)
-            .filter(|ts| *ts >= since)
-            .max()
+        (1..=self.base_rows).filter_map(|i| self.base_change(i)).map(|c| c.ts).filter(|ts| *ts >= since).max()
     }
 
     /// Whether row `idx` exists now.
@@ -163,12 +147,7 @@ impl History {
         assert!(ts > self.head, "commits must move forward in time");
         let mut push = |idx: u64, kind: ChangeKind| {
             let revision = self.versions_len(idx);
-            self.changes.entry(idx).or_default().push(Change {
-                ts,
-                kind,
-                revision,
-                schema_version,
-            });
+            self.changes.entry(idx).or_default().push(Change { ts, kind, revision, schema_version });
         };
         for &i in &plan.inserts {
             push(i, ChangeKind::Upsert);
@@ -186,8 +165,7 @@ impl History {
     }
 
     fn versions_len(&self, idx: u64) -> u32 {
-        (self.base_change(idx).is_some() as usize + self.changes.get(&idx).map_or(0, Vec::len))
-            as u32
+        (self.base_change(idx).is_some() as usize + self.changes.get(&idx).map_or(0, Vec::len)) as u32
     }
 }
 
@@ -219,32 +197,12 @@ mod tests {
         let t1 = ANCHOR + 10;
         let t2 = ANCHOR + 20;
         let new = h.allocate(1)[0];
-        h.commit(
-            t1,
-            &CommitPlan {
-                inserts: vec![new],
-                updates: vec![1],
-                ..Default::default()
-            },
-            1,
-        );
-        h.commit(
-            t2,
-            &CommitPlan {
-                updates: vec![1],
-                hard_deletes: vec![2],
-                ..Default::default()
-            },
-            2,
-        );
+        h.commit(t1, &CommitPlan { inserts: vec![new], updates: vec![1], ..Default::default() }, 1);
+        h.commit(t2, &CommitPlan { updates: vec![1], hard_deletes: vec![2], ..Default::default() }, 2);
         assert_eq!(h.state_at(1, t1).unwrap().revision, 1);
         assert_eq!(h.state_at(1, t2).unwrap().revision, 2);
         assert_eq!(h.state_at(1, t2).unwrap().schema_version, 2);
-        assert_eq!(
-            h.state_at(1, t2 - 1).unwrap().revision,
-            1,
-            "until the next commit"
-        );
+        assert_eq!(h.state_at(1, t2 - 1).unwrap().revision, 1, "until the next commit");
         assert!(h.state_at(new, t1 - 1).is_none(), "not inserted yet");
         assert!(h.state_at(new, t1).is_some());
         assert!(h.state_at(2, t1).is_some());
@@ -255,67 +213,22 @@ mod tests {
     fn incremental_consolidates_to_the_latest_change_per_key() {
         let mut h = history();
         let (t1, t2, t3) = (ANCHOR + 10, ANCHOR + 20, ANCHOR + 30);
-        h.commit(
-            t1,
-            &CommitPlan {
-                updates: vec![3],
-                ..Default::default()
-            },
-            1,
-        );
-        h.commit(
-            t2,
-            &CommitPlan {
-                updates: vec![3],
-                soft_deletes: vec![4],
-                ..Default::default()
-            },
-            1,
-        );
-        h.commit(
-            t3,
-            &CommitPlan {
-                hard_deletes: vec![3],
-                ..Default::default()
-            },
-            1,
-        );
+        h.commit(t1, &CommitPlan { updates: vec![3], ..Default::default() }, 1);
+        h.commit(t2, &CommitPlan { updates: vec![3], soft_deletes: vec![4], ..Default::default() }, 1);
+        h.commit(t3, &CommitPlan { hard_deletes: vec![3], ..Default::default() }, 1);
         // Only the last change inside the window is reported.
-        assert_eq!(
-            h.change_in(3, t1, None).unwrap().kind,
-            ChangeKind::HardDelete
-        );
+        assert_eq!(h.change_in(3, t1, None).unwrap().kind, ChangeKind::HardDelete);
         assert_eq!(h.change_in(3, t1, Some(t3)).unwrap().revision, 2);
-        assert_eq!(
-            h.change_in(4, t1, None).unwrap().kind,
-            ChangeKind::SoftDelete
-        );
-        assert!(
-            h.change_in(5, t1, None).is_none(),
-            "untouched rows are not reported"
-        );
+        assert_eq!(h.change_in(4, t1, None).unwrap().kind, ChangeKind::SoftDelete);
+        assert!(h.change_in(5, t1, None).is_none(), "untouched rows are not reported");
     }
 
     #[test]
     fn window_is_closed_at_since_and_open_at_until() {
         let mut h = history();
         let (t1, t2) = (ANCHOR + 10, ANCHOR + 20);
-        h.commit(
-            t1,
-            &CommitPlan {
-                updates: vec![1],
-                ..Default::default()
-            },
-            1,
-        );
-        h.commit(
-            t2,
-            &CommitPlan {
-                updates: vec![2],
-                ..Default::default()
-            },
-            1,
-        );
+        h.commit(t1, &CommitPlan { updates: vec![1], ..Default::default() }, 1);
+        h.commit(t2, &CommitPlan { updates: vec![2], ..Default::default() }, 1);
         assert!(h.change_in(1, t1, Some(t2)).is_some(), "since is inclusive");
         assert!(h.change_in(2, t1, Some(t2)).is_none(), "until is exclusive");
         assert!(h.change_in(2, t2, Some(t2 + 1)).is_some());
@@ -328,53 +241,24 @@ mod tests {
     fn insert_then_hard_delete_reports_a_delete_for_an_unseen_key() {
         let mut h = history();
         let new = h.allocate(1)[0];
-        h.commit(
-            ANCHOR + 1,
-            &CommitPlan {
-                inserts: vec![new],
-                ..Default::default()
-            },
-            1,
-        );
-        h.commit(
-            ANCHOR + 2,
-            &CommitPlan {
-                hard_deletes: vec![new],
-                ..Default::default()
-            },
-            1,
-        );
-        assert_eq!(
-            h.change_in(new, ANCHOR, None).unwrap().kind,
-            ChangeKind::HardDelete
-        );
+        h.commit(ANCHOR + 1, &CommitPlan { inserts: vec![new], ..Default::default() }, 1);
+        h.commit(ANCHOR + 2, &CommitPlan { hard_deletes: vec![new], ..Default::default() }, 1);
+        assert_eq!(h.change_in(new, ANCHOR, None).unwrap().kind, ChangeKind::HardDelete);
         assert!(h.state_at(new, ANCHOR + 2).is_none());
     }
 
     #[test]
     fn base_inserts_fall_in_old_windows() {
         let h = history();
-        let all = (1..=10)
-            .filter(|i| h.change_in(*i, 0, None).is_some())
-            .count();
-        assert_eq!(
-            all, 10,
-            "an incremental since the epoch returns every row as an upsert"
-        );
+        let all = (1..=10).filter(|i| h.change_in(*i, 0, None).is_some()).count();
+        assert_eq!(all, 10, "an incremental since the epoch returns every row as an upsert");
         assert!((1..=10).all(|i| h.change_in(i, ANCHOR, None).is_none()));
     }
 
     #[test]
     fn pick_live_skips_deleted_rows() {
         let mut h = history();
-        h.commit(
-            ANCHOR + 1,
-            &CommitPlan {
-                hard_deletes: vec![1, 2, 3, 4, 5],
-                ..Default::default()
-            },
-            1,
-        );
+        h.commit(ANCHOR + 1, &CommitPlan { hard_deletes: vec![1, 2, 3, 4, 5], ..Default::default() }, 1);
         let picked = h.pick_live(&mut Rng::new(1), 5, &[6]);
         assert_eq!(picked.len(), 4);
         assert!(picked.iter().all(|i| *i > 6));

@@ -96,26 +96,13 @@ impl Job {
 
 /// Splits `rows` row indexes into parts of at most `part_rows`, plus one header-only part.
 /// `tag` names the write (like Spark's per-write id): equal content gets equal names.
-pub fn plan_objects(
-    job_id: &str,
-    tag: &str,
-    format: Format,
-    key_space: u64,
-    part_rows: u64,
-) -> Vec<ObjectSpec> {
+pub fn plan_objects(job_id: &str, tag: &str, format: Format, key_space: u64, part_rows: u64) -> Vec<ObjectSpec> {
     let part_rows = part_rows.max(1);
     let data_parts = key_space.div_ceil(part_rows).max(1);
     (0..=data_parts)
         .map(|i| {
-            let rows = if i == data_parts {
-                0..0
-            } else {
-                i * part_rows + 1..((i + 1) * part_rows).min(key_space) + 1
-            };
-            ObjectSpec {
-                id: format!("{job_id}/part-{i:05}-{tag}-c000.{}", format.extension()),
-                rows,
-            }
+            let rows = if i == data_parts { 0..0 } else { i * part_rows + 1..((i + 1) * part_rows).min(key_space) + 1 };
+            ObjectSpec { id: format!("{job_id}/part-{i:05}-{tag}-c000.{}", format.extension()), rows }
         })
         .collect()
 }
@@ -129,9 +116,7 @@ pub struct Jobs {
 impl Jobs {
     /// A live job with this exact query, if any.
     pub fn find_query(&self, query_key: &str, now: Micros) -> Option<&Job> {
-        self.by_query
-            .get(query_key)
-            .and_then(|id| self.get(id, now))
+        self.by_query.get(query_key).and_then(|id| self.get(id, now))
     }
 
     pub fn insert(&mut self, query_key: String, job: Job) {
@@ -153,12 +138,7 @@ impl Jobs {
 
     /// Forgets jobs that expired, returning their ids (their spooled objects can go too).
     pub fn sweep(&mut self, now: Micros) -> Vec<String> {
-        let gone: Vec<String> = self
-            .jobs
-            .values()
-            .filter(|j| j.expires_at <= now)
-            .map(|j| j.id.clone())
-            .collect();
+        let gone: Vec<String> = self.jobs.values().filter(|j| j.expires_at <= now).map(|j| j.id.clone()).collect();
         for id in &gone {
             self.jobs.remove(id);
         }
@@ -182,10 +162,7 @@ mod tests {
             schema_version: 2,
             window: match selection {
                 Selection::Snapshot { at } => Window::At(at),
-                Selection::Incremental { since, .. } => Window::Range {
-                    since,
-                    until: since,
-                },
+                Selection::Incremental { since, .. } => Window::Range { since, until: since },
             },
             running_at: 10,
             done_at: 20,
@@ -197,47 +174,23 @@ mod tests {
     #[test]
     fn lifecycle_and_exact_keys() {
         let objects = plan_objects("j1", "t", Format::Tsv, 5, 2);
-        let j = job(
-            Outcome::Complete { objects },
-            Selection::Snapshot {
-                at: 1_714_564_800_000_000,
-            },
-        );
+        let j = job(Outcome::Complete { objects }, Selection::Snapshot { at: 1_714_564_800_000_000 });
         let (code, body) = j.to_json(5);
-        assert_eq!(
-            (code, body["status"].as_str()),
-            (StatusCode::ACCEPTED, Some("waiting"))
-        );
+        assert_eq!((code, body["status"].as_str()), (StatusCode::ACCEPTED, Some("waiting")));
         assert_eq!(body.as_object().unwrap().len(), 3);
         assert_eq!(j.to_json(15).1["status"], "running");
         let (code, body) = j.to_json(20);
         assert_eq!(code, StatusCode::OK);
         let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
-        assert_eq!(
-            keys,
-            [
-                "id",
-                "status",
-                "expires_at",
-                "objects",
-                "schema_version",
-                "at"
-            ]
-        );
+        assert_eq!(keys, ["id", "status", "expires_at", "objects", "schema_version", "at"]);
         assert_eq!(body["at"], "2024-05-01T12:00:00Z");
-        assert_eq!(
-            body["objects"].as_array().unwrap().len(),
-            4,
-            "3 data parts + 1 header-only"
-        );
+        assert_eq!(body["objects"].as_array().unwrap().len(), 4, "3 data parts + 1 header-only");
     }
 
     #[test]
     fn failed_jobs_carry_the_error() {
         let j = job(
-            Outcome::Failed {
-                error: json!({"type": "ProcessingError", "uuid": "u", "message": "boom"}),
-            },
+            Outcome::Failed { error: json!({"type": "ProcessingError", "uuid": "u", "message": "boom"}) },
             Selection::Snapshot { at: 0 },
         );
         let body = j.to_json(50).1;
@@ -258,13 +211,7 @@ mod tests {
     #[test]
     fn jobs_expire() {
         let mut jobs = Jobs::default();
-        jobs.insert(
-            "q".into(),
-            job(
-                Outcome::Complete { objects: vec![] },
-                Selection::Snapshot { at: 0 },
-            ),
-        );
+        jobs.insert("q".into(), job(Outcome::Complete { objects: vec![] }, Selection::Snapshot { at: 0 }));
         assert!(jobs.find_query("q", 50).is_some());
         assert!(jobs.get("j1", 100).is_none());
         jobs.expire_all(30);

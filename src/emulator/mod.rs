@@ -121,9 +121,7 @@ impl EmulatorConfig {
 pub enum EmulatorError {
     #[error(transparent)]
     Dataset(#[from] DatasetError),
-    #[error(
-        "cannot listen on 127.0.0.1:{port}: {source} (is the port in use? choose another with --port)"
-    )]
+    #[error("cannot listen on 127.0.0.1:{port}: {source} (is the port in use? choose another with --port)")]
     Bind { port: u16, source: std::io::Error },
     #[error("cannot create the object spool directory: {0}")]
     Spool(std::io::Error),
@@ -160,11 +158,7 @@ pub struct Stats {
 
 impl Stats {
     pub fn count(&self, endpoint: Endpoint, status: u16) -> u64 {
-        self.responses
-            .get(&endpoint_name(endpoint))
-            .and_then(|m| m.get(&status))
-            .copied()
-            .unwrap_or(0)
+        self.responses.get(&endpoint_name(endpoint)).and_then(|m| m.get(&status)).copied().unwrap_or(0)
     }
 
     /// Responses with this status, over every endpoint.
@@ -174,10 +168,7 @@ impl Stats {
 }
 
 fn endpoint_name(e: Endpoint) -> String {
-    serde_json::to_value(e)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
+    serde_json::to_value(e).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
 /// The shared state behind every route and the in-process handle.
@@ -194,31 +185,13 @@ pub(crate) struct State {
 }
 
 impl State {
-    fn commit(
-        &self,
-        ns: &str,
-        table: &str,
-        counts: ChangeCounts,
-    ) -> Result<CommitSummary, DatasetError> {
+    fn commit(&self, ns: &str, table: &str, counts: ChangeCounts) -> Result<CommitSummary, DatasetError> {
         let mut d = self.dataset.write().expect("dataset lock");
         let ts = time::now().max(d.table(ns, table)?.history.head() + 1);
-        let plan = d.commit(
-            ns,
-            table,
-            ts,
-            [
-                counts.inserts,
-                counts.updates,
-                counts.soft_deletes,
-                counts.hard_deletes,
-            ],
-        )?;
+        let plan =
+            d.commit(ns, table, ts, [counts.inserts, counts.updates, counts.soft_deletes, counts.hard_deletes])?;
         let def = &d.table(ns, table)?.current().def;
-        let keys = |idx: &[u64]| {
-            idx.iter()
-                .map(|i| d.generator.key(def, *i).to_typed_json())
-                .collect()
-        };
+        let keys = |idx: &[u64]| idx.iter().map(|i| d.generator.key(def, *i).to_typed_json()).collect();
         Ok(CommitSummary {
             ts: time::format_wire(ts),
             inserted: keys(&plan.inserts),
@@ -228,35 +201,17 @@ impl State {
         })
     }
 
-    fn evolve(
-        &self,
-        ns: &str,
-        table: &str,
-        change: SchemaChange,
-    ) -> Result<(u32, String), DatasetError> {
-        self.dataset
-            .write()
-            .expect("dataset lock")
-            .evolve(ns, table, change)
+    fn evolve(&self, ns: &str, table: &str, change: SchemaChange) -> Result<(u32, String), DatasetError> {
+        self.dataset.write().expect("dataset lock").evolve(ns, table, change)
     }
 
     fn truth(&self, ns: &str, table: &str) -> Result<Vec<Map<String, Json>>, DatasetError> {
-        Ok(self
-            .dataset
-            .read()
-            .expect("dataset lock")
-            .truth(ns, table)?
-            .collect())
+        Ok(self.dataset.read().expect("dataset lock").truth(ns, table)?.collect())
     }
 
     fn record(&self, endpoint: Endpoint, status: u16) {
         let mut stats = self.stats.lock().expect("stats lock");
-        *stats
-            .responses
-            .entry(endpoint_name(endpoint))
-            .or_default()
-            .entry(status)
-            .or_default() += 1;
+        *stats.responses.entry(endpoint_name(endpoint)).or_default().entry(status).or_default() += 1;
     }
 }
 
@@ -270,25 +225,13 @@ pub struct Emulator {
 impl Emulator {
     /// Generates the data set and starts serving on `127.0.0.1:config.port`.
     pub async fn start(config: EmulatorConfig) -> Result<Emulator, EmulatorError> {
-        let generator = Generator {
-            seed: config.seed,
-            anchor: config.anchor,
-            special_floats: config.special_floats,
-        };
+        let generator = Generator { seed: config.seed, anchor: config.anchor, special_floats: config.special_floats };
         let mut dataset = Dataset::bundled(generator, |ns, t| config.rows_for(ns, t))?;
         dataset.web_logs_duplicate_rate = config.web_logs_duplicate_rate;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", config.port))
             .await
-            .map_err(|source| EmulatorError::Bind {
-                port: config.port,
-                source,
-            })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| EmulatorError::Bind {
-                port: config.port,
-                source,
-            })?;
+            .map_err(|source| EmulatorError::Bind { port: config.port, source })?;
+        let addr = listener.local_addr().map_err(|source| EmulatorError::Bind { port: config.port, source })?;
         let mut signing_key = [0u8; 32];
         signing_key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
         signing_key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
@@ -314,11 +257,7 @@ impl Emulator {
             }
         });
         tracing::info!("DAP emulator listening on http://{addr}");
-        Ok(Emulator {
-            state,
-            addr,
-            shutdown: Some(tx),
-        })
+        Ok(Emulator { state, addr, shutdown: Some(tx) })
     }
 
     /// `http://127.0.0.1:PORT`, the value for `--base-url` / `DAP_API_URL`.
@@ -335,22 +274,12 @@ impl Emulator {
     }
 
     /// Appends a commit with random rows of each kind to a table's history.
-    pub fn commit(
-        &self,
-        ns: &str,
-        table: &str,
-        counts: ChangeCounts,
-    ) -> Result<CommitSummary, DatasetError> {
+    pub fn commit(&self, ns: &str, table: &str, counts: ChangeCounts) -> Result<CommitSummary, DatasetError> {
         self.state.commit(ns, table, counts)
     }
 
     /// Bumps a table's schema version; returns the new version and the column changed.
-    pub fn evolve(
-        &self,
-        ns: &str,
-        table: &str,
-        change: SchemaChange,
-    ) -> Result<(u32, String), DatasetError> {
+    pub fn evolve(&self, ns: &str, table: &str, change: SchemaChange) -> Result<(u32, String), DatasetError> {
         self.state.evolve(ns, table, change)
     }
 
@@ -360,33 +289,13 @@ impl Emulator {
     }
 
     /// The current schema of a table (its `TableDef`).
-    pub fn table_def(
-        &self,
-        ns: &str,
-        table: &str,
-    ) -> Result<crate::schema::TableDef, DatasetError> {
-        Ok(self
-            .state
-            .dataset
-            .read()
-            .expect("dataset lock")
-            .table(ns, table)?
-            .current()
-            .def
-            .clone())
+    pub fn table_def(&self, ns: &str, table: &str) -> Result<crate::schema::TableDef, DatasetError> {
+        Ok(self.state.dataset.read().expect("dataset lock").table(ns, table)?.current().def.clone())
     }
 
     /// The tables of a namespace, sorted.
     pub fn tables(&self, ns: &str) -> Result<Vec<String>, DatasetError> {
-        Ok(self
-            .state
-            .dataset
-            .read()
-            .expect("dataset lock")
-            .namespace(ns)?
-            .keys()
-            .cloned()
-            .collect())
+        Ok(self.state.dataset.read().expect("dataset lock").namespace(ns)?.keys().cloned().collect())
     }
 
     pub fn inject(&self, fault: FaultSpec) {
@@ -403,11 +312,7 @@ impl Emulator {
 
     /// Expires every job now, as if a day had passed.
     pub fn expire_jobs(&self) {
-        self.state
-            .jobs
-            .lock()
-            .expect("jobs lock")
-            .expire_all(time::now());
+        self.state.jobs.lock().expect("jobs lock").expire_all(time::now());
     }
 
     /// Stops serving.

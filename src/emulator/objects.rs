@@ -23,13 +23,7 @@ pub enum UrlError {
     Expired,
 }
 
-pub fn verify_url(
-    key: &[u8],
-    object_id: &str,
-    expires: Micros,
-    signature: &str,
-    now: Micros,
-) -> Result<(), UrlError> {
+pub fn verify_url(key: &[u8], object_id: &str, expires: Micros, signature: &str, now: Micros) -> Result<(), UrlError> {
     if sign(key, format!("{object_id}\n{expires}").as_bytes()) != signature {
         Err(UrlError::BadSignature)
     } else if expires <= now {
@@ -49,9 +43,7 @@ pub struct ObjectStore {
 impl ObjectStore {
     pub fn new() -> io::Result<ObjectStore> {
         Ok(ObjectStore {
-            dir: tempfile::Builder::new()
-                .prefix("dap-emulator-objects-")
-                .tempdir()?,
+            dir: tempfile::Builder::new().prefix("dap-emulator-objects-").tempdir()?,
             files: Mutex::new(HashMap::new()),
         })
     }
@@ -61,20 +53,12 @@ impl ObjectStore {
     where
         F: FnOnce(&Path) -> io::Result<()> + Send + 'static,
     {
-        let slot = self
-            .files
-            .lock()
-            .expect("object store lock")
-            .entry(object_id.to_string())
-            .or_default()
-            .clone();
+        let slot = self.files.lock().expect("object store lock").entry(object_id.to_string()).or_default().clone();
         let path = self.dir.path().join(object_id.replace('/', "__"));
         slot.get_or_try_init(|| async move {
             let tmp = path.with_extension("partial");
             let target = tmp.clone();
-            tokio::task::spawn_blocking(move || make(&target))
-                .await
-                .map_err(io::Error::other)??;
+            tokio::task::spawn_blocking(move || make(&target)).await.map_err(io::Error::other)??;
             tokio::fs::rename(&tmp, &path).await?;
             Ok::<_, io::Error>(path)
         })
@@ -105,18 +89,9 @@ mod tests {
         let url = signed_url("http://h", b"k", "job/part-0.tsv.gz", 500);
         let sig = url.split("X-Amz-Signature=").nth(1).unwrap();
         assert_eq!(verify_url(b"k", "job/part-0.tsv.gz", 500, sig, 499), Ok(()));
-        assert_eq!(
-            verify_url(b"k", "job/part-0.tsv.gz", 500, sig, 500),
-            Err(UrlError::Expired)
-        );
-        assert_eq!(
-            verify_url(b"k", "job/part-1.tsv.gz", 500, sig, 1),
-            Err(UrlError::BadSignature)
-        );
-        assert_eq!(
-            verify_url(b"k", "job/part-0.tsv.gz", 501, sig, 1),
-            Err(UrlError::BadSignature)
-        );
+        assert_eq!(verify_url(b"k", "job/part-0.tsv.gz", 500, sig, 500), Err(UrlError::Expired));
+        assert_eq!(verify_url(b"k", "job/part-1.tsv.gz", 500, sig, 1), Err(UrlError::BadSignature));
+        assert_eq!(verify_url(b"k", "job/part-0.tsv.gz", 501, sig, 1), Err(UrlError::BadSignature));
     }
 
     #[tokio::test]

@@ -24,10 +24,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(window: Duration) -> RateLimiter {
-        RateLimiter {
-            window,
-            seen: HashMap::new(),
-        }
+        RateLimiter { window, seen: HashMap::new() }
     }
 
     /// Admits a request now, or says how long until one would be admitted.
@@ -36,10 +33,7 @@ impl RateLimiter {
             return Ok(());
         };
         let q = self.seen.entry(e).or_default();
-        while q
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.window)
-        {
+        while q.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
             q.pop_front();
         }
         if q.len() >= limit {
@@ -59,23 +53,12 @@ mod tests {
         let mut r = RateLimiter::new(Duration::from_secs(6));
         let t0 = Instant::now();
         for i in 0..5 {
-            assert!(
-                r.admit(Endpoint::Query, t0 + Duration::from_millis(i))
-                    .is_ok()
-            );
+            assert!(r.admit(Endpoint::Query, t0 + Duration::from_millis(i)).is_ok());
         }
-        let wait = r
-            .admit(Endpoint::Query, t0 + Duration::from_secs(1))
-            .unwrap_err();
+        let wait = r.admit(Endpoint::Query, t0 + Duration::from_secs(1)).unwrap_err();
         assert!(wait <= Duration::from_secs(5) && wait > Duration::from_secs(4));
-        assert!(
-            r.admit(Endpoint::Schema, t0).is_ok(),
-            "endpoints are independent"
-        );
-        assert!(
-            r.admit(Endpoint::Query, t0 + Duration::from_secs(6))
-                .is_ok()
-        );
+        assert!(r.admit(Endpoint::Schema, t0).is_ok(), "endpoints are independent");
+        assert!(r.admit(Endpoint::Query, t0 + Duration::from_secs(6)).is_ok());
         assert!(r.admit(Endpoint::Object, t0).is_ok());
     }
 }

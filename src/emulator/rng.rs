@@ -3,16 +3,12 @@
 
 /// FNV-1a: a stable hash of a name (unlike `std`'s hasher, the same across builds and runs).
 pub fn hash_str(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Combines values into one well-mixed seed.
 pub fn mix(parts: &[u64]) -> u64 {
-    parts
-        .iter()
-        .fold(0x9e37_79b9_7f4a_7c15, |h, p| splitmix(h ^ p))
+    parts.iter().fold(0x9e37_79b9_7f4a_7c15, |h, p| splitmix(h ^ p))
 }
 
 fn splitmix(x: u64) -> u64 {

@@ -54,25 +54,13 @@ fn classify(state: &State, method: &Method, path: &str) -> Option<(Endpoint, Opt
         ["dap", "query", _, "table"] if get => (Endpoint::TableList, None),
         ["dap", "query", _, "table", t, "schema"] if get => (Endpoint::Schema, Some(t.to_string())),
         ["dap", "query", _, "table", t, "data"] => (Endpoint::Query, Some(t.to_string())),
-        ["dap", "job", id] => (
-            Endpoint::Job,
-            state
-                .jobs
-                .lock()
-                .expect("jobs lock")
-                .get(id, time::now())
-                .map(|j| j.table.clone()),
-        ),
+        ["dap", "job", id] => {
+            (Endpoint::Job, state.jobs.lock().expect("jobs lock").get(id, time::now()).map(|j| j.table.clone()))
+        }
         ["dap", "object", "url"] => (Endpoint::ObjectUrl, None),
-        ["objects", job, ..] => (
-            Endpoint::Object,
-            state
-                .jobs
-                .lock()
-                .expect("jobs lock")
-                .get(job, time::now())
-                .map(|j| j.table.clone()),
-        ),
+        ["objects", job, ..] => {
+            (Endpoint::Object, state.jobs.lock().expect("jobs lock").get(job, time::now()).map(|j| j.table.clone()))
+        }
         ["dap", ..] => (Endpoint::Query, None),
         _ => return None,
     })
@@ -87,19 +75,8 @@ async fn gateway(AxState(state): AxState<Shared>, req: Request, next: Next) -> R
     response
 }
 
-async fn gate(
-    state: &State,
-    endpoint: Endpoint,
-    table: Option<&str>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let fault =
-        state
-            .faults
-            .lock()
-            .expect("faults lock")
-            .take(endpoint, table, FaultKind::is_transport);
+async fn gate(state: &State, endpoint: Endpoint, table: Option<&str>, req: Request, next: Next) -> Response {
+    let fault = state.faults.lock().expect("faults lock").take(endpoint, table, FaultKind::is_transport);
     let mut reset = false;
     if let Some(f) = fault {
         match f.kind {
@@ -116,12 +93,7 @@ async fn gate(
             }
             FaultKind::BadGateway => {
                 let html = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n";
-                return (
-                    StatusCode::BAD_GATEWAY,
-                    [(header::CONTENT_TYPE, "text/html")],
-                    html,
-                )
-                    .into_response();
+                return (StatusCode::BAD_GATEWAY, [(header::CONTENT_TYPE, "text/html")], html).into_response();
             }
             FaultKind::GatewayTimeout => {
                 return ApiError::new(
@@ -133,22 +105,15 @@ async fn gate(
             }
             FaultKind::AccountError => {
                 let kind = f.error_type.as_deref().unwrap_or("AccountDisabled");
-                return ApiError::new(StatusCode::FORBIDDEN, kind, format!("{kind} (injected)"))
-                    .into_response();
+                return ApiError::new(StatusCode::FORBIDDEN, kind, format!("{kind} (injected)")).into_response();
             }
-            FaultKind::Slow => {
-                tokio::time::sleep(Duration::from_millis(f.delay_ms.unwrap_or(2000))).await
-            }
+            FaultKind::Slow => tokio::time::sleep(Duration::from_millis(f.delay_ms.unwrap_or(2000))).await,
             FaultKind::Reset => reset = true,
             _ => unreachable!("only transport faults are taken here"),
         }
     }
     if state.config.rate_limits {
-        let admitted = state
-            .limiter
-            .lock()
-            .expect("limiter lock")
-            .admit(endpoint, Instant::now());
+        let admitted = state.limiter.lock().expect("limiter lock").admit(endpoint, Instant::now());
         if let Err(wait) = admitted {
             return too_many_requests(&wait.as_secs_f64().ceil().max(1.0).to_string());
         }
@@ -163,12 +128,7 @@ async fn gate(
 }
 
 fn too_many_requests(retry_after: &str) -> Response {
-    let mut r = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "TooManyRequests",
-        "rate limit exceeded",
-    )
-    .into_response();
+    let mut r = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", "rate limit exceeded").into_response();
     if let Ok(v) = HeaderValue::from_str(retry_after) {
         r.headers_mut().insert(header::RETRY_AFTER, v);
     }
@@ -180,9 +140,7 @@ fn check_bearer(state: &State, headers: &HeaderMap) -> Result<(), ApiError> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError::authentication("missing bearer token; log in at /ids/auth/login first")
-        })?;
+        .ok_or_else(|| ApiError::authentication("missing bearer token; log in at /ids/auth/login first"))?;
     auth::verify_token(&state.signing_key, token, time::now() / 1_000_000).map_err(|e| match e {
         auth::TokenError::Expired => ApiError::authentication("the access token has expired"),
         _ => ApiError::authentication("invalid access token"),
@@ -192,20 +150,12 @@ fn check_bearer(state: &State, headers: &HeaderMap) -> Result<(), ApiError> {
 /// Sends the first half of the body, then drops the connection.
 fn cut_body(response: Response) -> Response {
     let (parts, body) = response.into_parts();
-    let total = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let total = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     let limit = total.map_or(32, |t| t / 2).max(1);
     let stream = futures_util::stream::unfold(
         (body.into_data_stream(), 0usize, 0u8),
         move |(mut inner, sent, phase)| async move {
-            let reset = || {
-                io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    "connection reset (injected)",
-                )
-            };
+            let reset = || io::Error::new(io::ErrorKind::ConnectionReset, "connection reset (injected)");
             match phase {
                 0 => match inner.next().await {
                     Some(Ok(chunk)) if sent + chunk.len() >= limit => {
@@ -231,33 +181,20 @@ fn cut_body(response: Response) -> Response {
 }
 
 async fn login(AxState(state): AxState<Shared>, headers: HeaderMap, body: String) -> Response {
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    if !auth::basic_matches(
-        authorization,
-        &state.config.client_id,
-        &state.config.client_secret,
-    ) {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !auth::basic_matches(authorization, &state.config.client_id, &state.config.client_secret) {
         return ApiError::authentication("invalid client credentials").into_response();
     }
-    if !body
-        .split('&')
-        .any(|kv| kv == "grant_type=client_credentials")
-    {
-        return ApiError::validation("grant_type must be client_credentials".into(), (1, 1, 0))
-            .into_response();
+    if !body.split('&').any(|kv| kv == "grant_type=client_credentials") {
+        return ApiError::validation("grant_type must be client_credentials".into(), (1, 1, 0)).into_response();
     }
     let now = time::now() / 1_000_000;
     let lifetime = state.config.token_lifetime.as_secs() as i64;
-    let token = auth::issue_token(
-        &state.signing_key,
-        &state.config.client_id,
-        now,
-        now + lifetime,
-    );
-    axum::Json(json!({"access_token": token, "expires_in": lifetime, "scope": "urn:canvas:dap:query", "token_type": "Bearer"})).into_response()
+    let token = auth::issue_token(&state.signing_key, &state.config.client_id, now, now + lifetime);
+    axum::Json(
+        json!({"access_token": token, "expires_in": lifetime, "scope": "urn:canvas:dap:query", "token_type": "Bearer"}),
+    )
+    .into_response()
 }
 
 fn dataset_error(e: DatasetError) -> ApiError {
@@ -265,23 +202,14 @@ fn dataset_error(e: DatasetError) -> ApiError {
         DatasetError::UnknownNamespace(ns) => {
             ApiError::not_found("namespace", &ns, format!("namespace {ns} not found"))
         }
-        DatasetError::UnknownTable { namespace, table } => ApiError::not_found(
-            "table",
-            &table,
-            format!("table {table} not found in namespace {namespace}"),
-        ),
-        other => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "ProcessingError",
-            other.to_string(),
-        ),
+        DatasetError::UnknownTable { namespace, table } => {
+            ApiError::not_found("table", &table, format!("table {table} not found in namespace {namespace}"))
+        }
+        other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "ProcessingError", other.to_string()),
     }
 }
 
-async fn table_list(
-    AxState(state): AxState<Shared>,
-    Path(ns): Path<String>,
-) -> Result<Response, ApiError> {
+async fn table_list(AxState(state): AxState<Shared>, Path(ns): Path<String>) -> Result<Response, ApiError> {
     let d = state.dataset.read().expect("dataset lock");
     let tables: Vec<&String> = d.namespace(&ns).map_err(dataset_error)?.keys().collect();
     Ok(axum::Json(json!({"tables": tables})).into_response())
@@ -292,14 +220,7 @@ async fn schema(
     Path((ns, table)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let d = state.dataset.read().expect("dataset lock");
-    Ok(axum::Json(
-        d.table(&ns, &table)
-            .map_err(dataset_error)?
-            .current()
-            .envelope
-            .clone(),
-    )
-    .into_response())
+    Ok(axum::Json(d.table(&ns, &table).map_err(dataset_error)?.current().envelope.clone()).into_response())
 }
 
 /// 1-based line and column and 0-based character offset of `needle` in `text` (or the start).
@@ -321,28 +242,16 @@ struct QueryRequest {
 
 fn parse_query(body: &str) -> Result<QueryRequest, ApiError> {
     let invalid = |msg: String, at: &str| ApiError::validation(msg, location(body, at));
-    let v: Json = serde_json::from_str(body).map_err(|e| {
-        ApiError::validation(format!("malformed JSON: {e}"), (e.line(), e.column(), 0))
-    })?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| invalid("the query must be a JSON object".into(), ""))?;
-    if let Some(k) = obj
-        .keys()
-        .find(|k| !["format", "mode", "since", "until"].contains(&k.as_str()))
-    {
-        return Err(invalid(
-            format!("unknown field `{k}` in query"),
-            &format!("\"{k}\""),
-        ));
+    let v: Json = serde_json::from_str(body)
+        .map_err(|e| ApiError::validation(format!("malformed JSON: {e}"), (e.line(), e.column(), 0)))?;
+    let obj = v.as_object().ok_or_else(|| invalid("the query must be a JSON object".into(), ""))?;
+    if let Some(k) = obj.keys().find(|k| !["format", "mode", "since", "until"].contains(&k.as_str())) {
+        return Err(invalid(format!("unknown field `{k}` in query"), &format!("\"{k}\"")));
     }
     let format = match obj.get("format") {
         None => return Err(invalid("field `format` is required".into(), "")),
         Some(f) => f.as_str().and_then(Format::parse).ok_or_else(|| {
-            invalid(
-                format!("invalid format {f}; expected one of tsv, csv, jsonl, parquet"),
-                "\"format\"",
-            )
+            invalid(format!("invalid format {f}; expected one of tsv, csv, jsonl, parquet"), "\"format\"")
         })?,
     };
     let mode = match obj.get("mode") {
@@ -350,10 +259,7 @@ fn parse_query(body: &str) -> Result<QueryRequest, ApiError> {
         Some(Json::String(m)) if m == "expanded" => Some(Mode::Expanded),
         Some(Json::String(m)) if m == "condensed" => Some(Mode::Condensed),
         Some(m) => {
-            return Err(invalid(
-                format!("invalid mode {m}; expected expanded or condensed"),
-                "\"mode\"",
-            ));
+            return Err(invalid(format!("invalid mode {m}; expected expanded or condensed"), "\"mode\""));
         }
     };
     let stamp = |field: &str| -> Result<Option<Micros>, ApiError> {
@@ -362,10 +268,7 @@ fn parse_query(body: &str) -> Result<QueryRequest, ApiError> {
             Some(Json::String(s)) => time::parse_rfc3339(s)
                 .map(Some)
                 .map_err(|e| invalid(format!("`{field}`: {e}"), &format!("\"{field}\""))),
-            Some(other) => Err(invalid(
-                format!("`{field}` must be a string, not {other}"),
-                &format!("\"{field}\""),
-            )),
+            Some(other) => Err(invalid(format!("`{field}` must be a string, not {other}"), &format!("\"{field}\""))),
         }
     };
     let (since, until) = (stamp("since")?, stamp("until")?);
@@ -373,31 +276,17 @@ fn parse_query(body: &str) -> Result<QueryRequest, ApiError> {
     match (since, until) {
         (None, Some(_)) => return Err(invalid("`until` requires `since`".into(), "\"until\"")),
         (Some(s), Some(u)) if s >= u => {
-            return Err(invalid(
-                "`since` must be earlier than `until`".into(),
-                "\"until\"",
-            ));
+            return Err(invalid("`since` must be earlier than `until`".into(), "\"until\""));
         }
         (Some(s), _) if s > now => {
-            return Err(invalid(
-                "`since` must not be in the future".into(),
-                "\"since\"",
-            ));
+            return Err(invalid("`since` must not be in the future".into(), "\"since\""));
         }
         (_, Some(u)) if u > now => {
-            return Err(invalid(
-                "`until` must not be in the future".into(),
-                "\"until\"",
-            ));
+            return Err(invalid("`until` must not be in the future".into(), "\"until\""));
         }
         _ => {}
     }
-    Ok(QueryRequest {
-        format,
-        mode,
-        since,
-        until,
-    })
+    Ok(QueryRequest { format, mode, since, until })
 }
 
 async fn query(
@@ -411,16 +300,9 @@ async fn query(
     let d = state.dataset.read().expect("dataset lock");
     let t = d.table(&ns, &table).map_err(dataset_error)?;
     let incremental = q.since.is_some();
-    let fault =
-        state
-            .faults
-            .lock()
-            .expect("faults lock")
-            .take(super::Endpoint::Query, Some(&table), |k| {
-                k == FaultKind::FailedJob
-                    || (incremental
-                        && matches!(k, FaultKind::OutOfRange | FaultKind::SnapshotRequired))
-            });
+    let fault = state.faults.lock().expect("faults lock").take(super::Endpoint::Query, Some(&table), |k| {
+        k == FaultKind::FailedJob || (incremental && matches!(k, FaultKind::OutOfRange | FaultKind::SnapshotRequired))
+    });
     if let Some(since) = q.since {
         let (s, u) = (time::format_wire(since), q.until.map(time::format_wire));
         match fault.as_ref().map(|f| f.kind) {
@@ -430,20 +312,13 @@ async fn query(
             }
             _ => {}
         }
-        if state
-            .config
-            .retention
-            .is_some_and(|r| since < now - r.as_micros() as i64)
-        {
+        if state.config.retention.is_some_and(|r| since < now - r.as_micros() as i64) {
             return Err(ApiError::out_of_range(&s, u.as_deref()));
         }
     }
     let mode = q.mode.unwrap_or(state.config.default_mode);
     let scope = params.get("scope").cloned().unwrap_or_default();
-    let query_key = format!(
-        "{ns}/{table}?scope={scope}|{:?}|{mode:?}|{:?}|{:?}",
-        q.format, q.since, q.until
-    );
+    let query_key = format!("{ns}/{table}?scope={scope}|{:?}|{mode:?}|{:?}|{:?}", q.format, q.since, q.until);
     let mut jobs = state.jobs.lock().expect("jobs lock");
     let expired = jobs.sweep(now);
     state.objects.forget_jobs(&expired);
@@ -459,18 +334,10 @@ async fn query(
         Some(since) => {
             // Without `until`, the window ends at (and includes) the latest commit, which is
             // reported as `until`; the next incremental starts there.
-            let reported = q
-                .until
-                .unwrap_or_else(|| t.history.latest_change_since(since).unwrap_or(since));
+            let reported = q.until.unwrap_or_else(|| t.history.latest_change_since(since).unwrap_or(since));
             (
-                Selection::Incremental {
-                    since,
-                    until: Some(q.until.unwrap_or(reported + 1)),
-                },
-                Window::Range {
-                    since,
-                    until: reported,
-                },
+                Selection::Incremental { since, until: Some(q.until.unwrap_or(reported + 1)) },
+                Window::Range { since, until: reported },
             )
         }
     };
@@ -485,20 +352,10 @@ async fn query(
             .error,
         },
         None => {
-            let content = format!(
-                "{ns}/{table}/{:?}/{mode:?}/{selection:?}/{}",
-                q.format,
-                t.current().def.version
-            );
+            let content = format!("{ns}/{table}/{:?}/{mode:?}/{selection:?}/{}", q.format, t.current().def.version);
             let tag = format!("{:016x}", super::rng::hash_str(&content));
             Outcome::Complete {
-                objects: plan_objects(
-                    &id,
-                    &tag,
-                    q.format,
-                    t.history.key_space(),
-                    state.config.part_rows,
-                ),
+                objects: plan_objects(&id, &tag, q.format, t.history.key_space(), state.config.part_rows),
             }
         }
     };
@@ -522,49 +379,33 @@ async fn query(
     Ok((code, axum::Json(body)).into_response())
 }
 
-async fn job(
-    AxState(state): AxState<Shared>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+async fn job(AxState(state): AxState<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let now = time::now();
     let jobs = state.jobs.lock().expect("jobs lock");
-    let job = jobs
-        .get(&id, now)
-        .ok_or_else(|| ApiError::not_found("job", &id, format!("job {id} not found or expired")))?;
+    let job =
+        jobs.get(&id, now).ok_or_else(|| ApiError::not_found("job", &id, format!("job {id} not found or expired")))?;
     let (code, body) = job.to_json(now);
     Ok((code, axum::Json(body)).into_response())
 }
 
 async fn object_urls(AxState(state): AxState<Shared>, body: String) -> Result<Response, ApiError> {
     let ids: Vec<Json> = serde_json::from_str(&body).map_err(|e| {
-        ApiError::validation(
-            format!("expected a JSON array of {{\"id\": …}}: {e}"),
-            (e.line(), e.column(), 0),
-        )
+        ApiError::validation(format!("expected a JSON array of {{\"id\": …}}: {e}"), (e.line(), e.column(), 0))
     })?;
     let now = time::now();
     let expires = now + state.config.url_lifetime.as_micros() as i64;
     let jobs = state.jobs.lock().expect("jobs lock");
     let mut urls = serde_json::Map::new();
     for entry in ids {
-        let id = entry.get("id").and_then(Json::as_str).ok_or_else(|| {
-            ApiError::validation(
-                "each entry needs a string `id`".into(),
-                location(&body, "{"),
-            )
-        })?;
+        let id = entry
+            .get("id")
+            .and_then(Json::as_str)
+            .ok_or_else(|| ApiError::validation("each entry needs a string `id`".into(), location(&body, "{")))?;
         let job_id = id.split('/').next().unwrap_or_default();
         if jobs.get(job_id, now).and_then(|j| j.object(id)).is_none() {
-            return Err(ApiError::not_found(
-                "object",
-                id,
-                format!("object {id} not found or expired"),
-            ));
+            return Err(ApiError::not_found("object", id, format!("object {id} not found or expired")));
         }
-        urls.insert(
-            id.to_string(),
-            json!({"url": signed_url(&state.base_url, &state.signing_key, id, expires)}),
-        );
+        urls.insert(id.to_string(), json!({"url": signed_url(&state.base_url, &state.signing_key, id, expires)}));
     }
     Ok(axum::Json(json!({"urls": urls})).into_response())
 }
@@ -584,14 +425,8 @@ async fn object(
     headers: HeaderMap,
 ) -> Response {
     let now = time::now();
-    let expires = params
-        .get("X-Amz-Expires")
-        .and_then(|e| e.parse::<Micros>().ok())
-        .unwrap_or(0);
-    let signature = params
-        .get("X-Amz-Signature")
-        .map(String::as_str)
-        .unwrap_or_default();
+    let expires = params.get("X-Amz-Expires").and_then(|e| e.parse::<Micros>().ok()).unwrap_or(0);
+    let signature = params.get("X-Amz-Signature").map(String::as_str).unwrap_or_default();
     match verify_url(&state.signing_key, &id, expires, signature, now) {
         Err(UrlError::Expired) => {
             return storage_error(StatusCode::FORBIDDEN, "AccessDenied", "Request has expired");
@@ -606,31 +441,15 @@ async fn object(
         Ok(()) => {}
     }
     let job_id = id.split('/').next().unwrap_or_default().to_string();
-    let job = state
-        .jobs
-        .lock()
-        .expect("jobs lock")
-        .get(&job_id, now)
-        .cloned();
+    let job = state.jobs.lock().expect("jobs lock").get(&job_id, now).cloned();
     let Some((job, part)) = job.and_then(|j| j.object(&id).cloned().map(|p| (j, p))) else {
-        return storage_error(
-            StatusCode::NOT_FOUND,
-            "NoSuchKey",
-            "The specified key does not exist.",
-        );
+        return storage_error(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist.");
     };
     let fault =
-        state
-            .faults
-            .lock()
-            .expect("faults lock")
-            .take(Endpoint::Object, Some(&job.table), |k| {
-                matches!(k, FaultKind::TruncatedGzip | FaultKind::ExpiredUrl)
-            });
-    if fault
-        .as_ref()
-        .is_some_and(|f| f.kind == FaultKind::ExpiredUrl)
-    {
+        state.faults.lock().expect("faults lock").take(Endpoint::Object, Some(&job.table), |k| {
+            matches!(k, FaultKind::TruncatedGzip | FaultKind::ExpiredUrl)
+        });
+    if fault.as_ref().is_some_and(|f| f.kind == FaultKind::ExpiredUrl) {
         return storage_error(StatusCode::FORBIDDEN, "AccessDenied", "Request has expired");
     }
     let generator_state = Arc::clone(&state);
@@ -638,9 +457,7 @@ async fn object(
         .objects
         .materialize(&id, move |path| {
             let d = generator_state.dataset.read().expect("dataset lock");
-            let t = d
-                .table(&job.namespace, &job.table)
-                .map_err(io::Error::other)?;
+            let t = d.table(&job.namespace, &job.table).map_err(io::Error::other)?;
             let spec = PartSpec {
                 def: &t.version(job.schema_version).def,
                 format: job.format,
@@ -649,55 +466,34 @@ async fn object(
                 csv_null: generator_state.config.csv_null,
             };
             let file = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-            output::write_part(
-                &spec,
-                d.records(t, job.selection, job.schema_version, part.rows.clone()),
-                file,
-            )
+            output::write_part(&spec, d.records(t, job.selection, job.schema_version, part.rows.clone()), file)
         })
         .await;
     let path = match made {
         Ok(p) => p,
         Err(e) => {
-            return storage_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalError",
-                &e.to_string(),
-            );
+            return storage_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &e.to_string());
         }
     };
     match serve_file(&path, &headers, fault.is_some()).await {
         Ok(r) => r,
-        Err(e) => storage_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            &e.to_string(),
-        ),
+        Err(e) => storage_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &e.to_string()),
     }
 }
 
 /// Serves a spooled object with `Content-Length` and `Range` support; `truncate` drops the
 /// gzip trailer and a little data before it.
-async fn serve_file(
-    path: &std::path::Path,
-    headers: &HeaderMap,
-    truncate: bool,
-) -> io::Result<Response> {
+async fn serve_file(path: &std::path::Path, headers: &HeaderMap, truncate: bool) -> io::Result<Response> {
     let mut file = tokio::fs::File::open(path).await?;
     let mut size = file.metadata().await?.len();
     if truncate {
         size -= (size / 2).min(24);
     }
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|r| parse_range(r, size));
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|r| parse_range(r, size));
     if headers.contains_key(header::RANGE) && range.is_none() {
-        return Ok((
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            [(header::CONTENT_RANGE, format!("bytes */{size}"))],
-        )
-            .into_response());
+        return Ok(
+            (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{size}"))]).into_response()
+        );
     }
     let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
     let len = if size == 0 { 0 } else { end - start + 1 };
@@ -705,17 +501,11 @@ async fn serve_file(
     let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), 64 * 1024));
     let mut r = Response::new(body);
     let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("binary/octet-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("binary/octet-stream"));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if range.is_some() {
-        h.insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")).expect("ascii"),
-        );
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")).expect("ascii"));
         *r.status_mut() = StatusCode::PARTIAL_CONTENT;
     }
     Ok(r)
@@ -730,10 +520,7 @@ fn parse_range(spec: &str, size: u64) -> Option<(u64, u64)> {
             (size.checked_sub(n.min(size))?, size.checked_sub(1)?)
         }
         (a, "") => (a.parse().ok()?, size.checked_sub(1)?),
-        (a, b) => (
-            a.parse().ok()?,
-            b.parse::<u64>().ok()?.min(size.checked_sub(1)?),
-        ),
+        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(size.checked_sub(1)?)),
     };
     (start <= end && end < size).then_some((start, end))
 }
@@ -756,17 +543,16 @@ mod tests {
         let e = parse_query("{\"format\":\"xml\"}").err().unwrap();
         assert_eq!(e.error["type"], "ValidationError");
         assert_eq!(e.error["location"]["character"], 1);
-        let e = parse_query("{\"format\":\"tsv\",\n \"since\":\"2024-01-01T00:00:00\"}")
-            .err()
-            .unwrap();
+        let e = parse_query("{\"format\":\"tsv\",\n \"since\":\"2024-01-01T00:00:00\"}").err().unwrap();
         assert_eq!(e.error["location"]["line"], 2);
-        assert!(parse_query("{\"format\":\"tsv\",\"since\":\"2024-01-02T00:00:00Z\",\"until\":\"2024-01-01T00:00:00Z\"}").is_err());
+        assert!(
+            parse_query("{\"format\":\"tsv\",\"since\":\"2024-01-02T00:00:00Z\",\"until\":\"2024-01-01T00:00:00Z\"}")
+                .is_err()
+        );
         assert!(parse_query("{\"format\":\"tsv\",\"filter\":{}}").is_err());
-        let ok = parse_query(
-            "{\"format\":\"csv\",\"mode\":\"condensed\",\"since\":\"2024-05-01T12:00:00.5Z\"}",
-        )
-        .ok()
-        .unwrap();
+        let ok = parse_query("{\"format\":\"csv\",\"mode\":\"condensed\",\"since\":\"2024-05-01T12:00:00.5Z\"}")
+            .ok()
+            .unwrap();
         assert_eq!((ok.format, ok.mode), (Format::Csv, Some(Mode::Condensed)));
     }
 }

@@ -12,10 +12,7 @@ pub fn namespaces() -> Vec<&'static str> {
 
 /// The bundled tables of one namespace, sorted, with their flat schemas.
 pub fn tables(namespace: &str) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
-    BUNDLED
-        .iter()
-        .filter(move |(ns, _, _)| *ns == namespace)
-        .map(|(_, table, json)| (*table, *json))
+    BUNDLED.iter().filter(move |(ns, _, _)| *ns == namespace).map(|(_, table, json)| (*table, *json))
 }
 
 #[cfg(test)]
@@ -26,10 +23,7 @@ mod tests {
     fn every_namespace_is_bundled() {
         assert_eq!(namespaces(), ["canvas", "canvas_logs", "catalog"]);
         assert_eq!(tables("canvas").count(), 91);
-        assert_eq!(
-            tables("canvas_logs").map(|t| t.0).collect::<Vec<_>>(),
-            ["web_logs"]
-        );
+        assert_eq!(tables("canvas_logs").map(|t| t.0).collect::<Vec<_>>(), ["web_logs"]);
         assert_eq!(tables("catalog").count(), 28);
     }
 }

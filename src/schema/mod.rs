@@ -72,39 +72,19 @@ pub const OVERSIZED_PLACEHOLDER: &str = "__dap_oversized_truncated__";
 
 impl TableDef {
     /// Parses a `{"schema": …, "version": N}` envelope as the Query API returns it.
-    pub fn from_versioned(
-        namespace: &str,
-        name: &str,
-        envelope: &Json,
-    ) -> Result<TableDef, SchemaError> {
-        let err = |what: &str| SchemaError::Invalid {
-            table: format!("{namespace}.{name}"),
-            what: what.to_string(),
-        };
-        let version = envelope
-            .get("version")
-            .and_then(Json::as_u64)
-            .ok_or_else(|| err("missing integer `version`"))?;
-        let schema = envelope
-            .get("schema")
-            .ok_or_else(|| err("missing `schema`"))?;
+    pub fn from_versioned(namespace: &str, name: &str, envelope: &Json) -> Result<TableDef, SchemaError> {
+        let err = |what: &str| SchemaError::Invalid { table: format!("{namespace}.{name}"), what: what.to_string() };
+        let version = envelope.get("version").and_then(Json::as_u64).ok_or_else(|| err("missing integer `version`"))?;
+        let schema = envelope.get("schema").ok_or_else(|| err("missing `schema`"))?;
         let parser = Parser {
             definitions: schema.get("definitions").and_then(Json::as_object),
             table: format!("{namespace}.{name}"),
         };
-        let props = schema
-            .get("properties")
-            .and_then(Json::as_object)
-            .ok_or_else(|| err("missing `properties`"))?;
-        let key_obj = props
-            .get("key")
-            .ok_or_else(|| err("missing `properties.key`"))?;
+        let props = schema.get("properties").and_then(Json::as_object).ok_or_else(|| err("missing `properties`"))?;
+        let key_obj = props.get("key").ok_or_else(|| err("missing `properties.key`"))?;
         let mut keys = parser.object_columns(key_obj)?;
         if keys.len() != 1 {
-            return Err(err(&format!(
-                "expected exactly one key column, found {}",
-                keys.len()
-            )));
+            return Err(err(&format!("expected exactly one key column, found {}", keys.len())));
         }
         let mut key = keys.remove(0);
         key.required = true;
@@ -112,13 +92,7 @@ impl TableDef {
             Some(v) => parser.object_columns(v)?,
             None => Vec::new(),
         };
-        Ok(TableDef {
-            namespace: namespace.into(),
-            name: name.into(),
-            version: version as u32,
-            key,
-            values,
-        })
+        Ok(TableDef { namespace: namespace.into(), name: name.into(), version: version as u32, key, values })
     }
 
     /// The key column followed by the value columns.
@@ -138,10 +112,7 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn err(&self, what: String) -> SchemaError {
-        SchemaError::Invalid {
-            table: self.table.clone(),
-            what,
-        }
+        SchemaError::Invalid { table: self.table.clone(), what }
     }
 
     fn object_columns(&self, node: &Json) -> Result<Vec<Column>, SchemaError> {
@@ -159,9 +130,7 @@ impl Parser<'_> {
             .map(|(name, child)| {
                 Ok(Column {
                     name: name.clone(),
-                    ty: self
-                        .column_type(child)
-                        .map_err(|e| self.err(format!("column {name}: {e}")))?,
+                    ty: self.column_type(child).map_err(|e| self.err(format!("column {name}: {e}")))?,
                     required: required.contains(&name.as_str()),
                 })
             })
@@ -170,13 +139,8 @@ impl Parser<'_> {
 
     fn column_type(&self, node: &Json) -> Result<ColumnType, String> {
         if let Some(r) = node.get("$ref").and_then(Json::as_str) {
-            let name = r
-                .strip_prefix("#/definitions/")
-                .ok_or(format!("unsupported $ref {r}"))?;
-            let target = self
-                .definitions
-                .and_then(|d| d.get(name))
-                .ok_or(format!("undefined $ref {r}"))?;
+            let name = r.strip_prefix("#/definitions/").ok_or(format!("unsupported $ref {r}"))?;
+            let target = self.definitions.and_then(|d| d.get(name)).ok_or(format!("undefined $ref {r}"))?;
             return self.column_type(target);
         }
         if let Some(members) = node.get("oneOf").and_then(Json::as_array) {
@@ -185,53 +149,39 @@ impl Parser<'_> {
         let format = node.get("format").and_then(Json::as_str);
         match node.get("type").and_then(Json::as_str) {
             Some("integer") => Ok(match node.get("enum").and_then(Json::as_array) {
-                Some(values) => {
-                    ColumnType::IntEnum(values.iter().filter_map(Json::as_i64).collect())
-                }
+                Some(values) => ColumnType::IntEnum(values.iter().filter_map(Json::as_i64).collect()),
                 None => ColumnType::Int(match format {
                     Some("int16") => 16,
                     Some("int32") => 32,
                     _ => 64,
                 }),
             }),
-            Some("number") => Ok(decimal_type(node).unwrap_or(ColumnType::Float(
-                if format == Some("float32") { 32 } else { 64 },
-            ))),
+            Some("number") => {
+                Ok(decimal_type(node).unwrap_or(ColumnType::Float(if format == Some("float32") { 32 } else { 64 })))
+            }
             Some("boolean") => Ok(ColumnType::Bool),
-            Some("string") => Ok(
-                if let Some(values) = node.get("enum").and_then(Json::as_array) {
-                    ColumnType::Enum(
-                        values
-                            .iter()
-                            .filter_map(|v| v.as_str().map(String::from))
-                            .collect(),
-                    )
-                } else {
-                    match format {
-                        Some("date-time") => ColumnType::Timestamp,
-                        Some("date") => ColumnType::Date,
-                        Some("time") => ColumnType::Time,
-                        Some("uuid") => ColumnType::Uuid,
-                        Some("ipv4") => ColumnType::Ipv4,
-                        Some("ipv6") => ColumnType::Ipv6,
-                        _ => ColumnType::Str {
-                            max_length: node
-                                .get("maxLength")
-                                .and_then(Json::as_u64)
-                                .map(|n| n as u32),
-                            truncatable: false,
-                        },
-                    }
-                },
-            ),
+            Some("string") => Ok(if let Some(values) = node.get("enum").and_then(Json::as_array) {
+                ColumnType::Enum(values.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            } else {
+                match format {
+                    Some("date-time") => ColumnType::Timestamp,
+                    Some("date") => ColumnType::Date,
+                    Some("time") => ColumnType::Time,
+                    Some("uuid") => ColumnType::Uuid,
+                    Some("ipv4") => ColumnType::Ipv4,
+                    Some("ipv6") => ColumnType::Ipv6,
+                    _ => ColumnType::Str {
+                        max_length: node.get("maxLength").and_then(Json::as_u64).map(|n| n as u32),
+                        truncatable: false,
+                    },
+                }
+            }),
             Some("array") => {
                 let items = node.get("items").ok_or("array without `items`")?;
                 Ok(ColumnType::Array(Box::new(self.column_type(items)?)))
             }
             Some("object") => match node.get("properties") {
-                Some(_) => Ok(ColumnType::Object(
-                    self.object_columns(node).map_err(|e| e.to_string())?,
-                )),
+                Some(_) => Ok(ColumnType::Object(self.object_columns(node).map_err(|e| e.to_string())?)),
                 None => Ok(ColumnType::Json),
             },
             other => Err(format!("unsupported type {other:?}")),
@@ -246,16 +196,8 @@ impl Parser<'_> {
             .collect::<Result<_, _>>()?;
         let truncatable = types.len() < members.len();
         match types.as_slice() {
-            [ColumnType::Str { max_length, .. }] => Ok(ColumnType::Str {
-                max_length: *max_length,
-                truncatable,
-            }),
-            [a, b]
-                if matches!(
-                    (a, b),
-                    (ColumnType::Ipv4, ColumnType::Ipv6) | (ColumnType::Ipv6, ColumnType::Ipv4)
-                ) =>
-            {
+            [ColumnType::Str { max_length, .. }] => Ok(ColumnType::Str { max_length: *max_length, truncatable }),
+            [a, b] if matches!((a, b), (ColumnType::Ipv4, ColumnType::Ipv6) | (ColumnType::Ipv6, ColumnType::Ipv4)) => {
                 Ok(ColumnType::Ip)
             }
             [single] => Ok(single.clone()),
@@ -275,10 +217,7 @@ fn decimal_type(node: &Json) -> Option<ColumnType> {
     }
     let scale = (-step.log10()).round() as i32;
     let precision = max.log10().round() as i32 + scale;
-    Some(ColumnType::Decimal {
-        precision: precision.clamp(1, 38) as u8,
-        scale: scale.clamp(0, 38) as u8,
-    })
+    Some(ColumnType::Decimal { precision: precision.clamp(1, 38) as u8, scale: scale.clamp(0, 38) as u8 })
 }
 
 #[cfg(test)]
@@ -316,28 +255,10 @@ mod tests {
         let ty = |n: &str| t.value_column(n).unwrap().ty.clone();
         assert!(t.value_column("name").unwrap().required);
         assert!(!t.value_column("state").unwrap().required);
-        assert_eq!(
-            ty("name"),
-            ColumnType::Str {
-                max_length: Some(255),
-                truncatable: false
-            }
-        );
-        assert_eq!(
-            ty("money"),
-            ColumnType::Decimal {
-                precision: 8,
-                scale: 2
-            }
-        );
+        assert_eq!(ty("name"), ColumnType::Str { max_length: Some(255), truncatable: false });
+        assert_eq!(ty("money"), ColumnType::Decimal { precision: 8, scale: 2 });
         assert_eq!(ty("ratio"), ColumnType::Float(64));
-        assert_eq!(
-            ty("body"),
-            ColumnType::Str {
-                max_length: None,
-                truncatable: true
-            }
-        );
+        assert_eq!(ty("body"), ColumnType::Str { max_length: None, truncatable: true });
         assert_eq!(ty("ip"), ColumnType::Ip);
         assert_eq!(ty("tags"), ColumnType::Array(Box::new(ColumnType::Int(32))));
         assert!(matches!(ty("settings"), ColumnType::Object(ref f) if f.len() == 1));

@@ -51,23 +51,17 @@ pub async fn run_official(emu: &Emulator, dir: &Path, args: &[&str]) -> Output {
 pub async fn official_ok(emu: &Emulator, dir: &Path, args: &[&str]) -> String {
     let out = run_official(emu, dir, args).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "official client {args:?} failed ({}):\n{stderr}",
-        out.status
-    );
+    assert!(out.status.success(), "official client {args:?} failed ({}):\n{stderr}", out.status);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The base URL of the PostgreSQL server the tests use (`scripts/db-up.sh` exports it).
 pub fn postgres_url() -> String {
-    std::env::var("TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgresql://repl:repl_pass@127.0.0.1:5432/repl_test".into())
+    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgresql://repl:repl_pass@127.0.0.1:5432/repl_test".into())
 }
 
 pub fn mysql_url() -> String {
-    std::env::var("TEST_MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://repl:repl_pass@127.0.0.1:3306/repl_test".into())
+    std::env::var("TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://repl:repl_pass@127.0.0.1:3306/repl_test".into())
 }
 
 /// `url` with its database name replaced.
@@ -81,24 +75,14 @@ pub async fn fresh_postgres(name: &str) -> (String, tokio_postgres::Client) {
     let admin_url = postgres_url();
     let (admin, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
         .await
-        .unwrap_or_else(|e| {
-            panic!("cannot connect to PostgreSQL at {admin_url} ({e}): run scripts/db-up.sh")
-        });
+        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {admin_url} ({e}): run scripts/db-up.sh"));
     tokio::spawn(conn);
     let db = format!("dapt_{name}");
     // Two statements: a multi-statement batch is one transaction, which DROP DATABASE refuses.
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .await
-        .expect("drop old test database");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .expect("create test database");
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.expect("drop old test database");
+    admin.batch_execute(&format!("CREATE DATABASE {db}")).await.expect("create test database");
     let url = with_database(&admin_url, &db);
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to test database");
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect to test database");
     tokio::spawn(conn);
     (url, client)
 }
@@ -112,42 +96,28 @@ pub async fn mysql_query(db: Option<&str>, sql: &str) -> Vec<Vec<String>> {
     let (hostport, _) = hostdb.split_once('/').expect("host/db");
     let (host, port) = hostport.split_once(':').unwrap_or((hostport, "3306"));
     let mut cmd = tokio::process::Command::new("mariadb");
-    cmd.args(["-N", "-B", "--raw", "-h", host, "-P", port, "-u", user])
-        .arg(format!("-p{pass}"));
+    cmd.args(["-N", "-B", "--raw", "-h", host, "-P", port, "-u", user]).arg(format!("-p{pass}"));
     if let Some(db) = db {
         cmd.arg(db);
     }
-    let out = cmd
-        .arg("-e")
-        .arg(sql)
-        .output()
-        .await
-        .expect("the mariadb client runs (scripts/db-up.sh installs it)");
-    assert!(
-        out.status.success(),
-        "mariadb {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| l.split('\t').map(String::from).collect())
-        .collect()
+    let out = cmd.arg("-e").arg(sql).output().await.expect("the mariadb client runs (scripts/db-up.sh installs it)");
+    assert!(out.status.success(), "mariadb {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| l.split('\t').map(String::from).collect()).collect()
 }
 
 /// A new, empty MariaDB database; returns its URL.
 pub async fn fresh_mysql(name: &str) -> String {
     let db = format!("dapt_{name}");
-    mysql_query(None, &format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")).await;
+    mysql_query(
+        None,
+        &format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"),
+    )
+    .await;
     with_database(&mysql_url(), &db)
 }
 
 /// Runs our `dap` binary against the emulator in `dir`, non-interactively, with `env` on top.
-pub async fn run_ours_with(
-    emu: &Emulator,
-    dir: &Path,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> Output {
+pub async fn run_ours_with(emu: &Emulator, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"));
     cmd.current_dir(dir)
         .env("DAP_API_URL", emu.base_url())
@@ -164,11 +134,7 @@ pub async fn run_ours_with(
 
 /// Our client paces job creation to the emulator's limit, or not at all when it enforces none.
 fn job_rate(config: &EmulatorConfig) -> String {
-    if config.rate_limits {
-        format!("5/{}", config.rate_window.as_secs_f64())
-    } else {
-        "100000/1".into()
-    }
+    if config.rate_limits { format!("5/{}", config.rate_window.as_secs_f64()) } else { "100000/1".into() }
 }
 
 pub async fn run_ours(emu: &Emulator, dir: &Path, args: &[&str]) -> Output {
@@ -178,12 +144,7 @@ pub async fn run_ours(emu: &Emulator, dir: &Path, args: &[&str]) -> Output {
 /// Like [`run_ours`], but fails the test unless the command succeeds; returns stdout.
 pub async fn ours_ok(emu: &Emulator, dir: &Path, args: &[&str]) -> String {
     let out = run_ours(emu, dir, args).await;
-    assert!(
-        out.status.success(),
-        "dap {args:?} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "dap {args:?} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

@@ -17,14 +17,8 @@ pub fn canonical(ty: &ColumnType, v: &Json) -> Json {
         ColumnType::Timestamp => {
             let s = v.as_str().expect("timestamp as text");
             let s = s.replace(' ', "T");
-            let with_zone = if s.ends_with('Z') || s.contains('+') {
-                s
-            } else {
-                format!("{s}Z")
-            };
-            Json::String(time::format_wire(
-                time::parse_rfc3339(&with_zone).unwrap_or_else(|e| panic!("{e}")),
-            ))
+            let with_zone = if s.ends_with('Z') || s.contains('+') { s } else { format!("{s}Z") };
+            Json::String(time::format_wire(time::parse_rfc3339(&with_zone).unwrap_or_else(|e| panic!("{e}"))))
         }
         ColumnType::Float(_) => match v {
             Json::String(s) => Json::String(s.clone()),
@@ -57,22 +51,14 @@ fn key_text(def: &TableDef, row: &Map<String, Json>) -> String {
 
 /// Asserts that `actual` holds exactly the rows of `truth`, comparing every column as a typed
 /// value; reports up to 10 differences naming table, key and column.
-pub fn assert_same_rows(
-    def: &TableDef,
-    actual: &[Map<String, Json>],
-    truth: &[Map<String, Json>],
-    what: &str,
-) {
+pub fn assert_same_rows(def: &TableDef, actual: &[Map<String, Json>], truth: &[Map<String, Json>], what: &str) {
     let index = |rows: &[Map<String, Json>]| -> BTreeMap<String, Map<String, Json>> {
         rows.iter().map(|r| (key_text(def, r), r.clone())).collect()
     };
     let (a, t) = (index(actual), index(truth));
     let mut problems = Vec::new();
     if actual.len() != a.len() {
-        problems.push(format!(
-            "{} duplicate keys in the replica",
-            actual.len() - a.len()
-        ));
+        problems.push(format!("{} duplicate keys in the replica", actual.len() - a.len()));
     }
     for k in t.keys().filter(|k| !a.contains_key(*k)).take(5) {
         problems.push(format!("key {k} missing from the replica"));
@@ -86,10 +72,7 @@ pub fn assert_same_rows(
             let expected = canonical(&c.ty, trow.get(&c.name).unwrap_or(&Json::Null));
             let got = canonical(&c.ty, arow.get(&c.name).unwrap_or(&Json::Null));
             if expected != got {
-                problems.push(format!(
-                    "key {k} column {}: expected {expected}, replica has {got}",
-                    c.name
-                ));
+                problems.push(format!("key {k} column {}: expected {expected}, replica has {got}", c.name));
                 if problems.len() >= 10 {
                     break 'rows;
                 }
@@ -108,19 +91,10 @@ pub fn assert_same_rows(
 }
 
 /// Every row of a PostgreSQL table as JSON objects (`row_to_json`).
-pub async fn postgres_rows(
-    client: &tokio_postgres::Client,
-    ns: &str,
-    table: &str,
-) -> Vec<Map<String, Json>> {
+pub async fn postgres_rows(client: &tokio_postgres::Client, ns: &str, table: &str) -> Vec<Map<String, Json>> {
     let rows = client
-        .query(
-            &format!("SELECT row_to_json(t)::text FROM \"{ns}\".\"{table}\" t"),
-            &[],
-        )
+        .query(&format!("SELECT row_to_json(t)::text FROM \"{ns}\".\"{table}\" t"), &[])
         .await
         .unwrap_or_else(|e| panic!("reading {ns}.{table}: {e}"));
-    rows.iter()
-        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).expect("row_to_json gives JSON"))
-        .collect()
+    rows.iter().map(|r| serde_json::from_str(r.get::<_, &str>(0)).expect("row_to_json gives JSON")).collect()
 }

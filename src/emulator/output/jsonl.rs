@@ -10,11 +10,7 @@ use crate::emulator::dataset::Record;
 use crate::time;
 use crate::value::Value;
 
-pub fn write(
-    spec: &PartSpec,
-    records: impl Iterator<Item = Record>,
-    out: &mut impl Write,
-) -> io::Result<()> {
+pub fn write(spec: &PartSpec, records: impl Iterator<Item = Record>, out: &mut impl Write) -> io::Result<()> {
     for r in records {
         let mut meta = Map::new();
         meta.insert("ts".into(), Json::String(time::format_trimmed(r.ts)));
@@ -36,11 +32,7 @@ pub fn write(
                 .map(|(c, v)| {
                     let j = match v {
                         // Decimals are JSON numbers.
-                        Value::Decimal(d) => d
-                            .to_string()
-                            .parse::<f64>()
-                            .map(Json::from)
-                            .unwrap_or(Json::Null),
+                        Value::Decimal(d) => d.to_string().parse::<f64>().map(Json::from).unwrap_or(Json::Null),
                         other => other.to_typed_json(),
                     };
                     (c.name.clone(), j)
@@ -63,19 +55,10 @@ mod tests {
     #[test]
     fn records_omit_nulls_and_deletes_have_no_value() {
         let text = gunzip(&render(Format::Jsonl, Mode::Condensed, true));
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_eq!(
-            lines[0]["meta"],
-            json!({"ts": "2024-05-01T12:00:00Z", "action": "U"})
-        );
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines[0]["meta"], json!({"ts": "2024-05-01T12:00:00Z", "action": "U"}));
         assert_eq!(lines[0]["value"]["settings"], json!({"a": 1, "b": "x\ny"}));
-        assert_eq!(
-            lines[1],
-            json!({"meta": {"ts": "2024-05-01T12:00:01.5Z", "action": "D"}, "key": {"id": 2}})
-        );
+        assert_eq!(lines[1], json!({"meta": {"ts": "2024-05-01T12:00:01.5Z", "action": "D"}, "key": {"id": 2}}));
         assert_eq!(lines[2]["value"], json!({"name": "", "ratio": "NaN"}));
     }
 }

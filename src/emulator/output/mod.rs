@@ -34,11 +34,7 @@ pub struct PartSpec<'a> {
 }
 
 /// Writes `records` as one part file into `out`.
-pub fn write_part<W: Write + Send>(
-    spec: &PartSpec,
-    records: impl Iterator<Item = Record>,
-    out: W,
-) -> io::Result<()> {
+pub fn write_part<W: Write + Send>(spec: &PartSpec, records: impl Iterator<Item = Record>, out: W) -> io::Result<()> {
     match spec.format {
         Format::Parquet => parquet::write(spec, records, out),
         text => {
@@ -89,12 +85,7 @@ mod tests {
                     Value::Timestamp(1_577_836_800_000_000),
                 ]),
             },
-            Record {
-                ts: 1_714_564_801_500_000,
-                action: Some('D'),
-                key: Value::Int(2),
-                values: None,
-            },
+            Record { ts: 1_714_564_801_500_000, action: Some('D'), key: Value::Int(2), values: None },
             Record {
                 ts: 1_714_564_802_000_000,
                 action: Some('U'),
@@ -112,13 +103,7 @@ mod tests {
 
     pub fn render(format: Format, mode: Mode, incremental: bool) -> Vec<u8> {
         let def = sample_def();
-        let spec = PartSpec {
-            def: &def,
-            format,
-            mode,
-            incremental,
-            csv_null: CsvNull::Literal,
-        };
+        let spec = PartSpec { def: &def, format, mode, incremental, csv_null: CsvNull::Literal };
         let mut out = Vec::new();
         write_part(&spec, sample_records().into_iter(), &mut out).unwrap();
         out

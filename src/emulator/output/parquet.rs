@@ -6,9 +6,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 
 use parquet::basic::{Compression, LogicalType, Repetition, TimeUnit, Type as Physical};
-use parquet::data_type::{
-    BoolType, ByteArray, ByteArrayType, DoubleType, FloatType, Int32Type, Int64Type,
-};
+use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, FloatType, Int32Type, Int64Type};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
@@ -51,21 +49,11 @@ fn err(e: ParquetError) -> io::Error {
 }
 
 /// The Parquet type and empty buffer for a column type.
-fn leaf_type(
-    name: &str,
-    ty: &ColumnType,
-    repetition: Repetition,
-) -> Result<(Type, Buf), ParquetError> {
+fn leaf_type(name: &str, ty: &ColumnType, repetition: Repetition) -> Result<(Type, Buf), ParquetError> {
     let (physical, logical, buf) = match ty {
-        ColumnType::Int(16) => (
-            Physical::INT32,
-            Some(LogicalType::integer(16, true)),
-            Buf::I32(Vec::new()),
-        ),
+        ColumnType::Int(16) => (Physical::INT32, Some(LogicalType::integer(16, true)), Buf::I32(Vec::new())),
         ColumnType::Int(32) => (Physical::INT32, None, Buf::I32(Vec::new())),
-        ColumnType::Int(_) | ColumnType::IntEnum(_) => {
-            (Physical::INT64, None, Buf::I64(Vec::new()))
-        }
+        ColumnType::Int(_) | ColumnType::IntEnum(_) => (Physical::INT64, None, Buf::I64(Vec::new())),
         ColumnType::Float(32) => (Physical::FLOAT, None, Buf::F32(Vec::new())),
         ColumnType::Float(_) => (Physical::DOUBLE, None, Buf::F64(Vec::new())),
         ColumnType::Decimal { precision, scale } if *precision <= 18 => {
@@ -78,85 +66,39 @@ fn leaf_type(
             return Ok((t, Buf::I64(Vec::new())));
         }
         ColumnType::Bool => (Physical::BOOLEAN, None, Buf::Bool(Vec::new())),
-        ColumnType::Timestamp => (
-            Physical::INT64,
-            Some(LogicalType::timestamp(true, TimeUnit::MICROS)),
-            Buf::I64(Vec::new()),
-        ),
-        ColumnType::Date => (
-            Physical::INT32,
-            Some(LogicalType::Date),
-            Buf::I32(Vec::new()),
-        ),
-        ColumnType::Time => (
-            Physical::INT64,
-            Some(LogicalType::time(true, TimeUnit::MICROS)),
-            Buf::I64(Vec::new()),
-        ),
-        _ => (
-            Physical::BYTE_ARRAY,
-            Some(LogicalType::String),
-            Buf::Bytes(Vec::new()),
-        ),
+        ColumnType::Timestamp => {
+            (Physical::INT64, Some(LogicalType::timestamp(true, TimeUnit::MICROS)), Buf::I64(Vec::new()))
+        }
+        ColumnType::Date => (Physical::INT32, Some(LogicalType::Date), Buf::I32(Vec::new())),
+        ColumnType::Time => (Physical::INT64, Some(LogicalType::time(true, TimeUnit::MICROS)), Buf::I64(Vec::new())),
+        _ => (Physical::BYTE_ARRAY, Some(LogicalType::String), Buf::Bytes(Vec::new())),
     };
-    let t = Type::primitive_type_builder(name, physical)
-        .with_repetition(repetition)
-        .with_logical_type(logical)
-        .build()?;
+    let t =
+        Type::primitive_type_builder(name, physical).with_repetition(repetition).with_logical_type(logical).build()?;
     Ok((t, buf))
 }
 
-fn group(
-    name: &str,
-    repetition: Repetition,
-    fields: Vec<TypePtr>,
-) -> Result<TypePtr, ParquetError> {
-    Ok(Arc::new(
-        Type::group_type_builder(name)
-            .with_repetition(repetition)
-            .with_fields(fields)
-            .build()?,
-    ))
+fn group(name: &str, repetition: Repetition, fields: Vec<TypePtr>) -> Result<TypePtr, ParquetError> {
+    Ok(Arc::new(Type::group_type_builder(name).with_repetition(repetition).with_fields(fields).build()?))
 }
 
 fn schema(spec: &PartSpec) -> Result<(TypePtr, Vec<Leaf>), ParquetError> {
     let mut leaves = Vec::new();
-    let mut leaf = |name: &str,
-                    ty: &ColumnType,
-                    rep: Repetition,
-                    source: Source|
-     -> Result<TypePtr, ParquetError> {
+    let mut leaf = |name: &str, ty: &ColumnType, rep: Repetition, source: Source| -> Result<TypePtr, ParquetError> {
         let (t, buf) = leaf_type(name, ty, rep)?;
-        leaves.push(Leaf {
-            source,
-            buf,
-            defs: Vec::new(),
-        });
+        leaves.push(Leaf { source, buf, defs: Vec::new() });
         Ok(Arc::new(t))
     };
-    let mut meta = vec![leaf(
-        "ts",
-        &ColumnType::Timestamp,
-        Repetition::REQUIRED,
-        Source::Ts,
-    )?];
+    let mut meta = vec![leaf("ts", &ColumnType::Timestamp, Repetition::REQUIRED, Source::Ts)?];
     if spec.incremental {
         meta.push(leaf(
             "action",
-            &ColumnType::Str {
-                max_length: None,
-                truncatable: false,
-            },
+            &ColumnType::Str { max_length: None, truncatable: false },
             Repetition::REQUIRED,
             Source::Action,
         )?);
     }
-    let key = vec![leaf(
-        &spec.def.key.name,
-        &spec.def.key.ty,
-        Repetition::REQUIRED,
-        Source::Key,
-    )?];
+    let key = vec![leaf(&spec.def.key.name, &spec.def.key.ty, Repetition::REQUIRED, Source::Key)?];
     let value = spec
         .def
         .values
@@ -184,9 +126,7 @@ fn push(buf: &mut Buf, v: &Value) {
         (Buf::F64(b), Value::Float(f)) => b.push(*f),
         (Buf::Bool(b), Value::Bool(x)) => b.push(*x),
         (Buf::Bytes(b), Value::Str(s)) => b.push(ByteArray::from(s.as_str())),
-        (Buf::Bytes(b), other) => b.push(ByteArray::from(
-            other.to_text().unwrap_or_default().into_bytes(),
-        )),
+        (Buf::Bytes(b), other) => b.push(ByteArray::from(other.to_text().unwrap_or_default().into_bytes())),
         (_, other) => unreachable!("value {other:?} does not match its Parquet column"),
     }
 }
@@ -195,10 +135,7 @@ impl Leaf {
     fn add(&mut self, r: &Record) {
         match self.source {
             Source::Ts => push(&mut self.buf, &Value::Timestamp(r.ts)),
-            Source::Action => push(
-                &mut self.buf,
-                &Value::Str(r.action.unwrap_or('U').to_string()),
-            ),
+            Source::Action => push(&mut self.buf, &Value::Str(r.action.unwrap_or('U').to_string())),
             Source::Key => push(&mut self.buf, &r.key),
             Source::Value(i) => match r.values.as_ref().map(|v| &v[i]) {
                 None => self.defs.push(0),
@@ -212,10 +149,7 @@ impl Leaf {
     }
 }
 
-fn flush<W: Write + Send>(
-    writer: &mut SerializedFileWriter<W>,
-    leaves: &mut [Leaf],
-) -> Result<(), ParquetError> {
+fn flush<W: Write + Send>(writer: &mut SerializedFileWriter<W>, leaves: &mut [Leaf]) -> Result<(), ParquetError> {
     let mut rg = writer.next_row_group()?;
     for leaf in leaves.iter_mut() {
         let mut col = rg.next_column()?.expect("one column writer per leaf");
@@ -243,15 +177,9 @@ fn flush<W: Write + Send>(
     Ok(())
 }
 
-pub fn write<W: Write + Send>(
-    spec: &PartSpec,
-    records: impl Iterator<Item = Record>,
-    out: W,
-) -> io::Result<()> {
+pub fn write<W: Write + Send>(spec: &PartSpec, records: impl Iterator<Item = Record>, out: W) -> io::Result<()> {
     let (root, mut leaves) = schema(spec).map_err(err)?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .build();
+    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
     let mut writer = SerializedFileWriter::new(out, root, Arc::new(props)).map_err(err)?;
     let mut rows = 0;
     for r in records {
@@ -282,21 +210,9 @@ mod tests {
         assert_eq!(&bytes[..4], b"PAR1");
         let reader = SerializedFileReader::new(Bytes::from(bytes)).unwrap();
         assert_eq!(reader.metadata().file_metadata().num_rows(), 3);
-        let rows: Vec<String> = reader
-            .get_row_iter(None)
-            .unwrap()
-            .map(|r| r.unwrap().to_string())
-            .collect();
-        assert!(
-            rows[0].contains("action: \"U\"") && rows[0].contains("id: 1"),
-            "{}",
-            rows[0]
-        );
-        assert!(
-            rows[1].contains("value: null"),
-            "a delete has no value group: {}",
-            rows[1]
-        );
+        let rows: Vec<String> = reader.get_row_iter(None).unwrap().map(|r| r.unwrap().to_string()).collect();
+        assert!(rows[0].contains("action: \"U\"") && rows[0].contains("id: 1"), "{}", rows[0]);
+        assert!(rows[1].contains("value: null"), "a delete has no value group: {}", rows[1]);
         assert!(rows[2].contains("ratio: NaN"), "{}", rows[2]);
     }
 }

@@ -31,14 +31,7 @@ fn layout<'a>(spec: &'a PartSpec) -> Vec<(String, Source<'a>)> {
     }
     cols.push((format!("key.{}", spec.def.key.name), Source::Key));
     for (index, c) in spec.def.values.iter().enumerate() {
-        expand(
-            spec.mode,
-            c,
-            format!("value.{}", c.name),
-            index,
-            Vec::new(),
-            &mut cols,
-        );
+        expand(spec.mode, c, format!("value.{}", c.name), index, Vec::new(), &mut cols);
     }
     cols
 }
@@ -87,11 +80,7 @@ fn cell<'r>(source: &Source, r: &'r Record) -> Option<Cow<'r, str>> {
     }
 }
 
-pub fn write(
-    spec: &PartSpec,
-    records: impl Iterator<Item = Record>,
-    out: &mut impl Write,
-) -> io::Result<()> {
+pub fn write(spec: &PartSpec, records: impl Iterator<Item = Record>, out: &mut impl Write) -> io::Result<()> {
     let cols = layout(spec);
     let tsv = spec.format == Format::Tsv;
     let sep = if tsv { b'\t' } else { b',' };
@@ -112,11 +101,7 @@ pub fn write(
             }
             match (cell(source, &r), tsv) {
                 (None, true) => line.extend_from_slice(b"\\N"),
-                (None, false) => line.extend_from_slice(if spec.csv_null == CsvNull::Literal {
-                    b"NULL"
-                } else {
-                    b""
-                }),
+                (None, false) => line.extend_from_slice(if spec.csv_null == CsvNull::Literal { b"NULL" } else { b"" }),
                 (Some(text), true) => tsv_escape(&text, &mut line),
                 (Some(text), false) => csv_quote(&text, spec.csv_null, &mut line),
             }
@@ -146,8 +131,7 @@ fn tsv_escape(s: &str, out: &mut Vec<u8>) {
 fn csv_quote(s: &str, null: CsvNull, out: &mut Vec<u8>) {
     let special = s.is_empty()
         || (null == CsvNull::Literal && s == "NULL")
-        || s.bytes()
-            .any(|b| matches!(b, b'"' | b',' | b'\n' | b'\r' | b'\t'))
+        || s.bytes().any(|b| matches!(b, b'"' | b',' | b'\n' | b'\r' | b'\t'))
         || s.starts_with(' ')
         || s.ends_with(' ');
     if !special {
@@ -181,10 +165,7 @@ mod tests {
             lines[1],
             "2024-05-01T12:00:00Z\tU\t1\tRoot\\tAccount\\nline2 \\\\ back, \"q\"\t1.5\t[\"a\",\"b\\\\\"q\"]\t{\"a\":1,\"b\":\"x\\\\ny\"}\t2020-01-01T00:00:00Z"
         );
-        assert_eq!(
-            lines[2],
-            "2024-05-01T12:00:01.5Z\tD\t2\t\\N\t\\N\t\\N\t\\N\t\\N"
-        );
+        assert_eq!(lines[2], "2024-05-01T12:00:01.5Z\tD\t2\t\\N\t\\N\t\\N\t\\N\t\\N");
         assert_eq!(lines[3], "2024-05-01T12:00:02Z\tU\t3\t\tNaN\t\\N\t\\N\t\\N");
         assert_eq!(lines[4], "", "LF-terminated, no blank lines");
         assert_eq!(lines.len(), 5);
@@ -198,10 +179,7 @@ mod tests {
             header,
             "meta.ts\tkey.id\tvalue.name\tvalue.ratio\tvalue.tags\tvalue.settings.a\tvalue.settings.b\tvalue.created_at"
         );
-        assert!(
-            text.lines().nth(1).unwrap().contains("\t1\tx\\ny\t"),
-            "{text}"
-        );
+        assert!(text.lines().nth(1).unwrap().contains("\t1\tx\\ny\t"), "{text}");
     }
 
     #[test]
@@ -217,13 +195,7 @@ mod tests {
             first,
             "2024-05-01T12:00:00Z,U,1,\"Root\tAccount\nline2 \\ back, \"\"q\"\"\",1.5,\"[\"\"a\"\",\"\"b\\\"\"q\"\"]\",\"{\"\"a\"\":1,\"\"b\"\":\"\"x\\ny\"\"}\",2020-01-01T00:00:00Z"
         );
-        assert_eq!(
-            lines.next().unwrap(),
-            "2024-05-01T12:00:01.5Z,D,2,NULL,NULL,NULL,NULL,NULL"
-        );
-        assert_eq!(
-            lines.next().unwrap(),
-            "2024-05-01T12:00:02Z,U,3,\"\",NaN,NULL,NULL,NULL"
-        );
+        assert_eq!(lines.next().unwrap(), "2024-05-01T12:00:01.5Z,D,2,NULL,NULL,NULL,NULL,NULL");
+        assert_eq!(lines.next().unwrap(), "2024-05-01T12:00:02Z,U,3,\"\",NaN,NULL,NULL,NULL");
     }
 }
