@@ -2,6 +2,7 @@
 //! server sends them (gzip for text formats), as the official client lays them out.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -86,16 +87,22 @@ pub async fn export_table(
     client: &Client,
     request: &ExportRequest,
     table: &str,
-    progress: &TableProgress,
+    progress: &Arc<TableProgress>,
 ) -> Result<ExportResult, ExportError> {
     progress.stage("submitting query");
     let job = client.run_job(&request.namespace, table, &request.query(), |s| progress.stage(status_text(s))).await?;
     tracing::debug!("{table}: job {} complete with {} objects", job.id, job.objects.len());
     let directory = request.output_dir.join(format!("job_{}", fetch::safe_component(&job.id)));
     progress.downloading(job.objects.len());
-    let fetched =
-        fetch::fetch_objects(client, &job.objects, &directory, request.format, request.download_concurrency, progress)
-            .await?;
+    let fetched = fetch::fetch_objects(
+        client,
+        &job.objects,
+        &directory,
+        request.format,
+        request.download_concurrency,
+        progress.clone(),
+    )
+    .await?;
     let files: Vec<FileEntry> = fetched.into_iter().map(|f| FileEntry { path: f.path, bytes: f.bytes }).collect();
     let total: u64 = files.iter().map(|f| f.bytes).sum();
     progress.finish(&format!("done: {} files, {:.1} MB in {}", files.len(), total as f64 / 1e6, directory.display()));

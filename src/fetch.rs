@@ -7,11 +7,12 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT_RANGES, RANGE};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufWriter};
 
 use crate::api::types::Format;
 use crate::api::{ApiError, Client};
@@ -76,14 +77,14 @@ pub fn safe_component(s: &str) -> String {
 
 /// Checks an object's bytes as they arrive.
 enum Check {
-    Gzip(flate2::write::MultiGzDecoder<std::io::Sink>),
+    Gzip(Box<flate2::write::MultiGzDecoder<std::io::Sink>>),
     Parquet { len: u64, head: Vec<u8>, tail: Vec<u8> },
 }
 
 impl Check {
     fn new(format: Format) -> Check {
         if format.is_gzip() {
-            Check::Gzip(flate2::write::MultiGzDecoder::new(std::io::sink()))
+            Check::Gzip(Box::new(flate2::write::MultiGzDecoder::new(std::io::sink())))
         } else {
             Check::Parquet { len: 0, head: Vec::new(), tail: Vec::new() }
         }
@@ -114,24 +115,30 @@ impl Check {
     }
 }
 
-/// Downloads `objects` into `dir` with up to `concurrency` transfers at once.
+/// Downloads `objects` into `dir` with up to `concurrency` transfers at once, each on its own
+/// task so that checking (decompressing) them uses every core.
 pub async fn fetch_objects(
     client: &Client,
     objects: &[String],
     dir: &Path,
     format: Format,
     concurrency: usize,
-    progress: &dyn FetchProgress,
+    progress: Arc<dyn FetchProgress>,
 ) -> Result<Vec<Fetched>, FetchError> {
     tokio::fs::create_dir_all(dir).await.map_err(|source| FetchError::Io { path: dir.to_path_buf(), source })?;
     let urls = client.object_urls(objects).await?;
     let names = file_names(objects, &urls, format);
     let tasks = objects.iter().zip(names).map(|(id, name)| {
-        let url = urls[id].clone();
-        let target = dir.join(name);
-        async move { fetch_one(client, id, url, &target, format, progress).await }
+        let (client, id, url, target, progress) =
+            (client.clone(), id.clone(), urls[id].clone(), dir.join(name), progress.clone());
+        tokio::spawn(async move { fetch_one(&client, &id, url, &target, format, progress.as_ref()).await })
     });
-    futures_util::stream::iter(tasks).buffered(concurrency.max(1)).try_collect().await
+    let fetched: Vec<Result<Fetched, FetchError>> = futures_util::stream::iter(tasks)
+        .buffered(concurrency.max(1))
+        .map(|joined| joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
+        .collect()
+        .await;
+    fetched.into_iter().collect()
 }
 
 async fn fetch_one(
@@ -171,7 +178,9 @@ async fn transfer(
 ) -> Result<u64, FetchError> {
     let io = |source| FetchError::Io { path: temp.to_path_buf(), source };
     let policy = client.config().retry;
-    let mut file = tokio::fs::File::create(temp).await.map_err(io)?;
+    let create =
+        || async { Ok::<_, std::io::Error>(BufWriter::with_capacity(1 << 20, tokio::fs::File::create(temp).await?)) };
+    let mut file = create().await.map_err(io)?;
     let mut check = Check::new(format);
     let mut written: u64 = 0;
     let mut attempt = 0;
@@ -212,8 +221,7 @@ async fn transfer(
         if written > 0 && status != StatusCode::PARTIAL_CONTENT {
             // The store ignored the Range request: start the file again.
             tracing::info!("object {id}: resuming is not supported here; restarting the download");
-            file.set_len(0).await.map_err(io)?;
-            file = tokio::fs::File::create(temp).await.map_err(io)?;
+            file = create().await.map_err(io)?;
             check = Check::new(format);
             written = 0;
         }
@@ -252,7 +260,7 @@ async fn transfer(
                 match finished {
                     Ok(()) => {
                         file.flush().await.map_err(io)?;
-                        file.sync_all().await.map_err(io)?;
+                        file.get_ref().sync_all().await.map_err(io)?;
                         return Ok(written);
                     }
                     Err(e) => {
@@ -263,8 +271,7 @@ async fn transfer(
             }
         }
         // Corrupt or unresumable: start over.
-        file.set_len(0).await.map_err(io)?;
-        file = tokio::fs::File::create(temp).await.map_err(io)?;
+        file = create().await.map_err(io)?;
         check = Check::new(format);
         written = 0;
     }

@@ -1,4 +1,5 @@
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -9,6 +10,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
 use super::error::{ApiError, ServerErrorKind};
+use super::pacer::Pacer;
 use super::types::{ErrorEnvelope, Job, JobStatus, Query, ResourceUrls, TableList, TokenResponse};
 
 /// How often and how patiently failed requests are retried.
@@ -94,11 +96,13 @@ struct Token {
 /// Refresh the token when it has less than this left (as the official client does).
 const REFRESH_AHEAD_SECS: i64 = 300;
 
+/// A DAP API client. Cheap to clone: clones share the token, the pacing window and connections.
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
-    config: ClientConfig,
-    token: Mutex<Option<Token>>,
-    job_starts: Mutex<VecDeque<Instant>>,
+    config: Arc<ClientConfig>,
+    token: Arc<Mutex<Option<Token>>>,
+    pacer: Arc<Pacer>,
 }
 
 /// The `exp` claim of a JWT (not verified: the server verifies it).
@@ -141,7 +145,8 @@ impl Client {
             .read_timeout(Duration::from_secs(120))
             .build()
             .map_err(|e| ApiError::Transport { url: config.base_url.clone(), attempts: 0, detail: e.to_string() })?;
-        Ok(Client { http, config, token: Mutex::new(None), job_starts: Mutex::new(VecDeque::new()) })
+        let pacer = Arc::new(Pacer::new(config.job_limit, config.job_window));
+        Ok(Client { http, config: Arc::new(config), token: Arc::default(), pacer })
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -174,26 +179,6 @@ impl Client {
         Ok(response.access_token)
     }
 
-    /// Waits until one more job may be created within the pacing window.
-    async fn pace_job_creation(&self) {
-        loop {
-            let wait = {
-                let mut starts = self.job_starts.lock().await;
-                let now = Instant::now();
-                while starts.front().is_some_and(|t| now.duration_since(*t) >= self.config.job_window) {
-                    starts.pop_front();
-                }
-                if starts.len() < self.config.job_limit {
-                    starts.push_back(now);
-                    return;
-                }
-                self.config.job_window - now.duration_since(starts[0])
-            };
-            // A small margin absorbs clock and network skew between us and the server.
-            tokio::time::sleep(wait + self.config.job_window / 50).await;
-        }
-    }
-
     /// Sends a request built by `build`, retrying 429, 5xx (JSON or not), connection errors,
     /// timeouts and resets; parses a success as `T` and an error body by its `error.type`.
     async fn send<T: DeserializeOwned>(
@@ -208,9 +193,7 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            if paced {
-                self.pace_job_creation().await;
-            }
+            let ticket = if paced { Some(self.pacer.acquire().await) } else { None };
             let mut request = build();
             if authed {
                 request = request.bearer_auth(self.bearer().await?);
@@ -227,7 +210,11 @@ impl Client {
                     .is_some_and(|v| v.starts_with("application/json"));
                 Ok::<_, reqwest::Error>((status, wait_hint, json, response.bytes().await?))
             };
-            let (status, wait_hint, json, body) = match exchange.await {
+            let exchanged = exchange.await;
+            if let Some(ticket) = ticket {
+                self.pacer.done(ticket).await;
+            }
+            let (status, wait_hint, json, body) = match exchanged {
                 Ok(exchanged) => exchanged,
                 Err(e) if attempt < policy.attempts => {
                     let wait = policy.backoff(attempt, None);

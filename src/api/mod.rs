@@ -3,6 +3,7 @@
 
 mod client;
 mod error;
+mod pacer;
 pub mod types;
 
 pub use client::{Client, ClientConfig, CompleteJob, RetryPolicy, redact_url};

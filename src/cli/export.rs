@@ -216,7 +216,7 @@ async fn export(
     let outcomes = tables::run_each(&tables, args.parallel_tables, |t| {
         let (client, request, progress) = (&client, &request, &progress);
         async move {
-            let p = progress.table(&t);
+            let p = std::sync::Arc::new(progress.table(&t));
             let result = export_table(client, request, &t, &p).await;
             if let Err(e) = &result {
                 p.finish(&format!("failed: {e}"));
