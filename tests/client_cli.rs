@@ -153,10 +153,34 @@ async fn every_fault_is_survived_or_reported_with_the_servers_message() {
     ];
     for fault in survivable {
         let label = format!("{:?} on {:?}", fault.kind, fault.endpoint);
+        let resumed_before = emu.stats().count(Endpoint::Object, 206);
+        let reset_objects = fault.kind == FaultKind::Reset && fault.endpoint == Some(Endpoint::Object);
         let (out, dir) = snapshot_with(&emu, Some(fault)).await;
         assert!(out.status.success(), "{label}: {}", stderr(&out));
         assert_eq!(objects(dir.path()), expected, "{label}: the same result as without the fault");
+        if reset_objects {
+            assert!(
+                emu.stats().count(Endpoint::Object, 206) > resumed_before,
+                "broken transfers resume with Range requests"
+            );
+        }
     }
+
+    // A token that expires during the run is renewed (it lives less than the 5 minutes we keep in
+    // hand, so every call logs in again, as with the official client).
+    let short = common::emulator(EmulatorConfig {
+        token_lifetime: Duration::from_secs(1),
+        job_waiting: Duration::from_millis(1500),
+        ..config()
+    })
+    .await;
+    let dir = workdir();
+    let out =
+        run_ours(&short, dir.path(), &["snapshot", "--namespace", "canvas", "--table", "accounts", "--format", "tsv"])
+            .await;
+    assert!(out.status.success(), "short-lived tokens: {}", stderr(&out));
+    assert!(short.stats().count(Endpoint::Login, 200) >= 3, "logged in again before calls");
+    assert_eq!(short.stats().total(401), 0);
 
     // A job that expires while we wait for it is submitted again.
     let slow = common::emulator(EmulatorConfig { job_waiting: Duration::from_millis(1500), ..config() }).await;
