@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod decode;
 pub mod emulator;
 pub mod export;
 pub mod fetch;
