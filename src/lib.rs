@@ -12,6 +12,8 @@ pub mod export;
 pub mod fetch;
 pub mod progress;
 pub mod schema;
+pub mod sink;
+pub mod sync;
 pub mod tables;
 pub mod time;
 pub mod value;

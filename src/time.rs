@@ -36,6 +36,12 @@ pub fn format_wire(us: Micros) -> String {
     }
 }
 
+/// Fixed-width form with six fraction digits, which sorts in time order as text (the SQLite
+/// mirror's timestamp form; SQLite's date functions read it).
+pub fn format_fixed(us: Micros) -> String {
+    to_datetime(us).format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
 /// Data form: like [`format_wire`] but with the fraction trimmed to its significant digits.
 pub fn format_trimmed(us: Micros) -> String {
     let mut s = format_wire(us);
@@ -82,6 +88,7 @@ mod tests {
         let whole = parse_rfc3339("2024-05-01T12:00:00Z").unwrap();
         assert_eq!(format_wire(whole), "2024-05-01T12:00:00Z");
         assert_eq!(format_trimmed(whole), "2024-05-01T12:00:00Z");
+        assert_eq!(format_fixed(whole), "2024-05-01T12:00:00.000000Z");
     }
 
     #[test]

@@ -115,7 +115,7 @@ async fn resolve_tables(client: &Client, namespace: &str, spec: &str) -> anyhow:
 }
 
 /// Prints the summary (and failures) on stderr; fails when any table did not succeed.
-fn finish<T>(command: &str, outcomes: &[TableOutcome<T>]) -> anyhow::Result<()> {
+pub(super) fn finish<T>(command: &str, outcomes: &[TableOutcome<T>]) -> anyhow::Result<()> {
     let (line, all_ok) = tables::summarize(outcomes);
     for o in outcomes {
         match &o.outcome {

@@ -3,6 +3,7 @@
 
 mod emulator;
 mod export;
+mod mirror;
 
 use std::path::PathBuf;
 
@@ -87,6 +88,14 @@ pub enum Command {
     Snapshot(export::SnapshotArgs),
     /// Download the changes to tables since a time into <output-directory>/job_<id>/.
     Incremental(export::IncrementalArgs),
+    /// Initialise tables in the mirror from a snapshot.
+    Initdb(mirror::InitArgs),
+    /// Bring initialised tables up to date with the changes since their watermark.
+    Syncdb(mirror::DbArgs),
+    /// Drop tables (and their bookkeeping) from the mirror.
+    Dropdb(mirror::DbArgs),
+    /// List the server's tables with their replication state.
+    Listdb(mirror::ListDbArgs),
     /// Run a local DAP emulator (loopback only) for offline work and tests.
     Emulator(emulator::EmulatorArgs),
 }
@@ -117,6 +126,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Schema(args) => export::schema(&ctx, args).await,
         Command::Snapshot(args) => export::snapshot(&ctx, args).await,
         Command::Incremental(args) => export::incremental(&ctx, args).await,
+        Command::Initdb(args) => mirror::initdb(&ctx, args).await,
+        Command::Syncdb(args) => mirror::syncdb(&ctx, args).await,
+        Command::Dropdb(args) => mirror::drop(args).await,
+        Command::Listdb(args) => mirror::listdb(&ctx, args).await,
         Command::Emulator(args) => emulator::run(args).await,
     }
 }

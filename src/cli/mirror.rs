@@ -1,0 +1,213 @@
+//! `initdb`, `syncdb`, `dropdb` and `listdb` on the SQLite mirror.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use serde_json::json;
+
+use super::Context;
+use crate::api::Client;
+use crate::sink::Sink;
+use crate::sink::sqlite::SqliteSink;
+use crate::sync::{Replicator, dropdb};
+use crate::tables::{self, Outcome};
+use crate::time;
+
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    #[arg(long)]
+    namespace: String,
+    /// `all`, or a comma-separated list of tables.
+    #[arg(long)]
+    table: String,
+    /// `sqlite:///ABS/PATH.db` or `sqlite://REL/PATH.db`; the default mirror when omitted.
+    #[arg(long, env = "DAP_CONNECTION_STRING", hide_env_values = true)]
+    connection_string: Option<String>,
+    /// Print a machine-readable result per table on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Tables downloaded at once (loading into one file is serialised).
+    #[arg(long, default_value_t = 4)]
+    parallel_tables: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Load an initialised table again; the old data stays queryable until the swap.
+    #[arg(long)]
+    replace: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListDbArgs {
+    #[arg(long)]
+    namespace: String,
+    #[arg(long, env = "DAP_CONNECTION_STRING", hide_env_values = true)]
+    connection_string: Option<String>,
+    /// Only tables present in the database.
+    #[arg(long)]
+    omit_not_replicated: bool,
+    /// Skip counting rows.
+    #[arg(long)]
+    omit_record_count: bool,
+}
+
+/// The mirror file for a namespace: the default mirror holds one file per namespace.
+fn mirror_file(connection_string: Option<&str>, namespace: &str) -> anyhow::Result<PathBuf> {
+    match connection_string.filter(|s| !s.is_empty()) {
+        None => {
+            let dir = match std::env::var_os("DAP_MIRROR_DIR") {
+                Some(d) => PathBuf::from(d),
+                None => directories::ProjectDirs::from("", "", "dap-replica")
+                    .context(
+                        "no home directory to keep the default mirror in; pass --connection-string sqlite:///PATH.db",
+                    )?
+                    .data_dir()
+                    .to_path_buf(),
+            };
+            Ok(dir.join(format!("{}.db", crate::fetch::safe_component(namespace))))
+        }
+        Some(s) => match s.split_once("://") {
+            Some(("sqlite", rest)) if !rest.is_empty() => Ok(PathBuf::from(rest)),
+            Some((scheme, _)) => bail!(
+                "{scheme}:// targets are not supported yet; use sqlite:///ABS/PATH.db, sqlite://REL/PATH.db or the default mirror"
+            ),
+            None => bail!("invalid connection string (expected e.g. sqlite:///data/canvas.db)"),
+        },
+    }
+}
+
+fn open(connection_string: Option<&str>, namespace: &str) -> anyhow::Result<(PathBuf, SqliteSink)> {
+    let path = mirror_file(connection_string, namespace)?;
+    let sink = SqliteSink::open(&path).with_context(|| format!("opening the mirror {}", path.display()))?;
+    Ok((path, sink))
+}
+
+async fn replicate(ctx: &Context, args: DbArgs, init: Option<bool>) -> anyhow::Result<()> {
+    let command = if init.is_some() { "initdb" } else { "syncdb" };
+    let (path, mut sink) = open(args.connection_string.as_deref(), &args.namespace)?;
+    let client = Client::new(ctx.client.clone())?;
+    let tables = match tables::parse_selection(&args.table) {
+        Some(list) if list.is_empty() => bail!("--table names no table"),
+        Some(list) => list,
+        None if init.is_some() => client.tables(&args.namespace).await?,
+        None => sink.all_bookkeeping(&args.namespace)?.into_iter().map(|b| b.table).collect(),
+    };
+    let spool = path.parent().map(|p| p.join(".dap-spool")).unwrap_or_else(|| PathBuf::from(".dap-spool"));
+    let replicator = Replicator { client, sink: Arc::new(Mutex::new(sink)), spool, download_concurrency: 4 };
+    let outcomes = tables::run_each(&tables, args.parallel_tables, |t| {
+        let (r, ns) = (&replicator, &args.namespace);
+        async move {
+            let report = match init {
+                Some(replace) => r.initdb(ns, &t, replace).await,
+                None => r.syncdb(ns, &t).await,
+            };
+            match &report {
+                Ok(rep) => tracing::info!("{t}: {command} done, {} rows, watermark {}", rep.rows, rep.watermark),
+                Err(e) => tracing::warn!("{t}: {e}"),
+            }
+            report
+        }
+    })
+    .await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+    }
+    super::export::finish(command, &outcomes)
+}
+
+pub async fn initdb(ctx: &Context, args: InitArgs) -> anyhow::Result<()> {
+    replicate(ctx, args.db, Some(args.replace)).await
+}
+
+pub async fn syncdb(ctx: &Context, args: DbArgs) -> anyhow::Result<()> {
+    replicate(ctx, args, None).await
+}
+
+pub async fn drop(args: DbArgs) -> anyhow::Result<()> {
+    let (_, mut sink) = open(args.connection_string.as_deref(), &args.namespace)?;
+    let tables = match tables::parse_selection(&args.table) {
+        Some(list) => list,
+        None => sink.all_bookkeeping(&args.namespace)?.into_iter().map(|b| b.table).collect(),
+    };
+    let outcomes: Vec<_> = tables
+        .into_iter()
+        .map(|t| {
+            let outcome = match dropdb(&mut sink, &args.namespace, &t) {
+                Ok(()) => Outcome::Succeeded { result: json!({}) },
+                Err(e) => Outcome::Failed { error: e.to_string() },
+            };
+            tables::TableOutcome { table: t, outcome }
+        })
+        .collect();
+    super::export::finish("dropdb", &outcomes)
+}
+
+/// `Xd Yh`, `Xh Ym`, `Xm Ys` or `Xs`, as the official client prints staleness.
+fn staleness(secs: i64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+pub async fn listdb(ctx: &Context, args: ListDbArgs) -> anyhow::Result<()> {
+    let (_, mut sink) = open(args.connection_string.as_deref(), &args.namespace)?;
+    let local = sink.all_bookkeeping(&args.namespace)?;
+    let mut names: Vec<String> = local.iter().map(|b| b.table.clone()).collect();
+    if !args.omit_not_replicated {
+        names.extend(Client::new(ctx.client.clone())?.tables(&args.namespace).await?);
+    }
+    names.sort();
+    names.dedup();
+    let now = time::now();
+    let mut rows = Vec::new();
+    for name in names {
+        let b = local.iter().find(|b| b.table == name);
+        let mut row = json!({
+            "name": name,
+            "timestamp": b.map(|b| time::format_wire(b.watermark)),
+            "staleness": b.map(|b| staleness((now - b.watermark) / 1_000_000)),
+            "schema": b.map(|b| b.schema_version),
+            "command": if b.is_some() { "syncdb" } else { "initdb" },
+        });
+        if !args.omit_record_count {
+            row["records"] = match b {
+                Some(_) => json!(sink.row_count(&args.namespace, &name)?),
+                None => json!(null),
+            };
+        }
+        rows.push(row);
+    }
+    println!("{}", serde_json::to_string(&rows)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_strings_and_the_default_mirror() {
+        assert_eq!(mirror_file(Some("sqlite:///data/canvas.db"), "canvas").unwrap(), PathBuf::from("/data/canvas.db"));
+        assert_eq!(mirror_file(Some("sqlite://rel/x.db"), "canvas").unwrap(), PathBuf::from("rel/x.db"));
+        let e = mirror_file(Some("postgresql://u:secret@h/db"), "canvas").unwrap_err().to_string();
+        assert!(e.contains("postgresql://") && !e.contains("secret"), "{e}");
+        assert!(mirror_file(None, "canvas_logs").unwrap().ends_with("canvas_logs.db"));
+    }
+
+    #[test]
+    fn staleness_like_the_official_client() {
+        assert_eq!(staleness(42), "42s");
+        assert_eq!(staleness(125), "2m 5s");
+        assert_eq!(staleness(3 * 3600 + 60), "3h 1m");
+        assert_eq!(staleness(934 * 86_400 + 11 * 3600), "934d 11h");
+    }
+}

@@ -1,0 +1,295 @@
+//! The SQLite mirror: one file per namespace, tables under their DAP names, and the bookkeeping
+//! table `instructure_dap__table_sync` inside the same file, written in the same transaction as
+//! the data it describes (so a copied file can be synced anywhere).
+//!
+//! Types: integers and booleans (0/1) are INTEGER; floats REAL, except NaN, which SQLite cannot
+//! store as REAL and which is kept as the text `NaN` (distinct from NULL); decimals NUMERIC;
+//! timestamps fixed-width UTC text `YYYY-MM-DDTHH:MM:SS.ffffffZ` (sorts in time order, and
+//! SQLite's date functions read it); dates, times, UUIDs, IPs, enums and text as TEXT; nested
+//! objects and arrays as JSON text.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::types::Value as Sql;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Bookkeeping, Sink, SinkError};
+use crate::decode::Record;
+use crate::schema::{ColumnType, TableDef};
+use crate::time;
+use crate::value::Value;
+
+const BOOKKEEPING: &str = "instructure_dap__table_sync";
+const ROWS_PER_STATEMENT_BATCH: usize = 10_000;
+
+pub struct SqliteSink {
+    path: PathBuf,
+    conn: Connection,
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn staging(table: &str) -> String {
+    format!("_dap_staging__{table}")
+}
+
+/// The declared SQLite type of a column.
+fn sql_type(ty: &ColumnType) -> &'static str {
+    match ty {
+        ColumnType::Int(_) | ColumnType::IntEnum(_) | ColumnType::Bool => "INTEGER",
+        ColumnType::Float(_) => "REAL",
+        ColumnType::Decimal { .. } => "NUMERIC",
+        _ => "TEXT",
+    }
+}
+
+/// A value as SQLite stores it in the mirror.
+fn to_sql(v: &Value) -> Sql {
+    match v {
+        Value::Null => Sql::Null,
+        Value::Bool(b) => Sql::Integer(*b as i64),
+        Value::Int(i) => Sql::Integer(*i),
+        Value::Float(f) if f.is_nan() => Sql::Text("NaN".into()),
+        Value::Float(f) => Sql::Real(*f),
+        Value::Timestamp(us) => Sql::Text(time::format_fixed(*us)),
+        Value::Str(s) => Sql::Text(s.clone()),
+        other => Sql::Text(other.to_text().unwrap_or_default()),
+    }
+}
+
+impl SqliteSink {
+    /// Opens (creating when needed) the mirror file at `path`.
+    pub fn open(path: &Path) -> Result<SqliteSink, SinkError> {
+        let fail =
+            |e: rusqlite::Error| SinkError::Database { target: path.display().to_string(), detail: e.to_string() };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| SinkError::Database {
+                target: dir.display().to_string(),
+                detail: format!("cannot create the folder: {e}"),
+            })?;
+        }
+        let conn = Connection::open(path).map_err(fail)?;
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
+             CREATE TABLE IF NOT EXISTS {BOOKKEEPING} (
+               id INTEGER PRIMARY KEY, source_namespace TEXT NOT NULL, source_table TEXT NOT NULL,
+               timestamp TEXT NOT NULL, schema_version INTEGER NOT NULL, target_schema TEXT,
+               target_table TEXT NOT NULL, schema_description_format TEXT NOT NULL, schema_description TEXT NOT NULL,
+               UNIQUE (source_namespace, source_table));"
+        ))
+        .map_err(fail)?;
+        Ok(SqliteSink { path: path.to_path_buf(), conn })
+    }
+
+    fn fail(&self, what: &str, e: rusqlite::Error) -> SinkError {
+        SinkError::Database { target: self.path.display().to_string(), detail: format!("{what}: {e}") }
+    }
+
+    fn create_table(&self, name: &str, def: &TableDef) -> Result<(), SinkError> {
+        let columns: Vec<String> = def
+            .columns()
+            .map(|c| format!("{} {}{}", quote(&c.name), sql_type(&c.ty), if c.required { " NOT NULL" } else { "" }))
+            .collect();
+        let sql =
+            format!("CREATE TABLE {} ({}, PRIMARY KEY ({}))", quote(name), columns.join(", "), quote(&def.key.name));
+        self.conn.execute_batch(&sql).map_err(|e| self.fail(&format!("creating {name}"), e))
+    }
+
+    /// `INSERT … ON CONFLICT DO UPDATE` of every column: whole-row upserts.
+    fn upsert_sql(table: &str, def: &TableDef) -> String {
+        let names: Vec<String> = def.columns().map(|c| quote(&c.name)).collect();
+        let marks = vec!["?"; names.len()].join(", ");
+        let updates: Vec<String> = def.values.iter().map(|c| format!("{0} = excluded.{0}", quote(&c.name))).collect();
+        let action =
+            if updates.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", updates.join(", ")) };
+        format!(
+            "INSERT INTO {} ({}) VALUES ({marks}) ON CONFLICT ({}) DO {action}",
+            quote(table),
+            names.join(", "),
+            quote(&def.key.name)
+        )
+    }
+
+    fn write_rows(&self, table: &str, def: &TableDef, rows: &[Record]) -> Result<(), SinkError> {
+        let mut upsert = self
+            .conn
+            .prepare_cached(&Self::upsert_sql(table, def))
+            .map_err(|e| self.fail("preparing the upsert", e))?;
+        let mut delete = self
+            .conn
+            .prepare_cached(&format!("DELETE FROM {} WHERE {} = ?", quote(table), quote(&def.key.name)))
+            .map_err(|e| self.fail("preparing the delete", e))?;
+        let mut params: Vec<Sql> = Vec::with_capacity(def.values.len() + 1);
+        for r in rows {
+            if r.action == Some('D') {
+                delete.execute([to_sql(&r.key)]).map_err(|e| self.fail(&format!("deleting from {table}"), e))?;
+                continue;
+            }
+            params.clear();
+            params.push(to_sql(&r.key));
+            params.extend(r.values.iter().map(to_sql));
+            upsert
+                .execute(rusqlite::params_from_iter(params.iter()))
+                .map_err(|e| self.fail(&format!("writing {table} key {:?}", r.key.to_text()), e))?;
+        }
+        Ok(())
+    }
+
+    fn columns_of(&self, table: &str) -> Result<Vec<String>, SinkError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT name FROM pragma_table_info({})", quote_literal(table)))
+            .map_err(|e| self.fail("reading columns", e))?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(|e| self.fail("reading columns", e))?;
+        names.collect::<Result<_, _>>().map_err(|e| self.fail("reading columns", e))
+    }
+
+    fn write_bookkeeping(&self, b: &Bookkeeping) -> Result<(), SinkError> {
+        self.conn
+            .execute(
+                &format!(
+                    "INSERT INTO {BOOKKEEPING} (source_namespace, source_table, timestamp, schema_version, target_schema, target_table, schema_description_format, schema_description)
+                     VALUES (?1, ?2, ?3, ?4, ?1, ?2, 'json', ?5)
+                     ON CONFLICT (source_namespace, source_table) DO UPDATE SET timestamp = excluded.timestamp,
+                       schema_version = excluded.schema_version, schema_description = excluded.schema_description"
+                ),
+                params![b.namespace, b.table, time::format_fixed(b.watermark), b.schema_version, b.schema_description],
+            )
+            .map(|_| ())
+            .map_err(|e| self.fail("writing the bookkeeping row", e))
+    }
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn read_bookkeeping(row: &rusqlite::Row) -> rusqlite::Result<(String, String, String, u32, String)> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+}
+
+fn bookkeeping_of(
+    (namespace, table, ts, schema_version, schema_description): (String, String, String, u32, String),
+) -> Bookkeeping {
+    Bookkeeping {
+        namespace,
+        table,
+        watermark: time::parse_rfc3339(&ts).unwrap_or(0),
+        schema_version,
+        schema_description,
+    }
+}
+
+impl Sink for SqliteSink {
+    fn bookkeeping(&mut self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError> {
+        self.conn
+            .query_row(
+                &format!("SELECT source_namespace, source_table, timestamp, schema_version, schema_description FROM {BOOKKEEPING} WHERE source_namespace = ?1 AND source_table = ?2"),
+                params![namespace, table],
+                read_bookkeeping,
+            )
+            .optional()
+            .map(|r| r.map(bookkeeping_of))
+            .map_err(|e| self.fail("reading the bookkeeping table", e))
+    }
+
+    fn all_bookkeeping(&mut self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT source_namespace, source_table, timestamp, schema_version, schema_description FROM {BOOKKEEPING} WHERE source_namespace = ?1 ORDER BY source_table"))
+            .map_err(|e| self.fail("reading the bookkeeping table", e))?;
+        let rows =
+            stmt.query_map([namespace], read_bookkeeping).map_err(|e| self.fail("reading the bookkeeping table", e))?;
+        rows.map(|r| r.map(bookkeeping_of))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.fail("reading the bookkeeping table", e))
+    }
+
+    fn row_count(&mut self, _namespace: &str, table: &str) -> Result<u64, SinkError> {
+        self.conn
+            .query_row(&format!("SELECT count(*) FROM {}", quote(table)), [], |r| r.get(0))
+            .map_err(|e| self.fail(&format!("counting {table}"), e))
+    }
+
+    fn stage(&mut self, def: &TableDef) -> Result<(), SinkError> {
+        let name = staging(&def.name);
+        self.conn
+            .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&name)))
+            .map_err(|e| self.fail("dropping an old staging table", e))?;
+        self.create_table(&name, def)
+    }
+
+    fn stage_rows(&mut self, def: &TableDef, rows: &[Record]) -> Result<(), SinkError> {
+        for chunk in rows.chunks(ROWS_PER_STATEMENT_BATCH) {
+            let tx = self.conn.unchecked_transaction().map_err(|e| self.fail("starting a transaction", e))?;
+            self.write_rows(&staging(&def.name), def, chunk)?;
+            tx.commit().map_err(|e| self.fail("committing staged rows", e))?;
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self, def: &TableDef, bookkeeping: &Bookkeeping) -> Result<(), SinkError> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.fail("starting a transaction", e))?;
+        self.conn
+            .execute_batch(&format!(
+                "DROP TABLE IF EXISTS {0}; ALTER TABLE {1} RENAME TO {0};",
+                quote(&def.name),
+                quote(&staging(&def.name))
+            ))
+            .map_err(|e| self.fail(&format!("swapping in {}", def.name), e))?;
+        self.write_bookkeeping(bookkeeping)?;
+        tx.commit().map_err(|e| self.fail(&format!("committing {}", def.name), e))
+    }
+
+    fn begin_changes(&mut self, def: &TableDef) -> Result<(), SinkError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.fail("starting a transaction", e))?;
+        let existing = self.columns_of(&def.name)?;
+        for c in def.values.iter().filter(|c| !existing.contains(&c.name)) {
+            // Additive change: a new column, NULL for the rows already here.
+            self.conn
+                .execute_batch(&format!(
+                    "ALTER TABLE {} ADD COLUMN {} {}",
+                    quote(&def.name),
+                    quote(&c.name),
+                    sql_type(&c.ty)
+                ))
+                .map_err(|e| self.fail(&format!("adding column {} to {}", c.name, def.name), e))?;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, def: &TableDef, rows: &[Record]) -> Result<(), SinkError> {
+        self.write_rows(&def.name, def, rows)
+    }
+
+    fn commit_changes(&mut self, bookkeeping: &Bookkeeping) -> Result<(), SinkError> {
+        self.write_bookkeeping(bookkeeping)?;
+        self.conn.execute_batch("COMMIT").map_err(|e| self.fail("committing the changes", e))
+    }
+
+    fn abort(&mut self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    fn drop_table(&mut self, namespace: &str, table: &str) -> Result<bool, SinkError> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.fail("starting a transaction", e))?;
+        let removed = self
+            .conn
+            .execute(
+                &format!("DELETE FROM {BOOKKEEPING} WHERE source_namespace = ?1 AND source_table = ?2"),
+                params![namespace, table],
+            )
+            .map_err(|e| self.fail("removing the bookkeeping row", e))?;
+        if removed > 0 {
+            self.conn
+                .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(table)))
+                .map_err(|e| self.fail(&format!("dropping {table}"), e))?;
+        }
+        tx.commit().map_err(|e| self.fail("committing the drop", e))?;
+        Ok(removed > 0)
+    }
+}

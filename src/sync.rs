@@ -1,0 +1,276 @@
+//! `initdb`, `syncdb` and `dropdb`, written once against [`Sink`].
+//!
+//! Objects are fetched (checked, compressed as sent) into a spool folder, then decoded and loaded
+//! one at a time on a blocking thread that owns the target: one writer per database file. initdb
+//! fills a staging table and swaps it in with its bookkeeping row in one transaction; syncdb
+//! applies upserts, deletes and the new watermark in one transaction. A failure anywhere keeps
+//! the previous consistent state.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::api::types::{Format, Mode, Query};
+use crate::api::{ApiError, Client};
+use crate::decode::tsv::TsvDecoder;
+use crate::decode::{DecodeError, Record};
+use crate::fetch::{self, FetchError, FetchProgress};
+use crate::schema::{SchemaError, TableDef};
+use crate::sink::{Bookkeeping, Sink, SinkError};
+use crate::tables::Fatal;
+use crate::time;
+
+const BATCH_ROWS: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("{table}: object {object}: {source}; the table keeps its previous state")]
+    Decode { table: String, object: String, source: DecodeError },
+    #[error("{table}: cannot read {}: {source}", path.display())]
+    Io { table: String, path: PathBuf, source: std::io::Error },
+    #[error("{table} is already initialised; run syncdb to update it (or initdb --replace to load it again)")]
+    AlreadyInitialised { table: String },
+    #[error("{table} is not initialised; run initdb first")]
+    NotInitialised { table: String },
+    #[error("the incremental job reported no `{what}`")]
+    MissingTime { what: &'static str },
+}
+
+impl Fatal for SyncError {
+    fn is_fatal(&self) -> bool {
+        match self {
+            SyncError::Api(e) | SyncError::Fetch(FetchError::Api(e)) => e.is_fatal(),
+            _ => false,
+        }
+    }
+}
+
+/// What one table's replication did (the `--json` result).
+#[derive(Debug, Clone, Serialize)]
+pub struct TableReport {
+    pub job_id: String,
+    pub rows: u64,
+    pub watermark: String,
+    pub schema_version: u32,
+}
+
+struct Silent;
+
+impl FetchProgress for Silent {
+    fn bytes(&self, _: u64) {}
+    fn object_done(&self) {}
+}
+
+/// Replicates tables from DAP into one target.
+pub struct Replicator<S: Sink> {
+    pub client: Client,
+    pub sink: Arc<Mutex<S>>,
+    /// Where objects wait (compressed) between download and load.
+    pub spool: PathBuf,
+    pub download_concurrency: usize,
+}
+
+/// The schema as the bookkeeping table stores it: compact JSON without `meta`.
+fn schema_description(envelope: &serde_json::Value) -> String {
+    let mut schema = envelope.get("schema").cloned().unwrap_or_default();
+    if let Some(props) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) {
+        props.shift_remove("meta");
+    }
+    schema.to_string()
+}
+
+/// Decodes one gzip TSV object in batches, handing each batch to `load`.
+fn load_object(
+    path: &Path,
+    def: &TableDef,
+    mut load: impl FnMut(&[Record]) -> Result<(), SinkError>,
+) -> Result<u64, SyncError> {
+    let table = format!("{}.{}", def.namespace, def.name);
+    let object = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let io = |source| SyncError::Io { table: table.clone(), path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut lines = std::io::BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(file)).lines();
+    let Some(header) = lines.next().transpose().map_err(io)? else { return Ok(0) };
+    let decoder = TsvDecoder::new(&header, def).map_err(|source| SyncError::Decode {
+        table: table.clone(),
+        object: object.clone(),
+        source,
+    })?;
+    let mut batch = Vec::with_capacity(BATCH_ROWS);
+    let mut rows = 0;
+    for (i, line) in lines.enumerate() {
+        let line = line.map_err(io)?;
+        if line.is_empty() {
+            continue;
+        }
+        batch.push(decoder.decode(&line, i as u64 + 2).map_err(|source| SyncError::Decode {
+            table: table.clone(),
+            object: object.clone(),
+            source,
+        })?);
+        if batch.len() == BATCH_ROWS {
+            load(&batch)?;
+            rows += batch.len() as u64;
+            batch.clear();
+        }
+    }
+    load(&batch)?;
+    Ok(rows + batch.len() as u64)
+}
+
+impl<S: Sink + 'static> Replicator<S> {
+    fn query(&self, since: Option<String>) -> Query {
+        Query { format: Format::Tsv, mode: Some(Mode::Condensed), since, until: None }
+    }
+
+    async fn schema(&self, namespace: &str, table: &str) -> Result<(TableDef, String), SyncError> {
+        let envelope = self.client.schema(namespace, table).await?;
+        Ok((TableDef::from_versioned(namespace, table, &envelope)?, schema_description(&envelope)))
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut S) -> Result<T, SyncError> + Send + 'static,
+    ) -> Result<T, SyncError> {
+        let sink = self.sink.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = sink.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let result = work(&mut s);
+            if result.is_err() {
+                s.abort();
+            }
+            result
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    /// Downloads a job's objects into a fresh spool folder; returns them in name order.
+    async fn spool_objects(
+        &self,
+        job_id: &str,
+        objects: &[String],
+    ) -> Result<(tempfile::TempDir, Vec<PathBuf>), SyncError> {
+        std::fs::create_dir_all(&self.spool).map_err(|source| SyncError::Io {
+            table: job_id.into(),
+            path: self.spool.clone(),
+            source,
+        })?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("job_{}_", fetch::safe_component(job_id)))
+            .tempdir_in(&self.spool)
+            .map_err(|source| SyncError::Io { table: job_id.into(), path: self.spool.clone(), source })?;
+        let fetched = fetch::fetch_objects(
+            &self.client,
+            objects,
+            dir.path(),
+            Format::Tsv,
+            self.download_concurrency,
+            Arc::new(Silent),
+        )
+        .await?;
+        let mut paths: Vec<PathBuf> = fetched.into_iter().map(|f| f.path).collect();
+        paths.sort();
+        Ok((dir, paths))
+    }
+
+    /// Snapshots a table into a staging table and swaps it in with its bookkeeping row.
+    pub async fn initdb(&self, namespace: &str, table: &str, replace: bool) -> Result<TableReport, SyncError> {
+        let (ns, t) = (namespace.to_string(), table.to_string());
+        let initialised = self.blocking(move |s| Ok(s.bookkeeping(&ns, &t)?.is_some())).await?;
+        if initialised && !replace {
+            return Err(SyncError::AlreadyInitialised { table: format!("{namespace}.{table}") });
+        }
+        let (def, description) = self.schema(namespace, table).await?;
+        let job = self.client.run_job(namespace, table, &self.query(None), |_| {}).await?;
+        let at = job
+            .at
+            .as_deref()
+            .map(time::parse_rfc3339)
+            .transpose()
+            .map_err(|_| SyncError::MissingTime { what: "at" })?
+            .ok_or(SyncError::MissingTime { what: "at" })?;
+        let (_spool, files) = self.spool_objects(&job.id, &job.objects).await?;
+        let bookkeeping = Bookkeeping {
+            namespace: namespace.into(),
+            table: table.into(),
+            watermark: at,
+            schema_version: def.version,
+            schema_description: description,
+        };
+        let schema_version = def.version;
+        let rows = self
+            .blocking(move |s| {
+                s.stage(&def)?;
+                let mut rows = 0;
+                for f in &files {
+                    rows += load_object(f, &def, |batch| s.stage_rows(&def, batch))?;
+                }
+                s.publish(&def, &bookkeeping)?;
+                Ok(rows)
+            })
+            .await?;
+        Ok(TableReport { job_id: job.id, rows, watermark: time::format_wire(at), schema_version })
+    }
+
+    /// Applies the changes since the stored watermark, with the new watermark, in one transaction.
+    pub async fn syncdb(&self, namespace: &str, table: &str) -> Result<TableReport, SyncError> {
+        let (ns, t) = (namespace.to_string(), table.to_string());
+        let stored = self
+            .blocking(move |s| Ok(s.bookkeeping(&ns, &t)?))
+            .await?
+            .ok_or_else(|| SyncError::NotInitialised { table: format!("{namespace}.{table}") })?;
+        let (def, description) = self.schema(namespace, table).await?;
+        let job = self
+            .client
+            .run_job(namespace, table, &self.query(Some(time::format_wire(stored.watermark))), |_| {})
+            .await?;
+        let until = job
+            .until
+            .as_deref()
+            .map(time::parse_rfc3339)
+            .transpose()
+            .map_err(|_| SyncError::MissingTime { what: "until" })?
+            .ok_or(SyncError::MissingTime { what: "until" })?;
+        let (_spool, files) = self.spool_objects(&job.id, &job.objects).await?;
+        let bookkeeping = Bookkeeping {
+            namespace: namespace.into(),
+            table: table.into(),
+            watermark: until,
+            schema_version: def.version,
+            schema_description: description,
+        };
+        let schema_version = def.version;
+        let rows = self
+            .blocking(move |s| {
+                s.begin_changes(&def)?;
+                let mut rows = 0;
+                for f in &files {
+                    rows += load_object(f, &def, |batch| s.apply(&def, batch))?;
+                }
+                s.commit_changes(&bookkeeping)?;
+                Ok(rows)
+            })
+            .await?;
+        Ok(TableReport { job_id: job.id, rows, watermark: time::format_wire(until), schema_version })
+    }
+}
+
+/// Drops a table and its bookkeeping row (no DAP access needed).
+pub fn dropdb<S: Sink>(sink: &mut S, namespace: &str, table: &str) -> Result<(), SyncError> {
+    if sink.drop_table(namespace, table)? {
+        Ok(())
+    } else {
+        Err(SyncError::NotInitialised { table: format!("{namespace}.{table}") })
+    }
+}
