@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod progress;
 pub mod schema;
 pub mod sink;
+pub mod state;
 pub mod sync;
 pub mod tables;
 pub mod time;

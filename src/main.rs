@@ -7,6 +7,8 @@ use dap_replica::cli::{self, Cli};
 
 /// `EIO`, the official client's exit code for any failed operation.
 const EXIT_FAILURE: u8 = 5;
+/// 128 + SIGINT, the shell convention for Ctrl-C.
+const EXIT_INTERRUPTED: u8 = 130;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -15,11 +17,19 @@ async fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(EXIT_FAILURE);
     }
-    match cli::run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_FAILURE)
+    tokio::select! {
+        result = cli::run(cli) => match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            // Exit at once: a database transaction that has not committed is rolled back by the
+            // database itself, so every table keeps its previous consistent state.
+            eprintln!("interrupted: work in progress was rolled back; every table keeps its previous state");
+            std::process::exit(EXIT_INTERRUPTED.into());
         }
     }
 }

@@ -138,7 +138,8 @@ impl<S: Sink + 'static> Replicator<S> {
         Ok((TableDef::from_versioned(namespace, table, &envelope)?, schema_description(&envelope)))
     }
 
-    async fn blocking<T: Send + 'static>(
+    /// Runs `work` on the target, on a blocking thread; an error rolls back what it left open.
+    pub async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut S) -> Result<T, SyncError> + Send + 'static,
     ) -> Result<T, SyncError> {

@@ -168,3 +168,183 @@ async fn bad_requests_change_nothing() {
     assert_eq!(out.status.code(), Some(5));
     assert!(stderr(&out).contains("not supported yet") && !stderr(&out).contains("hunter2"), "{}", stderr(&out));
 }
+
+fn state_entries(dir: &Path) -> serde_json::Map<String, Value> {
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).expect("state.json exists")).unwrap();
+    state["tables"].as_object().unwrap().clone()
+}
+
+/// The bookkeeping rows of a mirror file: table → (watermark, schema version).
+fn bookkeeping(db: &Path) -> Vec<(String, String, i64)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT source_table, timestamp, schema_version FROM instructure_dap__table_sync ORDER BY source_table",
+        )
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().collect::<Result<_, _>>().unwrap()
+}
+
+fn assert_state_agrees(dir: &Path, db: &Path, emu: &Emulator) {
+    let entries = state_entries(dir);
+    let rows = bookkeeping(db);
+    assert_eq!(entries.len(), rows.len(), "one entry per initialised table");
+    for (table, ts, version) in rows {
+        let e = &entries[&format!("canvas.{table}")];
+        let watermark = dap_replica::time::parse_rfc3339(e["watermark"].as_str().unwrap()).unwrap();
+        assert_eq!(watermark, dap_replica::time::parse_rfc3339(&ts).unwrap(), "{table}: watermark");
+        assert_eq!(e["schema_version"], version, "{table}: schema version");
+        assert_eq!(e["rows"], emu.truth("canvas", &table).unwrap().len(), "{table}: rows");
+        assert_eq!(e["last_result"], "ok");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_json_follows_the_databases_and_is_restored_from_them() {
+    let emu = emulator(EmulatorConfig { rows: 25, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    let sync = ["syncdb", "--namespace", "canvas", "--table", "all", "--connection-string", url.as_str()];
+    ours_ok(
+        &emu,
+        dir.path(),
+        &["initdb", "--namespace", "canvas", "--table", "users,accounts,courses", "--connection-string", &url],
+    )
+    .await;
+    assert_state_agrees(dir.path(), &db, &emu);
+
+    emu.commit("canvas", "users", ChangeCounts { inserts: 4, hard_deletes: 1, ..Default::default() }).unwrap();
+    std::fs::remove_file(dir.path().join("state.json")).unwrap();
+    ours_ok(&emu, dir.path(), &sync).await;
+    assert_state_agrees(dir.path(), &db, &emu);
+
+    std::fs::write(dir.path().join("state.json"), b"{\"tables\": [garbage").unwrap();
+    ours_ok(&emu, dir.path(), &sync).await;
+    assert_state_agrees(dir.path(), &db, &emu);
+
+    ours_ok(&emu, dir.path(), &["dropdb", "--namespace", "canvas", "--table", "courses", "--connection-string", &url])
+        .await;
+    assert!(!state_entries(dir.path()).contains_key("canvas.courses"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_corrupt_or_unwritable_mirror_gets_a_clear_error_and_is_left_alone() {
+    let emu = emulator(EmulatorConfig { rows: 10, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
+        .await;
+
+    let held = dap_replica::state::WriterLock::acquire(&db).unwrap();
+    let out = run_ours(
+        &emu,
+        dir.path(),
+        &["syncdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(5));
+    assert!(
+        stderr(&out).contains("being written by another dap process") && stderr(&out).contains("pid"),
+        "{}",
+        stderr(&out)
+    );
+    drop(held);
+
+    let corrupt = dir.path().join("corrupt.db");
+    std::fs::write(&corrupt, b"this is not a database, it is a shopping list").unwrap();
+    let out = run_ours(
+        &emu,
+        dir.path(),
+        &[
+            "initdb",
+            "--namespace",
+            "canvas",
+            "--table",
+            "users",
+            "--connection-string",
+            &format!("sqlite://{}", corrupt.display()),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(5));
+    assert!(stderr(&out).contains("corrupt.db") && stderr(&out).contains("not a database"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&corrupt).unwrap(), b"this is not a database, it is a shopping list");
+
+    let blocked = dir.path().join("a-file");
+    std::fs::write(&blocked, b"x").unwrap();
+    let out = run_ours(
+        &emu,
+        dir.path(),
+        &[
+            "initdb",
+            "--namespace",
+            "canvas",
+            "--table",
+            "users",
+            "--connection-string",
+            &format!("sqlite://{}/m.db", blocked.display()),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(5));
+    assert!(stderr(&out).contains("a-file"), "the error names the path: {}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_exits_130_and_keeps_the_previous_state() {
+    let emu = emulator(EmulatorConfig {
+        rows: 20,
+        job_waiting: std::time::Duration::from_secs(3),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
+        .await;
+    let before = sqlite_rows(&db, &emu, "canvas", "users");
+    let watermark = bookkeeping(&db);
+    emu.commit("canvas", "users", ChangeCounts { inserts: 3, updates: 3, hard_deletes: 2, ..Default::default() })
+        .unwrap();
+
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"))
+        .env("DAP_API_URL", emu.base_url())
+        .env("DAP_CLIENT_ID", &emu.config().client_id)
+        .env("DAP_CLIENT_SECRET", &emu.config().client_secret)
+        .env("DAP_JOB_RATE", "1000/1")
+        .args(["--non-interactive", "syncdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let pid = child.id().unwrap() as i32;
+    assert_eq!(send_signal(pid, 2), 0, "SIGINT sent");
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert_eq!(sqlite_rows(&db, &emu, "canvas", "users"), before, "nothing half-applied");
+    assert_eq!(bookkeeping(&db), watermark, "the watermark did not move");
+
+    ours_ok(&emu, dir.path(), &["syncdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
+        .await;
+    let def = emu.table_def("canvas", "users").unwrap();
+    assert_same_rows(
+        &def,
+        &sqlite_rows(&db, &emu, "canvas", "users"),
+        &emu.truth("canvas", "users").unwrap(),
+        "after the rerun",
+    );
+}
+
+/// Sends a signal with the `kill` command (no libc binding needed).
+fn send_signal(pid: i32, signal: i32) -> i32 {
+    std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .map(|s| s.code().unwrap_or(1))
+        .unwrap_or(1)
+}

@@ -1,6 +1,7 @@
 //! `initdb`, `syncdb`, `dropdb` and `listdb` on the SQLite mirror.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, bail};
@@ -11,6 +12,7 @@ use super::Context;
 use crate::api::Client;
 use crate::sink::Sink;
 use crate::sink::sqlite::SqliteSink;
+use crate::state::{StateFile, WriterLock};
 use crate::sync::{Replicator, dropdb};
 use crate::tables::{self, Outcome};
 use crate::time;
@@ -87,20 +89,49 @@ fn open(connection_string: Option<&str>, namespace: &str) -> anyhow::Result<(Pat
     Ok((path, sink))
 }
 
+/// Rewrites `state.json` for `namespace` from the database (plus one table's run, if given).
+fn save_state(
+    state: &mut StateFile,
+    db: &Path,
+    namespace: &str,
+    bookkeeping: &[crate::sink::Bookkeeping],
+    rows: &BTreeMap<String, u64>,
+) {
+    state.reconcile(namespace, db, bookkeeping, rows);
+    if let Err(e) = state.save(&StateFile::path_for(db)) {
+        tracing::warn!("could not write the state file: {e}");
+    }
+}
+
+/// Removes spool folders that an interrupted run left behind.
+fn clear_spool(spool: &Path) {
+    if let Ok(entries) = std::fs::read_dir(spool) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 async fn replicate(ctx: &Context, args: DbArgs, init: Option<bool>) -> anyhow::Result<()> {
     let command = if init.is_some() { "initdb" } else { "syncdb" };
-    let (path, mut sink) = open(args.connection_string.as_deref(), &args.namespace)?;
+    let path = mirror_file(args.connection_string.as_deref(), &args.namespace)?;
+    let _lock = WriterLock::acquire(&path)?;
+    let (_, mut sink) = open(args.connection_string.as_deref(), &args.namespace)?;
+    let ns = args.namespace.clone();
+    let state = Mutex::new(StateFile::load(&StateFile::path_for(&path)));
+    save_state(&mut state.lock().expect("state lock"), &path, &ns, &sink.all_bookkeeping(&ns)?, &BTreeMap::new());
     let client = Client::new(ctx.client.clone())?;
     let tables = match tables::parse_selection(&args.table) {
         Some(list) if list.is_empty() => bail!("--table names no table"),
         Some(list) => list,
-        None if init.is_some() => client.tables(&args.namespace).await?,
-        None => sink.all_bookkeeping(&args.namespace)?.into_iter().map(|b| b.table).collect(),
+        None if init.is_some() => client.tables(&ns).await?,
+        None => sink.all_bookkeeping(&ns)?.into_iter().map(|b| b.table).collect(),
     };
     let spool = path.parent().map(|p| p.join(".dap-spool")).unwrap_or_else(|| PathBuf::from(".dap-spool"));
+    clear_spool(&spool);
     let replicator = Replicator { client, sink: Arc::new(Mutex::new(sink)), spool, download_concurrency: 4 };
     let outcomes = tables::run_each(&tables, args.parallel_tables, |t| {
-        let (r, ns) = (&replicator, &args.namespace);
+        let (r, ns, path, state) = (&replicator, &ns, &path, &state);
         async move {
             let report = match init {
                 Some(replace) => r.initdb(ns, &t, replace).await,
@@ -109,6 +140,20 @@ async fn replicate(ctx: &Context, args: DbArgs, init: Option<bool>) -> anyhow::R
             match &report {
                 Ok(rep) => tracing::info!("{t}: {command} done, {} rows, watermark {}", rep.rows, rep.watermark),
                 Err(e) => tracing::warn!("{t}: {e}"),
+            }
+            let (n, table) = (ns.clone(), t.clone());
+            let now = r.blocking(move |s| Ok((s.all_bookkeeping(&n)?, s.row_count(&n, &table).ok()))).await;
+            if let Ok((bookkeeping, rows)) = now {
+                let mut st = state.lock().expect("state lock");
+                let result = report.as_ref().map(|_| ()).map_err(|e| e.to_string());
+                st.record_run(ns, &t, path, command, report.as_ref().ok().map(|r| r.job_id.as_str()), result);
+                save_state(
+                    &mut st,
+                    path,
+                    ns,
+                    &bookkeeping,
+                    &rows.map(|n| BTreeMap::from([(t.clone(), n)])).unwrap_or_default(),
+                );
             }
             report
         }
@@ -129,6 +174,8 @@ pub async fn syncdb(ctx: &Context, args: DbArgs) -> anyhow::Result<()> {
 }
 
 pub async fn drop(args: DbArgs) -> anyhow::Result<()> {
+    let path = mirror_file(args.connection_string.as_deref(), &args.namespace)?;
+    let _lock = WriterLock::acquire(&path)?;
     let (_, mut sink) = open(args.connection_string.as_deref(), &args.namespace)?;
     let tables = match tables::parse_selection(&args.table) {
         Some(list) => list,
@@ -144,6 +191,8 @@ pub async fn drop(args: DbArgs) -> anyhow::Result<()> {
             tables::TableOutcome { table: t, outcome }
         })
         .collect();
+    let mut state = StateFile::load(&StateFile::path_for(&path));
+    save_state(&mut state, &path, &args.namespace, &sink.all_bookkeeping(&args.namespace)?, &BTreeMap::new());
     super::export::finish("dropdb", &outcomes)
 }
 

@@ -1,0 +1,206 @@
+//! `state.json` beside the mirror files, and the writer lock of each mirror file.
+//!
+//! The state file records, per table: watermark, schema version, rows, last job, last run and its
+//! result. It is rewritten atomically (temporary file, fsync, rename) after every table's
+//! commit, rebuilt from the databases when missing or corrupt, and never trusted over them: every
+//! run reconciles it with the bookkeeping rows it finds.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::sink::Bookkeeping;
+use crate::time;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("the mirror {} is being written by another dap process ({holder}); wait for it to finish or stop it", path.display())]
+    Locked { path: PathBuf, holder: String },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io { path: path.to_path_buf(), source }
+}
+
+/// Exclusive right to write one mirror file, held until dropped.
+pub struct WriterLock {
+    _file: File,
+}
+
+impl WriterLock {
+    /// Takes the lock of `db` (a `<db>.lock` file), or says which process holds it.
+    pub fn acquire(db: &Path) -> Result<WriterLock, StateError> {
+        let path = PathBuf::from(format!("{}.lock", db.display()));
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        let mut file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder =
+                    if holder.trim().is_empty() { "unknown process".into() } else { holder.trim().to_string() };
+                return Err(StateError::Locked { path: db.to_path_buf(), holder });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(&path)(e)),
+        }
+        file.set_len(0).map_err(io(&path))?;
+        file.rewind().map_err(io(&path))?;
+        write!(file, "pid {} since {}", std::process::id(), time::format_wire(time::now())).map_err(io(&path))?;
+        Ok(WriterLock { _file: file })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TableEntry {
+    pub namespace: String,
+    pub table: String,
+    /// The database file holding the table.
+    pub file: PathBuf,
+    pub watermark: Option<String>,
+    pub schema_version: Option<u32>,
+    pub rows: Option<u64>,
+    pub last_job: Option<String>,
+    pub last_command: Option<String>,
+    pub last_run: Option<String>,
+    /// `ok`, or the error of the last run.
+    pub last_result: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateFile {
+    pub format: u32,
+    /// `namespace.table` → entry.
+    pub tables: BTreeMap<String, TableEntry>,
+}
+
+impl StateFile {
+    /// `state.json` of the mirror folder holding `db`.
+    pub fn path_for(db: &Path) -> PathBuf {
+        db.parent().unwrap_or(Path::new(".")).join("state.json")
+    }
+
+    /// Reads the state file; a missing or unreadable one yields an empty state (it is rebuilt
+    /// from the databases by [`StateFile::reconcile`]).
+    pub fn load(path: &Path) -> StateFile {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!("{} is corrupt ({e}); rebuilding it from the databases", path.display());
+                StateFile::default()
+            }),
+            Err(_) => StateFile::default(),
+        }
+    }
+
+    /// Makes the entries of `db`'s namespace agree with its bookkeeping rows (and the row counts
+    /// given): the database is the authority.
+    pub fn reconcile(&mut self, namespace: &str, db: &Path, bookkeeping: &[Bookkeeping], rows: &BTreeMap<String, u64>) {
+        self.tables.retain(|_, e| {
+            !(e.namespace == namespace && e.file == db && !bookkeeping.iter().any(|b| b.table == e.table))
+        });
+        for b in bookkeeping {
+            let e = self.tables.entry(format!("{namespace}.{}", b.table)).or_default();
+            e.namespace = namespace.to_string();
+            e.table = b.table.clone();
+            e.file = db.to_path_buf();
+            e.watermark = Some(time::format_wire(b.watermark));
+            e.schema_version = Some(b.schema_version);
+            if let Some(n) = rows.get(&b.table) {
+                e.rows = Some(*n);
+            }
+        }
+    }
+
+    /// Records the outcome of a run on a table.
+    pub fn record_run(
+        &mut self,
+        namespace: &str,
+        table: &str,
+        db: &Path,
+        command: &str,
+        job: Option<&str>,
+        result: Result<(), String>,
+    ) {
+        let e = self.tables.entry(format!("{namespace}.{table}")).or_default();
+        e.namespace = namespace.to_string();
+        e.table = table.to_string();
+        e.file = db.to_path_buf();
+        e.last_command = Some(command.to_string());
+        e.last_run = Some(time::format_wire(time::now()));
+        if let Some(j) = job {
+            e.last_job = Some(j.to_string());
+        }
+        e.last_result = Some(match result {
+            Ok(()) => "ok".into(),
+            Err(e) => e,
+        });
+    }
+
+    /// Writes the file atomically: temporary file, fsync, rename.
+    pub fn save(&mut self, path: &Path) -> Result<(), StateError> {
+        self.format = 1;
+        let temp = path.with_extension("json.partial");
+        let mut f = File::create(&temp).map_err(io(&temp))?;
+        f.write_all(&serde_json::to_vec_pretty(self).expect("state serialises")).map_err(io(&temp))?;
+        f.sync_all().map_err(io(&temp))?;
+        std::fs::rename(&temp, path).map_err(io(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bk(table: &str, watermark: i64) -> Bookkeeping {
+        Bookkeeping {
+            namespace: "canvas".into(),
+            table: table.into(),
+            watermark,
+            schema_version: 2,
+            schema_description: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn a_second_writer_is_told_who_holds_the_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("canvas.db");
+        let first = WriterLock::acquire(&db).unwrap();
+        let e = WriterLock::acquire(&db).err().unwrap().to_string();
+        assert!(e.contains("another dap process") && e.contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(first);
+        assert!(WriterLock::acquire(&db).is_ok());
+    }
+
+    #[test]
+    fn state_is_rebuilt_from_the_databases_and_saved_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("canvas.db");
+        let path = StateFile::path_for(&db);
+        std::fs::write(&path, b"{ not json").unwrap();
+        let mut s = StateFile::load(&path);
+        assert!(s.tables.is_empty(), "a corrupt file is not trusted");
+        s.tables.insert(
+            "canvas.gone".into(),
+            TableEntry { namespace: "canvas".into(), table: "gone".into(), file: db.clone(), ..Default::default() },
+        );
+        let rows = BTreeMap::from([("users".to_string(), 7)]);
+        s.reconcile("canvas", &db, &[bk("users", 1_000_000)], &rows);
+        s.record_run("canvas", "users", &db, "syncdb", Some("job-1"), Ok(()));
+        s.save(&path).unwrap();
+        let back = StateFile::load(&path);
+        assert_eq!(back, s);
+        assert!(!back.tables.contains_key("canvas.gone"), "tables the database no longer has are dropped");
+        let users = &back.tables["canvas.users"];
+        assert_eq!((users.rows, users.schema_version, users.last_result.as_deref()), (Some(7), Some(2), Some("ok")));
+        assert_eq!(users.watermark.as_deref(), Some("1970-01-01T00:00:01Z"));
+    }
+}
