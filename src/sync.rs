@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use crate::api::types::{Format, Mode, Query};
-use crate::api::{ApiError, Client};
+use crate::api::{ApiError, Client, ServerErrorKind};
 use crate::decode::tsv::TsvDecoder;
 use crate::decode::{DecodeError, Record};
 use crate::fetch::{self, FetchError, FetchProgress};
@@ -42,6 +42,10 @@ pub enum SyncError {
     AlreadyInitialised { table: String },
     #[error("{table} is not initialised; run initdb first")]
     NotInitialised { table: String },
+    #[error(
+        "{namespace}.{table}: the server needs a new snapshot ({reason}); run `dap initdb --replace --namespace {namespace} --table {table}` on the same target, or syncdb with --auto-reinit"
+    )]
+    SnapshotRequired { namespace: String, table: String, reason: String },
     #[error("the incremental job reported no `{what}`")]
     MissingTime { what: &'static str },
 }
@@ -78,6 +82,9 @@ pub struct Replicator<S: Sink> {
     /// Where objects wait (compressed) between download and load.
     pub spool: PathBuf,
     pub download_concurrency: usize,
+    /// When the server refuses an incremental (snapshot required, out of range), re-snapshot
+    /// the table atomically instead of stopping.
+    pub auto_reinit: bool,
 }
 
 /// The schema as the bookkeeping table stores it: compact JSON without `meta`.
@@ -232,10 +239,24 @@ impl<S: Sink + 'static> Replicator<S> {
             .await?
             .ok_or_else(|| SyncError::NotInitialised { table: format!("{namespace}.{table}") })?;
         let (def, description) = self.schema(namespace, table).await?;
-        let job = self
-            .client
-            .run_job(namespace, table, &self.query(Some(time::format_wire(stored.watermark))), |_| {})
-            .await?;
+        let query = self.query(Some(time::format_wire(fresh_since(stored.watermark))));
+        let job = match self.client.run_job(namespace, table, &query, |_| {}).await {
+            Ok(job) => job,
+            Err(e)
+                if matches!(e.server_kind(), Some(ServerErrorKind::SnapshotRequired | ServerErrorKind::OutOfRange)) =>
+            {
+                if !self.auto_reinit {
+                    return Err(SyncError::SnapshotRequired {
+                        namespace: namespace.into(),
+                        table: table.into(),
+                        reason: e.to_string(),
+                    });
+                }
+                tracing::warn!("{namespace}.{table}: {e}; taking a new snapshot (--auto-reinit)");
+                return Box::pin(self.initdb(namespace, table, true)).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let until = job
             .until
             .as_deref()
@@ -243,6 +264,7 @@ impl<S: Sink + 'static> Replicator<S> {
             .transpose()
             .map_err(|_| SyncError::MissingTime { what: "until" })?
             .ok_or(SyncError::MissingTime { what: "until" })?;
+        let until = until.max(stored.watermark);
         let (_spool, files) = self.spool_objects(&job.id, &job.objects).await?;
         let bookkeeping = Bookkeeping {
             namespace: namespace.into(),
@@ -267,11 +289,33 @@ impl<S: Sink + 'static> Replicator<S> {
     }
 }
 
+/// The `since` of an incremental: the watermark less a random fraction of a second. DAP answers
+/// an identical query with the existing job for a day, so a sync that found nothing would
+/// otherwise get that same empty job back until it expires. The overlap is safe: incrementals
+/// carry the latest version of each key, and re-applying a state already in the mirror changes
+/// nothing.
+fn fresh_since(watermark: time::Micros) -> time::Micros {
+    watermark - fastrand::i64(1..1_000_000)
+}
+
 /// Drops a table and its bookkeeping row (no DAP access needed).
 pub fn dropdb<S: Sink>(sink: &mut S, namespace: &str, table: &str) -> Result<(), SyncError> {
     if sink.drop_table(namespace, table)? {
         Ok(())
     } else {
         Err(SyncError::NotInitialised { table: format!("{namespace}.{table}") })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_overlaps_the_watermark_slightly_and_varies_between_runs() {
+        let w = 1_700_000_000_000_000;
+        let runs: std::collections::HashSet<i64> = (0..100).map(|_| fresh_since(w)).collect();
+        assert!(runs.iter().all(|s| *s < w && w - s < 1_000_000));
+        assert!(runs.len() > 95, "runs ask different queries");
     }
 }

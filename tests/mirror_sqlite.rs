@@ -348,3 +348,84 @@ fn send_signal(pid: i32, signal: i32) -> i32 {
         .map(|s| s.code().unwrap_or(1))
         .unwrap_or(1)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_required_names_the_fix_or_reinitialises_atomically() {
+    use dap_replica::emulator::{FaultKind, FaultSpec};
+    let emu = emulator(EmulatorConfig { rows: 20, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    let sync = ["syncdb", "--namespace", "canvas", "--table", "users", "--connection-string", url.as_str()];
+    ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
+        .await;
+    let before = sqlite_rows(&db, &emu, "canvas", "users");
+    emu.commit("canvas", "users", ChangeCounts { inserts: 2, updates: 2, hard_deletes: 1, ..Default::default() })
+        .unwrap();
+
+    emu.inject(FaultSpec::new(FaultKind::SnapshotRequired, 1));
+    let out = run_ours(&emu, dir.path(), &sync).await;
+    assert_eq!(out.status.code(), Some(5));
+    assert!(stderr(&out).contains("dap initdb --replace --namespace canvas --table users"), "{}", stderr(&out));
+    assert_eq!(sqlite_rows(&db, &emu, "canvas", "users"), before);
+
+    for kind in [FaultKind::SnapshotRequired, FaultKind::OutOfRange] {
+        emu.inject(FaultSpec::new(kind, 1));
+        emu.expire_jobs();
+        let mut args = sync.to_vec();
+        args.push("--auto-reinit");
+        ours_ok(&emu, dir.path(), &args).await;
+        let def = emu.table_def("canvas", "users").unwrap();
+        assert_same_rows(
+            &def,
+            &sqlite_rows(&db, &emu, "canvas", "users"),
+            &emu.truth("canvas", "users").unwrap(),
+            "after --auto-reinit",
+        );
+        emu.commit("canvas", "users", ChangeCounts { inserts: 1, updates: 1, ..Default::default() }).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_else_init_and_a_sync_through_faults_converge_to_the_truth() {
+    use dap_replica::emulator::{Endpoint, FaultKind, FaultSpec};
+    let emu = emulator(EmulatorConfig { rows: 15, part_rows: 6, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("catalog.db");
+    let url = format!("sqlite://{}", db.display());
+    let all =
+        ["syncdb", "--namespace", "catalog", "--table", "all", "--init-missing", "--connection-string", url.as_str()];
+    ours_ok(
+        &emu,
+        dir.path(),
+        &["initdb", "--namespace", "catalog", "--table", "accounts", "--connection-string", &url],
+    )
+    .await;
+    ours_ok(&emu, dir.path(), &all).await;
+    assert_eq!(bookkeeping(&db).len(), 28, "every catalog table is initialised");
+
+    for t in emu.tables("catalog").unwrap() {
+        emu.commit("catalog", &t, ChangeCounts { inserts: 3, updates: 3, hard_deletes: 2, ..Default::default() })
+            .unwrap();
+    }
+    for fault in [
+        FaultSpec::new(FaultKind::TooManyRequests, 3).on(Endpoint::Query),
+        FaultSpec::new(FaultKind::ServerError, 2).on(Endpoint::Schema),
+        FaultSpec::new(FaultKind::BadGateway, 2).on(Endpoint::ObjectUrl),
+        FaultSpec::new(FaultKind::Reset, 4).on(Endpoint::Object),
+        FaultSpec::new(FaultKind::TruncatedGzip, 3).on(Endpoint::Object),
+        FaultSpec::new(FaultKind::ExpiredUrl, 2).on(Endpoint::Object),
+    ] {
+        emu.inject(fault);
+    }
+    ours_ok(&emu, dir.path(), &all).await;
+    for t in emu.tables("catalog").unwrap() {
+        let def = emu.table_def("catalog", &t).unwrap();
+        assert_same_rows(
+            &def,
+            &sqlite_rows(&db, &emu, "catalog", &t),
+            &emu.truth("catalog", &t).unwrap(),
+            "after a sync through faults",
+        );
+    }
+}

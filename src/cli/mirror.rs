@@ -45,6 +45,18 @@ pub struct InitArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// When the server needs a new snapshot of a table, take it (atomically) instead of stopping.
+    #[arg(long)]
+    auto_reinit: bool,
+    /// Also initialise tables the server has and the mirror lacks ("sync, else init").
+    #[arg(long)]
+    init_missing: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct ListDbArgs {
     #[arg(long)]
     namespace: String,
@@ -112,8 +124,15 @@ fn clear_spool(spool: &Path) {
     }
 }
 
-async fn replicate(ctx: &Context, args: DbArgs, init: Option<bool>) -> anyhow::Result<()> {
-    let command = if init.is_some() { "initdb" } else { "syncdb" };
+/// What a run does to each table.
+#[derive(Clone, Copy)]
+enum Mode {
+    Init { replace: bool },
+    Sync { auto_reinit: bool, init_missing: bool },
+}
+
+async fn replicate(ctx: &Context, args: DbArgs, mode: Mode) -> anyhow::Result<()> {
+    let command = if matches!(mode, Mode::Init { .. }) { "initdb" } else { "syncdb" };
     let path = mirror_file(args.connection_string.as_deref(), &args.namespace)?;
     let _lock = WriterLock::acquire(&path)?;
     let (_, mut sink) = open(args.connection_string.as_deref(), &args.namespace)?;
@@ -121,21 +140,29 @@ async fn replicate(ctx: &Context, args: DbArgs, init: Option<bool>) -> anyhow::R
     let state = Mutex::new(StateFile::load(&StateFile::path_for(&path)));
     save_state(&mut state.lock().expect("state lock"), &path, &ns, &sink.all_bookkeeping(&ns)?, &BTreeMap::new());
     let client = Client::new(ctx.client.clone())?;
-    let tables = match tables::parse_selection(&args.table) {
-        Some(list) if list.is_empty() => bail!("--table names no table"),
-        Some(list) => list,
-        None if init.is_some() => client.tables(&ns).await?,
-        None => sink.all_bookkeeping(&ns)?.into_iter().map(|b| b.table).collect(),
+    let local: Vec<String> = sink.all_bookkeeping(&ns)?.into_iter().map(|b| b.table).collect();
+    let tables = match (tables::parse_selection(&args.table), mode) {
+        (Some(list), _) if list.is_empty() => bail!("--table names no table"),
+        (Some(list), _) => list,
+        (None, Mode::Init { .. } | Mode::Sync { init_missing: true, .. }) => {
+            let mut all = local.clone();
+            all.extend(client.tables(&ns).await?.into_iter().filter(|t| !local.contains(t)));
+            all
+        }
+        (None, Mode::Sync { .. }) => local.clone(),
     };
     let spool = path.parent().map(|p| p.join(".dap-spool")).unwrap_or_else(|| PathBuf::from(".dap-spool"));
     clear_spool(&spool);
-    let replicator = Replicator { client, sink: Arc::new(Mutex::new(sink)), spool, download_concurrency: 4 };
+    let auto_reinit = matches!(mode, Mode::Sync { auto_reinit: true, .. });
+    let replicator =
+        Replicator { client, sink: Arc::new(Mutex::new(sink)), spool, download_concurrency: 4, auto_reinit };
     let outcomes = tables::run_each(&tables, args.parallel_tables, |t| {
-        let (r, ns, path, state) = (&replicator, &ns, &path, &state);
+        let (r, ns, path, state, local) = (&replicator, &ns, &path, &state, &local);
         async move {
-            let report = match init {
-                Some(replace) => r.initdb(ns, &t, replace).await,
-                None => r.syncdb(ns, &t).await,
+            let report = match mode {
+                Mode::Init { replace } => r.initdb(ns, &t, replace).await,
+                Mode::Sync { init_missing: true, .. } if !local.contains(&t) => r.initdb(ns, &t, false).await,
+                Mode::Sync { .. } => r.syncdb(ns, &t).await,
             };
             match &report {
                 Ok(rep) => tracing::info!("{t}: {command} done, {} rows, watermark {}", rep.rows, rep.watermark),
@@ -166,11 +193,11 @@ async fn replicate(ctx: &Context, args: DbArgs, init: Option<bool>) -> anyhow::R
 }
 
 pub async fn initdb(ctx: &Context, args: InitArgs) -> anyhow::Result<()> {
-    replicate(ctx, args.db, Some(args.replace)).await
+    replicate(ctx, args.db, Mode::Init { replace: args.replace }).await
 }
 
-pub async fn syncdb(ctx: &Context, args: DbArgs) -> anyhow::Result<()> {
-    replicate(ctx, args, None).await
+pub async fn syncdb(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
+    replicate(ctx, args.db, Mode::Sync { auto_reinit: args.auto_reinit, init_missing: args.init_missing }).await
 }
 
 pub async fn drop(args: DbArgs) -> anyhow::Result<()> {

@@ -91,7 +91,7 @@ pub enum Command {
     /// Initialise tables in the mirror from a snapshot.
     Initdb(mirror::InitArgs),
     /// Bring initialised tables up to date with the changes since their watermark.
-    Syncdb(mirror::DbArgs),
+    Syncdb(mirror::SyncArgs),
     /// Drop tables (and their bookkeeping) from the mirror.
     Dropdb(mirror::DbArgs),
     /// List the server's tables with their replication state.

@@ -73,6 +73,7 @@ impl SqliteSink {
         let conn = Connection::open(path).map_err(fail)?;
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
+             PRAGMA legacy_alter_table = ON;
              CREATE TABLE IF NOT EXISTS {BOOKKEEPING} (
                id INTEGER PRIMARY KEY, source_namespace TEXT NOT NULL, source_table TEXT NOT NULL,
                timestamp TEXT NOT NULL, schema_version INTEGER NOT NULL, target_schema TEXT,
@@ -137,13 +138,68 @@ impl SqliteSink {
         Ok(())
     }
 
-    fn columns_of(&self, table: &str) -> Result<Vec<String>, SinkError> {
+    /// The `CREATE INDEX` statements users made on a table (kept across swaps and rebuilds).
+    fn user_indexes(&self, table: &str) -> Result<Vec<String>, SinkError> {
         let mut stmt = self
             .conn
-            .prepare(&format!("SELECT name FROM pragma_table_info({})", quote_literal(table)))
+            .prepare("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ?1 AND sql IS NOT NULL")
+            .map_err(|e| self.fail("reading indexes", e))?;
+        let rows = stmt.query_map([table], |r| r.get::<_, String>(0)).map_err(|e| self.fail("reading indexes", e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.fail("reading indexes", e))
+    }
+
+    /// Replaces `table` with `replacement` (already filled), keeping its user indexes. Views
+    /// refer to tables by name, so they keep working (renames do not rewrite them: legacy mode).
+    fn swap_in(&self, table: &str, replacement: &str) -> Result<(), SinkError> {
+        let indexes = self.user_indexes(table)?;
+        self.conn
+            .execute_batch(&format!(
+                "DROP TABLE IF EXISTS {0}; ALTER TABLE {1} RENAME TO {0};",
+                quote(table),
+                quote(replacement)
+            ))
+            .map_err(|e| self.fail(&format!("swapping in {table}"), e))?;
+        for sql in indexes {
+            self.conn.execute_batch(&sql).map_err(|e| self.fail(&format!("recreating an index on {table}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Declared types of the table's columns.
+    fn column_types(&self, table: &str) -> Result<Vec<(String, String)>, SinkError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT name, type FROM pragma_table_info({})", quote_literal(table)))
             .map_err(|e| self.fail("reading columns", e))?;
-        let names = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(|e| self.fail("reading columns", e))?;
-        names.collect::<Result<_, _>>().map_err(|e| self.fail("reading columns", e))
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.fail("reading columns", e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.fail("reading columns", e))
+    }
+
+    /// Rebuilds a table whose column types changed: a new table with the schema's types (plus
+    /// any columns the schema no longer names), filled from the old one, swapped in.
+    fn rebuild(&self, def: &TableDef, existing: &[(String, String)]) -> Result<(), SinkError> {
+        let temp = format!("_dap_rebuild__{}", def.name);
+        let extra: Vec<&(String, String)> =
+            existing.iter().filter(|(n, _)| !def.columns().any(|c| &c.name == n)).collect();
+        let mut columns: Vec<String> = def
+            .columns()
+            .map(|c| format!("{} {}{}", quote(&c.name), sql_type(&c.ty), if c.required { " NOT NULL" } else { "" }))
+            .collect();
+        columns.extend(extra.iter().map(|(n, t)| format!("{} {t}", quote(n))));
+        let copied: Vec<String> = existing.iter().map(|(n, _)| quote(n)).collect();
+        self.conn
+            .execute_batch(&format!(
+                "DROP TABLE IF EXISTS {0}; CREATE TABLE {0} ({1}, PRIMARY KEY ({2})); INSERT INTO {0} ({3}) SELECT {3} FROM {4};",
+                quote(&temp),
+                columns.join(", "),
+                quote(&def.key.name),
+                copied.join(", "),
+                quote(&def.name)
+            ))
+            .map_err(|e| self.fail(&format!("rebuilding {} for its new schema", def.name), e))?;
+        self.swap_in(&def.name, &temp)
     }
 
     fn write_bookkeeping(&self, b: &Bookkeeping) -> Result<(), SinkError> {
@@ -232,21 +288,21 @@ impl Sink for SqliteSink {
 
     fn publish(&mut self, def: &TableDef, bookkeeping: &Bookkeeping) -> Result<(), SinkError> {
         let tx = self.conn.unchecked_transaction().map_err(|e| self.fail("starting a transaction", e))?;
-        self.conn
-            .execute_batch(&format!(
-                "DROP TABLE IF EXISTS {0}; ALTER TABLE {1} RENAME TO {0};",
-                quote(&def.name),
-                quote(&staging(&def.name))
-            ))
-            .map_err(|e| self.fail(&format!("swapping in {}", def.name), e))?;
+        self.swap_in(&def.name, &staging(&def.name))?;
         self.write_bookkeeping(bookkeeping)?;
         tx.commit().map_err(|e| self.fail(&format!("committing {}", def.name), e))
     }
 
     fn begin_changes(&mut self, def: &TableDef) -> Result<(), SinkError> {
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.fail("starting a transaction", e))?;
-        let existing = self.columns_of(&def.name)?;
-        for c in def.values.iter().filter(|c| !existing.contains(&c.name)) {
+        let existing = self.column_types(&def.name)?;
+        let changed_type = def
+            .columns()
+            .any(|c| existing.iter().any(|(n, t)| n == &c.name && !t.eq_ignore_ascii_case(sql_type(&c.ty))));
+        if changed_type {
+            return self.rebuild(def, &existing);
+        }
+        for c in def.values.iter().filter(|c| !existing.iter().any(|(n, _)| n == &c.name)) {
             // Additive change: a new column, NULL for the rows already here.
             self.conn
                 .execute_batch(&format!(
@@ -291,5 +347,88 @@ impl Sink for SqliteSink {
         }
         tx.commit().map_err(|e| self.fail("committing the drop", e))?;
         Ok(removed > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulator::dataset::envelope_def;
+    use serde_json::json;
+
+    fn def(version: u32, score_type: &str) -> TableDef {
+        let flat = json!({"type": "object", "required": ["id"], "properties": {
+            "id": {"type": "integer", "format": "int64"},
+            "name": {"type": "string"},
+            "score": {"type": score_type},
+        }});
+        envelope_def("canvas", "t", version, &flat).unwrap()
+    }
+
+    fn row(id: i64, name: &str, score: Value) -> Record {
+        Record { ts: None, action: Some('U'), key: Value::Int(id), values: vec![Value::Str(name.into()), score] }
+    }
+
+    fn bk(version: u32) -> Bookkeeping {
+        Bookkeeping {
+            namespace: "canvas".into(),
+            table: "t".into(),
+            watermark: 1,
+            schema_version: version,
+            schema_description: "{}".into(),
+        }
+    }
+
+    fn query(s: &SqliteSink, sql: &str) -> Vec<String> {
+        let mut stmt = s.conn.prepare(sql).unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn user_indexes_and_views_survive_replacement_and_type_rebuilds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteSink::open(&dir.path().join("m.db")).unwrap();
+        let v1 = def(1, "string");
+        let load = |s: &mut SqliteSink| {
+            s.stage(&v1).unwrap();
+            s.stage_rows(&v1, &[row(1, "a", Value::Str("10".into())), row(2, "b", Value::Str("20".into()))]).unwrap();
+            s.publish(&v1, &bk(1)).unwrap();
+        };
+        load(&mut s);
+        s.conn
+            .execute_batch("CREATE INDEX user_idx ON t (name); CREATE VIEW user_view AS SELECT id, score FROM t")
+            .unwrap();
+
+        load(&mut s); // initdb --replace
+        assert_eq!(query(&s, "SELECT name FROM sqlite_master WHERE name = 'user_idx'"), ["user_idx"]);
+        assert_eq!(query(&s, "SELECT score FROM user_view ORDER BY id"), ["10", "20"]);
+
+        let v2 = def(2, "integer");
+        s.begin_changes(&v2).unwrap();
+        s.apply(&v2, &[row(3, "c", Value::Int(30))]).unwrap();
+        s.commit_changes(&bk(2)).unwrap();
+        assert_eq!(
+            query(&s, "SELECT typeof(score) FROM t ORDER BY id"),
+            ["integer", "integer", "integer"],
+            "old values converted"
+        );
+        assert_eq!(query(&s, "SELECT name FROM sqlite_master WHERE name = 'user_idx'"), ["user_idx"]);
+        assert_eq!(query(&s, "SELECT CAST(score AS TEXT) FROM user_view ORDER BY id"), ["10", "20", "30"]);
+        assert_eq!(s.bookkeeping("canvas", "t").unwrap().unwrap().schema_version, 2);
+    }
+
+    #[test]
+    fn a_failed_sync_rolls_back_to_the_previous_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteSink::open(&dir.path().join("m.db")).unwrap();
+        let v1 = def(1, "string");
+        s.stage(&v1).unwrap();
+        s.stage_rows(&v1, &[row(1, "a", Value::Null)]).unwrap();
+        s.publish(&v1, &bk(1)).unwrap();
+        s.begin_changes(&v1).unwrap();
+        s.apply(&v1, &[row(2, "b", Value::Null)]).unwrap();
+        s.abort();
+        assert_eq!(s.row_count("canvas", "t").unwrap(), 1);
+        assert_eq!(s.bookkeeping("canvas", "t").unwrap().unwrap().watermark, 1);
     }
 }
