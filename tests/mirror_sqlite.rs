@@ -85,6 +85,10 @@ async fn every_canvas_table_and_web_logs_stay_equal_to_the_truth() {
         }
         emu.commit("canvas_logs", "web_logs", ChangeCounts { inserts: 15, ..Default::default() }).unwrap();
         if round == 2 {
+            let conn = rusqlite::Connection::open(&canvas).unwrap();
+            for t in ["accounts", "courses", "enrollments"] {
+                conn.execute_batch(&format!("CREATE INDEX user_{t}_idx ON {t} (workflow_state); CREATE VIEW user_{t}_view AS SELECT id, workflow_state FROM {t};")).unwrap();
+            }
             emu.evolve("canvas", "accounts", SchemaChange::AddColumn).unwrap();
             emu.evolve("canvas", "courses", SchemaChange::WidenMaxLength).unwrap();
             emu.evolve("canvas", "enrollments", SchemaChange::AddEnumValue).unwrap();
@@ -99,6 +103,20 @@ async fn every_canvas_table_and_web_logs_stay_equal_to_the_truth() {
         assert_mirror_matches(&logs, &emu, "canvas_logs", &label);
     }
 
+    let conn = rusqlite::Connection::open(&canvas).unwrap();
+    for t in ["accounts", "courses", "enrollments"] {
+        let objects: i64 = conn
+            .query_row(
+                &format!("SELECT count(*) FROM sqlite_master WHERE name IN ('user_{t}_idx', 'user_{t}_view')"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(objects, 2, "the user index and view on {t} survive the schema change");
+        let through_view: usize =
+            conn.query_row(&format!("SELECT count(*) FROM user_{t}_view"), [], |r| r.get(0)).unwrap();
+        assert_eq!(through_view, emu.truth("canvas", t).unwrap().len());
+    }
     let listed =
         ours_ok(&emu, dir.path(), &["listdb", "--namespace", "canvas", "--connection-string", &canvas_url]).await;
     let listed: Vec<Value> = serde_json::from_str(&listed).unwrap();

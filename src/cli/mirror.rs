@@ -20,19 +20,19 @@ use crate::time;
 #[derive(Debug, Args)]
 pub struct DbArgs {
     #[arg(long)]
-    namespace: String,
+    pub(super) namespace: String,
     /// `all`, or a comma-separated list of tables.
     #[arg(long)]
-    table: String,
+    pub(super) table: String,
     /// `sqlite:///ABS/PATH.db` or `sqlite://REL/PATH.db`; the default mirror when omitted.
     #[arg(long, env = "DAP_CONNECTION_STRING", hide_env_values = true)]
-    connection_string: Option<String>,
+    pub(super) connection_string: Option<String>,
     /// Print a machine-readable result per table on stdout.
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
     /// Tables downloaded at once (loading into one file is serialised).
     #[arg(long, default_value_t = 4)]
-    parallel_tables: usize,
+    pub(super) parallel_tables: usize,
 }
 
 #[derive(Debug, Args)]
@@ -71,7 +71,7 @@ pub struct ListDbArgs {
 }
 
 /// The mirror file for a namespace: the default mirror holds one file per namespace.
-fn mirror_file(connection_string: Option<&str>, namespace: &str) -> anyhow::Result<PathBuf> {
+pub(super) fn mirror_file(connection_string: Option<&str>, namespace: &str) -> anyhow::Result<PathBuf> {
     match connection_string.filter(|s| !s.is_empty()) {
         None => {
             let dir = match std::env::var_os("DAP_MIRROR_DIR") {
@@ -126,12 +126,12 @@ fn clear_spool(spool: &Path) {
 
 /// What a run does to each table.
 #[derive(Clone, Copy)]
-enum Mode {
+pub(super) enum Mode {
     Init { replace: bool },
     Sync { auto_reinit: bool, init_missing: bool },
 }
 
-async fn replicate(ctx: &Context, args: DbArgs, mode: Mode) -> anyhow::Result<()> {
+pub(super) async fn replicate(ctx: &Context, args: DbArgs, mode: Mode) -> anyhow::Result<()> {
     let command = if matches!(mode, Mode::Init { .. }) { "initdb" } else { "syncdb" };
     let path = mirror_file(args.connection_string.as_deref(), &args.namespace)?;
     let _lock = WriterLock::acquire(&path)?;
@@ -286,4 +286,104 @@ mod tests {
         assert_eq!(staleness(3 * 3600 + 60), "3h 1m");
         assert_eq!(staleness(934 * 86_400 + 11 * 3600), "934d 11h");
     }
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One namespace (every namespace of the mirror when omitted).
+    #[arg(long)]
+    namespace: Option<String>,
+    #[arg(long, env = "DAP_CONNECTION_STRING", hide_env_values = true)]
+    connection_string: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// A mirror folder other than the default one.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+impl StatusArgs {
+    /// Every namespace file in `dir`.
+    pub(super) fn for_dir(dir: &Path) -> StatusArgs {
+        StatusArgs { namespace: None, connection_string: None, json: false, dir: Some(dir.to_path_buf()) }
+    }
+}
+
+/// The namespaces `status` looks at: the one asked for, or every mirror file's.
+fn status_namespaces(args: &StatusArgs) -> anyhow::Result<Vec<String>> {
+    if let Some(ns) = &args.namespace {
+        return Ok(vec![ns.clone()]);
+    }
+    if args.connection_string.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Ok(["canvas", "canvas_logs", "catalog", "new_quizzes"].map(String::from).to_vec());
+    }
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => mirror_file(None, "x")?.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".db")).map(String::from))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Per table: rows, schema version, watermark, staleness, last run and its result.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let now = time::now();
+    let mut rows = Vec::new();
+    for ns in status_namespaces(&args)? {
+        let path = match &args.dir {
+            Some(d) => d.join(format!("{ns}.db")),
+            None => mirror_file(args.connection_string.as_deref(), &ns)?,
+        };
+        if !path.exists() {
+            continue;
+        }
+        let mut sink = SqliteSink::open(&path).with_context(|| format!("opening the mirror {}", path.display()))?;
+        let state = StateFile::load(&StateFile::path_for(&path));
+        for b in sink.all_bookkeeping(&ns)? {
+            let entry = state.tables.get(&format!("{ns}.{}", b.table));
+            rows.push(json!({
+                "namespace": ns,
+                "table": b.table,
+                "rows": sink.row_count(&ns, &b.table)?,
+                "schema_version": b.schema_version,
+                "watermark": time::format_wire(b.watermark),
+                "staleness": staleness((now - b.watermark) / 1_000_000),
+                "last_command": entry.and_then(|e| e.last_command.clone()),
+                "last_run": entry.and_then(|e| e.last_run.clone()),
+                "last_result": entry.and_then(|e| e.last_result.clone()),
+                "file": path,
+            }));
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("No tables are mirrored yet; start with `dap initdb --namespace canvas --table <tables>`.");
+        return Ok(());
+    }
+    println!(
+        "{:<36} {:>10} {:>6}  {:<28} {:>10}  last result",
+        "table", "rows", "schema", "watermark (UTC)", "staleness"
+    );
+    for r in &rows {
+        println!(
+            "{:<36} {:>10} {:>6}  {:<28} {:>10}  {}",
+            format!("{}.{}", r["namespace"].as_str().unwrap_or_default(), r["table"].as_str().unwrap_or_default()),
+            r["rows"].to_string(),
+            r["schema_version"].to_string(),
+            r["watermark"].as_str().unwrap_or_default(),
+            r["staleness"].as_str().unwrap_or_default(),
+            r["last_result"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(())
 }

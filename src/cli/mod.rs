@@ -1,6 +1,7 @@
 //! The command line: global options as the official client has them, and one small function per
 //! command over the library.
 
+mod demo;
 mod emulator;
 mod export;
 mod mirror;
@@ -96,6 +97,10 @@ pub enum Command {
     Dropdb(mirror::DbArgs),
     /// List the server's tables with their replication state.
     Listdb(mirror::ListDbArgs),
+    /// Show the mirror: rows, schema version, watermark, staleness and last result per table.
+    Status(mirror::StatusArgs),
+    /// Try everything offline: a local emulator, a demo mirror, a sync, a query.
+    Demo(demo::DemoArgs),
     /// Run a local DAP emulator (loopback only) for offline work and tests.
     Emulator(emulator::EmulatorArgs),
 }
@@ -130,6 +135,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Syncdb(args) => mirror::syncdb(&ctx, args).await,
         Command::Dropdb(args) => mirror::drop(args).await,
         Command::Listdb(args) => mirror::listdb(&ctx, args).await,
+        Command::Status(args) => mirror::status(args).await,
+        Command::Demo(args) => demo::run(&ctx, args).await,
         Command::Emulator(args) => emulator::run(args).await,
     }
 }
