@@ -447,3 +447,49 @@ async fn sync_else_init_and_a_sync_through_faults_converge_to_the_truth() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_does_not_match_the_schema_is_named_and_changes_nothing() {
+    use dap_replica::emulator::{Endpoint, FaultKind, FaultSpec};
+    let emu = emulator(EmulatorConfig { rows: 20, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
+        .await;
+    let (before, watermark) = (sqlite_rows(&db, &emu, "canvas", "users"), bookkeeping(&db));
+    emu.commit("canvas", "users", ChangeCounts { inserts: 2, updates: 2, ..Default::default() }).unwrap();
+
+    emu.inject(FaultSpec::new(FaultKind::CorruptRecord, 1).on(Endpoint::Object).for_table("users"));
+    let out = run_ours(
+        &emu,
+        dir.path(),
+        &["syncdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(5));
+    let err = stderr(&out);
+    assert!(
+        err.contains("canvas.users")
+            && err.contains("object part-")
+            && err.contains("line 2")
+            && err.contains("column id"),
+        "{err}"
+    );
+    assert!(err.contains("keeps its previous state"), "{err}");
+    assert_eq!((sqlite_rows(&db, &emu, "canvas", "users"), bookkeeping(&db)), (before, watermark));
+
+    emu.inject(FaultSpec::new(FaultKind::CorruptRecord, 1).on(Endpoint::Object).for_table("courses"));
+    let out = run_ours(
+        &emu,
+        dir.path(),
+        &["initdb", "--namespace", "canvas", "--table", "courses", "--connection-string", &url],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(5));
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let courses: i64 =
+        conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'courses'", [], |r| r.get(0)).unwrap();
+    assert_eq!(courses, 0, "no half-initialised table");
+    assert_eq!(bookkeeping(&db).len(), 1);
+}

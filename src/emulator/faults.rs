@@ -45,6 +45,8 @@ pub enum FaultKind {
     TruncatedGzip,
     /// The object URL is refused as expired (403 from the object store).
     ExpiredUrl,
+    /// The object's first record has a key that does not parse (text formats only).
+    CorruptRecord,
 }
 
 impl FaultKind {

@@ -445,10 +445,9 @@ async fn object(
     let Some((job, part)) = job.and_then(|j| j.object(&id).cloned().map(|p| (j, p))) else {
         return storage_error(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist.");
     };
-    let fault =
-        state.faults.lock().expect("faults lock").take(Endpoint::Object, Some(&job.table), |k| {
-            matches!(k, FaultKind::TruncatedGzip | FaultKind::ExpiredUrl)
-        });
+    let fault = state.faults.lock().expect("faults lock").take(Endpoint::Object, Some(&job.table), |k| {
+        matches!(k, FaultKind::TruncatedGzip | FaultKind::ExpiredUrl | FaultKind::CorruptRecord)
+    });
     if fault.as_ref().is_some_and(|f| f.kind == FaultKind::ExpiredUrl) {
         return storage_error(StatusCode::FORBIDDEN, "AccessDenied", "Request has expired");
     }
@@ -475,10 +474,37 @@ async fn object(
             return storage_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &e.to_string());
         }
     };
-    match serve_file(&path, &headers, fault.is_some()).await {
+    if fault.as_ref().is_some_and(|f| f.kind == FaultKind::CorruptRecord) && job.format.is_gzip() {
+        return match corrupt_first_record(&path) {
+            Ok(bytes) => ([(header::CONTENT_TYPE, "binary/octet-stream")], bytes).into_response(),
+            Err(e) => storage_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &e.to_string()),
+        };
+    }
+    let truncate = fault.as_ref().is_some_and(|f| f.kind == FaultKind::TruncatedGzip);
+    match serve_file(&path, &headers, truncate).await {
         Ok(r) => r,
         Err(e) => storage_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &e.to_string()),
     }
+}
+
+/// The object with the key of its first record replaced by text that is no key.
+fn corrupt_first_record(path: &std::path::Path) -> io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut text = String::new();
+    flate2::read::MultiGzDecoder::new(std::fs::File::open(path)?).read_to_string(&mut text)?;
+    let mut lines: Vec<String> = text.split('\n').map(String::from).collect();
+    let sep = if lines[0].contains('\t') { '\t' } else { ',' };
+    let key_at = lines[0].split(sep).position(|h| h.starts_with("key.")).unwrap_or(0);
+    if let Some(first) = lines.get_mut(1).filter(|l| !l.is_empty()) {
+        let mut fields: Vec<&str> = first.split(sep).collect();
+        if key_at < fields.len() {
+            fields[key_at] = "not-a-key";
+        }
+        *first = fields.join(&sep.to_string());
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(lines.join("\n").as_bytes())?;
+    gz.finish()
 }
 
 /// Serves a spooled object with `Content-Length` and `Range` support; `truncate` drops the
