@@ -168,7 +168,7 @@ impl<S: Sink + 'static> Replicator<S> {
         &self,
         job_id: &str,
         objects: &[String],
-    ) -> Result<(tempfile::TempDir, Vec<PathBuf>), SyncError> {
+    ) -> Result<(tempfile::TempDir, Vec<fetch::Fetched>), SyncError> {
         std::fs::create_dir_all(&self.spool).map_err(|source| SyncError::Io {
             table: job_id.into(),
             path: self.spool.clone(),
@@ -187,9 +187,9 @@ impl<S: Sink + 'static> Replicator<S> {
             Arc::new(Silent),
         )
         .await?;
-        let mut paths: Vec<PathBuf> = fetched.into_iter().map(|f| f.path).collect();
-        paths.sort();
-        Ok((dir, paths))
+        let mut fetched = fetched;
+        fetched.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok((dir, fetched))
     }
 
     /// Snapshots a table into a staging table and swaps it in with its bookkeeping row.
@@ -208,7 +208,18 @@ impl<S: Sink + 'static> Replicator<S> {
             .transpose()
             .map_err(|_| SyncError::MissingTime { what: "at" })?
             .ok_or(SyncError::MissingTime { what: "at" })?;
-        let (_spool, files) = self.spool_objects(&job.id, &job.objects).await?;
+        let (stage_def, job_id) = (def.clone(), job.id.clone());
+        let done = self.blocking(move |s| Ok(s.stage(&stage_def, &job_id)?)).await?;
+        if !done.is_empty() {
+            tracing::info!(
+                "{namespace}.{table}: resuming job {}: {} of {} objects were already loaded",
+                job.id,
+                done.len(),
+                job.objects.len()
+            );
+        }
+        let todo: Vec<String> = job.objects.iter().filter(|o| !done.contains(o)).cloned().collect();
+        let (_spool, files) = self.spool_objects(&job.id, &todo).await?;
         let bookkeeping = Bookkeeping {
             namespace: namespace.into(),
             table: table.into(),
@@ -216,13 +227,14 @@ impl<S: Sink + 'static> Replicator<S> {
             schema_version: def.version,
             schema_description: description,
         };
-        let schema_version = def.version;
+        let (schema_version, job_id) = (def.version, job.id.clone());
         let rows = self
             .blocking(move |s| {
-                s.stage(&def)?;
                 let mut rows = 0;
                 for f in &files {
-                    rows += load_object(f, &def, |batch| s.stage_rows(&def, batch))?;
+                    s.begin_object()?;
+                    rows += load_object(&f.path, &def, |batch| s.stage_rows(&def, batch))?;
+                    s.finish_object(&def, &job_id, &f.object_id)?;
                 }
                 s.publish(&def, &bookkeeping)?;
                 Ok(rows)
@@ -279,7 +291,7 @@ impl<S: Sink + 'static> Replicator<S> {
                 s.begin_changes(&def)?;
                 let mut rows = 0;
                 for f in &files {
-                    rows += load_object(f, &def, |batch| s.apply(&def, batch))?;
+                    rows += load_object(&f.path, &def, |batch| s.apply(&def, batch))?;
                 }
                 s.commit_changes(&bookkeeping)?;
                 Ok(rows)

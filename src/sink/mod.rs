@@ -35,10 +35,16 @@ pub trait Sink: Send {
     fn all_bookkeeping(&mut self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError>;
     fn row_count(&mut self, namespace: &str, table: &str) -> Result<u64, SinkError>;
 
-    /// initdb, step 1: an empty staging table for `def` (the live table is untouched).
-    fn stage(&mut self, def: &TableDef) -> Result<(), SinkError>;
-    /// initdb, step 2: loads snapshot rows into staging (a repeated key replaces the earlier row).
+    /// initdb, step 1: a staging table for `def` loading `job` (the live table is untouched).
+    /// Returns the objects an interrupted run of the same job already loaded, so that they are
+    /// skipped; for any other job staging starts empty.
+    fn stage(&mut self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError>;
+    /// initdb, step 2a: opens the transaction that loads one object.
+    fn begin_object(&mut self) -> Result<(), SinkError>;
+    /// initdb, step 2b: loads snapshot rows into staging (a repeated key replaces the earlier row).
     fn stage_rows(&mut self, def: &TableDef, rows: &[Record]) -> Result<(), SinkError>;
+    /// initdb, step 2c: records `object` as loaded and commits it with its rows (the checkpoint).
+    fn finish_object(&mut self, def: &TableDef, job: &str, object: &str) -> Result<(), SinkError>;
     /// initdb, step 3: swaps staging in and writes its bookkeeping row, in one transaction.
     fn publish(&mut self, def: &TableDef, bookkeeping: &Bookkeeping) -> Result<(), SinkError>;
 

@@ -20,7 +20,8 @@ use crate::time;
 use crate::value::Value;
 
 const BOOKKEEPING: &str = "instructure_dap__table_sync";
-const ROWS_PER_STATEMENT_BATCH: usize = 10_000;
+/// Objects of an initdb job already loaded into staging (the per-object checkpoint).
+const CHECKPOINTS: &str = "_dap_checkpoint";
 
 pub struct SqliteSink {
     path: PathBuf,
@@ -78,7 +79,10 @@ impl SqliteSink {
                id INTEGER PRIMARY KEY, source_namespace TEXT NOT NULL, source_table TEXT NOT NULL,
                timestamp TEXT NOT NULL, schema_version INTEGER NOT NULL, target_schema TEXT,
                target_table TEXT NOT NULL, schema_description_format TEXT NOT NULL, schema_description TEXT NOT NULL,
-               UNIQUE (source_namespace, source_table));"
+               UNIQUE (source_namespace, source_table));
+             CREATE TABLE IF NOT EXISTS {CHECKPOINTS} (
+               source_namespace TEXT NOT NULL, source_table TEXT NOT NULL, job_id TEXT NOT NULL, object TEXT NOT NULL,
+               PRIMARY KEY (source_namespace, source_table, object));"
         ))
         .map_err(fail)?;
         Ok(SqliteSink { path: path.to_path_buf(), conn })
@@ -269,26 +273,68 @@ impl Sink for SqliteSink {
             .map_err(|e| self.fail(&format!("counting {table}"), e))
     }
 
-    fn stage(&mut self, def: &TableDef) -> Result<(), SinkError> {
+    fn stage(&mut self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError> {
         let name = staging(&def.name);
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT job_id, object FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"
+            ))
+            .map_err(|e| self.fail("reading checkpoints", e))?;
+        let done: Vec<(String, String)> = stmt
+            .query_map(params![def.namespace, def.name], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.fail("reading checkpoints", e))?;
+        drop(stmt);
+        let staged: bool = self
+            .conn
+            .query_row("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1", [&name], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.fail("looking for a staging table", e))?;
+        if staged && !done.is_empty() && done.iter().all(|(j, _)| j == job) {
+            return Ok(done.into_iter().map(|(_, o)| o).collect());
+        }
+        self.conn
+            .execute(
+                &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
+                params![def.namespace, def.name],
+            )
+            .map_err(|e| self.fail("clearing checkpoints", e))?;
         self.conn
             .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&name)))
             .map_err(|e| self.fail("dropping an old staging table", e))?;
-        self.create_table(&name, def)
+        self.create_table(&name, def)?;
+        Ok(Vec::new())
+    }
+
+    fn begin_object(&mut self) -> Result<(), SinkError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.fail("starting a transaction", e))
     }
 
     fn stage_rows(&mut self, def: &TableDef, rows: &[Record]) -> Result<(), SinkError> {
-        for chunk in rows.chunks(ROWS_PER_STATEMENT_BATCH) {
-            let tx = self.conn.unchecked_transaction().map_err(|e| self.fail("starting a transaction", e))?;
-            self.write_rows(&staging(&def.name), def, chunk)?;
-            tx.commit().map_err(|e| self.fail("committing staged rows", e))?;
-        }
-        Ok(())
+        self.write_rows(&staging(&def.name), def, rows)
+    }
+
+    fn finish_object(&mut self, def: &TableDef, job: &str, object: &str) -> Result<(), SinkError> {
+        self.conn
+            .execute(
+                &format!("INSERT OR REPLACE INTO {CHECKPOINTS} (source_namespace, source_table, job_id, object) VALUES (?1, ?2, ?3, ?4)"),
+                params![def.namespace, def.name, job, object],
+            )
+            .map_err(|e| self.fail("recording a checkpoint", e))?;
+        self.conn.execute_batch("COMMIT").map_err(|e| self.fail(&format!("committing object {object}"), e))
     }
 
     fn publish(&mut self, def: &TableDef, bookkeeping: &Bookkeeping) -> Result<(), SinkError> {
         let tx = self.conn.unchecked_transaction().map_err(|e| self.fail("starting a transaction", e))?;
         self.swap_in(&def.name, &staging(&def.name))?;
+        self.conn
+            .execute(
+                &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
+                params![def.namespace, def.name],
+            )
+            .map_err(|e| self.fail("clearing checkpoints", e))?;
         self.write_bookkeeping(bookkeeping)?;
         tx.commit().map_err(|e| self.fail(&format!("committing {}", def.name), e))
     }
@@ -390,8 +436,10 @@ mod tests {
         let mut s = SqliteSink::open(&dir.path().join("m.db")).unwrap();
         let v1 = def(1, "string");
         let load = |s: &mut SqliteSink| {
-            s.stage(&v1).unwrap();
+            assert!(s.stage(&v1, "job").unwrap().is_empty());
+            s.begin_object().unwrap();
             s.stage_rows(&v1, &[row(1, "a", Value::Str("10".into())), row(2, "b", Value::Str("20".into()))]).unwrap();
+            s.finish_object(&v1, "job", "part-0").unwrap();
             s.publish(&v1, &bk(1)).unwrap();
         };
         load(&mut s);
@@ -422,13 +470,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = SqliteSink::open(&dir.path().join("m.db")).unwrap();
         let v1 = def(1, "string");
-        s.stage(&v1).unwrap();
+        s.stage(&v1, "job").unwrap();
+        s.begin_object().unwrap();
         s.stage_rows(&v1, &[row(1, "a", Value::Null)]).unwrap();
+        s.finish_object(&v1, "job", "part-0").unwrap();
         s.publish(&v1, &bk(1)).unwrap();
         s.begin_changes(&v1).unwrap();
         s.apply(&v1, &[row(2, "b", Value::Null)]).unwrap();
         s.abort();
         assert_eq!(s.row_count("canvas", "t").unwrap(), 1);
         assert_eq!(s.bookkeeping("canvas", "t").unwrap().unwrap().watermark, 1);
+    }
+
+    #[test]
+    fn an_interrupted_initdb_resumes_the_same_job_and_restarts_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteSink::open(&dir.path().join("m.db")).unwrap();
+        let v1 = def(1, "string");
+        s.stage(&v1, "job-a").unwrap();
+        s.begin_object().unwrap();
+        s.stage_rows(&v1, &[row(1, "a", Value::Null)]).unwrap();
+        s.finish_object(&v1, "job-a", "part-0").unwrap();
+        s.begin_object().unwrap();
+        s.stage_rows(&v1, &[row(2, "b", Value::Null)]).unwrap();
+        s.abort(); // the process died while loading part-1
+
+        assert_eq!(s.stage(&v1, "job-a").unwrap(), ["part-0"], "the same job resumes after part-0");
+        assert_eq!(query(&s, "SELECT CAST(count(*) AS TEXT) FROM _dap_staging__t"), ["1"]);
+        assert!(s.stage(&v1, "job-b").unwrap().is_empty(), "another job starts over");
+        assert_eq!(query(&s, "SELECT CAST(count(*) AS TEXT) FROM _dap_staging__t"), ["0"]);
+        assert!(s.bookkeeping("canvas", "t").unwrap().is_none(), "nothing is published before the swap");
     }
 }
