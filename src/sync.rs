@@ -40,6 +40,10 @@ pub enum SyncError {
     Io { table: String, path: PathBuf, source: std::io::Error },
     #[error("{table} is already initialised; run syncdb to update it (or initdb --replace to load it again)")]
     AlreadyInitialised { table: String },
+    #[error(
+        "{namespace}.{table}: this database already holds a table {table} of namespace {owner}; use another file for {namespace} (--connection-string)"
+    )]
+    OwnedByAnotherNamespace { namespace: String, table: String, owner: String },
     #[error("{table} is not initialised; run initdb first")]
     NotInitialised { table: String },
     #[error(
@@ -195,7 +199,11 @@ impl<S: Sink + 'static> Replicator<S> {
     /// Snapshots a table into a staging table and swaps it in with its bookkeeping row.
     pub async fn initdb(&self, namespace: &str, table: &str, replace: bool) -> Result<TableReport, SyncError> {
         let (ns, t) = (namespace.to_string(), table.to_string());
-        let initialised = self.blocking(move |s| Ok(s.bookkeeping(&ns, &t)?.is_some())).await?;
+        let (initialised, owner) =
+            self.blocking(move |s| Ok((s.bookkeeping(&ns, &t)?.is_some(), s.owner(&t)?))).await?;
+        if let Some(owner) = owner.filter(|o| o != namespace) {
+            return Err(SyncError::OwnedByAnotherNamespace { namespace: namespace.into(), table: table.into(), owner });
+        }
         if initialised && !replace {
             return Err(SyncError::AlreadyInitialised { table: format!("{namespace}.{table}") });
         }

@@ -171,6 +171,16 @@ async fn bad_requests_change_nothing() {
         "after initdb --replace",
     );
 
+    // catalog.users cannot share the file with canvas.users.
+    let out = run_ours(
+        &emu,
+        dir.path(),
+        &["initdb", "--namespace", "catalog", "--table", "users", "--connection-string", &url],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(5));
+    assert!(stderr(&out).contains("already holds a table users of namespace canvas"), "{}", stderr(&out));
+
     ours_ok(&emu, dir.path(), &["dropdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
         .await;
     let conn = rusqlite::Connection::open(&db).unwrap();

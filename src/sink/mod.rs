@@ -31,6 +31,8 @@ pub enum SinkError {
 pub trait Sink: Send {
     /// The bookkeeping row of a table, if it is initialised.
     fn bookkeeping(&mut self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError>;
+    /// The namespace that owns a table of this name in this database, if any.
+    fn owner(&mut self, table: &str) -> Result<Option<String>, SinkError>;
     /// Every bookkeeping row of a namespace.
     fn all_bookkeeping(&mut self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError>;
     fn row_count(&mut self, namespace: &str, table: &str) -> Result<u64, SinkError>;

@@ -255,6 +255,15 @@ impl Sink for SqliteSink {
             .map_err(|e| self.fail("reading the bookkeeping table", e))
     }
 
+    fn owner(&mut self, table: &str) -> Result<Option<String>, SinkError> {
+        self.conn
+            .query_row(&format!("SELECT source_namespace FROM {BOOKKEEPING} WHERE source_table = ?1"), [table], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.fail("reading the bookkeeping table", e))
+    }
+
     fn all_bookkeeping(&mut self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError> {
         let mut stmt = self
             .conn
