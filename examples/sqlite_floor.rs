@@ -16,7 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rows = 0u64;
     let mut insert: Option<rusqlite::Statement> = None;
     for f in &files {
-        let reader = std::io::BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(std::fs::File::open(f)?));
+        let reader =
+            std::io::BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(std::fs::File::open(f)?));
         let mut lines = reader.lines();
         let Some(header) = lines.next().transpose()? else { continue };
         let columns = header.split('\t').count();

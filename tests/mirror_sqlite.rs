@@ -56,6 +56,23 @@ fn assert_mirror_matches(db: &Path, emu: &Emulator, ns: &str, round: &str) {
     }
 }
 
+/// An emulator and a mirror file in a temporary folder.
+struct Mirror {
+    emu: Emulator,
+    dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    url: String,
+}
+
+impl Mirror {
+    async fn new(config: EmulatorConfig, file: &str) -> Mirror {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join(file);
+        let url = format!("sqlite://{}", db.display());
+        Mirror { emu: emulator(config).await, dir, db, url }
+    }
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -128,10 +145,8 @@ async fn every_canvas_table_and_web_logs_stay_equal_to_the_truth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_change_nothing() {
-    let emu = emulator(EmulatorConfig { rows: 20, ..EmulatorConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("m.db");
-    let url = format!("sqlite://{}", db.display());
+    let Mirror { emu, dir, db, url } =
+        Mirror::new(EmulatorConfig { rows: 20, ..EmulatorConfig::default() }, "m.db").await;
     ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
         .await;
     let before = sqlite_rows(&db, &emu, "canvas", "users");
@@ -230,10 +245,8 @@ fn assert_state_agrees(dir: &Path, db: &Path, emu: &Emulator) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_json_follows_the_databases_and_is_restored_from_them() {
-    let emu = emulator(EmulatorConfig { rows: 25, ..EmulatorConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("canvas.db");
-    let url = format!("sqlite://{}", db.display());
+    let Mirror { emu, dir, db, url } =
+        Mirror::new(EmulatorConfig { rows: 25, ..EmulatorConfig::default() }, "canvas.db").await;
     let sync = ["syncdb", "--namespace", "canvas", "--table", "all", "--connection-string", url.as_str()];
     ours_ok(
         &emu,
@@ -259,10 +272,8 @@ async fn state_json_follows_the_databases_and_is_restored_from_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_corrupt_or_unwritable_mirror_gets_a_clear_error_and_is_left_alone() {
-    let emu = emulator(EmulatorConfig { rows: 10, ..EmulatorConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("canvas.db");
-    let url = format!("sqlite://{}", db.display());
+    let Mirror { emu, dir, db, url } =
+        Mirror::new(EmulatorConfig { rows: 10, ..EmulatorConfig::default() }, "canvas.db").await;
     ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
         .await;
 
@@ -380,10 +391,8 @@ fn send_signal(pid: i32, signal: i32) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_required_names_the_fix_or_reinitialises_atomically() {
     use dap_replica::emulator::{FaultKind, FaultSpec};
-    let emu = emulator(EmulatorConfig { rows: 20, ..EmulatorConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("canvas.db");
-    let url = format!("sqlite://{}", db.display());
+    let Mirror { emu, dir, db, url } =
+        Mirror::new(EmulatorConfig { rows: 20, ..EmulatorConfig::default() }, "canvas.db").await;
     let sync = ["syncdb", "--namespace", "canvas", "--table", "users", "--connection-string", url.as_str()];
     ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
         .await;
@@ -417,10 +426,8 @@ async fn snapshot_required_names_the_fix_or_reinitialises_atomically() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_else_init_and_a_sync_through_faults_converge_to_the_truth() {
     use dap_replica::emulator::{Endpoint, FaultKind, FaultSpec};
-    let emu = emulator(EmulatorConfig { rows: 15, part_rows: 6, ..EmulatorConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("catalog.db");
-    let url = format!("sqlite://{}", db.display());
+    let Mirror { emu, dir, db, url } =
+        Mirror::new(EmulatorConfig { rows: 15, part_rows: 6, ..EmulatorConfig::default() }, "catalog.db").await;
     let all =
         ["syncdb", "--namespace", "catalog", "--table", "all", "--init-missing", "--connection-string", url.as_str()];
     ours_ok(
@@ -461,10 +468,8 @@ async fn sync_else_init_and_a_sync_through_faults_converge_to_the_truth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_that_does_not_match_the_schema_is_named_and_changes_nothing() {
     use dap_replica::emulator::{Endpoint, FaultKind, FaultSpec};
-    let emu = emulator(EmulatorConfig { rows: 20, ..EmulatorConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("canvas.db");
-    let url = format!("sqlite://{}", db.display());
+    let Mirror { emu, dir, db, url } =
+        Mirror::new(EmulatorConfig { rows: 20, ..EmulatorConfig::default() }, "canvas.db").await;
     ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
         .await;
     let (before, watermark) = (sqlite_rows(&db, &emu, "canvas", "users"), bookkeeping(&db));
