@@ -22,7 +22,9 @@ use crate::sink::{Bookkeeping, Sink, SinkError};
 use crate::tables::Fatal;
 use crate::time;
 
-const BATCH_ROWS: usize = 10_000;
+/// Rows per batch handed from the decoder to the writer: small enough that the few batches in
+/// flight stay within tens of megabytes for wide tables.
+const BATCH_ROWS: usize = 2_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -50,6 +52,8 @@ pub enum SyncError {
         "{namespace}.{table}: the server needs a new snapshot ({reason}); run `dap initdb --replace --namespace {namespace} --table {table}` on the same target, or syncdb with --auto-reinit"
     )]
     SnapshotRequired { namespace: String, table: String, reason: String },
+    #[error("stopped because the database write failed")]
+    Stopped,
     #[error("the incremental job reported no `{what}`")]
     MissingTime { what: &'static str },
 }
@@ -104,7 +108,7 @@ fn schema_description(envelope: &serde_json::Value) -> String {
 fn load_object(
     path: &Path,
     def: &TableDef,
-    mut load: impl FnMut(&[Record]) -> Result<(), SinkError>,
+    mut load: impl FnMut(Vec<Record>) -> Result<(), SyncError>,
 ) -> Result<u64, SyncError> {
     let table = format!("{}.{}", def.namespace, def.name);
     let object = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -130,13 +134,65 @@ fn load_object(
             source,
         })?);
         if batch.len() == BATCH_ROWS {
-            load(&batch)?;
             rows += batch.len() as u64;
-            batch.clear();
+            load(std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS)))?;
         }
     }
-    load(&batch)?;
-    Ok(rows + batch.len() as u64)
+    rows += batch.len() as u64;
+    load(batch)?;
+    Ok(rows)
+}
+
+/// What the decoding thread hands the writer.
+enum Piece {
+    /// An object starts.
+    Begin,
+    Rows(Vec<Record>),
+    /// The object (its id) is complete.
+    End(String),
+}
+
+/// Decodes `files` on a thread of its own while `write` stores what it produced, so that
+/// decompressing and decoding overlap with the database's work. Returns the rows decoded.
+fn decode_and_write(
+    files: Vec<fetch::Fetched>,
+    def: &TableDef,
+    mut write: impl FnMut(Piece) -> Result<(), SyncError>,
+) -> Result<u64, SyncError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Piece, SyncError>>(4);
+    let decode_def = def.clone();
+    let decoder = std::thread::spawn(move || {
+        let mut rows = 0;
+        for f in files {
+            let sent = tx.send(Ok(Piece::Begin)).is_ok()
+                && match load_object(&f.path, &decode_def, |batch| {
+                    tx.send(Ok(Piece::Rows(batch))).map_err(|_| SyncError::Stopped)
+                }) {
+                    Ok(n) => {
+                        rows += n;
+                        tx.send(Ok(Piece::End(f.object_id))).is_ok()
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        false
+                    }
+                };
+            if !sent {
+                break;
+            }
+        }
+        rows
+    });
+    let mut outcome = Ok(());
+    while let Ok(piece) = rx.recv() {
+        if let Err(e) = piece.and_then(&mut write) {
+            outcome = Err(e);
+            break;
+        }
+    }
+    drop(rx); // stops the decoder if the writer failed
+    let rows = decoder.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    outcome.map(|()| rows)
 }
 
 impl<S: Sink + 'static> Replicator<S> {
@@ -238,12 +294,14 @@ impl<S: Sink + 'static> Replicator<S> {
         let (schema_version, job_id) = (def.version, job.id.clone());
         let rows = self
             .blocking(move |s| {
-                let mut rows = 0;
-                for f in &files {
-                    s.begin_object()?;
-                    rows += load_object(&f.path, &def, |batch| s.stage_rows(&def, batch))?;
-                    s.finish_object(&def, &job_id, &f.object_id)?;
-                }
+                let rows = decode_and_write(files, &def, |piece| {
+                    match piece {
+                        Piece::Begin => s.begin_object()?,
+                        Piece::Rows(batch) => s.stage_rows(&def, &batch)?,
+                        Piece::End(object) => s.finish_object(&def, &job_id, &object)?,
+                    }
+                    Ok(())
+                })?;
                 s.publish(&def, &bookkeeping)?;
                 Ok(rows)
             })
@@ -297,10 +355,12 @@ impl<S: Sink + 'static> Replicator<S> {
         let rows = self
             .blocking(move |s| {
                 s.begin_changes(&def)?;
-                let mut rows = 0;
-                for f in &files {
-                    rows += load_object(&f.path, &def, |batch| s.apply(&def, batch))?;
-                }
+                let rows = decode_and_write(files, &def, |piece| {
+                    if let Piece::Rows(batch) = piece {
+                        s.apply(&def, &batch)?;
+                    }
+                    Ok(())
+                })?;
                 s.commit_changes(&bookkeeping)?;
                 Ok(rows)
             })

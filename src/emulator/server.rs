@@ -446,7 +446,9 @@ async fn object(
         return storage_error(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist.");
     };
     let fault = state.faults.lock().expect("faults lock").take(Endpoint::Object, Some(&job.table), |k| {
-        matches!(k, FaultKind::TruncatedGzip | FaultKind::ExpiredUrl | FaultKind::CorruptRecord)
+        matches!(k, FaultKind::TruncatedGzip | FaultKind::ExpiredUrl)
+            // Only a part that covers rows has a record to corrupt.
+            || (k == FaultKind::CorruptRecord && !part.rows.is_empty())
     });
     if fault.as_ref().is_some_and(|f| f.kind == FaultKind::ExpiredUrl) {
         return storage_error(StatusCode::FORBIDDEN, "AccessDenied", "Request has expired");

@@ -10,7 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::types::Value as Sql;
+use rusqlite::ToSql;
+use rusqlite::types::{ToSqlOutput, Value as Sql, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Bookkeeping, Sink, SinkError};
@@ -43,6 +44,18 @@ fn sql_type(ty: &ColumnType) -> &'static str {
         ColumnType::Float(_) => "REAL",
         ColumnType::Decimal { .. } => "NUMERIC",
         _ => "TEXT",
+    }
+}
+
+/// Binds a value without copying its text.
+struct Bind<'a>(&'a Value);
+
+impl ToSql for Bind<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self.0 {
+            Value::Str(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            other => ToSqlOutput::Owned(to_sql(other)),
+        })
     }
 }
 
@@ -126,17 +139,14 @@ impl SqliteSink {
             .conn
             .prepare_cached(&format!("DELETE FROM {} WHERE {} = ?", quote(table), quote(&def.key.name)))
             .map_err(|e| self.fail("preparing the delete", e))?;
-        let mut params: Vec<Sql> = Vec::with_capacity(def.values.len() + 1);
         for r in rows {
             if r.action == Some('D') {
                 delete.execute([to_sql(&r.key)]).map_err(|e| self.fail(&format!("deleting from {table}"), e))?;
                 continue;
             }
-            params.clear();
-            params.push(to_sql(&r.key));
-            params.extend(r.values.iter().map(to_sql));
+            let params = std::iter::once(Bind(&r.key)).chain(r.values.iter().map(Bind));
             upsert
-                .execute(rusqlite::params_from_iter(params.iter()))
+                .execute(rusqlite::params_from_iter(params))
                 .map_err(|e| self.fail(&format!("writing {table} key {:?}", r.key.to_text()), e))?;
         }
         Ok(())
