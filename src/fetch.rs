@@ -125,20 +125,34 @@ pub async fn fetch_objects(
     concurrency: usize,
     progress: Arc<dyn FetchProgress>,
 ) -> Result<Vec<Fetched>, FetchError> {
+    let fetched: Vec<Result<Fetched, FetchError>> =
+        fetch_in_order(client, objects, dir, format, concurrency, progress).await?.collect().await;
+    fetched.into_iter().collect()
+}
+
+/// Like [`fetch_objects`], but yields the objects in the given order as they complete, so that a
+/// consumer can start on the first while the others are still downloading.
+pub async fn fetch_in_order(
+    client: &Client,
+    objects: &[String],
+    dir: &Path,
+    format: Format,
+    concurrency: usize,
+    progress: Arc<dyn FetchProgress>,
+) -> Result<impl futures_util::Stream<Item = Result<Fetched, FetchError>> + Send + 'static, FetchError> {
     tokio::fs::create_dir_all(dir).await.map_err(|source| FetchError::Io { path: dir.to_path_buf(), source })?;
     let urls = client.object_urls(objects).await?;
     let names = file_names(objects, &urls, format);
-    let tasks = objects.iter().zip(names).map(|(id, name)| {
-        let (client, id, url, target, progress) =
-            (client.clone(), id.clone(), urls[id].clone(), dir.join(name), progress.clone());
+    let plan: Vec<(String, String, PathBuf)> =
+        objects.iter().zip(names).map(|(id, name)| (id.clone(), urls[id].clone(), dir.join(name))).collect();
+    let client = client.clone();
+    let tasks = plan.into_iter().map(move |(id, url, target)| {
+        let (client, progress) = (client.clone(), progress.clone());
         tokio::spawn(async move { fetch_one(&client, &id, url, &target, format, progress.as_ref()).await })
     });
-    let fetched: Vec<Result<Fetched, FetchError>> = futures_util::stream::iter(tasks)
+    Ok(futures_util::stream::iter(tasks)
         .buffered(concurrency.max(1))
-        .map(|joined| joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
-        .collect()
-        .await;
-    fetched.into_iter().collect()
+        .map(|joined| joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))))
 }
 
 async fn fetch_one(

@@ -7,6 +7,8 @@
 //! the previous consistent state.
 
 use std::io::BufRead;
+
+use futures_util::StreamExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -152,10 +154,14 @@ enum Piece {
     End(String),
 }
 
+/// Downloaded objects as they arrive (or the error that stopped the downloads).
+type Arrivals = Box<dyn Iterator<Item = Result<fetch::Fetched, SyncError>> + Send>;
+
 /// Decodes `files` on a thread of its own while `write` stores what it produced, so that
-/// decompressing and decoding overlap with the database's work. Returns the rows decoded.
+/// decompressing and decoding overlap with the database's work; each file is deleted once
+/// decoded. Returns the rows decoded.
 fn decode_and_write(
-    files: Vec<fetch::Fetched>,
+    files: Arrivals,
     def: &TableDef,
     mut write: impl FnMut(Piece) -> Result<(), SyncError>,
 ) -> Result<u64, SyncError> {
@@ -164,6 +170,13 @@ fn decode_and_write(
     let decoder = std::thread::spawn(move || {
         let mut rows = 0;
         for f in files {
+            let f = match f {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    break;
+                }
+            };
             let sent = tx.send(Ok(Piece::Begin)).is_ok()
                 && match load_object(&f.path, &decode_def, |batch| {
                     tx.send(Ok(Piece::Rows(batch))).map_err(|_| SyncError::Stopped)
@@ -177,6 +190,7 @@ fn decode_and_write(
                         false
                     }
                 };
+            let _ = std::fs::remove_file(&f.path);
             if !sent {
                 break;
             }
@@ -223,33 +237,43 @@ impl<S: Sink + 'static> Replicator<S> {
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
-    /// Downloads a job's objects into a fresh spool folder; returns them in name order.
-    async fn spool_objects(
+    /// Downloads `objects` while `load` stores them: objects reach the loader in order as they
+    /// arrive, through a queue of two, and each is deleted once loaded. So the spool holds a few
+    /// objects, never the whole table, and downloading overlaps loading.
+    async fn download_and_load<T: Send + 'static>(
         &self,
         job_id: &str,
         objects: &[String],
-    ) -> Result<(tempfile::TempDir, Vec<fetch::Fetched>), SyncError> {
-        std::fs::create_dir_all(&self.spool).map_err(|source| SyncError::Io {
-            table: job_id.into(),
-            path: self.spool.clone(),
-            source,
-        })?;
-        let dir = tempfile::Builder::new()
+        load: impl FnOnce(&mut S, Arrivals) -> Result<T, SyncError> + Send + 'static,
+    ) -> Result<T, SyncError> {
+        let io = |source| SyncError::Io { table: job_id.into(), path: self.spool.clone(), source };
+        std::fs::create_dir_all(&self.spool).map_err(io)?;
+        let spool = tempfile::Builder::new()
             .prefix(&format!("job_{}_", fetch::safe_component(job_id)))
             .tempdir_in(&self.spool)
-            .map_err(|source| SyncError::Io { table: job_id.into(), path: self.spool.clone(), source })?;
-        let fetched = fetch::fetch_objects(
+            .map_err(io)?;
+        let downloads = fetch::fetch_in_order(
             &self.client,
             objects,
-            dir.path(),
+            spool.path(),
             Format::Tsv,
             self.download_concurrency,
             Arc::new(Silent),
         )
         .await?;
-        let mut fetched = fetched;
-        fetched.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok((dir, fetched))
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<fetch::Fetched, SyncError>>(2);
+        let feed = async move {
+            let mut downloads = std::pin::pin!(downloads);
+            while let Some(fetched) = downloads.next().await {
+                if tx.send(fetched.map_err(SyncError::from)).await.is_err() {
+                    break; // the loader stopped
+                }
+            }
+        };
+        let arrivals: Arrivals = Box::new(std::iter::from_fn(move || rx.blocking_recv()));
+        let ((), loaded) = tokio::join!(feed, self.blocking(move |s| load(s, arrivals)));
+        drop(spool);
+        loaded
     }
 
     /// Snapshots a table into a staging table and swaps it in with its bookkeeping row.
@@ -283,7 +307,6 @@ impl<S: Sink + 'static> Replicator<S> {
             );
         }
         let todo: Vec<String> = job.objects.iter().filter(|o| !done.contains(o)).cloned().collect();
-        let (_spool, files) = self.spool_objects(&job.id, &todo).await?;
         let bookkeeping = Bookkeeping {
             namespace: namespace.into(),
             table: table.into(),
@@ -293,8 +316,8 @@ impl<S: Sink + 'static> Replicator<S> {
         };
         let (schema_version, job_id) = (def.version, job.id.clone());
         let rows = self
-            .blocking(move |s| {
-                let rows = decode_and_write(files, &def, |piece| {
+            .download_and_load(&job.id, &todo, move |s, arrivals| {
+                let rows = decode_and_write(arrivals, &def, |piece| {
                     match piece {
                         Piece::Begin => s.begin_object()?,
                         Piece::Rows(batch) => s.stage_rows(&def, &batch)?,
@@ -343,7 +366,6 @@ impl<S: Sink + 'static> Replicator<S> {
             .map_err(|_| SyncError::MissingTime { what: "until" })?
             .ok_or(SyncError::MissingTime { what: "until" })?;
         let until = until.max(stored.watermark);
-        let (_spool, files) = self.spool_objects(&job.id, &job.objects).await?;
         let bookkeeping = Bookkeeping {
             namespace: namespace.into(),
             table: table.into(),
@@ -353,9 +375,9 @@ impl<S: Sink + 'static> Replicator<S> {
         };
         let schema_version = def.version;
         let rows = self
-            .blocking(move |s| {
+            .download_and_load(&job.id, &job.objects, move |s, arrivals| {
                 s.begin_changes(&def)?;
-                let rows = decode_and_write(files, &def, |piece| {
+                let rows = decode_and_write(arrivals, &def, |piece| {
                     if let Piece::Rows(batch) = piece {
                         s.apply(&def, &batch)?;
                     }
