@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::api::types::{Format, JobStatus, Query};
@@ -94,7 +95,7 @@ pub async fn export_table(
     tracing::debug!("{table}: job {} complete with {} objects", job.id, job.objects.len());
     let directory = request.output_dir.join(format!("job_{}", fetch::safe_component(&job.id)));
     progress.downloading(job.objects.len());
-    let fetched = fetch::fetch_objects(
+    let downloads = fetch::fetch_in_order(
         client,
         &job.objects,
         &directory,
@@ -103,7 +104,11 @@ pub async fn export_table(
         progress.clone(),
     )
     .await?;
-    let files: Vec<FileEntry> = fetched.into_iter().map(|f| FileEntry { path: f.path, bytes: f.bytes }).collect();
+    let fetched: Vec<Result<fetch::Fetched, FetchError>> = downloads.collect().await;
+    let files = fetched
+        .into_iter()
+        .map(|f| f.map(|f| FileEntry { path: f.path, bytes: f.bytes }))
+        .collect::<Result<Vec<_>, _>>()?;
     let total: u64 = files.iter().map(|f| f.bytes).sum();
     progress.finish(&format!("done: {} files, {:.1} MB in {}", files.len(), total as f64 / 1e6, directory.display()));
     Ok(ExportResult {

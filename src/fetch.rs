@@ -116,22 +116,8 @@ impl Check {
 }
 
 /// Downloads `objects` into `dir` with up to `concurrency` transfers at once, each on its own
-/// task so that checking (decompressing) them uses every core.
-pub async fn fetch_objects(
-    client: &Client,
-    objects: &[String],
-    dir: &Path,
-    format: Format,
-    concurrency: usize,
-    progress: Arc<dyn FetchProgress>,
-) -> Result<Vec<Fetched>, FetchError> {
-    let fetched: Vec<Result<Fetched, FetchError>> =
-        fetch_in_order(client, objects, dir, format, concurrency, progress).await?.collect().await;
-    fetched.into_iter().collect()
-}
-
-/// Like [`fetch_objects`], but yields the objects in the given order as they complete, so that a
-/// consumer can start on the first while the others are still downloading.
+/// task so that checking (decompressing) them uses every core, and yields them in the given
+/// order as they complete, so that a consumer can start on the first while others download.
 pub async fn fetch_in_order(
     client: &Client,
     objects: &[String],
