@@ -23,6 +23,8 @@ pub struct ExportRequest {
     pub until: Option<Micros>,
     pub output_dir: PathBuf,
     pub download_concurrency: usize,
+    /// Tables that download at once; the others wait for their job or for a slot.
+    pub transfers: Arc<tokio::sync::Semaphore>,
 }
 
 impl ExportRequest {
@@ -93,6 +95,7 @@ pub async fn export_table(
     progress.stage("submitting query");
     let job = client.run_job(&request.namespace, table, &request.query(), |s| progress.stage(status_text(s))).await?;
     tracing::debug!("{table}: job {} complete with {} objects", job.id, job.objects.len());
+    let _slot = request.transfers.acquire().await.expect("the transfer semaphore is never closed");
     let directory = request.output_dir.join(format!("job_{}", fetch::safe_component(&job.id)));
     progress.downloading(job.objects.len());
     let downloads = fetch::fetch_in_order(

@@ -92,6 +92,8 @@ pub struct Replicator<S: Sink> {
     /// Where objects wait (compressed) between download and load.
     pub spool: PathBuf,
     pub download_concurrency: usize,
+    /// Tables that download and load at once; the others wait for their job or for a slot.
+    pub transfers: tokio::sync::Semaphore,
     /// When the server refuses an incremental (snapshot required, out of range), re-snapshot
     /// the table atomically instead of stopping.
     pub auto_reinit: bool,
@@ -246,6 +248,7 @@ impl<S: Sink + 'static> Replicator<S> {
         objects: &[String],
         load: impl FnOnce(&mut S, Arrivals) -> Result<T, SyncError> + Send + 'static,
     ) -> Result<T, SyncError> {
+        let _slot = self.transfers.acquire().await.expect("the transfer semaphore is never closed");
         let io = |source| SyncError::Io { table: job_id.into(), path: self.spool.clone(), source };
         std::fs::create_dir_all(&self.spool).map_err(io)?;
         let spool = tempfile::Builder::new()

@@ -51,6 +51,12 @@ pub struct TableOutcome<T> {
     pub outcome: Outcome<T>,
 }
 
+/// Tables whose jobs are waited on at once. A waiting job costs nothing here and the client's
+/// pacer keeps job creation under DAP's rate limit, so this sits well above the number of tables
+/// that move data at once (`--parallel-tables`): a `--table all` run then creates jobs as fast
+/// as the limit allows instead of one batch per job latency.
+pub const JOBS_IN_FLIGHT: usize = 32;
+
 /// Runs `op` on every table, at most `parallel` at once, in order of the list.
 pub async fn run_each<T, E, F, Fut>(tables: &[String], parallel: usize, op: F) -> Vec<TableOutcome<T>>
 where

@@ -52,7 +52,8 @@ pub struct SnapshotArgs {
     json: bool,
     #[arg(long)]
     scope: Option<String>,
-    /// Tables worked on at once.
+    /// Tables that download at once. Jobs for up to 32 tables are requested and waited on
+    /// together, as fast as the job rate allows.
     #[arg(long, default_value_t = 4)]
     parallel_tables: usize,
     /// Objects downloaded at once per table.
@@ -208,12 +209,13 @@ async fn export(
         until: until.map(|t| t.micros),
         output_dir: args.output_directory.clone(),
         download_concurrency: args.parallel_downloads,
+        transfers: std::sync::Arc::new(tokio::sync::Semaphore::new(args.parallel_tables.max(1))),
     };
     tokio::fs::create_dir_all(&request.output_dir)
         .await
         .with_context(|| format!("creating {}", request.output_dir.display()))?;
     let progress = Progress::new(ctx.interactive && !args.json);
-    let outcomes = tables::run_each(&tables, args.parallel_tables, |t| {
+    let outcomes = tables::run_each(&tables, tables::JOBS_IN_FLIGHT, |t| {
         let (client, request, progress) = (&client, &request, &progress);
         async move {
             let p = std::sync::Arc::new(progress.table(&t));

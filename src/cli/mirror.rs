@@ -30,7 +30,8 @@ pub struct DbArgs {
     /// Print a machine-readable result per table on stdout.
     #[arg(long)]
     pub(super) json: bool,
-    /// Tables downloaded at once (loading into one file is serialised).
+    /// Tables that download at once (loading into one file is serialised). Jobs for up to 32
+    /// tables are requested and waited on together, as fast as the job rate allows.
     #[arg(long, default_value_t = 4)]
     pub(super) parallel_tables: usize,
 }
@@ -154,9 +155,15 @@ pub(super) async fn replicate(ctx: &Context, args: DbArgs, mode: Mode) -> anyhow
     let spool = path.parent().map(|p| p.join(".dap-spool")).unwrap_or_else(|| PathBuf::from(".dap-spool"));
     clear_spool(&spool);
     let auto_reinit = matches!(mode, Mode::Sync { auto_reinit: true, .. });
-    let replicator =
-        Replicator { client, sink: Arc::new(Mutex::new(sink)), spool, download_concurrency: 4, auto_reinit };
-    let outcomes = tables::run_each(&tables, args.parallel_tables, |t| {
+    let replicator = Replicator {
+        client,
+        sink: Arc::new(Mutex::new(sink)),
+        spool,
+        download_concurrency: 4,
+        transfers: tokio::sync::Semaphore::new(args.parallel_tables.max(1)),
+        auto_reinit,
+    };
+    let outcomes = tables::run_each(&tables, tables::JOBS_IN_FLIGHT, |t| {
         let (r, ns, path, state, local) = (&replicator, &ns, &path, &state, &local);
         async move {
             let report = match mode {
