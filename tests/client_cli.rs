@@ -250,9 +250,11 @@ async fn an_account_error_stops_the_run_and_the_rest_is_skipped() {
     let in_flight = dap_replica::tables::JOBS_IN_FLIGHT;
     assert!(statuses.len() > in_flight, "the test needs more tables than are in flight");
     assert_eq!(statuses[0], "failed");
-    assert!(statuses[1..in_flight].iter().all(|s| *s == "succeeded"), "{statuses:?}");
-    assert!(statuses[in_flight..].iter().all(|s| *s == "skipped"), "{statuses:?}");
-    let summary = format!("{} succeeded, 1 failed, {} skipped", in_flight - 1, statuses.len() - in_flight);
+    // Tables already started may finish (how many depends on timing); none starts afterwards.
+    let skipped = statuses.iter().filter(|s| **s == "skipped").count();
+    assert!(skipped >= statuses.len() - in_flight, "{statuses:?}");
+    assert!(statuses[1..].iter().all(|s| *s == "succeeded" || *s == "skipped"), "{statuses:?}");
+    let summary = format!("{} succeeded, 1 failed, {skipped} skipped", statuses.len() - 1 - skipped);
     assert!(stderr(&out).contains(&summary), "{}", stderr(&out));
 }
 
