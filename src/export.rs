@@ -103,6 +103,7 @@ pub async fn export_table(
         &job.objects,
         &directory,
         request.format,
+        fetch::Delivery::Keep,
         request.download_concurrency,
         progress.clone(),
     )

@@ -1,6 +1,7 @@
 //! Object downloads. Each object streams to a temporary file beside its target while it is
-//! checked (every gzip member decoded and CRC-checked; Parquet magic at both ends); only a
-//! complete, valid file is renamed into place. A broken transfer resumes with an HTTP `Range`
+//! checked (files the user keeps: every gzip member decoded and CRC-checked, Parquet magic at
+//! both ends; spool files: by the loader, see [`Delivery`]); only a complete, valid file is
+//! renamed into place. A broken transfer resumes with an HTTP `Range`
 //! request when the store allows it, else restarts; an expired URL is refreshed. The temporary
 //! file is removed on failure, so no partial file is ever left behind.
 
@@ -75,18 +76,38 @@ pub fn safe_component(s: &str) -> String {
     if cleaned.is_empty() || cleaned.chars().all(|c| c == '.') { "_".into() } else { cleaned }
 }
 
+/// What a downloaded object is for, which decides how it is checked and kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// A file the user keeps: every gzip member is decoded and CRC-checked (Parquet: magic bytes
+    /// at both ends) and the file is fsynced before it counts as fetched.
+    Keep,
+    /// A spool file for a loader that decodes, and so checks, every byte itself and deletes the
+    /// file afterwards: checking here too would inflate every object twice. Only the transfer's
+    /// completeness (its `Content-Length`) is checked, and nothing is fsynced.
+    Spool,
+}
+
 /// Checks an object's bytes as they arrive.
 enum Check {
     Gzip(Box<flate2::write::MultiGzDecoder<std::io::Sink>>),
-    Parquet { len: u64, head: Vec<u8>, tail: Vec<u8> },
+    Parquet {
+        len: u64,
+        head: Vec<u8>,
+        tail: Vec<u8>,
+    },
+    /// [`Delivery::Spool`]: the loader checks.
+    ByTheLoader,
 }
 
 impl Check {
-    fn new(format: Format) -> Check {
-        if format.is_gzip() {
-            Check::Gzip(Box::new(flate2::write::MultiGzDecoder::new(std::io::sink())))
-        } else {
-            Check::Parquet { len: 0, head: Vec::new(), tail: Vec::new() }
+    fn new(format: Format, delivery: Delivery) -> Check {
+        match delivery {
+            Delivery::Spool => Check::ByTheLoader,
+            Delivery::Keep if format.is_gzip() => {
+                Check::Gzip(Box::new(flate2::write::MultiGzDecoder::new(std::io::sink())))
+            }
+            Delivery::Keep => Check::Parquet { len: 0, head: Vec::new(), tail: Vec::new() },
         }
     }
 
@@ -103,6 +124,7 @@ impl Check {
                 tail.drain(..cut);
                 Ok(())
             }
+            Check::ByTheLoader => Ok(()),
         }
     }
 
@@ -111,6 +133,7 @@ impl Check {
             Check::Gzip(mut d) => d.try_finish().map_err(|e| format!("incomplete or corrupt gzip data: {e}")),
             Check::Parquet { len, head, tail } if len >= 12 && head == b"PAR1" && tail == b"PAR1" => Ok(()),
             Check::Parquet { .. } => Err("not a complete Parquet file (magic bytes missing)".into()),
+            Check::ByTheLoader => Ok(()),
         }
     }
 }
@@ -123,6 +146,7 @@ pub async fn fetch_in_order(
     objects: &[String],
     dir: &Path,
     format: Format,
+    delivery: Delivery,
     concurrency: usize,
     progress: Arc<dyn FetchProgress>,
 ) -> Result<impl futures_util::Stream<Item = Result<Fetched, FetchError>> + Send + 'static, FetchError> {
@@ -134,7 +158,7 @@ pub async fn fetch_in_order(
     let client = client.clone();
     let tasks = plan.into_iter().map(move |(id, url, target)| {
         let (client, progress) = (client.clone(), progress.clone());
-        tokio::spawn(async move { fetch_one(&client, &id, url, &target, format, progress.as_ref()).await })
+        tokio::spawn(async move { fetch_one(&client, &id, url, &target, (format, delivery), progress.as_ref()).await })
     });
     Ok(futures_util::stream::iter(tasks)
         .buffered(concurrency.max(1))
@@ -146,12 +170,12 @@ async fn fetch_one(
     id: &str,
     mut url: String,
     target: &Path,
-    format: Format,
+    kind: (Format, Delivery),
     progress: &dyn FetchProgress,
 ) -> Result<Fetched, FetchError> {
     let file_name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = target.with_file_name(format!(".{file_name}.partial"));
-    let result = transfer(client, id, &mut url, &temp, format, progress).await;
+    let result = transfer(client, id, &mut url, &temp, kind, progress).await;
     match result {
         Ok(bytes) => {
             tokio::fs::rename(&temp, target)
@@ -173,7 +197,7 @@ async fn transfer(
     id: &str,
     url: &mut String,
     temp: &Path,
-    format: Format,
+    (format, delivery): (Format, Delivery),
     progress: &dyn FetchProgress,
 ) -> Result<u64, FetchError> {
     let io = |source| FetchError::Io { path: temp.to_path_buf(), source };
@@ -181,7 +205,7 @@ async fn transfer(
     let create =
         || async { Ok::<_, std::io::Error>(BufWriter::with_capacity(1 << 20, tokio::fs::File::create(temp).await?)) };
     let mut file = create().await.map_err(io)?;
-    let mut check = Check::new(format);
+    let mut check = Check::new(format, delivery);
     let mut written: u64 = 0;
     let mut attempt = 0;
     let mut last_error = String::new();
@@ -222,7 +246,7 @@ async fn transfer(
             // The store ignored the Range request: start the file again.
             tracing::info!("object {id}: resuming is not supported here; restarting the download");
             file = create().await.map_err(io)?;
-            check = Check::new(format);
+            check = Check::new(format, delivery);
             written = 0;
         }
         let resumable = response.headers().get(ACCEPT_RANGES).is_some_and(|v| v == "bytes");
@@ -256,11 +280,13 @@ async fn transfer(
                 last_error = e;
             }
             None => {
-                let finished = std::mem::replace(&mut check, Check::new(format)).finish();
+                let finished = std::mem::replace(&mut check, Check::new(format, delivery)).finish();
                 match finished {
                     Ok(()) => {
                         file.flush().await.map_err(io)?;
-                        file.get_ref().sync_all().await.map_err(io)?;
+                        if delivery == Delivery::Keep {
+                            file.get_ref().sync_all().await.map_err(io)?;
+                        }
                         return Ok(written);
                     }
                     Err(e) => {
@@ -272,7 +298,7 @@ async fn transfer(
         }
         // Corrupt or unresumable: start over.
         file = create().await.map_err(io)?;
-        check = Check::new(format);
+        check = Check::new(format, delivery);
         written = 0;
     }
     Err(FetchError::Failed { object: id.to_string(), attempts: attempt, detail: last_error })
@@ -306,7 +332,7 @@ mod tests {
         e.write_all(&b"meta.ts\tkey.id\n".repeat(100)).unwrap();
         let gz = e.finish().unwrap();
         let run = |bytes: &[u8], f: Format| {
-            let mut c = Check::new(f);
+            let mut c = Check::new(f, Delivery::Keep);
             bytes.chunks(7).try_for_each(|ch| c.feed(ch)).and_then(|_| c.finish())
         };
         assert!(run(&gz, Format::Tsv).is_ok());

@@ -1,7 +1,9 @@
 //! `initdb`, `syncdb` and `dropdb`, written once against [`Sink`].
 //!
-//! Objects are fetched (checked, compressed as sent) into a spool folder, then decoded and loaded
-//! one at a time on a blocking thread that owns the target: one writer per database file. initdb
+//! Objects are fetched (compressed as sent) into a spool folder, then decoded and loaded one at
+//! a time on a blocking thread that owns the target: one writer per database file. Decoding
+//! inflates and CRC-checks every byte, so a corrupt object is caught there, and the table is
+//! then tried again from where it stopped. initdb
 //! fills a staging table and swaps it in with its bookkeeping row in one transaction; syncdb
 //! applies upserts, deletes and the new watermark in one transaction. A failure anywhere keeps
 //! the previous consistent state.
@@ -40,6 +42,8 @@ pub enum SyncError {
     Schema(#[from] SchemaError),
     #[error("{table}: object {object}: {source}; the table keeps its previous state")]
     Decode { table: String, object: String, source: DecodeError },
+    #[error("{table}: object {object} is corrupt or incomplete ({detail}); the table keeps its previous state")]
+    CorruptObject { table: String, object: String, detail: String },
     #[error("{table}: cannot read {}: {source}", path.display())]
     Io { table: String, path: PathBuf, source: std::io::Error },
     #[error("{table} is already initialised; run syncdb to update it (or initdb --replace to load it again)")]
@@ -116,10 +120,20 @@ fn load_object(
 ) -> Result<u64, SyncError> {
     let table = format!("{}.{}", def.namespace, def.name);
     let object = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let io = |source| SyncError::Io { table: table.clone(), path: path.to_path_buf(), source };
-    let file = std::fs::File::open(path).map_err(io)?;
+    let file = std::fs::File::open(path).map_err(|source| SyncError::Io {
+        table: table.clone(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // Reading fails only when inflating does (bad data, a CRC mismatch, a cut-off stream) or on
+    // text that is no UTF-8: either way the object as downloaded is unusable.
+    let corrupt = |e: std::io::Error| SyncError::CorruptObject {
+        table: table.clone(),
+        object: object.clone(),
+        detail: e.to_string(),
+    };
     let mut lines = std::io::BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(file)).lines();
-    let Some(header) = lines.next().transpose().map_err(io)? else { return Ok(0) };
+    let Some(header) = lines.next().transpose().map_err(corrupt)? else { return Ok(0) };
     let decoder = TsvDecoder::new(&header, def).map_err(|source| SyncError::Decode {
         table: table.clone(),
         object: object.clone(),
@@ -128,7 +142,7 @@ fn load_object(
     let mut batch = Vec::with_capacity(BATCH_ROWS);
     let mut rows = 0;
     for (i, line) in lines.enumerate() {
-        let line = line.map_err(io)?;
+        let line = line.map_err(corrupt)?;
         if line.is_empty() {
             continue;
         }
@@ -260,6 +274,7 @@ impl<S: Sink + 'static> Replicator<S> {
             objects,
             spool.path(),
             Format::Tsv,
+            fetch::Delivery::Spool,
             self.download_concurrency,
             Arc::new(Silent),
         )
@@ -279,8 +294,40 @@ impl<S: Sink + 'static> Replicator<S> {
         loaded
     }
 
+    /// Runs `attempt` again while an object turns out corrupt, up to the client's attempt limit:
+    /// the failed attempt rolled back, and the next downloads the object anew (initdb resumes
+    /// after the objects already loaded).
+    async fn retry_corrupt<F, Fut>(&self, attempt: F) -> Result<TableReport, SyncError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<TableReport, SyncError>>,
+    {
+        let limit = self.client.config().retry.attempts.max(1);
+        let mut tries = 1;
+        loop {
+            match attempt().await {
+                Err(SyncError::CorruptObject { table, object, detail }) if tries < limit => {
+                    tracing::warn!(
+                        "{table}: object {object} is corrupt or incomplete ({detail}); downloading it again"
+                    );
+                    tries += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
     /// Snapshots a table into a staging table and swaps it in with its bookkeeping row.
     pub async fn initdb(&self, namespace: &str, table: &str, replace: bool) -> Result<TableReport, SyncError> {
+        self.retry_corrupt(|| self.initdb_once(namespace, table, replace)).await
+    }
+
+    /// Applies the changes since the stored watermark, with the new watermark, in one transaction.
+    pub async fn syncdb(&self, namespace: &str, table: &str) -> Result<TableReport, SyncError> {
+        self.retry_corrupt(|| self.syncdb_once(namespace, table)).await
+    }
+
+    async fn initdb_once(&self, namespace: &str, table: &str, replace: bool) -> Result<TableReport, SyncError> {
         let (ns, t) = (namespace.to_string(), table.to_string());
         let (initialised, owner) =
             self.blocking(move |s| Ok((s.bookkeeping(&ns, &t)?.is_some(), s.owner(&t)?))).await?;
@@ -335,8 +382,7 @@ impl<S: Sink + 'static> Replicator<S> {
         Ok(TableReport { job_id: job.id, rows, watermark: time::format_wire(at), schema_version })
     }
 
-    /// Applies the changes since the stored watermark, with the new watermark, in one transaction.
-    pub async fn syncdb(&self, namespace: &str, table: &str) -> Result<TableReport, SyncError> {
+    async fn syncdb_once(&self, namespace: &str, table: &str) -> Result<TableReport, SyncError> {
         let (ns, t) = (namespace.to_string(), table.to_string());
         let stored = self
             .blocking(move |s| Ok(s.bookkeeping(&ns, &t)?))

@@ -465,6 +465,41 @@ async fn sync_else_init_and_a_sync_through_faults_converge_to_the_truth() {
     }
 }
 
+/// Spooled objects are not checked while they download: the loader inflates (and CRC-checks)
+/// every byte anyway. A truncated object must then be caught there and fetched again, for a
+/// snapshot (which resumes after the objects already loaded) and for an incremental.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_found_corrupt_while_loading_are_fetched_again() {
+    use dap_replica::emulator::{Endpoint, FaultKind, FaultSpec};
+    let Mirror { emu, dir, db, url } =
+        Mirror::new(EmulatorConfig { rows: 60, part_rows: 10, ..EmulatorConfig::default() }, "canvas.db").await;
+    let def = emu.table_def("canvas", "courses").unwrap();
+    let args = |command: &'static str| [command, "--namespace", "canvas", "--table", "courses", "--connection-string"];
+    for (command, round) in [("initdb", "initdb"), ("syncdb", "syncdb")] {
+        if command == "syncdb" {
+            emu.commit(
+                "canvas",
+                "courses",
+                ChangeCounts { inserts: 30, updates: 20, hard_deletes: 5, ..Default::default() },
+            )
+            .unwrap();
+        }
+        emu.inject(FaultSpec::new(FaultKind::TruncatedGzip, 2).on(Endpoint::Object).for_table("courses"));
+        let mut argv = args(command).to_vec();
+        argv.push(&url);
+        let out = run_ours(&emu, dir.path(), &argv).await;
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains("is corrupt or incomplete") && err.contains("downloading it again"), "{err}");
+        assert_same_rows(
+            &def,
+            &sqlite_rows(&db, &emu, "canvas", "courses"),
+            &emu.truth("canvas", "courses").unwrap(),
+            round,
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_that_does_not_match_the_schema_is_named_and_changes_nothing() {
     use dap_replica::emulator::{Endpoint, FaultKind, FaultSpec};
