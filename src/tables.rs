@@ -57,7 +57,9 @@ pub struct TableOutcome<T> {
 /// as the limit allows instead of one batch per job latency.
 pub const JOBS_IN_FLIGHT: usize = 32;
 
-/// Runs `op` on every table, at most `parallel` at once, in order of the list.
+/// Runs `op` on every table, at most `parallel` at once, starting them in order of the list;
+/// the outcomes come back in that order. A finished table frees its place at once, even while
+/// one started earlier is still running (no head-of-line blocking).
 pub async fn run_each<T, E, F, Fut>(tables: &[String], parallel: usize, op: F) -> Vec<TableOutcome<T>>
 where
     E: Display + Fatal,
@@ -67,11 +69,11 @@ where
     let stop = AtomicBool::new(false);
     let stop = &stop;
     let op = &op;
-    futures_util::stream::iter(tables.iter().cloned())
-        .map(|table| async move {
+    let mut outcomes: Vec<(usize, TableOutcome<T>)> = futures_util::stream::iter(tables.iter().cloned().enumerate())
+        .map(|(i, table)| async move {
             if stop.load(Ordering::SeqCst) {
                 let reason = "skipped after an authentication or account error".to_string();
-                return TableOutcome { table, outcome: Outcome::Skipped { reason } };
+                return (i, TableOutcome { table, outcome: Outcome::Skipped { reason } });
             }
             let outcome = match op(table.clone()).await {
                 Ok(result) => Outcome::Succeeded { result },
@@ -82,11 +84,13 @@ where
                     Outcome::Failed { error: e.to_string() }
                 }
             };
-            TableOutcome { table, outcome }
+            (i, TableOutcome { table, outcome })
         })
-        .buffered(parallel.max(1))
+        .buffer_unordered(parallel.max(1))
         .collect()
-        .await
+        .await;
+    outcomes.sort_by_key(|(i, _)| *i);
+    outcomes.into_iter().map(|(_, outcome)| outcome).collect()
 }
 
 /// `"3 succeeded, 1 failed, 0 skipped"` and whether everything succeeded.
