@@ -139,7 +139,7 @@ impl Check {
 }
 
 /// Downloads `objects` into `dir` with up to `concurrency` transfers at once, each on its own
-/// task so that checking (decompressing) them uses every core, and yields them in the given
+/// task so that checking (decompressing, for [`Delivery::Keep`]) uses every core; yields them in the given
 /// order as they complete, so that a consumer can start on the first while others download.
 pub async fn fetch_in_order(
     client: &Client,

@@ -3,16 +3,15 @@
 //! Objects are fetched (compressed as sent) into a spool folder, then decoded and loaded one at
 //! a time on a blocking thread that owns the target: one writer per database file. Decoding
 //! inflates and CRC-checks every byte, so a corrupt object is caught there, and the table is
-//! then tried again from where it stopped. initdb
-//! fills a staging table and swaps it in with its bookkeeping row in one transaction; syncdb
-//! applies upserts, deletes and the new watermark in one transaction. A failure anywhere keeps
-//! the previous consistent state.
+//! then tried again from where it stopped. initdb fills a staging table and swaps it in with its
+//! bookkeeping row in one transaction; syncdb applies upserts, deletes and the new watermark in
+//! one transaction. A failure anywhere keeps the previous consistent state.
 
 use std::io::BufRead;
-
-use futures_util::StreamExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
 
 use serde::Serialize;
 

@@ -474,8 +474,7 @@ async fn objects_found_corrupt_while_loading_are_fetched_again() {
     let Mirror { emu, dir, db, url } =
         Mirror::new(EmulatorConfig { rows: 60, part_rows: 10, ..EmulatorConfig::default() }, "canvas.db").await;
     let def = emu.table_def("canvas", "courses").unwrap();
-    let args = |command: &'static str| [command, "--namespace", "canvas", "--table", "courses", "--connection-string"];
-    for (command, round) in [("initdb", "initdb"), ("syncdb", "syncdb")] {
+    for command in ["initdb", "syncdb"] {
         if command == "syncdb" {
             emu.commit(
                 "canvas",
@@ -485,8 +484,7 @@ async fn objects_found_corrupt_while_loading_are_fetched_again() {
             .unwrap();
         }
         emu.inject(FaultSpec::new(FaultKind::TruncatedGzip, 2).on(Endpoint::Object).for_table("courses"));
-        let mut argv = args(command).to_vec();
-        argv.push(&url);
+        let argv = [command, "--namespace", "canvas", "--table", "courses", "--connection-string", url.as_str()];
         let out = run_ours(&emu, dir.path(), &argv).await;
         let err = stderr(&out);
         assert!(out.status.success(), "{err}");
@@ -495,7 +493,7 @@ async fn objects_found_corrupt_while_loading_are_fetched_again() {
             &def,
             &sqlite_rows(&db, &emu, "canvas", "courses"),
             &emu.truth("canvas", "courses").unwrap(),
-            round,
+            command,
         );
     }
 }
