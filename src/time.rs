@@ -93,10 +93,27 @@ pub fn parse_rfc3339(s: &str) -> Result<Micros, TimestampError> {
         .map_err(|_| TimestampError { value: s.to_string() })
 }
 
-/// `YYYY-MM-DD` for a day number counted from 1970-01-01.
+/// `YYYY-MM-DD` for a day number counted from 1970-01-01, negative before it (0001-01-01 is
+/// day -719 162, 9999-12-31 day 2 932 896).
 pub fn format_date(days: i32) -> String {
+    let (y, m, d) = civil_from_days(days.into());
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The day number (from 1970-01-01) of `YYYY-MM-DD`, for years 0001 to 9999.
+pub fn parse_date(s: &str) -> Option<i32> {
+    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    if s.len() != 10 || !(1..=9999).contains(&chrono::Datelike::year(&d)) {
+        return None;
+    }
     let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date");
-    (epoch + chrono::Days::new(days.max(0) as u64)).format("%Y-%m-%d").to_string()
+    i32::try_from((d - epoch).num_days()).ok()
+}
+
+/// Microseconds since midnight of `hh:mm:ss[.f{1,6}]`, with or without a trailing `Z`.
+pub fn parse_time_of_day(s: &str) -> Option<Micros> {
+    let t = chrono::NaiveTime::parse_from_str(s.strip_suffix('Z').unwrap_or(s), "%H:%M:%S%.f").ok()?;
+    (t - chrono::NaiveTime::MIN).num_microseconds()
 }
 
 /// `hh:mm:ss[.ffffff]` for microseconds since midnight.
@@ -146,6 +163,17 @@ mod tests {
     fn dates_and_times() {
         assert_eq!(format_date(0), "1970-01-01");
         assert_eq!(format_date(19844), "2024-05-01");
+        assert_eq!(format_date(-1), "1969-12-31");
+        assert_eq!(format_date(-25567), "1900-01-01");
+        assert_eq!(format_date(-719_162), "0001-01-01");
+        assert_eq!(format_date(2_932_896), "9999-12-31");
+        for text in ["0001-01-01", "1899-12-31", "1900-01-01", "1969-12-31", "1970-01-01", "2000-02-29", "9999-12-31"] {
+            assert_eq!(format_date(parse_date(text).unwrap()), text);
+        }
+        assert_eq!(parse_date("0000-12-31"), None, "year 0 is outside the schema's domain");
+        assert_eq!(parse_date("10000-01-01"), None);
+        assert_eq!(parse_time_of_day("23:59:59.999999Z"), Some(MICROS_PER_DAY - 1));
+        assert_eq!(parse_time_of_day("00:00:00"), Some(0));
         assert_eq!(format_time_of_day(3_723_000_001), "01:02:03.000001");
     }
 }

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::Context;
-use super::mirror::{self, DbArgs, Mode};
+use super::db::{self, DbArgs, Mode};
 use crate::emulator::{ChangeCounts, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, EmulatorConfig};
 
 const TABLES: &[(&str, &str)] =
@@ -43,6 +43,8 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         connection_string: target(ns),
         json: false,
         parallel_tables: 4,
+        temp_dir: None,
+        non_finite: crate::sink::NonFinite::Refuse,
     };
 
     println!(
@@ -52,7 +54,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     );
     for (ns, tables) in TABLES {
         // A table the demo mirror already has is synced instead.
-        mirror::replicate(&ctx, db_args(ns, tables), Mode::Sync { auto_reinit: true, init_missing: true }).await?;
+        db::replicate(&ctx, db_args(ns, tables), Mode::Sync { auto_reinit: true, init_missing: true }).await?;
     }
     println!("3. Changing the source: inserts, updates, soft and hard deletes ...");
     for (ns, tables) in TABLES {
@@ -62,10 +64,10 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("4. Syncing the changes ...");
     for (ns, tables) in TABLES {
-        mirror::replicate(&ctx, db_args(ns, tables), Mode::Sync { auto_reinit: true, init_missing: true }).await?;
+        db::replicate(&ctx, db_args(ns, tables), Mode::Sync { auto_reinit: true, init_missing: true }).await?;
     }
     println!("\n5. The mirror now:\n");
-    mirror::status(mirror::StatusArgs::for_dir(&dir)).await?;
+    db::status(db::StatusArgs::for_dir(&dir)).await?;
 
     let canvas = dir.join("canvas.db");
     let query = "SELECT workflow_state, count(*) AS enrollments FROM enrollments GROUP BY 1 ORDER BY 2 DESC";

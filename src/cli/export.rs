@@ -150,9 +150,8 @@ async fn write_schema(client: &Client, namespace: &str, table: &str, dir: &Path)
     let version =
         schema.get("version").and_then(serde_json::Value::as_u64).context("the schema response has no version")?;
     let path = dir.join(format!("{}_schema_version_{version}.json", crate::fetch::safe_component(table)));
-    let mut text = Vec::new();
-    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    serde::Serialize::serialize(&schema, &mut serde_json::Serializer::with_formatter(&mut text, formatter))?;
+    // Byte-identical to the official client's file (Python's json.dump with indent=4).
+    let text = crate::pyjson::to_vec_indent4(&schema)?;
     let temp = path.with_extension("json.partial");
     tokio::fs::write(&temp, &text).await.with_context(|| format!("writing {}", temp.display()))?;
     tokio::fs::rename(&temp, &path).await.with_context(|| format!("writing {}", path.display()))?;

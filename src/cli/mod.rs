@@ -1,10 +1,10 @@
 //! The command line: global options as the official client has them, and one small function per
 //! command over the library.
 
+mod db;
 mod demo;
 mod emulator;
 mod export;
-mod mirror;
 
 use std::path::PathBuf;
 
@@ -90,15 +90,15 @@ pub enum Command {
     /// Download the changes to tables since a time into <output-directory>/job_<id>/.
     Incremental(export::IncrementalArgs),
     /// Initialise tables in the mirror from a snapshot.
-    Initdb(mirror::InitArgs),
+    Initdb(db::InitArgs),
     /// Bring initialised tables up to date with the changes since their watermark.
-    Syncdb(mirror::SyncArgs),
+    Syncdb(db::SyncArgs),
     /// Drop tables (and their bookkeeping) from the mirror.
-    Dropdb(mirror::DbArgs),
+    Dropdb(db::DbArgs),
     /// List the server's tables with their replication state.
-    Listdb(mirror::ListDbArgs),
+    Listdb(db::ListDbArgs),
     /// Show the mirror: rows, schema version, watermark, staleness and last result per table.
-    Status(mirror::StatusArgs),
+    Status(db::StatusArgs),
     /// Try everything offline: a local emulator, a demo mirror, a sync, a query.
     Demo(demo::DemoArgs),
     /// Run a local DAP emulator (loopback only) for offline work and tests.
@@ -131,11 +131,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Schema(args) => export::schema(&ctx, args).await,
         Command::Snapshot(args) => export::snapshot(&ctx, args).await,
         Command::Incremental(args) => export::incremental(&ctx, args).await,
-        Command::Initdb(args) => mirror::initdb(&ctx, args).await,
-        Command::Syncdb(args) => mirror::syncdb(&ctx, args).await,
-        Command::Dropdb(args) => mirror::drop(args).await,
-        Command::Listdb(args) => mirror::listdb(&ctx, args).await,
-        Command::Status(args) => mirror::status(args).await,
+        Command::Initdb(args) => db::initdb(&ctx, args).await,
+        Command::Syncdb(args) => db::syncdb(&ctx, args).await,
+        Command::Dropdb(args) => db::drop(args).await,
+        Command::Listdb(args) => db::listdb(&ctx, args).await,
+        Command::Status(args) => db::status(args).await,
         Command::Demo(args) => demo::run(&ctx, args).await,
         Command::Emulator(args) => emulator::run(args).await,
     }

@@ -142,14 +142,9 @@ pub fn parse(text: &str, ty: &ColumnType) -> Result<Value, String> {
         ColumnType::Str { .. } | ColumnType::Enum(_) => Value::Str(text.to_string()),
         ColumnType::Timestamp => Value::Timestamp(time::parse_rfc3339(text).map_err(|_| bad("a timestamp"))?),
         ColumnType::Date => {
-            let d = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| bad("a date"))?;
-            Value::Date((d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch")).num_days() as i32)
+            Value::Date(time::parse_date(text).ok_or_else(|| bad("a date (0001-01-01 to 9999-12-31)"))?)
         }
-        ColumnType::Time => {
-            let t = chrono::NaiveTime::parse_from_str(text.trim_end_matches('Z'), "%H:%M:%S%.f")
-                .map_err(|_| bad("a time"))?;
-            Value::Time((t - chrono::NaiveTime::MIN).num_microseconds().unwrap_or(0))
-        }
+        ColumnType::Time => Value::Time(time::parse_time_of_day(text).ok_or_else(|| bad("a time of day"))?),
         ColumnType::Uuid => {
             let hex: String = text.chars().filter(|c| *c != '-').collect();
             if hex.len() != 32 {

@@ -12,7 +12,7 @@ use serde_json::{Map, Value as Json};
 
 use super::rng::{Rng, hash_str, mix};
 use crate::schema::{Column, ColumnType, OVERSIZED_PLACEHOLDER, TableDef};
-use crate::time::{MICROS_PER_DAY, MICROS_PER_SECOND, Micros};
+use crate::time::{MICROS_PER_DAY, Micros};
 use crate::value::{Decimal, Value};
 
 /// Canvas ids are shard-prefixed: large numbers that a float would not hold exactly.
@@ -68,13 +68,18 @@ impl Generator {
         }
     }
 
-    /// The value columns of a row version, in `def.values` order.
+    /// The value columns of a row version, in `def.values` order. The first [`EDGE_ROWS`] base
+    /// rows hold the edges of every column's domain (see [`edges`]); other rows are random.
     pub fn row(&self, def: &TableDef, idx: u64, revision: u32) -> Vec<Value> {
         let row_seed = mix(&[self.table_seed(def), idx, revision as u64]);
         def.values
             .iter()
             .map(|c| {
                 let mut rng = Rng::new(mix(&[row_seed, hash_str(&c.name)]));
+                if revision == 0 && (1..=EDGE_ROWS).contains(&idx) {
+                    let edges = self.edges(&c.ty, true);
+                    return edges[(idx as usize - 1) % edges.len()].clone();
+                }
                 self.column(&mut rng, c, true)
             })
             .collect()
@@ -93,11 +98,11 @@ impl Generator {
             ColumnType::IntEnum(values) => Value::Int(*rng.pick(values)),
             ColumnType::Float(bits) => Value::Float(self.float(rng, *bits, top_level)),
             ColumnType::Decimal { precision, scale } => {
-                let digits = (*precision as u32).min(30);
-                let limit = 10i128.pow(digits) - 1;
-                let small = 10i128.pow((*scale as u32 + 3).min(digits));
+                let digits = (*precision as u32).min(38);
+                let limit = 10u128.pow(digits) - 1;
+                let small = 10u128.pow((*scale as u32 + 3).min(digits));
                 let span = if rng.chance(0.9) { small } else { limit };
-                let m = (((rng.next_u64() as u128) << 64 | rng.next_u64() as u128) % (span as u128 + 1)) as i128;
+                let m = (((rng.next_u64() as u128) << 64 | rng.next_u64() as u128) % (span + 1)) as i128;
                 Value::Decimal(Decimal { mantissa: if rng.chance(0.2) { -m } else { m }, scale: *scale })
             }
             ColumnType::Bool => Value::Bool(rng.chance(0.5)),
@@ -109,8 +114,15 @@ impl Generator {
             }
             ColumnType::Enum(values) => Value::Str(rng.pick(values).clone()),
             ColumnType::Timestamp => Value::Timestamp(self.timestamp(rng)),
-            ColumnType::Date => Value::Date(((self.anchor / MICROS_PER_DAY) - rng.below(12_000) as i64) as i32),
-            ColumnType::Time => Value::Time(rng.below(MICROS_PER_DAY as u64) as i64 / 1000 * 1000),
+            ColumnType::Date => Value::Date(match rng.below(20) {
+                0 => rng.between(FIRST_DAY.into(), LAST_DAY.into()) as i32,
+                1 | 2 => rng.between(YEAR_1900_DAY.into(), YEAR_2100_DAY.into()) as i32,
+                _ => ((self.anchor / MICROS_PER_DAY) - rng.below(12_000) as i64) as i32,
+            }),
+            ColumnType::Time => {
+                let us = rng.below(MICROS_PER_DAY as u64) as i64;
+                Value::Time(with_fraction_digits(rng, us))
+            }
             ColumnType::Uuid => Value::Uuid(uuid_v4((rng.next_u64() as u128) << 64 | rng.next_u64() as u128)),
             ColumnType::Ipv4 => Value::Ip(ipv4(rng)),
             ColumnType::Ipv6 => Value::Ip(ipv6(rng)),
@@ -134,29 +146,157 @@ impl Generator {
         }
     }
 
+    /// The edges of a type's domain: extremes, zero and its sign, the smallest and largest
+    /// magnitudes, the longest text the schema allows (also in multi-byte characters), dates
+    /// and times at both ends of 0001..9999 and around 1970, every fraction length, every enum
+    /// member. Non-finite floats only with `special_floats` and outside nested JSON (which has
+    /// no form for them).
+    pub fn edges(&self, ty: &ColumnType, top_level: bool) -> Vec<Value> {
+        let specials = self.special_floats && top_level;
+        match ty {
+            ColumnType::Int(16) => [i16::MIN.into(), i16::MAX.into(), 0, -1, 1].map(Value::Int).to_vec(),
+            ColumnType::Int(32) => [i32::MIN.into(), i32::MAX.into(), 0, -1, 1].map(Value::Int).to_vec(),
+            ColumnType::Int(_) => [i64::MIN, i64::MAX, 0, -1, (1 << 53) + 1].map(Value::Int).to_vec(),
+            ColumnType::IntEnum(values) => values.iter().map(|v| Value::Int(*v)).collect(),
+            ColumnType::Float(bits) => {
+                let mut v: Vec<f64> = if *bits == 32 {
+                    [-0.0f32, 0.0, f32::from_bits(1), f32::MIN_POSITIVE, f32::MAX, f32::MIN, 0.1, -1e-30]
+                        .map(f64::from)
+                        .to_vec()
+                } else {
+                    vec![-0.0, 0.0, f64::from_bits(1), f64::MIN_POSITIVE, 1e300, -1e-300, f64::MAX, f64::MIN, 0.1]
+                };
+                if specials {
+                    v.extend([f64::NAN, f64::INFINITY, f64::NEG_INFINITY]);
+                }
+                v.into_iter().map(Value::Float).collect()
+            }
+            ColumnType::Decimal { precision, scale } => {
+                let max = 10i128.pow((*precision as u32).min(38)) - 1;
+                [max, -max, 0, 1, -1, 10i128.pow(*scale as u32) * 7]
+                    .map(|mantissa| Value::Decimal(Decimal { mantissa, scale: *scale }))
+                    .to_vec()
+            }
+            ColumnType::Bool => vec![Value::Bool(true), Value::Bool(false)],
+            ColumnType::Str { max_length, truncatable } => {
+                let n = max_length.unwrap_or(UNBOUNDED_TEXT_CHARS) as usize;
+                let mut v = vec![
+                    String::new(),
+                    "x".repeat(n),
+                    MULTIBYTE.chars().cycle().take(n).collect(),
+                    TEXT[5..].join(" ").chars().take(n).collect(),
+                    "NULL".chars().take(n).collect(),
+                    "\\N".chars().take(n).collect(),
+                ];
+                if *truncatable {
+                    v.push(OVERSIZED_PLACEHOLDER.into());
+                }
+                v.into_iter().map(Value::Str).collect()
+            }
+            ColumnType::Enum(values) => values.iter().map(|v| Value::Str(v.clone())).collect(),
+            ColumnType::Timestamp => [
+                FIRST_DAY as i64 * MICROS_PER_DAY,
+                (LAST_DAY as i64 + 1) * MICROS_PER_DAY - 1,
+                -1,
+                0,
+                YEAR_1900_DAY as i64 * MICROS_PER_DAY,
+                951_827_696_700_000,
+                951_827_696_120_000,
+                951_827_696_123_000,
+                951_827_696_123_400,
+                951_827_696_123_450,
+                951_827_696_123_456,
+            ]
+            .map(Value::Timestamp)
+            .to_vec(),
+            ColumnType::Date => [FIRST_DAY, LAST_DAY, YEAR_1900_DAY, -1, 0, 11_016].map(Value::Date).to_vec(),
+            ColumnType::Time => [0, MICROS_PER_DAY - 1, 43_200_500_000, 1].map(Value::Time).to_vec(),
+            ColumnType::Uuid => {
+                [0, u128::MAX, uuid_v4(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef)].map(Value::Uuid).to_vec()
+            }
+            ColumnType::Ipv4 => IPV4_EDGES.iter().map(|s| Value::Ip(s.parse().expect("valid IP"))).collect(),
+            ColumnType::Ipv6 => IPV6_EDGES.iter().map(|s| Value::Ip(s.parse().expect("valid IP"))).collect(),
+            ColumnType::Ip => {
+                IPV4_EDGES.iter().chain(IPV6_EDGES).map(|s| Value::Ip(s.parse().expect("valid IP"))).collect()
+            }
+            ColumnType::Array(item) => {
+                let items: Vec<Json> = self.edges(item, false).iter().map(Value::to_typed_json).collect();
+                vec![
+                    Value::Json(Json::Array(Vec::new())),
+                    Value::Json(Json::Array(items.clone())),
+                    Value::Json(Json::Array(items.into_iter().rev().take(1).collect())),
+                ]
+            }
+            ColumnType::Object(fields) => {
+                // All members NULL is NULL in condensed mode; then objects of each member's edges.
+                let member_edges: Vec<Vec<Value>> = fields.iter().map(|f| self.edges(&f.ty, false)).collect();
+                let widest = member_edges.iter().map(Vec::len).max().unwrap_or(0).min(4);
+                let mut v = vec![Value::Null];
+                v.extend((0..widest).map(|k| {
+                    let map: Map<String, Json> = fields
+                        .iter()
+                        .zip(&member_edges)
+                        .map(|(f, e)| (f.name.clone(), e[k % e.len()].to_typed_json()))
+                        .filter(|(_, j)| !j.is_null())
+                        .collect();
+                    Value::Json(Json::Object(map))
+                }));
+                v
+            }
+            ColumnType::Json => vec![
+                Value::Json(serde_json::json!({})),
+                Value::Json(serde_json::json!([])),
+                Value::Json(serde_json::json!({"a": {"b": [1, "two", null, true]}, "é": "\"q\""})),
+            ],
+        }
+    }
+
     fn float(&self, rng: &mut Rng, bits: u8, top_level: bool) -> f64 {
         if self.special_floats && top_level && rng.chance(0.03) {
             return *rng.pick(&[f64::NAN, f64::INFINITY, f64::NEG_INFINITY]);
         }
-        let f = match rng.below(5) {
+        let f = match rng.below(6) {
             0 => 0.0,
             1 => rng.below(1000) as f64 / 4.0,
             2 => (rng.below(1_000_000) as f64) / 100.0,
             3 => (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64,
+            4 => f64::from_bits(rng.next_u64() & !(0x7ff << 52) | (rng.below(2046) + 1) << 52),
             _ => ((rng.next_u64() >> 11) as f64 - (1u64 << 52) as f64) * 1e-3,
         };
         if bits == 32 { f as f32 as f64 } else { f }
     }
 
-    /// A time in the three years before the anchor: whole seconds, milliseconds or microseconds.
+    /// A commit-like time: mostly in the three years before the anchor, now and then anywhere
+    /// in 1900..2100 or in the whole 0001..9999 range; with 0 to 6 fraction digits.
     pub fn timestamp(&self, rng: &mut Rng) -> Micros {
-        let us = self.anchor - 1 - rng.below(3 * 365 * MICROS_PER_DAY as u64) as i64;
-        match rng.below(3) {
-            0 => us - us.rem_euclid(MICROS_PER_SECOND),
-            1 => us - us.rem_euclid(1000),
-            _ => us,
-        }
+        let us = match rng.below(20) {
+            0 => rng.between(FIRST_DAY as i64 * MICROS_PER_DAY, (LAST_DAY as i64 + 1) * MICROS_PER_DAY - 1),
+            1 | 2 => rng.between(YEAR_1900_DAY as i64 * MICROS_PER_DAY, YEAR_2100_DAY as i64 * MICROS_PER_DAY),
+            _ => self.anchor - 1 - rng.below(3 * 365 * MICROS_PER_DAY as u64) as i64,
+        };
+        with_fraction_digits(rng, us)
     }
+}
+
+/// Base rows `1..=EDGE_ROWS` carry the domain edges, so any table of this many rows holds them all.
+pub const EDGE_ROWS: u64 = 24;
+/// Characters of the longest unbounded text edge.
+const UNBOUNDED_TEXT_CHARS: u32 = 10_000;
+/// Two-, three- and four-byte UTF-8 characters.
+const MULTIBYTE: &str = "é日🎓ß語😀";
+const IPV4_EDGES: &[&str] = &["0.0.0.0", "255.255.255.255", "127.0.0.1", "10.0.0.1"];
+const IPV6_EDGES: &[&str] =
+    &["::", "::1", "::ffff:192.0.2.1", "2001:db8::1", "fe80::1:2:3:4", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"];
+/// 0001-01-01, 9999-12-31, 1900-01-01 and 2100-01-01 as days since 1970-01-01.
+const FIRST_DAY: i32 = -719_162;
+const LAST_DAY: i32 = 2_932_896;
+const YEAR_1900_DAY: i32 = -25_567;
+const YEAR_2100_DAY: i32 = 47_482;
+
+/// `us` truncated to 0 to 6 fraction digits, chosen at random.
+fn with_fraction_digits(rng: &mut Rng, us: Micros) -> Micros {
+    let unit = 10i64.pow(6 - rng.below(7) as u32);
+    us - us.rem_euclid(unit)
 }
 
 /// Sets the version (4) and variant (10) bits of a random 128-bit number.

@@ -5,6 +5,7 @@
 //! rather than rejected, so additive server changes do not break us.
 
 pub mod bundled;
+pub mod delta;
 
 use serde_json::{Map, Value as Json};
 
@@ -22,6 +23,8 @@ pub struct TableDef {
     pub version: u32,
     pub key: Column,
     pub values: Vec<Column>,
+    /// The table's title and description (a database comment), as DAP documents the table.
+    pub comment: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +33,8 @@ pub struct Column {
     pub ty: ColumnType,
     /// NOT NULL (listed in the schema's `required`).
     pub required: bool,
+    /// The property's `title`, else its `description` (a database comment).
+    pub comment: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -92,7 +97,27 @@ impl TableDef {
             Some(v) => parser.object_columns(v)?,
             None => Vec::new(),
         };
-        Ok(TableDef { namespace: namespace.into(), name: name.into(), version: version as u32, key, values })
+        let text = |k: &str| schema.get(k).and_then(Json::as_str).filter(|s| !s.is_empty());
+        let comment = match (text("title"), text("description")) {
+            (Some(t), Some(d)) => Some(format!("{t}\n\n{d}")),
+            (t, d) => t.or(d).map(String::from),
+        };
+        Ok(TableDef { namespace: namespace.into(), name: name.into(), version: version as u32, key, values, comment })
+    }
+
+    /// The definition a bookkeeping row describes: its `schema_description` (the schema without
+    /// `meta`, as stored by initdb/syncdb) at `version`.
+    pub fn from_description(
+        namespace: &str,
+        name: &str,
+        version: u32,
+        description: &str,
+    ) -> Result<TableDef, SchemaError> {
+        let schema: Json = serde_json::from_str(description).map_err(|e| SchemaError::Invalid {
+            table: format!("{namespace}.{name}"),
+            what: format!("the stored schema description is not JSON: {e}"),
+        })?;
+        TableDef::from_versioned(namespace, name, &serde_json::json!({"schema": schema, "version": version}))
     }
 
     /// The key column followed by the value columns.
@@ -128,10 +153,12 @@ impl Parser<'_> {
         props
             .iter()
             .map(|(name, child)| {
+                let text = |k: &str| child.get(k).and_then(Json::as_str).map(String::from);
                 Ok(Column {
                     name: name.clone(),
                     ty: self.column_type(child).map_err(|e| self.err(format!("column {name}: {e}")))?,
                     required: required.contains(&name.as_str()),
+                    comment: text("title").or_else(|| text("description")),
                 })
             })
             .collect()

@@ -1,11 +1,29 @@
-//! Replication targets: one trait, one small adapter per database. `sync.rs` drives every target
-//! through it; what differs between dialects (DDL, types, bulk paths) lives in the adapter.
+//! Replication targets: one interface of a few verbs, one file per database, chosen by the
+//! connection string's scheme ([`open`]). The orchestration (`sync.rs`) drives every target through
+//! [`Sink`] and never knows which database it talks to; what differs between dialects (DDL, types,
+//! bulk paths) lives in the adapter.
+//!
+//! The contract every target keeps, however it keeps it (a transaction, or an ordered sequence of
+//! steps where the database has no transactional DDL):
+//! - a watermark is never durable before the rows it covers;
+//! - a table is never visible half-initialised: initdb loads a staging area and publishes it whole;
+//! - a feed that stops before its [`Piece::Done`] (the source failed) leaves nothing of its
+//!   unfinished part behind.
 
+pub mod layout;
+pub mod postgres;
 pub mod sqlite;
+mod url;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::decode::Record;
 use crate::schema::TableDef;
+use crate::schema::delta::SchemaDelta;
 use crate::time::Micros;
+
+pub use url::{ConnectionString, Scheme, Secret, SslMode, UrlError, redact};
 
 /// The bookkeeping row of one replicated table (the official client's `table_sync`).
 #[derive(Debug, Clone, PartialEq)]
@@ -19,46 +37,240 @@ pub struct Bookkeeping {
     pub schema_description: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    #[error("{target}: {detail}")]
-    Database { target: String, detail: String },
-    #[error("{table} is not initialised; run initdb first")]
-    NotInitialised { table: String },
+impl Bookkeeping {
+    /// The table definition this row was replicated with.
+    pub fn table_def(&self) -> Result<TableDef, crate::schema::SchemaError> {
+        TableDef::from_description(&self.namespace, &self.table, self.schema_version, &self.schema_description)
+    }
 }
 
-/// A database that holds replicated tables.
-pub trait Sink: Send {
+/// Whether trying again can help after a database error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// A lost connection, a serialization failure, a deadlock: the same work may succeed.
+    MayHelp,
+    /// A constraint, a permission, bad data: the same work fails the same way.
+    Useless,
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A database error while doing `action`; the unfinished work was rolled back.
+    #[error("{target}: {action}: {detail}")]
+    Database {
+        target: String,
+        action: String,
+        /// The database's own message, without the driver's wrapping.
+        detail: String,
+        retry: Retry,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The target is in a state the command cannot work on; `detail` says what to do.
+    #[error("{target}: {detail}")]
+    Refused { target: String, detail: String },
+    /// The source stopped before the end of the feed (its own error says why); nothing of the
+    /// unfinished part was kept.
+    #[error("the source stopped before the end of its rows; nothing of the unfinished part was kept")]
+    FeedAborted,
+}
+
+impl SinkError {
+    pub fn retry(&self) -> Retry {
+        match self {
+            SinkError::Database { retry, .. } => *retry,
+            _ => Retry::Useless,
+        }
+    }
+
+    pub fn refused(target: &str, detail: impl Into<String>) -> SinkError {
+        SinkError::Refused { target: target.to_string(), detail: detail.into() }
+    }
+}
+
+/// One item of a feed of records from a source.
+#[derive(Debug)]
+pub enum Piece {
+    /// A part (a downloaded object) begins.
+    Begin(String),
+    Rows(Vec<Record>),
+    /// The part is complete: for initdb, its rows and its checkpoint commit now.
+    End(String),
+    /// The feed is complete.
+    Done,
+}
+
+/// The receiving end of a feed. A feed that closes before [`Piece::Done`] was aborted by its
+/// source: the target must keep nothing of the unfinished part.
+pub struct Feed {
+    rx: tokio::sync::mpsc::Receiver<Piece>,
+}
+
+/// The sending end of a feed.
+pub type FeedSender = tokio::sync::mpsc::Sender<Piece>;
+
+impl Feed {
+    /// A feed holding at most `depth` pieces in flight (a few batches: memory stays bounded).
+    pub fn channel(depth: usize) -> (FeedSender, Feed) {
+        let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
+        (tx, Feed { rx })
+    }
+
+    /// The next piece, or [`SinkError::FeedAborted`] when the source stopped early.
+    pub async fn next(&mut self) -> Result<Piece, SinkError> {
+        self.rx.recv().await.ok_or(SinkError::FeedAborted)
+    }
+
+    /// [`Feed::next`] for a target that works on a blocking thread.
+    pub fn blocking_next(&mut self) -> Result<Piece, SinkError> {
+        self.rx.blocking_recv().ok_or(SinkError::FeedAborted)
+    }
+}
+
+/// What NaN and ±infinity become on a target that has no such values (MySQL, SQL Server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NonFinite {
+    /// Refuse the table before anything is written, naming the row and column.
+    #[default]
+    Refuse,
+    /// Store NULL instead.
+    Null,
+}
+
+/// How a command uses its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `status`, `listdb`: nothing is created or changed; a target that does not exist is an error.
+    Read,
+    /// `initdb`, `syncdb`, `dropdb`: the bookkeeping tables are created when missing.
+    Write,
+}
+
+/// What opening a target needs besides its connection string.
+#[derive(Debug, Clone)]
+pub struct SinkOptions {
+    pub access: Access,
+    /// Tables that may load at once (a connection each on a server).
+    pub parallelism: usize,
+    pub non_finite: NonFinite,
+}
+
+impl Default for SinkOptions {
+    fn default() -> Self {
+        SinkOptions { access: Access::Write, parallelism: 4, non_finite: NonFinite::Refuse }
+    }
+}
+
+/// A database that holds replicated tables. Every method may be called for several tables at
+/// once; each adapter decides how much of that it runs in parallel.
+#[async_trait::async_trait]
+pub trait Sink: Send + Sync {
+    /// The target as messages name it (never with a password).
+    fn describe(&self) -> String;
+    /// The file of a local target (its `state.json` lives beside it); `None` for servers.
+    fn local_file(&self) -> Option<&Path> {
+        None
+    }
+
     /// The bookkeeping row of a table, if it is initialised.
-    fn bookkeeping(&mut self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError>;
-    /// The namespace that owns a table of this name in this database, if any.
-    fn owner(&mut self, table: &str) -> Result<Option<String>, SinkError>;
-    /// Every bookkeeping row of a namespace.
-    fn all_bookkeeping(&mut self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError>;
-    fn row_count(&mut self, namespace: &str, table: &str) -> Result<u64, SinkError>;
+    async fn bookkeeping(&self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError>;
+    /// Every bookkeeping row of a namespace, by table name.
+    async fn all_bookkeeping(&self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError>;
+    /// Rows in a replicated table.
+    async fn row_count(&self, namespace: &str, table: &str) -> Result<u64, SinkError>;
+    /// Refuses a table initdb must not touch: one that exists without a bookkeeping row (left
+    /// half-loaded by another client), or whose name another namespace already owns here.
+    async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError>;
 
-    /// initdb, step 1: a staging table for `def` loading `job` (the live table is untouched).
-    /// Returns the objects an interrupted run of the same job already loaded, so that they are
+    /// initdb, step 1: a staging area for `def` loading `job` (the live table is untouched).
+    /// Returns the parts an interrupted run of the same job already loaded, so that they are
     /// skipped; for any other job staging starts empty.
-    fn stage(&mut self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError>;
-    /// initdb, step 2a: opens the transaction that loads one object.
-    fn begin_object(&mut self) -> Result<(), SinkError>;
-    /// initdb, step 2b: loads snapshot rows into staging (a repeated key replaces the earlier row).
-    fn stage_rows(&mut self, def: &TableDef, rows: &[Record]) -> Result<(), SinkError>;
-    /// initdb, step 2c: records `object` as loaded and commits it with its rows (the checkpoint).
-    fn finish_object(&mut self, def: &TableDef, job: &str, object: &str) -> Result<(), SinkError>;
-    /// initdb, step 3: swaps staging in and writes its bookkeeping row, in one transaction.
-    fn publish(&mut self, def: &TableDef, bookkeeping: &Bookkeeping) -> Result<(), SinkError>;
+    async fn stage(&self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError>;
+    /// initdb, step 2: loads snapshot parts into staging. At each [`Piece::End`] the part's rows
+    /// and its checkpoint become durable together; a repeated key replaces the earlier row.
+    async fn load(&self, def: &TableDef, job: &str, feed: Feed) -> Result<u64, SinkError>;
+    /// initdb, step 3: the staged rows become the table, with its bookkeeping row, at once. When
+    /// the table exists (a re-snapshot), `delta` leads from its schema to `def`'s; a target that
+    /// keeps the table object (for its views) applies it before replacing the rows.
+    async fn publish(&self, def: &TableDef, delta: &SchemaDelta, bookkeeping: &Bookkeeping) -> Result<(), SinkError>;
 
-    /// syncdb, step 1: opens the transaction and applies additive schema changes.
-    fn begin_changes(&mut self, def: &TableDef) -> Result<(), SinkError>;
-    /// syncdb, step 2: upserts (`U`, whole rows) and deletes (`D`).
-    fn apply(&mut self, def: &TableDef, rows: &[Record]) -> Result<(), SinkError>;
-    /// syncdb, step 3: writes the new watermark and commits the changes with it.
-    fn commit_changes(&mut self, bookkeeping: &Bookkeeping) -> Result<(), SinkError>;
-    /// Abandons an open transaction; the previous consistent state stays.
-    fn abort(&mut self);
+    /// syncdb: applies `delta` to the table, then the feed's upserts (`U`, whole rows) and
+    /// deletes (`D`), then `bookkeeping`; the watermark never becomes durable before the rows.
+    /// Returns the records applied.
+    async fn apply_changes(
+        &self,
+        def: &TableDef,
+        delta: &SchemaDelta,
+        feed: Feed,
+        bookkeeping: &Bookkeeping,
+    ) -> Result<u64, SinkError>;
 
     /// Drops a table and its bookkeeping row; false when it was not initialised.
-    fn drop_table(&mut self, namespace: &str, table: &str) -> Result<bool, SinkError>;
+    async fn drop_table(&self, namespace: &str, table: &str) -> Result<bool, SinkError>;
+}
+
+/// The default mirror folder: `DAP_MIRROR_DIR`, else the platform data folder.
+pub fn default_mirror_dir() -> Result<PathBuf, SinkError> {
+    if let Some(d) = std::env::var_os("DAP_MIRROR_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    directories::ProjectDirs::from("", "", "dap-replica").map(|p| p.data_dir().to_path_buf()).ok_or_else(|| {
+        SinkError::refused(
+            "the default mirror",
+            "there is no home folder to keep it in; pass --connection-string sqlite:///PATH.db",
+        )
+    })
+}
+
+/// Where a target is: a connection string, or the default mirror (one file per namespace).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetSpec {
+    DefaultMirror,
+    Url(ConnectionString),
+}
+
+impl TargetSpec {
+    /// `None` or an empty string is the default mirror.
+    pub fn parse(text: Option<&str>) -> Result<TargetSpec, UrlError> {
+        match text.map(str::trim).filter(|s| !s.is_empty()) {
+            None => Ok(TargetSpec::DefaultMirror),
+            Some(s) => ConnectionString::parse(s).map(TargetSpec::Url),
+        }
+    }
+
+    /// The SQLite file of a local target for a namespace; `None` for servers.
+    pub fn local_file(&self, namespace: &str) -> Result<Option<PathBuf>, SinkError> {
+        Ok(match self {
+            TargetSpec::DefaultMirror => {
+                Some(default_mirror_dir()?.join(format!("{}.db", crate::fetch::safe_component(namespace))))
+            }
+            TargetSpec::Url(c) if c.scheme == Scheme::Sqlite => Some(PathBuf::from(&c.database)),
+            TargetSpec::Url(_) => None,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            TargetSpec::DefaultMirror => "the default mirror".into(),
+            TargetSpec::Url(c) => c.redacted(),
+        }
+    }
+}
+
+/// Opens the target of `spec` for `namespace`: the registry of adapters, keyed by scheme.
+pub async fn open(spec: &TargetSpec, namespace: &str, options: &SinkOptions) -> Result<Arc<dyn Sink>, SinkError> {
+    if let Some(file) = spec.local_file(namespace)? {
+        return Ok(Arc::new(sqlite::SqliteSink::open(&file, options.access)?));
+    }
+    let TargetSpec::Url(url) = spec else { unreachable!("the default mirror is a local file") };
+    match url.scheme {
+        Scheme::Sqlite => unreachable!("sqlite:// is a local file"),
+        Scheme::Postgres => Ok(Arc::new(postgres::PostgresSink::open(url, options).await?)),
+        Scheme::Mysql | Scheme::Mssql => Err(SinkError::refused(
+            &url.redacted(),
+            format!("{}:// targets are not supported yet; use postgresql:// or sqlite://", url.scheme.name()),
+        )),
+    }
 }

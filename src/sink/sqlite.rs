@@ -2,21 +2,27 @@
 //! table `instructure_dap__table_sync` inside the same file, written in the same transaction as
 //! the data it describes (so a copied file can be synced anywhere).
 //!
-//! Types: integers and booleans (0/1) are INTEGER; floats REAL, except NaN, which SQLite cannot
-//! store as REAL and which is kept as the text `NaN` (distinct from NULL); decimals NUMERIC;
+//! Types: integers and booleans (0/1) are INTEGER; floats REAL, except NaN, which a SQLite REAL
+//! cannot hold (it would be NULL) and which is kept as the text `NaN`; a REAL has no negative
+//! zero, so -0.0 reads back as 0.0 (the one value the mirror does not keep bit for bit);
+//! decimals NUMERIC when a double holds every value of the column exactly (up to 15 digits), else
+//! TEXT (SQLite's NUMERIC would round them to 15 digits);
 //! timestamps fixed-width UTC text `YYYY-MM-DDTHH:MM:SS.ffffffZ` (sorts in time order, and
 //! SQLite's date functions read it); dates, times, UUIDs, IPs, enums and text as TEXT; nested
 //! objects and arrays as JSON text.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::ToSql;
 use rusqlite::types::{ToSqlOutput, Value as Sql, ValueRef};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, params};
 
-use super::{Bookkeeping, Sink, SinkError};
+use super::{Access, Bookkeeping, Feed, Piece, Retry, Sink, SinkError};
 use crate::decode::Record;
+use crate::schema::delta::{Change, SchemaDelta};
 use crate::schema::{ColumnType, TableDef};
+use crate::state::WriterLock;
 use crate::time;
 use crate::value::Value;
 
@@ -24,7 +30,16 @@ const BOOKKEEPING: &str = "instructure_dap__table_sync";
 /// Objects of an initdb job already loaded into staging (the per-object checkpoint).
 const CHECKPOINTS: &str = "_dap_checkpoint";
 
+/// The mirror file of one namespace. Writes go through one connection (SQLite has one writer
+/// per file), used on blocking threads; a write access also holds the file's writer lock.
 pub struct SqliteSink {
+    path: PathBuf,
+    writer: Arc<Mutex<Writer>>,
+    _lock: Option<WriterLock>,
+}
+
+/// The connection and the statements built on it.
+struct Writer {
     path: PathBuf,
     conn: Connection,
 }
@@ -42,10 +57,14 @@ fn sql_type(ty: &ColumnType) -> &'static str {
     match ty {
         ColumnType::Int(_) | ColumnType::IntEnum(_) | ColumnType::Bool => "INTEGER",
         ColumnType::Float(_) => "REAL",
-        ColumnType::Decimal { .. } => "NUMERIC",
+        ColumnType::Decimal { precision, .. } if *precision <= EXACT_DOUBLE_DIGITS => "NUMERIC",
         _ => "TEXT",
     }
 }
+
+/// Decimal digits that every double holds exactly: decimals with more would be rounded by
+/// SQLite's NUMERIC affinity, so such columns are TEXT.
+const EXACT_DOUBLE_DIGITS: u8 = 15;
 
 /// Binds a value without copying its text.
 struct Bind<'a>(&'a Value);
@@ -74,42 +93,112 @@ fn to_sql(v: &Value) -> Sql {
 }
 
 impl SqliteSink {
-    /// Opens (creating when needed) the mirror file at `path`.
-    pub fn open(path: &Path) -> Result<SqliteSink, SinkError> {
-        let fail =
-            |e: rusqlite::Error| SinkError::Database { target: path.display().to_string(), detail: e.to_string() };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| SinkError::Database {
-                target: dir.display().to_string(),
-                detail: format!("cannot create the folder: {e}"),
-            })?;
+    /// Opens the mirror file at `path`. A write access creates it (and its folder) when missing
+    /// and takes its writer lock; a read access never creates anything.
+    pub fn open(path: &Path, access: Access) -> Result<SqliteSink, SinkError> {
+        let shown = path.display().to_string();
+        let fail = |action: &str, e: rusqlite::Error| database_error(&shown, action, e);
+        let (conn, lock) = match access {
+            Access::Write => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        SinkError::refused(&dir.display().to_string(), format!("cannot create the folder: {e}"))
+                    })?;
+                }
+                let lock = WriterLock::acquire(path).map_err(|e| SinkError::refused(&shown, e.to_string()))?;
+                (Connection::open(path).map_err(|e| fail("opening", e))?, Some(lock))
+            }
+            Access::Read => {
+                if !path.is_file() {
+                    return Err(SinkError::refused(&shown, "there is no mirror here yet; start with `dap initdb`"));
+                }
+                let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                (Connection::open_with_flags(path, flags).map_err(|e| fail("opening", e))?, None)
+            }
+        };
+        conn.execute_batch("PRAGMA busy_timeout = 5000;").map_err(|e| fail("opening", e))?;
+        // Reading the schema fails at once on a file that is not a SQLite database.
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| fail("reading the database", e))?;
+        if access == Access::Write {
+            conn.execute_batch(&format!(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA legacy_alter_table = ON;
+                 CREATE TABLE IF NOT EXISTS {BOOKKEEPING} (
+                   id INTEGER PRIMARY KEY, source_namespace TEXT NOT NULL, source_table TEXT NOT NULL,
+                   timestamp TEXT NOT NULL, schema_version INTEGER NOT NULL, target_schema TEXT,
+                   target_table TEXT NOT NULL, schema_description_format TEXT NOT NULL, schema_description TEXT NOT NULL,
+                   UNIQUE (source_namespace, source_table));
+                 CREATE TABLE IF NOT EXISTS {CHECKPOINTS} (
+                   source_namespace TEXT NOT NULL, source_table TEXT NOT NULL, job_id TEXT NOT NULL, object TEXT NOT NULL,
+                   PRIMARY KEY (source_namespace, source_table, object));"
+            ))
+            .map_err(|e| fail("preparing the bookkeeping tables", e))?;
         }
-        let conn = Connection::open(path).map_err(fail)?;
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
-             PRAGMA legacy_alter_table = ON;
-             CREATE TABLE IF NOT EXISTS {BOOKKEEPING} (
-               id INTEGER PRIMARY KEY, source_namespace TEXT NOT NULL, source_table TEXT NOT NULL,
-               timestamp TEXT NOT NULL, schema_version INTEGER NOT NULL, target_schema TEXT,
-               target_table TEXT NOT NULL, schema_description_format TEXT NOT NULL, schema_description TEXT NOT NULL,
-               UNIQUE (source_namespace, source_table));
-             CREATE TABLE IF NOT EXISTS {CHECKPOINTS} (
-               source_namespace TEXT NOT NULL, source_table TEXT NOT NULL, job_id TEXT NOT NULL, object TEXT NOT NULL,
-               PRIMARY KEY (source_namespace, source_table, object));"
-        ))
-        .map_err(fail)?;
-        Ok(SqliteSink { path: path.to_path_buf(), conn })
+        Ok(SqliteSink {
+            path: path.to_path_buf(),
+            writer: Arc::new(Mutex::new(Writer { path: path.to_path_buf(), conn })),
+            _lock: lock,
+        })
     }
 
+    /// Runs `work` with the connection on a blocking thread; an error rolls back what it left
+    /// open, so the previous consistent state stays.
+    async fn with<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Writer) -> Result<T, SinkError> + Send + 'static,
+    ) -> Result<T, SinkError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut w = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let result = work(&mut w);
+            if result.is_err() && !w.conn.is_autocommit() {
+                let _ = w.conn.execute_batch("ROLLBACK");
+            }
+            result
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+}
+
+/// A SQLite error as a [`SinkError`]: a busy or locked database may clear, anything else not.
+fn database_error(target: &str, action: &str, e: rusqlite::Error) -> SinkError {
+    let retry = match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => Retry::MayHelp,
+        _ => Retry::Useless,
+    };
+    SinkError::Database {
+        target: target.to_string(),
+        action: action.to_string(),
+        detail: e.to_string(),
+        retry,
+        source: Some(Box::new(e)),
+    }
+}
+
+impl Writer {
     fn fail(&self, what: &str, e: rusqlite::Error) -> SinkError {
-        SinkError::Database { target: self.path.display().to_string(), detail: format!("{what}: {e}") }
+        database_error(&self.path.display().to_string(), what, e)
+    }
+
+    fn refuse(&self, detail: String) -> SinkError {
+        SinkError::refused(&self.path.display().to_string(), detail)
+    }
+
+    fn has_table(&self, name: &str) -> Result<bool, SinkError> {
+        self.conn
+            .query_row("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.fail("reading the schema", e))
+    }
+
+    fn column_sql(c: &crate::schema::Column) -> String {
+        format!("{} {}{}", quote(&c.name), sql_type(&c.ty), if c.required { " NOT NULL" } else { "" })
     }
 
     fn create_table(&self, name: &str, def: &TableDef) -> Result<(), SinkError> {
-        let columns: Vec<String> = def
-            .columns()
-            .map(|c| format!("{} {}{}", quote(&c.name), sql_type(&c.ty), if c.required { " NOT NULL" } else { "" }))
-            .collect();
+        let columns: Vec<String> = def.columns().map(Self::column_sql).collect();
         let sql =
             format!("CREATE TABLE {} ({}, PRIMARY KEY ({}))", quote(name), columns.join(", "), quote(&def.key.name));
         self.conn.execute_batch(&sql).map_err(|e| self.fail(&format!("creating {name}"), e))
@@ -147,7 +236,7 @@ impl SqliteSink {
             let params = std::iter::once(Bind(&r.key)).chain(r.values.iter().map(Bind));
             upsert
                 .execute(rusqlite::params_from_iter(params))
-                .map_err(|e| self.fail(&format!("writing {table} key {:?}", r.key.to_text()), e))?;
+                .map_err(|e| self.fail(&format!("writing {table} key {}", r.key.to_text().unwrap_or_default()), e))?;
         }
         Ok(())
     }
@@ -191,17 +280,19 @@ impl SqliteSink {
         rows.collect::<Result<_, _>>().map_err(|e| self.fail("reading columns", e))
     }
 
-    /// Rebuilds a table whose column types changed: a new table with the schema's types (plus
-    /// any columns the schema no longer names), filled from the old one, swapped in.
-    fn rebuild(&self, def: &TableDef, existing: &[(String, String)]) -> Result<(), SinkError> {
+    /// Rebuilds a table for `def` (new declared types or constraints): a new table with the
+    /// schema's columns (plus any column the schema no longer names, or a user added), filled
+    /// from the old one, swapped in with the user's indexes.
+    fn rebuild(&self, def: &TableDef) -> Result<(), SinkError> {
+        let existing = self.column_types(&def.name)?;
         let temp = format!("_dap_rebuild__{}", def.name);
-        let extra: Vec<&(String, String)> =
-            existing.iter().filter(|(n, _)| !def.columns().any(|c| &c.name == n)).collect();
-        let mut columns: Vec<String> = def
-            .columns()
-            .map(|c| format!("{} {}{}", quote(&c.name), sql_type(&c.ty), if c.required { " NOT NULL" } else { "" }))
-            .collect();
-        columns.extend(extra.iter().map(|(n, t)| format!("{} {t}", quote(n))));
+        let mut columns: Vec<String> = def.columns().map(Self::column_sql).collect();
+        columns.extend(
+            existing
+                .iter()
+                .filter(|(n, _)| !def.columns().any(|c| &c.name == n))
+                .map(|(n, t)| format!("{} {t}", quote(n))),
+        );
         let copied: Vec<String> = existing.iter().map(|(n, _)| quote(n)).collect();
         self.conn
             .execute_batch(&format!(
@@ -214,6 +305,54 @@ impl SqliteSink {
             ))
             .map_err(|e| self.fail(&format!("rebuilding {} for its new schema", def.name), e))?;
         self.swap_in(&def.name, &temp)
+    }
+
+    /// Applies a schema delta inside the open transaction: new columns in place; anything that
+    /// changes a declared type or a NOT NULL constraint rebuilds the table (SQLite cannot alter
+    /// them).
+    fn apply_delta(&self, def: &TableDef, delta: &SchemaDelta) -> Result<(), SinkError> {
+        let mut rebuild = false;
+        for change in &delta.changes {
+            match change {
+                Change::Add(c) => {
+                    self.conn
+                        .execute_batch(&format!(
+                            "ALTER TABLE {} ADD COLUMN {} {}",
+                            quote(&def.name),
+                            quote(&c.name),
+                            sql_type(&c.ty)
+                        ))
+                        .map_err(|e| self.fail(&format!("adding column {} to {}", c.name, def.name), e))?;
+                }
+                Change::Widen { column, from } => rebuild |= sql_type(from) != sql_type(&column.ty),
+                Change::DropNotNull(_) => rebuild = true,
+                Change::Retype { .. } => rebuild = true,
+                Change::SetNotNull(name) => {
+                    let nulls: i64 = self
+                        .conn
+                        .query_row(
+                            &format!("SELECT count(*) FROM {} WHERE {} IS NULL", quote(&def.name), quote(name)),
+                            [],
+                            |r| r.get(0),
+                        )
+                        .map_err(|e| self.fail(&format!("checking {name} for NULLs"), e))?;
+                    if nulls > 0 {
+                        return Err(self.refuse(format!(
+                            "{}.{}: column {name} became required, but {nulls} rows hold NULL there; nothing was changed. \
+                             Re-snapshot the table with `dap initdb --replace --namespace {} --table {}`",
+                            def.namespace, def.name, def.namespace, def.name
+                        )));
+                    }
+                    rebuild = true;
+                }
+            }
+        }
+        // A mirror made before the delta was computed may still differ in declared types.
+        let existing = self.column_types(&def.name)?;
+        rebuild |= def
+            .columns()
+            .any(|c| existing.iter().any(|(n, t)| n == &c.name && !t.eq_ignore_ascii_case(sql_type(&c.ty))));
+        if rebuild { self.rebuild(def) } else { Ok(()) }
     }
 
     fn write_bookkeeping(&self, b: &Bookkeeping) -> Result<(), SinkError> {
@@ -230,294 +369,226 @@ impl SqliteSink {
             .map(|_| ())
             .map_err(|e| self.fail("writing the bookkeeping row", e))
     }
+
+    fn bookkeeping_rows(&self, filter: &str, args: &[&str]) -> Result<Vec<Bookkeeping>, SinkError> {
+        if !self.has_table(BOOKKEEPING)? {
+            return Ok(Vec::new()); // a read-only look at a file no write has prepared
+        }
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT source_namespace, source_table, timestamp, schema_version, schema_description FROM {BOOKKEEPING} WHERE {filter} ORDER BY source_table"))
+            .map_err(|e| self.fail("reading the bookkeeping table", e))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args), |row| {
+                Ok(Bookkeeping {
+                    namespace: row.get(0)?,
+                    table: row.get(1)?,
+                    watermark: time::parse_rfc3339(&row.get::<_, String>(2)?).unwrap_or(0),
+                    schema_version: row.get(3)?,
+                    schema_description: row.get(4)?,
+                })
+            })
+            .map_err(|e| self.fail("reading the bookkeeping table", e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.fail("reading the bookkeeping table", e))
+    }
 }
 
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-fn read_bookkeeping(row: &rusqlite::Row) -> rusqlite::Result<(String, String, String, u32, String)> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
-}
-
-fn bookkeeping_of(
-    (namespace, table, ts, schema_version, schema_description): (String, String, String, u32, String),
-) -> Bookkeeping {
-    Bookkeeping {
-        namespace,
-        table,
-        watermark: time::parse_rfc3339(&ts).unwrap_or(0),
-        schema_version,
-        schema_description,
-    }
-}
-
+#[async_trait::async_trait]
 impl Sink for SqliteSink {
-    fn bookkeeping(&mut self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError> {
-        self.conn
-            .query_row(
-                &format!("SELECT source_namespace, source_table, timestamp, schema_version, schema_description FROM {BOOKKEEPING} WHERE source_namespace = ?1 AND source_table = ?2"),
-                params![namespace, table],
-                read_bookkeeping,
-            )
-            .optional()
-            .map(|r| r.map(bookkeeping_of))
-            .map_err(|e| self.fail("reading the bookkeeping table", e))
+    fn describe(&self) -> String {
+        self.path.display().to_string()
     }
 
-    fn owner(&mut self, table: &str) -> Result<Option<String>, SinkError> {
-        self.conn
-            .query_row(&format!("SELECT source_namespace FROM {BOOKKEEPING} WHERE source_table = ?1"), [table], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(|e| self.fail("reading the bookkeeping table", e))
+    fn local_file(&self) -> Option<&Path> {
+        Some(&self.path)
     }
 
-    fn all_bookkeeping(&mut self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!("SELECT source_namespace, source_table, timestamp, schema_version, schema_description FROM {BOOKKEEPING} WHERE source_namespace = ?1 ORDER BY source_table"))
-            .map_err(|e| self.fail("reading the bookkeeping table", e))?;
-        let rows =
-            stmt.query_map([namespace], read_bookkeeping).map_err(|e| self.fail("reading the bookkeeping table", e))?;
-        rows.map(|r| r.map(bookkeeping_of))
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.fail("reading the bookkeeping table", e))
+    async fn bookkeeping(&self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError> {
+        let (ns, t) = (namespace.to_string(), table.to_string());
+        self.with(move |w| Ok(w.bookkeeping_rows("source_namespace = ?1 AND source_table = ?2", &[&ns, &t])?.pop()))
+            .await
     }
 
-    fn row_count(&mut self, _namespace: &str, table: &str) -> Result<u64, SinkError> {
-        self.conn
-            .query_row(&format!("SELECT count(*) FROM {}", quote(table)), [], |r| r.get(0))
-            .map_err(|e| self.fail(&format!("counting {table}"), e))
+    async fn all_bookkeeping(&self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError> {
+        let ns = namespace.to_string();
+        self.with(move |w| w.bookkeeping_rows("source_namespace = ?1", &[&ns])).await
     }
 
-    fn stage(&mut self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError> {
-        let name = staging(&def.name);
-        let mut stmt = self
-            .conn
-            .prepare(&format!(
-                "SELECT job_id, object FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"
-            ))
-            .map_err(|e| self.fail("reading checkpoints", e))?;
-        let done: Vec<(String, String)> = stmt
-            .query_map(params![def.namespace, def.name], |r| Ok((r.get(0)?, r.get(1)?)))
-            .and_then(|rows| rows.collect())
-            .map_err(|e| self.fail("reading checkpoints", e))?;
-        drop(stmt);
-        let staged: bool = self
-            .conn
-            .query_row("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1", [&name], |r| {
-                r.get(0)
-            })
-            .map_err(|e| self.fail("looking for a staging table", e))?;
-        if staged && !done.is_empty() && done.iter().all(|(j, _)| j == job) {
-            return Ok(done.into_iter().map(|(_, o)| o).collect());
-        }
-        self.conn
-            .execute(
-                &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
-                params![def.namespace, def.name],
-            )
-            .map_err(|e| self.fail("clearing checkpoints", e))?;
-        self.conn
-            .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&name)))
-            .map_err(|e| self.fail("dropping an old staging table", e))?;
-        self.create_table(&name, def)?;
-        Ok(Vec::new())
+    async fn row_count(&self, _namespace: &str, table: &str) -> Result<u64, SinkError> {
+        let t = table.to_string();
+        self.with(move |w| {
+            w.conn
+                .query_row(&format!("SELECT count(*) FROM {}", quote(&t)), [], |r| r.get(0))
+                .map_err(|e| w.fail(&format!("counting {t}"), e))
+        })
+        .await
     }
 
-    fn begin_object(&mut self) -> Result<(), SinkError> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.fail("starting a transaction", e))
+    async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError> {
+        let (ns, t) = (namespace.to_string(), table.to_string());
+        self.with(move |w| {
+            let owners = w.bookkeeping_rows("source_table = ?1", &[&t])?;
+            if let Some(other) = owners.iter().find(|b| b.namespace != ns) {
+                return Err(w.refuse(format!(
+                    "{ns}.{t}: this database already holds a table {t} of namespace {}; use another file for {ns} (--connection-string)",
+                    other.namespace
+                )));
+            }
+            if owners.is_empty() && w.has_table(&t)? {
+                return Err(w.refuse(format!(
+                    "{ns}.{t}: a table {t} exists without a bookkeeping row (not made by dap, or left half-loaded); \
+                     drop it (`DROP TABLE \"{t}\"`) or use another file, then run initdb again"
+                )));
+            }
+            Ok(())
+        })
+        .await
     }
 
-    fn stage_rows(&mut self, def: &TableDef, rows: &[Record]) -> Result<(), SinkError> {
-        self.write_rows(&staging(&def.name), def, rows)
-    }
-
-    fn finish_object(&mut self, def: &TableDef, job: &str, object: &str) -> Result<(), SinkError> {
-        self.conn
-            .execute(
-                &format!("INSERT OR REPLACE INTO {CHECKPOINTS} (source_namespace, source_table, job_id, object) VALUES (?1, ?2, ?3, ?4)"),
-                params![def.namespace, def.name, job, object],
-            )
-            .map_err(|e| self.fail("recording a checkpoint", e))?;
-        self.conn.execute_batch("COMMIT").map_err(|e| self.fail(&format!("committing object {object}"), e))
-    }
-
-    fn publish(&mut self, def: &TableDef, bookkeeping: &Bookkeeping) -> Result<(), SinkError> {
-        let tx = self.conn.unchecked_transaction().map_err(|e| self.fail("starting a transaction", e))?;
-        self.swap_in(&def.name, &staging(&def.name))?;
-        self.conn
-            .execute(
-                &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
-                params![def.namespace, def.name],
-            )
-            .map_err(|e| self.fail("clearing checkpoints", e))?;
-        self.write_bookkeeping(bookkeeping)?;
-        tx.commit().map_err(|e| self.fail(&format!("committing {}", def.name), e))
-    }
-
-    fn begin_changes(&mut self, def: &TableDef) -> Result<(), SinkError> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.fail("starting a transaction", e))?;
-        let existing = self.column_types(&def.name)?;
-        let changed_type = def
-            .columns()
-            .any(|c| existing.iter().any(|(n, t)| n == &c.name && !t.eq_ignore_ascii_case(sql_type(&c.ty))));
-        if changed_type {
-            return self.rebuild(def, &existing);
-        }
-        for c in def.values.iter().filter(|c| !existing.iter().any(|(n, _)| n == &c.name)) {
-            // Additive change: a new column, NULL for the rows already here.
-            self.conn
-                .execute_batch(&format!(
-                    "ALTER TABLE {} ADD COLUMN {} {}",
-                    quote(&def.name),
-                    quote(&c.name),
-                    sql_type(&c.ty)
+    async fn stage(&self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError> {
+        let (def, job) = (def.clone(), job.to_string());
+        self.with(move |w| {
+            let name = staging(&def.name);
+            let mut stmt = w
+                .conn
+                .prepare(&format!(
+                    "SELECT job_id, object FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"
                 ))
-                .map_err(|e| self.fail(&format!("adding column {} to {}", c.name, def.name), e))?;
-        }
-        Ok(())
+                .map_err(|e| w.fail("reading checkpoints", e))?;
+            let done: Vec<(String, String)> = stmt
+                .query_map(params![def.namespace, def.name], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|rows| rows.collect())
+                .map_err(|e| w.fail("reading checkpoints", e))?;
+            drop(stmt);
+            if w.has_table(&name)? && !done.is_empty() && done.iter().all(|(j, _)| *j == job) {
+                return Ok(done.into_iter().map(|(_, o)| o).collect());
+            }
+            let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
+            w.conn
+                .execute(
+                    &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
+                    params![def.namespace, def.name],
+                )
+                .map_err(|e| w.fail("clearing checkpoints", e))?;
+            w.conn
+                .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&name)))
+                .map_err(|e| w.fail("dropping an old staging table", e))?;
+            w.create_table(&name, &def)?;
+            tx.commit().map_err(|e| w.fail("creating the staging table", e))?;
+            Ok(Vec::new())
+        })
+        .await
     }
 
-    fn apply(&mut self, def: &TableDef, rows: &[Record]) -> Result<(), SinkError> {
-        self.write_rows(&def.name, def, rows)
+    async fn load(&self, def: &TableDef, job: &str, mut feed: Feed) -> Result<u64, SinkError> {
+        // The writer is taken once the feed has data: a table still waiting for its download
+        // slot must not hold the file's one writer (the tables holding the slots wait for it).
+        let first = feed.next().await?;
+        let (def, job) = (def.clone(), job.to_string());
+        self.with(move |w| {
+            let name = staging(&def.name);
+            let mut rows = 0;
+            let mut piece = first;
+            loop {
+                match piece {
+                    Piece::Begin(_) => {
+                        w.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| w.fail("starting a transaction", e))?
+                    }
+                    Piece::Rows(batch) => {
+                        w.write_rows(&name, &def, &batch)?;
+                        rows += batch.len() as u64;
+                    }
+                    Piece::End(object) => {
+                        w.conn
+                            .execute(
+                                &format!("INSERT OR REPLACE INTO {CHECKPOINTS} (source_namespace, source_table, job_id, object) VALUES (?1, ?2, ?3, ?4)"),
+                                params![def.namespace, def.name, job, object],
+                            )
+                            .map_err(|e| w.fail("recording a checkpoint", e))?;
+                        w.conn.execute_batch("COMMIT").map_err(|e| w.fail(&format!("committing object {object}"), e))?;
+                    }
+                    Piece::Done => return Ok(rows),
+                }
+                piece = feed.blocking_next()?;
+            }
+        })
+        .await
     }
 
-    fn commit_changes(&mut self, bookkeeping: &Bookkeeping) -> Result<(), SinkError> {
-        self.write_bookkeeping(bookkeeping)?;
-        self.conn.execute_batch("COMMIT").map_err(|e| self.fail("committing the changes", e))
+    /// The staging table replaces the table whole (SQLite views refer to tables by name, so they
+    /// keep working), so the delta needs no DDL here.
+    async fn publish(&self, def: &TableDef, _delta: &SchemaDelta, bookkeeping: &Bookkeeping) -> Result<(), SinkError> {
+        let (def, bookkeeping) = (def.clone(), bookkeeping.clone());
+        self.with(move |w| {
+            let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
+            w.swap_in(&def.name, &staging(&def.name))?;
+            w.conn
+                .execute(
+                    &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
+                    params![def.namespace, def.name],
+                )
+                .map_err(|e| w.fail("clearing checkpoints", e))?;
+            w.write_bookkeeping(&bookkeeping)?;
+            tx.commit().map_err(|e| w.fail(&format!("committing {}", def.name), e))
+        })
+        .await
     }
 
-    fn abort(&mut self) {
-        if !self.conn.is_autocommit() {
-            let _ = self.conn.execute_batch("ROLLBACK");
-        }
+    async fn apply_changes(
+        &self,
+        def: &TableDef,
+        delta: &SchemaDelta,
+        mut feed: Feed,
+        bookkeeping: &Bookkeeping,
+    ) -> Result<u64, SinkError> {
+        let first = feed.next().await?; // see `load`: the writer waits for data
+        let (def, delta, bookkeeping) = (def.clone(), delta.clone(), bookkeeping.clone());
+        self.with(move |w| {
+            w.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| w.fail("starting a transaction", e))?;
+            w.apply_delta(&def, &delta)?;
+            let mut rows = 0;
+            let mut piece = first;
+            loop {
+                match piece {
+                    Piece::Rows(batch) => {
+                        w.write_rows(&def.name, &def, &batch)?;
+                        rows += batch.len() as u64;
+                    }
+                    Piece::Begin(_) | Piece::End(_) => {}
+                    Piece::Done => break,
+                }
+                piece = feed.blocking_next()?;
+            }
+            w.write_bookkeeping(&bookkeeping)?;
+            w.conn.execute_batch("COMMIT").map_err(|e| w.fail("committing the changes", e))?;
+            Ok(rows)
+        })
+        .await
     }
 
-    fn drop_table(&mut self, namespace: &str, table: &str) -> Result<bool, SinkError> {
-        let tx = self.conn.unchecked_transaction().map_err(|e| self.fail("starting a transaction", e))?;
-        let removed = self
-            .conn
-            .execute(
-                &format!("DELETE FROM {BOOKKEEPING} WHERE source_namespace = ?1 AND source_table = ?2"),
-                params![namespace, table],
-            )
-            .map_err(|e| self.fail("removing the bookkeeping row", e))?;
-        if removed > 0 {
-            self.conn
-                .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(table)))
-                .map_err(|e| self.fail(&format!("dropping {table}"), e))?;
-        }
-        tx.commit().map_err(|e| self.fail("committing the drop", e))?;
-        Ok(removed > 0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::emulator::dataset::envelope_def;
-    use serde_json::json;
-
-    fn def(version: u32, score_type: &str) -> TableDef {
-        let flat = json!({"type": "object", "required": ["id"], "properties": {
-            "id": {"type": "integer", "format": "int64"},
-            "name": {"type": "string"},
-            "score": {"type": score_type},
-        }});
-        envelope_def("canvas", "t", version, &flat).unwrap()
-    }
-
-    fn row(id: i64, name: &str, score: Value) -> Record {
-        Record { ts: None, action: Some('U'), key: Value::Int(id), values: vec![Value::Str(name.into()), score] }
-    }
-
-    fn bk(version: u32) -> Bookkeeping {
-        Bookkeeping {
-            namespace: "canvas".into(),
-            table: "t".into(),
-            watermark: 1,
-            schema_version: version,
-            schema_description: "{}".into(),
-        }
-    }
-
-    fn query(s: &SqliteSink, sql: &str) -> Vec<String> {
-        let mut stmt = s.conn.prepare(sql).unwrap();
-        stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect()
-    }
-
-    #[test]
-    fn user_indexes_and_views_survive_replacement_and_type_rebuilds() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = SqliteSink::open(&dir.path().join("m.db")).unwrap();
-        let v1 = def(1, "string");
-        let load = |s: &mut SqliteSink| {
-            assert!(s.stage(&v1, "job").unwrap().is_empty());
-            s.begin_object().unwrap();
-            s.stage_rows(&v1, &[row(1, "a", Value::Str("10".into())), row(2, "b", Value::Str("20".into()))]).unwrap();
-            s.finish_object(&v1, "job", "part-0").unwrap();
-            s.publish(&v1, &bk(1)).unwrap();
-        };
-        load(&mut s);
-        s.conn
-            .execute_batch("CREATE INDEX user_idx ON t (name); CREATE VIEW user_view AS SELECT id, score FROM t")
-            .unwrap();
-
-        load(&mut s); // initdb --replace
-        assert_eq!(query(&s, "SELECT name FROM sqlite_master WHERE name = 'user_idx'"), ["user_idx"]);
-        assert_eq!(query(&s, "SELECT score FROM user_view ORDER BY id"), ["10", "20"]);
-
-        let v2 = def(2, "integer");
-        s.begin_changes(&v2).unwrap();
-        s.apply(&v2, &[row(3, "c", Value::Int(30))]).unwrap();
-        s.commit_changes(&bk(2)).unwrap();
-        assert_eq!(
-            query(&s, "SELECT typeof(score) FROM t ORDER BY id"),
-            ["integer", "integer", "integer"],
-            "old values converted"
-        );
-        assert_eq!(query(&s, "SELECT name FROM sqlite_master WHERE name = 'user_idx'"), ["user_idx"]);
-        assert_eq!(query(&s, "SELECT CAST(score AS TEXT) FROM user_view ORDER BY id"), ["10", "20", "30"]);
-        assert_eq!(s.bookkeeping("canvas", "t").unwrap().unwrap().schema_version, 2);
-    }
-
-    #[test]
-    fn a_failed_sync_rolls_back_to_the_previous_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = SqliteSink::open(&dir.path().join("m.db")).unwrap();
-        let v1 = def(1, "string");
-        s.stage(&v1, "job").unwrap();
-        s.begin_object().unwrap();
-        s.stage_rows(&v1, &[row(1, "a", Value::Null)]).unwrap();
-        s.finish_object(&v1, "job", "part-0").unwrap();
-        s.publish(&v1, &bk(1)).unwrap();
-        s.begin_changes(&v1).unwrap();
-        s.apply(&v1, &[row(2, "b", Value::Null)]).unwrap();
-        s.abort();
-        assert_eq!(s.row_count("canvas", "t").unwrap(), 1);
-        assert_eq!(s.bookkeeping("canvas", "t").unwrap().unwrap().watermark, 1);
-    }
-
-    #[test]
-    fn an_interrupted_initdb_resumes_the_same_job_and_restarts_another() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = SqliteSink::open(&dir.path().join("m.db")).unwrap();
-        let v1 = def(1, "string");
-        s.stage(&v1, "job-a").unwrap();
-        s.begin_object().unwrap();
-        s.stage_rows(&v1, &[row(1, "a", Value::Null)]).unwrap();
-        s.finish_object(&v1, "job-a", "part-0").unwrap();
-        s.begin_object().unwrap();
-        s.stage_rows(&v1, &[row(2, "b", Value::Null)]).unwrap();
-        s.abort(); // the process died while loading part-1
-
-        assert_eq!(s.stage(&v1, "job-a").unwrap(), ["part-0"], "the same job resumes after part-0");
-        assert_eq!(query(&s, "SELECT CAST(count(*) AS TEXT) FROM _dap_staging__t"), ["1"]);
-        assert!(s.stage(&v1, "job-b").unwrap().is_empty(), "another job starts over");
-        assert_eq!(query(&s, "SELECT CAST(count(*) AS TEXT) FROM _dap_staging__t"), ["0"]);
-        assert!(s.bookkeeping("canvas", "t").unwrap().is_none(), "nothing is published before the swap");
+    async fn drop_table(&self, namespace: &str, table: &str) -> Result<bool, SinkError> {
+        let (ns, t) = (namespace.to_string(), table.to_string());
+        self.with(move |w| {
+            let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
+            let removed = w
+                .conn
+                .execute(
+                    &format!("DELETE FROM {BOOKKEEPING} WHERE source_namespace = ?1 AND source_table = ?2"),
+                    params![ns, t],
+                )
+                .map_err(|e| w.fail("removing the bookkeeping row", e))?;
+            if removed > 0 {
+                w.conn
+                    .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&t)))
+                    .map_err(|e| w.fail(&format!("dropping {t}"), e))?;
+            }
+            tx.commit().map_err(|e| w.fail("committing the drop", e))?;
+            Ok(removed > 0)
+        })
+        .await
     }
 }

@@ -6,52 +6,138 @@ use std::net::IpAddr;
 
 use dap_replica::schema::{ColumnType, TableDef};
 use dap_replica::time;
+use dap_replica::value::format_float;
 use serde_json::{Map, Value as Json};
 
-/// The canonical form of a value of type `ty`, from any of the forms a replica returns.
+/// The canonical form of a value of type `ty`, from any of the forms a replica returns. Exact:
+/// floats keep their sign of zero and every bit (compared as their shortest text), decimals
+/// every digit.
 pub fn canonical(ty: &ColumnType, v: &Json) -> Json {
     if v.is_null() {
         return Json::Null;
     }
+    let text = || match v {
+        Json::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     match ty {
+        ColumnType::Timestamp | ColumnType::Date if matches!(text().as_str(), "infinity" | "-infinity") => v.clone(),
         ColumnType::Timestamp => {
-            let s = v.as_str().expect("timestamp as text");
-            let s = s.replace(' ', "T");
+            let s = text().replace(' ', "T");
             let with_zone = if s.ends_with('Z') || s.contains('+') { s } else { format!("{s}Z") };
             Json::String(time::format_wire(time::parse_rfc3339(&with_zone).unwrap_or_else(|e| panic!("{e}"))))
         }
-        ColumnType::Float(_) => match v {
-            Json::String(s) => Json::String(s.clone()),
-            n => serde_json::json!(n.as_f64().expect("float")),
-        },
-        ColumnType::Decimal { scale, .. } => {
-            let f = match v {
-                Json::String(s) => s.parse::<f64>().expect("decimal text"),
-                n => n.as_f64().expect("decimal number"),
-            };
-            Json::String(format!("{f:.*}", *scale as usize))
+        ColumnType::Date => {
+            let s = text();
+            Json::String(time::format_date(time::parse_date(&s).unwrap_or_else(|| panic!("{s:?} is not a date"))))
         }
+        ColumnType::Time => {
+            let s = text();
+            let us = time::parse_time_of_day(&s).unwrap_or_else(|| panic!("{s:?} is not a time"));
+            Json::String(time::format_time_of_day(us))
+        }
+        ColumnType::Float(bits) => {
+            let f = match v {
+                Json::Number(n) => n.as_f64().expect("float"),
+                Json::String(s) => parse_float(s),
+                other => panic!("{other} is not a float"),
+            };
+            Json::String(if *bits == 32 { format_float(f as f32 as f64) } else { format_float(f) })
+        }
+        ColumnType::Decimal { scale, .. } => Json::String(match v {
+            Json::String(s) => exact_decimal(s, *scale),
+            n => format!("{:.*}", *scale as usize, n.as_f64().expect("decimal number")),
+        }),
         ColumnType::Ip | ColumnType::Ipv4 | ColumnType::Ipv6 => {
-            let s = v.as_str().expect("ip as text");
+            let s = text();
             let ip: IpAddr = s.split('/').next().unwrap().parse().expect("ip");
             Json::String(ip.to_string())
         }
-        ColumnType::Uuid => Json::String(v.as_str().expect("uuid as text").to_lowercase()),
+        ColumnType::Uuid => Json::String(text().to_lowercase()),
         ColumnType::Bool => match v {
             Json::Number(n) => Json::Bool(n.as_i64() != Some(0)),
+            Json::String(s) => Json::Bool(matches!(s.as_str(), "t" | "true" | "1")),
             b => b.clone(),
+        },
+        ColumnType::Int(_) | ColumnType::IntEnum(_) => match v {
+            Json::String(s) => Json::from(s.parse::<i64>().expect("integer text")),
+            n => n.clone(),
         },
         _ => v.clone(),
     }
+}
+
+/// A float from the texts replicas use: `NaN`, `Infinity`, `inf`, `-0`, `1e300`, …
+pub fn parse_float(s: &str) -> f64 {
+    match s {
+        "NaN" | "nan" => f64::NAN,
+        "Infinity" | "inf" | "infinity" => f64::INFINITY,
+        "-Infinity" | "-inf" | "-infinity" => f64::NEG_INFINITY,
+        s => s.parse().unwrap_or_else(|_| panic!("{s:?} is not a float")),
+    }
+}
+
+/// `-12.3` at scale 2 is `-12.30`: the same digits, padded to the scale (never rounded).
+pub fn exact_decimal(s: &str, scale: u8) -> String {
+    let (neg, digits) = s.strip_prefix('-').map_or((false, s), |d| (true, d));
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let frac = frac.trim_end_matches('0');
+    assert!(frac.len() <= scale as usize, "{s:?} has more fraction digits than scale {scale}");
+    let int = int.trim_start_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let zero = int == "0" && frac.is_empty();
+    let sign = if neg && !zero { "-" } else { "" };
+    if scale == 0 { format!("{sign}{int}") } else { format!("{sign}{int}.{frac:0<width$}", width = scale as usize) }
 }
 
 fn key_text(def: &TableDef, row: &Map<String, Json>) -> String {
     canonical(&def.key.ty, &row[&def.key.name]).to_string()
 }
 
+/// A value a target documents that it cannot keep exactly; the truth is compared in the form the
+/// target keeps instead.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    /// SQLite's REAL has no negative zero: -0.0 is stored as 0.0.
+    NoNegativeZero,
+    /// The official client's PostgreSQL driver (asyncpg) writes the first and last date and
+    /// timestamp Python has (0001-01-01, 9999-12-31T23:59:59.999999) as -infinity and infinity.
+    InfinityAtTheEnds,
+}
+
+fn within_limits(ty: &ColumnType, v: Json, limits: &[Limit]) -> Json {
+    match (ty, &v) {
+        (ColumnType::Float(_), Json::String(s)) if s == "-0.0" && limits.contains(&Limit::NoNegativeZero) => {
+            Json::String("0.0".into())
+        }
+        (ColumnType::Timestamp, Json::String(s)) if limits.contains(&Limit::InfinityAtTheEnds) => match s.as_str() {
+            "0001-01-01T00:00:00Z" => Json::String("-infinity".into()),
+            "9999-12-31T23:59:59.999999Z" => Json::String("infinity".into()),
+            _ => v,
+        },
+        (ColumnType::Date, Json::String(s)) if limits.contains(&Limit::InfinityAtTheEnds) => match s.as_str() {
+            "0001-01-01" => Json::String("-infinity".into()),
+            "9999-12-31" => Json::String("infinity".into()),
+            _ => v,
+        },
+        _ => v,
+    }
+}
+
 /// Asserts that `actual` holds exactly the rows of `truth`, comparing every column as a typed
 /// value; reports up to 10 differences naming table, key and column.
 pub fn assert_same_rows(def: &TableDef, actual: &[Map<String, Json>], truth: &[Map<String, Json>], what: &str) {
+    assert_same_rows_within(def, actual, truth, what, &[])
+}
+
+/// [`assert_same_rows`] for a target with documented limits.
+pub fn assert_same_rows_within(
+    def: &TableDef,
+    actual: &[Map<String, Json>],
+    truth: &[Map<String, Json>],
+    what: &str,
+    limits: &[Limit],
+) {
     let index = |rows: &[Map<String, Json>]| -> BTreeMap<String, Map<String, Json>> {
         rows.iter().map(|r| (key_text(def, r), r.clone())).collect()
     };
@@ -69,7 +155,7 @@ pub fn assert_same_rows(def: &TableDef, actual: &[Map<String, Json>], truth: &[M
     'rows: for (k, trow) in &t {
         let Some(arow) = a.get(k) else { continue };
         for c in def.columns() {
-            let expected = canonical(&c.ty, trow.get(&c.name).unwrap_or(&Json::Null));
+            let expected = within_limits(&c.ty, canonical(&c.ty, trow.get(&c.name).unwrap_or(&Json::Null)), limits);
             let got = canonical(&c.ty, arow.get(&c.name).unwrap_or(&Json::Null));
             if expected != got {
                 problems.push(format!("key {k} column {}: expected {expected}, replica has {got}", c.name));
@@ -90,11 +176,72 @@ pub fn assert_same_rows(def: &TableDef, actual: &[Map<String, Json>], truth: &[M
     );
 }
 
-/// Every row of a PostgreSQL table as JSON objects (`row_to_json`).
-pub async fn postgres_rows(client: &tokio_postgres::Client, ns: &str, table: &str) -> Vec<Map<String, Json>> {
-    let rows = client
-        .query(&format!("SELECT row_to_json(t)::text FROM \"{ns}\".\"{table}\" t"), &[])
-        .await
-        .unwrap_or_else(|e| panic!("reading {ns}.{table}: {e}"));
-    rows.iter().map(|r| serde_json::from_str(r.get::<_, &str>(0)).expect("row_to_json gives JSON")).collect()
+/// Every row of a PostgreSQL table as JSON objects, each column read as its text (floats and
+/// decimals exactly, arrays and JSON as JSON).
+pub async fn postgres_rows(client: &tokio_postgres::Client, def: &TableDef) -> Vec<Map<String, Json>> {
+    let columns: Vec<&dap_replica::schema::Column> = def.columns().collect();
+    let select: Vec<String> = columns
+        .iter()
+        .map(|c| match c.ty {
+            ColumnType::Array(_) => format!("array_to_json(\"{}\")::text", c.name),
+            _ => format!("\"{}\"::text", c.name),
+        })
+        .collect();
+    let sql = format!("SELECT {} FROM \"{}\".\"{}\"", select.join(", "), def.namespace, def.name);
+    let rows = client.query(&sql, &[]).await.unwrap_or_else(|e| panic!("reading {}.{}: {e}", def.namespace, def.name));
+    rows.iter()
+        .map(|r| {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let text: Option<&str> = r.get(i);
+                    let v = match (text, &c.ty) {
+                        (None, _) => Json::Null,
+                        (Some(t), ColumnType::Array(_) | ColumnType::Object(_) | ColumnType::Json) => {
+                            serde_json::from_str(t).expect("JSON text")
+                        }
+                        (Some(t), _) => Json::String(t.to_string()),
+                    };
+                    (c.name.clone(), v)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Every row of a table in a SQLite file as JSON objects, read back by column type.
+pub fn sqlite_rows(db: &std::path::Path, def: &TableDef) -> Vec<Map<String, Json>> {
+    use rusqlite::types::ValueRef;
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let columns: Vec<_> = def.columns().cloned().collect();
+    let names: Vec<String> = columns.iter().map(|c| format!("\"{}\"", c.name)).collect();
+    let mut stmt = conn
+        .prepare(&format!("SELECT {} FROM \"{}\"", names.join(", "), def.name))
+        .unwrap_or_else(|e| panic!("{}.{}: {e}", def.namespace, def.name));
+    let rows = stmt
+        .query_map([], |row| {
+            let mut m = Map::new();
+            for (i, c) in columns.iter().enumerate() {
+                let v = match row.get_ref(i)? {
+                    ValueRef::Null => Json::Null,
+                    ValueRef::Integer(n) => Json::from(n),
+                    ValueRef::Real(f) => Json::String(format_float(f)),
+                    ValueRef::Text(t) => {
+                        let s = String::from_utf8(t.to_vec()).unwrap();
+                        match c.ty {
+                            ColumnType::Array(_) | ColumnType::Object(_) | ColumnType::Json => {
+                                serde_json::from_str(&s).unwrap()
+                            }
+                            _ => Json::String(s),
+                        }
+                    }
+                    ValueRef::Blob(_) => panic!("no blobs in the mirror"),
+                };
+                m.insert(c.name.clone(), v);
+            }
+            Ok(m)
+        })
+        .unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
 }

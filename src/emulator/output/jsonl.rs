@@ -11,6 +11,7 @@ use crate::time;
 use crate::value::Value;
 
 pub fn write(spec: &PartSpec, records: impl Iterator<Item = Record>, out: &mut impl Write) -> io::Result<()> {
+    let mut line = Vec::with_capacity(4096);
     for r in records {
         let mut meta = Map::new();
         meta.insert("ts".into(), Json::String(time::format_trimmed(r.ts)));
@@ -19,29 +20,30 @@ pub fn write(spec: &PartSpec, records: impl Iterator<Item = Record>, out: &mut i
         }
         let mut key = Map::new();
         key.insert(spec.def.key.name.clone(), r.key.to_typed_json());
-        let mut rec = Map::new();
-        rec.insert("meta".into(), Json::Object(meta));
-        rec.insert("key".into(), Json::Object(key));
+        line.clear();
+        line.extend_from_slice(b"{\"meta\":");
+        serde_json::to_writer(&mut line, &meta)?;
+        line.extend_from_slice(b",\"key\":");
+        serde_json::to_writer(&mut line, &key)?;
         if let Some(values) = &r.values {
-            let value: Map<String, Json> = spec
-                .def
-                .values
-                .iter()
-                .zip(values)
-                .filter(|(_, v)| **v != Value::Null)
-                .map(|(c, v)| {
-                    let j = match v {
-                        // Decimals are JSON numbers.
-                        Value::Decimal(d) => d.to_string().parse::<f64>().map(Json::from).unwrap_or(Json::Null),
-                        other => other.to_typed_json(),
-                    };
-                    (c.name.clone(), j)
-                })
-                .collect();
-            rec.insert("value".into(), Json::Object(value));
+            line.extend_from_slice(b",\"value\":{");
+            let set = spec.def.values.iter().zip(values).filter(|(_, v)| **v != Value::Null);
+            for (i, (c, v)) in set.enumerate() {
+                if i > 0 {
+                    line.push(b',');
+                }
+                serde_json::to_writer(&mut line, &c.name)?;
+                line.push(b':');
+                match v {
+                    // Decimals are JSON numbers with every digit (as Spark writes them), not floats.
+                    Value::Decimal(d) => line.extend_from_slice(d.to_string().as_bytes()),
+                    other => serde_json::to_writer(&mut line, &other.to_typed_json())?,
+                }
+            }
+            line.push(b'}');
         }
-        serde_json::to_writer(&mut *out, &Json::Object(rec))?;
-        out.write_all(b"\n")?;
+        line.extend_from_slice(b"}\n");
+        out.write_all(&line)?;
     }
     Ok(())
 }

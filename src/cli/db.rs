@@ -1,19 +1,20 @@
-//! `initdb`, `syncdb`, `dropdb` and `listdb` on the SQLite mirror.
+//! `initdb`, `syncdb`, `dropdb`, `listdb` and `status` on any target: the default SQLite mirror,
+//! a `sqlite://` file, or a server named by its connection string.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Args;
 use serde_json::json;
 
 use super::Context;
 use crate::api::Client;
-use crate::sink::Sink;
-use crate::sink::sqlite::SqliteSink;
-use crate::state::{StateFile, WriterLock};
-use crate::sync::{Replicator, dropdb};
+use crate::sink::{self, Access, NonFinite, Sink, SinkOptions, TargetSpec};
+use crate::source::dap::DapSource;
+use crate::state::StateFile;
+use crate::sync::Replicator;
 use crate::tables::{self, Outcome};
 use crate::time;
 
@@ -24,16 +25,25 @@ pub struct DbArgs {
     /// `all`, or a comma-separated list of tables.
     #[arg(long)]
     pub(super) table: String,
-    /// `sqlite:///ABS/PATH.db` or `sqlite://REL/PATH.db`; the default mirror when omitted.
+    /// The target: postgresql://user:password@host:port/database[?ssl=MODE], sqlite:///ABS/PATH.db
+    /// or sqlite://REL/PATH.db; the default mirror when omitted.
     #[arg(long, env = "DAP_CONNECTION_STRING", hide_env_values = true)]
     pub(super) connection_string: Option<String>,
     /// Print a machine-readable result per table on stdout.
     #[arg(long)]
     pub(super) json: bool,
-    /// Tables that download at once (loading into one file is serialised). Jobs for up to 32
-    /// tables are requested and waited on together, as fast as the job rate allows.
+    /// Tables that download and load at once (a database connection each on a server; a mirror
+    /// file has one writer). Jobs for up to 32 tables are requested and waited on together.
     #[arg(long, default_value_t = 4)]
     pub(super) parallel_tables: usize,
+    /// Folder for objects between download and load (the official client's flag); by default
+    /// beside the mirror, or the system's temporary folder for a server.
+    #[arg(long)]
+    pub(super) temp_dir: Option<PathBuf>,
+    /// What NaN and infinity become on targets without them (MySQL, SQL Server): refuse the
+    /// table before writing, or store NULL.
+    #[arg(long, value_enum, default_value_t = NonFinite::Refuse)]
+    pub(super) non_finite: NonFinite,
 }
 
 #[derive(Debug, Args)]
@@ -52,7 +62,7 @@ pub struct SyncArgs {
     /// When the server needs a new snapshot of a table, take it (atomically) instead of stopping.
     #[arg(long)]
     auto_reinit: bool,
-    /// Also initialise tables the server has and the mirror lacks ("sync, else init").
+    /// Also initialise tables the server has and the target lacks ("sync, else init").
     #[arg(long)]
     init_missing: bool,
 }
@@ -71,47 +81,17 @@ pub struct ListDbArgs {
     omit_record_count: bool,
 }
 
-/// The mirror file for a namespace: the default mirror holds one file per namespace.
-pub(super) fn mirror_file(connection_string: Option<&str>, namespace: &str) -> anyhow::Result<PathBuf> {
-    match connection_string.filter(|s| !s.is_empty()) {
-        None => {
-            let dir = match std::env::var_os("DAP_MIRROR_DIR") {
-                Some(d) => PathBuf::from(d),
-                None => directories::ProjectDirs::from("", "", "dap-replica")
-                    .context(
-                        "no home directory to keep the default mirror in; pass --connection-string sqlite:///PATH.db",
-                    )?
-                    .data_dir()
-                    .to_path_buf(),
-            };
-            Ok(dir.join(format!("{}.db", crate::fetch::safe_component(namespace))))
-        }
-        Some(s) => match s.split_once("://") {
-            Some(("sqlite", rest)) if !rest.is_empty() => Ok(PathBuf::from(rest)),
-            Some((scheme, _)) => bail!(
-                "{scheme}:// targets are not supported yet; use sqlite:///ABS/PATH.db, sqlite://REL/PATH.db or the default mirror"
-            ),
-            None => bail!("invalid connection string (expected e.g. sqlite:///data/canvas.db)"),
-        },
-    }
+fn target_spec(connection_string: Option<&str>) -> anyhow::Result<TargetSpec> {
+    Ok(TargetSpec::parse(connection_string)?)
 }
 
-fn open(connection_string: Option<&str>, namespace: &str) -> anyhow::Result<(PathBuf, SqliteSink)> {
-    let path = mirror_file(connection_string, namespace)?;
-    let sink = SqliteSink::open(&path).with_context(|| format!("opening the mirror {}", path.display()))?;
-    Ok((path, sink))
-}
-
-/// Rewrites `state.json` for `namespace` from the database (plus one table's run, if given).
-fn save_state(
-    state: &mut StateFile,
-    db: &Path,
-    namespace: &str,
-    bookkeeping: &[crate::sink::Bookkeeping],
-    rows: &BTreeMap<String, u64>,
-) {
-    state.reconcile(namespace, db, bookkeeping, rows);
-    if let Err(e) = state.save(&StateFile::path_for(db)) {
+/// Rewrites the `state.json` beside a local target from its bookkeeping rows (plus row counts).
+async fn save_state(state: &Mutex<StateFile>, sink: &dyn Sink, namespace: &str, rows: &BTreeMap<String, u64>) {
+    let Some(db) = sink.local_file() else { return };
+    let Ok(bookkeeping) = sink.all_bookkeeping(namespace).await else { return };
+    let mut st = state.lock().expect("state lock");
+    st.reconcile(namespace, db, &bookkeeping, rows);
+    if let Err(e) = st.save(&StateFile::path_for(db)) {
         tracing::warn!("could not write the state file: {e}");
     }
 }
@@ -134,14 +114,15 @@ pub(super) enum Mode {
 
 pub(super) async fn replicate(ctx: &Context, args: DbArgs, mode: Mode) -> anyhow::Result<()> {
     let command = if matches!(mode, Mode::Init { .. }) { "initdb" } else { "syncdb" };
-    let path = mirror_file(args.connection_string.as_deref(), &args.namespace)?;
-    let _lock = WriterLock::acquire(&path)?;
-    let (_, mut sink) = open(args.connection_string.as_deref(), &args.namespace)?;
-    let ns = args.namespace.clone();
-    let state = Mutex::new(StateFile::load(&StateFile::path_for(&path)));
-    save_state(&mut state.lock().expect("state lock"), &path, &ns, &sink.all_bookkeeping(&ns)?, &BTreeMap::new());
+    let spec = target_spec(args.connection_string.as_deref())?;
     let client = Client::new(ctx.client.clone())?;
-    let local: Vec<String> = sink.all_bookkeeping(&ns)?.into_iter().map(|b| b.table).collect();
+    let ns = args.namespace.clone();
+    let options =
+        SinkOptions { access: Access::Write, parallelism: args.parallel_tables.max(1), non_finite: args.non_finite };
+    let sink = sink::open(&spec, &ns, &options).await?;
+    let state = Mutex::new(sink.local_file().map(|f| StateFile::load(&StateFile::path_for(f))).unwrap_or_default());
+    save_state(&state, sink.as_ref(), &ns, &BTreeMap::new()).await;
+    let local: Vec<String> = sink.all_bookkeeping(&ns).await?.into_iter().map(|b| b.table).collect();
     let tables = match (tables::parse_selection(&args.table), mode) {
         (Some(list), _) if list.is_empty() => bail!("--table names no table"),
         (Some(list), _) => list,
@@ -152,19 +133,29 @@ pub(super) async fn replicate(ctx: &Context, args: DbArgs, mode: Mode) -> anyhow
         }
         (None, Mode::Sync { .. }) => local.clone(),
     };
-    let spool = path.parent().map(|p| p.join(".dap-spool")).unwrap_or_else(|| PathBuf::from(".dap-spool"));
+    let spool = match (&args.temp_dir, sink.local_file()) {
+        (Some(dir), _) => dir.join(".dap-spool"),
+        (None, Some(file)) => {
+            file.parent().map(|p| p.join(".dap-spool")).unwrap_or_else(|| PathBuf::from(".dap-spool"))
+        }
+        (None, None) => std::env::temp_dir().join(format!("dap-spool-{}", std::process::id())),
+    };
     clear_spool(&spool);
-    let auto_reinit = matches!(mode, Mode::Sync { auto_reinit: true, .. });
-    let replicator = Replicator {
+    let attempts = ctx.client.retry.attempts;
+    let source = DapSource {
         client,
-        sink: Arc::new(Mutex::new(sink)),
-        spool,
+        spool: spool.clone(),
         download_concurrency: 4,
-        transfers: tokio::sync::Semaphore::new(args.parallel_tables.max(1)),
-        auto_reinit,
+        transfers: Arc::new(tokio::sync::Semaphore::new(args.parallel_tables.max(1))),
+    };
+    let replicator = Replicator {
+        source: Arc::new(source),
+        sink: sink.clone(),
+        auto_reinit: matches!(mode, Mode::Sync { auto_reinit: true, .. }),
+        attempts,
     };
     let outcomes = tables::run_each(&tables, tables::JOBS_IN_FLIGHT, |t| {
-        let (r, ns, path, state, local) = (&replicator, &ns, &path, &state, &local);
+        let (r, ns, state, local, sink) = (&replicator, &ns, &state, &local, sink.as_ref());
         async move {
             let report = match mode {
                 Mode::Init { replace } => r.initdb(ns, &t, replace).await,
@@ -175,24 +166,22 @@ pub(super) async fn replicate(ctx: &Context, args: DbArgs, mode: Mode) -> anyhow
                 Ok(rep) => tracing::info!("{t}: {command} done, {} rows, watermark {}", rep.rows, rep.watermark),
                 Err(e) => tracing::warn!("{t}: {e}"),
             }
-            let (n, table) = (ns.clone(), t.clone());
-            let now = r.blocking(move |s| Ok((s.all_bookkeeping(&n)?, s.row_count(&n, &table).ok()))).await;
-            if let Ok((bookkeeping, rows)) = now {
-                let mut st = state.lock().expect("state lock");
-                let result = report.as_ref().map(|_| ()).map_err(|e| e.to_string());
-                st.record_run(ns, &t, path, command, report.as_ref().ok().map(|r| r.job_id.as_str()), result);
-                save_state(
-                    &mut st,
-                    path,
-                    ns,
-                    &bookkeeping,
-                    &rows.map(|n| BTreeMap::from([(t.clone(), n)])).unwrap_or_default(),
-                );
+            if let Some(db) = sink.local_file() {
+                let rows = sink.row_count(ns, &t).await.ok();
+                {
+                    let mut st = state.lock().expect("state lock");
+                    let result = report.as_ref().map(|_| ()).map_err(|e| e.to_string());
+                    st.record_run(ns, &t, db, command, report.as_ref().ok().map(|r| r.job_id.as_str()), result);
+                }
+                save_state(state, sink, ns, &rows.map(|n| BTreeMap::from([(t.clone(), n)])).unwrap_or_default()).await;
             }
             report
         }
     })
     .await;
+    if sink.local_file().is_none() {
+        let _ = std::fs::remove_dir_all(&spool);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcomes)?);
     }
@@ -208,25 +197,23 @@ pub async fn syncdb(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
 }
 
 pub async fn drop(args: DbArgs) -> anyhow::Result<()> {
-    let path = mirror_file(args.connection_string.as_deref(), &args.namespace)?;
-    let _lock = WriterLock::acquire(&path)?;
-    let (_, mut sink) = open(args.connection_string.as_deref(), &args.namespace)?;
+    let spec = target_spec(args.connection_string.as_deref())?;
+    let options = SinkOptions { access: Access::Write, ..SinkOptions::default() };
+    let sink = sink::open(&spec, &args.namespace, &options).await?;
     let tables = match tables::parse_selection(&args.table) {
         Some(list) => list,
-        None => sink.all_bookkeeping(&args.namespace)?.into_iter().map(|b| b.table).collect(),
+        None => sink.all_bookkeeping(&args.namespace).await?.into_iter().map(|b| b.table).collect(),
     };
-    let outcomes: Vec<_> = tables
-        .into_iter()
-        .map(|t| {
-            let outcome = match dropdb(&mut sink, &args.namespace, &t) {
-                Ok(()) => Outcome::Succeeded { result: json!({}) },
-                Err(e) => Outcome::Failed { error: e.to_string() },
-            };
-            tables::TableOutcome { table: t, outcome }
-        })
-        .collect();
-    let mut state = StateFile::load(&StateFile::path_for(&path));
-    save_state(&mut state, &path, &args.namespace, &sink.all_bookkeeping(&args.namespace)?, &BTreeMap::new());
+    let mut outcomes = Vec::new();
+    for t in tables {
+        let outcome = match Replicator::dropdb(sink.as_ref(), &args.namespace, &t).await {
+            Ok(()) => Outcome::Succeeded { result: json!({}) },
+            Err(e) => Outcome::Failed { error: e.to_string() },
+        };
+        outcomes.push(tables::TableOutcome { table: t, outcome });
+    }
+    let state = Mutex::new(sink.local_file().map(|f| StateFile::load(&StateFile::path_for(f))).unwrap_or_default());
+    save_state(&state, sink.as_ref(), &args.namespace, &BTreeMap::new()).await;
     super::export::finish("dropdb", &outcomes)
 }
 
@@ -242,8 +229,10 @@ fn staleness(secs: i64) -> String {
 }
 
 pub async fn listdb(ctx: &Context, args: ListDbArgs) -> anyhow::Result<()> {
-    let (_, mut sink) = open(args.connection_string.as_deref(), &args.namespace)?;
-    let local = sink.all_bookkeeping(&args.namespace)?;
+    let spec = target_spec(args.connection_string.as_deref())?;
+    let options = SinkOptions { access: Access::Read, ..SinkOptions::default() };
+    let sink = sink::open(&spec, &args.namespace, &options).await?;
+    let local = sink.all_bookkeeping(&args.namespace).await?;
     let mut names: Vec<String> = local.iter().map(|b| b.table.clone()).collect();
     if !args.omit_not_replicated {
         names.extend(Client::new(ctx.client.clone())?.tables(&args.namespace).await?);
@@ -263,7 +252,7 @@ pub async fn listdb(ctx: &Context, args: ListDbArgs) -> anyhow::Result<()> {
         });
         if !args.omit_record_count {
             row["records"] = match b {
-                Some(_) => json!(sink.row_count(&args.namespace, &name)?),
+                Some(_) => json!(sink.row_count(&args.namespace, &name).await?),
                 None => json!(null),
             };
         }
@@ -276,15 +265,6 @@ pub async fn listdb(ctx: &Context, args: ListDbArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connection_strings_and_the_default_mirror() {
-        assert_eq!(mirror_file(Some("sqlite:///data/canvas.db"), "canvas").unwrap(), PathBuf::from("/data/canvas.db"));
-        assert_eq!(mirror_file(Some("sqlite://rel/x.db"), "canvas").unwrap(), PathBuf::from("rel/x.db"));
-        let e = mirror_file(Some("postgresql://u:secret@h/db"), "canvas").unwrap_err().to_string();
-        assert!(e.contains("postgresql://") && !e.contains("secret"), "{e}");
-        assert!(mirror_file(None, "canvas_logs").unwrap().ends_with("canvas_logs.db"));
-    }
 
     #[test]
     fn staleness_like_the_official_client() {
@@ -327,7 +307,7 @@ fn status_namespaces(args: &StatusArgs) -> anyhow::Result<Vec<String>> {
     }
     let dir = match &args.dir {
         Some(d) => d.clone(),
-        None => mirror_file(None, "x")?.parent().map(Path::to_path_buf).unwrap_or_default(),
+        None => sink::default_mirror_dir()?,
     };
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .into_iter()
@@ -343,29 +323,38 @@ fn status_namespaces(args: &StatusArgs) -> anyhow::Result<Vec<String>> {
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let now = time::now();
     let mut rows = Vec::new();
+    let spec = match &args.dir {
+        Some(_) => TargetSpec::DefaultMirror,
+        None => target_spec(args.connection_string.as_deref())?,
+    };
+    let options = SinkOptions { access: Access::Read, ..SinkOptions::default() };
     for ns in status_namespaces(&args)? {
-        let path = match &args.dir {
-            Some(d) => d.join(format!("{ns}.db")),
-            None => mirror_file(args.connection_string.as_deref(), &ns)?,
+        let local = match &args.dir {
+            Some(d) => Some(d.join(format!("{ns}.db"))),
+            None => spec.local_file(&ns)?,
         };
-        if !path.exists() {
+        if local.as_ref().is_some_and(|p| !p.exists()) {
             continue;
         }
-        let mut sink = SqliteSink::open(&path).with_context(|| format!("opening the mirror {}", path.display()))?;
-        let state = StateFile::load(&StateFile::path_for(&path));
-        for b in sink.all_bookkeeping(&ns)? {
+        let sink: Arc<dyn Sink> = match &local {
+            Some(path) => Arc::new(sink::sqlite::SqliteSink::open(path, Access::Read)?),
+            None => sink::open(&spec, &ns, &options).await?,
+        };
+        let state = local.as_ref().map(|p| StateFile::load(&StateFile::path_for(p))).unwrap_or_default();
+        let file = sink.describe();
+        for b in sink.all_bookkeeping(&ns).await? {
             let entry = state.tables.get(&format!("{ns}.{}", b.table));
             rows.push(json!({
                 "namespace": ns,
                 "table": b.table,
-                "rows": sink.row_count(&ns, &b.table)?,
+                "rows": sink.row_count(&ns, &b.table).await?,
                 "schema_version": b.schema_version,
                 "watermark": time::format_wire(b.watermark),
                 "staleness": staleness((now - b.watermark) / 1_000_000),
                 "last_command": entry.and_then(|e| e.last_command.clone()),
                 "last_run": entry.and_then(|e| e.last_run.clone()),
                 "last_result": entry.and_then(|e| e.last_result.clone()),
-                "file": path,
+                "file": file,
             }));
         }
     }

@@ -1,0 +1,1189 @@
+//! PostgreSQL, in the official client's layout (spec §4.5-§4.7, §5.2): a schema per namespace,
+//! `"ns"."table"`, enum types `"ns"."table__col"`, `instructure_dap.table_sync` and
+//! `database_version` = 1, comments from the schema's descriptions.
+//!
+//! Bulk paths: initdb streams `COPY` into a staging table in our own schema (`dap_replica`), one
+//! transaction per object with its checkpoint, then moves it into place with its primary key and
+//! bookkeeping row in one transaction (or, when the table exists, replaces its rows in one
+//! transaction, so the user's views, indexes, columns and constraints stay). syncdb copies the
+//! changes into a temporary table and applies them set-based: upsert of whole rows, delete by
+//! join, the new watermark, all in one transaction. Values travel as COPY text.
+
+use std::sync::{Arc, Mutex};
+
+use futures_util::SinkExt;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
+use super::{Access, Bookkeeping, ConnectionString, Feed, Piece, Retry, Sink, SinkError, SinkOptions, SslMode};
+use crate::decode::Record;
+use crate::schema::delta::{Change, SchemaDelta};
+use crate::schema::{Column, ColumnType, TableDef};
+use crate::time;
+use crate::value::{Value, format_float, format_uuid};
+
+/// How much of a feed one COPY takes: a snapshot part (initdb's unit of commit) or every
+/// change of a sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Span {
+    Part,
+    Feed,
+}
+
+/// Bytes of COPY data sent at a time.
+const COPY_CHUNK: usize = 1 << 16;
+
+pub struct PostgresSink {
+    shown: String,
+    database: String,
+    pool: Pool,
+}
+
+/// Connections for the tables in flight: at most `parallelism`, reused while they stay healthy.
+struct Pool {
+    config: tokio_postgres::Config,
+    tls: Tls,
+    shown: String,
+    idle: Mutex<Vec<Client>>,
+    permits: Semaphore,
+}
+
+/// A pooled connection; back to the pool when dropped, unless it broke.
+struct Conn<'a> {
+    client: Option<Client>,
+    pool: &'a Pool,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("a live connection")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take().filter(|c| !c.is_closed()) {
+            self.pool.idle.lock().expect("pool lock").push(c);
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Tls {
+    Off,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Pool {
+    async fn connect(&self) -> Result<Client, SinkError> {
+        let fail = |e: tokio_postgres::Error| connect_error(&self.shown, &self.config, e);
+        let client = match &self.tls {
+            Tls::Off => {
+                let (client, conn) = self.config.connect(NoTls).await.map_err(fail)?;
+                tokio::spawn(conn);
+                client
+            }
+            Tls::Rustls(tls) => {
+                let (client, conn) = self.config.connect(tls.clone()).await.map_err(fail)?;
+                tokio::spawn(conn);
+                client
+            }
+        };
+        Ok(client)
+    }
+
+    async fn get(&self) -> Result<Conn<'_>, SinkError> {
+        let permit = self.permits.acquire().await.expect("the pool's semaphore is never closed");
+        let idle = self.idle.lock().expect("pool lock").pop();
+        let client = match idle {
+            Some(c) if !c.is_closed() => c,
+            _ => self.connect().await?,
+        };
+        Ok(Conn { client: Some(client), pool: self, _permit: permit })
+    }
+}
+
+/// A quoted identifier: `"name"` with `"` doubled.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A string literal; `E'…'` with backslash escapes when it holds control characters (as the
+/// official client writes comments).
+fn literal(s: &str) -> String {
+    if s.chars().any(|c| c.is_control()) {
+        let mut out = String::from("E'");
+        for c in s.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\'' => out.push_str("''"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('\'');
+        out
+    } else {
+        format!("'{}'", s.replace('\'', "''"))
+    }
+}
+
+fn table_name(def: &TableDef) -> String {
+    format!("{}.{}", ident(&def.namespace), ident(&def.name))
+}
+
+/// The staging table of an initdb, in our own schema.
+fn staging_name(def: &TableDef) -> String {
+    format!("{}.{}", ident(OUR_SCHEMA), ident(&staging_table(def)))
+}
+
+fn staging_table(def: &TableDef) -> String {
+    format!("{}__{}", def.namespace, def.name)
+}
+
+/// The column type, as the official client's generator writes it (spec §4.5).
+pub fn column_type(def: &TableDef, c: &Column) -> String {
+    fn scalar(def: &TableDef, c: &Column, ty: &ColumnType) -> String {
+        match ty {
+            ColumnType::Int(16) => "smallint".into(),
+            ColumnType::Int(32) => "integer".into(),
+            ColumnType::Int(_) => "bigint".into(),
+            ColumnType::IntEnum(values) => scalar(def, c, &ColumnType::Int(layout::int_enum_bits(values))),
+            ColumnType::Float(32) => "real".into(),
+            ColumnType::Float(_) => "double precision".into(),
+            ColumnType::Decimal { precision, scale } => format!("decimal({precision}, {scale})"),
+            ColumnType::Bool => "boolean".into(),
+            ColumnType::Str { max_length: Some(n), .. } => format!("varchar({n})"),
+            ColumnType::Str { max_length: None, .. } => "text".into(),
+            ColumnType::Enum(_) => {
+                format!("{}.{}", ident(&def.namespace), ident(&layout::column_enum(def, c).expect("an enum column")))
+            }
+            ColumnType::Timestamp => "timestamp".into(),
+            ColumnType::Date => "date".into(),
+            ColumnType::Time => "time".into(),
+            ColumnType::Uuid => "uuid".into(),
+            ColumnType::Ip | ColumnType::Ipv4 | ColumnType::Ipv6 => "inet".into(),
+            // Arrays of objects or arrays are JSON (the official client's DDL breaks on them).
+            ColumnType::Array(item)
+                if matches!(**item, ColumnType::Object(_) | ColumnType::Array(_) | ColumnType::Json) =>
+            {
+                "jsonb".into()
+            }
+            ColumnType::Array(item) => format!("{} ARRAY", scalar(def, c, item)),
+            ColumnType::Object(_) | ColumnType::Json => "jsonb".into(),
+        }
+    }
+    scalar(def, c, &c.ty)
+}
+
+fn column_sql(def: &TableDef, c: &Column) -> String {
+    format!("{} {}{}", ident(&c.name), column_type(def, c), if c.required { " NOT NULL" } else { "" })
+}
+
+/// `CREATE TYPE` for each enum of the table (nested ones too, as the official client does).
+fn enum_statements(def: &TableDef) -> Vec<String> {
+    layout::enum_types(def)
+        .into_iter()
+        .map(|e| {
+            let labels: Vec<String> = e.values.iter().map(|v| literal(v)).collect();
+            format!("CREATE TYPE {}.{} AS ENUM ({})", ident(&def.namespace), ident(&e.name), labels.join(", "))
+        })
+        .collect()
+}
+
+fn comment_statements(def: &TableDef, table: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(c) = &def.comment {
+        out.push(format!("COMMENT ON TABLE {table} IS {}", literal(c)));
+    }
+    for c in def.columns() {
+        if let Some(text) = &c.comment {
+            out.push(format!("COMMENT ON COLUMN {table}.{} IS {}", ident(&c.name), literal(text)));
+        }
+    }
+    out
+}
+
+/// The bookkeeping tables exactly as the official client creates them.
+pub fn bookkeeping_statements() -> Vec<String> {
+    let schema = ident(BOOKKEEPING_SCHEMA);
+    let columns: Vec<String> = layout::TABLE_SYNC_COLUMNS
+        .iter()
+        .map(|c| {
+            let ty = match c.kind {
+                SyncColumnKind::Identity => "bigint GENERATED BY DEFAULT AS IDENTITY",
+                SyncColumnKind::Name => "varchar(64)",
+                SyncColumnKind::Timestamp => "timestamp",
+                SyncColumnKind::BigInt => "bigint",
+                SyncColumnKind::Text => "text",
+            };
+            let not_null = if c.required && c.kind != SyncColumnKind::Identity { " NOT NULL" } else { "" };
+            format!("{} {ty}{not_null}", ident(c.name))
+        })
+        .collect();
+    let mut out = vec![
+        format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
+        format!(
+            "CREATE TABLE {schema}.\"database_version\" (\"version\" bigint GENERATED BY DEFAULT AS IDENTITY, CONSTRAINT \"pk_database_version\" PRIMARY KEY (\"version\"))"
+        ),
+        format!("COMMENT ON TABLE {schema}.\"database_version\" IS {}", literal(layout::DATABASE_VERSION_COMMENT)),
+        format!(
+            "COMMENT ON COLUMN {schema}.\"database_version\".\"version\" IS {}",
+            literal(layout::VERSION_COLUMN_COMMENT)
+        ),
+        format!(
+            "CREATE TABLE {schema}.\"table_sync\" ({}, CONSTRAINT \"pk_table_sync\" PRIMARY KEY (\"id\"))",
+            columns.join(", ")
+        ),
+        format!("COMMENT ON TABLE {schema}.\"table_sync\" IS {}", literal(layout::TABLE_SYNC_COMMENT)),
+    ];
+    for c in layout::TABLE_SYNC_COLUMNS.iter().filter(|c| !c.comment.is_empty()) {
+        out.push(format!("COMMENT ON COLUMN {schema}.\"table_sync\".{} IS {}", ident(c.name), literal(c.comment)));
+    }
+    out
+}
+
+/// The DDL of a table as the official client's initdb creates it on an empty database: its
+/// schema, enum types, the table with its primary key, and comments.
+pub fn table_statements(def: &TableDef) -> Vec<String> {
+    let mut out = vec![format!("CREATE SCHEMA IF NOT EXISTS {}", ident(&def.namespace))];
+    out.extend(enum_statements(def));
+    let columns: Vec<String> = def.columns().map(|c| column_sql(def, c)).collect();
+    out.push(format!(
+        "CREATE TABLE {} ({}, CONSTRAINT {} PRIMARY KEY ({}))",
+        table_name(def),
+        columns.join(", "),
+        ident(&format!("pk_{}", def.name)),
+        ident(&def.key.name)
+    ));
+    out.extend(comment_statements(def, &table_name(def)));
+    out
+}
+
+/// Whether a retry of the same work may succeed after this error.
+fn retry_of(e: &tokio_postgres::Error) -> Retry {
+    if e.is_closed() {
+        return Retry::MayHelp;
+    }
+    match e.code() {
+        Some(code)
+            if code == &SqlState::T_R_SERIALIZATION_FAILURE
+                || code == &SqlState::T_R_DEADLOCK_DETECTED
+                || code == &SqlState::ADMIN_SHUTDOWN
+                || code == &SqlState::CRASH_SHUTDOWN
+                || code == &SqlState::CANNOT_CONNECT_NOW
+                || code == &SqlState::LOCK_NOT_AVAILABLE
+                || code.code().starts_with("08")
+                || code.code().starts_with("53") =>
+        {
+            Retry::MayHelp
+        }
+        Some(_) => Retry::Useless,
+        None => Retry::MayHelp, // an I/O error: the connection is gone
+    }
+}
+
+/// The server's message with its detail and hint, or the driver's (and its causes').
+fn message_of(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut m = db.message().to_string();
+        if let Some(d) = db.detail() {
+            m.push_str(&format!(" ({d})"));
+        }
+        if let Some(h) = db.hint() {
+            m.push_str(&format!("; hint: {h}"));
+        }
+        return m;
+    }
+    let mut m = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !m.contains(&text) {
+            m.push_str(&format!(": {text}"));
+        }
+        source = s.source();
+    }
+    m
+}
+
+fn database_error(shown: &str, action: &str, e: tokio_postgres::Error) -> SinkError {
+    SinkError::Database {
+        target: shown.to_string(),
+        action: action.to_string(),
+        detail: message_of(&e),
+        retry: retry_of(&e),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// A failed connection, explained: what failed, and what to do.
+fn connect_error(shown: &str, config: &tokio_postgres::Config, e: tokio_postgres::Error) -> SinkError {
+    let user = config.get_user().unwrap_or("?");
+    let db = config.get_dbname().unwrap_or("?");
+    let detail = message_of(&e);
+    let (hint, retry) = match e.code() {
+        Some(c) if c == &SqlState::INVALID_PASSWORD || c == &SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+            (format!("the server refused the login of user {user}; check the user and password"), Retry::Useless)
+        }
+        Some(c) if c == &SqlState::INVALID_CATALOG_NAME => {
+            (format!("database {db} does not exist; create it (CREATE DATABASE \"{db}\") or fix the name"), Retry::Useless)
+        }
+        Some(_) => ("the server refused the connection".into(), Retry::Useless),
+        None if detail.contains("does not support TLS") => (
+            "the server does not offer TLS but ?ssl= requires it; enable TLS on the server or use ?ssl=prefer".into(),
+            Retry::Useless,
+        ),
+        None if detail.contains("certificate") || detail.contains("TLS") || detail.contains("tls") => (
+            "the server's TLS certificate was not accepted; give its CA with ?sslrootcert=FILE, or use ?ssl=require to encrypt without verifying".into(),
+            Retry::Useless,
+        ),
+        None => ("cannot reach the server; check the host and port, and that it is running".into(), Retry::MayHelp),
+    };
+    SinkError::Database {
+        target: shown.to_string(),
+        action: "connecting".into(),
+        detail: format!("{hint} ({detail})"),
+        retry,
+        source: Some(Box::new(e)),
+    }
+}
+
+/// The rustls configuration for an `ssl` mode: `require` (and `prefer`, `allow`) encrypt
+/// without verifying, as the official client does; `verify-ca` checks the chain, `verify-full`
+/// the chain and the host name, against `sslrootcert` or the system's roots.
+fn tls_config(url: &ConnectionString, shown: &str) -> Result<Option<rustls::ClientConfig>, SinkError> {
+    use rustls::pki_types::pem::PemObject;
+    let mode = url.ssl.unwrap_or(SslMode::Prefer);
+    if mode == SslMode::Disable {
+        return Ok(None);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SinkError::refused(shown, format!("TLS setup failed: {e}")))?;
+    if matches!(mode, SslMode::Allow | SslMode::Prefer | SslMode::Require) {
+        let verifier = Arc::new(tls::AcceptAny(provider));
+        return Ok(Some(builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match &url.ssl_root_cert {
+        Some(file) => {
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(file)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| SinkError::refused(shown, format!("cannot read sslrootcert {}: {e}", file.display())))?;
+            for c in certs {
+                roots.add(c).map_err(|e| SinkError::refused(shown, format!("sslrootcert {}: {e}", file.display())))?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| SinkError::refused(shown, format!("TLS setup failed: {e}")))?;
+    let config = if mode == SslMode::VerifyCa {
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(tls::ChainOnly(webpki))).with_no_client_auth()
+    } else {
+        builder.with_webpki_verifier(webpki).with_no_client_auth()
+    };
+    Ok(Some(config))
+}
+
+mod tls {
+    //! Certificate checks for the `require` and `verify-ca` modes.
+    use std::sync::Arc;
+
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
+
+    /// `require`: encrypted, the certificate not checked (libpq's and the official client's meaning).
+    #[derive(Debug)]
+    pub struct AcceptAny(pub Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// `verify-ca`: the chain must lead to a trusted root; the host name is not compared.
+    #[derive(Debug)]
+    pub struct ChainOnly(pub Arc<WebPkiServerVerifier>);
+
+    impl ServerCertVerifier for ChainOnly {
+        fn verify_server_cert(
+            &self,
+            end: &CertificateDer<'_>,
+            chain: &[CertificateDer<'_>],
+            name: &ServerName<'_>,
+            ocsp: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            match self.0.verify_server_cert(end, chain, name, ocsp, now) {
+                Err(Error::InvalidCertificate(CertificateError::NotValidForName))
+                | Err(Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {
+                    Ok(ServerCertVerified::assertion())
+                }
+                other => other,
+            }
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls12_signature(m, c, d)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls13_signature(m, c, d)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+}
+
+/// Appends `s` escaped for COPY text format.
+fn copy_escape(s: &str, out: &mut Vec<u8>) {
+    for b in s.bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
+
+/// A JSON array as a PostgreSQL array literal: `{"a","b\"q",NULL,3}`.
+fn array_literal(items: &[serde_json::Value]) -> String {
+    let mut s = String::from("{");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        match item {
+            serde_json::Value::Null => s.push_str("NULL"),
+            serde_json::Value::String(text) => {
+                s.push('"');
+                for c in text.chars() {
+                    if c == '"' || c == '\\' {
+                        s.push('\\');
+                    }
+                    s.push(c);
+                }
+                s.push('"');
+            }
+            other => s.push_str(&other.to_string()),
+        }
+    }
+    s.push('}');
+    s
+}
+
+/// Appends one value in COPY text form.
+fn encode(v: &Value, ty: &ColumnType, out: &mut Vec<u8>) {
+    match v {
+        Value::Null => out.extend_from_slice(b"\\N"),
+        Value::Bool(b) => out.push(if *b { b't' } else { b'f' }),
+        Value::Int(i) => out.extend_from_slice(i.to_string().as_bytes()),
+        Value::Float(f) => out.extend_from_slice(format_float(*f).as_bytes()),
+        Value::Decimal(d) => out.extend_from_slice(d.to_string().as_bytes()),
+        Value::Str(s) => copy_escape(s, out),
+        Value::Timestamp(us) => {
+            let fixed = time::format_fixed(*us); // YYYY-MM-DDTHH:MM:SS.ffffffZ
+            out.extend_from_slice(&fixed.as_bytes()[..10]);
+            out.push(b' ');
+            out.extend_from_slice(&fixed.as_bytes()[11..fixed.len() - 1]);
+        }
+        Value::Date(d) => out.extend_from_slice(time::format_date(*d).as_bytes()),
+        Value::Time(us) => out.extend_from_slice(time::format_time_of_day(*us).as_bytes()),
+        Value::Uuid(u) => out.extend_from_slice(format_uuid(*u).as_bytes()),
+        Value::Ip(ip) => out.extend_from_slice(ip.to_string().as_bytes()),
+        Value::Json(j) => match (ty, j) {
+            (ColumnType::Array(item), serde_json::Value::Array(items))
+                if !matches!(**item, ColumnType::Object(_) | ColumnType::Array(_) | ColumnType::Json) =>
+            {
+                copy_escape(&array_literal(items), out)
+            }
+            _ => copy_escape(&j.to_string(), out),
+        },
+    }
+}
+
+/// Appends a record as one COPY line: optionally its action, then the key and value columns.
+fn encode_record(def: &TableDef, r: &Record, with_action: bool, out: &mut Vec<u8>) {
+    if with_action {
+        out.push(if r.action == Some('D') { b'D' } else { b'U' });
+        out.push(b'\t');
+    }
+    encode(&r.key, &def.key.ty, out);
+    for (v, c) in r.values.iter().zip(&def.values) {
+        out.push(b'\t');
+        encode(v, &c.ty, out);
+    }
+    out.push(b'\n');
+}
+
+fn column_list(def: &TableDef) -> String {
+    def.columns().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ")
+}
+
+impl PostgresSink {
+    pub async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<PostgresSink, SinkError> {
+        let shown = url.redacted();
+        let mut config = tokio_postgres::Config::new();
+        config.host(url.host.as_deref().unwrap_or("localhost"));
+        config.port(url.port.unwrap_or(5432));
+        config.dbname(&url.database);
+        config.application_name("dap-replica");
+        if let Some(u) = &url.user {
+            config.user(u);
+        }
+        if let Some(p) = &url.password {
+            config.password(p.expose());
+        }
+        config.connect_timeout(std::time::Duration::from_secs(30));
+        let tls = match tls_config(url, &shown)? {
+            None => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                Tls::Off
+            }
+            Some(rustls_config) => {
+                config.ssl_mode(match url.ssl.unwrap_or(SslMode::Prefer) {
+                    SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                    _ => tokio_postgres::config::SslMode::Require,
+                });
+                Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(rustls_config))
+            }
+        };
+        let pool = Pool {
+            config,
+            tls,
+            shown: shown.clone(),
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(options.parallelism.max(1)),
+        };
+        let sink = PostgresSink { shown, database: url.database.clone(), pool };
+        let c = sink.pool.get().await?;
+        if options.access == Access::Write {
+            sink.prepare(&c).await?;
+        }
+        drop(c);
+        Ok(sink)
+    }
+
+    fn fail(&self, action: &str) -> impl Fn(tokio_postgres::Error) -> SinkError + '_ {
+        let action = action.to_string();
+        move |e| database_error(&self.shown, &action, e)
+    }
+
+    /// Commits when `result` is Ok, else rolls back; a connection that cannot roll back is
+    /// dropped from the pool.
+    async fn end<T>(&self, c: &mut Conn<'_>, result: Result<T, SinkError>) -> Result<T, SinkError> {
+        match result {
+            Ok(v) => {
+                c.batch_execute("COMMIT").await.map_err(self.fail("committing"))?;
+                Ok(v)
+            }
+            Err(e) => {
+                if c.batch_execute("ROLLBACK").await.is_err() {
+                    c.client = None;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates the bookkeeping tables with version 1 when missing, in one transaction; refuses
+    /// a database whose version is not 1 (the official client would migrate or overwrite it).
+    async fn prepare(&self, c: &Client) -> Result<(), SinkError> {
+        let exists: bool = c
+            .query_one("SELECT to_regclass('\"instructure_dap\".\"table_sync\"') IS NOT NULL", &[])
+            .await
+            .map_err(self.fail("reading the catalog"))?
+            .get(0);
+        if !exists {
+            let mut statements = bookkeeping_statements();
+            statements.push(format!(
+                "INSERT INTO {}.\"database_version\" (\"version\") VALUES ({DATABASE_VERSION})",
+                ident(BOOKKEEPING_SCHEMA)
+            ));
+            let sql = format!("BEGIN; {}; COMMIT", statements.join(";\n"));
+            if let Err(e) = c.batch_execute(&sql).await {
+                let _ = c.batch_execute("ROLLBACK").await;
+                if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+                    return Err(SinkError::refused(
+                        &self.shown,
+                        format!(
+                            "the user may not create the bookkeeping schema instructure_dap ({}); grant CREATE on database {} (or have an administrator run the output of `dap ddl --dialect postgresql`)",
+                            message_of(&e),
+                            self.database
+                        ),
+                    ));
+                }
+                return Err(database_error(&self.shown, "creating the bookkeeping tables", e));
+            }
+        }
+        let versions: Vec<i64> = c
+            .query(&format!("SELECT \"version\" FROM {}.\"database_version\"", ident(BOOKKEEPING_SCHEMA)), &[])
+            .await
+            .map_err(self.fail("reading the database version"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if versions != [DATABASE_VERSION] {
+            return Err(SinkError::refused(
+                &self.shown,
+                format!(
+                    "instructure_dap.database_version holds {versions:?}, not [1]: this database was made by another version of the official client. dap writes only version 1 databases; migrate it with the official client 2.3 (`dap syncdb`) first"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn bookkeeping_rows(&self, c: &Client, filter: &str, args: &[&str]) -> Result<Vec<Bookkeeping>, SinkError> {
+        let exists: bool = c
+            .query_one("SELECT to_regclass('\"instructure_dap\".\"table_sync\"') IS NOT NULL", &[])
+            .await
+            .map_err(self.fail("reading the catalog"))?
+            .get(0);
+        if !exists {
+            return Ok(Vec::new());
+        }
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            args.iter().map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT DISTINCT ON (source_table) source_namespace, source_table, \"timestamp\"::text, schema_version, schema_description
+                     FROM {}.\"table_sync\" WHERE {filter} ORDER BY source_table, id",
+                    ident(BOOKKEEPING_SCHEMA)
+                ),
+                &params,
+            )
+            .await
+            .map_err(self.fail("reading instructure_dap.table_sync"))?;
+        rows.iter()
+            .map(|r| {
+                let ts: String = r.get(2);
+                let watermark = time::parse_rfc3339(&format!("{}Z", ts.replace(' ', "T"))).map_err(|e| {
+                    SinkError::refused(&self.shown, format!("table_sync holds a timestamp dap cannot read: {e}"))
+                })?;
+                Ok(Bookkeeping {
+                    namespace: r.get(0),
+                    table: r.get(1),
+                    watermark,
+                    schema_version: u32::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+                    schema_description: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    async fn table_exists(&self, c: &Client, schema: &str, table: &str) -> Result<bool, SinkError> {
+        Ok(c.query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(self.fail("reading the catalog"))?
+        .get(0))
+    }
+
+    /// Creates the table's schema and enum types when missing, and adds enum values the types
+    /// lack, each committed on its own (PostgreSQL cannot use a new enum value in the
+    /// transaction that added it). Harmless to repeat.
+    async fn ensure_types(&self, c: &Client, def: &TableDef) -> Result<(), SinkError> {
+        c.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", ident(&def.namespace)))
+            .await
+            .map_err(self.fail(&format!("creating schema {}", def.namespace)))?;
+        for e in layout::enum_types(def) {
+            let existing: Vec<String> = c
+                .query(
+                    "SELECT e.enumlabel FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid
+                     JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = $1 AND t.typname = $2 ORDER BY e.enumsortorder",
+                    &[&def.namespace, &e.name],
+                )
+                .await
+                .map_err(self.fail("reading enum types"))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let qualified = format!("{}.{}", ident(&def.namespace), ident(&e.name));
+            if existing.is_empty() {
+                let labels: Vec<String> = e.values.iter().map(|v| literal(v)).collect();
+                c.batch_execute(&format!("CREATE TYPE {qualified} AS ENUM ({})", labels.join(", ")))
+                    .await
+                    .map_err(self.fail(&format!("creating type {}", e.name)))?;
+                continue;
+            }
+            for v in e.values.iter().filter(|v| !existing.contains(v)) {
+                c.batch_execute(&format!("ALTER TYPE {qualified} ADD VALUE IF NOT EXISTS {}", literal(v)))
+                    .await
+                    .map_err(self.fail(&format!("adding value {v} to type {}", e.name)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams a feed's rows into `COPY … FROM STDIN` until the part ([`Span::Part`], at its
+    /// `End`) or the whole feed ([`Span::Feed`], at `Done`) ends; returns the rows and the piece
+    /// that ended it. Changes carry their action as the first column.
+    async fn copy_rows(
+        &self,
+        c: &Client,
+        def: &TableDef,
+        copy_sql: &str,
+        span: Span,
+        feed: &mut Feed,
+    ) -> Result<(u64, Piece), SinkError> {
+        let with_action = span == Span::Feed;
+        let sink = c.copy_in::<_, bytes::Bytes>(copy_sql).await.map_err(self.fail("starting COPY"))?;
+        let mut sink = std::pin::pin!(sink);
+        let mut buf = Vec::with_capacity(COPY_CHUNK * 2);
+        let mut rows = 0;
+        let end = loop {
+            match feed.next().await? {
+                Piece::Rows(batch) => {
+                    for r in &batch {
+                        encode_record(def, r, with_action, &mut buf);
+                        if buf.len() >= COPY_CHUNK {
+                            let chunk =
+                                bytes::Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(COPY_CHUNK * 2)));
+                            sink.send(chunk).await.map_err(self.fail(&format!("copying rows into {}", def.name)))?;
+                        }
+                    }
+                    rows += batch.len() as u64;
+                }
+                Piece::Begin(_) => {}
+                Piece::End(_) if span == Span::Feed => {}
+                end @ (Piece::End(_) | Piece::Done) => break end,
+            }
+        };
+        if !buf.is_empty() {
+            sink.send(bytes::Bytes::from(buf)).await.map_err(self.fail(&format!("copying rows into {}", def.name)))?;
+        }
+        sink.as_mut().finish().await.map_err(self.fail(&format!("copying rows into {}", def.name)))?;
+        Ok((rows, end))
+    }
+
+    async fn write_bookkeeping(&self, c: &Client, b: &Bookkeeping) -> Result<(), SinkError> {
+        let schema = ident(BOOKKEEPING_SCHEMA);
+        let ts = time::format_fixed(b.watermark).replace('T', " ").trim_end_matches('Z').to_string();
+        let version = i64::from(b.schema_version);
+        let updated = c
+            .execute(
+                &format!(
+                    "UPDATE {schema}.\"table_sync\" SET \"timestamp\" = CAST($1::text AS timestamp), schema_version = $2, schema_description = $3
+                     WHERE id = (SELECT min(id) FROM {schema}.\"table_sync\" WHERE source_namespace = $4 AND source_table = $5)"
+                ),
+                &[&ts, &version, &b.schema_description, &b.namespace, &b.table],
+            )
+            .await
+            .map_err(self.fail("updating instructure_dap.table_sync"))?;
+        if updated == 0 {
+            c.execute(
+                &format!(
+                    "INSERT INTO {schema}.\"table_sync\" (source_namespace, source_table, \"timestamp\", schema_version, target_schema, target_table, schema_description_format, schema_description)
+                     VALUES ($1, $2, CAST($3::text AS timestamp), $4, $1, $2, 'json', $5)"
+                ),
+                &[&b.namespace, &b.table, &ts, &version, &b.schema_description],
+            )
+            .await
+            .map_err(self.fail("writing instructure_dap.table_sync"))?;
+        }
+        Ok(())
+    }
+
+    /// The DDL of a delta, in the transaction that applies it.
+    async fn apply_delta(&self, c: &Client, def: &TableDef, delta: &SchemaDelta) -> Result<(), SinkError> {
+        let table = table_name(def);
+        for change in &delta.changes {
+            let sql = match change {
+                Change::Add(col) => {
+                    let mut sql = format!("ALTER TABLE {table} ADD COLUMN {}", column_sql(def, col));
+                    if let Some(text) = &col.comment {
+                        sql.push_str(&format!("; COMMENT ON COLUMN {table}.{} IS {}", ident(&col.name), literal(text)));
+                    }
+                    sql
+                }
+                Change::Widen { column, from } => {
+                    let before = column_type(def, &Column { ty: from.clone(), ..column.clone() });
+                    let after = column_type(def, column);
+                    if before == after {
+                        continue; // new enum values or nested members: no column DDL
+                    }
+                    format!(
+                        "ALTER TABLE {table} ALTER COLUMN {0} SET DATA TYPE {after} USING {0}::{after}",
+                        ident(&column.name)
+                    )
+                }
+                Change::DropNotNull(name) => format!("ALTER TABLE {table} ALTER COLUMN {} DROP NOT NULL", ident(name)),
+                Change::SetNotNull(name) => format!("ALTER TABLE {table} ALTER COLUMN {} SET NOT NULL", ident(name)),
+                Change::Retype { column, .. } => {
+                    let after = column_type(def, column);
+                    format!(
+                        "ALTER TABLE {table} ALTER COLUMN {} SET DATA TYPE {after} USING NULL::{after}",
+                        ident(&column.name)
+                    )
+                }
+            };
+            c.batch_execute(&sql).await.map_err(|e| {
+                if e.code() == Some(&SqlState::NOT_NULL_VIOLATION) {
+                    SinkError::refused(
+                        &self.shown,
+                        format!(
+                            "{}.{}: a column became required, but rows hold NULL there ({}); nothing was changed. Re-snapshot the table with `dap initdb --replace --namespace {} --table {}`",
+                            def.namespace,
+                            def.name,
+                            message_of(&e),
+                            def.namespace,
+                            def.name
+                        ),
+                    )
+                } else {
+                    database_error(&self.shown, &format!("changing the schema of {}", def.name), e)
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for PostgresSink {
+    fn describe(&self) -> String {
+        self.shown.clone()
+    }
+
+    async fn bookkeeping(&self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError> {
+        let c = self.pool.get().await?;
+        Ok(self.bookkeeping_rows(&c, "source_namespace = $1 AND source_table = $2", &[namespace, table]).await?.pop())
+    }
+
+    async fn all_bookkeeping(&self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError> {
+        let c = self.pool.get().await?;
+        self.bookkeeping_rows(&c, "source_namespace = $1", &[namespace]).await
+    }
+
+    async fn row_count(&self, namespace: &str, table: &str) -> Result<u64, SinkError> {
+        let c = self.pool.get().await?;
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {}.{}", ident(namespace), ident(table)), &[])
+            .await
+            .map_err(self.fail(&format!("counting {namespace}.{table}")))?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError> {
+        let c = self.pool.get().await?;
+        if self.table_exists(&c, namespace, table).await? {
+            return Err(SinkError::refused(
+                &self.shown,
+                format!(
+                    "{namespace}.{table} exists but instructure_dap.table_sync has no row for it: another client (likely the official one) stopped while loading it. \
+                     Drop it with `DROP TABLE \"{namespace}\".\"{table}\"` (its rows are incomplete), then run initdb again"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn stage(&self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError> {
+        let mut c = self.pool.get().await?;
+        c.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {0}; CREATE TABLE IF NOT EXISTS {0}.\"checkpoints\" (namespace text NOT NULL, table_name text NOT NULL, job_id text NOT NULL, object text NOT NULL, PRIMARY KEY (namespace, table_name, object))",
+            ident(OUR_SCHEMA)
+        ))
+        .await
+        .map_err(self.fail("creating the dap_replica schema"))?;
+        self.ensure_types(&c, def).await?;
+        let done: Vec<(String, String)> = c
+            .query(
+                &format!(
+                    "SELECT job_id, object FROM {}.\"checkpoints\" WHERE namespace = $1 AND table_name = $2",
+                    ident(OUR_SCHEMA)
+                ),
+                &[&def.namespace, &def.name],
+            )
+            .await
+            .map_err(self.fail("reading checkpoints"))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if self.table_exists(&c, OUR_SCHEMA, &staging_table(def)).await?
+            && !done.is_empty()
+            && done.iter().all(|(j, _)| j == job)
+        {
+            return Ok(done.into_iter().map(|(_, o)| o).collect());
+        }
+        c.batch_execute("BEGIN").await.map_err(self.fail("starting a transaction"))?;
+        let result = async {
+            let columns: Vec<String> = def.columns().map(|col| column_sql(def, col)).collect();
+            c.batch_execute(&format!(
+                "DELETE FROM {0}.\"checkpoints\" WHERE namespace = {1} AND table_name = {2};
+                 DROP TABLE IF EXISTS {3};
+                 CREATE TABLE {3} ({4})",
+                ident(OUR_SCHEMA),
+                literal(&def.namespace),
+                literal(&def.name),
+                staging_name(def),
+                columns.join(", ")
+            ))
+            .await
+            .map_err(self.fail(&format!("creating the staging table of {}", def.name)))
+        }
+        .await;
+        self.end(&mut c, result).await?;
+        Ok(Vec::new())
+    }
+
+    async fn load(&self, def: &TableDef, job: &str, mut feed: Feed) -> Result<u64, SinkError> {
+        let mut c = self.pool.get().await?;
+        let copy_sql = format!("COPY {} ({}) FROM STDIN", staging_name(def), column_list(def));
+        let mut rows = 0;
+        loop {
+            match feed.next().await? {
+                Piece::Begin(_) => {}
+                Piece::Done => return Ok(rows),
+                Piece::Rows(_) | Piece::End(_) => {
+                    return Err(SinkError::refused(&self.shown, "a feed part began without its Begin"));
+                }
+            }
+            c.batch_execute("BEGIN").await.map_err(self.fail("starting a transaction"))?;
+            let result = async {
+                let (n, end) = self.copy_rows(&c, def, &copy_sql, Span::Part, &mut feed).await?;
+                let Piece::End(object) = end else {
+                    return Err(SinkError::FeedAborted);
+                };
+                c.execute(
+                    &format!(
+                        "INSERT INTO {}.\"checkpoints\" (namespace, table_name, job_id, object) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                        ident(OUR_SCHEMA)
+                    ),
+                    &[&def.namespace, &def.name, &job, &object],
+                )
+                .await
+                .map_err(self.fail("recording a checkpoint"))?;
+                Ok(n)
+            }
+            .await;
+            rows += self.end(&mut c, result).await?;
+        }
+    }
+
+    async fn publish(&self, def: &TableDef, delta: &SchemaDelta, bookkeeping: &Bookkeeping) -> Result<(), SinkError> {
+        let mut c = self.pool.get().await?;
+        let live = self.table_exists(&c, &def.namespace, &def.name).await?;
+        let (table, staging, key) = (table_name(def), staging_name(def), ident(&def.key.name));
+        c.batch_execute("BEGIN").await.map_err(self.fail("starting a transaction"))?;
+        let result = async {
+            if live {
+                // Replace the rows, keep the table: views, indexes, user columns and constraints stay.
+                self.apply_delta(&c, def, delta).await?;
+                let columns = column_list(def);
+                c.batch_execute(&format!(
+                    "DELETE FROM {table};
+                     INSERT INTO {table} ({columns}) SELECT {columns} FROM (SELECT DISTINCT ON ({key}) * FROM {staging} ORDER BY {key}, ctid DESC) latest;
+                     DROP TABLE {staging}"
+                ))
+                .await
+                .map_err(self.fail(&format!("replacing the rows of {}", def.name)))?;
+            } else {
+                let pk = ident(&format!("pk_{}", def.name));
+                let add_key = format!("ALTER TABLE {staging} ADD CONSTRAINT {pk} PRIMARY KEY ({key})");
+                c.batch_execute(&format!("SAVEPOINT before_key; {add_key}")).await.or_else(|e| {
+                    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                        Ok(()) // repeated keys (web_logs): handled below, the later row wins
+                    } else {
+                        Err(database_error(&self.shown, &format!("adding the primary key of {}", def.name), e))
+                    }
+                })?;
+                let keyed: bool = c
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND contype = 'p')",
+                        &[&staging],
+                    )
+                    .await
+                    .map_err(self.fail("reading the catalog"))?
+                    .get(0);
+                if !keyed {
+                    c.batch_execute(&format!(
+                        "ROLLBACK TO SAVEPOINT before_key;
+                         DELETE FROM {staging} a USING {staging} b WHERE a.{key} = b.{key} AND a.ctid < b.ctid;
+                         {add_key}"
+                    ))
+                    .await
+                    .map_err(self.fail(&format!("removing repeated keys of {}", def.name)))?;
+                }
+                let mut sql = vec![
+                    format!("ALTER TABLE {staging} SET SCHEMA {}", ident(&def.namespace)),
+                    format!(
+                        "ALTER TABLE {}.{} RENAME TO {}",
+                        ident(&def.namespace),
+                        ident(&staging_table(def)),
+                        ident(&def.name)
+                    ),
+                ];
+                sql.extend(comment_statements(def, &table));
+                c.batch_execute(&sql.join(";\n")).await.map_err(self.fail(&format!("publishing {}", def.name)))?;
+            }
+            c.execute(
+                &format!("DELETE FROM {}.\"checkpoints\" WHERE namespace = $1 AND table_name = $2", ident(OUR_SCHEMA)),
+                &[&def.namespace, &def.name],
+            )
+            .await
+            .map_err(self.fail("clearing checkpoints"))?;
+            self.write_bookkeeping(&c, bookkeeping).await
+        }
+        .await;
+        self.end(&mut c, result).await
+    }
+
+    async fn apply_changes(
+        &self,
+        def: &TableDef,
+        delta: &SchemaDelta,
+        mut feed: Feed,
+        bookkeeping: &Bookkeeping,
+    ) -> Result<u64, SinkError> {
+        let mut c = self.pool.get().await?;
+        self.ensure_types(&c, def).await?;
+        let (table, key) = (table_name(def), ident(&def.key.name));
+        c.batch_execute("BEGIN").await.map_err(self.fail("starting a transaction"))?;
+        let result = async {
+            self.apply_delta(&c, def, delta).await?;
+            let columns: Vec<String> =
+                def.columns().map(|col| format!("{} {}", ident(&col.name), column_type(def, col))).collect();
+            c.batch_execute(&format!(
+                "CREATE TEMP TABLE \"_dap_changes\" (\"_dap_seq\" bigserial, \"_dap_action\" char(1) NOT NULL, {}) ON COMMIT DROP",
+                columns.join(", ")
+            ))
+            .await
+            .map_err(self.fail("creating a temporary table"))?;
+            let copy_sql = format!("COPY \"_dap_changes\" (\"_dap_action\", {}) FROM STDIN", column_list(def));
+            let (rows, _) = self.copy_rows(&c, def, &copy_sql, Span::Feed, &mut feed).await?;
+            self.merge(&c, def, &table, &key).await?;
+            self.write_bookkeeping(&c, bookkeeping).await?;
+            Ok(rows)
+        }
+        .await;
+        self.end(&mut c, result).await
+    }
+
+    async fn drop_table(&self, namespace: &str, table: &str) -> Result<bool, SinkError> {
+        let mut c = self.pool.get().await?;
+        c.batch_execute("BEGIN").await.map_err(self.fail("starting a transaction"))?;
+        let result = async {
+            let removed = c
+                .execute(
+                    &format!(
+                        "DELETE FROM {}.\"table_sync\" WHERE source_namespace = $1 AND source_table = $2",
+                        ident(BOOKKEEPING_SCHEMA)
+                    ),
+                    &[&namespace, &table],
+                )
+                .await
+                .map_err(self.fail("removing the bookkeeping row"))?;
+            if removed > 0 {
+                c.batch_execute(&format!("DROP TABLE IF EXISTS {}.{}", ident(namespace), ident(table)))
+                    .await
+                    .map_err(self.fail(&format!("dropping {namespace}.{table}")))?;
+            }
+            Ok(removed > 0)
+        }
+        .await;
+        self.end(&mut c, result).await
+    }
+}
+
+impl PostgresSink {
+    /// Applies the staged changes: the latest record per key wins; upserts of whole rows (the
+    /// schema's columns; a user's own columns keep their values), then deletes by join.
+    async fn merge(&self, c: &Client, def: &TableDef, table: &str, key: &str) -> Result<(), SinkError> {
+        let columns = column_list(def);
+        let updates: Vec<String> = def.values.iter().map(|v| format!("{0} = EXCLUDED.{0}", ident(&v.name))).collect();
+        let on_conflict =
+            if updates.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
+        let latest = format!("SELECT DISTINCT ON ({key}) * FROM \"_dap_changes\" ORDER BY {key}, \"_dap_seq\" DESC");
+        c.batch_execute(&format!(
+            "INSERT INTO {table} ({columns}) SELECT {columns} FROM ({latest}) latest WHERE \"_dap_action\" = 'U' ON CONFLICT ({key}) {on_conflict};
+             DELETE FROM {table} t USING ({latest}) latest WHERE latest.\"_dap_action\" = 'D' AND t.{key} = latest.{key}"
+        ))
+        .await
+        .map_err(self.fail(&format!("applying the changes to {}", def.name)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn copy_text_escapes_and_arrays() {
+        let mut out = Vec::new();
+        copy_escape("a\tb\nc\\d\re", &mut out);
+        assert_eq!(out, b"a\\tb\\nc\\\\d\\re");
+        assert_eq!(array_literal(&[json!("b\"q"), json!("x\\y"), json!(null), json!(3)]), r#"{"b\"q","x\\y",NULL,3}"#);
+        let mut out = Vec::new();
+        encode(&Value::Timestamp(-62_135_596_800_000_000), &ColumnType::Timestamp, &mut out);
+        assert_eq!(out, b"0001-01-01 00:00:00.000000");
+    }
+
+    #[test]
+    fn comments_use_escape_strings_for_control_characters() {
+        assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(literal("a\n\nb \\ c"), "E'a\\n\\nb \\\\ c'");
+    }
+}

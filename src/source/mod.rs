@@ -1,0 +1,91 @@
+//! Sources of replicated tables. A source yields, per table, a schema and either a snapshot or
+//! the changes since a watermark (or says a new snapshot is needed), and reads their parts into a
+//! [`Feed`] of typed records. DAP is one source ([`dap`]); the local mirror, for outward
+//! replication, is the other.
+
+pub mod dap;
+
+use std::path::PathBuf;
+
+use tokio::task::JoinHandle;
+
+use crate::api::ApiError;
+use crate::decode::DecodeError;
+use crate::fetch::FetchError;
+use crate::schema::{SchemaError, TableDef};
+use crate::sink::Feed;
+use crate::tables::Fatal;
+use crate::time::Micros;
+
+/// A table's schema as the source serves it.
+#[derive(Debug, Clone)]
+pub struct Schema {
+    pub def: TableDef,
+    /// The schema as the bookkeeping table stores it: compact JSON without `meta`.
+    pub description: String,
+}
+
+/// A snapshot or a set of changes, ready to read.
+#[derive(Debug, Clone)]
+pub struct Extract {
+    /// The job (or mirror epoch) that produced it: an interrupted initdb of the same extract
+    /// resumes after the parts it loaded.
+    pub id: String,
+    /// The snapshot's `at`, or the changes' `until`: the watermark once the extract is applied.
+    pub watermark: Micros,
+    pub parts: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("{table}: object {object}: {source}; the table keeps its previous state")]
+    Decode { table: String, object: String, source: DecodeError },
+    #[error("{table}: object {object} is corrupt or incomplete ({detail}); the table keeps its previous state")]
+    CorruptObject { table: String, object: String, detail: String },
+    #[error("{table}: cannot use {}: {source}", path.display())]
+    Io { table: String, path: PathBuf, source: std::io::Error },
+    /// The source cannot give changes since the watermark (DAP: snapshot required, out of range).
+    #[error("the source needs a new snapshot ({reason})")]
+    SnapshotRequired { reason: String },
+    #[error("the job reported no `{what}`")]
+    MissingTime { what: &'static str },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Fatal for SourceError {
+    fn is_fatal(&self) -> bool {
+        match self {
+            SourceError::Api(e) | SourceError::Fetch(FetchError::Api(e)) => e.is_fatal(),
+            _ => false,
+        }
+    }
+}
+
+/// A feed being read, and the task reading it: its result names the source's failure when the
+/// feed stops early.
+pub struct Reading {
+    pub feed: Feed,
+    pub task: JoinHandle<Result<u64, SourceError>>,
+}
+
+/// Where replicated tables come from.
+#[async_trait::async_trait]
+pub trait Source: Send + Sync {
+    /// The tables of a namespace.
+    async fn tables(&self, namespace: &str) -> Result<Vec<String>, SourceError>;
+    /// A table's current schema.
+    async fn schema(&self, namespace: &str, table: &str) -> Result<Schema, SourceError>;
+    /// A snapshot of the table.
+    async fn snapshot(&self, def: &TableDef) -> Result<Extract, SourceError>;
+    /// The changes since `watermark`, or [`SourceError::SnapshotRequired`].
+    async fn changes(&self, def: &TableDef, watermark: Micros) -> Result<Extract, SourceError>;
+    /// Reads `parts` of `extract` in order into a feed: `Begin`, rows, `End` per part, then `Done`.
+    fn read(&self, def: &TableDef, extract: &Extract, parts: Vec<String>) -> Reading;
+}
