@@ -2,6 +2,7 @@
 //! command over the library.
 
 mod db;
+mod ddl;
 mod demo;
 mod emulator;
 mod export;
@@ -97,6 +98,8 @@ pub enum Command {
     Dropdb(db::DbArgs),
     /// List the server's tables with their replication state.
     Listdb(db::ListDbArgs),
+    /// Print the DDL initdb runs on an empty database (to review or provision it beforehand).
+    Ddl(ddl::DdlArgs),
     /// Show the mirror: rows, schema version, watermark, staleness and last result per table.
     Status(db::StatusArgs),
     /// Try everything offline: a local emulator, a demo mirror, a sync, a query.
@@ -136,6 +139,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dropdb(args) => db::drop(args).await,
         Command::Listdb(args) => db::listdb(&ctx, args).await,
         Command::Status(args) => db::status(args).await,
+        Command::Ddl(args) => ddl::run(&ctx, args).await,
         Command::Demo(args) => demo::run(&ctx, args).await,
         Command::Emulator(args) => emulator::run(args).await,
     }

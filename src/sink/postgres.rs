@@ -844,8 +844,78 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// The DDL of a delta, in the transaction that applies it.
+    /// The DDL of a delta, in the transaction that applies it. PostgreSQL refuses to change the
+    /// type of a column a view uses, so the views on the table (and on those views) are set
+    /// aside around type changes and recreated as they were, in the same transaction.
     async fn apply_delta(&self, c: &Client, def: &TableDef, delta: &SchemaDelta) -> Result<(), SinkError> {
+        let retypes = delta.changes.iter().any(|ch| match ch {
+            Change::Widen { column, from } => {
+                column_type(def, &Column { ty: from.clone(), ..column.clone() }) != column_type(def, column)
+            }
+            Change::Retype { .. } => true,
+            _ => false,
+        });
+        let views = if retypes { self.set_views_aside(c, def).await? } else { Vec::new() };
+        self.delta_statements(c, def, delta).await?;
+        for sql in views {
+            c.batch_execute(&sql).await.map_err(self.fail(&format!("recreating a view on {}", def.name)))?;
+        }
+        Ok(())
+    }
+
+    /// Drops the views that depend on the table (directly or through other views) and returns
+    /// the statements that recreate them, with their comments and grants, in dependency order.
+    async fn set_views_aside(&self, c: &Client, def: &TableDef) -> Result<Vec<String>, SinkError> {
+        let rows = c
+            .query(
+                "WITH RECURSIVE deps(oid, depth) AS (
+                   SELECT DISTINCT r.ev_class, 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+                   WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = to_regclass($1) AND r.ev_class <> d.refobjid
+                   UNION
+                   SELECT DISTINCT r.ev_class, deps.depth + 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+                   JOIN deps ON d.refobjid = deps.oid
+                   WHERE d.classid = 'pg_rewrite'::regclass AND r.ev_class <> deps.oid AND deps.depth < 50)
+                 SELECT format('%I.%I', n.nspname, v.relname), v.relkind::text, pg_get_viewdef(v.oid),
+                        obj_description(v.oid, 'pg_class'), array_to_string(v.reloptions, ', '), max(deps.depth)
+                 FROM deps JOIN pg_class v ON v.oid = deps.oid JOIN pg_namespace n ON n.oid = v.relnamespace
+                 GROUP BY 1, 2, 3, 4, 5 ORDER BY max(deps.depth)",
+                &[&table_name(def)],
+            )
+            .await
+            .map_err(self.fail("reading the views on the table"))?;
+        let mut recreate = Vec::new();
+        for r in &rows {
+            let (name, kind, body): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            let (comment, options): (Option<String>, Option<String>) = (r.get(3), r.get(4));
+            let materialized = kind == "m";
+            let with = options.filter(|o| !o.is_empty()).map(|o| format!(" WITH ({o})")).unwrap_or_default();
+            let what = if materialized { "MATERIALIZED VIEW" } else { "VIEW" };
+            recreate.push(format!("CREATE {what} {name}{with} AS {}", body.trim_end_matches(';')));
+            if let Some(text) = comment {
+                recreate.push(format!("COMMENT ON {what} {name} IS {}", literal(&text)));
+            }
+            let grants = c
+                .query(
+                    "SELECT DISTINCT format('GRANT %s ON %s TO %I', privilege_type, $1::text, grantee)
+                     FROM information_schema.role_table_grants
+                     WHERE format('%I.%I', table_schema, table_name) = $1 AND grantee <> current_user",
+                    &[&name],
+                )
+                .await
+                .map_err(self.fail("reading the grants of a view"))?;
+            recreate.extend(grants.iter().map(|g| g.get::<_, String>(0)));
+        }
+        for r in rows.iter().rev() {
+            let (name, kind): (String, String) = (r.get(0), r.get(1));
+            let what = if kind == "m" { "MATERIALIZED VIEW" } else { "VIEW" };
+            c.batch_execute(&format!("DROP {what} {name}"))
+                .await
+                .map_err(self.fail(&format!("setting view {name} aside")))?;
+        }
+        Ok(recreate)
+    }
+
+    async fn delta_statements(&self, c: &Client, def: &TableDef, delta: &SchemaDelta) -> Result<(), SinkError> {
         let table = table_name(def);
         for change in &delta.changes {
             let sql = match change {
@@ -1042,29 +1112,19 @@ impl Sink for PostgresSink {
             } else {
                 let pk = ident(&format!("pk_{}", def.name));
                 let add_key = format!("ALTER TABLE {staging} ADD CONSTRAINT {pk} PRIMARY KEY ({key})");
-                c.batch_execute(&format!("SAVEPOINT before_key; {add_key}")).await.or_else(|e| {
-                    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-                        Ok(()) // repeated keys (web_logs): handled below, the later row wins
-                    } else {
-                        Err(database_error(&self.shown, &format!("adding the primary key of {}", def.name), e))
+                match c.batch_execute(&format!("SAVEPOINT before_key; {add_key}")).await {
+                    Ok(()) => {}
+                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                        // Repeated keys (web_logs is delivered at least once): the later row wins.
+                        c.batch_execute(&format!(
+                            "ROLLBACK TO SAVEPOINT before_key;
+                             DELETE FROM {staging} a USING {staging} b WHERE a.{key} = b.{key} AND a.ctid < b.ctid;
+                             {add_key}"
+                        ))
+                        .await
+                        .map_err(self.fail(&format!("removing repeated keys of {}", def.name)))?;
                     }
-                })?;
-                let keyed: bool = c
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND contype = 'p')",
-                        &[&staging],
-                    )
-                    .await
-                    .map_err(self.fail("reading the catalog"))?
-                    .get(0);
-                if !keyed {
-                    c.batch_execute(&format!(
-                        "ROLLBACK TO SAVEPOINT before_key;
-                         DELETE FROM {staging} a USING {staging} b WHERE a.{key} = b.{key} AND a.ctid < b.ctid;
-                         {add_key}"
-                    ))
-                    .await
-                    .map_err(self.fail(&format!("removing repeated keys of {}", def.name)))?;
+                    Err(e) => return Err(database_error(&self.shown, &format!("adding the primary key of {}", def.name), e)),
                 }
                 let mut sql = vec![
                     format!("ALTER TABLE {staging} SET SCHEMA {}", ident(&def.namespace)),

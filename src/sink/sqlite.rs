@@ -92,6 +92,38 @@ fn to_sql(v: &Value) -> Sql {
     }
 }
 
+fn column_sql(c: &crate::schema::Column) -> String {
+    format!("{} {}{}", quote(&c.name), sql_type(&c.ty), if c.required { " NOT NULL" } else { "" })
+}
+
+fn create_table_sql(name: &str, def: &TableDef) -> String {
+    let columns: Vec<String> = def.columns().map(column_sql).collect();
+    format!("CREATE TABLE {} ({}, PRIMARY KEY ({}))", quote(name), columns.join(", "), quote(&def.key.name))
+}
+
+/// The mirror's bookkeeping tables (created when missing).
+pub fn bookkeeping_statements() -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {BOOKKEEPING} (
+               id INTEGER PRIMARY KEY, source_namespace TEXT NOT NULL, source_table TEXT NOT NULL,
+               timestamp TEXT NOT NULL, schema_version INTEGER NOT NULL, target_schema TEXT,
+               target_table TEXT NOT NULL, schema_description_format TEXT NOT NULL, schema_description TEXT NOT NULL,
+               UNIQUE (source_namespace, source_table))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {CHECKPOINTS} (
+               source_namespace TEXT NOT NULL, source_table TEXT NOT NULL, job_id TEXT NOT NULL, object TEXT NOT NULL,
+               PRIMARY KEY (source_namespace, source_table, object))"
+        ),
+    ]
+}
+
+/// The DDL initdb runs for a table in an empty mirror file.
+pub fn table_statements(def: &TableDef) -> Vec<String> {
+    vec![create_table_sql(&def.name, def)]
+}
+
 impl SqliteSink {
     /// Opens the mirror file at `path`. A write access creates it (and its folder) when missing
     /// and takes its writer lock; a read access never creates anything.
@@ -121,17 +153,10 @@ impl SqliteSink {
         conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
             .map_err(|e| fail("reading the database", e))?;
         if access == Access::Write {
-            conn.execute_batch(&format!(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA legacy_alter_table = ON;
-                 CREATE TABLE IF NOT EXISTS {BOOKKEEPING} (
-                   id INTEGER PRIMARY KEY, source_namespace TEXT NOT NULL, source_table TEXT NOT NULL,
-                   timestamp TEXT NOT NULL, schema_version INTEGER NOT NULL, target_schema TEXT,
-                   target_table TEXT NOT NULL, schema_description_format TEXT NOT NULL, schema_description TEXT NOT NULL,
-                   UNIQUE (source_namespace, source_table));
-                 CREATE TABLE IF NOT EXISTS {CHECKPOINTS} (
-                   source_namespace TEXT NOT NULL, source_table TEXT NOT NULL, job_id TEXT NOT NULL, object TEXT NOT NULL,
-                   PRIMARY KEY (source_namespace, source_table, object));"
-            ))
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA legacy_alter_table = ON;",
+            )
+            .and_then(|()| conn.execute_batch(&bookkeeping_statements().join(";\n")))
             .map_err(|e| fail("preparing the bookkeeping tables", e))?;
         }
         Ok(SqliteSink {
@@ -193,15 +218,8 @@ impl Writer {
             .map_err(|e| self.fail("reading the schema", e))
     }
 
-    fn column_sql(c: &crate::schema::Column) -> String {
-        format!("{} {}{}", quote(&c.name), sql_type(&c.ty), if c.required { " NOT NULL" } else { "" })
-    }
-
     fn create_table(&self, name: &str, def: &TableDef) -> Result<(), SinkError> {
-        let columns: Vec<String> = def.columns().map(Self::column_sql).collect();
-        let sql =
-            format!("CREATE TABLE {} ({}, PRIMARY KEY ({}))", quote(name), columns.join(", "), quote(&def.key.name));
-        self.conn.execute_batch(&sql).map_err(|e| self.fail(&format!("creating {name}"), e))
+        self.conn.execute_batch(&create_table_sql(name, def)).map_err(|e| self.fail(&format!("creating {name}"), e))
     }
 
     /// `INSERT … ON CONFLICT DO UPDATE` of every column: whole-row upserts.
@@ -286,7 +304,7 @@ impl Writer {
     fn rebuild(&self, def: &TableDef) -> Result<(), SinkError> {
         let existing = self.column_types(&def.name)?;
         let temp = format!("_dap_rebuild__{}", def.name);
-        let mut columns: Vec<String> = def.columns().map(Self::column_sql).collect();
+        let mut columns: Vec<String> = def.columns().map(column_sql).collect();
         columns.extend(
             existing
                 .iter()

@@ -2,6 +2,7 @@
 //! and row-by-row comparison with the emulator's ground truth.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod targets;
 pub mod truth;
 
 use std::path::{Path, PathBuf};
