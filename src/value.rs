@@ -84,8 +84,11 @@ impl Value {
 
     /// The typed-JSON form used for ground truth and comparisons: floats that JSON cannot hold
     /// become the strings `NaN`, `Infinity`, `-Infinity`; decimals are exact strings;
-    /// timestamps, dates, UUIDs and IPs are their canonical text.
+    /// timestamps, dates, UUIDs and IPs are their canonical text. Dates and times are written by
+    /// chrono here, not by the encoders' own formatting in [`crate::time`], so that the truth does
+    /// not share a bug with the code it checks.
     pub fn to_typed_json(&self) -> serde_json::Value {
+        use chrono::{DateTime, NaiveDate, NaiveTime, SecondsFormat};
         use serde_json::Value as J;
         match self {
             Value::Null => J::Null,
@@ -93,6 +96,21 @@ impl Value {
             Value::Int(i) => J::from(*i),
             Value::Float(f) if f.is_finite() => J::from(*f),
             Value::Json(j) => j.clone(),
+            Value::Timestamp(us) => J::String(
+                DateTime::from_timestamp_micros(*us)
+                    .map(|t| t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+                    .unwrap_or_else(|| format!("out of range: {us} µs")),
+            ),
+            Value::Date(days) => J::String(
+                NaiveDate::from_num_days_from_ce_opt(days + 719_163)
+                    .map(|d| d.format("%Y-%m-%d").to_string())
+                    .unwrap_or_else(|| format!("out of range: day {days}")),
+            ),
+            Value::Time(us) => J::String(
+                NaiveTime::from_num_seconds_from_midnight_opt((us / 1_000_000) as u32, (us % 1_000_000 * 1000) as u32)
+                    .map(|t| t.format("%H:%M:%S%.f").to_string())
+                    .unwrap_or_else(|| format!("out of range: {us} µs")),
+            ),
             other => J::String(other.to_text().unwrap_or_default()),
         }
     }
