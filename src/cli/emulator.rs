@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::emulator::{
-    CsvNull, DEFAULT_ANCHOR, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, EmulatorConfig, Mode,
+    CsvNull, DEFAULT_ANCHOR, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, EmulatorConfig, Mode, SchemaChange,
 };
 use crate::time;
 
@@ -70,6 +70,27 @@ pub struct EmulatorArgs {
     /// Refuse incrementals with `since` older than this many days (out of range).
     #[arg(long)]
     retention_days: Option<u64>,
+    /// Serve a table at a newer schema version from the start, as `namespace.table=CHANGE`
+    /// (repeatable; rows already there keep the old schema's values). CHANGE is one of
+    /// add-column, widen-max-length, add-enum-value, make-optional, add-nested-member,
+    /// widen-integer, widen-decimal (and, for tests, make-required, narrow-max-length).
+    #[arg(long = "schema-change", value_name = "NS.TABLE=CHANGE", value_parser = parse_schema_change)]
+    schema_changes: Vec<(String, String, SchemaChange)>,
+    /// Add a table to a namespace's list, as `namespace.table` (repeatable).
+    #[arg(long = "add-table", value_name = "NS.TABLE", value_parser = parse_qualified)]
+    add_tables: Vec<(String, String)>,
+}
+
+fn parse_qualified(s: &str) -> Result<(String, String), String> {
+    let (ns, table) = s.split_once('.').ok_or("expected namespace.table, e.g. canvas.accounts")?;
+    Ok((ns.to_string(), table.to_string()))
+}
+
+fn parse_schema_change(s: &str) -> Result<(String, String, SchemaChange), String> {
+    let (qualified, change) = s.split_once('=').ok_or("expected namespace.table=CHANGE")?;
+    let (ns, table) = parse_qualified(qualified)?;
+    let change = <SchemaChange as clap::ValueEnum>::from_str(change, true)?;
+    Ok((ns, table, change))
 }
 
 fn parse_table_rows(s: &str) -> Result<(String, u64), String> {
@@ -107,6 +128,14 @@ impl EmulatorArgs {
 pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
     let config = args.config();
     let emulator = Emulator::start(config).await.context("starting the DAP emulator")?;
+    for (ns, table) in &args.add_tables {
+        emulator.add_table(ns, table, args.rows).with_context(|| format!("--add-table {ns}.{table}"))?;
+    }
+    for (ns, table, change) in &args.schema_changes {
+        let (version, column) =
+            emulator.evolve(ns, table, *change).with_context(|| format!("--schema-change {ns}.{table}"))?;
+        println!("{ns}.{table} is at schema version {version} ({change:?} on {column})");
+    }
     let c = emulator.config();
     println!("DAP emulator serving on {}", emulator.base_url());
     println!("  export DAP_API_URL={}", emulator.base_url());

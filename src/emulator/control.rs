@@ -23,6 +23,7 @@ pub(crate) fn routes() -> Router<Shared> {
     Router::new()
         .route("/emulator/commit", post(commit))
         .route("/emulator/schema", post(evolve))
+        .route("/emulator/tables", post(add_table))
         .route("/emulator/faults", post(add_fault).delete(clear_faults))
         .route("/emulator/truth/{ns}/{table}", get(truth))
         .route("/emulator/stats", get(stats))
@@ -62,6 +63,25 @@ struct SchemaRequest {
 async fn evolve(AxState(state): AxState<Shared>, Json(req): Json<SchemaRequest>) -> Response {
     match state.evolve(&req.namespace, &req.table, req.change) {
         Ok((version, column)) => Json(json!({"version": version, "column": column})).into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct AddTableRequest {
+    namespace: String,
+    table: String,
+    #[serde(default = "default_new_table_rows")]
+    rows: u64,
+}
+
+fn default_new_table_rows() -> u64 {
+    20
+}
+
+async fn add_table(AxState(state): AxState<Shared>, Json(req): Json<AddTableRequest>) -> Response {
+    match state.add_table(&req.namespace, &req.table, req.rows) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => failure(e),
     }
 }

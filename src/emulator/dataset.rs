@@ -57,7 +57,9 @@ pub struct Record {
     pub values: Option<Vec<Value>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The schema changes DAP ships or documents (each bumps the table's version; rows written
+/// before it keep their values), and two it must never ship, for the refusal tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum SchemaChange {
     /// A new nullable column at the end.
@@ -66,6 +68,19 @@ pub enum SchemaChange {
     WidenMaxLength,
     /// A new member of the first string enum.
     AddEnumValue,
+    /// The first required value column becomes optional (DAP did this to 40 columns on
+    /// 2026-04-27); later rows hold NULL there.
+    MakeOptional,
+    /// A new member inside the first nested object (e.g. a settings object).
+    AddNestedMember,
+    /// The first int16 or int32 column becomes int64.
+    WidenInteger,
+    /// The first decimal gets two more integer digits.
+    WidenDecimal,
+    /// Unsafe, never shipped: the first optional column becomes required.
+    MakeRequired,
+    /// Unsafe, never shipped: the widest bounded text column gets a quarter of its `maxLength`.
+    NarrowMaxLength,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +91,8 @@ pub enum DatasetError {
     UnknownTable { namespace: String, table: String },
     #[error("table {table} has no column that a {change:?} change applies to")]
     NotApplicable { table: String, change: SchemaChange },
+    #[error("table {namespace}.{table} exists already")]
+    TableExists { namespace: String, table: String },
     #[error(transparent)]
     Schema(#[from] SchemaError),
 }
@@ -203,7 +220,8 @@ impl Dataset {
         let current = state.current();
         let version = current.def.version + 1;
         let mut flat = current.flat.clone();
-        let props = flat["properties"].as_object_mut().expect("flat schema has properties");
+        let mut props_owned = flat["properties"].as_object().cloned().expect("flat schema has properties");
+        let props = &mut props_owned;
         let not_applicable = || DatasetError::NotApplicable { table: format!("{ns}.{table}"), change };
         let column = match change {
             SchemaChange::AddColumn => {
@@ -244,10 +262,109 @@ impl Dataset {
                 node["enum"].as_array_mut().expect("checked").push(json!(format!("added_in_v{version}")));
                 name.clone()
             }
+            SchemaChange::MakeOptional | SchemaChange::MakeRequired => {
+                let key = props.keys().next().cloned().unwrap_or_default();
+                let required: Vec<String> = flat["required"]
+                    .as_array()
+                    .map(|r| r.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                    .unwrap_or_default();
+                let to_required = change == SchemaChange::MakeRequired;
+                let name = props
+                    .keys()
+                    .skip(1)
+                    .find(|n| required.contains(n) != to_required)
+                    .cloned()
+                    .ok_or_else(not_applicable)?;
+                let mut now: Vec<String> = required.into_iter().filter(|r| *r != name).collect();
+                if to_required {
+                    now.push(name.clone());
+                }
+                if !now.contains(&key) {
+                    now.insert(0, key);
+                }
+                flat["required"] = json!(now);
+                name
+            }
+            SchemaChange::AddNestedMember => {
+                let (name, node) = props
+                    .iter_mut()
+                    .skip(1)
+                    .find(|(_, n)| {
+                        n.get("type").and_then(Json::as_str) == Some("object") && n.get("properties").is_some()
+                    })
+                    .ok_or_else(not_applicable)?;
+                node["properties"].as_object_mut().expect("checked").insert(
+                    format!("added_in_v{version}"),
+                    json!({"type": "string", "description": "A member added by a schema change."}),
+                );
+                name.clone()
+            }
+            SchemaChange::WidenInteger => {
+                let (name, node) = props
+                    .iter_mut()
+                    .skip(1)
+                    .find(|(_, n)| {
+                        n.get("type").and_then(Json::as_str) == Some("integer")
+                            && matches!(n.get("format").and_then(Json::as_str), Some("int16" | "int32"))
+                            && n.get("enum").is_none()
+                    })
+                    .ok_or_else(not_applicable)?;
+                node["format"] = json!("int64");
+                name.clone()
+            }
+            SchemaChange::WidenDecimal => {
+                let (name, node) = props
+                    .iter_mut()
+                    .skip(1)
+                    .find(|(_, n)| n.get("multipleOf").is_some() && n.get("exclusiveMaximum").is_some())
+                    .ok_or_else(not_applicable)?;
+                let max = node["exclusiveMaximum"].as_f64().unwrap_or(1000.0) * 100.0;
+                node["exclusiveMaximum"] = json!(max);
+                node["exclusiveMinimum"] = json!(-max);
+                name.clone()
+            }
+            SchemaChange::NarrowMaxLength => {
+                let (name, node) = props
+                    .iter_mut()
+                    .skip(1)
+                    .filter(|(_, n)| n.get("maxLength").is_some())
+                    .max_by_key(|(_, n)| n["maxLength"].as_u64())
+                    .ok_or_else(not_applicable)?;
+                node["maxLength"] = json!((node["maxLength"].as_u64().unwrap_or(16) / 4).max(1));
+                name.clone()
+            }
         };
+        flat["properties"] = Json::Object(props_owned);
         let next = schema_version(ns, table, version, flat)?;
         state.versions.push(next);
         Ok((version, column))
+    }
+
+    /// Adds a table to a namespace's list (DAP adds tables now and then), with `rows` base rows
+    /// inserted now: a small table of an id, a name, a state and a time.
+    pub fn add_table(&mut self, ns: &str, table: &str, rows: u64, now: Micros) -> Result<(), DatasetError> {
+        if self.namespace(ns)?.contains_key(table) {
+            return Err(DatasetError::TableExists { namespace: ns.into(), table: table.into() });
+        }
+        let flat = json!({
+            "type": "object",
+            "title": "A table added to the namespace after the others.",
+            "required": ["id", "name"],
+            "additionalProperties": false,
+            "properties": {
+                "id": {"type": "integer", "format": "int64", "description": "The ID of the row."},
+                "name": {"type": "string", "maxLength": 255, "description": "Its name."},
+                "workflow_state": {"type": "string", "enum": ["__dap_unspecified__", "active", "deleted"], "description": "Its state."},
+                "created_at": {"type": "string", "format": "date-time", "description": "When it was created."},
+            }
+        });
+        let first = schema_version(ns, table, 1, flat)?;
+        let history = History::new(self.generator.table_seed(&first.def), rows, now, 1);
+        self.tables
+            .get_mut(ns)
+            .expect("checked above")
+            .insert(table.to_string(), TableState { versions: vec![first], history });
+        Ok(())
     }
 
     /// The records of `selection` over row indexes `range`, in the layout of schema `version`.
@@ -299,6 +416,9 @@ impl Dataset {
     pub fn row_values(&self, state: &TableState, out: &TableDef, idx: u64, change: Change) -> Vec<Value> {
         let written = &state.version(change.schema_version).def;
         let mut generated = self.generator.row(written, idx, change.revision);
+        if change.schema_version > 1 && idx % 2 == 0 {
+            use_schema_changes(&state.versions[0].def, written, idx, &mut generated);
+        }
         if change.kind == ChangeKind::SoftDelete {
             soft_delete(written, &mut generated);
         }
@@ -322,6 +442,45 @@ impl Dataset {
                 Some((!dup).then(|| typed_row(def, &r)))
             })
             .flatten())
+    }
+}
+
+/// Makes a row written under `written` use what changed since `first`, so that a sync after a
+/// schema change certainly sees it: NULL in a column that became optional, a value of a new
+/// column, the newest enum member, text longer than the old `maxLength`, a number beyond the
+/// old range, the new member of a nested object.
+fn use_schema_changes(first: &TableDef, written: &TableDef, idx: u64, values: &mut [Value]) {
+    use crate::schema::delta::{Change as D, SchemaDelta};
+    let delta = SchemaDelta::for_reload(first, written);
+    for change in &delta.changes {
+        let (name, value) = match change {
+            D::DropNotNull(name) => (name, Value::Null),
+            D::Widen { column, from } => match (&column.ty, from) {
+                (ColumnType::Str { max_length: Some(n), .. }, _) => (&column.name, Value::Str("w".repeat(*n as usize))),
+                (ColumnType::Enum(v), _) => (&column.name, Value::Str(v.last().cloned().unwrap_or_default())),
+                (ColumnType::Int(_), ColumnType::Int(16)) => {
+                    (&column.name, Value::Int(i64::from(i16::MAX) + idx as i64))
+                }
+                (ColumnType::Int(_), _) => (&column.name, Value::Int(i64::from(i32::MAX) + idx as i64)),
+                (ColumnType::Decimal { precision, scale }, _) => {
+                    let mantissa = 10i128.pow(u32::from(*precision)) - 1;
+                    (&column.name, Value::Decimal(crate::value::Decimal { mantissa, scale: *scale }))
+                }
+                (ColumnType::Object(fields), _) => {
+                    let members: Map<String, Json> = fields
+                        .iter()
+                        .filter(|f| matches!(f.ty, ColumnType::Str { max_length: None, .. }))
+                        .map(|f| (f.name.clone(), json!(format!("{} of row {idx}", f.name))))
+                        .collect();
+                    (&column.name, Value::Json(Json::Object(members)))
+                }
+                _ => continue,
+            },
+            _ => continue,
+        };
+        if let Some(i) = written.values.iter().position(|c| &c.name == name) {
+            values[i] = value;
+        }
     }
 }
 

@@ -205,6 +205,13 @@ impl State {
         self.dataset.write().expect("dataset lock").evolve(ns, table, change)
     }
 
+    fn add_table(&self, ns: &str, table: &str, rows: u64) -> Result<(), DatasetError> {
+        let mut d = self.dataset.write().expect("dataset lock");
+        // After every existing commit, so the new table's rows are news to every watermark.
+        let head = d.namespace(ns)?.values().map(|t| t.history.head()).max().unwrap_or(0);
+        d.add_table(ns, table, rows, time::now().max(head + 1))
+    }
+
     fn truth(&self, ns: &str, table: &str) -> Result<Vec<Map<String, Json>>, DatasetError> {
         Ok(self.dataset.read().expect("dataset lock").truth(ns, table)?.collect())
     }
@@ -281,6 +288,11 @@ impl Emulator {
     /// Bumps a table's schema version; returns the new version and the column changed.
     pub fn evolve(&self, ns: &str, table: &str, change: SchemaChange) -> Result<(u32, String), DatasetError> {
         self.state.evolve(ns, table, change)
+    }
+
+    /// Adds a table with `rows` rows to a namespace's list.
+    pub fn add_table(&self, ns: &str, table: &str, rows: u64) -> Result<(), DatasetError> {
+        self.state.add_table(ns, table, rows)
     }
 
     /// The table's current rows as typed JSON objects, in key order.

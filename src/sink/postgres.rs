@@ -591,6 +591,8 @@ impl PostgresSink {
             config.password(p.expose());
         }
         config.connect_timeout(std::time::Duration::from_secs(30));
+        // Notices ("already exists, skipping") are not news to anyone.
+        config.options("-c client_min_messages=warning");
         let tls = match tls_config(url, &shown)? {
             None => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Disable);
@@ -739,13 +741,29 @@ impl PostgresSink {
         .get(0))
     }
 
-    /// Creates the table's schema and enum types when missing, and adds enum values the types
-    /// lack, each committed on its own (PostgreSQL cannot use a new enum value in the
-    /// transaction that added it). Harmless to repeat.
+    /// Creates the schemas (the namespace's, and ours with its checkpoint table) and the
+    /// table's enum types when missing, and adds enum values the types lack, committed before
+    /// any row needs them (PostgreSQL cannot use an enum value in the transaction that added
+    /// it). Tables in flight at once serialise this on an advisory lock, since `IF NOT EXISTS`
+    /// does not keep two sessions from creating the same schema. Harmless to repeat.
     async fn ensure_types(&self, c: &Client, def: &TableDef) -> Result<(), SinkError> {
-        c.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", ident(&def.namespace)))
-            .await
-            .map_err(self.fail(&format!("creating schema {}", def.namespace)))?;
+        c.batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtext('dap_replica ddl'));
+             CREATE SCHEMA IF NOT EXISTS {ns};
+             CREATE SCHEMA IF NOT EXISTS {ours};
+             CREATE TABLE IF NOT EXISTS {ours}.\"checkpoints\" (namespace text NOT NULL, table_name text NOT NULL, job_id text NOT NULL, object text NOT NULL, PRIMARY KEY (namespace, table_name, object))",
+            ns = ident(&def.namespace),
+            ours = ident(OUR_SCHEMA)
+        ))
+        .await
+        .map_err(self.fail(&format!("creating schema {}", def.namespace)))?;
+        let created = self.ensure_enum_types(c, def).await;
+        let ended = c.batch_execute(if created.is_ok() { "COMMIT" } else { "ROLLBACK" }).await;
+        created?;
+        ended.map_err(self.fail("committing the enum types"))
+    }
+
+    async fn ensure_enum_types(&self, c: &Client, def: &TableDef) -> Result<(), SinkError> {
         for e in layout::enum_types(def) {
             let existing: Vec<String> = c
                 .query(
@@ -948,16 +966,12 @@ impl PostgresSink {
                 }
             };
             c.batch_execute(&sql).await.map_err(|e| {
-                if e.code() == Some(&SqlState::NOT_NULL_VIOLATION) {
+                if let (Some(&SqlState::NOT_NULL_VIOLATION), Change::SetNotNull(name)) = (e.code(), change) {
                     SinkError::refused(
                         &self.shown,
                         format!(
-                            "{}.{}: a column became required, but rows hold NULL there ({}); nothing was changed. Re-snapshot the table with `dap initdb --replace --namespace {} --table {}`",
-                            def.namespace,
-                            def.name,
-                            message_of(&e),
-                            def.namespace,
-                            def.name
+                            "{}.{}: column {name} became required, but rows hold NULL there; nothing was changed. Re-snapshot the table with `dap initdb --replace --namespace {} --table {}`",
+                            def.namespace, def.name, def.namespace, def.name
                         ),
                     )
                 } else {
@@ -1011,12 +1025,6 @@ impl Sink for PostgresSink {
 
     async fn stage(&self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError> {
         let mut c = self.pool.get().await?;
-        c.batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {0}; CREATE TABLE IF NOT EXISTS {0}.\"checkpoints\" (namespace text NOT NULL, table_name text NOT NULL, job_id text NOT NULL, object text NOT NULL, PRIMARY KEY (namespace, table_name, object))",
-            ident(OUR_SCHEMA)
-        ))
-        .await
-        .map_err(self.fail("creating the dap_replica schema"))?;
         self.ensure_types(&c, def).await?;
         let done: Vec<(String, String)> = c
             .query(
