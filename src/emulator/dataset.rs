@@ -416,7 +416,7 @@ impl Dataset {
     pub fn row_values(&self, state: &TableState, out: &TableDef, idx: u64, change: Change) -> Vec<Value> {
         let written = &state.version(change.schema_version).def;
         let mut generated = self.generator.row(written, idx, change.revision);
-        if change.schema_version > 1 && idx % 2 == 0 {
+        if change.schema_version > 1 && idx.is_multiple_of(2) {
             use_schema_changes(&state.versions[0].def, written, idx, &mut generated);
         }
         if change.kind == ChangeKind::SoftDelete {
