@@ -1,5 +1,5 @@
-//! JSON written byte for byte as Python's `json.dump(obj, f, indent=4)` writes it (what the
-//! official client does with schema files): every character outside printable ASCII escaped as
+//! JSON written byte for byte as Python's `json.dump(obj, f, indent=N)` writes it (what the
+//! official client does with schema files and `listdb`): every character outside printable ASCII escaped as
 //! `\uXXXX` (surrogate pairs beyond the BMP), floats in Python's `repr` form, 4-space indents.
 
 use std::io::{self, Write};
@@ -9,20 +9,26 @@ use serde_json::ser::{CharEscape, Formatter, PrettyFormatter};
 
 /// `value` as Python's `json.dumps(value, indent=4)` text (ensure_ascii, no trailing newline).
 pub fn to_vec_indent4<T: Serialize>(value: &T) -> serde_json::Result<Vec<u8>> {
+    to_vec(value, b"    ")
+}
+
+/// `value` as Python's `json.dumps(value, indent=2)` text.
+pub fn to_string_indent2<T: Serialize>(value: &T) -> serde_json::Result<String> {
+    Ok(String::from_utf8(to_vec(value, b"  ")?).expect("ensure_ascii output is ASCII"))
+}
+
+fn to_vec<T: Serialize>(value: &T, indent: &'static [u8]) -> serde_json::Result<Vec<u8>> {
     let mut out = Vec::new();
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter::new());
+    let mut ser = serde_json::Serializer::with_formatter(
+        &mut out,
+        PythonFormatter { pretty: PrettyFormatter::with_indent(indent) },
+    );
     value.serialize(&mut ser)?;
     Ok(out)
 }
 
 struct PythonFormatter {
     pretty: PrettyFormatter<'static>,
-}
-
-impl PythonFormatter {
-    fn new() -> PythonFormatter {
-        PythonFormatter { pretty: PrettyFormatter::with_indent(b"    ") }
-    }
 }
 
 /// Python's `float.__repr__`: the shortest digits that round-trip, in fixed notation for

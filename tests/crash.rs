@@ -3,40 +3,25 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::targets::{TestTarget, backends};
 use common::*;
 use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig};
 use serde_json::{Map, Value};
 
 const TABLES: &[&str] = &["users", "accounts", "courses", "enrollments"];
 
-/// Typed rows of a mirrored table (or None if it is absent), keyed for comparison.
-fn rows(db: &Path, table: &str) -> Option<Vec<String>> {
-    let conn = rusqlite::Connection::open(db).ok()?;
-    let exists: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1", [table], |r| r.get(0))
-        .ok()?;
-    if exists == 0 {
+/// `id:workflow_state` of every row of a table, in key order, or None if it is absent.
+async fn rows(t: &TestTarget, table: &str) -> Option<Vec<String>> {
+    if !t.has_table("canvas", table).await {
         return None;
     }
-    let mut stmt = conn.prepare(&format!("SELECT id, workflow_state FROM \"{table}\" ORDER BY id")).unwrap();
-    Some(
-        stmt.query_map([], |r| Ok(format!("{}:{:?}", r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect(),
-    )
-}
-
-fn initialised(db: &Path, table: &str) -> bool {
-    let Ok(conn) = rusqlite::Connection::open(db) else { return false };
-    conn.query_row("SELECT count(*) FROM instructure_dap__table_sync WHERE source_table = ?1", [table], |r| {
-        r.get::<_, i64>(0)
-    })
-    .map(|n| n > 0)
-    .unwrap_or(false)
+    let sql = format!(
+        "SELECT CAST(id AS TEXT) || ':' || COALESCE(CAST(workflow_state AS TEXT), '-') FROM {} ORDER BY id",
+        t.table("canvas", table)
+    );
+    Some(t.column(&sql).await.into_iter().map(Option::unwrap).collect())
 }
 
 fn truth(emu: &Emulator, table: &str) -> Vec<String> {
@@ -45,7 +30,7 @@ fn truth(emu: &Emulator, table: &str) -> Vec<String> {
         .unwrap()
         .iter()
         .map(|r: &Map<String, Value>| {
-            (r["id"].as_i64().unwrap(), format!("{}:{:?}", r["id"], r["workflow_state"].as_str()))
+            (r["id"].as_i64().unwrap(), format!("{}:{}", r["id"], r["workflow_state"].as_str().unwrap_or("-")))
         })
         .collect();
     t.sort();
@@ -92,57 +77,64 @@ async fn run_and_kill(emu: &Emulator, url: &str, after: Duration) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge() {
-    let emu = emulator(EmulatorConfig { rows: 3000, part_rows: 250, ..EmulatorConfig::default() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("canvas.db");
-    let url = format!("sqlite://{}", db.display());
+    for backend in backends() {
+        let emu = emulator(EmulatorConfig { rows: 3000, part_rows: 250, ..EmulatorConfig::default() }).await;
+        let t = TestTarget::fresh(backend, "crash").await;
+        let probe = TestTarget::fresh(backend, "crash_probe").await;
 
-    // How long an uninterrupted initdb takes here, to spread the kill points over it.
-    let probe = dir.path().join("probe.db");
-    let started = Instant::now();
-    let out = command(&emu, &format!("sqlite://{}", probe.display())).output().await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let span = started.elapsed();
-    emu.expire_jobs();
+        // How long an uninterrupted initdb takes here, to spread the kill points over it.
+        let started = Instant::now();
+        let out = command(&emu, &probe.url).output().await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let span = started.elapsed();
+        emu.expire_jobs();
 
-    let mut rng = fastrand::Rng::with_seed(20261122);
-    let mut resumed = 0;
-    for phase in ["initdb", "syncdb"] {
-        if phase == "syncdb" {
-            for t in TABLES {
-                emu.commit(
-                    "canvas",
-                    t,
-                    ChangeCounts { inserts: 300, updates: 300, soft_deletes: 50, hard_deletes: 50 },
-                )
-                .unwrap();
-            }
-        }
-        let before: Vec<Option<Vec<String>>> = TABLES.iter().map(|t| rows(&db, t)).collect();
-        for kill in 0..12 {
-            let after = span.mul_f64(rng.f64() * 1.1);
-            let stderr = run_and_kill(&emu, &url, after).await;
-            resumed += stderr.matches("resuming job").count();
-            for (t, old) in TABLES.iter().zip(&before) {
-                let now = rows(&db, t);
-                assert_eq!(
-                    now.is_some(),
-                    initialised(&db, t),
-                    "{phase} kill {kill} at {after:?}: {t} exists exactly when it is initialised"
-                );
-                if let Some(now) = now {
-                    assert!(
-                        Some(&now) == old.as_ref() || now == truth(&emu, t),
-                        "{phase} kill {kill} at {after:?}: {t} is neither its old state nor the truth"
-                    );
+        let mut rng = fastrand::Rng::with_seed(20261122);
+        let mut resumed = 0;
+        for phase in ["initdb", "syncdb"] {
+            if phase == "syncdb" {
+                for table in TABLES {
+                    emu.commit(
+                        "canvas",
+                        table,
+                        ChangeCounts { inserts: 300, updates: 300, soft_deletes: 50, hard_deletes: 50 },
+                    )
+                    .unwrap();
                 }
             }
+            let mut before = Vec::new();
+            for table in TABLES {
+                before.push(rows(&t, table).await);
+            }
+            for kill in 0..12 {
+                let after = span.mul_f64(rng.f64() * 1.1);
+                let stderr = run_and_kill(&emu, &t.url, after).await;
+                resumed += stderr.matches("resuming job").count();
+                for (table, old) in TABLES.iter().zip(&before) {
+                    let now = rows(&t, table).await;
+                    assert_eq!(
+                        now.is_some(),
+                        t.initialised(table).await,
+                        "{backend:?} {phase} kill {kill} at {after:?}: {table} exists exactly when it is initialised"
+                    );
+                    if let Some(now) = now {
+                        assert!(
+                            Some(&now) == old.as_ref() || now == truth(&emu, table),
+                            "{backend:?} {phase} kill {kill} at {after:?}: {table} is neither its old state nor the truth"
+                        );
+                    }
+                }
+            }
+            let out = command(&emu, &t.url).output().await.unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            for table in TABLES {
+                assert_eq!(
+                    rows(&t, table).await.unwrap(),
+                    truth(&emu, table),
+                    "{backend:?} {phase}: {table} converged"
+                );
+            }
         }
-        let out = command(&emu, &url).output().await.unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        for t in TABLES {
-            assert_eq!(rows(&db, t).unwrap(), truth(&emu, t), "{phase}: {t} converged");
-        }
+        assert!(resumed > 0, "{backend:?}: at least one rerun resumed an interrupted initdb from its checkpoints");
     }
-    assert!(resumed > 0, "at least one rerun resumed an interrupted initdb from its checkpoints");
 }

@@ -228,24 +228,44 @@ fn staleness(secs: i64) -> String {
     }
 }
 
+/// A watermark as the official client's `listdb` shows it: in the machine's time zone, Python's
+/// `isoformat` (`2024-05-02T00:00:03+00:00`, six fraction digits when there is a fraction).
+fn local_isoformat(watermark: time::Micros) -> String {
+    let Some(t) = chrono::DateTime::from_timestamp_micros(watermark) else { return time::format_wire(watermark) };
+    let local = t.with_timezone(&chrono::Local);
+    if watermark.rem_euclid(1_000_000) == 0 {
+        local.format("%Y-%m-%dT%H:%M:%S%:z").to_string()
+    } else {
+        local.format("%Y-%m-%dT%H:%M:%S%.6f%:z").to_string()
+    }
+}
+
+/// The tables of a namespace with their replication state, as the official client lists them:
+/// the replicated ones by name, then the others the server has.
 pub async fn listdb(ctx: &Context, args: ListDbArgs) -> anyhow::Result<()> {
     let spec = target_spec(args.connection_string.as_deref())?;
     let options = SinkOptions { access: Access::Read, ..SinkOptions::default() };
     let sink = sink::open(&spec, &args.namespace, &options).await?;
     let local = sink.all_bookkeeping(&args.namespace).await?;
     let mut names: Vec<String> = local.iter().map(|b| b.table.clone()).collect();
-    if !args.omit_not_replicated {
-        names.extend(Client::new(ctx.client.clone())?.tables(&args.namespace).await?);
-    }
     names.sort();
-    names.dedup();
+    if !args.omit_not_replicated {
+        let mut others: Vec<String> = Client::new(ctx.client.clone())?
+            .tables(&args.namespace)
+            .await?
+            .into_iter()
+            .filter(|t| !names.contains(t))
+            .collect();
+        others.sort();
+        names.extend(others);
+    }
     let now = time::now();
     let mut rows = Vec::new();
     for name in names {
         let b = local.iter().find(|b| b.table == name);
         let mut row = json!({
             "name": name,
-            "timestamp": b.map(|b| time::format_wire(b.watermark)),
+            "timestamp": b.map(|b| local_isoformat(b.watermark)),
             "staleness": b.map(|b| staleness((now - b.watermark) / 1_000_000)),
             "schema": b.map(|b| b.schema_version),
             "command": if b.is_some() { "syncdb" } else { "initdb" },
@@ -258,7 +278,7 @@ pub async fn listdb(ctx: &Context, args: ListDbArgs) -> anyhow::Result<()> {
         }
         rows.push(row);
     }
-    println!("{}", serde_json::to_string(&rows)?);
+    println!("{}", crate::pyjson::to_string_indent2(&rows)?);
     Ok(())
 }
 

@@ -140,6 +140,24 @@ impl TestTarget {
         self.column(&sql).await[0].as_deref() == Some("1")
     }
 
+    /// The bookkeeping table's name in raw SQL.
+    pub fn bookkeeping_table(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "instructure_dap__table_sync",
+            Backend::Postgres => "\"instructure_dap\".\"table_sync\"",
+        }
+    }
+
+    /// Whether a table has its bookkeeping row.
+    pub async fn initialised(&self, table: &str) -> bool {
+        let exists = match self.backend {
+            Backend::Sqlite => self.has_table("", "instructure_dap__table_sync").await,
+            Backend::Postgres => self.has_table("instructure_dap", "table_sync").await,
+        };
+        let sql = format!("SELECT count(*) FROM {} WHERE source_table = '{table}'", self.bookkeeping_table());
+        exists && self.column(&sql).await[0].as_deref() != Some("0")
+    }
+
     /// Whether an index of this name exists.
     pub async fn has_index(&self, name: &str) -> bool {
         let sql = match self.backend {
