@@ -21,7 +21,7 @@ async fn main() -> ExitCode {
         result = cli::run(cli) => match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", cli::report(&e));
                 ExitCode::from(EXIT_FAILURE)
             }
         },

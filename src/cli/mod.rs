@@ -145,6 +145,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// An error as one line: its message, then each cause the message does not already say.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 /// Sets up `tracing` from the global options.
 pub fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     use tracing_subscriber::fmt;

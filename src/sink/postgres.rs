@@ -914,7 +914,8 @@ impl PostgresSink {
             }
             let grants = c
                 .query(
-                    "SELECT DISTINCT format('GRANT %s ON %s TO %I', privilege_type, $1::text, grantee)
+                    "SELECT DISTINCT format('GRANT %s ON %s TO %s', privilege_type, $1::text,
+                            CASE WHEN grantee = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(grantee) END)
                      FROM information_schema.role_table_grants
                      WHERE format('%I.%I', table_schema, table_name) = $1 AND grantee <> current_user",
                     &[&name],
