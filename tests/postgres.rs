@@ -476,3 +476,163 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         &[],
     );
 }
+
+/// A throwaway PostgreSQL cluster on its own port, with TLS on or off, stopped when dropped.
+struct Cluster {
+    bin: std::path::PathBuf,
+    data: std::path::PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn sh(program: &Path, args: &[&str]) {
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("runuser runs (the test suite runs as root, as CI does)");
+    assert!(out.status.success(), "{} {args:?}: {}", program.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+impl Cluster {
+    /// A cluster with a certificate for 127.0.0.1 signed by a CA made here; returns the CA file.
+    fn start(dir: tempfile::TempDir) -> (Cluster, std::path::PathBuf) {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (scripts/db-up.sh)")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .max()
+            .unwrap();
+        let root = dir.path().to_path_buf();
+        let root = root.as_path();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl").current_dir(root).args(args).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=dap test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(root.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ]);
+        let data = root.join("data");
+        std::fs::create_dir(&data).unwrap();
+        let chown = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(root).status().unwrap();
+        assert!(chown.success());
+        std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(root.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        sh(&bin.join("initdb"), &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres"]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let ca = root.join("ca.pem");
+        let cluster = Cluster { bin, data, port, _dir: dir };
+        cluster.run(true);
+        (cluster, ca)
+    }
+
+    /// (Re)starts the server with TLS on or off.
+    fn run(&self, tls: bool) {
+        let root = self.data.parent().unwrap();
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c ssl={} -c ssl_cert_file={} -c ssl_key_file={}",
+            self.port,
+            root.display(),
+            if tls { "on" } else { "off" },
+            root.join("server.pem").display(),
+            root.join("server.key").display()
+        );
+        let data = self.data.to_str().unwrap();
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", data, "-m", "fast", "-w", "stop"])
+            .output();
+        sh(
+            &self.bin.join("pg_ctl"),
+            &["-D", data, "-o", &options, "-l", root.join("log").to_str().unwrap(), "-w", "start"],
+        );
+    }
+
+    fn url(&self, params: &str) -> String {
+        format!("postgresql://postgres:unused@127.0.0.1:{}/postgres{params}", self.port)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", self.data.to_str().unwrap(), "-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_modes_connect_or_refuse_clearly() {
+    let emu = emulator(EmulatorConfig { rows: 5, ..EmulatorConfig::default() }).await;
+    let work = tempfile::tempdir().unwrap();
+    let (cluster, ca) = Cluster::start(tempfile::tempdir_in("/tmp").unwrap());
+    let status = |params: String, table: &'static str| {
+        let (emu, dir, url) = (&emu, work.path().to_path_buf(), cluster.url(&params));
+        async move {
+            run_ours(emu, &dir, &["initdb", "--namespace", "canvas", "--table", table, "--connection-string", &url])
+                .await
+        }
+    };
+    let ca = ca.display().to_string();
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ok(status("?ssl=require".into(), "accounts").await);
+    ok(status(format!("?ssl=verify-full&sslrootcert={ca}"), "users").await);
+    ok(status(format!("?ssl=verify-ca&sslrootcert={ca}"), "courses").await);
+    let out = status("?ssl=verify-full".into(), "enrollments").await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("certificate was not accepted") && err.contains("sslrootcert"), "{err}");
+
+    cluster.run(false);
+    let out = status("?ssl=require".into(), "enrollments").await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("does not offer TLS"), "{err}");
+    ok(status("?ssl=prefer".into(), "enrollments").await);
+}
