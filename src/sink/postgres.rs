@@ -1222,9 +1222,33 @@ impl PostgresSink {
     async fn merge(&self, c: &Client, def: &TableDef, table: &str, key: &str) -> Result<(), SinkError> {
         let columns = column_list(def);
         let updates: Vec<String> = def.values.iter().map(|v| format!("{0} = EXCLUDED.{0}", ident(&v.name))).collect();
-        let on_conflict =
-            if updates.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
-        let latest = format!("SELECT DISTINCT ON ({key}) * FROM \"_dap_changes\" ORDER BY {key}, \"_dap_seq\" DESC");
+        // Rows that arrive unchanged (the overlap a sync re-reads) are not rewritten.
+        let values: Vec<String> = def.values.iter().map(|v| ident(&v.name)).collect();
+        let unchanged = format!(
+            "({}) IS DISTINCT FROM ({})",
+            values.iter().map(|v| format!("{table}.{v}")).collect::<Vec<_>>().join(", "),
+            values.iter().map(|v| format!("EXCLUDED.{v}")).collect::<Vec<_>>().join(", ")
+        );
+        let on_conflict = if updates.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {} WHERE {unchanged}", updates.join(", "))
+        };
+        // A consolidated feed has each key once; only a repeated key needs the (wide) sort that
+        // keeps its latest record.
+        let repeated: bool = c
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM \"_dap_changes\" GROUP BY {key} HAVING count(*) > 1)"),
+                &[],
+            )
+            .await
+            .map_err(self.fail("looking for repeated keys"))?
+            .get(0);
+        let latest = if repeated {
+            format!("SELECT DISTINCT ON ({key}) * FROM \"_dap_changes\" ORDER BY {key}, \"_dap_seq\" DESC")
+        } else {
+            "SELECT * FROM \"_dap_changes\"".to_string()
+        };
         c.batch_execute(&format!(
             "INSERT INTO {table} ({columns}) SELECT {columns} FROM ({latest}) latest WHERE \"_dap_action\" = 'U' ON CONFLICT ({key}) {on_conflict};
              DELETE FROM {table} t USING ({latest}) latest WHERE latest.\"_dap_action\" = 'D' AND t.{key} = latest.{key}"

@@ -86,7 +86,12 @@ impl Source for DapSource {
 
     async fn snapshot(&self, def: &TableDef) -> Result<Extract, SourceError> {
         let job = self.client.run_job(&def.namespace, &def.name, &query(None), |_| {}).await?;
-        Ok(Extract { watermark: job_time(job.at.as_deref(), "at")?, id: job.id, parts: job.objects })
+        Ok(Extract {
+            watermark: job_time(job.at.as_deref(), "at")?,
+            id: job.id,
+            parts: job.objects,
+            applied_before: None,
+        })
     }
 
     async fn changes(&self, def: &TableDef, watermark: Micros) -> Result<Extract, SourceError> {
@@ -101,13 +106,14 @@ impl Source for DapSource {
             Err(e) => return Err(e.into()),
         };
         let until = job_time(job.until.as_deref(), "until")?.max(watermark);
-        Ok(Extract { watermark: until, id: job.id, parts: job.objects })
+        Ok(Extract { watermark: until, id: job.id, parts: job.objects, applied_before: Some(watermark) })
     }
 
     fn read(&self, def: &TableDef, extract: &Extract, parts: Vec<String>) -> Reading {
         let (tx, feed) = Feed::channel(FEED_DEPTH);
         let (client, spool, transfers) = (self.client.clone(), self.spool.clone(), self.transfers.clone());
         let (def, job, concurrency) = (def.clone(), extract.id.clone(), self.download_concurrency);
+        let applied_before = extract.applied_before;
         let task = tokio::spawn(async move {
             let _slot = transfers.acquire_owned().await.expect("the transfer semaphore is never closed");
             let io = |source| SourceError::Io {
@@ -141,7 +147,7 @@ impl Source for DapSource {
                 }
             };
             let decoding = tokio::task::spawn_blocking(move || {
-                decode_all(std::iter::from_fn(|| arrivals.blocking_recv()), &def, &tx)
+                decode_all(std::iter::from_fn(|| arrivals.blocking_recv()), &def, applied_before, &tx)
             });
             let ((), decoded) = tokio::join!(feed_downloads, decoding);
             drop(folder);
@@ -152,10 +158,12 @@ impl Source for DapSource {
 }
 
 /// Decodes each arrived object into the feed (`Begin`, rows, `End`), deleting it once decoded,
-/// then sends `Done`. On any failure the feed closes without `Done`.
+/// then sends `Done`; records committed before `applied_before` are left out. On any failure
+/// the feed closes without `Done`.
 fn decode_all(
     files: impl Iterator<Item = Result<fetch::Fetched, SourceError>>,
     def: &TableDef,
+    applied_before: Option<Micros>,
     tx: &FeedSender,
 ) -> Result<u64, SourceError> {
     let stopped = || SourceError::Other("the target stopped reading".into());
@@ -163,7 +171,15 @@ fn decode_all(
     for f in files {
         let f = f?;
         tx.blocking_send(Piece::Begin(f.object_id.clone())).map_err(|_| stopped())?;
-        let decoded = decode_object(&f.path, def, |batch| tx.blocking_send(Piece::Rows(batch)).map_err(|_| stopped()));
+        let decoded = decode_object(&f.path, def, |mut batch| {
+            if let Some(before) = applied_before {
+                batch.retain(|r| r.ts.is_none_or(|ts| ts >= before));
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            tx.blocking_send(Piece::Rows(batch)).map_err(|_| stopped())
+        });
         let _ = std::fs::remove_file(&f.path);
         rows += decoded?;
         tx.blocking_send(Piece::End(f.object_id)).map_err(|_| stopped())?;

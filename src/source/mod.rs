@@ -34,6 +34,9 @@ pub struct Extract {
     /// The snapshot's `at`, or the changes' `until`: the watermark once the extract is applied.
     pub watermark: Micros,
     pub parts: Vec<String>,
+    /// Changes committed before this time were applied by the previous sync: a source that asks
+    /// for a little more than it needs (DAP: the `since` jitter) leaves them out of the feed.
+    pub applied_before: Option<Micros>,
 }
 
 #[derive(Debug, thiserror::Error)]
