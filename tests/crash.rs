@@ -13,15 +13,22 @@ use serde_json::{Map, Value};
 const TABLES: &[&str] = &["users", "accounts", "courses", "enrollments"];
 
 /// `id:workflow_state` of every row of a table, in key order, or None if it is absent.
-async fn rows(t: &TestTarget, table: &str) -> Option<Vec<String>> {
+async fn rows(t: &TestTarget, emu: &Emulator, table: &str) -> Option<Vec<String>> {
     if !t.has_table("canvas", table).await {
         return None;
     }
-    let sql = format!(
-        "SELECT CAST(id AS TEXT) || ':' || COALESCE(CAST(workflow_state AS TEXT), '-') FROM {} ORDER BY id",
-        t.table("canvas", table)
-    );
-    Some(t.column(&sql).await.into_iter().map(Option::unwrap).collect())
+    let def = emu.table_def("canvas", table).unwrap();
+    let mut rows: Vec<(i64, String)> = t
+        .rows(&def)
+        .await
+        .iter()
+        .map(|r| {
+            let id = common::truth::canonical(&def.key.ty, &r["id"]).as_i64().unwrap();
+            (id, format!("{id}:{}", r["workflow_state"].as_str().unwrap_or("-")))
+        })
+        .collect();
+    rows.sort();
+    Some(rows.into_iter().map(|(_, s)| s).collect())
 }
 
 fn truth(emu: &Emulator, table: &str) -> Vec<String> {
@@ -104,14 +111,14 @@ async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge() {
             }
             let mut before = Vec::new();
             for table in TABLES {
-                before.push(rows(&t, table).await);
+                before.push(rows(&t, &emu, table).await);
             }
             for kill in 0..12 {
                 let after = span.mul_f64(rng.f64() * 1.1);
                 let stderr = run_and_kill(&emu, &t.url, after).await;
                 resumed += stderr.matches("resuming job").count();
                 for (table, old) in TABLES.iter().zip(&before) {
-                    let now = rows(&t, table).await;
+                    let now = rows(&t, &emu, table).await;
                     assert_eq!(
                         now.is_some(),
                         t.initialised(table).await,
@@ -129,7 +136,7 @@ async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge() {
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             for table in TABLES {
                 assert_eq!(
-                    rows(&t, table).await.unwrap(),
+                    rows(&t, &emu, table).await.unwrap(),
                     truth(&emu, table),
                     "{backend:?} {phase}: {table} converged"
                 );

@@ -27,11 +27,12 @@ async fn dap(
     dir: &std::path::Path,
     command: &str,
     tables: &str,
-    url: &str,
+    t: &TestTarget,
     extra: &[&str],
 ) -> std::process::Output {
-    let mut args = vec![command, "--namespace", "canvas", "--table", tables, "--connection-string", url];
+    let mut args = vec![command, "--namespace", "canvas", "--table", tables, "--connection-string", &t.url];
     args.extend(extra);
+    args.extend(t.dap_options());
     run_ours(emu, dir, &args).await
 }
 
@@ -42,7 +43,7 @@ async fn every_shipped_change_is_applied_and_user_objects_survive() {
         let dir = tempfile::tempdir().unwrap();
         let t = TestTarget::fresh(backend, "schema_changes").await;
         let tables: Vec<&str> = CHANGES.iter().map(|(t, _)| *t).collect();
-        let out = dap(&emu, dir.path(), "initdb", &tables.join(","), &t.url, &[]).await;
+        let out = dap(&emu, dir.path(), "initdb", &tables.join(","), &t, &[]).await;
         assert!(out.status.success(), "{backend:?}: {}", String::from_utf8_lossy(&out.stderr));
         for table in &tables {
             let name = t.table("canvas", table);
@@ -60,7 +61,7 @@ async fn every_shipped_change_is_applied_and_user_objects_survive() {
                 emu.commit("canvas", table, ChangeCounts { inserts: 4, updates: 4, soft_deletes: 1, hard_deletes: 1 })
                     .unwrap();
             }
-            let out = dap(&emu, dir.path(), "syncdb", &tables.join(","), &t.url, &[]).await;
+            let out = dap(&emu, dir.path(), "syncdb", &tables.join(","), &t, &[]).await;
             assert!(out.status.success(), "{backend:?} round {round}: {}", String::from_utf8_lossy(&out.stderr));
             for table in &tables {
                 let def = emu.table_def("canvas", table).unwrap();
@@ -81,7 +82,7 @@ async fn every_shipped_change_is_applied_and_user_objects_survive() {
         // A table new in the server's list.
         emu.add_table("canvas", "added_items", 12).unwrap();
         let out =
-            dap(&emu, dir.path(), "syncdb", &format!("{},added_items", tables.join(",")), &t.url, &["--init-missing"])
+            dap(&emu, dir.path(), "syncdb", &format!("{},added_items", tables.join(",")), &t, &["--init-missing"])
                 .await;
         assert!(out.status.success(), "{backend:?}: {}", String::from_utf8_lossy(&out.stderr));
         let def = emu.table_def("canvas", "added_items").unwrap();
@@ -95,7 +96,7 @@ async fn unsafe_changes_stop_their_table_with_the_fix_and_change_nothing() {
         let emu = emulator(EmulatorConfig { rows: 30, ..EmulatorConfig::default() }).await;
         let dir = tempfile::tempdir().unwrap();
         let t = TestTarget::fresh(backend, "schema_refusals").await;
-        let out = dap(&emu, dir.path(), "initdb", "wikis,pseudonyms,users", &t.url, &[]).await;
+        let out = dap(&emu, dir.path(), "initdb", "wikis,pseudonyms,users", &t, &[]).await;
         assert!(out.status.success(), "{backend:?}: {}", String::from_utf8_lossy(&out.stderr));
         let defs: Vec<_> = ["wikis", "pseudonyms"].iter().map(|n| emu.table_def("canvas", n).unwrap()).collect();
         let before: Vec<_> = defs.iter().map(|d| emu.truth("canvas", &d.name).unwrap()).collect();
@@ -106,7 +107,7 @@ async fn unsafe_changes_stop_their_table_with_the_fix_and_change_nothing() {
         for table in ["wikis", "pseudonyms", "users"] {
             emu.commit("canvas", table, ChangeCounts { inserts: 2, updates: 2, ..Default::default() }).unwrap();
         }
-        let out = dap(&emu, dir.path(), "syncdb", "wikis,pseudonyms,users", &t.url, &[]).await;
+        let out = dap(&emu, dir.path(), "syncdb", "wikis,pseudonyms,users", &t, &[]).await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(5), "{backend:?}: {err}");
         assert!(err.contains(&format!("column {required}")) && err.contains("became required"), "{backend:?}: {err}");

@@ -94,6 +94,11 @@ fn feed(parts: Vec<(&str, Vec<Record>)>, complete: bool) -> Feed {
     feed
 }
 
+/// A watermark of whole seconds (what every target keeps; MySQL keeps nothing finer).
+fn secs(n: i64) -> i64 {
+    n * 1_000_000
+}
+
 fn bookkeeping(def: &TableDef, watermark: i64) -> Bookkeeping {
     // What initdb stores: the served schema without `meta`.
     let mut schema = dap_replica::emulator::dataset::envelope(&flat(def.version), def.version)["schema"].clone();
@@ -132,10 +137,10 @@ async fn a_table_is_published_whole_and_an_interrupted_initdb_resumes_its_job() 
 
         assert_eq!(sink.stage(&d, "job-a").await.unwrap(), ["part-0"], "{backend:?}: the same job resumes");
         sink.load(&d, "job-a", feed(vec![("part-1", vec![b.clone(), c.clone()])], true)).await.unwrap();
-        sink.publish(&d, &SchemaDelta::default(), &bookkeeping(&d, 1_000)).await.unwrap();
+        sink.publish(&d, &SchemaDelta::default(), &bookkeeping(&d, secs(1_000))).await.unwrap();
         t.assert_rows(&d, &truth(&d, &[&a, &b, &c]), &format!("{backend:?}: after resuming")).await;
         let stored = sink.bookkeeping(NS, TABLE).await.unwrap().unwrap();
-        assert_eq!((stored.watermark, stored.schema_version), (1_000, 1));
+        assert_eq!((stored.watermark, stored.schema_version), (secs(1_000), 1));
         assert_eq!(sink.row_count(NS, TABLE).await.unwrap(), 3);
     }
 }
@@ -152,7 +157,7 @@ async fn an_interrupted_initdb_of_another_job_starts_over() {
         assert!(sink.stage(&d, "job-b").await.unwrap().is_empty(), "{backend:?}: another job starts empty");
         let new = row(&d, 2, "new", "active", 'U');
         sink.load(&d, "job-b", feed(vec![("part-0", vec![new.clone()])], true)).await.unwrap();
-        sink.publish(&d, &SchemaDelta::default(), &bookkeeping(&d, 5)).await.unwrap();
+        sink.publish(&d, &SchemaDelta::default(), &bookkeeping(&d, secs(5))).await.unwrap();
         t.assert_rows(&d, &truth(&d, &[&new]), &format!("{backend:?}: only job-b's rows")).await;
     }
 }
@@ -164,7 +169,7 @@ async fn an_aborted_sync_keeps_rows_and_watermark_and_a_complete_one_moves_both(
         let sink = t.open(NS).await;
         let d = def(1);
         let base: Vec<Record> = (1..=5).map(|i| row(&d, i, &format!("r{i}"), "active", 'U')).collect();
-        init(sink.as_ref(), &d, base.clone(), 100).await;
+        init(sink.as_ref(), &d, base.clone(), secs(100)).await;
         let changes = vec![row(&d, 2, "changed", "deleted", 'U'), delete(&d, 3), row(&d, 9, "new", "active", 'U')];
 
         let cut = sink
@@ -172,32 +177,36 @@ async fn an_aborted_sync_keeps_rows_and_watermark_and_a_complete_one_moves_both(
                 &d,
                 &SchemaDelta::default(),
                 feed(vec![("p0", changes.clone())], false),
-                &bookkeeping(&d, 200),
+                &bookkeeping(&d, secs(200)),
             )
             .await;
         assert!(cut.is_err(), "{backend:?}");
         let before: Vec<&Record> = base.iter().collect();
         t.assert_rows(&d, &truth(&d, &before), &format!("{backend:?}: after an aborted sync")).await;
-        assert_eq!(sink.bookkeeping(NS, TABLE).await.unwrap().unwrap().watermark, 100, "{backend:?}: watermark kept");
+        assert_eq!(
+            sink.bookkeeping(NS, TABLE).await.unwrap().unwrap().watermark,
+            secs(100),
+            "{backend:?}: watermark kept"
+        );
 
         let applied = sink
             .apply_changes(
                 &d,
                 &SchemaDelta::default(),
                 feed(vec![("p0", changes.clone())], true),
-                &bookkeeping(&d, 200),
+                &bookkeeping(&d, secs(200)),
             )
             .await
             .unwrap();
         assert_eq!(applied, 3);
         let all: Vec<&Record> = base.iter().chain(&changes).collect();
         t.assert_rows(&d, &truth(&d, &all), &format!("{backend:?}: after the sync")).await;
-        assert_eq!(sink.bookkeeping(NS, TABLE).await.unwrap().unwrap().watermark, 200);
+        assert_eq!(sink.bookkeeping(NS, TABLE).await.unwrap().unwrap().watermark, secs(200));
 
         // Re-applying the same changes (the overlap of the next sync) changes nothing; a delete
         // of a key never seen is no error.
         let again = vec![changes[0].clone(), delete(&d, 12345)];
-        sink.apply_changes(&d, &SchemaDelta::default(), feed(vec![("p0", again)], true), &bookkeeping(&d, 300))
+        sink.apply_changes(&d, &SchemaDelta::default(), feed(vec![("p0", again)], true), &bookkeeping(&d, secs(300)))
             .await
             .unwrap();
         t.assert_rows(&d, &truth(&d, &all), &format!("{backend:?}: after the overlap")).await;
@@ -211,7 +220,7 @@ async fn schema_deltas_apply_in_place_and_user_indexes_and_views_survive() {
         let sink = t.open(NS).await;
         let (v1, v2) = (def(1), def(2));
         let base: Vec<Record> = (1..=4).map(|i| row(&v1, i, &format!("r{i}"), "active", 'U')).collect();
-        init(sink.as_ref(), &v1, base.clone(), 100).await;
+        init(sink.as_ref(), &v1, base.clone(), secs(100)).await;
         let table = t.table(NS, TABLE);
         t.exec(&format!(
             "CREATE INDEX user_contract_idx ON {table} (state); CREATE VIEW user_contract_view AS SELECT id, name FROM {table}"
@@ -228,7 +237,7 @@ async fn schema_deltas_apply_in_place_and_user_indexes_and_views_survive() {
                 values: vec![Value::Null, Value::Str("active".into()), Value::Null, Value::Int(7)],
             },
         ];
-        sink.apply_changes(&v2, &delta, feed(vec![("p0", changes.clone())], true), &bookkeeping(&v2, 200))
+        sink.apply_changes(&v2, &delta, feed(vec![("p0", changes.clone())], true), &bookkeeping(&v2, secs(200)))
             .await
             .unwrap();
         // Rows written before the new column hold NULL there.
@@ -255,7 +264,7 @@ async fn schema_deltas_apply_in_place_and_user_indexes_and_views_survive() {
         sink.stage(&v2, "job-replace").await.unwrap();
         sink.load(&v2, "job-replace", feed(vec![("part-0", fresh.clone())], true)).await.unwrap();
         let stored = sink.bookkeeping(NS, TABLE).await.unwrap().unwrap().table_def().unwrap();
-        sink.publish(&v2, &SchemaDelta::for_reload(&stored, &v2), &bookkeeping(&v2, 300)).await.unwrap();
+        sink.publish(&v2, &SchemaDelta::for_reload(&stored, &v2), &bookkeeping(&v2, secs(300))).await.unwrap();
         t.assert_rows(
             &v2,
             &truth(&v2, &fresh.iter().collect::<Vec<_>>()),
@@ -282,14 +291,14 @@ async fn a_column_that_becomes_required_over_nulls_is_refused_and_nothing_change
                 values: vec![Value::Null, Value::Null, Value::Null, Value::Null],
             },
         ];
-        init(sink.as_ref(), &v2, rows.clone(), 100).await;
+        init(sink.as_ref(), &v2, rows.clone(), secs(100)).await;
         let delta = SchemaDelta::between(&v2, &v3).unwrap();
         let e = sink
             .apply_changes(
                 &v3,
                 &delta,
                 feed(vec![("p0", vec![row(&v3, 3, "c", "active", 'U')])], true),
-                &bookkeeping(&v3, 200),
+                &bookkeeping(&v3, secs(200)),
             )
             .await
             .unwrap_err()
@@ -297,7 +306,7 @@ async fn a_column_that_becomes_required_over_nulls_is_refused_and_nothing_change
         assert!(e.contains("became required") && e.contains("initdb --replace"), "{backend:?}: {e}");
         t.assert_rows(&v2, &truth(&v2, &rows.iter().collect::<Vec<_>>()), &format!("{backend:?}: unchanged")).await;
         let stored = sink.bookkeeping(NS, TABLE).await.unwrap().unwrap();
-        assert_eq!((stored.watermark, stored.schema_version), (100, 2), "{backend:?}");
+        assert_eq!((stored.watermark, stored.schema_version), (secs(100), 2), "{backend:?}");
     }
 }
 
@@ -313,7 +322,7 @@ async fn repeated_keys_keep_the_later_row_and_drop_removes_table_and_bookkeeping
         sink.load(&d, "job", feed(vec![("p0", vec![first.clone(), other.clone()]), ("p1", vec![later.clone()])], true))
             .await
             .unwrap();
-        sink.publish(&d, &SchemaDelta::default(), &bookkeeping(&d, 1)).await.unwrap();
+        sink.publish(&d, &SchemaDelta::default(), &bookkeeping(&d, secs(1))).await.unwrap();
         t.assert_rows(&d, &truth(&d, &[&first, &other, &later]), &format!("{backend:?}: initdb")).await;
 
         let (again, gone) = (row(&d, 2, "again", "active", 'U'), delete(&d, 2));
@@ -321,7 +330,7 @@ async fn repeated_keys_keep_the_later_row_and_drop_removes_table_and_bookkeeping
             &d,
             &SchemaDelta::default(),
             feed(vec![("p0", vec![again.clone(), gone.clone()])], true),
-            &bookkeeping(&d, 2),
+            &bookkeeping(&d, secs(2)),
         )
         .await
         .unwrap();

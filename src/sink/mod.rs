@@ -11,6 +11,7 @@
 //!   unfinished part behind.
 
 pub mod layout;
+pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
 mod url;
@@ -263,6 +264,7 @@ impl TargetSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dialect {
     Postgresql,
+    Mysql,
     Sqlite,
 }
 
@@ -272,6 +274,7 @@ pub fn ddl(dialect: Dialect, defs: &[TableDef]) -> Vec<String> {
     type TableDdl = fn(&TableDef) -> Vec<String>;
     let (mut out, table): (Vec<String>, TableDdl) = match dialect {
         Dialect::Postgresql => (postgres::bookkeeping_statements(), postgres::table_statements),
+        Dialect::Mysql => (mysql::bookkeeping_statements(), mysql::table_statements),
         Dialect::Sqlite => (sqlite::bookkeeping_statements(), sqlite::table_statements),
     };
     for def in defs {
@@ -289,9 +292,10 @@ pub async fn open(spec: &TargetSpec, namespace: &str, options: &SinkOptions) -> 
     match url.scheme {
         Scheme::Sqlite => unreachable!("sqlite:// is a local file"),
         Scheme::Postgres => Ok(Arc::new(postgres::PostgresSink::open(url, options).await?)),
-        Scheme::Mysql | Scheme::Mssql => Err(SinkError::refused(
+        Scheme::Mysql => Ok(Arc::new(mysql::MysqlSink::open(url, options).await?)),
+        Scheme::Mssql => Err(SinkError::refused(
             &url.redacted(),
-            format!("{}:// targets are not supported yet; use postgresql:// or sqlite://", url.scheme.name()),
+            format!("{}:// targets are not supported yet; use postgresql://, mysql:// or sqlite://", url.scheme.name()),
         )),
     }
 }

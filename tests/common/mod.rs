@@ -117,6 +117,14 @@ pub async fn fresh_mysql(name: &str) -> String {
     with_database(&mysql_url(), &db)
 }
 
+/// A connection pool to a MariaDB database, in the session mode dap uses.
+pub fn mysql_pool(url: &str) -> mysql_async::Pool {
+    let opts = mysql_async::Opts::from_url(url).expect("a mysql:// URL");
+    let opts = mysql_async::OptsBuilder::from_opts(opts)
+        .setup(vec!["SET SESSION sql_mode = 'ANSI_QUOTES'", "SET SESSION time_zone = '+00:00'"]);
+    mysql_async::Pool::new(opts)
+}
+
 /// Runs our `dap` binary against the emulator in `dir`, non-interactively, with `env` on top.
 pub async fn run_ours_with(emu: &Emulator, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"));

@@ -6,25 +6,36 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use dap_replica::schema::TableDef;
-use dap_replica::sink::{self, Sink, SinkOptions, TargetSpec};
+use dap_replica::sink::{self, NonFinite, Sink, SinkOptions, TargetSpec};
 use serde_json::{Map, Value as Json};
 
 use super::truth::{self, Limit};
+
+/// What the official MySQL layout cannot keep: fractions of seconds (`datetime`, `time`), the
+/// sign of a zero double, and an IPv4 address in a `binary(16)` column of IPv4-or-IPv6 is padded
+/// with zero bytes.
+/// The tests run it with `--non-finite null` (the refusal has its own test), so NaN and infinity
+/// are NULL.
+pub const MYSQL_LIMITS: &[Limit] =
+    &[Limit::WholeSeconds, Limit::NoNegativeZero, Limit::PaddedIpv4, Limit::NonFiniteAsNull];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
     Postgres,
+    Mysql,
 }
 
-/// SQLite always; PostgreSQL when `TEST_POSTGRES_URL` is set (scripts/test starts it and sets it,
-/// so CI runs every backend).
+/// SQLite always; PostgreSQL and MariaDB when `TEST_POSTGRES_URL` and `TEST_MYSQL_URL` are set
+/// (scripts/test starts both servers and sets them, so CI runs every backend).
 pub fn backends() -> Vec<Backend> {
     let mut out = vec![Backend::Sqlite];
-    if std::env::var_os("TEST_POSTGRES_URL").is_some() {
-        out.push(Backend::Postgres);
-    } else {
-        eprintln!("TEST_POSTGRES_URL is not set: PostgreSQL is skipped (scripts/test sets it)");
+    for (var, backend) in [("TEST_POSTGRES_URL", Backend::Postgres), ("TEST_MYSQL_URL", Backend::Mysql)] {
+        if std::env::var_os(var).is_some() {
+            out.push(backend);
+        } else {
+            eprintln!("{var} is not set: {backend:?} is skipped (scripts/test sets it)");
+        }
     }
     out
 }
@@ -36,6 +47,7 @@ pub struct TestTarget {
     pub url: String,
     _dir: Option<tempfile::TempDir>,
     postgres: Option<tokio_postgres::Client>,
+    mysql: Option<mysql_async::Pool>,
 }
 
 impl TestTarget {
@@ -45,11 +57,16 @@ impl TestTarget {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
                 let url = format!("sqlite://{}", dir.path().join(format!("{name}.db")).display());
-                TestTarget { backend, url, _dir: Some(dir), postgres: None }
+                TestTarget { backend, url, _dir: Some(dir), postgres: None, mysql: None }
             }
             Backend::Postgres => {
                 let (url, client) = super::fresh_postgres(name).await;
-                TestTarget { backend, url, _dir: None, postgres: Some(client) }
+                TestTarget { backend, url, _dir: None, postgres: Some(client), mysql: None }
+            }
+            Backend::Mysql => {
+                let url = super::fresh_mysql(name).await;
+                let pool = super::mysql_pool(&url);
+                TestTarget { backend, url, _dir: None, postgres: None, mysql: Some(pool) }
             }
         }
     }
@@ -63,8 +80,21 @@ impl TestTarget {
         PathBuf::from(self.url.strip_prefix("sqlite://").expect("a SQLite target"))
     }
 
+    /// The target through the registry (NaN and infinity stored as NULL where there are none).
     pub async fn open(&self, namespace: &str) -> Arc<dyn Sink> {
-        sink::open(&self.spec(), namespace, &SinkOptions::default()).await.unwrap_or_else(|e| panic!("{e}"))
+        self.open_with(namespace, SinkOptions { non_finite: NonFinite::Null, ..SinkOptions::default() }).await
+    }
+
+    /// The options `dap` is run with against this target (NULL for NaN and infinity on MySQL).
+    pub fn dap_options(&self) -> &'static [&'static str] {
+        match self.backend {
+            Backend::Mysql => &["--non-finite", "null"],
+            _ => &[],
+        }
+    }
+
+    pub async fn open_with(&self, namespace: &str, options: SinkOptions) -> Arc<dyn Sink> {
+        sink::open(&self.spec(), namespace, &options).await.unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The values this backend documents it cannot keep exactly.
@@ -72,6 +102,7 @@ impl TestTarget {
         match self.backend {
             Backend::Sqlite => &[Limit::NoNegativeZero],
             Backend::Postgres => &[],
+            Backend::Mysql => MYSQL_LIMITS,
         }
     }
 
@@ -80,6 +111,7 @@ impl TestTarget {
         match self.backend {
             Backend::Sqlite => format!("\"{table}\""),
             Backend::Postgres => format!("\"{namespace}\".\"{table}\""),
+            Backend::Mysql => format!("`{namespace}__{table}`"),
         }
     }
 
@@ -87,6 +119,7 @@ impl TestTarget {
         match self.backend {
             Backend::Sqlite => truth::sqlite_rows(&self.file(), def),
             Backend::Postgres => truth::postgres_rows(self.postgres.as_ref().unwrap(), def).await,
+            Backend::Mysql => truth::mysql_rows(self.mysql.as_ref().unwrap(), def).await,
         }
     }
 
@@ -95,6 +128,11 @@ impl TestTarget {
         match self.backend {
             Backend::Sqlite => rusqlite::Connection::open(self.file()).unwrap().execute_batch(sql).unwrap(),
             Backend::Postgres => self.postgres.as_ref().unwrap().batch_execute(sql).await.unwrap(),
+            Backend::Mysql => {
+                use mysql_async::prelude::Queryable;
+                let mut conn = self.mysql.as_ref().unwrap().get_conn().await.unwrap();
+                conn.query_drop(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
         }
     }
 
@@ -126,6 +164,18 @@ impl TestTarget {
                     })
                     .collect()
             }
+            Backend::Mysql => {
+                use mysql_async::prelude::Queryable;
+                let mut conn = self.mysql.as_ref().unwrap().get_conn().await.unwrap();
+                let rows: Vec<mysql_async::Row> = conn.query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+                rows.into_iter()
+                    .map(|r| match r.as_ref(0) {
+                        Some(mysql_async::Value::Bytes(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                        Some(mysql_async::Value::NULL) | None => None,
+                        Some(other) => Some(other.as_sql(true).trim_matches('\'').to_string()),
+                    })
+                    .collect()
+            }
         }
     }
 
@@ -136,6 +186,9 @@ impl TestTarget {
             Backend::Postgres => {
                 format!("SELECT count(*) FROM pg_tables WHERE schemaname = '{namespace}' AND tablename = '{table}'")
             }
+            Backend::Mysql => format!(
+                "SELECT count(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = '{namespace}__{table}'"
+            ),
         };
         self.column(&sql).await[0].as_deref() == Some("1")
     }
@@ -145,6 +198,7 @@ impl TestTarget {
         match self.backend {
             Backend::Sqlite => "instructure_dap__table_sync",
             Backend::Postgres => "\"instructure_dap\".\"table_sync\"",
+            Backend::Mysql => "instructure_dap__table_sync",
         }
     }
 
@@ -153,6 +207,7 @@ impl TestTarget {
         let exists = match self.backend {
             Backend::Sqlite => self.has_table("", "instructure_dap__table_sync").await,
             Backend::Postgres => self.has_table("instructure_dap", "table_sync").await,
+            Backend::Mysql => self.has_table("instructure_dap", "table_sync").await,
         };
         let sql = format!("SELECT count(*) FROM {} WHERE source_table = '{table}'", self.bookkeeping_table());
         exists && self.column(&sql).await[0].as_deref() != Some("0")
@@ -163,6 +218,9 @@ impl TestTarget {
         let sql = match self.backend {
             Backend::Sqlite => format!("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = '{name}'"),
             Backend::Postgres => format!("SELECT count(*) FROM pg_indexes WHERE indexname = '{name}'"),
+            Backend::Mysql => format!(
+                "SELECT count(DISTINCT INDEX_NAME) FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() AND INDEX_NAME = '{name}'"
+            ),
         };
         self.column(&sql).await[0].as_deref() == Some("1")
     }

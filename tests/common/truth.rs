@@ -106,6 +106,14 @@ pub enum Limit {
     /// The official client's PostgreSQL driver (asyncpg) writes the first and last date and
     /// timestamp Python has (0001-01-01, 9999-12-31T23:59:59.999999) as -infinity and infinity.
     InfinityAtTheEnds,
+    /// MySQL's `datetime` and `time` (no precision, as the official layout has them) keep whole
+    /// seconds: the fraction is cut.
+    WholeSeconds,
+    /// NaN and ±infinity are stored as NULL (MySQL with `--non-finite null`).
+    NonFiniteAsNull,
+    /// An IPv4 address in MySQL's `binary(16)` column of IPv4-or-IPv6 is four bytes padded with
+    /// twelve zero bytes, which read back as the IPv6 address of those sixteen bytes.
+    PaddedIpv4,
 }
 
 /// A value in the form both sides share under the target's limits: applied to the truth and to
@@ -114,6 +122,11 @@ fn within_limits(ty: &ColumnType, v: Json, limits: &[Limit]) -> Json {
     let Json::String(s) = &v else { return v };
     let same = |text: &str| Json::String(text.into());
     match ty {
+        ColumnType::Float(_)
+            if limits.contains(&Limit::NonFiniteAsNull) && matches!(s.as_str(), "NaN" | "Infinity" | "-Infinity") =>
+        {
+            Json::Null
+        }
         ColumnType::Float(_) if s == "-0.0" && limits.contains(&Limit::NoNegativeZero) => same("0.0"),
         ColumnType::Timestamp if limits.contains(&Limit::InfinityAtTheEnds) => match s.as_str() {
             "-infinity" => same("0001-01-01T00:00:00.000000Z"),
@@ -123,6 +136,21 @@ fn within_limits(ty: &ColumnType, v: Json, limits: &[Limit]) -> Json {
         ColumnType::Date if limits.contains(&Limit::InfinityAtTheEnds) => match s.as_str() {
             "-infinity" => same("0001-01-01"),
             "infinity" => same("9999-12-31"),
+            _ => v,
+        },
+        ColumnType::Timestamp | ColumnType::Time if limits.contains(&Limit::WholeSeconds) => match s.split_once('.') {
+            Some((whole, fraction)) => {
+                let digits = fraction.chars().take_while(char::is_ascii_digit).count();
+                same(&format!("{whole}.{}{}", "0".repeat(digits), &fraction[digits..]))
+            }
+            None => v,
+        },
+        ColumnType::Ip if limits.contains(&Limit::PaddedIpv4) => match s.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => {
+                let mut bytes = [0u8; 16];
+                bytes[..4].copy_from_slice(&a.octets());
+                same(&std::net::Ipv6Addr::from(bytes).to_string())
+            }
             _ => v,
         },
         _ => v,
@@ -249,4 +277,59 @@ pub fn sqlite_rows(db: &std::path::Path, def: &TableDef) -> Vec<Map<String, Json
         })
         .unwrap();
     rows.collect::<Result<_, _>>().unwrap()
+}
+
+/// Every row of a MariaDB/MySQL table (`"ns__table"`) as JSON objects: binary columns (UUIDs,
+/// packed IPs) read as hex and turned back into text, the rest as the server's text.
+pub async fn mysql_rows(pool: &mysql_async::Pool, def: &TableDef) -> Vec<Map<String, Json>> {
+    use mysql_async::prelude::Queryable;
+    let columns: Vec<&dap_replica::schema::Column> = def.columns().collect();
+    let binary =
+        |ty: &ColumnType| matches!(ty, ColumnType::Uuid | ColumnType::Ip | ColumnType::Ipv4 | ColumnType::Ipv6);
+    let select: Vec<String> = columns
+        .iter()
+        .map(|c| if binary(&c.ty) { format!("HEX(`{}`)", c.name) } else { format!("`{}`", c.name) })
+        .collect();
+    let sql = format!("SELECT {} FROM `{}__{}`", select.join(", "), def.namespace, def.name);
+    let mut conn = pool.get_conn().await.unwrap();
+    let rows: Vec<mysql_async::Row> = conn.query(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.into_iter()
+        .map(|row| {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let text = match row.as_ref(i) {
+                        Some(mysql_async::Value::Bytes(b)) => Some(String::from_utf8(b.clone()).expect("UTF-8 text")),
+                        Some(mysql_async::Value::NULL) | None => None,
+                        Some(other) => Some(other.as_sql(true)),
+                    };
+                    let v = match (text, &c.ty) {
+                        (None, _) => Json::Null,
+                        (Some(t), ColumnType::Array(_) | ColumnType::Object(_) | ColumnType::Json) => {
+                            serde_json::from_str(&t).expect("JSON text")
+                        }
+                        (Some(t), ColumnType::Uuid) => {
+                            let u = u128::from_str_radix(&t, 16).expect("hex");
+                            Json::String(dap_replica::value::format_uuid(u))
+                        }
+                        (Some(t), ColumnType::Ip | ColumnType::Ipv4 | ColumnType::Ipv6) => {
+                            let bytes: Vec<u8> = (0..t.len())
+                                .step_by(2)
+                                .map(|k| u8::from_str_radix(&t[k..k + 2], 16).unwrap())
+                                .collect();
+                            let ip: IpAddr = match bytes.len() {
+                                4 => <[u8; 4]>::try_from(bytes).unwrap().into(),
+                                16 => <[u8; 16]>::try_from(bytes).unwrap().into(),
+                                n => panic!("{n} bytes are no IP address"),
+                            };
+                            Json::String(ip.to_string())
+                        }
+                        (Some(t), _) => Json::String(t),
+                    };
+                    (c.name.clone(), v)
+                })
+                .collect()
+        })
+        .collect()
 }
