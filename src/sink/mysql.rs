@@ -462,6 +462,12 @@ impl MysqlSink {
             local_infile: local_infile == Some(1),
             statement_budget: (packet.unwrap_or(4 << 20) as usize / 2).clamp(64 << 10, 16 << 20),
         };
+        if !sink.local_infile && options.access == Access::Write {
+            tracing::info!(
+                "{}: the server forbids LOAD DATA LOCAL INFILE (local_infile = 0); loading with multi-row statements",
+                sink.shown
+            );
+        }
         if options.access == Access::Write {
             sink.prepare(&mut conn).await?;
         }
@@ -538,18 +544,23 @@ impl MysqlSink {
                 ),
             ));
         }
-        c.query_drop(format!(
-            "CREATE TABLE IF NOT EXISTS {} (namespace varchar(64) NOT NULL, table_name varchar(64) NOT NULL, job_id varchar(255) NOT NULL, object varchar(512) NOT NULL, PRIMARY KEY (namespace, table_name, object))",
-            our_table("checkpoints")
-        ))
-        .await
-        .map_err(self.fail("creating dap_replica__checkpoints"))?;
-        c.query_drop(format!(
-            "CREATE TABLE IF NOT EXISTS {} (namespace varchar(64) NOT NULL, table_name varchar(64) NOT NULL, watermark varchar(40) NOT NULL, schema_version bigint NOT NULL, schema_description mediumtext NOT NULL, PRIMARY KEY (namespace, table_name))",
-            our_table("publishing")
-        ))
-        .await
-        .map_err(self.fail("creating dap_replica__publishing"))?;
+        // Our own tables, created once (a sync issues no DDL at all when nothing changed).
+        for (name, columns) in [
+            (
+                "checkpoints",
+                "namespace varchar(64) NOT NULL, table_name varchar(64) NOT NULL, job_id varchar(255) NOT NULL, object varchar(512) NOT NULL, PRIMARY KEY (namespace, table_name, object)",
+            ),
+            (
+                "publishing",
+                "namespace varchar(64) NOT NULL, table_name varchar(64) NOT NULL, watermark varchar(40) NOT NULL, schema_version bigint NOT NULL, schema_description mediumtext NOT NULL, PRIMARY KEY (namespace, table_name)",
+            ),
+        ] {
+            if !self.table_exists(c, &format!("{OUR_SCHEMA}__{name}")).await? {
+                c.query_drop(format!("CREATE TABLE IF NOT EXISTS {} ({columns})", our_table(name)))
+                    .await
+                    .map_err(self.fail(&format!("creating {OUR_SCHEMA}__{name}")))?;
+            }
+        }
         self.finish_interrupted_publishes(c).await
     }
 
