@@ -402,3 +402,55 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         MYSQL_LIMITS,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_modes_connect_or_refuse_clearly() {
+    let Some(ca) = std::env::var_os("TEST_MYSQL_CA") else {
+        eprintln!("TEST_MYSQL_CA is not set: skipped (scripts/db-up.sh gives MariaDB a test certificate and sets it)");
+        return;
+    };
+    let ca = ca.to_string_lossy().into_owned();
+    let emu = emulator(config(5)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_mysql("my_tls").await;
+    let init = |params: String, table: &'static str| {
+        let (emu, dir, url) = (&emu, dir.path().to_path_buf(), format!("{url}{params}"));
+        async move {
+            run_ours(emu, &dir, &["initdb", "--namespace", "canvas", "--table", table, "--connection-string", &url])
+                .await
+        }
+    };
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ok(init("?ssl=require".into(), "accounts").await);
+    ok(init(format!("?ssl=verify-full&sslrootcert={ca}"), "users").await);
+    ok(init(format!("?ssl=verify-ca&sslrootcert={ca}"), "courses").await);
+    let out = init("?ssl=verify-full".into(), "enrollments").await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("certificate was not accepted") && err.contains("sslrootcert"), "{err}");
+    // A user the server admits only over TLS: dap's sessions really are encrypted with ?ssl=, and
+    // refused clearly without it.
+    mysql_pool(&url)
+        .get_conn()
+        .await
+        .unwrap()
+        .query_drop(
+            "DROP USER IF EXISTS 'dap_tls_only'@'%'; CREATE USER 'dap_tls_only'@'%' IDENTIFIED BY 'tls_pass' REQUIRE SSL;
+             GRANT ALL PRIVILEGES ON dapt_my_tls.* TO 'dap_tls_only'@'%'",
+        )
+        .await
+        .unwrap();
+    let tls_only = url.replace("repl:repl_pass@", "dap_tls_only:tls_pass@");
+    let init_as = |params: &'static str, table: &'static str| {
+        let (emu, dir, url) = (&emu, dir.path().to_path_buf(), format!("{tls_only}{params}"));
+        async move {
+            run_ours(emu, &dir, &["initdb", "--namespace", "canvas", "--table", table, "--connection-string", &url])
+                .await
+        }
+    };
+    ok(init_as("?ssl=require", "enrollments").await);
+    let out = init_as("?ssl=disable", "pseudonyms").await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("refused the login") && !err.contains("tls_pass"), "{err}");
+}

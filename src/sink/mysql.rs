@@ -381,8 +381,8 @@ fn connect_error(shown: &str, url: &ConnectionString, e: mysql_async::Error) -> 
             (format!("user {user} may not use database {}", url.database), Retry::Useless)
         }
         mysql_async::Error::Server(_) => ("the server refused the connection".into(), Retry::Useless),
-        other if other.to_string().to_lowercase().contains("tls") || other.to_string().to_lowercase().contains("ssl") => (
-            "TLS failed; check ?ssl= (require encrypts without checking the certificate; verify-* need the server's CA, given with &sslrootcert=FILE)".into(),
+        other if ["tls", "ssl", "certificate"].iter().any(|w| other.to_string().to_lowercase().contains(w)) => (
+            "TLS failed: the server's certificate was not accepted, or the server offers no TLS; check ?ssl= (require encrypts without checking the certificate; verify-* need the server's CA, given with &sslrootcert=FILE)".into(),
             Retry::Useless,
         ),
         _ => ("cannot reach the server; check the host and port, and that it is running".into(), Retry::MayHelp),
