@@ -161,12 +161,18 @@ pub fn report(e: &anyhow::Error) -> String {
 /// Sets up `tracing` from the global options.
 pub fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     use tracing_subscriber::fmt;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let level = match cli.loglevel {
         LogLevel::Debug => tracing::Level::DEBUG,
         LogLevel::Info => tracing::Level::INFO,
         LogLevel::Warning => tracing::Level::WARN,
         LogLevel::Error => tracing::Level::ERROR,
     };
+    // The drivers' own warnings repeat per connection what the adapters say once (tiberius:
+    // "TLS encryption is not enabled" on every connection of `?ssl=disable`).
+    let filter =
+        tracing_subscriber::filter::Targets::new().with_default(level).with_target("tiberius", tracing::Level::ERROR);
     let builder = fmt().with_max_level(level).with_target(false);
     let to_console = !(cli.non_interactive && cli.no_log_to_console);
     match (&cli.logfile, cli.logformat) {
@@ -178,13 +184,15 @@ pub fn init_logging(cli: &Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("cannot open log file {}: {e}", path.display()))?;
             let b = builder.with_ansi(false).with_writer(std::sync::Mutex::new(file));
             match format {
-                LogFormat::Json => b.json().init(),
-                LogFormat::Plain => b.init(),
+                LogFormat::Json => b.json().finish().with(filter).init(),
+                LogFormat::Plain => b.finish().with(filter).init(),
             }
         }
-        (None, LogFormat::Json) if to_console => builder.json().with_writer(std::io::stderr).init(),
-        (None, LogFormat::Plain) if to_console => builder.with_writer(std::io::stderr).init(),
-        (None, _) => builder.with_writer(std::io::sink).init(),
+        (None, LogFormat::Json) if to_console => {
+            builder.json().with_writer(std::io::stderr).finish().with(filter).init()
+        }
+        (None, LogFormat::Plain) if to_console => builder.with_writer(std::io::stderr).finish().with(filter).init(),
+        (None, _) => builder.with_writer(std::io::sink).finish().with(filter).init(),
     }
     Ok(())
 }

@@ -11,6 +11,7 @@
 //!   unfinished part behind.
 
 pub mod layout;
+pub mod mssql;
 pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
@@ -23,6 +24,7 @@ use crate::decode::Record;
 use crate::schema::TableDef;
 use crate::schema::delta::SchemaDelta;
 use crate::time::Micros;
+use crate::value::Value;
 
 pub use url::{ConnectionString, Scheme, Secret, SslMode, UrlError, redact};
 
@@ -88,6 +90,42 @@ impl SinkError {
 
     pub fn refused(target: &str, detail: impl Into<String>) -> SinkError {
         SinkError::Refused { target: target.to_string(), detail: detail.into() }
+    }
+
+    /// A NaN or ±infinity that `database` (MySQL, SQL Server) has no value for, refused before
+    /// anything of the table is published.
+    pub fn non_finite(
+        target: &str,
+        database: &str,
+        def: &TableDef,
+        key: &Value,
+        column: &str,
+        value: f64,
+    ) -> SinkError {
+        SinkError::refused(
+            target,
+            format!(
+                "{}.{}: key {} column {column} holds {}, which {database} cannot store; nothing was published. \
+                 Run with --non-finite null to store NULL for such values instead",
+                def.namespace,
+                def.name,
+                key.to_text().unwrap_or_default(),
+                crate::value::format_float(value)
+            ),
+        )
+    }
+
+    /// An optional column became required while `nulls` rows (when counted) hold NULL there.
+    pub fn required_over_nulls(target: &str, def: &TableDef, column: &str, nulls: Option<u64>) -> SinkError {
+        let rows = nulls.map_or("rows".to_string(), |n| format!("{n} rows"));
+        SinkError::refused(
+            target,
+            format!(
+                "{}.{}: column {column} became required, but {rows} hold NULL there; nothing was changed. \
+                 Re-snapshot the table with `dap initdb --replace --namespace {} --table {}`",
+                def.namespace, def.name, def.namespace, def.name
+            ),
+        )
     }
 }
 
@@ -265,6 +303,7 @@ impl TargetSpec {
 pub enum Dialect {
     Postgresql,
     Mysql,
+    Mssql,
     Sqlite,
 }
 
@@ -275,6 +314,7 @@ pub fn ddl(dialect: Dialect, defs: &[TableDef]) -> Vec<String> {
     let (mut out, table): (Vec<String>, TableDdl) = match dialect {
         Dialect::Postgresql => (postgres::bookkeeping_statements(), postgres::table_statements),
         Dialect::Mysql => (mysql::bookkeeping_statements(), mysql::table_statements),
+        Dialect::Mssql => (mssql::bookkeeping_statements(), mssql::table_statements),
         Dialect::Sqlite => (sqlite::bookkeeping_statements(), sqlite::table_statements),
     };
     for def in defs {
@@ -285,6 +325,12 @@ pub fn ddl(dialect: Dialect, defs: &[TableDef]) -> Vec<String> {
 
 /// Opens the target of `spec` for `namespace`: the registry of adapters, keyed by scheme.
 pub async fn open(spec: &TargetSpec, namespace: &str, options: &SinkOptions) -> Result<Arc<dyn Sink>, SinkError> {
+    // Two TLS providers are linked (ring, and aws-lc through tiberius' tokio-rustls): drivers that
+    // take the process default need one chosen.
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
     if let Some(file) = spec.local_file(namespace)? {
         return Ok(Arc::new(sqlite::SqliteSink::open(&file, options.access)?));
     }
@@ -293,9 +339,6 @@ pub async fn open(spec: &TargetSpec, namespace: &str, options: &SinkOptions) -> 
         Scheme::Sqlite => unreachable!("sqlite:// is a local file"),
         Scheme::Postgres => Ok(Arc::new(postgres::PostgresSink::open(url, options).await?)),
         Scheme::Mysql => Ok(Arc::new(mysql::MysqlSink::open(url, options).await?)),
-        Scheme::Mssql => Err(SinkError::refused(
-            &url.redacted(),
-            format!("{}:// targets are not supported yet; use postgresql://, mysql:// or sqlite://", url.scheme.name()),
-        )),
+        Scheme::Mssql => Ok(Arc::new(mssql::MssqlSink::open(url, options).await?)),
     }
 }

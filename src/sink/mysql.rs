@@ -813,18 +813,7 @@ impl MysqlSink {
     }
 
     fn non_finite_error(&self, def: &TableDef, r: &Record, bad: NonFiniteValue) -> SinkError {
-        SinkError::refused(
-            &self.shown,
-            format!(
-                "{}.{}: key {} column {} holds {}, which MySQL cannot store; nothing was published. \
-                 Run with --non-finite null to store NULL for such values instead",
-                def.namespace,
-                def.name,
-                r.key.to_text().unwrap_or_default(),
-                bad.column,
-                format_float(bad.value)
-            ),
-        )
+        SinkError::non_finite(&self.shown, "MySQL", def, &r.key, &bad.column, bad.value)
     }
 
     /// MySQL reports rows it changed or skipped on a load as warnings: each is an error here.
@@ -930,16 +919,11 @@ impl MysqlSink {
                             .await
                             .map_err(self.fail(&format!("checking {name} for NULLs")))?;
                         if nulls.unwrap_or(0) > 0 {
-                            return Err(SinkError::refused(
+                            return Err(SinkError::required_over_nulls(
                                 &self.shown,
-                                format!(
-                                    "{}.{}: column {name} became required, but {} rows hold NULL there; nothing was changed. Re-snapshot the table with `dap initdb --replace --namespace {} --table {}`",
-                                    def.namespace,
-                                    def.name,
-                                    nulls.unwrap_or(0),
-                                    def.namespace,
-                                    def.name
-                                ),
+                                def,
+                                name,
+                                nulls.map(|n| n as u64),
                             ));
                         }
                     }

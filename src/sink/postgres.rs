@@ -968,13 +968,7 @@ impl PostgresSink {
             };
             c.batch_execute(&sql).await.map_err(|e| {
                 if let (Some(&SqlState::NOT_NULL_VIOLATION), Change::SetNotNull(name)) = (e.code(), change) {
-                    SinkError::refused(
-                        &self.shown,
-                        format!(
-                            "{}.{}: column {name} became required, but rows hold NULL there; nothing was changed. Re-snapshot the table with `dap initdb --replace --namespace {} --table {}`",
-                            def.namespace, def.name, def.namespace, def.name
-                        ),
-                    )
+                    SinkError::required_over_nulls(&self.shown, def, name, None)
                 } else {
                     database_error(&self.shown, &format!("changing the schema of {}", def.name), e)
                 }

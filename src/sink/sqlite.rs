@@ -355,11 +355,12 @@ impl Writer {
                         )
                         .map_err(|e| self.fail(&format!("checking {name} for NULLs"), e))?;
                     if nulls > 0 {
-                        return Err(self.refuse(format!(
-                            "{}.{}: column {name} became required, but {nulls} rows hold NULL there; nothing was changed. \
-                             Re-snapshot the table with `dap initdb --replace --namespace {} --table {}`",
-                            def.namespace, def.name, def.namespace, def.name
-                        )));
+                        return Err(SinkError::required_over_nulls(
+                            &self.path.display().to_string(),
+                            def,
+                            name,
+                            Some(nulls as u64),
+                        ));
                     }
                     rebuild = true;
                 }

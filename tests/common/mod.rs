@@ -2,7 +2,9 @@
 //! and row-by-row comparison with the emulator's ground truth.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod mssql;
 pub mod targets;
+pub mod tds;
 pub mod truth;
 
 use std::path::{Path, PathBuf};
@@ -67,8 +69,9 @@ pub fn mysql_url() -> String {
 
 /// `url` with its database name replaced.
 fn with_database(url: &str, db: &str) -> String {
+    let (url, query) = url.split_once('?').map_or((url, String::new()), |(u, q)| (u, format!("?{q}")));
     let (base, _) = url.rsplit_once('/').expect("database URL has a path");
-    format!("{base}/{db}")
+    format!("{base}/{db}{query}")
 }
 
 /// A new, empty PostgreSQL database for one test; returns its URL and a connection.

@@ -19,14 +19,20 @@ use super::truth::{self, Limit};
 pub const MYSQL_LIMITS: &[Limit] =
     &[Limit::WholeSeconds, Limit::NoNegativeZero, Limit::PaddedIpv4, Limit::NonFiniteAsNull];
 
+/// What the official SQL Server layout cannot keep: an IPv4 address in a `binary(16)` column is
+/// padded with zero bytes; NaN and infinity are NULL (the tests run with `--non-finite null`).
+pub const MSSQL_LIMITS: &[Limit] = &[Limit::PaddedIpv4, Limit::NonFiniteAsNull];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
     Postgres,
     Mysql,
+    Mssql,
 }
 
-/// SQLite always; PostgreSQL and MariaDB when `TEST_POSTGRES_URL` and `TEST_MYSQL_URL` are set
+/// SQLite and SQL Server (the TDS test server, or a real one named by `TEST_MSSQL_URL`)
+/// always; PostgreSQL and MariaDB when `TEST_POSTGRES_URL` and `TEST_MYSQL_URL` are set
 /// (scripts/test starts both servers and sets them, so CI runs every backend).
 pub fn backends() -> Vec<Backend> {
     let mut out = vec![Backend::Sqlite];
@@ -37,6 +43,7 @@ pub fn backends() -> Vec<Backend> {
             eprintln!("{var} is not set: {backend:?} is skipped (scripts/test sets it)");
         }
     }
+    out.push(Backend::Mssql);
     out
 }
 
@@ -48,6 +55,8 @@ pub struct TestTarget {
     _dir: Option<tempfile::TempDir>,
     postgres: Option<tokio_postgres::Client>,
     mysql: Option<mysql_async::Pool>,
+    /// The TDS test server behind an SQL Server target (`None` on a real server).
+    pub tds: Option<super::tds::TdsServer>,
 }
 
 impl TestTarget {
@@ -57,16 +66,20 @@ impl TestTarget {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
                 let url = format!("sqlite://{}", dir.path().join(format!("{name}.db")).display());
-                TestTarget { backend, url, _dir: Some(dir), postgres: None, mysql: None }
+                TestTarget { backend, url, _dir: Some(dir), postgres: None, mysql: None, tds: None }
             }
             Backend::Postgres => {
                 let (url, client) = super::fresh_postgres(name).await;
-                TestTarget { backend, url, _dir: None, postgres: Some(client), mysql: None }
+                TestTarget { backend, url, _dir: None, postgres: Some(client), mysql: None, tds: None }
             }
             Backend::Mysql => {
                 let url = super::fresh_mysql(name).await;
                 let pool = super::mysql_pool(&url);
-                TestTarget { backend, url, _dir: None, postgres: None, mysql: Some(pool) }
+                TestTarget { backend, url, _dir: None, postgres: None, mysql: Some(pool), tds: None }
+            }
+            Backend::Mssql => {
+                let (url, tds) = super::mssql::fresh_mssql(name).await;
+                TestTarget { backend, url, _dir: None, postgres: None, mysql: None, tds }
             }
         }
     }
@@ -85,10 +98,11 @@ impl TestTarget {
         self.open_with(namespace, SinkOptions { non_finite: NonFinite::Null, ..SinkOptions::default() }).await
     }
 
-    /// The options `dap` is run with against this target (NULL for NaN and infinity on MySQL).
+    /// The options `dap` is run with against this target (NULL for NaN and infinity on MySQL
+    /// and SQL Server).
     pub fn dap_options(&self) -> &'static [&'static str] {
         match self.backend {
-            Backend::Mysql => &["--non-finite", "null"],
+            Backend::Mysql | Backend::Mssql => &["--non-finite", "null"],
             _ => &[],
         }
     }
@@ -103,6 +117,7 @@ impl TestTarget {
             Backend::Sqlite => &[Limit::NoNegativeZero],
             Backend::Postgres => &[],
             Backend::Mysql => MYSQL_LIMITS,
+            Backend::Mssql => MSSQL_LIMITS,
         }
     }
 
@@ -110,7 +125,7 @@ impl TestTarget {
     pub fn table(&self, namespace: &str, table: &str) -> String {
         match self.backend {
             Backend::Sqlite => format!("\"{table}\""),
-            Backend::Postgres => format!("\"{namespace}\".\"{table}\""),
+            Backend::Postgres | Backend::Mssql => format!("\"{namespace}\".\"{table}\""),
             Backend::Mysql => format!("`{namespace}__{table}`"),
         }
     }
@@ -120,6 +135,7 @@ impl TestTarget {
             Backend::Sqlite => truth::sqlite_rows(&self.file(), def),
             Backend::Postgres => truth::postgres_rows(self.postgres.as_ref().unwrap(), def).await,
             Backend::Mysql => truth::mysql_rows(self.mysql.as_ref().unwrap(), def).await,
+            Backend::Mssql => truth::mssql_rows(&self.url, def).await,
         }
     }
 
@@ -133,6 +149,7 @@ impl TestTarget {
                 let mut conn = self.mysql.as_ref().unwrap().get_conn().await.unwrap();
                 conn.query_drop(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
             }
+            Backend::Mssql => super::mssql::exec(&self.url, sql).await,
         }
     }
 
@@ -176,6 +193,7 @@ impl TestTarget {
                     })
                     .collect()
             }
+            Backend::Mssql => super::mssql::column(&self.url, sql).await,
         }
     }
 
@@ -189,6 +207,9 @@ impl TestTarget {
             Backend::Mysql => format!(
                 "SELECT count(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = '{namespace}__{table}'"
             ),
+            Backend::Mssql => {
+                format!("SELECT CASE WHEN OBJECT_ID(N'\"{namespace}\".\"{table}\"', N'U') IS NULL THEN 0 ELSE 1 END")
+            }
         };
         self.column(&sql).await[0].as_deref() == Some("1")
     }
@@ -197,7 +218,7 @@ impl TestTarget {
     pub fn bookkeeping_table(&self) -> &'static str {
         match self.backend {
             Backend::Sqlite => "instructure_dap__table_sync",
-            Backend::Postgres => "\"instructure_dap\".\"table_sync\"",
+            Backend::Postgres | Backend::Mssql => "\"instructure_dap\".\"table_sync\"",
             Backend::Mysql => "instructure_dap__table_sync",
         }
     }
@@ -206,8 +227,9 @@ impl TestTarget {
     pub async fn initialised(&self, table: &str) -> bool {
         let exists = match self.backend {
             Backend::Sqlite => self.has_table("", "instructure_dap__table_sync").await,
-            Backend::Postgres => self.has_table("instructure_dap", "table_sync").await,
-            Backend::Mysql => self.has_table("instructure_dap", "table_sync").await,
+            Backend::Postgres | Backend::Mysql | Backend::Mssql => {
+                self.has_table("instructure_dap", "table_sync").await
+            }
         };
         let sql = format!("SELECT count(*) FROM {} WHERE source_table = '{table}'", self.bookkeeping_table());
         exists && self.column(&sql).await[0].as_deref() != Some("0")
@@ -221,6 +243,7 @@ impl TestTarget {
             Backend::Mysql => format!(
                 "SELECT count(DISTINCT INDEX_NAME) FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() AND INDEX_NAME = '{name}'"
             ),
+            Backend::Mssql => format!("SELECT COUNT(*) FROM sys.indexes WHERE name = N'{name}'"),
         };
         self.column(&sql).await[0].as_deref() == Some("1")
     }

@@ -333,3 +333,100 @@ pub async fn mysql_rows(pool: &mysql_async::Pool, def: &TableDef) -> Vec<Map<Str
         })
         .collect()
 }
+
+/// Every row of a SQL Server table (`"ns"."table"`) as JSON objects, read through `tiberius`:
+/// enum ids mapped back through their lookup tables, text read as NVARCHAR, binary columns
+/// (UUIDs, packed IPs) turned back into text, dates and times formatted with chrono.
+pub async fn mssql_rows(url: &str, def: &TableDef) -> Vec<Map<String, Json>> {
+    use tiberius::ColumnData;
+    let columns: Vec<&dap_replica::schema::Column> = def.columns().collect();
+    let mut select = Vec::new();
+    let mut joins = String::new();
+    for (i, c) in columns.iter().enumerate() {
+        select.push(match &c.ty {
+            ColumnType::Enum(_) => {
+                joins.push_str(&format!(
+                    " LEFT JOIN \"{ns}\".\"{t}__{c}\" AS l{i} ON l{i}.\"id\" = t.\"{c}\"",
+                    ns = def.namespace,
+                    t = def.name,
+                    c = c.name
+                ));
+                format!("CAST(l{i}.\"value\" AS nvarchar(256))")
+            }
+            ColumnType::Str { .. } | ColumnType::Array(_) | ColumnType::Object(_) | ColumnType::Json => {
+                format!("CAST(t.\"{}\" AS nvarchar(max))", c.name)
+            }
+            _ => format!("t.\"{}\"", c.name),
+        });
+    }
+    let sql = format!("SELECT {} FROM \"{}\".\"{}\" AS t{joins}", select.join(", "), def.namespace, def.name);
+    let mut client = super::mssql::connect(url).await;
+    let rows = client
+        .simple_query(&sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_first_result()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let day_zero = chrono::NaiveDate::from_ymd_opt(1, 1, 1).unwrap();
+    let time_of = |t: tiberius::time::Time| {
+        let nanos = t.increments() * 10u64.pow(9 - t.scale() as u32);
+        chrono::NaiveTime::from_num_seconds_from_midnight_opt(
+            (nanos / 1_000_000_000) as u32,
+            (nanos % 1_000_000_000) as u32,
+        )
+        .unwrap()
+    };
+    rows.into_iter()
+        .map(|row| {
+            columns
+                .iter()
+                .zip(row)
+                .map(|(c, cell)| {
+                    let v = match cell {
+                        ColumnData::U8(v) => v.map(Json::from),
+                        ColumnData::I16(v) => v.map(Json::from),
+                        ColumnData::I32(v) => v.map(Json::from),
+                        ColumnData::I64(v) => v.map(Json::from),
+                        ColumnData::F32(v) => v.map(|f| Json::String((f as f64).to_string())),
+                        ColumnData::F64(v) => v.map(|f| Json::String(f.to_string())),
+                        ColumnData::Bit(v) => v.map(Json::Bool),
+                        ColumnData::Numeric(v) => v.map(|n| Json::String(n.to_string())),
+                        ColumnData::String(v) => v.map(|s| match c.ty {
+                            ColumnType::Array(_) | ColumnType::Object(_) | ColumnType::Json => {
+                                serde_json::from_str(&s).expect("JSON text")
+                            }
+                            _ => Json::String(s.into_owned()),
+                        }),
+                        ColumnData::Binary(v) => v.map(|b| match c.ty {
+                            ColumnType::Uuid => Json::String(dap_replica::value::format_uuid(u128::from_be_bytes(
+                                b.as_ref().try_into().expect("16 bytes"),
+                            ))),
+                            _ => Json::String(match b.len() {
+                                4 => IpAddr::from(<[u8; 4]>::try_from(b.as_ref()).unwrap()).to_string(),
+                                16 => IpAddr::from(<[u8; 16]>::try_from(b.as_ref()).unwrap()).to_string(),
+                                n => panic!("{n} bytes are no IP address"),
+                            }),
+                        }),
+                        ColumnData::DateTime2(v) => v.map(|d| {
+                            let date = day_zero + chrono::Duration::days(d.date().days() as i64);
+                            Json::String(format!(
+                                "{}T{}Z",
+                                date.format("%Y-%m-%d"),
+                                time_of(d.time()).format("%H:%M:%S%.f")
+                            ))
+                        }),
+                        ColumnData::Date(v) => v.map(|d| {
+                            Json::String(
+                                (day_zero + chrono::Duration::days(d.days() as i64)).format("%Y-%m-%d").to_string(),
+                            )
+                        }),
+                        ColumnData::Time(v) => v.map(|t| Json::String(time_of(t).format("%H:%M:%S%.f").to_string())),
+                        other => panic!("{}.{}: no reading of {other:?}", def.name, c.name),
+                    };
+                    (c.name.clone(), v.unwrap_or(Json::Null))
+                })
+                .collect()
+        })
+        .collect()
+}
