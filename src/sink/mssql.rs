@@ -270,13 +270,18 @@ pub fn bookkeeping_statements() -> Vec<String> {
     ]
 }
 
-/// The DDL of a table as initdb creates it on an empty database: its schema, the lookup tables
-/// of its enums (also those of enum arrays and nested enums, which the official client creates
-/// though no column uses them), the table, its foreign keys.
+/// The lookup tables of a table: one per enum column, and one per array-of-enum column (which
+/// the official client creates though no column uses it); none for enums inside nested objects.
+fn lookup_tables(def: &TableDef) -> Vec<String> {
+    layout::enum_types(def).into_iter().filter(|e| e.used).map(|e| e.name).collect()
+}
+
+/// The DDL of a table as initdb creates it on an empty database: its schema, its lookup tables,
+/// the table, its foreign keys.
 pub fn table_statements(def: &TableDef) -> Vec<String> {
     let mut out = vec![create_schema_sql(&def.namespace)];
-    for e in layout::enum_types(def) {
-        out.extend(lookup_statements(def, &e.name));
+    for name in lookup_tables(def) {
+        out.extend(lookup_statements(def, &name));
     }
     out.push(create_table_sql(def));
     for (column, enum_name) in enum_columns(def) {
@@ -313,6 +318,10 @@ fn connect_error(shown: &str, url: &ConnectionString, e: tiberius::error::Error)
             Retry::Useless,
         ),
         E::Server(_) => ("the server refused the connection".into(), Retry::Useless),
+        E::Protocol(p) if p.contains("encryption") => (
+            "the server does not offer TLS, which the connection asks for by default; enable TLS on the server, or connect unencrypted with ?ssl=disable".into(),
+            Retry::Useless,
+        ),
         E::Tls(_) => (
             "TLS failed: the server's certificate was not accepted, or the server offers no TLS; check ?ssl= (the default trusts the server's certificate as the official client does; verify-full needs its CA, given with &sslrootcert=FILE; disable turns TLS off)".into(),
             Retry::Useless,
@@ -593,7 +602,7 @@ impl MssqlSink {
             return Ok(Vec::new());
         }
         let sql = format!(
-            "SELECT CAST(\"source_table\" AS nvarchar(256)), \"timestamp\", \"schema_version\", CAST(\"schema_description\" AS nvarchar(max))
+            "SELECT CAST(\"source_table\" AS nvarchar(256)), \"timestamp\", \"schema_version\", CAST(\"schema_description\" AS nvarchar(max)) \
              FROM {} WHERE \"source_namespace\" = @P1 ORDER BY \"source_table\", \"id\"",
             bookkeeping_table("table_sync")
         );
@@ -1015,9 +1024,9 @@ impl Sink for MssqlSink {
         let staging = staging_table(def);
         let replacing = self.exists(&mut c, &def.namespace, &def.name).await?;
         let mut missing_lookups = Vec::new();
-        for e in layout::enum_types(def) {
-            if !self.exists(&mut c, &def.namespace, &e.name).await? {
-                missing_lookups.push(e.name);
+        for name in lookup_tables(def) {
+            if !self.exists(&mut c, &def.namespace, &name).await? {
+                missing_lookups.push(name);
             }
         }
         self.batch(&mut c, "BEGIN TRANSACTION", "starting a transaction").await?;
@@ -1147,6 +1156,14 @@ mod tests {
         assert_eq!(column_type(&s(None)), "varchar(max)");
         assert_eq!(staging_type(&s(Some(255))).0, "nvarchar(510)", "room for 255 characters outside the BMP");
         assert_eq!(staging_type(&s(None)).0, "ntext", "any length survives the bulk load");
+    }
+
+    #[test]
+    fn long_statements_are_not_cut_and_the_default_trusts_the_servers_certificate() {
+        let url = ConnectionString::parse("mssql://u:p@db.example/dap").unwrap();
+        let c = config(&url);
+        assert_eq!(c.get_command_timeout(), None, "a long MERGE runs to its end");
+        assert_eq!(c.get_addr(), "db.example:1433");
     }
 
     #[test]
