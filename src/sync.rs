@@ -3,7 +3,9 @@
 //! it, so downloading, decoding and writing overlap.
 //!
 //! initdb asks the target for a staging area (resuming the parts an interrupted run of the same
-//! job loaded), loads the snapshot part by part, then publishes it with its bookkeeping row.
+//! job loaded), loads the snapshot part by part, then publishes it with its bookkeeping row. A
+//! target gets a feed only once its first piece is there, so a table waiting for its download
+//! slot holds no database connection (tables holding slots could otherwise wait for it forever).
 //! syncdb computes the schema delta from the stored description once, then the target applies
 //! delta, changes and the new watermark together. A failure anywhere keeps the previous
 //! consistent state; a corrupt object or a database error that a retry may clear is tried again.
@@ -65,6 +67,8 @@ impl SyncError {
 pub enum Action {
     Initialised,
     Synced,
+    /// Left alone: the target holds newer data than the source (see `SourceError::TargetAhead`).
+    Ahead,
 }
 
 /// What one table's replication did (the `--json` result).
@@ -168,8 +172,12 @@ impl Replicator {
             );
         }
         let todo: Vec<String> = extract.parts.iter().filter(|p| !done.contains(p)).cloned().collect();
-        let Reading { feed, task } = self.source.read(&schema.def, &extract, todo);
-        let rows = consume(task, self.sink.load(&schema.def, &extract.id, feed)).await?;
+        let Reading { mut feed, task } = self.source.read(&schema.def, &extract, todo);
+        let load = async {
+            feed.ready().await?;
+            self.sink.load(&schema.def, &extract.id, feed).await
+        };
+        let rows = consume(task, load).await?;
         let bookkeeping = Bookkeeping {
             namespace: namespace.into(),
             table: table.into(),
@@ -213,8 +221,12 @@ impl Replicator {
             schema_version: schema.def.version,
             schema_description: schema.description,
         };
-        let Reading { feed, task } = self.source.read(&schema.def, &extract, extract.parts.clone());
-        let rows = consume(task, self.sink.apply_changes(&schema.def, &delta, feed, &bookkeeping)).await?;
+        let Reading { mut feed, task } = self.source.read(&schema.def, &extract, extract.parts.clone());
+        let apply = async {
+            feed.ready().await?;
+            self.sink.apply_changes(&schema.def, &delta, feed, &bookkeeping).await
+        };
+        let rows = consume(task, apply).await?;
         Ok(TableReport {
             action: Action::Synced,
             job_id: extract.id,

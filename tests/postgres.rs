@@ -184,17 +184,6 @@ async fn every_table_follows_the_truth_in_the_official_layout() {
     }
 }
 
-/// Lines of the official client's debug log that executed DDL.
-fn ddl_in_official_log(log: &str) -> Vec<String> {
-    let lines: Vec<&str> = log.lines().collect();
-    lines
-        .windows(2)
-        .filter(|w| w[0].ends_with("execute SQL:"))
-        .map(|w| w[1].trim().to_string())
-        .filter(|sql| ["CREATE", "ALTER", "DROP", "COMMENT", "TRUNCATE"].iter().any(|k| sql.starts_with(k)))
-        .collect()
-}
-
 const TAKEOVER: &str = "accounts,users,courses,enrollments,assignments,submissions";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,10 +46,21 @@ pub struct DbArgs {
     pub(super) non_finite: NonFinite,
 }
 
+/// The fan-out of initdb and syncdb on the mirror.
+#[derive(Debug, Default, Args)]
+pub struct FanOutArgs {
+    /// After the run, replicate its tables from the mirror to this database (repeatable):
+    /// postgresql://…, mysql://…, mssql://… or sqlite:///PATH.db.
+    #[arg(long = "replicate-to")]
+    replicate_to: Vec<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct InitArgs {
     #[command(flatten)]
     db: DbArgs,
+    #[command(flatten)]
+    fan_out: FanOutArgs,
     /// Load an initialised table again; the old data stays queryable until the swap.
     #[arg(long)]
     replace: bool,
@@ -59,6 +70,8 @@ pub struct InitArgs {
 pub struct SyncArgs {
     #[command(flatten)]
     db: DbArgs,
+    #[command(flatten)]
+    fan_out: FanOutArgs,
     /// When the server needs a new snapshot of a table, take it (atomically) instead of stopping.
     #[arg(long)]
     auto_reinit: bool,
@@ -112,9 +125,22 @@ pub(super) enum Mode {
     Sync { auto_reinit: bool, init_missing: bool },
 }
 
-pub(super) async fn replicate(ctx: &Context, args: DbArgs, mode: Mode) -> anyhow::Result<()> {
+pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: Mode) -> anyhow::Result<()> {
     let command = if matches!(mode, Mode::Init { .. }) { "initdb" } else { "syncdb" };
     let spec = target_spec(args.connection_string.as_deref())?;
+    // The fan-out's targets are checked before anything is opened.
+    let fan_out = if fan_out.replicate_to.is_empty() {
+        None
+    } else {
+        let Some(mirror) = spec.local_file(&args.namespace)? else {
+            bail!(
+                "--replicate-to copies from the mirror: {command} must run on a mirror file (the default one, or sqlite:///PATH.db), not on {}",
+                spec.describe()
+            );
+        };
+        let targets = super::replicate::parse_targets(&fan_out.replicate_to, &mirror)?;
+        Some((mirror, targets))
+    };
     let client = Client::new(ctx.client.clone())?;
     let ns = args.namespace.clone();
     let options =
@@ -182,18 +208,33 @@ pub(super) async fn replicate(ctx: &Context, args: DbArgs, mode: Mode) -> anyhow
     if sink.local_file().is_none() {
         let _ = std::fs::remove_dir_all(&spool);
     }
+    let Some((mirror, targets)) = fan_out else {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&outcomes)?);
+        }
+        return super::export::finish(command, &outcomes);
+    };
+    // The mirror's writer is released before the targets read it.
+    std::mem::drop(replicator);
+    std::mem::drop(sink);
+    let done: Vec<String> =
+        outcomes.iter().filter(|o| matches!(o.outcome, Outcome::Succeeded { .. })).map(|o| o.table.clone()).collect();
+    let fanned = super::replicate::fan_out(&mirror, &ns, Some(done), &targets, &options, attempts).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+        println!("{}", serde_json::to_string_pretty(&json!({ "tables": outcomes, "replicate": fanned }))?);
     }
-    super::export::finish(command, &outcomes)
+    let own = super::export::finish(command, &outcomes);
+    let fanned = super::replicate::finish(&fanned);
+    own.and(fanned)
 }
 
 pub async fn initdb(ctx: &Context, args: InitArgs) -> anyhow::Result<()> {
-    replicate(ctx, args.db, Mode::Init { replace: args.replace }).await
+    run(ctx, args.db, args.fan_out, Mode::Init { replace: args.replace }).await
 }
 
 pub async fn syncdb(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
-    replicate(ctx, args.db, Mode::Sync { auto_reinit: args.auto_reinit, init_missing: args.init_missing }).await
+    let mode = Mode::Sync { auto_reinit: args.auto_reinit, init_missing: args.init_missing };
+    run(ctx, args.db, args.fan_out, mode).await
 }
 
 pub async fn drop(args: DbArgs) -> anyhow::Result<()> {
@@ -287,6 +328,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_target_is_current_behind_ahead_or_absent() {
+        assert_eq!(target_position(100_000_000, Some(100_000_000)), ("current", "0s".into()));
+        assert_eq!(target_position(100_000_000, Some(40_000_000)), ("behind", "1m 0s".into()));
+        assert_eq!(target_position(100_000_000, Some(103_000_000)), ("ahead", "-3s".into()));
+        assert_eq!(target_position(100_000_000, None), ("absent", "-".into()));
+    }
+
+    #[test]
     fn staleness_like_the_official_client() {
         assert_eq!(staleness(42), "42s");
         assert_eq!(staleness(125), "2m 5s");
@@ -308,12 +357,32 @@ pub struct StatusArgs {
     /// A mirror folder other than the default one.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Also show, per table, what this replication target holds and how far it lags behind the
+    /// mirror (repeatable; DAP_REPLICATE_TO may hold a comma-separated list).
+    #[arg(long = "to", env = "DAP_REPLICATE_TO", value_delimiter = ',', hide_env_values = true)]
+    to: Vec<String>,
 }
 
 impl StatusArgs {
     /// Every namespace file in `dir`.
     pub(super) fn for_dir(dir: &Path) -> StatusArgs {
-        StatusArgs { namespace: None, connection_string: None, json: false, dir: Some(dir.to_path_buf()) }
+        StatusArgs {
+            namespace: None,
+            connection_string: None,
+            json: false,
+            dir: Some(dir.to_path_buf()),
+            to: Vec::new(),
+        }
+    }
+}
+
+/// Where a replication target stands for a table, against the mirror's watermark.
+fn target_position(mirror: time::Micros, target: Option<time::Micros>) -> (&'static str, String) {
+    match target {
+        None => ("absent", "-".into()),
+        Some(t) if t == mirror => ("current", "0s".into()),
+        Some(t) if t > mirror => ("ahead", format!("-{}", staleness((t - mirror) / 1_000_000))),
+        Some(t) => ("behind", staleness((mirror - t) / 1_000_000)),
     }
 }
 
@@ -362,9 +431,31 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         };
         let state = local.as_ref().map(|p| StateFile::load(&StateFile::path_for(p))).unwrap_or_default();
         let file = sink.describe();
+        // The replication targets' positions: a target that cannot be read is shown as such.
+        let mut targets = Vec::new();
+        for text in args.to.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+            let spec = TargetSpec::parse(Some(text)).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+            let read = match sink::open(&spec, &ns, &options).await {
+                Ok(target) => target.all_bookkeeping(&ns).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            targets.push((spec.describe(), read));
+        }
         for b in sink.all_bookkeeping(&ns).await? {
             let entry = state.tables.get(&format!("{ns}.{}", b.table));
+            let positions: Vec<serde_json::Value> = targets
+                .iter()
+                .map(|(target, read)| match read {
+                    Ok(rows) => {
+                        let at = rows.iter().find(|t| t.table == b.table).map(|t| t.watermark);
+                        let (state, lag) = target_position(b.watermark, at);
+                        json!({"target": target, "watermark": at.map(time::format_wire), "state": state, "lag": lag})
+                    }
+                    Err(e) => json!({"target": target, "state": "unreadable", "error": e}),
+                })
+                .collect();
             rows.push(json!({
+                "targets": positions,
                 "namespace": ns,
                 "table": b.table,
                 "rows": sink.row_count(&ns, &b.table).await?,
@@ -400,6 +491,15 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             r["staleness"].as_str().unwrap_or_default(),
             r["last_result"].as_str().unwrap_or("-"),
         );
+        for t in r["targets"].as_array().into_iter().flatten() {
+            println!(
+                "  → {:<60} {:<8} {:<28} lag {}",
+                t["target"].as_str().unwrap_or_default(),
+                t["state"].as_str().unwrap_or_default(),
+                t["watermark"].as_str().unwrap_or("-"),
+                t["lag"].as_str().or(t["error"].as_str()).unwrap_or("-")
+            );
+        }
     }
     Ok(())
 }

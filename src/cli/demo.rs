@@ -54,7 +54,13 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     );
     for (ns, tables) in TABLES {
         // A table the demo mirror already has is synced instead.
-        db::replicate(&ctx, db_args(ns, tables), Mode::Sync { auto_reinit: true, init_missing: true }).await?;
+        db::run(
+            &ctx,
+            db_args(ns, tables),
+            db::FanOutArgs::default(),
+            Mode::Sync { auto_reinit: true, init_missing: true },
+        )
+        .await?;
     }
     println!("3. Changing the source: inserts, updates, soft and hard deletes ...");
     for (ns, tables) in TABLES {
@@ -64,7 +70,13 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("4. Syncing the changes ...");
     for (ns, tables) in TABLES {
-        db::replicate(&ctx, db_args(ns, tables), Mode::Sync { auto_reinit: true, init_missing: true }).await?;
+        db::run(
+            &ctx,
+            db_args(ns, tables),
+            db::FanOutArgs::default(),
+            Mode::Sync { auto_reinit: true, init_missing: true },
+        )
+        .await?;
     }
     println!("\n5. The mirror now:\n");
     db::status(db::StatusArgs::for_dir(&dir)).await?;

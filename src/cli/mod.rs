@@ -6,6 +6,7 @@ mod ddl;
 mod demo;
 mod emulator;
 mod export;
+mod replicate;
 
 use std::path::PathBuf;
 
@@ -98,6 +99,8 @@ pub enum Command {
     Dropdb(db::DbArgs),
     /// List the server's tables with their replication state.
     Listdb(db::ListDbArgs),
+    /// Copy tables from the local mirror to other databases (no DAP access needed).
+    Replicate(replicate::ReplicateArgs),
     /// Print the DDL initdb runs on an empty database (to review or provision it beforehand).
     Ddl(ddl::DdlArgs),
     /// Show the mirror: rows, schema version, watermark, staleness and last result per table.
@@ -138,6 +141,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Syncdb(args) => db::syncdb(&ctx, args).await,
         Command::Dropdb(args) => db::drop(args).await,
         Command::Listdb(args) => db::listdb(&ctx, args).await,
+        Command::Replicate(args) => replicate::replicate(&ctx, args).await,
         Command::Status(args) => db::status(args).await,
         Command::Ddl(args) => ddl::run(&ctx, args).await,
         Command::Demo(args) => demo::run(&ctx, args).await,

@@ -145,6 +145,8 @@ pub enum Piece {
 /// source: the target must keep nothing of the unfinished part.
 pub struct Feed {
     rx: tokio::sync::mpsc::Receiver<Piece>,
+    /// The first piece, once [`Feed::ready`] has waited for it.
+    first: Option<Piece>,
 }
 
 /// The sending end of a feed.
@@ -154,17 +156,33 @@ impl Feed {
     /// A feed holding at most `depth` pieces in flight (a few batches: memory stays bounded).
     pub fn channel(depth: usize) -> (FeedSender, Feed) {
         let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
-        (tx, Feed { rx })
+        (tx, Feed { rx, first: None })
+    }
+
+    /// Waits until the source has produced its first piece (kept for [`Feed::next`]). The
+    /// orchestrator hands a feed to a target only then, so that a table still waiting for its
+    /// download slot never holds a database connection that a downloading table needs.
+    pub async fn ready(&mut self) -> Result<(), SinkError> {
+        if self.first.is_none() {
+            self.first = Some(self.rx.recv().await.ok_or(SinkError::FeedAborted)?);
+        }
+        Ok(())
     }
 
     /// The next piece, or [`SinkError::FeedAborted`] when the source stopped early.
     pub async fn next(&mut self) -> Result<Piece, SinkError> {
-        self.rx.recv().await.ok_or(SinkError::FeedAborted)
+        match self.first.take() {
+            Some(p) => Ok(p),
+            None => self.rx.recv().await.ok_or(SinkError::FeedAborted),
+        }
     }
 
     /// [`Feed::next`] for a target that works on a blocking thread.
     pub fn blocking_next(&mut self) -> Result<Piece, SinkError> {
-        self.rx.blocking_recv().ok_or(SinkError::FeedAborted)
+        match self.first.take() {
+            Some(p) => Ok(p),
+            None => self.rx.blocking_recv().ok_or(SinkError::FeedAborted),
+        }
     }
 }
 

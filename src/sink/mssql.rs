@@ -34,6 +34,7 @@ use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, Sync
 use super::{
     Access, Bookkeeping, ConnectionString, Feed, NonFinite, Piece, Retry, Sink, SinkError, SinkOptions, SslMode,
 };
+use crate::decode::Record;
 use crate::schema::delta::{Change, SchemaDelta};
 use crate::schema::{Column, ColumnType, TableDef};
 use crate::time::{self, MICROS_PER_DAY, Micros};
@@ -379,15 +380,57 @@ fn day_number(unix_days: i64) -> Option<u32> {
     (0..=LAST_DAY).contains(&d).then_some(d as u32)
 }
 
-/// A value that cannot travel: NaN or infinity without `--non-finite null`, or a date before
+/// Why a value cannot travel: NaN or infinity without `--non-finite null`, or a date before
 /// year 1 or after 9999 (SQL Server's range).
-enum Unstorable {
+#[derive(Debug)]
+pub enum BadValue {
     NonFinite(f64),
     OutOfRange(String),
 }
 
+/// A record that cannot be loaded, with the key and column that say which value.
+#[derive(Debug)]
+pub struct Unstorable {
+    pub key: Box<Value>,
+    pub column: String,
+    pub reason: BadValue,
+}
+
+/// Turns records into the bulk-load rows of a staging table (for a sync, each row's action
+/// first).
+pub struct BulkEncoder<'a> {
+    def: &'a TableDef,
+    wires: Vec<Wire>,
+    span: Span,
+    non_finite: NonFinite,
+}
+
+impl<'a> BulkEncoder<'a> {
+    pub fn new(def: &'a TableDef, span: Span, non_finite: NonFinite) -> BulkEncoder<'a> {
+        BulkEncoder { def, wires: def.columns().map(|c| staging_type(c).1).collect(), span, non_finite }
+    }
+
+    pub fn row(&self, r: Record) -> Result<TokenRow<'static>, Unstorable> {
+        let deleted = r.action == Some('D');
+        let mut row = TokenRow::with_capacity(self.wires.len() + 1);
+        if self.span == Span::Feed {
+            row.push(ColumnData::String(Some(Cow::Borrowed(if deleted { "D" } else { "U" }))));
+        }
+        // A deleted row's values are NULL and never stored: nothing to refuse there.
+        let policy = if deleted { NonFinite::Null } else { self.non_finite };
+        let key = r.key.clone();
+        for ((v, wire), column) in std::iter::once(r.key).chain(r.values).zip(&self.wires).zip(self.def.columns()) {
+            match column_data(v, *wire, policy) {
+                Ok(d) => row.push(d),
+                Err(reason) => return Err(Unstorable { key: Box::new(key), column: column.name.clone(), reason }),
+            }
+        }
+        Ok(row)
+    }
+}
+
 /// A value as bulk-load data for a staging column.
-fn column_data(v: Value, wire: Wire, non_finite: NonFinite) -> Result<ColumnData<'static>, Unstorable> {
+fn column_data(v: Value, wire: Wire, non_finite: NonFinite) -> Result<ColumnData<'static>, BadValue> {
     let null = |w: Wire| match w {
         Wire::SmallInt => ColumnData::I16(None),
         Wire::Int => ColumnData::I32(None),
@@ -410,7 +453,7 @@ fn column_data(v: Value, wire: Wire, non_finite: NonFinite) -> Result<ColumnData
         (Value::Int(i), _) => ColumnData::I64(Some(i)),
         (Value::Float(f), w) if !f.is_finite() => match non_finite {
             NonFinite::Null => null(w),
-            NonFinite::Refuse => return Err(Unstorable::NonFinite(f)),
+            NonFinite::Refuse => return Err(BadValue::NonFinite(f)),
         },
         (Value::Float(f), Wire::Real) => ColumnData::F32(Some(f as f32)),
         (Value::Float(f), _) => ColumnData::F64(Some(f)),
@@ -423,7 +466,7 @@ fn column_data(v: Value, wire: Wire, non_finite: NonFinite) -> Result<ColumnData
         (Value::Timestamp(us), _) => {
             let days = us.div_euclid(MICROS_PER_DAY);
             let Some(day) = day_number(days) else {
-                return Err(Unstorable::OutOfRange(time::format_wire(us)));
+                return Err(BadValue::OutOfRange(time::format_wire(us)));
             };
             ColumnData::DateTime2(Some(tiberius::time::DateTime2::new(
                 tiberius::time::Date::new(day),
@@ -432,7 +475,7 @@ fn column_data(v: Value, wire: Wire, non_finite: NonFinite) -> Result<ColumnData
         }
         (Value::Date(d), _) => match day_number(d as i64) {
             Some(day) => ColumnData::Date(Some(tiberius::time::Date::new(day))),
-            None => return Err(Unstorable::OutOfRange(time::format_date(d))),
+            None => return Err(BadValue::OutOfRange(time::format_date(d))),
         },
         (Value::Time(us), _) => ColumnData::Time(Some(time_of_day(us))),
         (Value::Uuid(u), _) => ColumnData::Binary(Some(Cow::Owned(u.to_be_bytes().to_vec()))),
@@ -444,7 +487,7 @@ fn column_data(v: Value, wire: Wire, non_finite: NonFinite) -> Result<ColumnData
 /// Which rows of a feed one bulk load takes: a snapshot part, or every change of a sync (with
 /// each record's action).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Span {
+pub enum Span {
     Part,
     Feed,
 }
@@ -682,17 +725,6 @@ impl MssqlSink {
         Ok(())
     }
 
-    /// A staging or scratch table: a sequence (the later of two rows of one key wins), for a
-    /// sync each record's action, then the table's columns in staging types.
-    fn create_scratch_sql(def: &TableDef, name: &str, span: Span) -> String {
-        let mut columns = vec!["\"_dap_seq\" bigint NOT NULL IDENTITY".to_string()];
-        if span == Span::Feed {
-            columns.push("\"_dap_action\" nchar(1) NOT NULL".into());
-        }
-        columns.extend(def.columns().map(|c| format!("{} {}", ident(&c.name), staging_type(c).0)));
-        format!("DROP TABLE IF EXISTS {0}; CREATE TABLE {0} ({1})", ours(name), columns.join(", "))
-    }
-
     /// Bulk-loads records into a scratch table until the part ends ([`Span::Part`]) or the feed
     /// does; returns the rows and the piece that ended the load.
     async fn bulk_load(
@@ -703,7 +735,7 @@ impl MssqlSink {
         span: Span,
         feed: &mut Feed,
     ) -> Result<(u64, Piece), SinkError> {
-        let wires: Vec<Wire> = def.columns().map(|c| staging_type(c).1).collect();
+        let encoder = BulkEncoder::new(def, span, self.non_finite);
         let target = bracketed(OUR_SCHEMA, name);
         let action = format!("loading rows into {OUR_SCHEMA}.{name}");
         let mut request = c.bulk_insert(&target).await.map_err(self.fail(&action))?;
@@ -712,34 +744,20 @@ impl MssqlSink {
             match feed.next().await? {
                 Piece::Rows(batch) => {
                     for r in batch {
-                        let key = r.key.clone();
-                        let deleted = r.action == Some('D');
-                        let mut row = TokenRow::with_capacity(wires.len() + 1);
-                        if span == Span::Feed {
-                            row.push(ColumnData::String(Some(Cow::Borrowed(if deleted { "D" } else { "U" }))));
-                        }
-                        let columns = def.columns().map(|c| c.name.clone()).collect::<Vec<_>>();
-                        for ((v, wire), column) in std::iter::once(r.key).chain(r.values).zip(&wires).zip(&columns) {
-                            // A deleted row's values are NULL and never stored: nothing to refuse.
-                            let policy = if deleted { NonFinite::Null } else { self.non_finite };
-                            match column_data(v, *wire, policy) {
-                                Ok(d) => row.push(d),
-                                Err(Unstorable::NonFinite(f)) => {
-                                    return Err(SinkError::non_finite(&self.shown, "SQL Server", def, &key, column, f));
-                                }
-                                Err(Unstorable::OutOfRange(shown)) => {
-                                    return Err(SinkError::refused(
-                                        &self.shown,
-                                        format!(
-                                            "{}.{}: key {} column {column} holds {shown}, outside SQL Server's dates (years 1 to 9999); nothing was published",
-                                            def.namespace,
-                                            def.name,
-                                            key.to_text().unwrap_or_default()
-                                        ),
-                                    ));
-                                }
+                        let row = encoder.row(r).map_err(|Unstorable { key, column, reason }| match reason {
+                            BadValue::NonFinite(value) => {
+                                SinkError::non_finite(&self.shown, "SQL Server", def, &key, &column, value)
                             }
-                        }
+                            BadValue::OutOfRange(shown) => SinkError::refused(
+                                &self.shown,
+                                format!(
+                                    "{}.{}: key {} column {column} holds {shown}, outside SQL Server's dates (years 1 to 9999); nothing was published",
+                                    def.namespace,
+                                    def.name,
+                                    key.to_text().unwrap_or_default()
+                                ),
+                            ),
+                        })?;
                         request.send(row).await.map_err(self.fail(&action))?;
                         rows += 1;
                     }
@@ -901,6 +919,18 @@ impl MssqlSink {
     }
 }
 
+/// A staging or scratch table `"dap_replica"."name"`, created anew: a sequence (the later of two
+/// rows of one key wins), for a sync each record's action, then the table's columns in staging
+/// types.
+pub fn create_scratch_sql(def: &TableDef, name: &str, span: Span) -> String {
+    let mut columns = vec!["\"_dap_seq\" bigint NOT NULL IDENTITY".to_string()];
+    if span == Span::Feed {
+        columns.push("\"_dap_action\" nchar(1) NOT NULL".into());
+    }
+    columns.extend(def.columns().map(|c| format!("{} {}", ident(&c.name), staging_type(c).0)));
+    format!("DROP TABLE IF EXISTS {0}; CREATE TABLE {0} ({1})", ours(name), columns.join(", "))
+}
+
 /// A column's definition with its nullability spelled out, as `ALTER COLUMN` wants it.
 fn column_sql_nullable(c: &Column) -> String {
     format!("{} {} {}", ident(&c.name), column_type(c), if c.required { "NOT NULL" } else { "NULL" })
@@ -979,7 +1009,7 @@ impl Sink for MssqlSink {
             ours("checkpoints"),
             literal(&def.namespace),
             literal(&def.name),
-            Self::create_scratch_sql(def, &staging_table(def), Span::Part)
+            create_scratch_sql(def, &staging_table(def), Span::Part)
         );
         self.batch(&mut c, &sql, &format!("creating the staging table of {}", def.name)).await?;
         self.put(c);
@@ -1076,7 +1106,7 @@ impl Sink for MssqlSink {
     ) -> Result<u64, SinkError> {
         let mut c = self.conn().await?;
         let scratch = changes_table(def);
-        self.batch(&mut c, &Self::create_scratch_sql(def, &scratch, Span::Feed), "creating the changes table").await?;
+        self.batch(&mut c, &create_scratch_sql(def, &scratch, Span::Feed), "creating the changes table").await?;
         let (rows, _) = self.bulk_load(&mut c, def, &scratch, Span::Feed, &mut feed).await?;
         let table = table_name(&def.namespace, &def.name);
         self.batch(&mut c, "BEGIN TRANSACTION", "starting a transaction").await?;
@@ -1174,11 +1204,11 @@ mod tests {
         assert_eq!(dt.time().increments(), 863_999_999_990, "23:59:59.999999 in 100 ns");
         assert!(matches!(
             column_data(Value::Timestamp(-62_200_000_000_000_000), Wire::DateTime2, NonFinite::Refuse),
-            Err(Unstorable::OutOfRange(_))
+            Err(BadValue::OutOfRange(_))
         ));
         assert!(matches!(
             column_data(Value::Float(f64::NAN), Wire::Float, NonFinite::Refuse),
-            Err(Unstorable::NonFinite(_))
+            Err(BadValue::NonFinite(_))
         ));
         assert!(matches!(
             column_data(Value::Float(f64::INFINITY), Wire::Float, NonFinite::Null),

@@ -554,6 +554,10 @@ impl MysqlSink {
                 "publishing",
                 "namespace varchar(64) NOT NULL, table_name varchar(64) NOT NULL, watermark varchar(40) NOT NULL, schema_version bigint NOT NULL, schema_description mediumtext NOT NULL, PRIMARY KEY (namespace, table_name)",
             ),
+            (
+                "watermarks",
+                "namespace varchar(64) NOT NULL, table_name varchar(64) NOT NULL, watermark varchar(40) NOT NULL, PRIMARY KEY (namespace, table_name)",
+            ),
         ] {
             if !self.table_exists(c, &format!("{OUR_SCHEMA}__{name}")).await? {
                 c.query_drop(format!("CREATE TABLE IF NOT EXISTS {} ({columns})", our_table(name)))
@@ -620,7 +624,16 @@ impl MysqlSink {
         Ok(())
     }
 
+    /// The bookkeeping row (its `datetime` keeps whole seconds), and beside it, in our own table
+    /// and the same transaction, the exact watermark: a sync then resumes from exactly where it
+    /// stopped, and a replication knows exactly which mirror commit the target holds.
     async fn write_bookkeeping(&self, c: &mut Conn, b: &Bookkeeping) -> Result<(), SinkError> {
+        c.exec_drop(
+            format!("REPLACE INTO {} (namespace, table_name, watermark) VALUES (?, ?, ?)", our_table("watermarks")),
+            (&b.namespace, &b.table, time::format_wire(b.watermark)),
+        )
+        .await
+        .map_err(self.fail("recording the exact watermark"))?;
         let sync = bookkeeping_table("table_sync");
         // datetime has whole seconds: truncated, so the next `since` is never past a change.
         let whole = b.watermark - b.watermark.rem_euclid(MICROS_PER_SECOND);
@@ -660,11 +673,20 @@ impl MysqlSink {
         if !self.table_exists(&mut c, &format!("{BOOKKEEPING_SCHEMA}__table_sync")).await? {
             return Ok(Vec::new());
         }
-        let rows: Vec<(String, String, String, i64, String)> = c
+        let exact_known = self.table_exists(&mut c, &format!("{OUR_SCHEMA}__watermarks")).await?;
+        let exact = if exact_known {
+            format!(
+                "(SELECT w.watermark FROM {} w WHERE w.namespace = s.source_namespace AND w.table_name = s.source_table)",
+                our_table("watermarks")
+            )
+        } else {
+            "NULL".to_string()
+        };
+        let rows: Vec<(String, String, String, i64, String, Option<String>)> = c
             .exec(
                 format!(
-                    "SELECT source_namespace, source_table, DATE_FORMAT(\"timestamp\", '%Y-%m-%dT%H:%i:%sZ'), schema_version, schema_description
-                     FROM {} WHERE source_namespace = ? AND (? IS NULL OR source_table = ?) ORDER BY source_table, id",
+                    "SELECT source_namespace, source_table, DATE_FORMAT(\"timestamp\", '%Y-%m-%dT%H:%i:%sZ'), schema_version, schema_description, {exact}
+                     FROM {} s WHERE source_namespace = ? AND (? IS NULL OR source_table = ?) ORDER BY source_table, id",
                     bookkeeping_table("table_sync")
                 ),
                 (namespace, table, table),
@@ -672,16 +694,24 @@ impl MysqlSink {
             .await
             .map_err(self.fail("reading instructure_dap__table_sync"))?;
         let mut out: Vec<Bookkeeping> = Vec::new();
-        for (ns, t, ts, version, description) in rows {
+        for (ns, t, ts, version, description, exact) in rows {
             if out.iter().any(|b| b.table == t) {
                 continue; // the first row of a table counts, as for the official client
             }
+            let stored = time::parse_rfc3339(&ts).map_err(|e| {
+                SinkError::refused(&self.shown, format!("table_sync holds a timestamp dap cannot read: {e}"))
+            })?;
+            // The exact watermark counts only while table_sync still holds it truncated: another
+            // client (the official one) that synced since wrote only table_sync.
+            let exact = exact.and_then(|e| time::parse_rfc3339(&e).ok());
+            let watermark = match exact {
+                Some(e) if e - e.rem_euclid(MICROS_PER_SECOND) == stored => e,
+                _ => stored,
+            };
             out.push(Bookkeeping {
                 namespace: ns,
                 table: t,
-                watermark: time::parse_rfc3339(&ts).map_err(|e| {
-                    SinkError::refused(&self.shown, format!("table_sync holds a timestamp dap cannot read: {e}"))
-                })?,
+                watermark,
                 schema_version: u32::try_from(version).unwrap_or(0),
                 schema_description: description,
             });
@@ -1176,6 +1206,12 @@ impl Sink for MysqlSink {
             c.query_drop(format!("DROP TABLE IF EXISTS {}", table_name(namespace, table)))
                 .await
                 .map_err(self.fail(&format!("dropping {namespace}.{table}")))?;
+            c.exec_drop(
+                format!("DELETE FROM {} WHERE namespace = ? AND table_name = ?", our_table("watermarks")),
+                (namespace, table),
+            )
+            .await
+            .map_err(self.fail("removing the exact watermark"))?;
         }
         Ok(removed > 0)
     }

@@ -10,6 +10,12 @@
 //! timestamps fixed-width UTC text `YYYY-MM-DDTHH:MM:SS.ffffffZ` (sorts in time order, and
 //! SQLite's date functions read it); dates, times, UUIDs, IPs, enums and text as TEXT; nested
 //! objects and arrays as JSON text.
+//!
+//! The change index (for outward replication, `source/mirror.rs`): each sync records, in its own
+//! transaction, a commit (its sequence number and DAP watermark) and, per key it wrote or deleted,
+//! the last commit that touched it. One row per key the table has had, however long its history.
+//! A publish (initdb, a re-snapshot) starts a new epoch: the index restarts at commit 0, whose
+//! watermark is the snapshot's.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -29,6 +35,10 @@ use crate::value::Value;
 const BOOKKEEPING: &str = "instructure_dap__table_sync";
 /// Objects of an initdb job already loaded into staging (the per-object checkpoint).
 const CHECKPOINTS: &str = "_dap_checkpoint";
+/// The commits of each table since its epoch began: sequence number and DAP watermark.
+pub const COMMITS: &str = "dap_replica__commits";
+/// Per key of each table, the last commit that wrote or deleted it.
+pub const CHANGES: &str = "dap_replica__changes";
 
 /// The mirror file of one namespace. Writes go through one connection (SQLite has one writer
 /// per file), used on blocking threads; a write access also holds the file's writer lock.
@@ -92,6 +102,35 @@ fn to_sql(v: &Value) -> Sql {
     }
 }
 
+/// A value of a column of type `ty` as the mirror stores it, read back (the inverse of
+/// [`to_sql`]).
+pub fn from_sql(v: ValueRef<'_>, ty: &ColumnType) -> Result<Value, String> {
+    Ok(match (v, ty) {
+        (ValueRef::Null, _) => Value::Null,
+        (ValueRef::Integer(i), ColumnType::Bool) => Value::Bool(i != 0),
+        (ValueRef::Integer(i), ColumnType::Float(_)) => Value::Float(i as f64),
+        (ValueRef::Real(f), ColumnType::Float(_)) => Value::Float(f),
+        // A NUMERIC decimal of up to 15 digits comes back as the double nearest to it, which
+        // prints back as exactly those digits.
+        (ValueRef::Integer(i), ColumnType::Decimal { scale, .. }) => {
+            crate::decode::tsv::parse(&i.to_string(), &ColumnType::Decimal { precision: 38, scale: *scale })?
+        }
+        (ValueRef::Real(f), ColumnType::Decimal { scale, .. }) => {
+            let text = format!("{f:.*}", *scale as usize);
+            crate::decode::tsv::parse(&text, &ColumnType::Decimal { precision: 38, scale: *scale })?
+        }
+        (ValueRef::Integer(i), _) => Value::Int(i),
+        (ValueRef::Text(t), ty) => {
+            let text = std::str::from_utf8(t).map_err(|e| e.to_string())?;
+            match ty {
+                ColumnType::Str { .. } | ColumnType::Enum(_) => Value::Str(text.to_string()),
+                ty => crate::decode::tsv::parse(text, ty)?,
+            }
+        }
+        (other, ty) => return Err(format!("{other:?} is no value of {}", ty.describe())),
+    })
+}
+
 fn column_sql(c: &crate::schema::Column) -> String {
     format!("{} {}{}", quote(&c.name), sql_type(&c.ty), if c.required { " NOT NULL" } else { "" })
 }
@@ -115,6 +154,17 @@ pub fn bookkeeping_statements() -> Vec<String> {
             "CREATE TABLE IF NOT EXISTS {CHECKPOINTS} (
                source_namespace TEXT NOT NULL, source_table TEXT NOT NULL, job_id TEXT NOT NULL, object TEXT NOT NULL,
                PRIMARY KEY (source_namespace, source_table, object))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {COMMITS} (
+               source_namespace TEXT NOT NULL, source_table TEXT NOT NULL, seq INTEGER NOT NULL, watermark TEXT NOT NULL,
+               PRIMARY KEY (source_namespace, source_table, seq))"
+        ),
+        // The key keeps the table's key column's own type (no affinity), so it joins with it.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {CHANGES} (
+               source_namespace TEXT NOT NULL, source_table TEXT NOT NULL, key NOT NULL, seq INTEGER NOT NULL,
+               PRIMARY KEY (source_namespace, source_table, key)) WITHOUT ROWID"
         ),
     ]
 }
@@ -222,13 +272,20 @@ impl Writer {
         self.conn.execute_batch(&create_table_sql(name, def)).map_err(|e| self.fail(&format!("creating {name}"), e))
     }
 
-    /// `INSERT … ON CONFLICT DO UPDATE` of every column: whole-row upserts.
+    /// `INSERT … ON CONFLICT DO UPDATE` of every column: whole-row upserts. A row that arrives
+    /// unchanged (DAP delivers the boundary of two syncs twice) is not written again, so it
+    /// counts as no change.
     fn upsert_sql(table: &str, def: &TableDef) -> String {
         let names: Vec<String> = def.columns().map(|c| quote(&c.name)).collect();
         let marks = vec!["?"; names.len()].join(", ");
         let updates: Vec<String> = def.values.iter().map(|c| format!("{0} = excluded.{0}", quote(&c.name))).collect();
-        let action =
-            if updates.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", updates.join(", ")) };
+        let differs: Vec<String> =
+            def.values.iter().map(|c| format!("{0} IS NOT excluded.{0}", quote(&c.name))).collect();
+        let action = if updates.is_empty() {
+            "NOTHING".to_string()
+        } else {
+            format!("UPDATE SET {} WHERE {}", updates.join(", "), differs.join(" OR "))
+        };
         format!(
             "INSERT INTO {} ({}) VALUES ({marks}) ON CONFLICT ({}) DO {action}",
             quote(table),
@@ -237,7 +294,15 @@ impl Writer {
         )
     }
 
-    fn write_rows(&self, table: &str, def: &TableDef, rows: &[Record]) -> Result<(), SinkError> {
+    /// Writes records; returns how many changed a row (an unchanged row or an absent key's
+    /// delete changes none), and appends the keys they changed to `changed`.
+    fn write_rows(
+        &self,
+        table: &str,
+        def: &TableDef,
+        rows: &[Record],
+        changed: &mut Vec<Value>,
+    ) -> Result<(), SinkError> {
         let mut upsert = self
             .conn
             .prepare_cached(&Self::upsert_sql(table, def))
@@ -247,14 +312,74 @@ impl Writer {
             .prepare_cached(&format!("DELETE FROM {} WHERE {} = ?", quote(table), quote(&def.key.name)))
             .map_err(|e| self.fail("preparing the delete", e))?;
         for r in rows {
-            if r.action == Some('D') {
-                delete.execute([to_sql(&r.key)]).map_err(|e| self.fail(&format!("deleting from {table}"), e))?;
-                continue;
+            let n = if r.action == Some('D') {
+                delete.execute([to_sql(&r.key)]).map_err(|e| self.fail(&format!("deleting from {table}"), e))?
+            } else {
+                let params = std::iter::once(Bind(&r.key)).chain(r.values.iter().map(Bind));
+                upsert.execute(rusqlite::params_from_iter(params)).map_err(|e| {
+                    self.fail(&format!("writing {table} key {}", r.key.to_text().unwrap_or_default()), e)
+                })?
+            };
+            if n > 0 {
+                changed.push(r.key.clone());
             }
-            let params = std::iter::once(Bind(&r.key)).chain(r.values.iter().map(Bind));
-            upsert
-                .execute(rusqlite::params_from_iter(params))
-                .map_err(|e| self.fail(&format!("writing {table} key {}", r.key.to_text().unwrap_or_default()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Starts a table's change index over (a publish): commit 0 at the snapshot's watermark.
+    fn start_epoch(&self, b: &Bookkeeping) -> Result<(), SinkError> {
+        let fail = |e| self.fail("starting the change index", e);
+        for t in [COMMITS, CHANGES] {
+            self.conn
+                .execute(
+                    &format!("DELETE FROM {t} WHERE source_namespace = ?1 AND source_table = ?2"),
+                    params![b.namespace, b.table],
+                )
+                .map_err(fail)?;
+        }
+        self.conn
+            .execute(
+                &format!(
+                    "INSERT INTO {COMMITS} (source_namespace, source_table, seq, watermark) VALUES (?1, ?2, 0, ?3)"
+                ),
+                params![b.namespace, b.table, time::format_fixed(b.watermark)],
+            )
+            .map_err(fail)?;
+        Ok(())
+    }
+
+    /// Records a sync in the change index: a new commit at its watermark, and the keys it wrote
+    /// or deleted.
+    fn record_commit(&self, b: &Bookkeeping, keys: &[Value]) -> Result<(), SinkError> {
+        let fail = |e| self.fail("recording the change index", e);
+        let seq: i64 = self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM {COMMITS} WHERE source_namespace = ?1 AND source_table = ?2"
+                ),
+                params![b.namespace, b.table],
+                |r| r.get(0),
+            )
+            .map_err(fail)?;
+        self.conn
+            .execute(
+                &format!(
+                    "INSERT INTO {COMMITS} (source_namespace, source_table, seq, watermark) VALUES (?1, ?2, ?3, ?4)"
+                ),
+                params![b.namespace, b.table, seq, time::format_fixed(b.watermark)],
+            )
+            .map_err(fail)?;
+        let mut upsert = self
+            .conn
+            .prepare_cached(&format!(
+                "INSERT INTO {CHANGES} (source_namespace, source_table, key, seq) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (source_namespace, source_table, key) DO UPDATE SET seq = excluded.seq"
+            ))
+            .map_err(fail)?;
+        for k in keys {
+            upsert.execute(params![b.namespace, b.table, Bind(k), seq]).map_err(fail)?;
         }
         Ok(())
     }
@@ -518,7 +643,7 @@ impl Sink for SqliteSink {
                         w.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| w.fail("starting a transaction", e))?
                     }
                     Piece::Rows(batch) => {
-                        w.write_rows(&name, &def, &batch)?;
+                        w.write_rows(&name, &def, &batch, &mut Vec::new())?;
                         rows += batch.len() as u64;
                     }
                     Piece::End(object) => {
@@ -552,6 +677,7 @@ impl Sink for SqliteSink {
                 )
                 .map_err(|e| w.fail("clearing checkpoints", e))?;
             w.write_bookkeeping(&bookkeeping)?;
+            w.start_epoch(&bookkeeping)?;
             tx.commit().map_err(|e| w.fail(&format!("committing {}", def.name), e))
         })
         .await
@@ -570,11 +696,12 @@ impl Sink for SqliteSink {
             w.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| w.fail("starting a transaction", e))?;
             w.apply_delta(&def, &delta)?;
             let mut rows = 0;
+            let mut keys = Vec::new();
             let mut piece = first;
             loop {
                 match piece {
                     Piece::Rows(batch) => {
-                        w.write_rows(&def.name, &def, &batch)?;
+                        w.write_rows(&def.name, &def, &batch, &mut keys)?;
                         rows += batch.len() as u64;
                     }
                     Piece::Begin(_) | Piece::End(_) => {}
@@ -583,6 +710,7 @@ impl Sink for SqliteSink {
                 piece = feed.blocking_next()?;
             }
             w.write_bookkeeping(&bookkeeping)?;
+            w.record_commit(&bookkeeping, &keys)?;
             w.conn.execute_batch("COMMIT").map_err(|e| w.fail("committing the changes", e))?;
             Ok(rows)
         })
@@ -604,6 +732,14 @@ impl Sink for SqliteSink {
                 w.conn
                     .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&t)))
                     .map_err(|e| w.fail(&format!("dropping {t}"), e))?;
+                for index in [COMMITS, CHANGES] {
+                    w.conn
+                        .execute(
+                            &format!("DELETE FROM {index} WHERE source_namespace = ?1 AND source_table = ?2"),
+                            params![ns, t],
+                        )
+                        .map_err(|e| w.fail("clearing the change index", e))?;
+                }
             }
             tx.commit().map_err(|e| w.fail("committing the drop", e))?;
             Ok(removed > 0)

@@ -4,6 +4,7 @@
 //! replication, is the other.
 
 pub mod dap;
+pub mod mirror;
 
 use std::path::PathBuf;
 
@@ -53,6 +54,14 @@ pub enum SourceError {
     CorruptObject { table: String, object: String, detail: String },
     #[error("{table}: cannot use {}: {source}", path.display())]
     Io { table: String, path: PathBuf, source: std::io::Error },
+    /// The target holds changes the source has not got yet (synced straight from DAP after it
+    /// was replicated from the mirror): it is left alone until the source catches up.
+    #[error(
+        "the target is ahead of the mirror (it holds {}, the mirror {}): left alone until the mirror's next syncdb catches up",
+        crate::time::format_wire(*target),
+        crate::time::format_wire(*mirror)
+    )]
+    TargetAhead { mirror: Micros, target: Micros },
     /// The source cannot give changes since the watermark (DAP: snapshot required, out of range).
     #[error("the source needs a new snapshot ({reason})")]
     SnapshotRequired { reason: String },

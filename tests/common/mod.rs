@@ -190,3 +190,14 @@ pub fn object_content(path: &Path) -> Vec<u8> {
         bytes
     }
 }
+
+/// Lines of the official client's debug log that executed DDL.
+pub fn ddl_in_official_log(log: &str) -> Vec<String> {
+    let lines: Vec<&str> = log.lines().collect();
+    lines
+        .windows(2)
+        .filter(|w| w[0].ends_with("execute SQL:"))
+        .map(|w| w[1].trim().to_string())
+        .filter(|sql| ["CREATE", "ALTER", "DROP", "COMMENT", "TRUNCATE"].iter().any(|k| sql.starts_with(k)))
+        .collect()
+}

@@ -13,7 +13,7 @@ pub mod wire;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::OwnedMutexGuard;
 
 use engine::{Cell, Db, Outcome, Params, Session, SqlError, SqlType, TableKey};
@@ -28,6 +28,9 @@ pub struct ServerOptions {
     pub collation: String,
     /// Keep a copy of every decoded bulk row (see [`TdsServer::bulk_loads`]).
     pub keep_bulk_rows: bool,
+    /// Write bulk-load packets to /dev/null instead of decoding them (the benchmark's floor and
+    /// send-rate runs): the tables stay empty, and only [`Shared::bulk_bytes_received`] counts.
+    pub discard_bulk: bool,
 }
 
 impl Default for ServerOptions {
@@ -38,6 +41,7 @@ impl Default for ServerOptions {
             database: "dap".into(),
             collation: "Latin1_General_100_CI_AS_SC_UTF8".into(),
             keep_bulk_rows: false,
+            discard_bulk: false,
         }
     }
 }
@@ -68,6 +72,8 @@ pub struct Shared {
     pub faults: Mutex<Faults>,
     /// Bulk rows received, over all loads.
     pub bulk_rows_received: std::sync::atomic::AtomicU64,
+    /// Bytes of bulk-load packets received (headers included), over all loads.
+    pub bulk_bytes_received: std::sync::atomic::AtomicU64,
 }
 
 pub struct TdsServer {
@@ -84,8 +90,13 @@ impl Drop for TdsServer {
 
 impl TdsServer {
     pub async fn start(options: ServerOptions) -> TdsServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        TdsServer::start_on(0, options).await.expect("the test server listens")
+    }
+
+    /// A server on a port of 127.0.0.1 (0 picks a free one).
+    pub async fn start_on(port: u16, options: ServerOptions) -> std::io::Result<TdsServer> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let port = listener.local_addr()?.port();
         let shared = Arc::new(Shared {
             db: Arc::new(tokio::sync::Mutex::new(Db::new(&options.database, &options.collation))),
             options,
@@ -93,6 +104,7 @@ impl TdsServer {
             bulk_loads: Mutex::new(Vec::new()),
             faults: Mutex::new(Faults::default()),
             bulk_rows_received: Default::default(),
+            bulk_bytes_received: Default::default(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -104,7 +116,7 @@ impl TdsServer {
                 });
             }
         });
-        TdsServer { port, shared, task }
+        Ok(TdsServer { port, shared, task })
     }
 
     /// The connection string of this server for `dap` (no TLS: the server speaks plain TDS).
@@ -132,6 +144,14 @@ impl TdsServer {
 
     pub async fn db(&self) -> tokio::sync::MutexGuard<'_, Db> {
         self.shared.db.lock().await
+    }
+
+    /// Serves one connection over any stream (an in-memory pipe, in the benchmark's floor).
+    pub fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(&self, stream: S) {
+        let s = self.shared.clone();
+        tokio::spawn(async move {
+            let _ = serve(stream, s).await;
+        });
     }
 }
 
@@ -168,7 +188,7 @@ impl Drop for Connection {
     }
 }
 
-async fn serve(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, shared: Arc<Shared>) -> std::io::Result<()> {
     // PRELOGIN, then LOGIN7.
     let first = wire::read_packet(&mut stream).await?;
     if first.kind != wire::PRELOGIN {
@@ -229,6 +249,10 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()
                     }
                     Err(e) => error_reply(&SqlError { number: 8009, message: e.to_string() }),
                 };
+                wire::write_message(&mut stream, wire::REPLY, &reply).await?;
+            }
+            wire::BULK_LOAD if shared.options.discard_bulk => {
+                let reply = discard_bulk(&mut conn, &mut stream, packet).await?;
                 wire::write_message(&mut stream, wire::REPLY, &reply).await?;
             }
             wire::BULK_LOAD => {
@@ -328,6 +352,32 @@ async fn run(conn: &mut Connection, text: &str, params: &Params) -> Vec<u8> {
         t.done(0xFD, false, false, None);
     }
     t.0
+}
+
+/// Receives a bulk load and writes its packets, headers included, to /dev/null.
+async fn discard_bulk<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection,
+    stream: &mut S,
+    first: wire::Packet,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    conn.session.bulk_target = None;
+    let mut null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let mut packet = first;
+    loop {
+        null.write_all(&packet.header)?;
+        null.write_all(&packet.payload)?;
+        conn.shared
+            .bulk_bytes_received
+            .fetch_add(packet.payload.len() as u64 + 8, std::sync::atomic::Ordering::Relaxed);
+        if packet.last {
+            break;
+        }
+        packet = wire::read_packet(stream).await?;
+    }
+    let mut t = Tokens::default();
+    t.done(0xFD, false, false, Some(0));
+    Ok(t.0)
 }
 
 /// Receives a bulk load into the table the preceding `INSERT BULK` named, decoding and storing

@@ -25,6 +25,7 @@ pub const PACKET_SIZE: usize = 4096;
 pub struct Packet {
     pub kind: u8,
     pub last: bool,
+    pub header: [u8; 8],
     pub payload: Vec<u8>,
 }
 
@@ -37,7 +38,7 @@ pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Packet> 
     }
     let mut payload = vec![0u8; len - 8];
     r.read_exact(&mut payload).await?;
-    Ok(Packet { kind: header[0], last: header[1] & END_OF_MESSAGE != 0, payload })
+    Ok(Packet { kind: header[0], last: header[1] & END_OF_MESSAGE != 0, header, payload })
 }
 
 /// Reads the rest of a message whose first packet is `first`: its packets joined.
