@@ -15,7 +15,8 @@
 //! transaction.
 //!
 //! Timestamps and times lose their fraction (the official layout has none): we truncate, so a
-//! watermark is never rounded up past a change not applied (MySQL 8 would round). NaN and
+//! watermark is never rounded up past a change not applied (MySQL 8 would round); the exact
+//! watermark is kept in our own table beside `table_sync`, in the same transaction. NaN and
 //! ±infinity have no MySQL form: refused before anything is published, naming the row, or
 //! stored as NULL with `--non-finite null`.
 

@@ -710,7 +710,14 @@ impl Sink for SqliteSink {
                 piece = feed.blocking_next()?;
             }
             w.write_bookkeeping(&bookkeeping)?;
+            let started = std::time::Instant::now();
             w.record_commit(&bookkeeping, &keys)?;
+            tracing::debug!(
+                "{}: change index: {} keys recorded in {} ms",
+                def.name,
+                keys.len(),
+                started.elapsed().as_millis()
+            );
             w.conn.execute_batch("COMMIT").map_err(|e| w.fail("committing the changes", e))?;
             Ok(rows)
         })
