@@ -6,13 +6,16 @@
 
 pub mod api;
 pub mod cli;
+pub mod config;
 pub mod decode;
 pub mod emulator;
 pub mod export;
 pub mod fetch;
+pub mod privacy;
 pub mod progress;
 pub mod pyjson;
 pub mod schema;
+pub mod secrets;
 pub mod sink;
 pub mod source;
 pub mod state;

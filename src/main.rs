@@ -2,8 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use dap_replica::cli::{self, Cli};
+use dap_replica::{cli, privacy, secrets};
 
 /// `EIO`, the official client's exit code for any failed operation.
 const EXIT_FAILURE: u8 = 5;
@@ -12,7 +11,10 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Before anything is created: every file and folder of this process is owner-only.
+    privacy::restrict_new_files();
+    secrets::scrub_panics();
+    let cli = cli::parse();
     if let Err(e) = cli::init_logging(&cli) {
         eprintln!("error: {e:#}");
         return ExitCode::from(EXIT_FAILURE);

@@ -140,7 +140,7 @@ impl StateFile {
         }
         e.last_result = Some(match result {
             Ok(()) => "ok".into(),
-            Err(e) => e,
+            Err(e) => crate::secrets::scrub(&e).into_owned(),
         });
     }
 

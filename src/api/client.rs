@@ -141,6 +141,10 @@ impl Client {
         {
             return Err(ApiError::MissingCredentials);
         }
+        if let (Some(id), Some(secret)) = (&config.client_id, &config.client_secret) {
+            crate::secrets::register(secret);
+            crate::secrets::register(&base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}")));
+        }
         let http = reqwest::Client::builder()
             .user_agent(concat!("dap-replica/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(30))
@@ -175,6 +179,7 @@ impl Client {
             self.http.post(&url).basic_auth(&id, Some(&secret)).form(&[("grant_type", "client_credentials")])
         });
         let response: TokenResponse = Box::pin(login).await?;
+        crate::secrets::register(&response.access_token);
         let expires = jwt_expiry(&response.access_token).unwrap_or(now + 3600);
         tracing::debug!("logged in; token valid until {}", crate::time::format_wire(expires * 1_000_000));
         *token = Some(Token { bearer: response.access_token.clone(), expires });

@@ -143,8 +143,12 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
     };
     let client = Client::new(ctx.client.clone())?;
     let ns = args.namespace.clone();
-    let options =
-        SinkOptions { access: Access::Write, parallelism: args.parallel_tables.max(1), non_finite: args.non_finite };
+    let options = SinkOptions {
+        access: Access::Write,
+        parallelism: args.parallel_tables.max(1),
+        non_finite: args.non_finite,
+        shared: ctx.shared,
+    };
     let sink = sink::open(&spec, &ns, &options).await?;
     let state = Mutex::new(sink.local_file().map(|f| StateFile::load(&StateFile::path_for(f))).unwrap_or_default());
     save_state(&state, sink.as_ref(), &ns, &BTreeMap::new()).await;
@@ -210,7 +214,7 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
     }
     let Some((mirror, targets)) = fan_out else {
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&outcomes)?);
+            super::print_json(&outcomes)?;
         }
         return super::export::finish(command, &outcomes);
     };
@@ -221,7 +225,7 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
         outcomes.iter().filter(|o| matches!(o.outcome, Outcome::Succeeded { .. })).map(|o| o.table.clone()).collect();
     let fanned = super::replicate::fan_out(&mirror, &ns, Some(done), &targets, &options, attempts).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&json!({ "tables": outcomes, "replicate": fanned }))?);
+        super::print_json(&json!({ "tables": outcomes, "replicate": fanned }))?;
     }
     let own = super::export::finish(command, &outcomes);
     let fanned = super::replicate::finish(&fanned);
@@ -237,9 +241,9 @@ pub async fn syncdb(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
     run(ctx, args.db, args.fan_out, mode).await
 }
 
-pub async fn drop(args: DbArgs) -> anyhow::Result<()> {
+pub async fn drop(ctx: &Context, args: DbArgs) -> anyhow::Result<()> {
     let spec = target_spec(args.connection_string.as_deref())?;
-    let options = SinkOptions { access: Access::Write, ..SinkOptions::default() };
+    let options = SinkOptions { access: Access::Write, shared: ctx.shared, ..SinkOptions::default() };
     let sink = sink::open(&spec, &args.namespace, &options).await?;
     let tables = match tables::parse_selection(&args.table) {
         Some(list) => list,
@@ -285,7 +289,7 @@ fn local_isoformat(watermark: time::Micros) -> String {
 /// the replicated ones by name, then the others the server has.
 pub async fn listdb(ctx: &Context, args: ListDbArgs) -> anyhow::Result<()> {
     let spec = target_spec(args.connection_string.as_deref())?;
-    let options = SinkOptions { access: Access::Read, ..SinkOptions::default() };
+    let options = SinkOptions { access: Access::Read, shared: ctx.shared, ..SinkOptions::default() };
     let sink = sink::open(&spec, &args.namespace, &options).await?;
     let local = sink.all_bookkeeping(&args.namespace).await?;
     let mut names: Vec<String> = local.iter().map(|b| b.table.clone()).collect();
@@ -409,14 +413,14 @@ fn status_namespaces(args: &StatusArgs) -> anyhow::Result<Vec<String>> {
 }
 
 /// Per table: rows, schema version, watermark, staleness, last run and its result.
-pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
     let now = time::now();
     let mut rows = Vec::new();
     let spec = match &args.dir {
         Some(_) => TargetSpec::DefaultMirror,
         None => target_spec(args.connection_string.as_deref())?,
     };
-    let options = SinkOptions { access: Access::Read, ..SinkOptions::default() };
+    let options = SinkOptions { access: Access::Read, shared: ctx.shared, ..SinkOptions::default() };
     for ns in status_namespaces(&args)? {
         let local = match &args.dir {
             Some(d) => Some(d.join(format!("{ns}.db"))),
@@ -470,7 +474,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        super::print_json(&rows)?;
         return Ok(());
     }
     if rows.is_empty() {

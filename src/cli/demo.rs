@@ -29,7 +29,12 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         .await
         .context("starting the emulator")?;
     println!("1. A local DAP emulator is serving Canvas Data 2 on {}", emulator.base_url());
-    let mut ctx = Context { client: ctx.client.clone(), interactive: ctx.interactive };
+    let mut ctx = Context {
+        client: ctx.client.clone(),
+        interactive: ctx.interactive,
+        shared: ctx.shared,
+        default_targets: Vec::new(),
+    };
     ctx.client.base_url = emulator.base_url().to_string();
     ctx.client.client_id = Some(DEFAULT_CLIENT_ID.into());
     ctx.client.client_secret = Some(DEFAULT_CLIENT_SECRET.into());
@@ -79,7 +84,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         .await?;
     }
     println!("\n5. The mirror now:\n");
-    db::status(db::StatusArgs::for_dir(&dir)).await?;
+    db::status(&ctx, db::StatusArgs::for_dir(&dir)).await?;
 
     let canvas = dir.join("canvas.db");
     let query = "SELECT workflow_state, count(*) AS enrollments FROM enrollments GROUP BY 1 ORDER BY 2 DESC";

@@ -120,7 +120,7 @@ pub(super) fn finish<T>(command: &str, outcomes: &[TableOutcome<T>]) -> anyhow::
     let (line, all_ok) = tables::summarize(outcomes);
     for o in outcomes {
         match &o.outcome {
-            Outcome::Failed { error } => eprintln!("  failed  {}: {error}", o.table),
+            Outcome::Failed { error } => eprintln!("  failed  {}: {}", o.table, crate::secrets::scrub(error)),
             Outcome::Skipped { reason } => eprintln!("  skipped {}: {reason}", o.table),
             Outcome::Succeeded { .. } => {}
         }
@@ -227,7 +227,7 @@ async fn export(
     })
     .await;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+        super::print_json(&outcomes)?;
     }
     finish(command, &outcomes)
 }

@@ -1,6 +1,7 @@
 //! The command line: global options as the official client has them, and one small function per
 //! command over the library.
 
+mod configure;
 mod db;
 mod ddl;
 mod demo;
@@ -12,23 +13,40 @@ use std::path::PathBuf;
 
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::{Context as _, bail};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::api::{ClientConfig, RetryPolicy};
+use crate::config::UserConfig;
+use crate::privacy::SharedFiles;
+use crate::secrets::ScrubbingMakeWriter;
 
 /// Canvas Data 2 (DAP) client: export tables, and keep a local SQLite mirror current.
 #[derive(Debug, Parser)]
 #[command(name = "dap", version, about, long_about = None)]
 pub struct Cli {
-    /// Base URL of the DAP API.
-    #[arg(long, env = "DAP_API_URL", default_value = "https://api-gateway.instructure.com", global = true)]
-    pub base_url: String,
-    /// Client ID (e.g. `us-east-1#…`).
+    /// Base URL of the DAP API [default: the configuration file's, else
+    /// https://api-gateway.instructure.com].
+    #[arg(long, env = "DAP_API_URL", global = true)]
+    pub base_url: Option<String>,
+    /// Client ID (e.g. `us-east-1#…`) [default: the configuration file's].
     #[arg(long, env = "DAP_CLIENT_ID", global = true, hide_env_values = true)]
     pub client_id: Option<String>,
-    /// Client secret.
+    /// Client secret. On the command line every local user can see it (`ps`): prefer
+    /// --client-secret-file or `dap configure`.
     #[arg(long, env = "DAP_CLIENT_SECRET", global = true, hide_env_values = true)]
     pub client_secret: Option<String>,
+    /// A file holding the client secret alone; only its owner may be able to read it.
+    #[arg(long, env = "DAP_CLIENT_SECRET_FILE", global = true, value_name = "FILE")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Accept mirror files and folders that other users can read (a shared analysis host), instead
+    /// of warning about them.
+    #[arg(long, env = "DAP_ALLOW_SHARED", global = true)]
+    pub allow_shared: bool,
+    /// Set when the secret was typed on the command line (visible to other users).
+    #[arg(skip)]
+    pub secret_on_command_line: bool,
     /// Log level.
     #[arg(long, value_enum, default_value_t = LogLevel::Info, global = true)]
     pub loglevel: LogLevel,
@@ -105,51 +123,106 @@ pub enum Command {
     Ddl(ddl::DdlArgs),
     /// Show the mirror: rows, schema version, watermark, staleness and last result per table.
     Status(db::StatusArgs),
+    /// Save the DAP credentials and default targets in a file only you can read, so that no
+    /// secret is typed on a command line or kept in the environment.
+    Configure(configure::ConfigureArgs),
     /// Try everything offline: a local emulator, a demo mirror, a sync, a query.
     Demo(demo::DemoArgs),
     /// Run a local DAP emulator (loopback only) for offline work and tests.
     Emulator(emulator::EmulatorArgs),
 }
 
+/// The DAP API of Instructure's hosted service.
+const DEFAULT_BASE_URL: &str = "https://api-gateway.instructure.com";
+
 /// What every command gets from the global options.
 pub struct Context {
     pub client: ClientConfig,
     pub interactive: bool,
+    pub shared: SharedFiles,
+    /// `dap replicate`'s targets when no `--to` is given (from the configuration file).
+    pub default_targets: Vec<String>,
+}
+
+/// Parses the command line, noting where the secret came from.
+pub fn parse() -> Cli {
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.secret_on_command_line = matches.value_source("client_secret") == Some(ValueSource::CommandLine);
+    cli
 }
 
 impl Cli {
-    fn context(&self) -> Context {
-        let mut client = ClientConfig::new(&self.base_url);
-        client.client_id = self.client_id.clone();
-        client.client_secret = self.client_secret.clone();
+    /// The options every command needs, with what the flags and variables leave out taken from the
+    /// secret file and the configuration file (read only when something is missing).
+    fn context(&self) -> anyhow::Result<Context> {
+        if self.secret_on_command_line {
+            tracing::warn!(
+                "--client-secret on the command line can be seen by every user of this machine (`ps`); use --client-secret-file FILE, DAP_CLIENT_SECRET_FILE or `dap configure` instead"
+            );
+        }
+        let mut secret = self.client_secret.clone().filter(|s| !s.is_empty());
+        if secret.is_none()
+            && let Some(file) = &self.client_secret_file
+        {
+            let text = crate::privacy::read_private_file(file).context("--client-secret-file")?;
+            let text = text.trim_end_matches(['\r', '\n']).to_string();
+            if text.is_empty() {
+                bail!("--client-secret-file {}: the file is empty; write the client secret into it", file.display());
+            }
+            crate::secrets::register(&text);
+            secret = Some(text);
+        }
+        let replicate_needs_targets = matches!(&self.command, Command::Replicate(a) if a.needs_default_targets());
+        let config = match &self.command {
+            Command::Configure(_) | Command::Emulator(_) => None,
+            _ if self.base_url.is_none() || self.client_id.is_none() || secret.is_none() || replicate_needs_targets => {
+                UserConfig::load(&crate::config::config_path()?)?
+            }
+            _ => None,
+        }
+        .unwrap_or_default();
+        let base_url = self.base_url.clone().or(config.base_url).unwrap_or_else(|| DEFAULT_BASE_URL.into());
+        let mut client = ClientConfig::new(&base_url);
+        client.client_id = self.client_id.clone().or(config.client_id);
+        client.client_secret = secret.or(config.client_secret);
         client.retry = RetryPolicy { attempts: self.max_attempts.max(1), ..RetryPolicy::default() };
         client.job_limit = self.job_rate.0;
         client.job_window = Duration::from_secs_f64(self.job_rate.1);
-        Context { client, interactive: !self.non_interactive }
+        let shared = if self.allow_shared { SharedFiles::Accept } else { SharedFiles::Warn };
+        Ok(Context { client, interactive: !self.non_interactive, shared, default_targets: config.targets })
     }
+}
+
+/// Prints a result document on stdout, scrubbed of secrets.
+pub(crate) fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", crate::secrets::scrub(&serde_json::to_string_pretty(value)?));
+    Ok(())
 }
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let ctx = cli.context();
+    let ctx = cli.context()?;
     match cli.command {
+        Command::Configure(args) => configure::run(&ctx, cli.base_url.as_deref(), args),
         Command::List(args) => export::list(&ctx, args).await,
         Command::Schema(args) => export::schema(&ctx, args).await,
         Command::Snapshot(args) => export::snapshot(&ctx, args).await,
         Command::Incremental(args) => export::incremental(&ctx, args).await,
         Command::Initdb(args) => db::initdb(&ctx, args).await,
         Command::Syncdb(args) => db::syncdb(&ctx, args).await,
-        Command::Dropdb(args) => db::drop(args).await,
+        Command::Dropdb(args) => db::drop(&ctx, args).await,
         Command::Listdb(args) => db::listdb(&ctx, args).await,
         Command::Replicate(args) => replicate::replicate(&ctx, args).await,
-        Command::Status(args) => db::status(args).await,
+        Command::Status(args) => db::status(&ctx, args).await,
         Command::Ddl(args) => ddl::run(&ctx, args).await,
         Command::Demo(args) => demo::run(&ctx, args).await,
         Command::Emulator(args) => emulator::run(args).await,
     }
 }
 
-/// An error as one line: its message, then each cause the message does not already say.
+/// An error as one line: its message, then each cause the message does not already say; never
+/// a secret.
 pub fn report(e: &anyhow::Error) -> String {
     let mut text = e.to_string();
     for cause in e.chain().skip(1) {
@@ -159,7 +232,7 @@ pub fn report(e: &anyhow::Error) -> String {
             text.push_str(&cause);
         }
     }
-    text
+    crate::secrets::scrub(&text).into_owned()
 }
 
 /// Sets up `tracing` from the global options.
@@ -186,16 +259,18 @@ pub fn init_logging(cli: &Cli) -> anyhow::Result<()> {
                 .append(true)
                 .open(path)
                 .map_err(|e| anyhow::anyhow!("cannot open log file {}: {e}", path.display()))?;
-            let b = builder.with_ansi(false).with_writer(std::sync::Mutex::new(file));
+            let b = builder.with_ansi(false).with_writer(ScrubbingMakeWriter(std::sync::Mutex::new(file)));
             match format {
                 LogFormat::Json => b.json().finish().with(filter).init(),
                 LogFormat::Plain => b.finish().with(filter).init(),
             }
         }
         (None, LogFormat::Json) if to_console => {
-            builder.json().with_writer(std::io::stderr).finish().with(filter).init()
+            builder.json().with_writer(ScrubbingMakeWriter(std::io::stderr)).finish().with(filter).init()
         }
-        (None, LogFormat::Plain) if to_console => builder.with_writer(std::io::stderr).finish().with(filter).init(),
+        (None, LogFormat::Plain) if to_console => {
+            builder.with_writer(ScrubbingMakeWriter(std::io::stderr)).finish().with(filter).init()
+        }
         (None, _) => builder.with_writer(std::io::sink).finish().with(filter).init(),
     }
     Ok(())

@@ -28,8 +28,9 @@ pub struct ReplicateArgs {
     #[arg(long)]
     table: String,
     /// A target: postgresql://…, mysql://…, mssql://… or sqlite:///PATH.db; repeat for several.
-    /// DAP_REPLICATE_TO may hold a comma-separated list.
-    #[arg(long = "to", env = "DAP_REPLICATE_TO", value_delimiter = ',', hide_env_values = true, required = true)]
+    /// DAP_REPLICATE_TO may hold a comma-separated list; without either, the targets saved by
+    /// `dap configure --target`.
+    #[arg(long = "to", env = "DAP_REPLICATE_TO", value_delimiter = ',', hide_env_values = true)]
     to: Vec<String>,
     /// The mirror to copy from (sqlite:///PATH.db); the default mirror when omitted.
     #[arg(long)]
@@ -43,6 +44,13 @@ pub struct ReplicateArgs {
     /// What NaN and infinity become on targets without them (MySQL, SQL Server).
     #[arg(long, value_enum, default_value_t = NonFinite::Refuse)]
     non_finite: NonFinite,
+}
+
+impl ReplicateArgs {
+    /// Whether the targets come from the configuration file.
+    pub(super) fn needs_default_targets(&self) -> bool {
+        self.to.iter().all(|t| t.trim().is_empty())
+    }
 }
 
 /// Targets checked before anything is opened: each a connection string dap can use, none the
@@ -59,7 +67,9 @@ pub(super) fn parse_targets(to: &[String], mirror: &Path) -> anyhow::Result<Vec<
         out.push(spec);
     }
     if out.is_empty() {
-        bail!("--to names no target; give one or more connection strings (or set DAP_REPLICATE_TO)");
+        bail!(
+            "no target: give one or more connection strings with --to (or set DAP_REPLICATE_TO, or save defaults with `dap configure --target URL`)"
+        );
     }
     Ok(out)
 }
@@ -100,6 +110,7 @@ pub(super) async fn fan_out(
     options: &SinkOptions,
     attempts: u32,
 ) -> anyhow::Result<Vec<TargetResult>> {
+    crate::privacy::check_mirror(mirror, options.shared);
     let source: Arc<dyn Source> = Arc::new(MirrorSource::open(mirror)?);
     let tables = match tables {
         Some(list) => list,
@@ -155,13 +166,15 @@ pub(super) fn finish(results: &[TargetResult]) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for r in results {
         if let Some(e) = &r.error {
-            eprintln!("replicate to {}: failed: {e}", r.target);
+            eprintln!("replicate to {}: failed: {}", r.target, crate::secrets::scrub(e));
             failed.push(r.target.clone());
             continue;
         }
         for o in &r.tables {
             match &o.outcome {
-                Outcome::Failed { error } => eprintln!("  failed  {} {}: {error}", r.target, o.table),
+                Outcome::Failed { error } => {
+                    eprintln!("  failed  {} {}: {}", r.target, o.table, crate::secrets::scrub(error))
+                }
                 Outcome::Skipped { reason } => eprintln!("  skipped {} {}: {reason}", r.target, o.table),
                 Outcome::Succeeded { .. } => {}
             }
@@ -181,16 +194,21 @@ pub(super) fn finish(results: &[TargetResult]) -> anyhow::Result<()> {
 
 pub async fn replicate(ctx: &super::Context, args: ReplicateArgs) -> anyhow::Result<()> {
     let mirror = mirror_file(args.from.as_deref(), &args.namespace)?;
-    let targets = parse_targets(&args.to, &mirror)?;
+    let to = if args.needs_default_targets() { &ctx.default_targets } else { &args.to };
+    let targets = parse_targets(to, &mirror)?;
     let tables = match tables::parse_selection(&args.table) {
         Some(list) if list.is_empty() => bail!("--table names no table"),
         other => other,
     };
-    let options =
-        SinkOptions { access: Access::Write, parallelism: args.parallel_tables.max(1), non_finite: args.non_finite };
+    let options = SinkOptions {
+        access: Access::Write,
+        parallelism: args.parallel_tables.max(1),
+        non_finite: args.non_finite,
+        shared: ctx.shared,
+    };
     let results = fan_out(&mirror, &args.namespace, tables, &targets, &options, ctx.client.retry.attempts).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        super::print_json(&results)?;
     }
     finish(&results)
 }

@@ -47,6 +47,10 @@ pub enum FaultKind {
     ExpiredUrl,
     /// The object's first record has a key that does not parse (text formats only).
     CorruptRecord,
+    /// An error (`status`, default 500) whose body quotes the whole request back: its URL with
+    /// the query, and every header including `Authorization`, as careless proxies do. A client
+    /// must not repeat it anywhere.
+    EchoRequest,
 }
 
 impl FaultKind {
@@ -62,6 +66,7 @@ impl FaultKind {
                 | Self::Reset
                 | Self::Slow
                 | Self::AccountError
+                | Self::EchoRequest
         )
     }
 }
@@ -87,6 +92,9 @@ pub struct FaultSpec {
     /// Error type for `account_error`; default AccountDisabled.
     #[serde(default)]
     pub error_type: Option<String>,
+    /// HTTP status for `echo_request`; default 500.
+    #[serde(default)]
+    pub status: Option<u16>,
 }
 
 fn one() -> u32 {
@@ -95,7 +103,16 @@ fn one() -> u32 {
 
 impl FaultSpec {
     pub fn new(kind: FaultKind, count: u32) -> FaultSpec {
-        FaultSpec { kind, count, endpoint: None, table: None, retry_after: None, delay_ms: None, error_type: None }
+        FaultSpec {
+            kind,
+            count,
+            endpoint: None,
+            table: None,
+            retry_after: None,
+            delay_ms: None,
+            error_type: None,
+            status: None,
+        }
     }
 
     pub fn on(mut self, endpoint: Endpoint) -> FaultSpec {

@@ -107,6 +107,7 @@ async fn gate(state: &State, endpoint: Endpoint, table: Option<&str>, req: Reque
                 let kind = f.error_type.as_deref().unwrap_or("AccountDisabled");
                 return ApiError::new(StatusCode::FORBIDDEN, kind, format!("{kind} (injected)")).into_response();
             }
+            FaultKind::EchoRequest => return echo_request(f.status.unwrap_or(500), &req),
             FaultKind::Slow => tokio::time::sleep(Duration::from_millis(f.delay_ms.unwrap_or(2000))).await,
             FaultKind::Reset => reset = true,
             _ => unreachable!("only transport faults are taken here"),
@@ -125,6 +126,20 @@ async fn gate(state: &State, endpoint: Endpoint, table: Option<&str>, req: Reque
     }
     let response = next.run(req).await;
     if reset { cut_body(response) } else { response }
+}
+
+/// An error whose message repeats the request: method, URL with its query, every header.
+fn echo_request(status: u16, req: &Request) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers: Vec<String> =
+        req.headers().iter().map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes()))).collect();
+    let message = format!("rejected {} {} with headers {}", req.method(), req.uri(), headers.join("; "));
+    let kind = match status.as_u16() {
+        401 => "AuthenticationError",
+        403 => "AccessDenied",
+        _ => "InternalServerError",
+    };
+    ApiError::new(status, kind, message).into_response()
 }
 
 fn too_many_requests(retry_after: &str) -> Response {

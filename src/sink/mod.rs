@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::decode::Record;
+use crate::privacy::SharedFiles;
 use crate::schema::TableDef;
 use crate::schema::delta::SchemaDelta;
 use crate::time::Micros;
@@ -212,11 +213,13 @@ pub struct SinkOptions {
     /// Tables that may load at once (a connection each on a server).
     pub parallelism: usize,
     pub non_finite: NonFinite,
+    /// What to do when others can read a local mirror.
+    pub shared: SharedFiles,
 }
 
 impl Default for SinkOptions {
     fn default() -> Self {
-        SinkOptions { access: Access::Write, parallelism: 4, non_finite: NonFinite::Refuse }
+        SinkOptions { access: Access::Write, parallelism: 4, non_finite: NonFinite::Refuse, shared: SharedFiles::Warn }
     }
 }
 
@@ -293,7 +296,7 @@ impl TargetSpec {
     pub fn parse(text: Option<&str>) -> Result<TargetSpec, UrlError> {
         match text.map(str::trim).filter(|s| !s.is_empty()) {
             None => Ok(TargetSpec::DefaultMirror),
-            Some(s) => ConnectionString::parse(s).map(TargetSpec::Url),
+            Some(s) => ConnectionString::parse(s)?.with_password_from_files().map(TargetSpec::Url),
         }
     }
 
@@ -350,6 +353,7 @@ pub async fn open(spec: &TargetSpec, namespace: &str, options: &SinkOptions) -> 
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
     if let Some(file) = spec.local_file(namespace)? {
+        crate::privacy::check_mirror(&file, options.shared);
         return Ok(Arc::new(sqlite::SqliteSink::open(&file, options.access)?));
     }
     let TargetSpec::Url(url) = spec else { unreachable!("the default mirror is a local file") };

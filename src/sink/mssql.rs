@@ -349,7 +349,7 @@ fn connect_error(shown: &str, url: &ConnectionString, e: tiberius::error::Error)
 fn config(url: &ConnectionString) -> Config {
     let mut c = Config::new();
     c.host(url.host.clone().unwrap_or_else(|| "localhost".into()));
-    c.port(url.port.unwrap_or(1433));
+    c.port(url.port_or_default());
     c.database(&url.database);
     c.application_name("dap-replica");
     c.authentication(AuthMethod::sql_server(

@@ -423,7 +423,7 @@ impl MysqlSink {
         let constraints = PoolConstraints::new(1, options.parallelism.max(1) + 1).expect("min <= max");
         let builder = OptsBuilder::default()
             .ip_or_hostname(url.host.clone().unwrap_or_else(|| "localhost".into()))
-            .tcp_port(url.port.unwrap_or(3306))
+            .tcp_port(url.port_or_default())
             .user(url.user.clone())
             .pass(url.password.as_ref().map(|p| p.expose().to_string()))
             .db_name(Some(url.database.clone()))

@@ -581,7 +581,7 @@ impl PostgresSink {
         let shown = url.redacted();
         let mut config = tokio_postgres::Config::new();
         config.host(url.host.as_deref().unwrap_or("localhost"));
-        config.port(url.port.unwrap_or(5432));
+        config.port(url.port_or_default());
         config.dbname(&url.database);
         config.application_name("dap-replica");
         if let Some(u) = &url.user {

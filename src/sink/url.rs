@@ -186,6 +186,10 @@ impl ConnectionString {
                 _ => {} // the official client ignores other parameters too
             }
         }
+        if let Some(p) = &password {
+            crate::secrets::register(p.expose());
+            crate::secrets::register(userinfo.and_then(|u| u.split_once(':')).map_or("", |(_, raw)| raw));
+        }
         Ok(ConnectionString {
             scheme,
             user,
@@ -196,6 +200,34 @@ impl ConnectionString {
             ssl,
             ssl_root_cert,
         })
+    }
+
+    /// The port the adapters connect to when the string names none.
+    pub fn port_or_default(&self) -> u16 {
+        self.port.unwrap_or(match self.scheme {
+            Scheme::Postgres => 5432,
+            Scheme::Mysql => 3306,
+            Scheme::Mssql => 1433,
+            Scheme::Sqlite => 0,
+        })
+    }
+
+    /// Fills in the password a server's string leaves out from a pgpass-format file
+    /// ([`crate::config::passfiles`]), so that it need not be written in the URL.
+    pub fn with_password_from_files(mut self) -> Result<ConnectionString, UrlError> {
+        let (Some(user), None) = (&self.user, &self.password) else { return Ok(self) };
+        if self.scheme == Scheme::Sqlite {
+            return Ok(self);
+        }
+        let files = crate::config::passfiles(self.scheme == Scheme::Postgres);
+        let host = self.host.as_deref().unwrap_or("localhost");
+        let found = crate::config::lookup_password(&files, host, self.port_or_default(), &self.database, user)
+            .map_err(|e| UrlError { shown: self.redacted(), reason: format!("its password file is refused: {e}") })?;
+        if let Some(password) = found {
+            crate::secrets::register(&password);
+            self.password = Some(Secret(password));
+        }
+        Ok(self)
     }
 
     /// The string for messages and logs: no password.

@@ -1,0 +1,150 @@
+//! `dap configure`: asks for the DAP API URL, client ID and secret (the secret without echo on a
+//! terminal) and the default replication targets, and saves them owner-only in the per-user
+//! configuration file, so that later commands need no secret on the command line or in the
+//! environment.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+
+use super::{Context, DEFAULT_BASE_URL};
+use crate::config::{UserConfig, config_path};
+use crate::sink::TargetSpec;
+
+#[derive(Debug, Args)]
+pub struct ConfigureArgs {
+    /// A default target of `dap replicate` (repeatable); replaces the saved list.
+    #[arg(long = "target", value_name = "URL")]
+    targets: Vec<String>,
+    /// Print where the configuration file is and what it holds (the secret hidden), and change
+    /// nothing.
+    #[arg(long)]
+    show: bool,
+}
+
+/// Whether an answer may be shown as it is typed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Echo {
+    Visible,
+    Hidden,
+}
+
+/// Reads one answer from stdin, prompting on stderr; `None` at the end of input.
+fn ask(prompt: &str, echo: Echo) -> anyhow::Result<Option<String>> {
+    let terminal = std::io::stdin().is_terminal();
+    if terminal {
+        eprint!("{prompt}: ");
+        std::io::stderr().flush()?;
+    }
+    let line = match echo {
+        Echo::Hidden if terminal => read_line_without_echo()?,
+        _ => read_line()?,
+    };
+    Ok(line.map(|l| l.trim().to_string()))
+}
+
+fn read_line() -> std::io::Result<Option<String>> {
+    let mut line = String::new();
+    Ok((std::io::stdin().lock().read_line(&mut line)? > 0).then_some(line))
+}
+
+/// Reads a line with the terminal's echo off, restoring it afterwards.
+#[cfg(unix)]
+fn read_line_without_echo() -> std::io::Result<Option<String>> {
+    use std::os::fd::AsRawFd;
+    let fd = std::io::stdin().as_raw_fd();
+    let mut term = std::mem::MaybeUninit::<libc::termios>::uninit();
+    // SAFETY: tcgetattr fills `term` when it returns 0, and only then is it read.
+    if unsafe { libc::tcgetattr(fd, term.as_mut_ptr()) } != 0 {
+        return read_line();
+    }
+    // SAFETY: initialised by the successful tcgetattr above.
+    let original = unsafe { term.assume_init() };
+    let mut hidden = original;
+    hidden.c_lflag &= !libc::ECHO;
+    hidden.c_lflag |= libc::ECHONL;
+    // SAFETY: `hidden` is a valid termios for this descriptor.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &hidden) };
+    let line = read_line();
+    // SAFETY: restores the settings read above.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &original) };
+    line
+}
+
+/// Windows consoles: the answer is read as typed (documented in the README).
+#[cfg(not(unix))]
+fn read_line_without_echo() -> std::io::Result<Option<String>> {
+    read_line()
+}
+
+/// `given` when the run has it (flag, variable or secret file), else the answer to `prompt`, else
+/// `current`.
+fn value(given: Option<&str>, prompt: &str, current: Option<String>, echo: Echo) -> anyhow::Result<Option<String>> {
+    if let Some(v) = given.filter(|v| !v.is_empty()) {
+        return Ok(Some(v.to_string()));
+    }
+    let shown = match (&current, echo) {
+        (Some(_), Echo::Hidden) => format!("{prompt} [Enter keeps the saved one]"),
+        (Some(c), Echo::Visible) => format!("{prompt} [{c}]"),
+        (None, _) => prompt.to_string(),
+    };
+    Ok(ask(&shown, echo)?.filter(|a| !a.is_empty()).or(current))
+}
+
+pub fn run(ctx: &Context, base_url: Option<&str>, args: ConfigureArgs) -> anyhow::Result<()> {
+    let path = config_path()?;
+    let saved = UserConfig::load(&path)?;
+    if args.show {
+        match saved {
+            None => println!("{}: no configuration yet; run `dap configure`", path.display()),
+            Some(c) => {
+                println!("{}", path.display());
+                println!("  base URL:  {}", c.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL));
+                println!("  client ID: {}", c.client_id.as_deref().unwrap_or("(not set)"));
+                println!("  secret:    {}", if c.client_secret.is_some() { "(set)" } else { "(not set)" });
+                for t in &c.targets {
+                    println!("  target:    {}", crate::sink::redact(t));
+                }
+            }
+        }
+        return Ok(());
+    }
+    // Targets are checked before anything is asked or written.
+    for t in &args.targets {
+        TargetSpec::parse(Some(t)).with_context(|| format!("--target {}", crate::sink::redact(t)))?;
+    }
+    let saved = saved.unwrap_or_default();
+    let base = value(
+        base_url,
+        "DAP API URL",
+        Some(saved.base_url.clone().unwrap_or_else(|| DEFAULT_BASE_URL.into())),
+        Echo::Visible,
+    )?
+    .unwrap_or_else(|| DEFAULT_BASE_URL.into());
+    if !(base.starts_with("https://") || base.starts_with("http://")) {
+        bail!("the DAP API URL {base:?} is not an http(s) URL; nothing was saved");
+    }
+    let Some(client_id) = value(ctx.client.client_id.as_deref(), "Client ID", saved.client_id.clone(), Echo::Visible)?
+    else {
+        bail!("no client ID was given; nothing was saved");
+    };
+    let Some(secret) =
+        value(ctx.client.client_secret.as_deref(), "Client secret", saved.client_secret.clone(), Echo::Hidden)?
+    else {
+        bail!("no client secret was given; nothing was saved");
+    };
+    crate::secrets::register(&secret);
+    let config = UserConfig {
+        base_url: Some(base),
+        client_id: Some(client_id),
+        client_secret: Some(secret),
+        targets: if args.targets.is_empty() { saved.targets } else { args.targets },
+    };
+    config.save(&path)?;
+    println!(
+        "Saved to {} (readable only by you). Commands now need no credentials, e.g. `dap list --namespace canvas`.",
+        path.display()
+    );
+    Ok(())
+}
