@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::targets::{TestTarget, backends};
+use common::targets::{Backend, TestTarget, backends};
 use common::*;
 use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig};
 use serde_json::{Map, Value};
@@ -82,9 +82,28 @@ async fn run_and_kill(emu: &Emulator, url: &str, after: Duration) -> String {
     reader.await.unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge() {
-    for backend in backends() {
+/// One test per backend, so that the backends' runs overlap (most of a run is waiting on jobs and
+/// on the killed process).
+macro_rules! per_backend {
+    ($($name:ident => $backend:expr),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            if backends().contains(&$backend) {
+                sigkill_anywhere_keeps_every_table_whole_and_reruns_converge($backend).await;
+            }
+        }
+    )*};
+}
+
+per_backend! {
+    sigkill_on_sqlite => Backend::Sqlite,
+    sigkill_on_postgres => Backend::Postgres,
+    sigkill_on_mysql => Backend::Mysql,
+    sigkill_on_mssql => Backend::Mssql,
+}
+
+async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge(backend: Backend) {
+    {
         let emu = emulator(EmulatorConfig { rows: 3000, part_rows: 250, ..EmulatorConfig::default() }).await;
         let t = TestTarget::fresh(backend, "crash").await;
         let probe = TestTarget::fresh(backend, "crash_probe").await;

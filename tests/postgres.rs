@@ -161,13 +161,15 @@ async fn every_table_follows_the_truth_in_the_official_layout() {
     let no_staleness = |s: &str| s.lines().filter(|l| !l.contains("\"staleness\"")).collect::<Vec<_>>().join("\n");
     assert_eq!(no_staleness(&a), no_staleness(&b), "listdb is the official client's output");
 
-    for round in 1..=4 {
+    // One round of plain changes, then one with schema changes too: the official client syncs
+    // the 91 tables one at a time, so each round costs minutes.
+    for round in 1..=2 {
         for t in emu.tables("canvas").unwrap() {
             emu.commit("canvas", &t, ChangeCounts { inserts: 3, updates: 3, soft_deletes: 1, hard_deletes: 2 })
                 .unwrap();
         }
         emu.commit("canvas_logs", "web_logs", ChangeCounts { inserts: 15, ..Default::default() }).unwrap();
-        if round == 4 {
+        if round == 2 {
             for (t, change) in CHANGES {
                 emu.evolve("canvas", t, *change).unwrap();
                 emu.commit("canvas", t, ChangeCounts { inserts: 4, updates: 4, ..Default::default() }).unwrap();
@@ -176,7 +178,7 @@ async fn every_table_follows_the_truth_in_the_official_layout() {
         for ns in ["canvas", "canvas_logs"] {
             both(&emu, dir, &["syncdb", "--namespace", ns, "--table", "all"], &ours_url, &theirs_url).await;
         }
-        let step = if round == 4 { "after the schema changes".to_string() } else { format!("after sync {round}") };
+        let step = if round == 2 { "after the schema changes".to_string() } else { format!("after sync {round}") };
         assert_truth(&emu, &ours, "canvas", &format!("ours {step}"), &[]).await;
         assert_truth(&emu, &ours, "canvas_logs", &format!("ours {step}"), &[]).await;
         assert_truth(&emu, &theirs, "canvas", &format!("official {step}"), OFFICIAL).await;

@@ -251,7 +251,7 @@ fn every_value_of_every_type_round_trips_through_tsv_and_every_target() {
     let targets = rt.block_on(targets(&def));
 
     // The edges of every domain, always.
-    let generator = Generator { seed: 1, anchor: 0, special_floats: true };
+    let generator = Generator { seed: 1, anchor: 0, special_floats: true, edge_rows: true, id_space: 0 };
     let edges: Vec<Vec<Value>> = def.values.iter().map(|c| generator.edges(&c.ty, true)).collect();
     let widest = edges.iter().map(Vec::len).max().unwrap();
     let edge_rows: Vec<(i64, Vec<Value>)> =

@@ -24,10 +24,58 @@ pub struct DemoArgs {
     rows: u64,
 }
 
+/// Marks a folder as the demo's own, so that a later demo may start it afresh.
+const MARKER: &str = ".dap-demo";
+
+/// Questions an analyst asks first, over both namespaces.
+const QUERIES: &[(&str, &str)] = &[
+    (
+        "Grades per course",
+        "SELECT c.name AS course, count(*) AS graded, round(avg(s.score), 1) AS average_score
+         FROM canvas.submissions s JOIN canvas.courses c ON c.id = s.course_id
+         WHERE s.score IS NOT NULL GROUP BY c.id ORDER BY graded DESC, course LIMIT 5",
+    ),
+    (
+        "Active users per day (web_logs)",
+        "SELECT date(w.timestamp) AS day, count(DISTINCT w.user_id) AS active_users, count(*) AS requests
+         FROM canvas_logs.web_logs w JOIN canvas.users u ON u.id = w.user_id
+         GROUP BY day ORDER BY day DESC LIMIT 7",
+    ),
+    (
+        "Enrollments by state, for students and courses that exist",
+        "SELECT e.workflow_state, count(*) AS enrollments FROM canvas.enrollments e
+         JOIN canvas.users u ON u.id = e.user_id JOIN canvas.courses c ON c.id = e.course_id
+         GROUP BY 1 ORDER BY 2 DESC",
+    ),
+];
+
+/// Empties a folder an earlier demo made (the emulator's data starts over on each run, so its old
+/// mirror could not sync on); refuses a folder that is not the demo's.
+fn start_afresh(dir: &std::path::Path) -> anyhow::Result<()> {
+    let has_files = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if !has_files {
+        crate::privacy::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+    } else if dir.join(MARKER).exists() {
+        println!("Starting afresh: removing the previous demo mirror in {}", dir.display());
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing the old demo in {}", dir.display()))?;
+        crate::privacy::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+    } else {
+        anyhow::bail!(
+            "{} holds files that are not an earlier demo's; pass --dir with a new or empty folder",
+            dir.display()
+        );
+    }
+    std::fs::write(dir.join(MARKER), "made by `dap demo`; the next demo empties this folder\n")
+        .with_context(|| format!("writing {}", dir.display()))?;
+    Ok(())
+}
+
 pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
-    let emulator = Emulator::start(EmulatorConfig { rows: args.rows, ..EmulatorConfig::default() })
-        .await
-        .context("starting the emulator")?;
+    start_afresh(&args.dir)?;
+    // Plausible values only: the demo is for reading, not for testing the edges of every type.
+    let config =
+        EmulatorConfig { rows: args.rows, special_floats: false, edge_rows: false, ..EmulatorConfig::default() };
+    let emulator = Emulator::start(config).await.context("starting the emulator")?;
     println!("1. A local DAP emulator is serving Canvas Data 2 on {}", emulator.base_url());
     let mut ctx = Context {
         client: ctx.client.clone(),
@@ -39,7 +87,6 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     ctx.client.client_id = Some(DEFAULT_CLIENT_ID.into());
     ctx.client.client_secret = Some(DEFAULT_CLIENT_SECRET.into());
     ctx.client.job_limit = 1000; // the emulator enforces no rate limit here
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir).with_context(|| format!("resolving {}", args.dir.display()))?;
     let target = |ns: &str| Some(format!("sqlite://{}", dir.join(format!("{ns}.db")).display()));
     let db_args = |ns: &str, tables: &str| DbArgs {
@@ -86,20 +133,23 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     println!("\n5. The mirror now:\n");
     db::status(&ctx, db::StatusArgs::for_dir(&dir)).await?;
 
-    let canvas = dir.join("canvas.db");
-    let query = "SELECT workflow_state, count(*) AS enrollments FROM enrollments GROUP BY 1 ORDER BY 2 DESC";
-    println!("\n6. An example query on {}:\n\n   {query}\n", canvas.display());
-    let conn = rusqlite::Connection::open(&canvas).with_context(|| format!("opening {}", canvas.display()))?;
-    let mut stmt = conn.prepare(query)?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-    for row in rows {
-        let (state, n) = row?;
-        println!("   {state:<24} {n:>6}");
+    let conn = crate::query::open_mirror(&dir)?;
+    for (n, (title, sql)) in QUERIES.iter().enumerate() {
+        let shown: Vec<&str> = sql.lines().map(str::trim).collect();
+        println!("\n{}. {title}:\n\n   dap query --dir {} \"{}\"\n", n + 6, dir.display(), shown.join(" "));
+        let mut out = Vec::new();
+        let rows = crate::query::run(&conn, sql, crate::query::OutputFormat::Table, &mut out)?;
+        for line in String::from_utf8_lossy(&out).lines() {
+            println!("   {line}");
+        }
+        if rows == 0 {
+            println!("   (no rows)");
+        }
     }
     println!(
-        "\nExplore it yourself: sqlite3 {}  (ATTACH '{}' AS canvas_logs; for web_logs)",
-        canvas.display(),
-        dir.join("canvas_logs.db").display()
+        "\nExplore it yourself: dap query --dir {0}   (an interactive shell when sqlite3 is installed)\n\
+         The data dictionary of each file: SELECT * FROM canvas.dap_columns WHERE table_name = 'submissions'",
+        dir.display()
     );
     emulator.shutdown();
     Ok(())

@@ -67,6 +67,10 @@ pub struct EmulatorArgs {
     /// Never generate NaN or infinite floats.
     #[arg(long)]
     no_special_floats: bool,
+    /// Plausible values only (no rows of domain edges, no NaN or infinity): data to look at, as
+    /// `dap demo` serves it.
+    #[arg(long)]
+    plausible: bool,
     /// Refuse incrementals with `since` older than this many days (out of range).
     #[arg(long)]
     retention_days: Option<u64>,
@@ -118,7 +122,8 @@ impl EmulatorArgs {
             anchor: self.anchor.unwrap_or(DEFAULT_ANCHOR),
             default_mode: self.default_mode,
             csv_null: self.csv_null,
-            special_floats: !self.no_special_floats,
+            special_floats: !(self.no_special_floats || self.plausible),
+            edge_rows: !self.plausible,
             web_logs_duplicate_rate: EmulatorConfig::default().web_logs_duplicate_rate,
             retention: self.retention_days.map(|d| Duration::from_secs(d * 86_400)),
         }
@@ -141,6 +146,9 @@ pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
     println!("  export DAP_API_URL={}", emulator.base_url());
     println!("  export DAP_CLIENT_ID='{}'", c.client_id);
     println!("  export DAP_CLIENT_SECRET='{}'", c.client_secret);
+    // The pace dap should keep: the emulator's own limit when it enforces one, else none.
+    let rate = if c.rate_limits { format!("5/{}", c.rate_window.as_secs_f64()) } else { "1000/1".into() };
+    println!("  export DAP_JOB_RATE={rate}");
     println!(
         "Control: POST {0}/emulator/commit, POST {0}/emulator/schema, POST {0}/emulator/faults, GET {0}/emulator/truth/NS/TABLE",
         emulator.base_url()

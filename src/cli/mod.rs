@@ -7,6 +7,9 @@ mod ddl;
 mod demo;
 mod emulator;
 mod export;
+mod export_table;
+mod pack;
+mod query;
 mod replicate;
 
 use std::path::PathBuf;
@@ -123,6 +126,19 @@ pub enum Command {
     Ddl(ddl::DdlArgs),
     /// Show the mirror: rows, schema version, watermark, staleness and last result per table.
     Status(db::StatusArgs),
+    /// Run read-only SQL over the mirror (every namespace attached by name); no SQL opens sqlite3.
+    Query(query::QueryArgs),
+    /// Write a mirror table, or a query, to a CSV, TSV, JSON Lines or Parquet file.
+    Export(export_table::ExportArgs),
+    /// Write a consistent copy of the mirror into one compressed file (safe during a sync).
+    Pack(pack::PackArgs),
+    /// Restore a mirror from a pack; it syncs on from where the pack left off.
+    Unpack(pack::UnpackArgs),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Save the DAP credentials and default targets in a file only you can read, so that no
     /// secret is typed on a command line or kept in the environment.
     Configure(configure::ConfigureArgs),
@@ -175,7 +191,13 @@ impl Cli {
         }
         let replicate_needs_targets = matches!(&self.command, Command::Replicate(a) if a.needs_default_targets());
         let config = match &self.command {
-            Command::Configure(_) | Command::Emulator(_) => None,
+            Command::Configure(_)
+            | Command::Emulator(_)
+            | Command::Query(_)
+            | Command::Export(_)
+            | Command::Pack(_)
+            | Command::Unpack(_)
+            | Command::Completions { .. } => None,
             _ if self.base_url.is_none() || self.client_id.is_none() || secret.is_none() || replicate_needs_targets => {
                 UserConfig::load(&crate::config::config_path()?)?
             }
@@ -205,6 +227,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let ctx = cli.context()?;
     match cli.command {
         Command::Configure(args) => configure::run(&ctx, cli.base_url.as_deref(), args),
+        Command::Query(args) => quiet_on_closed_pipe(query::run(args)),
+        Command::Export(args) => export_table::run(args),
+        Command::Pack(args) => pack::pack(args),
+        Command::Unpack(args) => pack::unpack(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "dap", &mut std::io::stdout());
+            Ok(())
+        }
         Command::List(args) => export::list(&ctx, args).await,
         Command::Schema(args) => export::schema(&ctx, args).await,
         Command::Snapshot(args) => export::snapshot(&ctx, args).await,
@@ -218,6 +248,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ddl(args) => ddl::run(&ctx, args).await,
         Command::Demo(args) => demo::run(&ctx, args).await,
         Command::Emulator(args) => emulator::run(args).await,
+    }
+}
+
+/// A reader that stopped reading (`dap query … | head`) is not a failure.
+fn quiet_on_closed_pipe(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    match result {
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                    || c.downcast_ref::<crate::query::QueryError>().is_some_and(|q| {
+                        matches!(q, crate::query::QueryError::Output(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
+                    })
+            }) =>
+        {
+            Ok(())
+        }
+        other => other,
     }
 }
 

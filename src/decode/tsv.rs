@@ -202,9 +202,11 @@ mod tests {
     /// Everything the emulator writes decodes back to the same typed values.
     #[test]
     fn round_trips_the_emulators_tsv_for_every_bundled_table() {
-        let d =
-            Dataset::bundled(Generator { seed: 11, anchor: 1_767_225_600_000_000, special_floats: true }, |_, _| 40)
-                .unwrap();
+        let d = Dataset::bundled(
+            Generator { seed: 11, anchor: 1_767_225_600_000_000, special_floats: true, edge_rows: true, id_space: 0 },
+            |_, _| 40,
+        )
+        .unwrap();
         for (ns, tables) in &d.tables {
             for (name, state) in tables {
                 let def = &state.current().def;
@@ -238,7 +240,11 @@ mod tests {
 
     #[test]
     fn errors_name_the_line_and_column() {
-        let d = Dataset::bundled(Generator { seed: 1, anchor: 0, special_floats: false }, |_, _| 1).unwrap();
+        let d = Dataset::bundled(
+            Generator { seed: 1, anchor: 0, special_floats: false, edge_rows: true, id_space: 0 },
+            |_, _| 1,
+        )
+        .unwrap();
         let def = &d.table("canvas", "accounts").unwrap().current().def;
         let dec = TsvDecoder::new("meta.ts\tkey.id\tvalue.storage_quota", def).unwrap();
         let e = dec.decode("2024-01-01T00:00:00Z\t1\tlots", 7).unwrap_err().to_string();

@@ -513,7 +513,11 @@ mod tests {
     use super::*;
 
     fn dataset() -> Dataset {
-        Dataset::bundled(Generator { seed: 5, anchor: 1_767_225_600_000_000, special_floats: true }, |_, _| 20).unwrap()
+        Dataset::bundled(
+            Generator { seed: 5, anchor: 1_767_225_600_000_000, special_floats: true, edge_rows: true, id_space: 0 },
+            |_, _| 20,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -590,9 +594,11 @@ mod tests {
 
     #[test]
     fn web_logs_snapshots_repeat_some_keys_but_truth_does_not() {
-        let mut d =
-            Dataset::bundled(Generator { seed: 5, anchor: 1_767_225_600_000_000, special_floats: true }, |_, _| 2000)
-                .unwrap();
+        let mut d = Dataset::bundled(
+            Generator { seed: 5, anchor: 1_767_225_600_000_000, special_floats: true, edge_rows: true, id_space: 0 },
+            |_, _| 2000,
+        )
+        .unwrap();
         d.web_logs_duplicate_rate = 0.05;
         let state = d.table("canvas_logs", "web_logs").unwrap();
         let n = d.records(state, Selection::Snapshot { at: state.history.head() }, 1, 1..2001).count();

@@ -46,7 +46,69 @@ pub struct Generator {
     pub anchor: Micros,
     /// Emit NaN and ±infinity now and then in top-level float columns.
     pub special_floats: bool,
+    /// Whether base rows `1..=EDGE_ROWS` carry the domain edges.
+    pub edge_rows: bool,
+    /// How many base rows int64-keyed tables have: `*_id` columns point at keys in this range
+    /// (0: they hold random integers).
+    pub id_space: u64,
 }
+
+/// How often a reference (`user_id`, `course_id`, …) points at no row, as real exports have a few.
+const DANGLING: f64 = 0.03;
+
+/// What a column holds beyond its type, read from its name (and its table's): references, scores,
+/// people's and courses' names, recent log times. Real Canvas data has these shapes, and analysts'
+/// joins and averages depend on them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Meaning {
+    /// `*_id` (int64): the key of another table's row, mostly one that exists.
+    Reference,
+    /// A score (float): 0 to 100 in quarter points, never special.
+    Score,
+    PersonName,
+    CourseName,
+    /// `web_logs.timestamp`: requests of the last two weeks.
+    RecentTime,
+    Plain,
+}
+
+fn meaning(def: &TableDef, c: &Column) -> Meaning {
+    let name = c.name.as_str();
+    match (&c.ty, def.name.as_str()) {
+        (ColumnType::Int(64), _) if name.ends_with("_id") => Meaning::Reference,
+        (ColumnType::Float(_), _) if name.contains("score") => Meaning::Score,
+        (ColumnType::Str { .. }, "users") if matches!(name, "name" | "sortable_name" | "short_name") => {
+            Meaning::PersonName
+        }
+        (ColumnType::Str { .. }, "courses") if name == "name" => Meaning::CourseName,
+        (ColumnType::Timestamp, "web_logs") if name == "timestamp" => Meaning::RecentTime,
+        _ => Meaning::Plain,
+    }
+}
+
+const GIVEN_NAMES: &[&str] = &[
+    "Ada", "Amara", "Ben", "Chen", "Diego", "Elif", "Fatima", "Hana", "Ivan", "Jonas", "Lena", "Mateo", "Noah",
+    "Priya", "Sofia", "Zoë",
+];
+const FAMILY_NAMES: &[&str] = &[
+    "Okafor", "García", "Nguyen", "Müller", "Kowalski", "Tanaka", "Smith", "Haddad", "Ivanova", "O'Brien", "Rossi",
+    "Singh",
+];
+const SUBJECTS: &[&str] = &[
+    "Biology",
+    "Chemistry",
+    "Calculus",
+    "Statistics",
+    "World History",
+    "Philosophy",
+    "Economics",
+    "Computer Science",
+    "Linear Algebra",
+    "Organic Chemistry",
+    "English Literature",
+    "Psychology",
+];
+const LEVELS: &[&str] = &["Introduction to", "Foundations of", "Advanced", "Seminar in", "Topics in"];
 
 impl Generator {
     pub fn table_seed(&self, def: &TableDef) -> u64 {
@@ -76,11 +138,38 @@ impl Generator {
             .iter()
             .map(|c| {
                 let mut rng = Rng::new(mix(&[row_seed, hash_str(&c.name)]));
-                if revision == 0 && (1..=EDGE_ROWS).contains(&idx) {
-                    let edges = self.edges(&c.ty, true);
+                let meaning = meaning(def, c);
+                if self.edge_rows && revision == 0 && (1..=EDGE_ROWS).contains(&idx) {
+                    let edges = match meaning {
+                        Meaning::Score => [0.0, 100.0, 0.25, 99.75, 50.5].map(Value::Float).to_vec(),
+                        _ => self.edges(&c.ty, true),
+                    };
                     return edges[(idx as usize - 1) % edges.len()].clone();
                 }
-                self.column(&mut rng, c, true)
+                // Names are there (a nameless course or person is rare enough to leave out).
+                let named = matches!(meaning, Meaning::PersonName | Meaning::CourseName);
+                if !c.required && !named && rng.chance(0.15) {
+                    return Value::Null;
+                }
+                match meaning {
+                    Meaning::Reference if self.id_space > 0 && !rng.chance(DANGLING) => {
+                        Value::Int(SHARD_OFFSET + rng.between(1, self.id_space as i64))
+                    }
+                    Meaning::Score => Value::Float(rng.below(401) as f64 / 4.0),
+                    Meaning::PersonName => {
+                        let (given, family) = (rng.pick(GIVEN_NAMES), rng.pick(FAMILY_NAMES));
+                        Value::Str(if c.name == "sortable_name" {
+                            format!("{family}, {given}")
+                        } else {
+                            format!("{given} {family}")
+                        })
+                    }
+                    Meaning::CourseName => Value::Str(format!("{} {}", rng.pick(LEVELS), rng.pick(SUBJECTS))),
+                    Meaning::RecentTime => {
+                        Value::Timestamp(self.anchor - 1 - rng.below(14 * MICROS_PER_DAY as u64) as i64)
+                    }
+                    _ => self.value(&mut rng, &c.ty, true),
+                }
             })
             .collect()
     }
@@ -355,7 +444,8 @@ mod tests {
 
     #[test]
     fn rows_are_deterministic_and_respect_the_schema() {
-        let g = Generator { seed: 3, anchor: 1_767_225_600_000_000, special_floats: true };
+        let g =
+            Generator { seed: 3, anchor: 1_767_225_600_000_000, special_floats: true, edge_rows: true, id_space: 0 };
         let d = def("canvas", "submissions");
         for idx in 1..300 {
             let row = g.row(&d, idx, 0);
@@ -383,7 +473,7 @@ mod tests {
 
     #[test]
     fn web_logs_keys_are_unique_v4_uuids() {
-        let g = Generator { seed: 1, anchor: 0, special_floats: false };
+        let g = Generator { seed: 1, anchor: 0, special_floats: false, edge_rows: true, id_space: 0 };
         let d = def("canvas_logs", "web_logs");
         let keys: std::collections::HashSet<String> = (1..2000).map(|i| g.key(&d, i).to_text().unwrap()).collect();
         assert_eq!(keys.len(), 1999);

@@ -69,6 +69,9 @@ pub struct EmulatorConfig {
     pub default_mode: Mode,
     pub csv_null: CsvNull,
     pub special_floats: bool,
+    /// The first base rows of each table carry the edges of every column's domain (extremes,
+    /// longest texts, years 1 and 9999). Off for data meant to be looked at (`dap demo`).
+    pub edge_rows: bool,
     /// Share of rows a `web_logs` snapshot repeats.
     pub web_logs_duplicate_rate: f64,
     /// Incrementals with `since` older than this are out of range.
@@ -101,6 +104,7 @@ impl Default for EmulatorConfig {
             default_mode: Mode::Expanded,
             csv_null: CsvNull::Literal,
             special_floats: true,
+            edge_rows: true,
             web_logs_duplicate_rate: 0.01,
             retention: None,
         }
@@ -232,7 +236,13 @@ pub struct Emulator {
 impl Emulator {
     /// Generates the data set and starts serving on `127.0.0.1:config.port`.
     pub async fn start(config: EmulatorConfig) -> Result<Emulator, EmulatorError> {
-        let generator = Generator { seed: config.seed, anchor: config.anchor, special_floats: config.special_floats };
+        let generator = Generator {
+            seed: config.seed,
+            anchor: config.anchor,
+            special_floats: config.special_floats,
+            edge_rows: config.edge_rows,
+            id_space: config.rows,
+        };
         let mut dataset = Dataset::bundled(generator, |ns, t| config.rows_for(ns, t))?;
         dataset.web_logs_duplicate_rate = config.web_logs_duplicate_rate;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", config.port))

@@ -40,6 +40,22 @@ pub const COMMITS: &str = "dap_replica__commits";
 /// Per key of each table, the last commit that wrote or deleted it.
 pub const CHANGES: &str = "dap_replica__changes";
 
+/// The data dictionary: one row per table (data and internal ones), one per column of every
+/// mirrored table, kept in the same transaction as the table's bookkeeping, so it follows schema
+/// changes.
+pub const DICTIONARY_TABLES: &str = "dap_tables";
+pub const DICTIONARY_COLUMNS: &str = "dap_columns";
+
+/// The tables dap keeps for itself in a mirror file, as `dap_tables` describes them.
+const INTERNAL_TABLES: &[(&str, &str)] = &[
+    (BOOKKEEPING, "internal: the replication state of each table (the official client's table_sync)"),
+    (CHECKPOINTS, "internal: objects of an unfinished initdb already loaded"),
+    (COMMITS, "internal: the commits of each table, for dap replicate"),
+    (CHANGES, "internal: the last commit that changed each key, for dap replicate"),
+    (DICTIONARY_TABLES, "data dictionary: every table of this file and what it holds"),
+    (DICTIONARY_COLUMNS, "data dictionary: every column of every mirrored table, with its DAP description"),
+];
+
 /// The mirror file of one namespace. Writes go through one connection (SQLite has one writer
 /// per file), used on blocking threads; a write access also holds the file's writer lock.
 pub struct SqliteSink {
@@ -159,6 +175,17 @@ pub fn bookkeeping_statements() -> Vec<String> {
             "CREATE TABLE IF NOT EXISTS {COMMITS} (
                source_namespace TEXT NOT NULL, source_table TEXT NOT NULL, seq INTEGER NOT NULL, watermark TEXT NOT NULL,
                PRIMARY KEY (source_namespace, source_table, seq))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {DICTIONARY_TABLES} (
+               table_name TEXT PRIMARY KEY, kind TEXT NOT NULL, namespace TEXT, schema_version INTEGER,
+               description TEXT)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {DICTIONARY_COLUMNS} (
+               table_name TEXT NOT NULL, position INTEGER NOT NULL, column_name TEXT NOT NULL, dap_type TEXT NOT NULL,
+               sqlite_type TEXT NOT NULL, nullable INTEGER NOT NULL, is_key INTEGER NOT NULL, enum_values TEXT,
+               description TEXT, PRIMARY KEY (table_name, position))"
         ),
         // The key keeps the table's key column's own type (no affinity), so it joins with it.
         format!(
@@ -514,6 +541,64 @@ impl Writer {
             .map_err(|e| self.fail("writing the bookkeeping row", e))
     }
 
+    /// Describes `def` in the data dictionary (replacing what was there), and the internal tables.
+    fn write_dictionary(&self, def: &TableDef) -> Result<(), SinkError> {
+        let fail = |e| self.fail("writing the data dictionary", e);
+        for (name, description) in INTERNAL_TABLES {
+            let kind = if description.starts_with("internal") { "internal" } else { "dictionary" };
+            self.conn
+                .execute(
+                    &format!("INSERT OR REPLACE INTO {DICTIONARY_TABLES} VALUES (?1, ?2, NULL, NULL, ?3)"),
+                    params![name, kind, description],
+                )
+                .map_err(fail)?;
+        }
+        self.conn
+            .execute(
+                &format!("INSERT OR REPLACE INTO {DICTIONARY_TABLES} VALUES (?1, 'data', ?2, ?3, ?4)"),
+                params![def.name, def.namespace, def.version, def.comment],
+            )
+            .map_err(fail)?;
+        self.conn
+            .execute(&format!("DELETE FROM {DICTIONARY_COLUMNS} WHERE table_name = ?1"), params![def.name])
+            .map_err(fail)?;
+        let mut insert = self
+            .conn
+            .prepare(&format!("INSERT INTO {DICTIONARY_COLUMNS} VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"))
+            .map_err(fail)?;
+        for (position, column) in std::iter::once(&def.key).chain(&def.values).enumerate() {
+            let enum_values = match &column.ty {
+                ColumnType::Enum(v) => Some(serde_json::to_string(v).expect("strings serialise")),
+                ColumnType::IntEnum(v) => Some(serde_json::to_string(v).expect("integers serialise")),
+                _ => None,
+            };
+            let is_key = position == 0;
+            insert
+                .execute(params![
+                    def.name,
+                    position as i64 + 1,
+                    column.name,
+                    column.ty.describe(),
+                    sql_type(&column.ty),
+                    !(is_key || column.required),
+                    is_key,
+                    enum_values,
+                    column.comment,
+                ])
+                .map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    fn forget_in_dictionary(&self, table: &str) -> Result<(), SinkError> {
+        for dictionary in [DICTIONARY_TABLES, DICTIONARY_COLUMNS] {
+            self.conn
+                .execute(&format!("DELETE FROM {dictionary} WHERE table_name = ?1"), params![table])
+                .map_err(|e| self.fail("updating the data dictionary", e))?;
+        }
+        Ok(())
+    }
+
     fn bookkeeping_rows(&self, filter: &str, args: &[&str]) -> Result<Vec<Bookkeeping>, SinkError> {
         if !self.has_table(BOOKKEEPING)? {
             return Ok(Vec::new()); // a read-only look at a file no write has prepared
@@ -677,6 +762,7 @@ impl Sink for SqliteSink {
                 )
                 .map_err(|e| w.fail("clearing checkpoints", e))?;
             w.write_bookkeeping(&bookkeeping)?;
+            w.write_dictionary(&def)?;
             w.start_epoch(&bookkeeping)?;
             tx.commit().map_err(|e| w.fail(&format!("committing {}", def.name), e))
         })
@@ -710,6 +796,7 @@ impl Sink for SqliteSink {
                 piece = feed.blocking_next()?;
             }
             w.write_bookkeeping(&bookkeeping)?;
+            w.write_dictionary(&def)?;
             let started = std::time::Instant::now();
             w.record_commit(&bookkeeping, &keys)?;
             tracing::debug!(
@@ -739,6 +826,7 @@ impl Sink for SqliteSink {
                 w.conn
                     .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&t)))
                     .map_err(|e| w.fail(&format!("dropping {t}"), e))?;
+                w.forget_in_dictionary(&t)?;
                 for index in [COMMITS, CHANGES] {
                     w.conn
                         .execute(

@@ -5,8 +5,7 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use parquet::basic::{Compression, LogicalType, Repetition, TimeUnit, Type as Physical};
-use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, FloatType, Int32Type, Int64Type};
+use parquet::basic::{Compression, Repetition};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
@@ -14,20 +13,11 @@ use parquet::schema::types::{Type, TypePtr};
 
 use super::PartSpec;
 use crate::emulator::dataset::Record;
+use crate::parquet_columns::{Buf, leaf_type};
 use crate::schema::ColumnType;
 use crate::value::Value;
 
 const ROW_GROUP_ROWS: usize = 65_536;
-
-/// One leaf column's buffered values for the current row group.
-enum Buf {
-    I32(Vec<i32>),
-    I64(Vec<i64>),
-    F32(Vec<f32>),
-    F64(Vec<f64>),
-    Bool(Vec<bool>),
-    Bytes(Vec<ByteArray>),
-}
 
 #[derive(Clone, Copy)]
 enum Source {
@@ -46,36 +36,6 @@ struct Leaf {
 
 fn err(e: ParquetError) -> io::Error {
     io::Error::other(e)
-}
-
-/// The Parquet type and empty buffer for a column type.
-fn leaf_type(name: &str, ty: &ColumnType, repetition: Repetition) -> Result<(Type, Buf), ParquetError> {
-    let (physical, logical, buf) = match ty {
-        ColumnType::Int(16) => (Physical::INT32, Some(LogicalType::integer(16, true)), Buf::I32(Vec::new())),
-        ColumnType::Int(32) => (Physical::INT32, None, Buf::I32(Vec::new())),
-        ColumnType::Int(_) | ColumnType::IntEnum(_) => (Physical::INT64, None, Buf::I64(Vec::new())),
-        ColumnType::Float(32) => (Physical::FLOAT, None, Buf::F32(Vec::new())),
-        ColumnType::Float(_) => (Physical::DOUBLE, None, Buf::F64(Vec::new())),
-        ColumnType::Decimal { precision, scale } if *precision <= 18 => {
-            let t = Type::primitive_type_builder(name, Physical::INT64)
-                .with_repetition(repetition)
-                .with_logical_type(Some(LogicalType::decimal(*scale as i32, *precision as i32)))
-                .with_precision(*precision as i32)
-                .with_scale(*scale as i32)
-                .build()?;
-            return Ok((t, Buf::I64(Vec::new())));
-        }
-        ColumnType::Bool => (Physical::BOOLEAN, None, Buf::Bool(Vec::new())),
-        ColumnType::Timestamp => {
-            (Physical::INT64, Some(LogicalType::timestamp(true, TimeUnit::MICROS)), Buf::I64(Vec::new()))
-        }
-        ColumnType::Date => (Physical::INT32, Some(LogicalType::Date), Buf::I32(Vec::new())),
-        ColumnType::Time => (Physical::INT64, Some(LogicalType::time(true, TimeUnit::MICROS)), Buf::I64(Vec::new())),
-        _ => (Physical::BYTE_ARRAY, Some(LogicalType::String), Buf::Bytes(Vec::new())),
-    };
-    let t =
-        Type::primitive_type_builder(name, physical).with_repetition(repetition).with_logical_type(logical).build()?;
-    Ok((t, buf))
 }
 
 fn group(name: &str, repetition: Repetition, fields: Vec<TypePtr>) -> Result<TypePtr, ParquetError> {
@@ -116,33 +76,18 @@ fn schema(spec: &PartSpec) -> Result<(TypePtr, Vec<Leaf>), ParquetError> {
     Ok((Arc::new(root), leaves))
 }
 
-fn push(buf: &mut Buf, v: &Value) {
-    match (buf, v) {
-        (Buf::I32(b), Value::Int(i)) => b.push(*i as i32),
-        (Buf::I32(b), Value::Date(d)) => b.push(*d),
-        (Buf::I64(b), Value::Int(i) | Value::Timestamp(i) | Value::Time(i)) => b.push(*i),
-        (Buf::I64(b), Value::Decimal(d)) => b.push(d.mantissa as i64),
-        (Buf::F32(b), Value::Float(f)) => b.push(*f as f32),
-        (Buf::F64(b), Value::Float(f)) => b.push(*f),
-        (Buf::Bool(b), Value::Bool(x)) => b.push(*x),
-        (Buf::Bytes(b), Value::Str(s)) => b.push(ByteArray::from(s.as_str())),
-        (Buf::Bytes(b), other) => b.push(ByteArray::from(other.to_text().unwrap_or_default().into_bytes())),
-        (_, other) => unreachable!("value {other:?} does not match its Parquet column"),
-    }
-}
-
 impl Leaf {
     fn add(&mut self, r: &Record) {
         match self.source {
-            Source::Ts => push(&mut self.buf, &Value::Timestamp(r.ts)),
-            Source::Action => push(&mut self.buf, &Value::Str(r.action.unwrap_or('U').to_string())),
-            Source::Key => push(&mut self.buf, &r.key),
+            Source::Ts => self.buf.push(&Value::Timestamp(r.ts)),
+            Source::Action => self.buf.push(&Value::Str(r.action.unwrap_or('U').to_string())),
+            Source::Key => self.buf.push(&r.key),
             Source::Value(i) => match r.values.as_ref().map(|v| &v[i]) {
                 None => self.defs.push(0),
                 Some(Value::Null) => self.defs.push(1),
                 Some(v) => {
                     self.defs.push(2);
-                    push(&mut self.buf, v);
+                    self.buf.push(v);
                 }
             },
         }
@@ -154,24 +99,9 @@ fn flush<W: Write + Send>(writer: &mut SerializedFileWriter<W>, leaves: &mut [Le
     for leaf in leaves.iter_mut() {
         let mut col = rg.next_column()?.expect("one column writer per leaf");
         let defs = matches!(leaf.source, Source::Value(_)).then_some(leaf.defs.as_slice());
-        match &mut leaf.buf {
-            Buf::I32(b) => col.typed::<Int32Type>().write_batch(b, defs, None)?,
-            Buf::I64(b) => col.typed::<Int64Type>().write_batch(b, defs, None)?,
-            Buf::F32(b) => col.typed::<FloatType>().write_batch(b, defs, None)?,
-            Buf::F64(b) => col.typed::<DoubleType>().write_batch(b, defs, None)?,
-            Buf::Bool(b) => col.typed::<BoolType>().write_batch(b, defs, None)?,
-            Buf::Bytes(b) => col.typed::<ByteArrayType>().write_batch(b, defs, None)?,
-        };
+        leaf.buf.write_to(&mut col, defs)?;
         col.close()?;
         leaf.defs.clear();
-        match &mut leaf.buf {
-            Buf::I32(b) => b.clear(),
-            Buf::I64(b) => b.clear(),
-            Buf::F32(b) => b.clear(),
-            Buf::F64(b) => b.clear(),
-            Buf::Bool(b) => b.clear(),
-            Buf::Bytes(b) => b.clear(),
-        }
     }
     rg.close()?;
     Ok(())
