@@ -6,6 +6,8 @@ use dap_replica::{cli, privacy, secrets};
 
 /// `EIO`, the official client's exit code for any failed operation.
 const EXIT_FAILURE: u8 = 5;
+/// A command line that makes no sense, as clap's own usage errors.
+const EXIT_USAGE: u8 = 2;
 /// 128 + SIGINT, the shell convention for Ctrl-C.
 const EXIT_INTERRUPTED: u8 = 130;
 
@@ -13,6 +15,13 @@ const EXIT_INTERRUPTED: u8 = 130;
 async fn main() -> ExitCode {
     // Before anything is created: every file and folder of this process is owner-only.
     privacy::restrict_new_files();
+    // A reader that stops reading (`dap list | head`) ends the process quietly, as with any Unix
+    // tool, instead of a panic in the next print.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     secrets::scrub_panics();
     let cli = cli::parse();
     if let Err(e) = cli::init_logging(&cli) {
@@ -24,7 +33,11 @@ async fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {}", cli::report(&e));
-                ExitCode::from(EXIT_FAILURE)
+                if e.downcast_ref::<cli::UsageError>().is_some() {
+                    ExitCode::from(EXIT_USAGE)
+                } else {
+                    ExitCode::from(EXIT_FAILURE)
+                }
             }
         },
         _ = tokio::signal::ctrl_c() => {

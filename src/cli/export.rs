@@ -240,11 +240,12 @@ pub async fn incremental(ctx: &Context, args: IncrementalArgs) -> anyhow::Result
     if let Some(until) = args.until
         && until.micros <= args.since.micros
     {
-        bail!(
+        return Err(super::UsageError(format!(
             "--until ({}) must be later than --since ({})",
             time::format_wire(until.micros),
             time::format_wire(args.since.micros)
-        );
+        ))
+        .into());
     }
     export(ctx, args.common, Some(args.since), args.until).await
 }

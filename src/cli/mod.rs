@@ -65,6 +65,10 @@ pub struct Cli {
     /// With --non-interactive, do not log to stderr.
     #[arg(long, global = true)]
     pub no_log_to_console: bool,
+    /// Accepted for compatibility with the official client, and ignored: dap colours only
+    /// terminals, and never with NO_COLOR set.
+    #[arg(long, value_enum, env = "DAP_CONSOLE_THEME", global = true)]
+    pub console_theme: Option<ConsoleTheme>,
     /// Accepted for compatibility; dap-replica never sends usage data (nor reads DAP_TRACKING).
     #[arg(long, global = true)]
     pub no_tracking: bool,
@@ -146,6 +150,20 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Run a local DAP emulator (loopback only) for offline work and tests.
     Emulator(emulator::EmulatorArgs),
+}
+
+/// A command line that parses but makes no sense (`--until` before `--since`): exit code 2, as
+/// clap's own usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The official client's colour themes; accepted so that its command lines work, and ignored.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ConsoleTheme {
+    Dark,
+    Light,
+    HighContrastBw,
 }
 
 /// The DAP API of Instructure's hosted service.
@@ -297,7 +315,10 @@ pub fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     // "TLS encryption is not enabled" on every connection of `?ssl=disable`).
     let filter =
         tracing_subscriber::filter::Targets::new().with_default(level).with_target("tiberius", tracing::Level::ERROR);
-    let builder = fmt().with_max_level(level).with_target(false);
+    // Colour only for a person at a terminal, and never with NO_COLOR (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = fmt().with_max_level(level).with_target(false).with_ansi(colour);
     let to_console = !(cli.non_interactive && cli.no_log_to_console);
     match (&cli.logfile, cli.logformat) {
         (Some(path), format) => {
