@@ -101,8 +101,9 @@ async fn every_table_fans_out_to_every_target_at_its_own_pace_through_syncs_and_
         .await;
     }
 
-    for round in 1..=3 {
-        if round == 3 {
+    // Two rounds keep CI short: plain changes with one unreachable target, then schema changes.
+    for round in 1..=2 {
+        if round == 2 {
             for (table, change) in [
                 ("accounts", SchemaChange::AddColumn),
                 ("courses", SchemaChange::WidenMaxLength),
@@ -123,12 +124,12 @@ async fn every_table_fans_out_to_every_target_at_its_own_pace_through_syncs_and_
             args.extend(["--replicate-to", u]);
         }
         let unreachable = "postgresql://nobody:secret@127.0.0.1:1/nothing";
-        if round == 2 {
+        if round == 1 {
             args.extend(["--replicate-to", unreachable]);
         }
         let out = dap(&emu, dir, &args).await;
         let err = String::from_utf8_lossy(&out.stderr);
-        if round == 2 {
+        if round == 1 {
             assert!(!out.status.success(), "an unreachable target makes the run fail");
             assert!(err.contains("127.0.0.1:1/nothing") && err.contains("1 of") && !err.contains("secret"), "{err}");
         } else {
