@@ -605,11 +605,12 @@ async fn nan_is_refused_naming_the_row_or_stored_as_null() {
     let dir = tempfile::tempdir().unwrap();
     let server = TdsServer::start(ServerOptions::default()).await;
     let url = server.url();
-    // submissions has float columns, and the emulator's edge rows put NaN and infinity there.
+    // assignments.points_possible is a float column, and the emulator's edge rows put NaN and
+    // infinity there (scores never: they are plausible by design).
     let out = run_ours(
         &emu,
         dir.path(),
-        &["initdb", "--namespace", "canvas", "--table", "submissions", "--connection-string", &url],
+        &["initdb", "--namespace", "canvas", "--table", "assignments", "--connection-string", &url],
     )
     .await;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -618,7 +619,7 @@ async fn nan_is_refused_naming_the_row_or_stored_as_null() {
         err.contains("which SQL Server cannot store") && err.contains("--non-finite null") && err.contains("key "),
         "{err}"
     );
-    assert!(server.db().await.table("canvas", "submissions").is_none(), "nothing was published");
+    assert!(server.db().await.table("canvas", "assignments").is_none(), "nothing was published");
     ours_ok(
         &emu,
         dir.path(),
@@ -627,7 +628,7 @@ async fn nan_is_refused_naming_the_row_or_stored_as_null() {
             "--namespace",
             "canvas",
             "--table",
-            "submissions",
+            "assignments",
             "--connection-string",
             &url,
             "--non-finite",
@@ -635,11 +636,11 @@ async fn nan_is_refused_naming_the_row_or_stored_as_null() {
         ],
     )
     .await;
-    let def = emu.table_def("canvas", "submissions").unwrap();
+    let def = emu.table_def("canvas", "assignments").unwrap();
     assert_same_rows_within(
         &def,
         &truth::mssql_rows(&url, &def).await,
-        &emu.truth("canvas", "submissions").unwrap(),
+        &emu.truth("canvas", "assignments").unwrap(),
         "NaN as NULL",
         MSSQL_LIMITS,
     );

@@ -172,12 +172,27 @@ async fn everything_dap_creates_is_owner_only_under_umask_022() {
     .await;
     dap_ok(&emu, dir, &["schema", "--namespace", "canvas", "--table", "accounts", "--output-directory", exports], &[])
         .await;
+    let pack = dir.join("packs/canvas.dap.zst");
+    std::fs::create_dir(dir.join("packs")).unwrap();
+    set_mode(&dir.join("packs"), 0o700);
+    dap_ok(&emu, dir, &["pack", "--output", pack.to_str().unwrap()], &[]).await;
+    dap_ok(&emu, dir, &["unpack", pack.to_str().unwrap(), "--dir", dir.join("unpacked").to_str().unwrap()], &[]).await;
+    let exported = dir.join("exports/users.parquet");
+    dap_ok(&emu, dir, &["export", "--table", "users", "--output", exported.to_str().unwrap()], &[]).await;
     let out = dap(&emu, dir, Credentials::Environment, &["configure"], &[], "").await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     dap_ok(&emu, dir, &["demo", "--dir", dir.join("demo").to_str().unwrap(), "--rows", "30"], &[]).await;
 
     let created = tree(dir);
-    for expected in ["mirror/canvas.db", "mirror/state.json", "replica/canvas.db", "custom/nested/canvas.db"] {
+    for expected in [
+        "mirror/canvas.db",
+        "mirror/state.json",
+        "replica/canvas.db",
+        "custom/nested/canvas.db",
+        "packs/canvas.dap.zst",
+        "unpacked/canvas.db",
+        "exports/users.parquet",
+    ] {
         assert!(created.contains(&dir.join(expected)), "{expected} was not created: {created:?}");
     }
     assert!(created.iter().any(|p| p.starts_with(dir.join("exports")) && p.extension().is_some_and(|e| e == "gz")));
