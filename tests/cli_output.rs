@@ -66,3 +66,38 @@ async fn until_before_since_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be later than --since"));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing was written");
 }
+
+/// Every file under `dir` with its bytes, to show that a refused run wrote nothing.
+fn listing(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    files_under(dir).into_iter().map(|p| (p.clone(), std::fs::read(dir.join(&p)).unwrap())).collect()
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_anything_is_created() {
+    let emu = emulator(EmulatorConfig { rows: 5, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("mirror");
+    let env = [("DAP_MIRROR_DIR", mirror.to_str().unwrap())];
+    // A namespace the server does not have.
+    let out = run_ours_with(&emu, dir.path(), &["initdb", "--namespace", "canvass", "--table", "users"], &env).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("canvass"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!mirror.exists(), "a typo left files behind: {:?}", files_under(&mirror));
+    // A sync with no mirror to sync.
+    let out = run_ours_with(&emu, dir.path(), &["syncdb", "--namespace", "canvas", "--table", "all"], &env).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no mirror here yet") && err.contains("dap initdb"), "{err}");
+    assert!(!mirror.exists(), "a sync of nothing created {:?}", files_under(&mirror));
+    // A mirror file that is not a SQLite database: refused with the way out, and left as it was.
+    std::fs::create_dir(&mirror).unwrap();
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(mirror.join("canvas.db"), &garbage).unwrap();
+    let before = listing(&mirror);
+    for command in ["syncdb", "initdb"] {
+        let out = run_ours_with(&emu, dir.path(), &[command, "--namespace", "canvas", "--table", "users"], &env).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} accepted a garbage mirror");
+        assert!(err.contains("not a database") && err.contains("dap initdb"), "{command}: {err}");
+        assert_eq!(listing(&mirror), before, "{command} changed the folder");
+    }
+}

@@ -33,7 +33,9 @@ impl ServerErrorKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("no DAP credentials: set DAP_CLIENT_ID and DAP_CLIENT_SECRET (or pass --client-id and --client-secret)")]
+    #[error(
+        "no DAP credentials: run `dap configure` once, or set DAP_CLIENT_ID and DAP_CLIENT_SECRET (or DAP_CLIENT_SECRET_FILE; --client-id and --client-secret also work)"
+    )]
     MissingCredentials,
     #[error("authentication failed: {message} (uuid {uuid}); check DAP_CLIENT_ID and DAP_CLIENT_SECRET")]
     Authentication { message: String, uuid: String },

@@ -143,6 +143,17 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
     };
     let client = Client::new(ctx.client.clone())?;
     let ns = args.namespace.clone();
+    // Inputs are checked before anything is created: a sync needs a mirror to sync, and the
+    // namespace must be one the server has (a typo would otherwise leave an empty file behind).
+    if let (Mode::Sync { init_missing: false, .. }, Some(file)) = (mode, spec.local_file(&ns)?)
+        && !file.exists()
+    {
+        bail!(
+            "{}: there is no mirror here yet, so nothing to sync; start with `dap initdb --namespace {ns} --table …` (or pass --init-missing)",
+            file.display()
+        );
+    }
+    let server_tables = client.tables(&ns).await?;
     let options = SinkOptions {
         access: Access::Write,
         parallelism: args.parallel_tables.max(1),
@@ -158,7 +169,7 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
         (Some(list), _) => list,
         (None, Mode::Init { .. } | Mode::Sync { init_missing: true, .. }) => {
             let mut all = local.clone();
-            all.extend(client.tables(&ns).await?.into_iter().filter(|t| !local.contains(t)));
+            all.extend(server_tables.into_iter().filter(|t| !local.contains(t)));
             all
         }
         (None, Mode::Sync { .. }) => local.clone(),

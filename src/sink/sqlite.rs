@@ -201,12 +201,31 @@ pub fn table_statements(def: &TableDef) -> Vec<String> {
     vec![create_table_sql(&def.name, def)]
 }
 
+/// The first bytes of every SQLite database file.
+const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+/// Refuses, before anything is written, a file that is there but is not a SQLite database (an
+/// empty file is one: SQLite makes it a database on first write).
+fn refuse_foreign_file(path: &Path) -> Result<(), SinkError> {
+    let Ok(mut file) = std::fs::File::open(path) else { return Ok(()) };
+    let mut head = [0u8; 16];
+    let read = std::io::Read::read(&mut file, &mut head).unwrap_or(0);
+    if read == 0 || head == *SQLITE_HEADER {
+        return Ok(());
+    }
+    Err(SinkError::refused(
+        &path.display().to_string(),
+        "not a database: the file lacks SQLite's header, so it is no mirror (nothing was changed); move it aside and rebuild the mirror with `dap initdb --namespace NS --table all`",
+    ))
+}
+
 impl SqliteSink {
     /// Opens the mirror file at `path`. A write access creates it (and its folder) when missing
     /// and takes its writer lock; a read access never creates anything.
     pub fn open(path: &Path, access: Access) -> Result<SqliteSink, SinkError> {
         let shown = path.display().to_string();
         let fail = |action: &str, e: rusqlite::Error| database_error(&shown, action, e);
+        refuse_foreign_file(path)?;
         let (conn, lock) = match access {
             Access::Write => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
