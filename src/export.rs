@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use serde::Serialize;
 
-use crate::api::types::{Format, JobStatus, Query};
+use crate::api::types::{Format, Query};
 use crate::api::{ApiError, Client};
 use crate::fetch::{self, FetchError};
 use crate::progress::TableProgress;
@@ -76,16 +76,6 @@ impl Fatal for ExportError {
     }
 }
 
-fn status_text(s: JobStatus) -> &'static str {
-    match s {
-        JobStatus::Waiting => "job waiting",
-        JobStatus::Running => "job running",
-        JobStatus::Complete => "job complete",
-        JobStatus::Failed => "job failed",
-        JobStatus::Unknown => "job in an unknown state",
-    }
-}
-
 pub async fn export_table(
     client: &Client,
     request: &ExportRequest,
@@ -93,7 +83,7 @@ pub async fn export_table(
     progress: &Arc<TableProgress>,
 ) -> Result<ExportResult, ExportError> {
     progress.stage("submitting query");
-    let job = client.run_job(&request.namespace, table, &request.query(), |s| progress.stage(status_text(s))).await?;
+    let job = client.run_job(&request.namespace, table, &request.query(), |s| progress.stage(s.describe())).await?;
     tracing::debug!("{table}: job {} complete with {} objects", job.id, job.objects.len());
     let _slot = request.transfers.acquire().await.expect("the transfer semaphore is never closed");
     let directory = request.output_dir.join(format!("job_{}", fetch::safe_component(&job.id)));

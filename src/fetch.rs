@@ -222,7 +222,7 @@ async fn transfer(
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) => {
-                last_error = e.to_string();
+                last_error = crate::api::transport_failure(&e).0;
                 continue;
             }
         };

@@ -15,14 +15,8 @@ const EXIT_INTERRUPTED: u8 = 130;
 async fn main() -> ExitCode {
     // Before anything is created: every file and folder of this process is owner-only.
     privacy::restrict_new_files();
-    // A reader that stops reading (`dap list | head`) ends the process quietly, as with any Unix
-    // tool, instead of a panic in the next print.
-    #[cfg(unix)]
-    // SAFETY: restores the default disposition of one signal before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     secrets::scrub_panics();
+    cli::end_quietly_when_stdout_closes();
     let cli = cli::parse();
     if let Err(e) = cli::init_logging(&cli) {
         eprintln!("error: {e:#}");

@@ -143,22 +143,21 @@ impl<'a, M: tracing_subscriber::fmt::MakeWriter<'a>> tracing_subscriber::fmt::Ma
     }
 }
 
+/// The text a panic was raised with, when it was raised with text.
+pub fn panic_message(info: &std::panic::PanicHookInfo<'_>) -> Option<String> {
+    let payload = info.payload();
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned())
+}
+
 /// Scrubs panic messages too: a panic prints its payload, which may quote a value it failed on.
 pub fn scrub_panics() {
     let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let payload = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned());
-        match payload {
-            Some(message) => {
-                let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-                eprintln!("dap panicked{at}: {}", scrub(&message));
-            }
-            None => default(info),
+    std::panic::set_hook(Box::new(move |info| match panic_message(info) {
+        Some(message) => {
+            let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+            eprintln!("dap panicked{at}: {}", scrub(&message));
         }
+        None => default(info),
     }));
 }
 

@@ -1,9 +1,10 @@
 //! `state.json` beside the mirror files, and the writer lock of each mirror file.
 //!
-//! The state file records, per table: watermark, schema version, rows, last job, last run and its
-//! result. It is rewritten atomically (temporary file, fsync, rename) after every table's
-//! commit, rebuilt from the databases when missing or corrupt, and never trusted over them: every
-//! run reconciles it with the bookkeeping rows it finds.
+//! The state file records, per mirror file and table: watermark, schema version, rows, last job,
+//! last run and its result. Every change re-reads it and rewrites it atomically (temporary file,
+//! fsync, rename) under an exclusive lock, so processes writing different mirror files of one
+//! folder never lose each other's updates. It is rebuilt from the databases when missing or
+//! corrupt, and never trusted over them: every run reconciles it with the bookkeeping rows.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -78,7 +79,7 @@ pub struct TableEntry {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StateFile {
     pub format: u32,
-    /// `namespace.table` → entry.
+    /// [`StateFile::key`] → entry.
     pub tables: BTreeMap<String, TableEntry>,
 }
 
@@ -86,6 +87,37 @@ impl StateFile {
     /// `state.json` of the mirror folder holding `db`.
     pub fn path_for(db: &Path) -> PathBuf {
         db.parent().unwrap_or(Path::new(".")).join("state.json")
+    }
+
+    /// The key of a table's entry: `namespace.table` in the namespace's own file (`canvas.db`),
+    /// else prefixed by the file's name (`archive.db:canvas.users`), so that files sharing a
+    /// folder never share an entry.
+    pub fn key(db: &Path, namespace: &str, table: &str) -> String {
+        let file = db.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        if file == format!("{namespace}.db") {
+            format!("{namespace}.{table}")
+        } else {
+            format!("{file}:{namespace}.{table}")
+        }
+    }
+
+    /// The entry of a table of `db`.
+    pub fn entry(&self, db: &Path, namespace: &str, table: &str) -> Option<&TableEntry> {
+        self.tables.get(&Self::key(db, namespace, table))
+    }
+
+    /// Applies `change` to the state file beside `db`: under an exclusive lock (`state.json.lock`),
+    /// it is read afresh, changed and written back, so concurrent writers keep each other's
+    /// updates.
+    pub fn update(db: &Path, change: impl FnOnce(&mut StateFile)) -> Result<(), StateError> {
+        let path = Self::path_for(db);
+        let lock_path = path.with_extension("json.lock");
+        let lock =
+            OpenOptions::new().create(true).write(true).truncate(false).open(&lock_path).map_err(io(&lock_path))?;
+        lock.lock().map_err(io(&lock_path))?;
+        let mut state = Self::load(&path);
+        change(&mut state);
+        state.save(&path)
     }
 
     /// Reads the state file; a missing or unreadable one yields an empty state (it is rebuilt
@@ -103,11 +135,13 @@ impl StateFile {
     /// Makes the entries of `db`'s namespace agree with its bookkeeping rows (and the row counts
     /// given): the database is the authority.
     pub fn reconcile(&mut self, namespace: &str, db: &Path, bookkeeping: &[Bookkeeping], rows: &BTreeMap<String, u64>) {
-        self.tables.retain(|_, e| {
-            !(e.namespace == namespace && e.file == db && !bookkeeping.iter().any(|b| b.table == e.table))
+        self.tables.retain(|key, e| {
+            // Entries of this file under another key were written by an older dap.
+            let stale = *key != Self::key(&e.file, &e.namespace, &e.table);
+            !(e.namespace == namespace && e.file == db && (stale || !bookkeeping.iter().any(|b| b.table == e.table)))
         });
         for b in bookkeeping {
-            let e = self.tables.entry(format!("{namespace}.{}", b.table)).or_default();
+            let e = self.tables.entry(Self::key(db, namespace, &b.table)).or_default();
             e.namespace = namespace.to_string();
             e.table = b.table.clone();
             e.file = db.to_path_buf();
@@ -129,7 +163,7 @@ impl StateFile {
         job: Option<&str>,
         result: Result<(), String>,
     ) {
-        let e = self.tables.entry(format!("{namespace}.{table}")).or_default();
+        let e = self.tables.entry(Self::key(db, namespace, table)).or_default();
         e.namespace = namespace.to_string();
         e.table = table.to_string();
         e.file = db.to_path_buf();
@@ -202,5 +236,40 @@ mod tests {
         let users = &back.tables["canvas.users"];
         assert_eq!((users.rows, users.schema_version, users.last_result.as_deref()), (Some(7), Some(2), Some("ok")));
         assert_eq!(users.watermark.as_deref(), Some("1970-01-01T00:00:01Z"));
+    }
+
+    #[test]
+    fn files_sharing_a_folder_keep_their_own_entries_and_concurrent_writers_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<PathBuf> = ["canvas.db", "a.db", "b.db", "c.db"].iter().map(|f| dir.path().join(f)).collect();
+        let writers: Vec<_> = files
+            .iter()
+            .cloned()
+            .map(|db| {
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        let tables: Vec<Bookkeeping> =
+                            (0..=i).map(|n| bk(&format!("t{n}"), n)).chain([bk("users", i)]).collect();
+                        StateFile::update(&db, |s| {
+                            s.record_run("canvas", &format!("t{i}"), &db, "initdb", None, Ok(()));
+                            s.reconcile("canvas", &db, &tables, &BTreeMap::new());
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let s = StateFile::load(&StateFile::path_for(&files[0]));
+        for db in &files {
+            assert_eq!(s.entry(db, "canvas", "users").map(|e| &e.file), Some(db), "{}", db.display());
+            for i in 0..40 {
+                let run = s.entry(db, "canvas", &format!("t{i}")).and_then(|e| e.last_command.as_deref());
+                assert_eq!(run, Some("initdb"), "{}: the run of t{i} was lost", db.display());
+            }
+        }
+        assert!(s.tables.contains_key("canvas.users") && s.tables.contains_key("a.db:canvas.users"));
     }
 }

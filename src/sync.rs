@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
+use crate::progress::TableProgress;
 use crate::schema::SchemaError;
 use crate::schema::delta::{Refused, SchemaDelta};
 use crate::sink::{Bookkeeping, Retry, Sink, SinkError};
@@ -76,10 +77,26 @@ pub enum Action {
 pub struct TableReport {
     pub action: Action,
     pub job_id: String,
-    /// Records applied (snapshot rows, or upserts and deletes).
+    /// Rows in the table after the run.
     pub rows: u64,
+    /// Changes applied by a sync (upserts and deletes), the overlap a source re-sends left out;
+    /// none for a snapshot.
+    pub changes: Option<u64>,
     pub watermark: String,
     pub schema_version: u32,
+}
+
+impl TableReport {
+    /// The report as a log line says it: `initialised, 2000 rows, watermark …`.
+    pub fn describe(&self) -> String {
+        match (self.action, self.changes) {
+            (Action::Synced, Some(changes)) => {
+                format!("synced, {changes} changes, {} rows, watermark {}", self.rows, self.watermark)
+            }
+            (Action::Ahead, _) => format!("left alone (ahead of its source), {} rows", self.rows),
+            _ => format!("initialised, {} rows, watermark {}", self.rows, self.watermark),
+        }
+    }
 }
 
 /// Replicates tables from a source into a target.
@@ -93,8 +110,9 @@ pub struct Replicator {
     pub attempts: u32,
 }
 
-/// Waits for the target to consume a feed and for the source that fills it; the error that
-/// caused a failure wins (the source's when the feed stopped early, else the target's).
+/// Waits for the target to consume a feed and for the source that fills it, and gives the
+/// source's count of records; the error that caused a failure wins (the source's when the feed
+/// stopped early, else the target's).
 async fn consume(
     task: JoinHandle<Result<u64, SourceError>>,
     apply: impl Future<Output = Result<u64, SinkError>>,
@@ -105,7 +123,7 @@ async fn consume(
     }
     let read = task.await;
     match (applied, read) {
-        (Ok(n), Ok(Ok(_))) => Ok(n),
+        (Ok(_), Ok(Ok(n))) => Ok(n),
         (Err(SinkError::FeedAborted), Ok(Err(source))) | (Ok(_), Ok(Err(source))) => Err(source.into()),
         (Err(e), _) => Err(e.into()),
         (Ok(_), Err(joined)) if joined.is_panic() => std::panic::resume_unwind(joined.into_panic()),
@@ -140,16 +158,34 @@ impl Replicator {
     }
 
     /// Snapshots a table into a staging area and publishes it with its bookkeeping row.
-    pub async fn initdb(&self, namespace: &str, table: &str, replace: bool) -> Result<TableReport, SyncError> {
-        self.retrying(|| self.initdb_once(namespace, table, replace)).await
+    /// `watch` shows its phases.
+    pub async fn initdb(
+        &self,
+        namespace: &str,
+        table: &str,
+        replace: bool,
+        watch: &Arc<TableProgress>,
+    ) -> Result<TableReport, SyncError> {
+        self.retrying(|| self.initdb_once(namespace, table, replace, watch)).await
     }
 
     /// Applies the changes since the stored watermark, with the new watermark.
-    pub async fn syncdb(&self, namespace: &str, table: &str) -> Result<TableReport, SyncError> {
-        self.retrying(|| self.syncdb_once(namespace, table)).await
+    pub async fn syncdb(
+        &self,
+        namespace: &str,
+        table: &str,
+        watch: &Arc<TableProgress>,
+    ) -> Result<TableReport, SyncError> {
+        self.retrying(|| self.syncdb_once(namespace, table, watch)).await
     }
 
-    async fn initdb_once(&self, namespace: &str, table: &str, replace: bool) -> Result<TableReport, SyncError> {
+    async fn initdb_once(
+        &self,
+        namespace: &str,
+        table: &str,
+        replace: bool,
+        watch: &Arc<TableProgress>,
+    ) -> Result<TableReport, SyncError> {
         let stored = self.sink.bookkeeping(namespace, table).await?;
         match &stored {
             Some(_) if !replace => return Err(SyncError::AlreadyInitialised { table: format!("{namespace}.{table}") }),
@@ -161,7 +197,7 @@ impl Replicator {
             Some(b) => SchemaDelta::for_reload(&b.table_def()?, &schema.def),
             None => SchemaDelta::default(),
         };
-        let extract = self.source.snapshot(&schema.def).await?;
+        let extract = self.source.snapshot(&schema.def, watch).await?;
         let done = self.sink.stage(&schema.def, &extract.id).await?;
         if !done.is_empty() {
             tracing::info!(
@@ -172,12 +208,13 @@ impl Replicator {
             );
         }
         let todo: Vec<String> = extract.parts.iter().filter(|p| !done.contains(p)).cloned().collect();
-        let Reading { mut feed, task } = self.source.read(&schema.def, &extract, todo);
+        let Reading { mut feed, task } = self.source.read(&schema.def, &extract, todo, watch.clone());
         let load = async {
             feed.ready().await?;
-            self.sink.load(&schema.def, &extract.id, feed).await
+            self.sink.load(&schema.def, &extract.id, feed.watched_by(watch.clone())).await
         };
-        let rows = consume(task, load).await?;
+        consume(task, load).await?;
+        watch.stage("publishing");
         let bookkeeping = Bookkeeping {
             namespace: namespace.into(),
             table: table.into(),
@@ -189,13 +226,19 @@ impl Replicator {
         Ok(TableReport {
             action: Action::Initialised,
             job_id: extract.id,
-            rows,
+            rows: self.sink.row_count(namespace, table).await?,
+            changes: None,
             watermark: time::format_wire(extract.watermark),
             schema_version: schema.def.version,
         })
     }
 
-    async fn syncdb_once(&self, namespace: &str, table: &str) -> Result<TableReport, SyncError> {
+    async fn syncdb_once(
+        &self,
+        namespace: &str,
+        table: &str,
+        watch: &Arc<TableProgress>,
+    ) -> Result<TableReport, SyncError> {
         let stored = self
             .sink
             .bookkeeping(namespace, table)
@@ -203,11 +246,11 @@ impl Replicator {
             .ok_or_else(|| SyncError::NotInitialised { table: format!("{namespace}.{table}") })?;
         let schema = self.source.schema(namespace, table).await?;
         let delta = SchemaDelta::between(&stored.table_def()?, &schema.def)?;
-        let extract = match self.source.changes(&schema.def, stored.watermark).await {
+        let extract = match self.source.changes(&schema.def, stored.watermark, watch).await {
             Ok(extract) => extract,
             Err(SourceError::SnapshotRequired { reason }) if self.auto_reinit => {
                 tracing::warn!("{namespace}.{table}: {reason}; taking a new snapshot (--auto-reinit)");
-                return Box::pin(self.initdb_once(namespace, table, true)).await;
+                return Box::pin(self.initdb_once(namespace, table, true, watch)).await;
             }
             Err(SourceError::SnapshotRequired { reason }) => {
                 return Err(SyncError::SnapshotRequired { namespace: namespace.into(), table: table.into(), reason });
@@ -221,16 +264,17 @@ impl Replicator {
             schema_version: schema.def.version,
             schema_description: schema.description,
         };
-        let Reading { mut feed, task } = self.source.read(&schema.def, &extract, extract.parts.clone());
+        let Reading { mut feed, task } = self.source.read(&schema.def, &extract, extract.parts.clone(), watch.clone());
         let apply = async {
             feed.ready().await?;
-            self.sink.apply_changes(&schema.def, &delta, feed, &bookkeeping).await
+            self.sink.apply_changes(&schema.def, &delta, feed.watched_by(watch.clone()), &bookkeeping).await
         };
-        let rows = consume(task, apply).await?;
+        let changes = consume(task, apply).await?;
         Ok(TableReport {
             action: Action::Synced,
             job_id: extract.id,
-            rows,
+            rows: self.sink.row_count(namespace, table).await?,
+            changes: Some(changes),
             watermark: time::format_wire(extract.watermark),
             schema_version: schema.def.version,
         })

@@ -99,7 +99,8 @@ pub fn summarize<T>(outcomes: &[TableOutcome<T>]) -> (String, bool) {
     let ok = count(|o| matches!(o, Outcome::Succeeded { .. }));
     let failed = count(|o| matches!(o, Outcome::Failed { .. }));
     let skipped = count(|o| matches!(o, Outcome::Skipped { .. }));
-    (format!("{} tables: {ok} succeeded, {failed} failed, {skipped} skipped", outcomes.len()), failed + skipped == 0)
+    let tables = if outcomes.len() == 1 { "table" } else { "tables" };
+    (format!("{} {tables}: {ok} succeeded, {failed} failed, {skipped} skipped", outcomes.len()), failed + skipped == 0)
 }
 
 #[cfg(test)]

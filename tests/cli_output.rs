@@ -101,3 +101,81 @@ async fn bad_input_is_refused_before_anything_is_created() {
         assert_eq!(listing(&mirror), before, "{command} changed the folder");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropdb_names_what_it_dropped_and_gives_the_space_back() {
+    let emu = emulator(EmulatorConfig { rows: 3000, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    let tables = "users,courses,accounts";
+    ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", tables, "--connection-string", &url])
+        .await;
+    let full = std::fs::metadata(&db).unwrap().len();
+    let out = run_ours(
+        &emu,
+        dir.path(),
+        &["dropdb", "--json", "--namespace", "canvas", "--table", "all", "--connection-string", &url],
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let results: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut dropped: Vec<&str> = results.iter().map(|r| r["table"].as_str().unwrap()).collect();
+    dropped.sort();
+    assert_eq!(dropped, ["accounts", "courses", "users"]);
+    for t in tables.split(',') {
+        let rows = emu.truth("canvas", t).unwrap().len();
+        assert!(err.contains(&format!("canvas.{t}: dropped ({rows} rows)")), "{t}: {err}");
+        assert!(results.iter().any(|r| r["table"] == t && r["rows"] == rows), "{results:?}");
+    }
+    let left = std::fs::metadata(&db).unwrap().len();
+    assert!(left * 10 < full, "the file kept its size: {full} → {left} bytes");
+    assert!(err.contains("MB given back"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_failures_name_their_root_cause_and_what_to_check() {
+    let emu = emulator(EmulatorConfig { rows: 5, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let emulator_over_https = format!("https://{}", emu.addr());
+    let cases = [
+        (format!("http://127.0.0.1:{closed}"), "connection refused", 2),
+        ("http://no-such-host.invalid".to_string(), "does not resolve", 2),
+        // A permanent failure is not retried.
+        (emulator_over_https, "TLS handshake failed", 1),
+    ];
+    for (url, cause, attempts) in cases {
+        let env = [("DAP_API_URL", url.as_str())];
+        let out =
+            run_ours_with(&emu, dir.path(), &["--max-attempts", "2", "list", "--namespace", "canvas"], &env).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{url}: {err}");
+        assert!(err.contains(cause) && err.contains("check"), "{url}: no {cause:?} and hint in {err}");
+        assert!(!err.contains("error sending request"), "{url}: reqwest's wrapper instead of the cause: {err}");
+        assert_eq!(err.matches("retrying in").count(), attempts - 1, "{url}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_table_is_reported_once() {
+    let emu = emulator(EmulatorConfig { rows: 5, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("canvas.db").display());
+    let args = ["initdb", "--namespace", "canvas", "--table", "users,no_such_table", "--connection-string", &url];
+    let out = run_ours(&emu, dir.path(), &args).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.matches("table no_such_table not found").count(), 1, "{err}");
+    assert!(err.contains("1 succeeded, 1 failed"), "{err}");
+    // With the log in a file, the console still names the failure, once.
+    let log = dir.path().join("dap.log");
+    let out = run_ours(&emu, dir.path(), &[&["--logfile", log.to_str().unwrap()], &args[..]].concat()).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("table no_such_table not found").count(), 1, "{err}");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("table no_such_table not found"));
+}

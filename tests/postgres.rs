@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::truth::{Limit, assert_same_rows_within, postgres_rows};
 use common::*;
@@ -160,6 +160,28 @@ async fn every_table_follows_the_truth_in_the_official_layout() {
     let (a, b) = (ours_ok(&emu, dir, &listdb).await, official_ok(&emu, dir, &listdb).await);
     let no_staleness = |s: &str| s.lines().filter(|l| !l.contains("\"staleness\"")).collect::<Vec<_>>().join("\n");
     assert_eq!(no_staleness(&a), no_staleness(&b), "listdb is the official client's output");
+    // On a terminal, both draw a table: the same rows, cell by cell (but the ageing staleness).
+    let listdb = ["listdb", "--namespace", "canvas", "--connection-string", &ours_url];
+    let cells = |program: PathBuf| {
+        let (ok, screen) = tokio::task::block_in_place(|| on_a_terminal(&program, &emu, dir, &listdb, &[]));
+        assert!(ok, "{program:?}: {screen}");
+        let rows: Vec<Vec<String>> = screen
+            .lines()
+            .filter(|l| l.starts_with('│'))
+            .map(|l| {
+                l.split('│')
+                    .map(|c| c.trim().to_string())
+                    .enumerate()
+                    .filter(|(i, _)| *i != 4)
+                    .map(|(_, c)| c)
+                    .collect()
+            })
+            .collect();
+        assert!(rows.len() > 80, "{program:?} drew no table: {screen}");
+        rows
+    };
+    let drawn = cells(PathBuf::from(env!("CARGO_BIN_EXE_dap")));
+    assert_eq!(drawn, cells(official_client()), "listdb on a terminal draws the official client's table");
 
     // One round of plain changes, then one with schema changes too: the official client syncs
     // the 91 tables one at a time, so each round costs minutes.
@@ -437,8 +459,8 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .unwrap();
     // Kill the session as soon as it holds its transaction.
     let mut killed = 0;
-    for _ in 0..100 {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    for _ in 0..500 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         killed = db
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'dap-replica' AND datname = 'dapt_pg_bad_input' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()",

@@ -9,7 +9,7 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
-use super::error::{ApiError, ServerErrorKind};
+use super::error::{ApiError, Retryable, ServerErrorKind, transport_failure};
 use super::pacer::Pacer;
 use super::types::{ErrorEnvelope, Job, JobStatus, Query, ResourceUrls, TableList, TokenResponse};
 
@@ -150,7 +150,11 @@ impl Client {
             .connect_timeout(Duration::from_secs(30))
             .read_timeout(Duration::from_secs(120))
             .build()
-            .map_err(|e| ApiError::Transport { url: config.base_url.clone(), attempts: 0, detail: e.to_string() })?;
+            .map_err(|e| ApiError::Transport {
+                url: config.base_url.clone(),
+                attempts: 0,
+                detail: transport_failure(&e).0,
+            })?;
         let pacer = Arc::new(Pacer::new(config.job_limit, config.job_window));
         Ok(Client { http, config: Arc::new(config), token: Arc::default(), pacer })
     }
@@ -223,18 +227,19 @@ impl Client {
             }
             let (status, wait_hint, json, body) = match exchanged {
                 Ok(exchanged) => exchanged,
-                Err(e) if attempt < policy.attempts => {
+                Err(e) => {
+                    let (cause, retryable) = transport_failure(&e);
+                    if attempt >= policy.attempts || retryable == Retryable::No {
+                        return Err(ApiError::Transport { url: url.into(), attempts: attempt, detail: cause });
+                    }
                     let wait = policy.backoff(attempt, None);
                     tracing::warn!(
-                        "{url}: {e}; retrying in {:.1} s ({attempt}/{})",
+                        "{url}: {cause}; retrying in {:.1} s ({attempt}/{})",
                         wait.as_secs_f64(),
                         policy.attempts
                     );
                     tokio::time::sleep(wait).await;
                     continue;
-                }
-                Err(e) => {
-                    return Err(ApiError::Transport { url: url.into(), attempts: attempt, detail: e.to_string() });
                 }
             };
             if (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()) && attempt < policy.attempts {
@@ -326,28 +331,43 @@ impl Client {
         Ok(urls)
     }
 
+    /// How requests are retried (attempts, backoff).
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.config.retry
+    }
+
+    /// How long a job created now would wait for the creation rate (zero when it would not).
+    pub fn next_job_slot(&self) -> Duration {
+        self.pacer.wait()
+    }
+
     /// Submits `query` and polls the job (with backoff, up to the deadline) until it is complete;
-    /// a job that expires while polled is submitted again. `on_status` sees every state.
+    /// a job that expires while polled is submitted again. `on_stage` sees every state.
     pub async fn run_job(
         &self,
         namespace: &str,
         table: &str,
         query: &Query,
-        on_status: impl Fn(JobStatus),
+        on_stage: impl Fn(JobStage),
     ) -> Result<CompleteJob, ApiError> {
         let started = Instant::now();
+        if !self.pacer.wait().is_zero() {
+            on_stage(JobStage::WaitingForSlot);
+        }
         let mut job = self.submit(namespace, table, query).await?;
         let mut delay = Duration::from_millis(250);
         loop {
-            on_status(job.status);
+            on_stage(JobStage::Job(job.status));
             match job.status {
                 JobStatus::Complete => return complete(job),
                 JobStatus::Failed => {
                     let e = job.error.unwrap_or_default();
                     return Err(ApiError::JobFailed {
                         id: job.id,
+                        kind: e.kind.unwrap_or_else(|| "an unnamed error".into()),
                         message: e.message.unwrap_or_else(|| "no reason given".into()),
                         uuid: e.uuid.unwrap_or_else(|| "none".into()),
+                        attempts: 1,
                     });
                 }
                 _ => {}
@@ -365,6 +385,29 @@ impl Client {
                 }
                 Err(e) => return Err(e),
             };
+        }
+    }
+}
+
+/// Where a query stands, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStage {
+    /// Held back by the job-creation rate (DAP allows 5 per minute).
+    WaitingForSlot,
+    /// Submitted; the job's state as last polled.
+    Job(JobStatus),
+}
+
+impl JobStage {
+    /// The stage as a progress line says it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            JobStage::WaitingForSlot => "waiting for a job slot",
+            JobStage::Job(JobStatus::Waiting) => "job queued",
+            JobStage::Job(JobStatus::Running) => "job running",
+            JobStage::Job(JobStatus::Complete) => "job complete",
+            JobStage::Job(JobStatus::Failed) => "job failed",
+            JobStage::Job(JobStatus::Unknown) => "job in an unknown state",
         }
     }
 }

@@ -49,8 +49,12 @@ pub enum ApiError {
     Transport { url: String, attempts: u32, detail: String },
     #[error("malformed response from {url}: {detail}")]
     Malformed { url: String, detail: String },
-    #[error("job {id} failed: {message} (uuid {uuid})")]
-    JobFailed { id: String, message: String, uuid: String },
+    /// The job ran and failed on DAP's side (`ProcessingError` and the like, usually transient),
+    /// `attempts` times in a row.
+    #[error(
+        "job {id} failed on DAP's side (attempt {attempts}): {kind}: {message} (uuid {uuid}); such failures are usually transient: run the command again later"
+    )]
+    JobFailed { id: String, kind: String, message: String, uuid: String, attempts: u32 },
     #[error("job {id} did not finish within {waited:?}; it may still complete, rerun the command later to pick it up")]
     JobTimeout { id: String, waited: Duration },
 }
@@ -81,6 +85,51 @@ impl ApiError {
             _ => None,
         }
     }
+}
+
+/// Why an exchange with a server failed, said by its root cause with what to check (reqwest's own
+/// message is only "error sending request"), and whether trying again can help.
+pub fn transport_failure(e: &reqwest::Error) -> (String, Retryable) {
+    let mut root: &dyn std::error::Error = e;
+    while let Some(next) = root.source() {
+        root = next;
+    }
+    let cause = root.to_string();
+    let lower = cause.to_lowercase();
+    let io_kind = root.downcast_ref::<std::io::Error>().map(|io| io.kind());
+    if e.is_timeout() {
+        ("no answer in time (timed out); check the network and any proxy".into(), Retryable::Yes)
+    } else if lower.contains("dns") || lower.contains("lookup address") || lower.contains("name or service") {
+        (format!("the host name does not resolve ({cause}); check the URL and the network's DNS"), Retryable::Yes)
+    } else if io_kind == Some(std::io::ErrorKind::ConnectionRefused) {
+        (
+            format!("connection refused ({cause}): nothing listens at that address; check the URL's host and port"),
+            Retryable::Yes,
+        )
+    } else if lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
+        || lower.contains("invalidcontenttype")
+        || lower.contains("corrupt message")
+    {
+        (
+            format!(
+                "the TLS handshake failed ({cause}); check that the URL's scheme and port are the server's (https), the system clock, and any proxy that intercepts TLS"
+            ),
+            Retryable::No,
+        )
+    } else if e.is_connect() {
+        (format!("cannot connect ({cause}); check the URL and the network"), Retryable::Yes)
+    } else {
+        (cause, Retryable::Yes)
+    }
+}
+
+/// Whether a failed exchange is worth trying again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retryable {
+    Yes,
+    No,
 }
 
 #[cfg(test)]

@@ -6,5 +6,5 @@ mod error;
 mod pacer;
 pub mod types;
 
-pub use client::{Client, ClientConfig, CompleteJob, RetryPolicy, redact_url};
-pub use error::{ApiError, ServerErrorKind};
+pub use client::{Client, ClientConfig, CompleteJob, JobStage, RetryPolicy, redact_url};
+pub use error::{ApiError, Retryable, ServerErrorKind, transport_failure};

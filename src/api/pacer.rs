@@ -61,6 +61,23 @@ impl Pacer {
         }
     }
 
+    /// How long a creation asked for now would wait (zero when a slot is free); an estimate for
+    /// progress displays, as requests in flight may finish sooner.
+    pub fn wait(&self) -> Duration {
+        let Ok(s) = self.state.try_lock() else { return Duration::ZERO };
+        let now = Instant::now();
+        let busy: Vec<Option<Instant>> = s
+            .slots
+            .iter()
+            .map(|(_, done)| *done)
+            .filter(|done| done.is_none_or(|t| now.duration_since(t) < self.window))
+            .collect();
+        if busy.len() < self.limit {
+            return Duration::ZERO;
+        }
+        busy.iter().flatten().map(|t| self.window.saturating_sub(now.duration_since(*t))).min().unwrap_or(self.window)
+    }
+
     /// Stamps the slot with the time its response arrived.
     pub async fn done(&self, ticket: Ticket) {
         let mut s = self.state.lock().await;
@@ -74,6 +91,18 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_a_slot_is_the_oldest_creation_leaving_the_window() {
+        let pacer = Pacer::new(1, Duration::from_secs(10));
+        assert_eq!(pacer.wait(), Duration::ZERO);
+        let ticket = pacer.acquire().await;
+        pacer.done(ticket).await;
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(pacer.wait(), Duration::from_secs(6));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(pacer.wait(), Duration::ZERO);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn at_most_limit_per_window_counted_from_the_responses() {

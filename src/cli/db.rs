@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::bail;
 use clap::Args;
@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::Context;
 use crate::api::Client;
+use crate::progress::Progress;
 use crate::sink::{self, Access, NonFinite, Sink, SinkOptions, TargetSpec};
 use crate::source::dap::DapSource;
 use crate::state::StateFile;
@@ -20,6 +21,7 @@ use crate::time;
 
 #[derive(Debug, Args)]
 pub struct DbArgs {
+    /// Namespace, e.g. canvas, canvas_logs, catalog.
     #[arg(long)]
     pub(super) namespace: String,
     /// `all`, or a comma-separated list of tables.
@@ -82,8 +84,12 @@ pub struct SyncArgs {
 
 #[derive(Debug, Args)]
 pub struct ListDbArgs {
+    /// Namespace, e.g. canvas, canvas_logs, catalog.
+    /// Namespace, e.g. canvas, canvas_logs, catalog.
     #[arg(long)]
     namespace: String,
+    /// The database to list: a connection string as initdb takes it; the default mirror when
+    /// omitted.
     #[arg(long, env = "DAP_CONNECTION_STRING", hide_env_values = true)]
     connection_string: Option<String>,
     /// Only tables present in the database.
@@ -98,13 +104,26 @@ fn target_spec(connection_string: Option<&str>) -> anyhow::Result<TargetSpec> {
     Ok(TargetSpec::parse(connection_string)?)
 }
 
-/// Rewrites the `state.json` beside a local target from its bookkeeping rows (plus row counts).
-async fn save_state(state: &Mutex<StateFile>, sink: &dyn Sink, namespace: &str, rows: &BTreeMap<String, u64>) {
+/// A run's outcome on one table, for `state.json`.
+struct RunRecord<'a> {
+    table: &'a str,
+    command: &'a str,
+    job: Option<&'a str>,
+    result: Result<(), String>,
+}
+
+/// Updates the `state.json` beside a local target from its bookkeeping rows (plus row counts),
+/// recording a table's run when given.
+async fn save_state(sink: &dyn Sink, namespace: &str, rows: &BTreeMap<String, u64>, run: Option<RunRecord<'_>>) {
     let Some(db) = sink.local_file() else { return };
     let Ok(bookkeeping) = sink.all_bookkeeping(namespace).await else { return };
-    let mut st = state.lock().expect("state lock");
-    st.reconcile(namespace, db, &bookkeeping, rows);
-    if let Err(e) = st.save(&StateFile::path_for(db)) {
+    let updated = StateFile::update(db, |st| {
+        if let Some(run) = run {
+            st.record_run(namespace, run.table, db, run.command, run.job, run.result);
+        }
+        st.reconcile(namespace, db, &bookkeeping, rows);
+    });
+    if let Err(e) = updated {
         tracing::warn!("could not write the state file: {e}");
     }
 }
@@ -142,6 +161,7 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
         Some((mirror, targets))
     };
     let client = Client::new(ctx.client.clone())?;
+    let pacing = client.clone();
     let ns = args.namespace.clone();
     // Inputs are checked before anything is created: a sync needs a mirror to sync, and the
     // namespace must be one the server has (a typo would otherwise leave an empty file behind).
@@ -161,8 +181,7 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
         shared: ctx.shared,
     };
     let sink = sink::open(&spec, &ns, &options).await?;
-    let state = Mutex::new(sink.local_file().map(|f| StateFile::load(&StateFile::path_for(f))).unwrap_or_default());
-    save_state(&state, sink.as_ref(), &ns, &BTreeMap::new()).await;
+    save_state(sink.as_ref(), &ns, &BTreeMap::new(), None).await;
     let local: Vec<String> = sink.all_bookkeeping(&ns).await?.into_iter().map(|b| b.table).collect();
     let tables = match (tables::parse_selection(&args.table), mode) {
         (Some(list), _) if list.is_empty() => bail!("--table names no table"),
@@ -195,31 +214,39 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
         auto_reinit: matches!(mode, Mode::Sync { auto_reinit: true, .. }),
         attempts,
     };
+    let progress = Progress::new(ctx.interactive && !args.json);
+    let overall = progress.overall(tables.len(), move || pacing.next_job_slot());
     let outcomes = tables::run_each(&tables, tables::JOBS_IN_FLIGHT, |t| {
-        let (r, ns, state, local, sink) = (&replicator, &ns, &state, &local, sink.as_ref());
+        let (r, ns, local, sink) = (&replicator, &ns, &local, sink.as_ref());
+        let (progress, overall) = (&progress, &overall);
         async move {
+            let watch = Arc::new(progress.table(&t));
             let report = match mode {
-                Mode::Init { replace } => r.initdb(ns, &t, replace).await,
-                Mode::Sync { init_missing: true, .. } if !local.contains(&t) => r.initdb(ns, &t, false).await,
-                Mode::Sync { .. } => r.syncdb(ns, &t).await,
+                Mode::Init { replace } => r.initdb(ns, &t, replace, &watch).await,
+                Mode::Sync { init_missing: true, .. } if !local.contains(&t) => r.initdb(ns, &t, false, &watch).await,
+                Mode::Sync { .. } => r.syncdb(ns, &t, &watch).await,
             };
             match &report {
-                Ok(rep) => tracing::info!("{t}: {command} done, {} rows, watermark {}", rep.rows, rep.watermark),
-                Err(e) => tracing::warn!("{t}: {e}"),
+                Ok(rep) => watch.finish(&rep.describe()),
+                Err(e) => watch.fail(e),
             }
-            if let Some(db) = sink.local_file() {
-                let rows = sink.row_count(ns, &t).await.ok();
-                {
-                    let mut st = state.lock().expect("state lock");
-                    let result = report.as_ref().map(|_| ()).map_err(|e| e.to_string());
-                    st.record_run(ns, &t, db, command, report.as_ref().ok().map(|r| r.job_id.as_str()), result);
-                }
-                save_state(state, sink, ns, &rows.map(|n| BTreeMap::from([(t.clone(), n)])).unwrap_or_default()).await;
+            overall.table_done();
+            if sink.local_file().is_some() {
+                let rows = report.as_ref().ok().map(|r| r.rows);
+                let run = RunRecord {
+                    table: &t,
+                    command,
+                    job: report.as_ref().ok().map(|r| r.job_id.as_str()),
+                    result: report.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+                };
+                save_state(sink, ns, &rows.map(|n| BTreeMap::from([(t.clone(), n)])).unwrap_or_default(), Some(run))
+                    .await;
             }
             report
         }
     })
     .await;
+    std::mem::drop(overall);
     if sink.local_file().is_none() {
         let _ = std::fs::remove_dir_all(&spool);
     }
@@ -227,19 +254,19 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
         if args.json {
             super::print_json(&outcomes)?;
         }
-        return super::export::finish(command, &outcomes);
+        return super::export::finish(ctx.console, command, &outcomes);
     };
     // The mirror's writer is released before the targets read it.
     std::mem::drop(replicator);
     std::mem::drop(sink);
     let done: Vec<String> =
         outcomes.iter().filter(|o| matches!(o.outcome, Outcome::Succeeded { .. })).map(|o| o.table.clone()).collect();
-    let fanned = super::replicate::fan_out(&mirror, &ns, Some(done), &targets, &options, attempts).await?;
+    let fanned = super::replicate::fan_out(&mirror, &ns, Some(done), &targets, &options, attempts, &progress).await?;
     if args.json {
         super::print_json(&json!({ "tables": outcomes, "replicate": fanned }))?;
     }
-    let own = super::export::finish(command, &outcomes);
-    let fanned = super::replicate::finish(&fanned);
+    let own = super::export::finish(ctx.console, command, &outcomes);
+    let fanned = super::replicate::finish(ctx.console, &fanned);
     own.and(fanned)
 }
 
@@ -256,21 +283,44 @@ pub async fn drop(ctx: &Context, args: DbArgs) -> anyhow::Result<()> {
     let spec = target_spec(args.connection_string.as_deref())?;
     let options = SinkOptions { access: Access::Write, shared: ctx.shared, ..SinkOptions::default() };
     let sink = sink::open(&spec, &args.namespace, &options).await?;
+    let ns = &args.namespace;
     let tables = match tables::parse_selection(&args.table) {
         Some(list) => list,
-        None => sink.all_bookkeeping(&args.namespace).await?.into_iter().map(|b| b.table).collect(),
+        None => sink.all_bookkeeping(ns).await?.into_iter().map(|b| b.table).collect(),
     };
+    let size = |file: Option<&Path>| file.and_then(|f| std::fs::metadata(f).ok()).map(|m| m.len());
+    let size_before = size(sink.local_file());
     let mut outcomes = Vec::new();
     for t in tables {
-        let outcome = match Replicator::dropdb(sink.as_ref(), &args.namespace, &t).await {
-            Ok(()) => Outcome::Succeeded { result: json!({}) },
-            Err(e) => Outcome::Failed { error: e.to_string() },
+        let rows = sink.row_count(ns, &t).await.ok();
+        let outcome = match Replicator::dropdb(sink.as_ref(), ns, &t).await {
+            Ok(()) => {
+                tracing::info!("{ns}.{t}: dropped ({} rows)", rows.unwrap_or(0));
+                Outcome::Succeeded { result: json!({ "rows": rows }) }
+            }
+            Err(e) => {
+                tracing::warn!("{ns}.{t}: {e}");
+                Outcome::Failed { error: e.to_string() }
+            }
         };
         outcomes.push(tables::TableOutcome { table: t, outcome });
     }
-    let state = Mutex::new(sink.local_file().map(|f| StateFile::load(&StateFile::path_for(f))).unwrap_or_default());
-    save_state(&state, sink.as_ref(), &args.namespace, &BTreeMap::new()).await;
-    super::export::finish("dropdb", &outcomes)
+    if outcomes.iter().any(|o| matches!(o.outcome, Outcome::Succeeded { .. })) {
+        sink.reclaim_space().await?;
+        if let (Some(before), Some(after)) = (size_before, size(sink.local_file())) {
+            tracing::info!(
+                "{}: {:.1} MB given back ({:.1} MB now)",
+                sink.describe(),
+                before.saturating_sub(after) as f64 / 1e6,
+                after as f64 / 1e6
+            );
+        }
+    }
+    save_state(sink.as_ref(), ns, &BTreeMap::new(), None).await;
+    if args.json {
+        super::print_json(&outcomes)?;
+    }
+    super::export::finish(ctx.console, "dropdb", &outcomes)
 }
 
 /// `Xd Yh`, `Xh Ym`, `Xm Ys` or `Xs`, as the official client prints staleness.
@@ -334,8 +384,66 @@ pub async fn listdb(ctx: &Context, args: ListDbArgs) -> anyhow::Result<()> {
         }
         rows.push(row);
     }
-    println!("{}", crate::pyjson::to_string_indent2(&rows)?);
+    if ctx.interactive && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        print!("{}", listdb_table(&args.namespace, &rows, !args.omit_record_count));
+    } else {
+        println!("{}", crate::pyjson::to_string_indent2(&rows)?);
+    }
     Ok(())
+}
+
+/// `listdb` for a person at a terminal, as the official client draws it: a titled table of
+/// name, records, data as of, staleness, schema and the command to run next.
+fn listdb_table(namespace: &str, rows: &[serde_json::Value], with_records: bool) -> String {
+    enum Align {
+        Left,
+        Right,
+    }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut columns: Vec<(&str, Align, Vec<String>)> =
+        vec![("Name", Align::Left, rows.iter().map(|r| text(&r["name"])).collect())];
+    if with_records {
+        columns.push(("Records", Align::Right, rows.iter().map(|r| text(&r["records"])).collect()));
+    }
+    let as_of = rows.iter().map(|r| r["timestamp"].as_str().unwrap_or("Not replicated").to_string()).collect();
+    columns.push(("Data as of", Align::Left, as_of));
+    columns.push(("Staleness", Align::Left, rows.iter().map(|r| text(&r["staleness"])).collect()));
+    columns.push(("Schema", Align::Right, rows.iter().map(|r| text(&r["schema"])).collect()));
+    columns.push(("Use command", Align::Left, rows.iter().map(|r| text(&r["command"])).collect()));
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|(head, _, cells)| cells.iter().map(|c| c.chars().count()).chain([head.len()]).max().unwrap_or(0))
+        .collect();
+    let rule = |left: &str, fill: &str, join: &str, right: &str| {
+        let parts: Vec<String> = widths.iter().map(|w| fill.repeat(w + 2)).collect();
+        format!("{left}{}{right}\n", parts.join(join))
+    };
+    let line = |edge: &str, cells: Vec<(&str, &Align)>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|((cell, align), w)| match align {
+                Align::Left => format!(" {cell:<w$} "),
+                Align::Right => format!(" {cell:>w$} "),
+            })
+            .collect();
+        format!("{edge}{}{edge}\n", parts.join(edge))
+    };
+    let title = format!("Local database replication status of tables in namespace {namespace}");
+    let width = widths.iter().map(|w| w + 3).sum::<usize>() + 1;
+    let mut out = format!("{title:^width$}\n");
+    out.push_str(&rule("┏", "━", "┳", "┓"));
+    out.push_str(&line("┃", columns.iter().map(|(head, _, _)| (*head, &Align::Left)).collect()));
+    out.push_str(&rule("┡", "━", "╇", "┩"));
+    for i in 0..rows.len() {
+        out.push_str(&line("│", columns.iter().map(|(_, align, cells)| (cells[i].as_str(), align)).collect()));
+    }
+    out.push_str(&rule("└", "─", "┴", "┘"));
+    out
 }
 
 #[cfg(test)]
@@ -364,6 +472,7 @@ pub struct StatusArgs {
     /// One namespace (every namespace of the mirror when omitted).
     #[arg(long)]
     namespace: Option<String>,
+    /// A database to show instead of the mirror: a connection string as initdb takes it.
     #[arg(long, env = "DAP_CONNECTION_STRING", hide_env_values = true)]
     connection_string: Option<String>,
     /// Print JSON instead of a table.
@@ -457,7 +566,7 @@ pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
             targets.push((spec.describe(), read));
         }
         for b in sink.all_bookkeeping(&ns).await? {
-            let entry = state.tables.get(&format!("{ns}.{}", b.table));
+            let entry = local.as_ref().and_then(|db| state.entry(db, &ns, &b.table));
             let positions: Vec<serde_json::Value> = targets
                 .iter()
                 .map(|(target, read)| match read {

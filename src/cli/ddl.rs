@@ -18,6 +18,7 @@ pub struct DdlArgs {
     /// The database to write the DDL for.
     #[arg(long, value_enum)]
     dialect: Dialect,
+    /// Namespace, e.g. canvas, canvas_logs, catalog.
     #[arg(long)]
     namespace: String,
     /// `all`, or a comma-separated list of tables.

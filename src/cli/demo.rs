@@ -2,7 +2,7 @@
 //! initialises a realistic set of tables into a demo mirror, adds changes, syncs, and shows the
 //! status and an example query. No credentials, server or network needed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -70,6 +70,23 @@ fn start_afresh(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Syncs every demo table into the mirror files in `dir`, initialising those it lacks.
+async fn sync_all(ctx: &Context, dir: &Path) -> anyhow::Result<()> {
+    for &(ns, tables) in TABLES {
+        let args = DbArgs {
+            namespace: ns.into(),
+            table: tables.into(),
+            connection_string: Some(format!("sqlite://{}", dir.join(format!("{ns}.db")).display())),
+            json: false,
+            parallel_tables: 4,
+            temp_dir: None,
+            non_finite: crate::sink::NonFinite::Refuse,
+        };
+        db::run(ctx, args, db::FanOutArgs::default(), Mode::Sync { auto_reinit: true, init_missing: true }).await?;
+    }
+    Ok(())
+}
+
 pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     start_afresh(&args.dir)?;
     // Plausible values only: the demo is for reading, not for testing the edges of every type.
@@ -80,6 +97,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     let mut ctx = Context {
         client: ctx.client.clone(),
         interactive: ctx.interactive,
+        console: ctx.console,
         shared: ctx.shared,
         default_targets: Vec::new(),
     };
@@ -88,32 +106,13 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     ctx.client.client_secret = Some(DEFAULT_CLIENT_SECRET.into());
     ctx.client.job_limit = 1000; // the emulator enforces no rate limit here
     let dir = std::fs::canonicalize(&args.dir).with_context(|| format!("resolving {}", args.dir.display()))?;
-    let target = |ns: &str| Some(format!("sqlite://{}", dir.join(format!("{ns}.db")).display()));
-    let db_args = |ns: &str, tables: &str| DbArgs {
-        namespace: ns.into(),
-        table: tables.into(),
-        connection_string: target(ns),
-        json: false,
-        parallel_tables: 4,
-        temp_dir: None,
-        non_finite: crate::sink::NonFinite::Refuse,
-    };
 
     println!(
         "2. Initialising {} tables into {} ...",
         TABLES.iter().map(|(_, t)| t.split(',').count()).sum::<usize>(),
         dir.display()
     );
-    for (ns, tables) in TABLES {
-        // A table the demo mirror already has is synced instead.
-        db::run(
-            &ctx,
-            db_args(ns, tables),
-            db::FanOutArgs::default(),
-            Mode::Sync { auto_reinit: true, init_missing: true },
-        )
-        .await?;
-    }
+    sync_all(&ctx, &dir).await?;
     println!("3. Changing the source: inserts, updates, soft and hard deletes ...");
     for (ns, tables) in TABLES {
         for t in tables.split(',') {
@@ -121,15 +120,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     println!("4. Syncing the changes ...");
-    for (ns, tables) in TABLES {
-        db::run(
-            &ctx,
-            db_args(ns, tables),
-            db::FanOutArgs::default(),
-            Mode::Sync { auto_reinit: true, init_missing: true },
-        )
-        .await?;
-    }
+    sync_all(&ctx, &dir).await?;
     println!("\n5. The mirror now:\n");
     db::status(&ctx, db::StatusArgs::for_dir(&dir)).await?;
 

@@ -25,31 +25,38 @@ pub struct ListArgs {
 
 #[derive(Debug, Args)]
 pub struct SchemaArgs {
+    /// Namespace, e.g. canvas, canvas_logs, catalog.
     #[arg(long)]
     namespace: String,
     /// `all`, or a comma-separated list of tables.
     #[arg(long)]
     table: String,
+    /// Folder the files are written under.
     #[arg(long, default_value = "downloads")]
     output_directory: PathBuf,
+    /// The documented `scope` parameter (e.g. a root account), for credentials with several.
     #[arg(long)]
     scope: Option<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
+    /// Namespace, e.g. canvas, canvas_logs, catalog.
     #[arg(long)]
     namespace: String,
     /// `all`, or a comma-separated list of tables.
     #[arg(long)]
     table: String,
+    /// File format of the objects: csv, jsonl, parquet or tsv.
     #[arg(long, value_enum, default_value_t = Format::Jsonl)]
     format: Format,
+    /// Folder the files are written under.
     #[arg(long, default_value = "downloads")]
     output_directory: PathBuf,
     /// Print a machine-readable result per table on stdout.
     #[arg(long)]
     json: bool,
+    /// The documented `scope` parameter (e.g. a root account), for credentials with several.
     #[arg(long)]
     scope: Option<String>,
     /// Tables that download at once. Jobs for up to 32 tables are requested and waited on
@@ -116,17 +123,17 @@ async fn resolve_tables(client: &Client, namespace: &str, spec: &str) -> anyhow:
 }
 
 /// Prints the summary (and failures) on stderr; fails when any table did not succeed.
-pub(super) fn finish<T>(command: &str, outcomes: &[TableOutcome<T>]) -> anyhow::Result<()> {
+pub(super) fn finish<T>(console: super::Console, command: &str, outcomes: &[TableOutcome<T>]) -> anyhow::Result<()> {
     let (line, all_ok) = tables::summarize(outcomes);
     for o in outcomes {
         match &o.outcome {
-            Outcome::Failed { error } => eprintln!("  failed  {}: {}", o.table, crate::secrets::scrub(error)),
+            Outcome::Failed { error } => console.failure(&format!("  failed  {}: {error}", o.table)),
             Outcome::Skipped { reason } => eprintln!("  skipped {}: {reason}", o.table),
             Outcome::Succeeded { .. } => {}
         }
     }
     if all_ok {
-        eprintln!("{command}: {line}");
+        console.summary(&format!("{command}: {line}"));
         Ok(())
     } else {
         bail!("{command}: {line}")
@@ -181,13 +188,15 @@ pub async fn schema(ctx: &Context, args: SchemaArgs) -> anyhow::Result<()> {
     let outcomes = tables::run_each(&tables, 8, |t| {
         let (client, ns, dir) = (&client, &args.namespace, &args.output_directory);
         async move {
-            let path = write_schema(client, ns, &t, dir).await.map_err(SchemaError)?;
+            let path = write_schema(client, ns, &t, dir).await.map_err(SchemaError).inspect_err(|e| {
+                tracing::warn!("{t}: {e}");
+            })?;
             tracing::info!("schema of {t} written to {}", path.display());
             Ok::<_, SchemaError>(path)
         }
     })
     .await;
-    finish("schema", &outcomes)
+    finish(ctx.console, "schema", &outcomes)
 }
 
 async fn export(
@@ -220,7 +229,7 @@ async fn export(
             let p = std::sync::Arc::new(progress.table(&t));
             let result = export_table(client, request, &t, &p).await;
             if let Err(e) = &result {
-                p.finish(&format!("failed: {e}"));
+                p.fail(e);
             }
             result
         }
@@ -229,7 +238,7 @@ async fn export(
     if args.json {
         super::print_json(&outcomes)?;
     }
-    finish(command, &outcomes)
+    finish(ctx.console, command, &outcomes)
 }
 
 pub async fn snapshot(ctx: &Context, args: SnapshotArgs) -> anyhow::Result<()> {

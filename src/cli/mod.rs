@@ -27,11 +27,11 @@ use crate::secrets::ScrubbingMakeWriter;
 
 /// Canvas Data 2 (DAP) client: export tables, and keep a local SQLite mirror current.
 #[derive(Debug, Parser)]
-#[command(name = "dap", version, about, long_about = None)]
+#[command(name = "dap", version, about, long_about = None, next_help_heading = "Global options")]
 pub struct Cli {
     /// Base URL of the DAP API [default: the configuration file's, else
     /// https://api-gateway.instructure.com].
-    #[arg(long, env = "DAP_API_URL", global = true)]
+    #[arg(long, env = "DAP_API_URL", global = true, hide_env_values = true)]
     pub base_url: Option<String>,
     /// Client ID (e.g. `us-east-1#…`) [default: the configuration file's].
     #[arg(long, env = "DAP_CLIENT_ID", global = true, hide_env_values = true)]
@@ -41,11 +41,11 @@ pub struct Cli {
     #[arg(long, env = "DAP_CLIENT_SECRET", global = true, hide_env_values = true)]
     pub client_secret: Option<String>,
     /// A file holding the client secret alone; only its owner may be able to read it.
-    #[arg(long, env = "DAP_CLIENT_SECRET_FILE", global = true, value_name = "FILE")]
+    #[arg(long, env = "DAP_CLIENT_SECRET_FILE", global = true, value_name = "FILE", hide_env_values = true)]
     pub client_secret_file: Option<PathBuf>,
     /// Accept mirror files and folders that other users can read (a shared analysis host), instead
     /// of warning about them.
-    #[arg(long, env = "DAP_ALLOW_SHARED", global = true)]
+    #[arg(long, env = "DAP_ALLOW_SHARED", global = true, hide_env_values = true)]
     pub allow_shared: bool,
     /// Set when the secret was typed on the command line (visible to other users).
     #[arg(skip)]
@@ -67,7 +67,7 @@ pub struct Cli {
     pub no_log_to_console: bool,
     /// Accepted for compatibility with the official client, and ignored: dap colours only
     /// terminals, and never with NO_COLOR set.
-    #[arg(long, value_enum, env = "DAP_CONSOLE_THEME", global = true)]
+    #[arg(long, value_enum, env = "DAP_CONSOLE_THEME", global = true, hide_env_values = true)]
     pub console_theme: Option<ConsoleTheme>,
     /// Accepted for compatibility; dap-replica never sends usage data (nor reads DAP_TRACKING).
     #[arg(long, global = true)]
@@ -76,7 +76,7 @@ pub struct Cli {
     #[arg(long, default_value_t = 8, global = true)]
     pub max_attempts: u32,
     /// Job creations allowed per window, as N/SECONDS (DAP allows 5 per minute).
-    #[arg(long, env = "DAP_JOB_RATE", default_value = "5/60", value_parser = parse_rate, global = true)]
+    #[arg(long, env = "DAP_JOB_RATE", default_value = "5/60", value_parser = parse_rate, global = true, hide_env_values = true)]
     pub job_rate: (usize, f64),
     #[command(subcommand)]
     pub command: Command,
@@ -140,6 +140,7 @@ pub enum Command {
     Unpack(pack::UnpackArgs),
     /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
     Completions {
+        /// The shell to complete for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -169,18 +170,70 @@ pub enum ConsoleTheme {
 /// The DAP API of Instructure's hosted service.
 const DEFAULT_BASE_URL: &str = "https://api-gateway.instructure.com";
 
+/// What goes to the console besides results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Console {
+    /// Log records go to the console: a table's failure is shown there as it happens.
+    Logged,
+    /// Log records go to `--logfile` only: failures are listed at the end.
+    Unlogged,
+    /// `--non-interactive --no-log-to-console`: errors only.
+    ErrorsOnly,
+}
+
+impl Console {
+    /// Prints a summary line on stderr, unless only errors may be printed.
+    pub fn summary(self, line: &str) {
+        if self != Console::ErrorsOnly {
+            eprintln!("{line}");
+        }
+    }
+
+    /// Prints a table's failure on stderr, unless the log already showed it there.
+    pub fn failure(self, line: &str) {
+        if self != Console::Logged {
+            eprintln!("{}", crate::secrets::scrub(line));
+        }
+    }
+}
+
 /// What every command gets from the global options.
 pub struct Context {
     pub client: ClientConfig,
     pub interactive: bool,
+    pub console: Console,
     pub shared: SharedFiles,
     /// `dap replicate`'s targets when no `--to` is given (from the configuration file).
     pub default_targets: Vec<String>,
 }
 
+/// Global options about reaching DAP, which commands that never call it do not list.
+const DAP_ACCESS_OPTIONS: [&str; 6] =
+    ["base_url", "client_id", "client_secret", "client_secret_file", "max_attempts", "job_rate"];
+
+/// Commands that never call DAP (the demo and the emulator bring their own).
+const OFFLINE_COMMANDS: [&str; 10] =
+    ["dropdb", "replicate", "status", "query", "export", "pack", "unpack", "completions", "demo", "emulator"];
+
+/// The command line's definition, with each command's help listing only the options that mean
+/// something to it (the others are still accepted, so a shared set of flags never breaks).
+pub fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    // A command that has an argument of a global's id keeps its own: a hidden copy.
+    let hidden: Vec<clap::Arg> = cmd
+        .get_arguments()
+        .filter(|a| DAP_ACCESS_OPTIONS.contains(&a.get_id().as_str()))
+        .map(|a| a.clone().hide(true))
+        .collect();
+    for name in OFFLINE_COMMANDS {
+        cmd = cmd.mut_subcommand(name, |sub| sub.args(hidden.iter().cloned()));
+    }
+    cmd
+}
+
 /// Parses the command line, noting where the secret came from.
 pub fn parse() -> Cli {
-    let matches = Cli::command().get_matches();
+    let matches = command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     cli.secret_on_command_line = matches.value_source("client_secret") == Some(ValueSource::CommandLine);
     cli
@@ -230,7 +283,12 @@ impl Cli {
         client.job_limit = self.job_rate.0;
         client.job_window = Duration::from_secs_f64(self.job_rate.1);
         let shared = if self.allow_shared { SharedFiles::Accept } else { SharedFiles::Warn };
-        Ok(Context { client, interactive: !self.non_interactive, shared, default_targets: config.targets })
+        let console = match (&self.logfile, self.non_interactive && self.no_log_to_console) {
+            (_, true) => Console::ErrorsOnly,
+            (Some(_), false) => Console::Unlogged,
+            (None, false) => Console::Logged,
+        };
+        Ok(Context { client, interactive: !self.non_interactive, console, shared, default_targets: config.targets })
     }
 }
 
@@ -250,7 +308,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pack(args) => pack::pack(args),
         Command::Unpack(args) => pack::unpack(args),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "dap", &mut std::io::stdout());
+            clap_complete::generate(shell, &mut command(), "dap", &mut std::io::stdout());
             Ok(())
         }
         Command::List(args) => export::list(&ctx, args).await,
@@ -267,6 +325,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&ctx, args).await,
         Command::Emulator(args) => emulator::run(args).await,
     }
+}
+
+/// A reader that stops reading (`dap list | head`) ends dap as it ends any Unix tool, by SIGPIPE,
+/// at the print that fails (Rust panics there). SIGPIPE itself stays ignored: on a socket, a
+/// peer that closes mid-write (a TLS handshake refused, a server gone) is an error to report, not
+/// a reason to die without a word.
+pub fn end_quietly_when_stdout_closes() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = crate::secrets::panic_message(info).unwrap_or_default();
+        if payload.contains("Broken pipe") || payload.contains("BrokenPipe") {
+            #[cfg(unix)]
+            // SAFETY: restores the default action of SIGPIPE and raises it; the process ends.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+            std::process::exit(141);
+        }
+        previous(info)
+    }));
 }
 
 /// A reader that stopped reading (`dap query … | head`) is not a failure.
@@ -333,13 +412,107 @@ pub fn init_logging(cli: &Cli) -> anyhow::Result<()> {
                 LogFormat::Plain => b.finish().with(filter).init(),
             }
         }
-        (None, LogFormat::Json) if to_console => {
-            builder.json().with_writer(ScrubbingMakeWriter(std::io::stderr)).finish().with(filter).init()
-        }
+        (None, LogFormat::Json) if to_console => builder
+            .json()
+            .with_writer(ScrubbingMakeWriter(crate::progress::console_writer))
+            .finish()
+            .with(filter)
+            .init(),
         (None, LogFormat::Plain) if to_console => {
-            builder.with_writer(ScrubbingMakeWriter(std::io::stderr)).finish().with(filter).init()
+            builder.with_writer(ScrubbingMakeWriter(crate::progress::console_writer)).finish().with(filter).init()
         }
         (None, _) => builder.with_writer(std::io::sink).finish().with(filter).init(),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command with its subcommands, each built (global options propagated).
+    fn commands() -> Vec<clap::Command> {
+        let mut root = command();
+        root.build();
+        root.get_subcommands().cloned().collect()
+    }
+
+    #[test]
+    fn every_option_of_every_command_says_what_it_is_for() {
+        let mut undescribed = Vec::new();
+        for sub in commands() {
+            for arg in sub.get_arguments().filter(|a| a.get_id() != "help") {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    undescribed.push(format!("{} --{}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(undescribed.is_empty(), "options without a description: {undescribed:?}");
+    }
+
+    fn parse_from(args: &[&str]) -> Result<Cli, clap::Error> {
+        let matches = command().try_get_matches_from(args)?;
+        Cli::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn commands_that_never_call_dap_do_not_list_its_options_yet_accept_them() {
+        let mut root = command();
+        root.build();
+        let help = root.find_subcommand_mut("status").unwrap().render_long_help().to_string();
+        assert!(!help.contains("--base-url") && !help.contains("--client-secret"), "{help}");
+        assert!(help.contains("Global options:") && help.contains("--loglevel"), "{help}");
+        let help = root.find_subcommand_mut("initdb").unwrap().render_long_help().to_string();
+        assert!(help.contains("--base-url") && help.contains("Global options:"), "{help}");
+        assert!(!help.contains("DAP_API_URL="), "no stray `=` after a variable: {help}");
+        let cli = parse_from(&[
+            "dap",
+            "replicate",
+            "--namespace",
+            "canvas",
+            "--table",
+            "all",
+            "--max-attempts",
+            "3",
+            "--base-url",
+            "http://x",
+        ])
+        .unwrap();
+        assert_eq!((cli.max_attempts, cli.base_url.as_deref()), (3, Some("http://x")));
+    }
+
+    #[test]
+    fn the_official_clients_global_options_are_accepted_before_the_command() {
+        let official = [
+            "dap",
+            "--base-url",
+            "https://api-gateway.instructure.com",
+            "--client-id",
+            "us-east-1#id",
+            "--client-secret",
+            "s",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            "dap.log",
+            "--logformat",
+            "json",
+            "--no-log-to-console",
+            "--no-tracking",
+            "--non-interactive",
+            "--console-theme",
+            "high-contrast-bw",
+            "list",
+            "--namespace",
+            "canvas",
+        ];
+        let cli = parse_from(&official).unwrap();
+        assert!(cli.non_interactive && cli.no_log_to_console && cli.no_tracking);
+        assert_eq!(cli.client_id.as_deref(), Some("us-east-1#id"));
+        for (flag, kind) in
+            [("--version", clap::error::ErrorKind::DisplayVersion), ("-h", clap::error::ErrorKind::DisplayHelp)]
+        {
+            assert_eq!(parse_from(&["dap", flag]).err().map(|e| e.kind()), Some(kind), "{flag}");
+        }
+    }
 }

@@ -13,6 +13,7 @@ use anyhow::bail;
 use clap::Args;
 use serde::Serialize;
 
+use crate::progress::Progress;
 use crate::sink::{self, Access, NonFinite, SinkOptions, TargetSpec};
 use crate::source::mirror::MirrorSource;
 use crate::source::{Source, SourceError};
@@ -22,6 +23,7 @@ use crate::time;
 
 #[derive(Debug, Args)]
 pub struct ReplicateArgs {
+    /// Namespace, e.g. canvas, canvas_logs, catalog.
     #[arg(long)]
     namespace: String,
     /// `all` (every table of the mirror's namespace), or a comma-separated list.
@@ -109,6 +111,7 @@ pub(super) async fn fan_out(
     targets: &[TargetSpec],
     options: &SinkOptions,
     attempts: u32,
+    progress: &Progress,
 ) -> anyhow::Result<Vec<TargetResult>> {
     crate::privacy::check_mirror(mirror, options.shared);
     let source: Arc<dyn Source> = Arc::new(MirrorSource::open(mirror)?);
@@ -131,15 +134,17 @@ pub(super) async fn fan_out(
             let outcomes = tables::run_each(tables, options.parallelism, |t| {
                 let (r, sink, target) = (&replicator, sink.as_ref(), &target);
                 async move {
+                    let watch = Arc::new(progress.table(&format!("{namespace}.{t} → {target}")));
                     let report = match sink.bookkeeping(namespace, &t).await? {
-                        None => r.initdb(namespace, &t, false).await,
-                        Some(stored) => match r.syncdb(namespace, &t).await {
+                        None => r.initdb(namespace, &t, false, &watch).await,
+                        Some(stored) => match r.syncdb(namespace, &t, &watch).await {
                             Err(SyncError::Source(e @ SourceError::TargetAhead { .. })) => {
                                 tracing::warn!("{target} {namespace}.{t}: {e}");
                                 Ok(TableReport {
                                     action: Action::Ahead,
                                     job_id: String::new(),
-                                    rows: 0,
+                                    rows: sink.row_count(namespace, &t).await?,
+                                    changes: Some(0),
                                     watermark: time::format_wire(stored.watermark),
                                     schema_version: stored.schema_version,
                                 })
@@ -148,8 +153,8 @@ pub(super) async fn fan_out(
                         },
                     };
                     match &report {
-                        Ok(rep) => tracing::info!("{target} {namespace}.{t}: {:?}, {} rows", rep.action, rep.rows),
-                        Err(e) => tracing::warn!("{target} {namespace}.{t}: {e}"),
+                        Ok(rep) => watch.finish(&rep.describe()),
+                        Err(e) => watch.fail(e),
                     }
                     report
                 }
@@ -162,7 +167,7 @@ pub(super) async fn fan_out(
 }
 
 /// Prints the failures and the summary per target; fails when any target or table failed.
-pub(super) fn finish(results: &[TargetResult]) -> anyhow::Result<()> {
+pub(super) fn finish(console: super::Console, results: &[TargetResult]) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for r in results {
         if let Some(e) = &r.error {
@@ -172,15 +177,13 @@ pub(super) fn finish(results: &[TargetResult]) -> anyhow::Result<()> {
         }
         for o in &r.tables {
             match &o.outcome {
-                Outcome::Failed { error } => {
-                    eprintln!("  failed  {} {}: {}", r.target, o.table, crate::secrets::scrub(error))
-                }
+                Outcome::Failed { error } => console.failure(&format!("  failed  {} {}: {error}", r.target, o.table)),
                 Outcome::Skipped { reason } => eprintln!("  skipped {} {}: {reason}", r.target, o.table),
                 Outcome::Succeeded { .. } => {}
             }
         }
         let (line, ok) = tables::summarize(&r.tables);
-        eprintln!("replicate to {}: {line}", r.target);
+        console.summary(&format!("replicate to {}: {line}", r.target));
         if !ok {
             failed.push(r.target.clone());
         }
@@ -206,9 +209,11 @@ pub async fn replicate(ctx: &super::Context, args: ReplicateArgs) -> anyhow::Res
         non_finite: args.non_finite,
         shared: ctx.shared,
     };
-    let results = fan_out(&mirror, &args.namespace, tables, &targets, &options, ctx.client.retry.attempts).await?;
+    let progress = Progress::new(ctx.interactive && !args.json);
+    let attempts = ctx.client.retry.attempts;
+    let results = fan_out(&mirror, &args.namespace, tables, &targets, &options, attempts, &progress).await?;
     if args.json {
         super::print_json(&results)?;
     }
-    finish(&results)
+    finish(ctx.console, &results)
 }

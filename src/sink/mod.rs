@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use crate::decode::Record;
 use crate::privacy::SharedFiles;
+use crate::progress::TableProgress;
 use crate::schema::TableDef;
 use crate::schema::delta::SchemaDelta;
 use crate::time::Micros;
@@ -148,6 +149,8 @@ pub struct Feed {
     rx: tokio::sync::mpsc::Receiver<Piece>,
     /// The first piece, once [`Feed::ready`] has waited for it.
     first: Option<Piece>,
+    /// Told of the rows the target takes, for the progress line.
+    watch: Option<Arc<TableProgress>>,
 }
 
 /// The sending end of a feed.
@@ -157,7 +160,20 @@ impl Feed {
     /// A feed holding at most `depth` pieces in flight (a few batches: memory stays bounded).
     pub fn channel(depth: usize) -> (FeedSender, Feed) {
         let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
-        (tx, Feed { rx, first: None })
+        (tx, Feed { rx, first: None, watch: None })
+    }
+
+    /// The same feed, counting the rows the target takes into `watch`.
+    pub fn watched_by(self, watch: Arc<TableProgress>) -> Feed {
+        Feed { watch: Some(watch), ..self }
+    }
+
+    /// Hands a piece on, counting its rows.
+    fn counted(&self, piece: Piece) -> Piece {
+        if let (Some(watch), Piece::Rows(rows)) = (&self.watch, &piece) {
+            watch.rows(rows.len() as u64);
+        }
+        piece
     }
 
     /// Waits until the source has produced its first piece (kept for [`Feed::next`]). The
@@ -172,18 +188,20 @@ impl Feed {
 
     /// The next piece, or [`SinkError::FeedAborted`] when the source stopped early.
     pub async fn next(&mut self) -> Result<Piece, SinkError> {
-        match self.first.take() {
-            Some(p) => Ok(p),
-            None => self.rx.recv().await.ok_or(SinkError::FeedAborted),
-        }
+        let piece = match self.first.take() {
+            Some(p) => p,
+            None => self.rx.recv().await.ok_or(SinkError::FeedAborted)?,
+        };
+        Ok(self.counted(piece))
     }
 
     /// [`Feed::next`] for a target that works on a blocking thread.
     pub fn blocking_next(&mut self) -> Result<Piece, SinkError> {
-        match self.first.take() {
-            Some(p) => Ok(p),
-            None => self.rx.blocking_recv().ok_or(SinkError::FeedAborted),
-        }
+        let piece = match self.first.take() {
+            Some(p) => p,
+            None => self.rx.blocking_recv().ok_or(SinkError::FeedAborted)?,
+        };
+        Ok(self.counted(piece))
     }
 }
 
@@ -269,6 +287,12 @@ pub trait Sink: Send + Sync {
 
     /// Drops a table and its bookkeeping row; false when it was not initialised.
     async fn drop_table(&self, namespace: &str, table: &str) -> Result<bool, SinkError>;
+
+    /// Gives the space of dropped tables back to the file system. Servers do so when a table is
+    /// dropped; a database file keeps its pages until it is compacted.
+    async fn reclaim_space(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// The default mirror folder: `DAP_MIRROR_DIR`, else the platform data folder.

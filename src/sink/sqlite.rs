@@ -284,14 +284,26 @@ impl SqliteSink {
 
 /// A SQLite error as a [`SinkError`]: a busy or locked database may clear, anything else not.
 fn database_error(target: &str, action: &str, e: rusqlite::Error) -> SinkError {
+    use rusqlite::ErrorCode;
     let retry = match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => Retry::MayHelp,
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Retry::MayHelp,
         _ => Retry::Useless,
+    };
+    // What to do about the failures a person can mend, after SQLite's own words.
+    let hint = match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => {
+            "; the disk holding the mirror is full: free space there (or move the mirror), then run the command again; the table keeps its previous state"
+        }
+        Some(ErrorCode::ReadOnly | ErrorCode::PermissionDenied | ErrorCode::CannotOpen) => {
+            "; the file or its folder cannot be written: check their owner and permissions (the folder must be writable too, for the journal)"
+        }
+        Some(ErrorCode::SystemIoFailure) => "; the disk reported an I/O error: check it, then run the command again",
+        _ => "",
     };
     SinkError::Database {
         target: target.to_string(),
         action: action.to_string(),
-        detail: e.to_string(),
+        detail: format!("{e}{hint}"),
         retry,
         source: Some(Box::new(e)),
     }
@@ -859,5 +871,28 @@ impl Sink for SqliteSink {
             Ok(removed > 0)
         })
         .await
+    }
+
+    /// VACUUM: the file is rewritten without the free pages.
+    async fn reclaim_space(&self) -> Result<(), SinkError> {
+        self.with(|w| w.conn.execute_batch("VACUUM").map_err(|e| w.fail("compacting the file (VACUUM)", e))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_says_what_to_do() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("PRAGMA max_page_count = 2; CREATE TABLE t (x TEXT)").unwrap();
+        let full = (0..1000)
+            .map(|_| conn.execute("INSERT INTO t VALUES (?1)", [&"x".repeat(1000)]))
+            .find_map(Result::err)
+            .expect("the database fills up");
+        let text = database_error("/data/canvas.db", "writing users", full).to_string();
+        assert!(text.starts_with("/data/canvas.db: writing users: database or disk is full"), "{text}");
+        assert!(text.contains("free space") && text.contains("keeps its previous state"), "{text}");
     }
 }

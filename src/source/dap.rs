@@ -11,10 +11,11 @@ use futures_util::StreamExt;
 
 use super::{Extract, Reading, Schema, Source, SourceError};
 use crate::api::types::{Format, Mode, Query};
-use crate::api::{Client, ServerErrorKind};
+use crate::api::{ApiError, Client, CompleteJob, JobStage, ServerErrorKind};
 use crate::decode::Record;
 use crate::decode::tsv::TsvDecoder;
-use crate::fetch::{self, FetchProgress};
+use crate::fetch;
+use crate::progress::TableProgress;
 use crate::schema::TableDef;
 use crate::sink::{Feed, FeedSender, Piece};
 use crate::time::{self, Micros};
@@ -63,11 +64,47 @@ fn job_time(value: Option<&str>, what: &'static str) -> Result<Micros, SourceErr
     value.map(time::parse_rfc3339).transpose().ok().flatten().ok_or(SourceError::MissingTime { what })
 }
 
-struct NoProgress;
-
-impl FetchProgress for NoProgress {
-    fn bytes(&self, _: u64) {}
-    fn object_done(&self) {}
+impl DapSource {
+    /// Runs the job of a query, submitting it again with backoff while DAP reports the job
+    /// failed (a `ProcessingError` is usually transient on DAP's side), up to the attempts of
+    /// the client's retry policy. `query` is asked for each attempt: an incremental's `since`
+    /// varies (see [`fresh_since`]), so DAP cannot hand back the failed job from its cache.
+    async fn run_job(
+        &self,
+        def: &TableDef,
+        query: impl Fn() -> Query,
+        watch: &TableProgress,
+    ) -> Result<CompleteJob, ApiError> {
+        let policy = self.client.retry_policy();
+        let mut attempt = 1;
+        loop {
+            let on_stage = |stage: JobStage| match stage {
+                JobStage::WaitingForSlot => watch
+                    .stage(&format!("waiting for a job slot (about {} s)", self.client.next_job_slot().as_secs() + 1)),
+                stage => watch.stage(stage.describe()),
+            };
+            match self.client.run_job(&def.namespace, &def.name, &query(), on_stage).await {
+                Err(ApiError::JobFailed { id, kind, message, uuid, .. }) if attempt < policy.attempts => {
+                    let wait = policy.backoff(attempt, None);
+                    tracing::warn!(
+                        "{}.{}: job {id} failed on DAP's side ({kind}: {message}, uuid {uuid}); submitting the query again in {:.1} s (attempt {} of {})",
+                        def.namespace,
+                        def.name,
+                        wait.as_secs_f64(),
+                        attempt + 1,
+                        policy.attempts
+                    );
+                    watch.stage("job failed on DAP's side; submitting the query again");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(ApiError::JobFailed { id, kind, message, uuid, .. }) => {
+                    return Err(ApiError::JobFailed { id, kind, message, uuid, attempts: attempt });
+                }
+                outcome => return outcome,
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -84,8 +121,8 @@ impl Source for DapSource {
         })
     }
 
-    async fn snapshot(&self, def: &TableDef) -> Result<Extract, SourceError> {
-        let job = self.client.run_job(&def.namespace, &def.name, &query(None), |_| {}).await?;
+    async fn snapshot(&self, def: &TableDef, watch: &TableProgress) -> Result<Extract, SourceError> {
+        let job = self.run_job(def, || query(None), watch).await?;
         Ok(Extract {
             watermark: job_time(job.at.as_deref(), "at")?,
             id: job.id,
@@ -94,9 +131,8 @@ impl Source for DapSource {
         })
     }
 
-    async fn changes(&self, def: &TableDef, watermark: Micros) -> Result<Extract, SourceError> {
-        let q = query(Some(fresh_since(watermark)));
-        let job = match self.client.run_job(&def.namespace, &def.name, &q, |_| {}).await {
+    async fn changes(&self, def: &TableDef, watermark: Micros, watch: &TableProgress) -> Result<Extract, SourceError> {
+        let job = match self.run_job(def, || query(Some(fresh_since(watermark))), watch).await {
             Ok(job) => job,
             Err(e)
                 if matches!(e.server_kind(), Some(ServerErrorKind::SnapshotRequired | ServerErrorKind::OutOfRange)) =>
@@ -109,13 +145,17 @@ impl Source for DapSource {
         Ok(Extract { watermark: until, id: job.id, parts: job.objects, applied_before: Some(watermark) })
     }
 
-    fn read(&self, def: &TableDef, extract: &Extract, parts: Vec<String>) -> Reading {
+    fn read(&self, def: &TableDef, extract: &Extract, parts: Vec<String>, watch: Arc<TableProgress>) -> Reading {
         let (tx, feed) = Feed::channel(FEED_DEPTH);
         let (client, spool, transfers) = (self.client.clone(), self.spool.clone(), self.transfers.clone());
         let (def, job, concurrency) = (def.clone(), extract.id.clone(), self.download_concurrency);
         let applied_before = extract.applied_before;
         let task = tokio::spawn(async move {
+            if transfers.available_permits() == 0 {
+                watch.stage("waiting for a download slot");
+            }
             let _slot = transfers.acquire_owned().await.expect("the transfer semaphore is never closed");
+            watch.downloading(parts.len());
             let io = |source| SourceError::Io {
                 table: format!("{}.{}", def.namespace, def.name),
                 path: spool.clone(),
@@ -133,7 +173,7 @@ impl Source for DapSource {
                 Format::Tsv,
                 fetch::Delivery::Spool,
                 concurrency,
-                Arc::new(NoProgress),
+                watch,
             )
             .await?;
             // Objects reach the decoder in order through a queue of two, so the spool holds a few.
@@ -158,8 +198,10 @@ impl Source for DapSource {
 }
 
 /// Decodes each arrived object into the feed (`Begin`, rows, `End`), deleting it once decoded,
-/// then sends `Done`; records committed before `applied_before` are left out. On any failure
-/// the feed closes without `Done`.
+/// then sends `Done`; records committed before `applied_before` are left out. Gives the count
+/// of new records: those committed at `applied_before` were applied already (it is the previous
+/// extract's last commit) and are sent again only to be safe. On any failure the feed closes
+/// without `Done`.
 fn decode_all(
     files: impl Iterator<Item = Result<fetch::Fetched, SourceError>>,
     def: &TableDef,
@@ -167,7 +209,7 @@ fn decode_all(
     tx: &FeedSender,
 ) -> Result<u64, SourceError> {
     let stopped = || SourceError::Other("the target stopped reading".into());
-    let mut rows = 0;
+    let mut new = 0;
     for f in files {
         let f = f?;
         tx.blocking_send(Piece::Begin(f.object_id.clone())).map_err(|_| stopped())?;
@@ -175,17 +217,20 @@ fn decode_all(
             if let Some(before) = applied_before {
                 batch.retain(|r| r.ts.is_none_or(|ts| ts >= before));
             }
+            new +=
+                batch.iter().filter(|r| applied_before.is_none_or(|before| r.ts.is_none_or(|ts| ts > before))).count()
+                    as u64;
             if batch.is_empty() {
                 return Ok(());
             }
             tx.blocking_send(Piece::Rows(batch)).map_err(|_| stopped())
         });
         let _ = std::fs::remove_file(&f.path);
-        rows += decoded?;
+        decoded?;
         tx.blocking_send(Piece::End(f.object_id)).map_err(|_| stopped())?;
     }
     tx.blocking_send(Piece::Done).map_err(|_| stopped())?;
-    Ok(rows)
+    Ok(new)
 }
 
 /// Decodes one gzip TSV object in batches, handing each batch to `load`.

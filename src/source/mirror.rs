@@ -10,11 +10,13 @@
 //! file knows nothing false about them, and any mirror of the same DAP data can serve any target.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::{Connection, OpenFlags, params};
 
 use super::{Extract, Reading, Schema, Source, SourceError};
 use crate::decode::Record;
+use crate::progress::TableProgress;
 use crate::schema::TableDef;
 use crate::sink::sqlite::{CHANGES, COMMITS, from_sql};
 use crate::sink::{Feed, Piece};
@@ -226,7 +228,7 @@ impl Source for MirrorSource {
         Ok(Schema { def, description })
     }
 
-    async fn snapshot(&self, def: &TableDef) -> Result<Extract, SourceError> {
+    async fn snapshot(&self, def: &TableDef, _watch: &TableProgress) -> Result<Extract, SourceError> {
         let conn = self.connect()?;
         conn.execute_batch("BEGIN").map_err(|e| self.io(e))?;
         let (_, _, watermark) = self.bookkeeping(&conn, &def.namespace, &def.name)?;
@@ -250,7 +252,7 @@ impl Source for MirrorSource {
         Ok(Extract { id, watermark, parts, applied_before: None })
     }
 
-    async fn changes(&self, def: &TableDef, since: Micros) -> Result<Extract, SourceError> {
+    async fn changes(&self, def: &TableDef, since: Micros, _watch: &TableProgress) -> Result<Extract, SourceError> {
         let conn = self.connect()?;
         conn.execute_batch("BEGIN").map_err(|e| self.io(e))?;
         let (_, _, watermark) = self.bookkeeping(&conn, &def.namespace, &def.name)?;
@@ -290,7 +292,8 @@ impl Source for MirrorSource {
         Ok(Extract { id, watermark, parts, applied_before: None })
     }
 
-    fn read(&self, def: &TableDef, _extract: &Extract, parts: Vec<String>) -> Reading {
+    fn read(&self, def: &TableDef, _extract: &Extract, parts: Vec<String>, watch: Arc<TableProgress>) -> Reading {
+        watch.stage("reading the mirror");
         let (tx, feed): (crate::sink::FeedSender, Feed) = Feed::channel(4);
         let source = MirrorSource { path: self.path.clone() };
         let def = def.clone();

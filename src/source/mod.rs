@@ -7,12 +7,14 @@ pub mod dap;
 pub mod mirror;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
 use crate::api::ApiError;
 use crate::decode::DecodeError;
 use crate::fetch::FetchError;
+use crate::progress::TableProgress;
 use crate::schema::{SchemaError, TableDef};
 use crate::sink::Feed;
 use crate::tables::Fatal;
@@ -94,10 +96,11 @@ pub trait Source: Send + Sync {
     async fn tables(&self, namespace: &str) -> Result<Vec<String>, SourceError>;
     /// A table's current schema.
     async fn schema(&self, namespace: &str, table: &str) -> Result<Schema, SourceError>;
-    /// A snapshot of the table.
-    async fn snapshot(&self, def: &TableDef) -> Result<Extract, SourceError>;
+    /// A snapshot of the table; `watch` is told what the wait for it is (job queued, running).
+    async fn snapshot(&self, def: &TableDef, watch: &TableProgress) -> Result<Extract, SourceError>;
     /// The changes since `watermark`, or [`SourceError::SnapshotRequired`].
-    async fn changes(&self, def: &TableDef, watermark: Micros) -> Result<Extract, SourceError>;
+    async fn changes(&self, def: &TableDef, watermark: Micros, watch: &TableProgress) -> Result<Extract, SourceError>;
     /// Reads `parts` of `extract` in order into a feed: `Begin`, rows, `End` per part, then `Done`.
-    fn read(&self, def: &TableDef, extract: &Extract, parts: Vec<String>) -> Reading;
+    /// `watch` is told of the transfer (objects, bytes); the orchestrator counts the rows.
+    fn read(&self, def: &TableDef, extract: &Extract, parts: Vec<String>, watch: Arc<TableProgress>) -> Reading;
 }

@@ -201,3 +201,65 @@ pub fn ddl_in_official_log(log: &str) -> Vec<String> {
         .filter(|sql| ["CREATE", "ALTER", "DROP", "COMMENT", "TRUNCATE"].iter().any(|k| sql.starts_with(k)))
         .collect()
 }
+
+/// What `dap args` writes to a 50×200 pseudo-terminal (`script` gives it one), one drawn line
+/// per line: cursor movements become line breaks, other escape sequences are taken out.
+pub fn on_a_terminal(
+    program: &Path,
+    emu: &Emulator,
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String) {
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let command = format!("stty rows 50 cols 200; '{}' {}", program.display(), quoted.join(" "));
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qefc", &command, "/dev/null"])
+        .current_dir(dir)
+        .env("TERM", "xterm-256color")
+        .env_remove("NO_COLOR")
+        .env("DAP_API_URL", emu.base_url())
+        .env("DAP_CLIENT_ID", &emu.config().client_id)
+        .env("DAP_CLIENT_SECRET", &emu.config().client_secret)
+        .env("DAP_TRACKING", "false")
+        .env("DAP_JOB_RATE", job_rate(emu.config()))
+        .env("DAP_ALLOW_SHARED", "true");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("script(1) runs");
+    (out.status.success(), strip_escapes(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Turns carriage returns and cursor movements into line breaks and drops other escape sequences.
+pub fn strip_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => match chars.next() {
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() || c == '~' {
+                            if matches!(c, 'A' | 'B' | 'K') {
+                                out.push('\n');
+                            }
+                            break;
+                        }
+                    }
+                }
+                Some(']') => {
+                    for c in chars.by_ref() {
+                        if c == '\u{7}' {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\r' => out.push('\n'),
+            c => out.push(c),
+        }
+    }
+    out
+}
