@@ -88,6 +88,21 @@ async fn bad_input_is_refused_before_anything_is_created() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no mirror here yet") && err.contains("dap initdb"), "{err}");
     assert!(!mirror.exists(), "a sync of nothing created {:?}", files_under(&mirror));
+    // Reading commands never create a mirror, nor change an empty file.
+    let out = run_ours_with(&emu, dir.path(), &["status"], &env).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("No tables are mirrored yet"));
+    let out = run_ours_with(&emu, dir.path(), &["listdb", "--namespace", "canvas"], &env).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no mirror here yet"), "{out:?}");
+    assert!(!mirror.exists(), "a read created {:?}", files_under(&mirror));
+    std::fs::create_dir(&mirror).unwrap();
+    std::fs::write(mirror.join("canvas.db"), b"").unwrap();
+    let before = listing(&mirror);
+    for command in [&["status"][..], &["listdb", "--namespace", "canvas", "--omit-not-replicated"]] {
+        let out = run_ours_with(&emu, dir.path(), command, &env).await;
+        assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(listing(&mirror), before, "{command:?} changed an empty mirror file");
+    }
+    std::fs::remove_dir_all(&mirror).unwrap();
     // A mirror file that is not a SQLite database: refused with the way out, and left as it was.
     std::fs::create_dir(&mirror).unwrap();
     let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();

@@ -460,11 +460,18 @@ async fn objects_found_corrupt_while_loading_are_fetched_again() {
             .unwrap();
         }
         emu.inject(FaultSpec::new(FaultKind::TruncatedGzip, 2).on(Endpoint::Object).for_table("courses"));
-        let argv = [command, "--namespace", "canvas", "--table", "courses", "--connection-string", url.as_str()];
+        let argv =
+            [command, "--json", "--namespace", "canvas", "--table", "courses", "--connection-string", url.as_str()];
         let out = run_ours(&emu, dir.path(), &argv).await;
         let err = stderr(&out);
         assert!(out.status.success(), "{err}");
         assert!(err.contains("is corrupt or incomplete") && err.contains("downloading it again"), "{err}");
+        // The count is of the rows held, not of the attempt that finished the load.
+        let results: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(results[0]["rows"], emu.truth("canvas", "courses").unwrap().len(), "{command}: {results:?}");
+        if command == "syncdb" {
+            assert_eq!(results[0]["changes"], 55, "{results:?}");
+        }
         assert_same_rows(
             &def,
             &sqlite_rows(&db, &emu, "canvas", "courses"),
@@ -516,4 +523,33 @@ async fn a_record_that_does_not_match_the_schema_is_named_and_changes_nothing() 
         conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'courses'", [], |r| r.get(0)).unwrap();
     assert_eq!(courses, 0, "no half-initialised table");
     assert_eq!(bookkeeping(&db).len(), 1);
+}
+
+/// Two processes writing two mirror files of one folder at once: state.json keeps both runs,
+/// each under its own file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_of_one_folder_keep_both_state_entries() {
+    let emu = emulator(EmulatorConfig { rows: 2000, part_rows: 250, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let files = ["first.db", "second.db"];
+    let urls: Vec<String> = files.iter().map(|f| format!("sqlite://{}", dir.path().join(f).display())).collect();
+    let runs = urls.iter().map(|url| {
+        let args = ["initdb", "--namespace", "canvas", "--table", "users,courses,accounts", "--connection-string", url];
+        let (emu, dir) = (&emu, dir.path());
+        async move { run_ours(emu, dir, &args).await }
+    });
+    for out in futures_util::future::join_all(runs).await {
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let entries = state_entries(dir.path());
+    for file in files {
+        for table in ["users", "courses", "accounts"] {
+            let e =
+                entries.get(&format!("{file}:canvas.{table}")).unwrap_or_else(|| panic!("{file} {table}: {entries:?}"));
+            assert_eq!(e["last_result"], "ok");
+            assert_eq!(e["rows"], 2000);
+            assert!(e["file"].as_str().unwrap().ends_with(file), "{e}");
+        }
+    }
+    assert_eq!(entries.len(), 6, "{entries:?}");
 }
