@@ -79,7 +79,7 @@ pub fn pack(dir: &Path, namespaces: &[String], output: &Path) -> Result<Manifest
     for (ns, file) in &files {
         let copy = scratch.path().join(format!("{ns}.db"));
         let fail = |source| PackError::Backup { path: file.clone(), source };
-        let source = Connection::open_with_flags(file, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(fail)?;
+        let source = crate::sink::sqlite::open_read_only(file).map_err(fail)?;
         source.busy_timeout(std::time::Duration::from_secs(30)).map_err(fail)?;
         let mut target = Connection::open(&copy).map_err(fail)?;
         // All pages in one step: one read transaction, so the copy is one consistent state.

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 
+use crate::sink::sqlite::{Reading, read_only_uri};
+
 /// How query results are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
@@ -62,17 +64,24 @@ pub fn open_mirror(dir: &Path) -> Result<Connection, QueryError> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     for (ns, file) in &files {
-        let uri = format!("file:{}?mode=ro", percent_encoding::utf8_percent_encode(&file.to_string_lossy(), URI_PATH));
-        conn.execute("ATTACH DATABASE ?1 AS ?2", (uri, ns))?;
+        let attach = |reading| -> rusqlite::Result<()> {
+            conn.execute("ATTACH DATABASE ?1 AS ?2", (read_only_uri(file, reading), ns))?;
+            conn.query_row(&format!("SELECT count(*) FROM \"{ns}\".sqlite_master"), [], |r| r.get::<_, i64>(0))?;
+            Ok(())
+        };
+        // A mirror on a medium nothing can write has no WAL index: it is read as immutable.
+        if let Err(e) = attach(Reading::Shared) {
+            if e.sqlite_error_code() != Some(rusqlite::ErrorCode::CannotOpen) {
+                return Err(e.into());
+            }
+            let _ = conn.execute("DETACH DATABASE ?1", [ns]);
+            attach(Reading::Immutable)?;
+        }
     }
     conn.pragma_update(None, "query_only", true)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     Ok(conn)
 }
-
-/// Characters escaped in a `file:` URI path.
-const URI_PATH: &percent_encoding::AsciiSet =
-    &percent_encoding::CONTROLS.add(b' ').add(b'%').add(b'?').add(b'#').add(b'"').add(b'<').add(b'>');
 
 /// One result cell as text, for the text formats (NULL is empty, blobs are hex).
 fn cell_text(v: ValueRef<'_>) -> String {

@@ -194,3 +194,38 @@ async fn a_failed_table_is_reported_once() {
     assert_eq!(err.matches("table no_such_table not found").count(), 1, "{err}");
     assert!(std::fs::read_to_string(&log).unwrap().contains("table no_such_table not found"));
 }
+
+/// A mirror on a medium nothing can write (a read-only mount, another user's folder) has no WAL
+/// index beside it and cannot get one; directories in the way of `-wal` and `-shm` stand in for
+/// that here (the tests run as root, who may write anywhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_cannot_be_written_can_still_be_read() {
+    let emu = emulator(EmulatorConfig { rows: 50, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("mirror");
+    let env = [("DAP_MIRROR_DIR", mirror.to_str().unwrap())];
+    let out = run_ours_with(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", "users"], &env).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for suffix in ["-wal", "-shm"] {
+        let blocked = mirror.join(format!("canvas.db{suffix}"));
+        let _ = std::fs::remove_file(&blocked);
+        std::fs::create_dir(&blocked).unwrap();
+    }
+    let pack = dir.path().join("copy.dap");
+    let reads: [&[&str]; 4] = [
+        &["status"],
+        &["listdb", "--namespace", "canvas", "--omit-not-replicated"],
+        &["query", "SELECT count(*) AS n FROM canvas.users"],
+        &["pack", "--output", pack.to_str().unwrap()],
+    ];
+    for args in reads {
+        let out = run_ours_with(&emu, dir.path(), args, &env).await;
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert!(stdout.contains("users") || stdout.contains("50") || pack.exists(), "{args:?}: {stdout}");
+    }
+    let out =
+        run_ours_with(&emu, dir.path(), &["query", "--format", "csv", "SELECT count(*) AS n FROM canvas.users"], &env)
+            .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "n\n50");
+}

@@ -90,6 +90,19 @@ impl SinkError {
         }
     }
 
+    /// A replicated table's name is taken by a table without a bookkeeping row: another client
+    /// (likely the official one) stopped while loading it. `table` and `bookkeeping` are named
+    /// as the target's layout names them.
+    pub fn unowned_table(target: &str, table: &str, bookkeeping: &str, drop: &str) -> SinkError {
+        SinkError::refused(
+            target,
+            format!(
+                "{table} exists but {bookkeeping} has no row for it: another client (likely the official one) stopped while loading it. \
+                 Drop it with `DROP TABLE {drop}` (its rows are incomplete), then run initdb again"
+            ),
+        )
+    }
+
     pub fn refused(target: &str, detail: impl Into<String>) -> SinkError {
         SinkError::Refused { target: target.to_string(), detail: detail.into() }
     }

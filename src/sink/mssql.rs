@@ -969,12 +969,11 @@ impl Sink for MssqlSink {
         let exists = self.exists(&mut c, namespace, table).await?;
         self.put(c);
         if exists {
-            return Err(SinkError::refused(
+            return Err(SinkError::unowned_table(
                 &self.shown,
-                format!(
-                    "{namespace}.{table} exists but instructure_dap.table_sync has no row for it: another client (likely the official one) stopped while loading it. \
-                     Drop it with `DROP TABLE \"{namespace}\".\"{table}\"` (its rows are incomplete), then run initdb again"
-                ),
+                &format!("{namespace}.{table}"),
+                "instructure_dap.table_sync",
+                &format!("\"{namespace}\".\"{table}\""),
             ));
         }
         Ok(())

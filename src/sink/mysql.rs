@@ -1032,12 +1032,11 @@ impl Sink for MysqlSink {
     async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError> {
         let mut c = self.conn().await?;
         if self.table_exists(&mut c, &format!("{namespace}__{table}")).await? {
-            return Err(SinkError::refused(
+            return Err(SinkError::unowned_table(
                 &self.shown,
-                format!(
-                    "{namespace}__{table} exists but instructure_dap__table_sync has no row for it: another client (likely the official one) stopped while loading it. \
-                     Drop it with `DROP TABLE \"{namespace}__{table}\"` (its rows are incomplete), then run initdb again"
-                ),
+                &format!("{namespace}__{table}"),
+                "instructure_dap__table_sync",
+                &format!("\"{namespace}__{table}\""),
             ));
         }
         Ok(())

@@ -1007,12 +1007,11 @@ impl Sink for PostgresSink {
     async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError> {
         let c = self.pool.get().await?;
         if self.table_exists(&c, namespace, table).await? {
-            return Err(SinkError::refused(
+            return Err(SinkError::unowned_table(
                 &self.shown,
-                format!(
-                    "{namespace}.{table} exists but instructure_dap.table_sync has no row for it: another client (likely the official one) stopped while loading it. \
-                     Drop it with `DROP TABLE \"{namespace}\".\"{table}\"` (its rows are incomplete), then run initdb again"
-                ),
+                &format!("{namespace}.{table}"),
+                "instructure_dap.table_sync",
+                &format!("\"{namespace}\".\"{table}\""),
             ));
         }
         Ok(())

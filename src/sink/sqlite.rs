@@ -118,6 +118,47 @@ fn to_sql(v: &Value) -> Sql {
     }
 }
 
+/// How a mirror file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// Alongside a writer: WAL readers see one consistent state per transaction. SQLite needs
+    /// to create the WAL index (`-shm`) beside the file for that.
+    Shared,
+    /// On a medium nothing can write (a read-only mount or folder), where no `-shm` can be
+    /// created: no locks, no WAL index.
+    Immutable,
+}
+
+/// The `file:` URI that opens `path` read-only.
+pub fn read_only_uri(path: &Path, reading: Reading) -> String {
+    /// Characters escaped in a `file:` URI path.
+    const URI_PATH: &percent_encoding::AsciiSet =
+        &percent_encoding::CONTROLS.add(b' ').add(b'%').add(b'?').add(b'#').add(b'"').add(b'<').add(b'>');
+    let path = percent_encoding::utf8_percent_encode(&path.to_string_lossy(), URI_PATH).to_string();
+    match reading {
+        Reading::Shared => format!("file:{path}?mode=ro"),
+        Reading::Immutable => format!("file:{path}?mode=ro&immutable=1"),
+    }
+}
+
+/// A read-only connection to a mirror file, whose schema has been read (so a file that is no
+/// database fails here). A file whose folder cannot be written is read as immutable.
+pub fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
+    let open = |reading| -> rusqlite::Result<Connection> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(read_only_uri(path, reading), flags)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))?;
+        Ok(conn)
+    };
+    match open(Reading::Shared) {
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen) && path.is_file() => {
+            open(Reading::Immutable)
+        }
+        other => other,
+    }
+}
+
 /// A value of a column of type `ty` as the mirror stores it, read back (the inverse of
 /// [`to_sql`]).
 pub fn from_sql(v: ValueRef<'_>, ty: &ColumnType) -> Result<Value, String> {
@@ -240,8 +281,7 @@ impl SqliteSink {
                 if !path.is_file() {
                     return Err(SinkError::refused(&shown, "there is no mirror here yet; start with `dap initdb`"));
                 }
-                let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-                (Connection::open_with_flags(path, flags).map_err(|e| fail("opening", e))?, None)
+                (open_read_only(path).map_err(|e| fail("reading the database", e))?, None)
             }
         };
         conn.execute_batch("PRAGMA busy_timeout = 5000;").map_err(|e| fail("opening", e))?;

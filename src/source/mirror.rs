@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, params};
 
 use super::{Extract, Reading, Schema, Source, SourceError};
 use crate::decode::Record;
@@ -58,10 +58,7 @@ impl MirrorSource {
     /// A read-only connection (the mirror's writer may be syncing meanwhile: WAL readers see a
     /// consistent snapshot per transaction).
     fn connect(&self) -> Result<Connection, SourceError> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(&self.path, flags).map_err(|e| self.io(e))?;
-        conn.execute_batch("PRAGMA busy_timeout = 5000;").map_err(|e| self.io(e))?;
-        Ok(conn)
+        crate::sink::sqlite::open_read_only(&self.path).map_err(|e| self.io(e))
     }
 
     /// The table's bookkeeping row: version, description and watermark.
