@@ -1,7 +1,9 @@
-//! Progress: on a terminal, one line per table in flight (its phase, objects, bytes, rows, rates
-//! and ETA) above an overall line (tables done, the wait for the next job slot); off a terminal, a
-//! log line per phase. Log records written while the lines are drawn go above them
-//! ([`console_writer`]), so the two never tear each other.
+//! Progress: on a terminal, an overall line (tables done, the wait for the next job slot) over one
+//! line per table in flight (its phase, objects, bytes, rows, rates and ETA); a finished table's
+//! outcome is printed above them for good. Off a terminal, a log line per phase. Log records
+//! written while the lines are drawn go above them ([`console_writer`]), so the two never tear
+//! each other. The overall line comes first because a terminal shows only as many lines as it is
+//! high: with 32 jobs in flight, the table lines at the bottom are the ones cut off.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,8 +23,6 @@ const TICK: Duration = Duration::from_millis(200);
 /// Where the progress of a command goes.
 pub struct Progress {
     lines: Option<MultiProgress>,
-    /// The overall line, kept below the tables' lines.
-    overall: Mutex<Option<ProgressBar>>,
 }
 
 impl Progress {
@@ -33,20 +33,17 @@ impl Progress {
         if let Some(lines) = &lines {
             *DRAWN.lock().expect("progress lock") = Some(lines.clone());
         }
-        Progress { lines, overall: Mutex::new(None) }
+        Progress { lines }
     }
 
-    /// A table's line, above the overall line.
+    /// A table's line, below the overall line.
     pub fn table(&self, name: &str) -> TableProgress {
         let bar = self.lines.as_ref().map(|lines| {
-            let bar = ProgressBar::new_spinner();
+            let bar = lines.add(ProgressBar::new_spinner());
             bar.set_style(ProgressStyle::with_template("{prefix:24.bold} {wide_msg}").expect("valid template"));
             bar.set_prefix(name.to_string());
             bar.enable_steady_tick(TICK);
-            match &*self.overall.lock().expect("progress lock") {
-                Some(overall) => lines.insert_before(overall, bar),
-                None => lines.add(bar),
-            }
+            (lines.clone(), bar)
         });
         TableProgress {
             name: name.to_string(),
@@ -65,7 +62,7 @@ impl Progress {
     pub fn overall(&self, tables: usize, next_slot: impl Fn() -> Duration + Send + Sync + 'static) -> Overall {
         let counts = Arc::new(OverallCounts { tables, done: AtomicUsize::new(0) });
         let Some(lines) = &self.lines else { return Overall { counts, bar: None } };
-        let bar = lines.add(ProgressBar::new_spinner());
+        let bar = lines.insert(0, ProgressBar::new_spinner());
         bar.set_style(ProgressStyle::with_template("{spinner} {wide_msg}").expect("valid template"));
         bar.enable_steady_tick(TICK);
         let (shown, watched) = (bar.clone(), counts.clone());
@@ -75,7 +72,6 @@ impl Progress {
                 std::thread::sleep(TICK);
             }
         });
-        *self.overall.lock().expect("progress lock") = Some(bar.clone());
         Overall { counts, bar: Some(bar) }
     }
 }
@@ -127,7 +123,8 @@ impl Drop for Overall {
 /// One table's progress.
 pub struct TableProgress {
     name: String,
-    bar: Option<ProgressBar>,
+    /// The drawn lines and this table's, on a terminal.
+    bar: Option<(MultiProgress, ProgressBar)>,
     /// The phase shown, so that polling does not repeat it.
     stage: Mutex<String>,
     bytes: AtomicU64,
@@ -197,23 +194,30 @@ impl TableProgress {
     }
 
     fn redraw(&self) {
-        if let Some(bar) = &self.bar {
+        if let Some((_, bar)) = &self.bar {
             bar.set_message(self.line());
         }
     }
 
-    /// The table's final line.
+    /// Replaces the table's line by its outcome, printed above the lines in flight.
+    fn settle(&self, lines: &MultiProgress, bar: &ProgressBar, outcome: &str) {
+        bar.finish_and_clear();
+        lines.remove(bar);
+        let _ = lines.println(format!("{:<24} {outcome}", self.name));
+    }
+
+    /// The table's outcome.
     pub fn finish(&self, outcome: &str) {
         match &self.bar {
-            Some(bar) => bar.finish_with_message(outcome.to_string()),
+            Some((lines, bar)) => self.settle(lines, bar, outcome),
             None => tracing::info!("{}: {outcome}", self.name),
         }
     }
 
-    /// The table's final line when it failed (a warning off a terminal).
+    /// The table's outcome when it failed (a warning off a terminal).
     pub fn fail(&self, error: &dyn std::fmt::Display) {
         match &self.bar {
-            Some(bar) => bar.finish_with_message(format!("failed: {error}")),
+            Some((lines, bar)) => self.settle(lines, bar, &format!("failed: {error}")),
             None => tracing::warn!("{}: {error}", self.name),
         }
     }

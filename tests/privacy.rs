@@ -519,3 +519,61 @@ async fn no_secret_reaches_logs_output_or_files_even_when_the_server_echoes_the_
         }
     }
 }
+
+/// `dap configure` typed at a real terminal (a pseudo-terminal from `script`): the client ID is
+/// echoed as typed, the secret is not, and both are saved.
+#[test]
+fn configure_at_a_terminal_does_not_echo_the_secret() {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dap.json");
+    let command = format!("stty rows 50 cols 200; '{}' configure", env!("CARGO_BIN_EXE_dap"));
+    let mut child = std::process::Command::new("script")
+        .args(["-qefc", &command, "/dev/null"])
+        .env("DAP_CONFIG_FILE", &config)
+        .env("TERM", "xterm")
+        .env_remove("DAP_API_URL")
+        .env_remove("DAP_CLIENT_ID")
+        .env_remove("DAP_CLIENT_SECRET")
+        .env_remove("DAP_CLIENT_SECRET_FILE")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("script(1) runs");
+    let mut typing = child.stdin.take().unwrap();
+    let screen = Arc::new(Mutex::new(String::new()));
+    let mut output = child.stdout.take().unwrap();
+    let shown = screen.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = output.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            shown.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let id = "us-east-1#typed-at-a-terminal";
+    for (prompt, answer) in [("DAP API URL", "http://127.0.0.1:9"), ("Client ID", id), ("Client secret", SECRET)] {
+        let asked = Instant::now();
+        while !screen.lock().unwrap().contains(prompt) {
+            assert!(asked.elapsed() < Duration::from_secs(20), "no {prompt:?} prompt: {}", screen.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The prompt is written before echo is turned off: give the terminal a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        typing.write_all(format!("{answer}\n").as_bytes()).unwrap();
+        typing.flush().unwrap();
+    }
+    let status = child.wait().unwrap();
+    drop(typing);
+    reader.join().unwrap();
+    let screen = screen.lock().unwrap().clone();
+    assert!(status.success(), "{screen}");
+    assert!(screen.contains(id) && screen.contains("Saved to"), "{screen}");
+    assert!(!screen.contains(SECRET), "the secret was echoed: {screen}");
+    let saved = std::fs::read_to_string(&config).unwrap();
+    assert!(saved.contains(SECRET) && saved.contains(id), "{saved}");
+}

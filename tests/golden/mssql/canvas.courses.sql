@@ -53,6 +53,7 @@ DELETE FROM "dap_replica"."checkpoints" WHERE "namespace" = N'canvas' AND "table
 SELECT MIN("id") FROM "instructure_dap"."table_sync" WHERE "source_namespace" = @P1 AND "source_table" = @P2;
 INSERT INTO "instructure_dap"."table_sync" ("source_namespace", "source_table", "timestamp", "schema_version", "target_schema", "target_table", "schema_description_format", "schema_description") VALUES (@P1, @P2, @P3, @P4, @P5, @P6, 'json', @P7);
 COMMIT;
+SELECT COUNT_BIG(*) FROM "canvas"."courses";
 -- dap syncdb --namespace canvas --table courses
 SET QUOTED_IDENTIFIER ON; SET ANSI_NULLS ON; SET XACT_ABORT ON;
 SELECT CAST(DATABASEPROPERTYEX(DB_NAME(), 'Collation') AS nvarchar(128));
@@ -75,3 +76,4 @@ SELECT MIN("id") FROM "instructure_dap"."table_sync" WHERE "source_namespace" = 
 UPDATE "instructure_dap"."table_sync" SET "timestamp" = @P1, "schema_version" = @P2, "schema_description" = @P3 WHERE "id" = @P4;
 COMMIT;
 DROP TABLE IF EXISTS "dap_replica"."canvas__courses__changes";
+SELECT COUNT_BIG(*) FROM "canvas"."courses";

@@ -73,6 +73,7 @@ DELETE FROM "dap_replica"."checkpoints" WHERE "namespace" = N'canvas_logs' AND "
 SELECT MIN("id") FROM "instructure_dap"."table_sync" WHERE "source_namespace" = @P1 AND "source_table" = @P2;
 INSERT INTO "instructure_dap"."table_sync" ("source_namespace", "source_table", "timestamp", "schema_version", "target_schema", "target_table", "schema_description_format", "schema_description") VALUES (@P1, @P2, @P3, @P4, @P5, @P6, 'json', @P7);
 COMMIT;
+SELECT COUNT_BIG(*) FROM "canvas_logs"."web_logs";
 -- dap syncdb --namespace canvas_logs --table web_logs
 SET QUOTED_IDENTIFIER ON; SET ANSI_NULLS ON; SET XACT_ABORT ON;
 SELECT CAST(DATABASEPROPERTYEX(DB_NAME(), 'Collation') AS nvarchar(128));
@@ -99,3 +100,4 @@ SELECT MIN("id") FROM "instructure_dap"."table_sync" WHERE "source_namespace" = 
 UPDATE "instructure_dap"."table_sync" SET "timestamp" = @P1, "schema_version" = @P2, "schema_description" = @P3 WHERE "id" = @P4;
 COMMIT;
 DROP TABLE IF EXISTS "dap_replica"."canvas_logs__web_logs__changes";
+SELECT COUNT_BIG(*) FROM "canvas_logs"."web_logs";
