@@ -138,11 +138,17 @@ async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge(backend: B
                 resumed += stderr.matches("resuming job").count();
                 for (table, old) in TABLES.iter().zip(&before) {
                     let now = rows(&t, &emu, table).await;
-                    assert_eq!(
-                        now.is_some(),
-                        t.initialised(table).await,
-                        "{backend:?} {phase} kill {kill} at {after:?}: {table} exists exactly when it is initialised"
-                    );
+                    let what = format!("{backend:?} {phase} kill {kill} at {after:?}: {table}");
+                    match (&now, t.initialised(table).await) {
+                        (None, true) => panic!("{what} is initialised but missing"),
+                        // Only MySQL, whose `RENAME TABLE` commits at once, can show a table
+                        // swapped in whose bookkeeping row the next run writes: it must be whole.
+                        (Some(rows), false) => assert!(
+                            t.publish_pending(table).await && *rows == truth(&emu, table),
+                            "{what} exists without being initialised"
+                        ),
+                        _ => {}
+                    }
                     if let Some(now) = now {
                         assert!(
                             Some(&now) == old.as_ref() || now == truth(&emu, table),

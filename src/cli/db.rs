@@ -193,11 +193,16 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
         }
         (None, Mode::Sync { .. }) => local.clone(),
     };
+    // One spool per mirror file (its writer lock makes it this run's alone), so that runs on
+    // other files of the folder keep theirs; a server's run gets one of its own.
     let spool = match (&args.temp_dir, sink.local_file()) {
-        (Some(dir), _) => dir.join(".dap-spool"),
-        (None, Some(file)) => {
-            file.parent().map(|p| p.join(".dap-spool")).unwrap_or_else(|| PathBuf::from(".dap-spool"))
-        }
+        (Some(dir), Some(file)) => dir.join(".dap-spool").join(file.file_name().unwrap_or_default()),
+        (None, Some(file)) => file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(".dap-spool")
+            .join(file.file_name().unwrap_or_default()),
+        (Some(dir), None) => dir.join(format!("dap-spool-{}", std::process::id())),
         (None, None) => std::env::temp_dir().join(format!("dap-spool-{}", std::process::id())),
     };
     clear_spool(&spool);

@@ -385,7 +385,11 @@ impl Dataset {
             0.0
         };
         let seed = self.generator.seed;
-        range.flat_map(move |idx| {
+        let indices = match selection {
+            Selection::Incremental { since, .. } => state.history.candidates(since, range),
+            Selection::Snapshot { .. } => Box::new(range),
+        };
+        indices.flat_map(move |idx| {
             let change = match selection {
                 Selection::Snapshot { at } => state.history.state_at(idx, at),
                 Selection::Incremental { since, until } => state.history.change_in(idx, since, until),

@@ -235,6 +235,18 @@ impl TestTarget {
         exists && self.column(&sql).await[0].as_deref() != Some("0")
     }
 
+    /// Whether a publish of `table` was interrupted after its swap and before its bookkeeping
+    /// row, which only MySQL can leave (its `RENAME TABLE` commits at once): the table is whole,
+    /// and the next run writes the row.
+    pub async fn publish_pending(&self, table: &str) -> bool {
+        self.backend == Backend::Mysql
+            && self.has_table("dap_replica", "publishing").await
+            && self.column(&format!("SELECT count(*) FROM dap_replica__publishing WHERE table_name = '{table}'")).await
+                [0]
+            .as_deref()
+                != Some("0")
+    }
+
     /// Whether an index of this name exists.
     pub async fn has_index(&self, name: &str) -> bool {
         let sql = match self.backend {
