@@ -197,11 +197,9 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
     // other files of the folder keep theirs; a server's run gets one of its own.
     let spool = match (&args.temp_dir, sink.local_file()) {
         (Some(dir), Some(file)) => dir.join(".dap-spool").join(file.file_name().unwrap_or_default()),
-        (None, Some(file)) => file
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(".dap-spool")
-            .join(file.file_name().unwrap_or_default()),
+        (None, Some(file)) => {
+            file.parent().unwrap_or(Path::new(".")).join(".dap-spool").join(file.file_name().unwrap_or_default())
+        }
         (Some(dir), None) => dir.join(format!("dap-spool-{}", std::process::id())),
         (None, None) => std::env::temp_dir().join(format!("dap-spool-{}", std::process::id())),
     };
