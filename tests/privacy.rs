@@ -287,6 +287,14 @@ async fn configure_then_list_needs_no_credentials_anywhere_else() {
     let out = dap(&emu, dir, Credentials::None, &["list", "--namespace", "canvas"], &[], "").await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("DAP_CLIENT_ID"), "{stderr}");
+    // Nor does a mirror command, and it leaves no folder, file, lock or state.json behind.
+    for command in ["initdb", "syncdb"] {
+        let args = [command, "--namespace", "canvas", "--table", "accounts"];
+        let out = dap(&emu, dir, Credentials::None, &args, &[], "").await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("dap configure"), "{command}: {stderr}");
+        assert!(!dir.join("mirror").exists(), "{command} without credentials created the mirror folder");
+    }
 
     let replica = format!("sqlite://{}", dir.join("replica.db").display());
     let answers = format!("{base}\n{id}\n{SECRET}\n");
