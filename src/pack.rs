@@ -99,34 +99,32 @@ pub fn pack(dir: &Path, namespaces: &[String], output: &Path) -> Result<Manifest
     {
         let encoder = zstd::Encoder::new(&mut out, 3).map_err(io(output))?;
         let mut tar = tar::Builder::new(encoder);
-        let add = |tar: &mut tar::Builder<_>, name: &str, bytes: &[u8]| {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(bytes.len() as u64);
-            header.set_mode(0o600);
-            header.set_mtime(crate::time::now().max(0) as u64 / 1_000_000);
-            header.set_cksum();
-            tar.append_data(&mut header, name, bytes)
-        };
         let manifest_json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
-        add(&mut tar, MANIFEST, &manifest_json).map_err(io(output))?;
+        append(&mut tar, MANIFEST, manifest_json.len() as u64, manifest_json.as_slice()).map_err(io(output))?;
         for (ns, _) in &files {
             let copy = scratch.path().join(format!("{ns}.db"));
-            let mut header = tar::Header::new_gnu();
-            let mut file = std::fs::File::open(&copy).map_err(io(&copy))?;
-            header.set_size(file.metadata().map_err(io(&copy))?.len());
-            header.set_mode(0o600);
-            header.set_mtime(crate::time::now().max(0) as u64 / 1_000_000);
-            header.set_cksum();
-            tar.append_data(&mut header, format!("{ns}.db"), &mut file).map_err(io(output))?;
+            let file = std::fs::File::open(&copy).map_err(io(&copy))?;
+            let size = file.metadata().map_err(io(&copy))?.len();
+            append(&mut tar, &format!("{ns}.db"), size, file).map_err(io(output))?;
         }
         if let Ok(state) = std::fs::read(dir.join(STATE)) {
-            add(&mut tar, STATE, &state).map_err(io(output))?;
+            append(&mut tar, STATE, state.len() as u64, state.as_slice()).map_err(io(output))?;
         }
         tar.into_inner().and_then(|e| e.finish()).map_err(io(output))?.flush().map_err(io(output))?;
     }
     out.as_file().sync_all().map_err(io(output))?;
     out.persist(output).map_err(|e| io(output)(e.error))?;
     Ok(manifest)
+}
+
+/// Adds one owner-only entry of `size` bytes read from `data`, stamped with the time of packing.
+fn append<W: Write>(tar: &mut tar::Builder<W>, name: &str, size: u64, data: impl Read) -> std::io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(size);
+    header.set_mode(0o600);
+    header.set_mtime(crate::time::now().max(0) as u64 / 1_000_000);
+    header.set_cksum();
+    tar.append_data(&mut header, name, data)
 }
 
 /// Restores the pack `file` into the mirror folder `dir`; returns the manifest. Every file is

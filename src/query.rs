@@ -90,8 +90,13 @@ fn cell_text(v: ValueRef<'_>) -> String {
         ValueRef::Integer(i) => i.to_string(),
         ValueRef::Real(f) => f.to_string(),
         ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-        ValueRef::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
+        ValueRef::Blob(b) => blob_hex(b),
     }
+}
+
+/// A blob as lowercase hex, the way every output of a query shows one.
+pub(crate) fn blob_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn cell_json(v: ValueRef<'_>) -> serde_json::Value {

@@ -73,44 +73,39 @@ fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "-_.~+/=%".contains(c)
 }
 
-/// Replaces the token following each `marker` with `***`.
-fn hide_after(text: &str, marker: &str) -> String {
+/// Copies `text` with the tokens that `next` finds replaced by `***`. Given the rest of the text,
+/// `next` returns where the next candidate token starts and ends (past what it has looked at) and
+/// whether it is a secret.
+fn hide_tokens(text: &str, next: impl Fn(&str) -> Option<(usize, usize, bool)>) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(i) = rest.find(marker) {
-        let after = i + marker.len();
-        out.push_str(&rest[..after]);
-        let tail = &rest[after..];
-        let end = tail.find(|c: char| !is_token_char(c)).unwrap_or(tail.len());
-        if end > 0 && !tail[..end].starts_with(HIDDEN) {
-            out.push_str(HIDDEN);
-        } else {
-            out.push_str(&tail[..end]);
-        }
-        rest = &tail[end..];
+    while let Some((start, end, secret)) = next(rest) {
+        out.push_str(&rest[..start]);
+        out.push_str(if secret { HIDDEN } else { &rest[start..end] });
+        rest = &rest[end..];
     }
     out.push_str(rest);
     out
 }
 
+/// Replaces the token following each `marker` with `***`.
+fn hide_after(text: &str, marker: &str) -> String {
+    hide_tokens(text, |rest| {
+        let start = rest.find(marker)? + marker.len();
+        let len = rest[start..].find(|c: char| !is_token_char(c)).unwrap_or(rest.len() - start);
+        Some((start, start + len, len > 0))
+    })
+}
+
 /// Replaces every `eyJ….….…` (a JSON Web Token: base64url of `{"`) with `***`.
 fn hide_jwts(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("eyJ") {
-        let tail = &rest[i..];
-        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || "-_.=".contains(c))).unwrap_or(tail.len());
-        let starts_word = rest[..i].chars().next_back().is_none_or(|c| !c.is_ascii_alphanumeric());
-        out.push_str(&rest[..i]);
-        if starts_word && tail[..end].matches('.').count() >= 2 {
-            out.push_str(HIDDEN);
-        } else {
-            out.push_str(&tail[..end]);
-        }
-        rest = &tail[end..];
-    }
-    out.push_str(rest);
-    out
+    let is_jwt_char = |c: char| c.is_ascii_alphanumeric() || "-_.=".contains(c);
+    hide_tokens(text, |rest| {
+        let start = rest.find("eyJ")?;
+        let len = rest[start..].find(|c: char| !is_jwt_char(c)).unwrap_or(rest.len() - start);
+        let starts_word = rest[..start].chars().next_back().is_none_or(|c| !c.is_ascii_alphanumeric());
+        Some((start, start + len, starts_word && rest[start..start + len].matches('.').count() >= 2))
+    })
 }
 
 /// A `tracing` writer that scrubs each record before it reaches `W`.
@@ -179,6 +174,9 @@ mod tests {
             assert!(s.contains(kept), "{kept} lost in {s}");
         }
         assert_eq!(scrub("nothing secret"), "nothing secret");
+        assert_eq!(scrub(&s), s, "scrubbing twice changes nothing more");
+        let inside_a_word = "keyJa.b.c Bearer";
+        assert_eq!(scrub(inside_a_word), inside_a_word, "no JWT inside a word, nothing after a last marker");
     }
 
     #[test]

@@ -83,7 +83,7 @@ fn declared_value(v: rusqlite::types::ValueRef<'_>, ty: &ColumnType) -> Result<V
         (V::Real(f), _) => Value::Float(f),
         (V::Text(t), ColumnType::Str { .. }) => Value::Str(String::from_utf8_lossy(t).into_owned()),
         (V::Text(t), ty) => return Err(format!("{:?} is no value of {}", String::from_utf8_lossy(t), ty.describe())),
-        (V::Blob(b), _) => Value::Str(b.iter().map(|x| format!("{x:02x}")).collect()),
+        (V::Blob(b), _) => Value::Str(crate::query::blob_hex(b)),
     })
 }
 
