@@ -246,7 +246,13 @@ impl Replicator {
             .ok_or_else(|| SyncError::NotInitialised { table: format!("{namespace}.{table}") })?;
         let schema = self.source.schema(namespace, table).await?;
         let delta = SchemaDelta::between(&stored.table_def()?, &schema.def)?;
-        let extract = match self.source.changes(&schema.def, stored.watermark, watch).await {
+        // The mirror's check of the table runs while DAP prepares the job.
+        let (extract, intact) = tokio::join!(
+            self.source.changes(&schema.def, stored.watermark, watch),
+            self.sink.check_intact(namespace, table)
+        );
+        intact?;
+        let extract = match extract {
             Ok(extract) => extract,
             Err(SourceError::SnapshotRequired { reason }) if self.auto_reinit => {
                 tracing::warn!("{namespace}.{table}: {reason}; taking a new snapshot (--auto-reinit)");

@@ -288,6 +288,55 @@ async fn a_locked_corrupt_or_unwritable_mirror_gets_a_clear_error_and_is_left_al
     assert!(stderr(&out).contains("corrupt.db") && stderr(&out).contains("not a database"), "{}", stderr(&out));
     assert_eq!(std::fs::read(&corrupt).unwrap(), b"this is not a database, it is a shopping list");
 
+    // Copies of the mirror, damaged three ways: cut short (an interrupted copy), refused before
+    // SQLite reads a page; every page after the first overwritten; and rows of `users`
+    // overwritten where a sync with nothing new would never look (a leaf page's cells, not its
+    // header): each refused with the way out, SQLite's words said once, the rows left alone.
+    let whole = std::fs::read(&db).unwrap();
+    let page_size = usize::from(u16::from_be_bytes([whole[16], whole[17]]));
+    assert!(whole.len() >= 3 * page_size, "the mirror has pages to damage");
+    let damage = |name: &str, change: &dyn Fn(&mut Vec<u8>)| {
+        let mut bytes = whole.clone();
+        change(&mut bytes);
+        let file = dir.path().join(name);
+        std::fs::write(&file, &bytes).unwrap();
+        file
+    };
+    let users_root: usize = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap()
+        .query_row("SELECT rootpage FROM sqlite_master WHERE name = 'users'", [], |r| r.get(0))
+        .unwrap();
+    // Down the right-most children of the table's b-tree to a leaf page (type 13; interior is 5).
+    let mut leaf = (users_root - 1) * page_size;
+    while whole[leaf] == 0x05 {
+        let child = u32::from_be_bytes(whole[leaf + 8..leaf + 12].try_into().unwrap()) as usize;
+        leaf = (child - 1) * page_size;
+    }
+    assert_eq!(whole[leaf], 0x0d, "a leaf page of users");
+    let cells = usize::from(u16::from_be_bytes([whole[leaf + 5], whole[leaf + 6]]));
+    let cases = [
+        (damage("cut.db", &|b| b.truncate(b.len() / 2)), "cut short"),
+        (damage("overwritten.db", &|b| b[page_size..].fill(0xA5)), "damaged"),
+        (damage("rows.db", &|b| b[leaf + cells..leaf + page_size].fill(0xA5)), "users is damaged"),
+    ];
+    for (file, says) in cases {
+        let before = std::fs::read(&file).unwrap();
+        let url = format!("sqlite://{}", file.display());
+        let out = run_ours(
+            &emu,
+            dir.path(),
+            &["syncdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url],
+        )
+        .await;
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{}: synced", file.display());
+        assert!(err.contains(says) && err.contains("dap initdb --namespace"), "{}: {err}", file.display());
+        assert!(!err.contains("Error code"), "SQLite's words repeated: {err}");
+        if !file.ends_with("overwritten.db") {
+            assert_eq!(std::fs::read(&file).unwrap(), before, "{}: a refused file was changed", file.display());
+        }
+    }
+
     let blocked = dir.path().join("a-file");
     std::fs::write(&blocked, b"x").unwrap();
     let out = run_ours(

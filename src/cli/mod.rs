@@ -371,12 +371,24 @@ pub fn report(e: &anyhow::Error) -> String {
     let mut text = e.to_string();
     for cause in e.chain().skip(1) {
         let cause = cause.to_string();
-        if !text.contains(&cause) {
+        if !already_says(&text, &cause) {
             text.push_str(": ");
             text.push_str(&cause);
         }
     }
     crate::secrets::scrub(&text).into_owned()
+}
+
+/// Whether `text` says what `cause` says, in any case and without a driver's "Error code N: The"
+/// (SQLite's result code repeats the message rusqlite already gave: "Error code 11: The database
+/// disk image is malformed").
+fn already_says(text: &str, cause: &str) -> bool {
+    let cause = cause.to_lowercase();
+    let words = match cause.strip_prefix("error code ").and_then(|rest| rest.split_once(": ")) {
+        Some((code, words)) if code.bytes().all(|b| b.is_ascii_digit()) => words.trim_start_matches("the "),
+        _ => cause.as_str(),
+    };
+    text.to_lowercase().contains(words)
 }
 
 /// Sets up `tracing` from the global options.
@@ -429,6 +441,16 @@ pub fn init_logging(cli: &Cli) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_the_message_already_gives_is_not_repeated() {
+        let ffi = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT);
+        let e = anyhow::Error::new(ffi).context("canvas.db: counting users: database disk image is malformed");
+        assert_eq!(report(&e), "canvas.db: counting users: database disk image is malformed");
+        let e = anyhow::anyhow!("connection refused").context("listing tables");
+        assert_eq!(report(&e), "listing tables: connection refused");
+        assert!(!already_says("error code 7: out of memory", "Error code x: out"));
+    }
 
     /// Every command with its subcommands, each built (global options propagated).
     fn commands() -> Vec<clap::Command> {

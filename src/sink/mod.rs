@@ -271,6 +271,12 @@ pub trait Sink: Send + Sync {
     async fn all_bookkeeping(&self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError>;
     /// Rows in a replicated table.
     async fn row_count(&self, namespace: &str, table: &str) -> Result<u64, SinkError>;
+    /// syncdb, first: refuses a table whose storage the target finds damaged, so that nothing is
+    /// written to it. Runs while DAP prepares the job. A server guards its own storage, so only a
+    /// file checks.
+    async fn check_intact(&self, _namespace: &str, _table: &str) -> Result<(), SinkError> {
+        Ok(())
+    }
     /// Refuses a table initdb must not touch: one that exists without a bookkeeping row (left
     /// half-loaded by another client), or whose name another namespace already owns here.
     async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError>;
