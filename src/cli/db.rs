@@ -85,7 +85,6 @@ pub struct SyncArgs {
 #[derive(Debug, Args)]
 pub struct ListDbArgs {
     /// Namespace, e.g. canvas, canvas_logs, catalog.
-    /// Namespace, e.g. canvas, canvas_logs, catalog.
     #[arg(long)]
     namespace: String,
     /// The database to list: a connection string as initdb takes it; the default mirror when

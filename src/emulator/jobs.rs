@@ -114,7 +114,6 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// A live job with this exact query, if any.
     /// The live job of an identical query, as DAP hands it back instead of running the query
     /// again; never a failed one, which would make a passing failure last a day.
     pub fn find_query(&self, query_key: &str, now: Micros) -> Option<&Job> {
