@@ -537,9 +537,7 @@ fn configure_at_a_terminal_does_not_echo_the_secret() {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("dap.json");
-    let command = format!("stty rows 50 cols 200; '{}' configure", env!("CARGO_BIN_EXE_dap"));
-    let mut child = std::process::Command::new("script")
-        .args(["-qefc", &command, "/dev/null"])
+    let mut child = common::in_a_pty(std::path::Path::new(env!("CARGO_BIN_EXE_dap")), &["configure"])
         .env("DAP_CONFIG_FILE", &config)
         .env("TERM", "xterm")
         .env_remove("DAP_API_URL")

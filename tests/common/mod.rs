@@ -211,11 +211,8 @@ pub fn on_a_terminal(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (bool, String) {
-    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
-    let command = format!("stty rows 50 cols 200; '{}' {}", program.display(), quoted.join(" "));
-    let mut cmd = std::process::Command::new("script");
-    cmd.args(["-qefc", &command, "/dev/null"])
-        .current_dir(dir)
+    let mut cmd = in_a_pty(program, args);
+    cmd.current_dir(dir)
         .env("TERM", "xterm-256color")
         .env_remove("NO_COLOR")
         .env("DAP_API_URL", emu.base_url())
@@ -229,6 +226,15 @@ pub fn on_a_terminal(
     }
     let out = cmd.output().expect("script(1) runs");
     (out.status.success(), strip_escapes(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `program args` run by `script` in a 50×200 pseudo-terminal, its screen on `script`'s stdout.
+pub fn in_a_pty(program: &Path, args: &[&str]) -> std::process::Command {
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let command = format!("stty rows 50 cols 200; '{}' {}", program.display(), quoted.join(" "));
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qefc", &command, "/dev/null"]);
+    cmd
 }
 
 /// Turns carriage returns and cursor movements into line breaks and drops other escape sequences.
