@@ -131,14 +131,40 @@ pub enum Reading {
 
 /// The `file:` URI that opens `path` read-only.
 pub fn read_only_uri(path: &Path, reading: Reading) -> String {
-    /// Characters escaped in a `file:` URI path.
-    const URI_PATH: &percent_encoding::AsciiSet =
-        &percent_encoding::CONTROLS.add(b' ').add(b'%').add(b'?').add(b'#').add(b'"').add(b'<').add(b'>');
-    let path = percent_encoding::utf8_percent_encode(&path.to_string_lossy(), URI_PATH).to_string();
     match reading {
-        Reading::Shared => format!("file:{path}?mode=ro"),
-        Reading::Immutable => format!("file:{path}?mode=ro&immutable=1"),
+        Reading::Shared => file_uri(path, "mode=ro"),
+        Reading::Immutable => file_uri(path, "mode=ro&immutable=1"),
     }
+}
+
+/// The one place a SQLite `file:` URI is made: the absolute path (so that no leading `//` can be
+/// read as an authority, and a Windows drive lands after `file:///`), with every character a URI
+/// path must not hold raw percent-encoded, then `?params`.
+pub fn file_uri(path: &Path, params: &str) -> String {
+    /// Characters escaped in a `file:` URI path.
+    const URI_PATH: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+        .add(b' ')
+        .add(b'%')
+        .add(b'?')
+        .add(b'#')
+        .add(b'"')
+        .add(b'\'')
+        .add(b'<')
+        .add(b'>')
+        .add(b'\\')
+        .add(b'`')
+        .add(b'{')
+        .add(b'}')
+        .add(b'|')
+        .add(b'^')
+        .add(b'[')
+        .add(b']');
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let text = absolute.to_string_lossy();
+    #[cfg(windows)]
+    let text = text.replace('\\', "/");
+    let encoded = percent_encoding::utf8_percent_encode(text.trim_start_matches('/'), URI_PATH);
+    format!("file:///{encoded}?{params}")
 }
 
 /// A read-only connection to a mirror file, whose schema has been read (so a file that is no
@@ -989,6 +1015,26 @@ impl Sink for SqliteSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_uri_opens_every_path_people_have() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["plain", "with space", "100% #1 ?x", "quo\"te's", "ünïcødé", "back\\slash", "[brackets]"] {
+            let folder = dir.path().join(name);
+            std::fs::create_dir_all(&folder).unwrap();
+            let file = folder.join(format!("{name}.db"));
+            Connection::open(&file).unwrap().execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (7)").unwrap();
+            // The path as `sqlite:////…` hands it on: a leading `//` must not become an authority.
+            let doubled = PathBuf::from(format!("/{}", file.display()));
+            for path in [&file, &doubled] {
+                let conn = open_read_only(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert_eq!(conn.query_row("SELECT x FROM t", [], |r| r.get::<_, i64>(0)).unwrap(), 7);
+                check_table(path, "t").unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+        }
+        let relative = file_uri(Path::new("canvas.db"), "mode=ro");
+        assert!(relative.starts_with("file:///") && relative.ends_with("/canvas.db?mode=ro"), "{relative}");
+    }
 
     #[test]
     fn a_full_disk_says_what_to_do() {

@@ -80,53 +80,115 @@ pub struct UrlError {
     pub reason: String,
 }
 
-/// `scheme://user:***@host/db`: the text with the password (between `:` and `@` of the
-/// authority) hidden, for messages about strings that may not even parse.
-pub fn redact(text: &str) -> String {
-    let Some((scheme, rest)) = text.split_once("://") else { return "(not a URL)".into() };
-    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => authority.to_string(),
+/// Splits what follows `scheme://` into its userinfo (`user:password`, when there is an `@`) and
+/// the rest (`host:port/database?query`). The userinfo ends at the last `@` that a host follows,
+/// so a password may hold `@`, `/`, `:`, `#` or `?` without percent-encoding; where that is
+/// ambiguous more is taken as userinfo, which only hides more when redacting.
+fn split_userinfo(rest: &str) -> (Option<&str>, &str) {
+    // A host (and port), then the `/database` a server's string needs, or nothing at all.
+    let host_follows = |after: &str, database_required: bool| {
+        let end = after.find(['/', '?']).unwrap_or(after.len());
+        let host = &after[..end];
+        let valid = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']' | b'%');
+        !host.is_empty() && host.bytes().all(valid) && (!database_required || after[end..].starts_with('/'))
     };
-    match path {
-        Some(p) => format!("{scheme}://{authority}/{}", p.split('?').next().unwrap_or_default()),
-        None => format!("{scheme}://{authority}"),
+    let ats: Vec<usize> = rest.match_indices('@').map(|(at, _)| at).collect();
+    let at = ats
+        .iter()
+        .rev()
+        .find(|&&at| host_follows(&rest[at + 1..], true))
+        .or_else(|| ats.iter().rev().find(|&&at| host_follows(&rest[at + 1..], false)));
+    at.map_or((None, rest), |&at| (Some(&rest[..at]), &rest[at + 1..]))
+}
+
+/// `scheme://user:***@host/db`: the text with the password hidden, and nothing after the
+/// database name, for messages about strings that may not even parse. A SQLite location holds
+/// no secret and is shown whole.
+pub fn redact(text: &str) -> String {
+    if strip_prefix_ignore_case(text, "sqlite:").is_some() {
+        return text.to_string();
     }
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return "(not a URL: expected scheme://…)".into();
+    };
+    let (userinfo, hostpart) = split_userinfo(rest);
+    let shown_user = match userinfo {
+        Some(u) => match u.split_once(':') {
+            Some((user, _)) => format!("{user}:***@"),
+            None if hostpart.is_empty() => "***@".to_string(),
+            None => format!("{u}@"),
+        },
+        None if rest.contains('@') => "***@".to_string(),
+        None => String::new(),
+    };
+    let hostpart = if userinfo.is_none() && rest.contains('@') { "…" } else { hostpart };
+    let hostpart = hostpart.split('?').next().unwrap_or_default();
+    format!("{scheme}://{shown_user}{hostpart}")
+}
+
+/// `text` without `prefix`, compared without regard to case (schemes are case-insensitive).
+fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &text[prefix.len()..])
+}
+
+/// The file a SQLite location names, from what follows `sqlite:`. Every form people type is
+/// read the same way (README, "Where the mirror is"):
+/// - `sqlite:///ABS`, `sqlite:////ABS` (SQLAlchemy's absolute form) and `sqlite:/ABS`: the
+///   absolute path `/ABS` (leading slashes collapse into one);
+/// - `sqlite://REL` and `sqlite:REL`: `REL`, relative to the current folder;
+/// - a Windows drive in any of them (`sqlite:///C:/data/canvas.db`, `sqlite:C:\data\canvas.db`);
+/// - `%XX` is decoded (`%20` is a space); `?` and `#` are part of the file name, since a SQLite
+///   location has no parameters.
+fn sqlite_file(location: &str) -> Result<String, String> {
+    let path = location.strip_prefix("//").unwrap_or(location);
+    let path = if path.starts_with('/') { format!("/{}", path.trim_start_matches('/')) } else { path.to_string() };
+    let decoded = percent_decode_str(&path).decode_utf8().map_err(|_| "the path is not UTF-8".to_string())?;
+    // `/C:/…`: a Windows drive behind the URL's slash.
+    let decoded = match decoded.as_bytes() {
+        [b'/', drive, b':', ..] if drive.is_ascii_alphabetic() => decoded[1..].to_string(),
+        _ => decoded.into_owned(),
+    };
+    if decoded.is_empty() || decoded == "/" {
+        return Err("no file after sqlite: (e.g. sqlite:///home/me/canvas.db)".into());
+    }
+    if decoded.ends_with('/') || decoded.ends_with(std::path::MAIN_SEPARATOR) {
+        return Err(format!("{decoded} names a folder; name the database file in it (e.g. {decoded}canvas.db)"));
+    }
+    Ok(decoded)
 }
 
 impl ConnectionString {
     pub fn parse(text: &str) -> Result<ConnectionString, UrlError> {
         let fail = |reason: &str| UrlError { shown: redact(text), reason: reason.to_string() };
+        if let Some(location) = strip_prefix_ignore_case(text, "sqlite:") {
+            let path = sqlite_file(location).map_err(|reason| fail(&reason))?;
+            return Ok(ConnectionString {
+                scheme: Scheme::Sqlite,
+                user: None,
+                password: None,
+                host: None,
+                port: None,
+                database: path,
+                ssl: None,
+                ssl_root_cert: None,
+            });
+        }
         let (scheme, rest) = text.split_once("://").ok_or_else(|| fail("no scheme"))?;
-        let scheme = match scheme {
-            "sqlite" => Scheme::Sqlite,
+        // SQLAlchemy's `dialect+driver` names the same database.
+        let dialect = scheme.split('+').next().unwrap_or_default().to_ascii_lowercase();
+        let scheme = match dialect.as_str() {
             "postgresql" | "postgres" => Scheme::Postgres,
             "mysql" | "mariadb" => Scheme::Mysql,
             "mssql" | "sqlserver" => Scheme::Mssql,
             other => return Err(fail(&format!("unknown database {other:?}; use sqlite, postgresql, mysql or mssql"))),
         };
-        if scheme == Scheme::Sqlite {
-            if rest.is_empty() {
-                return Err(fail("no file after sqlite://"));
-            }
-            let path = percent_decode_str(rest).decode_utf8().map_err(|_| fail("the path is not UTF-8"))?;
-            return Ok(ConnectionString {
-                scheme,
-                user: None,
-                password: None,
-                host: None,
-                port: None,
-                database: path.into_owned(),
-                ssl: None,
-                ssl_root_cert: None,
-            });
+        let (userinfo, hostpart) = split_userinfo(rest);
+        if let Some((_, raw)) = userinfo.and_then(|u| u.split_once(':')) {
+            crate::secrets::register(raw); // before any message could quote it
         }
-        let (before_query, query) = rest.split_once('?').map_or((rest, None), |(a, q)| (a, Some(q)));
-        let (authority, database) = before_query.split_once('/').ok_or_else(|| fail("no /database"))?;
+        let (before_query, query) = hostpart.split_once('?').map_or((hostpart, None), |(a, q)| (a, Some(q)));
+        let (hostport, database) = before_query.split_once('/').ok_or_else(|| fail("no /database"))?;
         if database.is_empty() || database.contains('/') {
             return Err(fail("the path must be exactly one database name"));
         }
@@ -135,10 +197,6 @@ impl ConnectionString {
                 .decode_utf8()
                 .map(|c| c.into_owned())
                 .map_err(|_| fail(&format!("the {what} is not valid percent-encoded UTF-8")))
-        };
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
         };
         let (user, password) = match userinfo {
             Some(u) => match u.split_once(':') {
@@ -188,7 +246,6 @@ impl ConnectionString {
         }
         if let Some(p) = &password {
             crate::secrets::register(p.expose());
-            crate::secrets::register(userinfo.and_then(|u| u.split_once(':')).map_or("", |(_, raw)| raw));
         }
         Ok(ConnectionString {
             scheme,
@@ -255,6 +312,7 @@ impl fmt::Display for ConnectionString {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn parses_the_official_form_with_percent_decoding() {
@@ -270,6 +328,59 @@ mod tests {
         let s = ConnectionString::parse("sqlite:///data/canvas.db").unwrap();
         assert_eq!(s.database, "/data/canvas.db");
         assert_eq!(ConnectionString::parse("mysql://u:p@[::1]:3306/d").unwrap().host.as_deref(), Some("::1"));
+    }
+
+    #[test]
+    fn every_sqlite_location_form_names_the_same_file() {
+        let file =
+            |text: &str| ConnectionString::parse(text).map(|c| c.database).unwrap_or_else(|e| panic!("{text}: {e}"));
+        for absolute in [
+            "sqlite:///home/me/canvas.db",
+            "sqlite:////home/me/canvas.db",
+            "sqlite://///home/me/canvas.db",
+            "sqlite:/home/me/canvas.db",
+            "SQLite:///home/me/canvas.db",
+        ] {
+            assert_eq!(file(absolute), "/home/me/canvas.db", "{absolute}");
+        }
+        assert_eq!(file("sqlite://data/canvas.db"), "data/canvas.db");
+        assert_eq!(file("sqlite:data/canvas.db"), "data/canvas.db");
+        assert_eq!(file("sqlite:canvas.db"), "canvas.db");
+        assert_eq!(file("sqlite:///C:/data/canvas.db"), "C:/data/canvas.db");
+        assert_eq!(file("sqlite:////C:/data/canvas.db"), "C:/data/canvas.db");
+        assert_eq!(file(r"sqlite:C:\data\canvas.db"), r"C:\data\canvas.db");
+        assert_eq!(file("sqlite:///my%20data/canvas%2Fx.db"), "/my data/canvas/x.db");
+        assert_eq!(file("sqlite:///data/100%.db"), "/data/100%.db", "a lone % stays");
+        assert_eq!(file("sqlite:///data/a?b#c.db"), "/data/a?b#c.db", "? and # are part of the name");
+        assert_eq!(file("sqlite:///données/cañvas.db"), "/données/cañvas.db");
+        for bad in ["sqlite:", "sqlite://", "sqlite:///", "sqlite:////", "sqlite:///data/"] {
+            let e = ConnectionString::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad.trim_end_matches('/')) || e.contains("sqlite:"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_password_may_hold_any_character_and_is_never_shown() {
+        for (text, password) in [
+            ("postgresql://repl:Pg/Secr3t@db:5432/dap", "Pg/Secr3t"),
+            ("postgresql://repl:a@b:c#d?e/f@db/dap?ssl=require", "a@b:c#d?e/f"),
+            ("mysql://repl:My/Pass:9@127.0.0.1:3306/dap", "My/Pass:9"),
+            ("postgresql+psycopg2://repl:x/y%40z@db/dap", "x/y@z"),
+        ] {
+            let c = ConnectionString::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(c.password.as_ref().map(Secret::expose), Some(password), "{text}");
+            assert_eq!(c.user.as_deref(), Some("repl"));
+            assert_eq!(c.database, "dap");
+            assert!(!c.redacted().contains(password) && !redact(text).contains(password), "{}", redact(text));
+        }
+        let c = ConnectionString::parse("postgresql://u:p@h/db?sslrootcert=/certs/a@b.pem").unwrap();
+        assert_eq!((c.host.as_deref(), c.ssl_root_cert.as_deref()), (Some("h"), Some(Path::new("/certs/a@b.pem"))));
+        // Strings that do not parse are redacted all the same.
+        for bad in ["postgresql://u:Pg/Secr3t@h:99999/db", "postgresql://u:Pg/Secr3t@h", "mysql://u:Pg/Secr3t@"] {
+            let e = ConnectionString::parse(bad).unwrap_err().to_string();
+            assert!(!e.contains("Secr3t"), "{e}");
+        }
+        assert_eq!(redact("https://u:Pg/Secr3t@api.example/x?y=1"), "https://u:***@api.example/x");
     }
 
     #[test]

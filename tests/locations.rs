@@ -1,0 +1,142 @@
+//! Every way people write a mirror's location works with every command that takes one: the
+//! SQLite URL forms (`sqlite:///ABS`, SQLAlchemy's `sqlite:////ABS`, `sqlite:/ABS`,
+//! `sqlite://REL`, `sqlite:REL`), paths with spaces, `%`, `#`, `?` and unicode, and symlinked
+//! folders; each checked against the emulator's truth after an initdb and a sync, then through
+//! listdb, status, replicate (`--from`, `--to`, `--replicate-to`, `status --to`) and dropdb.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::truth::{Limit, assert_same_rows_within};
+use common::*;
+use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig};
+use serde_json::Value;
+
+/// One way of writing a location: the text given to dap, the file it must name, and the folder
+/// dap runs in.
+struct Form {
+    label: &'static str,
+    url: String,
+    file: PathBuf,
+    cwd: PathBuf,
+}
+
+/// The forms, each naming a file of its own under `root`.
+fn forms(root: &Path) -> Vec<Form> {
+    let abs = |label: &'static str, folder: &str, url: &dyn Fn(&Path) -> String| {
+        let file = root.join(folder).join("canvas.db");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        Form { label, url: url(&file), file, cwd: root.to_path_buf() }
+    };
+    let mut out = vec![
+        abs("sqlite:///ABS", "three", &|f| format!("sqlite://{}", f.display())),
+        abs("sqlite:////ABS (SQLAlchemy)", "four", &|f| format!("sqlite:///{}", f.display())),
+        abs("sqlite:/ABS", "one", &|f| format!("sqlite:{}", f.display())),
+        abs("spaces, %, #, ? and unicode", "my data 100% #1 ?ü", &|f| format!("sqlite:///{}", f.display())),
+        abs("percent-encoded", "en coded", &|f| format!("sqlite://{}", f.display()).replace(' ', "%20")),
+    ];
+    for (label, url) in [("sqlite://REL", "sqlite://rel/a/canvas.db"), ("sqlite:REL", "sqlite:rel/b/canvas.db")] {
+        let file = root.join(url.trim_start_matches("sqlite:").trim_start_matches("//"));
+        out.push(Form { label, url: url.to_string(), file, cwd: root.to_path_buf() });
+    }
+    // A symlinked folder: the link is what the user types, the file lives in the real folder.
+    let real = root.join("real-folder");
+    std::fs::create_dir_all(&real).unwrap();
+    std::os::unix::fs::symlink(&real, root.join("linked")).unwrap();
+    out.push(Form {
+        label: "symlinked folder",
+        url: format!("sqlite:///{}", root.join("linked/canvas.db").display()),
+        file: real.join("canvas.db"),
+        cwd: root.to_path_buf(),
+    });
+    out
+}
+
+async fn ok(emu: &Emulator, form: &Form, args: &[&str]) -> String {
+    let out = run_ours_with(emu, &form.cwd, args, &[("DAP_ALLOW_SHARED", "true")]).await;
+    assert!(
+        out.status.success(),
+        "[{}] dap {args:?} failed ({}):\n{}",
+        form.label,
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_table_is_truth(emu: &Emulator, file: &Path, table: &str, what: &str) {
+    let def = emu.table_def("canvas", table).unwrap();
+    let rows = common::truth::sqlite_rows(file, &def);
+    assert_same_rows_within(&def, &rows, &emu.truth("canvas", table).unwrap(), what, &[Limit::NoNegativeZero]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_location_form_works_with_every_command() {
+    let emu = emulator(EmulatorConfig { rows: 12, part_rows: 8, ..EmulatorConfig::default() }).await;
+    let root = tempfile::tempdir().unwrap();
+    let all = forms(root.path());
+    for (i, form) in all.iter().enumerate() {
+        let url = form.url.as_str();
+        let cs = ["--connection-string", url];
+        let label = form.label;
+        ok(&emu, form, &[&["initdb", "--namespace", "canvas", "--table", "accounts,users"][..], &cs].concat()).await;
+        assert!(form.file.is_file(), "[{label}] {url} did not make {}", form.file.display());
+        emu.commit("canvas", "accounts", ChangeCounts { inserts: 2, updates: 2, soft_deletes: 1, hard_deletes: 1 })
+            .unwrap();
+        let synced = run_ours_with(
+            &emu,
+            &form.cwd,
+            &[&["syncdb", "--namespace", "canvas", "--table", "all"][..], &cs].concat(),
+            &[("DAP_ALLOW_SHARED", "true")],
+        )
+        .await;
+        let stderr = String::from_utf8_lossy(&synced.stderr);
+        assert!(synced.status.success() && stderr.contains("2 succeeded, 0 failed"), "[{label}] syncdb: {stderr}");
+        assert_table_is_truth(&emu, &form.file, "accounts", &format!("[{label}] after syncdb"));
+
+        let listed: Vec<Value> =
+            serde_json::from_str(&ok(&emu, form, &[&["listdb", "--namespace", "canvas"][..], &cs].concat()).await)
+                .unwrap();
+        let accounts = listed.iter().find(|r| r["name"] == "accounts").expect("accounts listed");
+        assert_eq!(accounts["command"], "syncdb", "[{label}] listdb");
+        let status: Vec<Value> = serde_json::from_str(
+            &ok(&emu, form, &[&["status", "--json", "--namespace", "canvas"][..], &cs].concat()).await,
+        )
+        .unwrap();
+        assert_eq!(status.len(), 2, "[{label}] status: {status:?}");
+
+        // Replication: from this form to the next form's file (written in the next form), and back
+        // in through --replicate-to and status --to.
+        let other = &all[(i + 1) % all.len()];
+        let target = format!("{}.replica.db", other.file.display());
+        let target_url = other.url.replace("canvas.db", "canvas.db.replica.db");
+        let replicate = ["replicate", "--namespace", "canvas", "--table", "all", "--from", url, "--to", &target_url];
+        ok(&emu, form, &replicate).await;
+        let replica = PathBuf::from(&target);
+        assert_table_is_truth(&emu, &replica, "accounts", &format!("[{label}] replicated to {target_url}"));
+        emu.commit("canvas", "accounts", ChangeCounts { inserts: 1, updates: 1, ..Default::default() }).unwrap();
+        ok(
+            &emu,
+            form,
+            &[&["syncdb", "--namespace", "canvas", "--table", "accounts", "--replicate-to", &target_url][..], &cs]
+                .concat(),
+        )
+        .await;
+        assert_table_is_truth(&emu, &replica, "accounts", &format!("[{label}] after --replicate-to {target_url}"));
+        let status: Vec<Value> = serde_json::from_str(
+            &ok(&emu, form, &[&["status", "--json", "--namespace", "canvas", "--to", &target_url][..], &cs].concat())
+                .await,
+        )
+        .unwrap();
+        let accounts = status.iter().find(|r| r["table"] == "accounts").unwrap();
+        assert_eq!(accounts["targets"][0]["state"], "current", "[{label}] status --to: {accounts}");
+
+        ok(&emu, form, &[&["dropdb", "--namespace", "canvas", "--table", "users"][..], &cs].concat()).await;
+        let conn = rusqlite::Connection::open(&form.file).unwrap();
+        let left: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'users'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "[{label}] dropdb left users");
+    }
+}
