@@ -2,7 +2,9 @@
 
 use std::process::ExitCode;
 
-use dap_replica::{cli, privacy, secrets};
+use std::time::Duration;
+
+use dap_replica::{cli, interrupt, privacy, secrets};
 
 /// `EIO`, the official client's exit code for any failed operation.
 const EXIT_FAILURE: u8 = 5;
@@ -22,23 +24,35 @@ async fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(EXIT_FAILURE);
     }
-    tokio::select! {
-        result = cli::run(cli) => match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {}", cli::report(&e));
-                if e.downcast_ref::<cli::UsageError>().is_some() {
-                    ExitCode::from(EXIT_USAGE)
-                } else {
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        },
+    let stops_by_itself = cli.command.stops_by_itself_on_interrupt();
+    let run = cli::run(cli);
+    tokio::pin!(run);
+    let result = tokio::select! {
+        result = &mut run => result,
         _ = tokio::signal::ctrl_c() => {
-            // Exit at once: a database transaction that has not committed is rolled back by the
-            // database itself, so every table keeps its previous consistent state.
-            eprintln!("interrupted: work in progress was rolled back; every table keeps its previous state");
+            interrupt::raise();
+            if stops_by_itself {
+                // It stops at its next row or chunk and removes its unfinished output.
+                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_millis(900), &mut run).await {
+                    eprintln!("error: {}", cli::report(&e));
+                }
+            } else {
+                // A database transaction that has not committed is rolled back by the database
+                // itself, so every table keeps its previous consistent state.
+                eprintln!("interrupted: work in progress was rolled back; every table keeps its previous state");
+            }
             std::process::exit(EXIT_INTERRUPTED.into());
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", cli::report(&e));
+            if e.downcast_ref::<cli::UsageError>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
         }
     }
 }

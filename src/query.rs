@@ -35,9 +35,43 @@ pub enum QueryError {
     Output(#[from] std::io::Error),
     #[error("writing CSV: {0}")]
     Csv(#[from] csv::Error),
+    #[error(transparent)]
+    Interrupted(#[from] crate::interrupt::Interrupted),
 }
 
-/// The namespace files of a mirror folder: `(namespace, file)` for each `*.db`, sorted.
+impl QueryError {
+    /// SQLite's "interrupted" after Ctrl-C is the interruption, not an SQL error.
+    fn from_sql(e: rusqlite::Error) -> QueryError {
+        if crate::interrupt::is_sqlite_interrupt(&e) {
+            QueryError::Interrupted(crate::interrupt::Interrupted)
+        } else {
+            QueryError::Sql(e)
+        }
+    }
+}
+
+/// Why a `.db` file of a mirror folder is left out of the folder's namespaces.
+fn unusable(path: &Path, namespace: &str) -> Option<String> {
+    let safe = !namespace.is_empty() && namespace.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !safe {
+        return Some("its name is not a namespace name (letters, digits and _ only)".into());
+    }
+    if ["main", "temp"].iter().any(|reserved| namespace.eq_ignore_ascii_case(reserved)) {
+        return Some(format!("{namespace} is a name SQLite reserves for its own databases"));
+    }
+    let mut header = [0u8; 16];
+    let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read(&mut f, &mut header));
+    match read {
+        Ok(16) if header == *b"SQLite format 3\0" => None,
+        Ok(_) => Some("it is not a SQLite database".into()),
+        Err(e) => Some(format!("it cannot be read ({e})")),
+    }
+}
+
+/// The namespace files of a mirror folder: `(namespace, file)` for each `*.db` that is a SQLite
+/// database named like a namespace, sorted. Any other `.db` there (a file named so that it
+/// could not be attached safely, `temp.db`, a text file) is left out with a warning, so that one
+/// stray file never breaks the folder.
 pub fn namespace_files(dir: &Path) -> Vec<(String, PathBuf)> {
     let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
         .into_iter()
@@ -45,20 +79,75 @@ pub fn namespace_files(dir: &Path) -> Vec<(String, PathBuf)> {
         .flatten()
         .filter_map(|e| {
             let path = e.path();
-            let ns = path.file_name()?.to_str()?.strip_suffix(".db")?.to_string();
-            (path.is_file() && !ns.is_empty()).then_some((ns, path))
+            let name = e.file_name();
+            let namespace = name.to_string_lossy().strip_suffix(".db")?.to_string();
+            if !path.is_file() {
+                return None;
+            }
+            if let Some(why) = unusable(&path, &namespace) {
+                tracing::warn!("{}: left out of the mirror: {why}", crate::term::safe(&path.display().to_string()));
+                return None;
+            }
+            Some((namespace, path))
         })
         .collect();
     out.sort();
     out
 }
 
+/// Refuses an output file (of `export` or `pack`) that would replace a part of the mirror in
+/// `dir`: a namespace file or any `.db` there (which would become a namespace), a file's
+/// `-wal`/`-shm`/`-journal` or lock, `state.json`, or the spool; followed through links.
+pub fn refuse_mirror_output(dir: &Path, output: &Path) -> Result<(), String> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    let Some(mirror) = canonical(dir) else { return Ok(()) };
+    // Where the output would land: its folder's real path, and its real path when it exists.
+    let folder = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let landing = canonical(output).or_else(|| canonical(folder).map(|f| f.join(&name)));
+    let Some(landing) = landing else { return Ok(()) };
+    if landing.parent() != Some(mirror.as_path()) {
+        return Ok(());
+    }
+    let landed = landing.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let part_of_the_mirror = landed.ends_with(".db")
+        || [".db-wal", ".db-shm", ".db-journal", ".db.lock"].iter().any(|s| landed.ends_with(s))
+        || ["state.json", "state.json.lock", "state.json.partial", ".dap-spool"].contains(&landed.as_str());
+    if part_of_the_mirror {
+        return Err(format!(
+            "{} is part of the mirror in {} (or would become one of its namespaces); write the output elsewhere",
+            output.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A double-quoted SQL identifier.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A read-only connection to a mirror folder, which leaves no file behind when dropped.
+pub struct MirrorReader {
+    conn: Connection,
+    _tidy: crate::sink::sqlite::LeaveNoTrace,
+}
+
+impl std::ops::Deref for MirrorReader {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
 /// A read-only connection with every namespace of the mirror folder `dir` attached.
-pub fn open_mirror(dir: &Path) -> Result<Connection, QueryError> {
+pub fn open_mirror(dir: &Path) -> Result<MirrorReader, QueryError> {
     let files = namespace_files(dir);
     if files.is_empty() {
         return Err(QueryError::NoMirror(dir.to_path_buf()));
     }
+    let tidy = crate::sink::sqlite::LeaveNoTrace::note(files.iter().map(|(_, f)| f.as_path()));
     let conn = Connection::open_with_flags(
         ":memory:",
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -66,7 +155,7 @@ pub fn open_mirror(dir: &Path) -> Result<Connection, QueryError> {
     for (ns, file) in &files {
         let attach = |reading| -> rusqlite::Result<()> {
             conn.execute("ATTACH DATABASE ?1 AS ?2", (read_only_uri(file, reading), ns))?;
-            conn.query_row(&format!("SELECT count(*) FROM \"{ns}\".sqlite_master"), [], |r| r.get::<_, i64>(0))?;
+            conn.query_row(&format!("SELECT count(*) FROM {}.sqlite_master", quoted(ns)), [], |r| r.get::<_, i64>(0))?;
             Ok(())
         };
         // A mirror on a medium nothing can write has no WAL index: it is read as immutable.
@@ -80,18 +169,7 @@ pub fn open_mirror(dir: &Path) -> Result<Connection, QueryError> {
     }
     conn.pragma_update(None, "query_only", true)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    Ok(conn)
-}
-
-/// One result cell as text, for the text formats (NULL is empty, blobs are hex).
-fn cell_text(v: ValueRef<'_>) -> String {
-    match v {
-        ValueRef::Null => String::new(),
-        ValueRef::Integer(i) => i.to_string(),
-        ValueRef::Real(f) => f.to_string(),
-        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-        ValueRef::Blob(b) => blob_hex(b),
-    }
+    Ok(MirrorReader { conn, _tidy: tidy })
 }
 
 /// A blob as lowercase hex, the way every output of a query shows one.
@@ -99,30 +177,43 @@ pub(crate) fn blob_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn cell_json(v: ValueRef<'_>) -> serde_json::Value {
-    match v {
-        ValueRef::Null => serde_json::Value::Null,
-        ValueRef::Integer(i) => i.into(),
-        ValueRef::Real(f) => serde_json::Number::from_f64(f).map_or_else(|| f.to_string().into(), Into::into),
-        other => cell_text(other).into(),
-    }
-}
+/// How wide a table's columns may be, in terminal columns; longer cells are cut with `…`.
+pub const DEFAULT_MAX_WIDTH: usize = 60;
+/// Rows a table or Markdown result reads before it fixes its column widths and starts printing:
+/// the rest streams through, so that memory stays bounded whatever the result's size.
+const SAMPLE_ROWS: usize = 1_000;
 
 /// Runs `sql` (one read-only statement) and writes its rows to `out`; returns the row count.
-pub fn run(conn: &Connection, sql: &str, format: OutputFormat, out: &mut dyn Write) -> Result<u64, QueryError> {
-    let mut stmt = conn.prepare(sql)?;
+/// `max_width` caps a table's or Markdown's columns.
+pub fn run(
+    conn: &Connection,
+    sql: &str,
+    format: OutputFormat,
+    max_width: usize,
+    out: &mut dyn Write,
+) -> Result<u64, QueryError> {
+    crate::interrupt::watch(conn);
+    let mut stmt = conn.prepare(sql).map_err(QueryError::from_sql)?;
     if !stmt.readonly() {
         return Err(QueryError::Writes);
     }
     let names: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
-    let mut rows = stmt.query([])?;
+    let columns = names.len();
+    let mut rows = stmt.query([]).map_err(QueryError::from_sql)?;
+    // The next row, or the end; Ctrl-C stops here.
+    let mut next = move || -> Result<Option<Vec<ValueRefOwned>>, QueryError> {
+        crate::interrupt::check()?;
+        let Some(row) = rows.next().map_err(QueryError::from_sql)? else { return Ok(None) };
+        let cells = (0..columns).map(|i| row.get_ref(i).map(ValueRefOwned::from));
+        cells.collect::<Result<_, _>>().map(Some).map_err(QueryError::from_sql)
+    };
     let mut count = 0u64;
     match format {
         OutputFormat::Csv => {
             let mut w = csv::Writer::from_writer(out);
             w.write_record(&names)?;
-            while let Some(row) = rows.next()? {
-                w.write_record((0..names.len()).map(|i| row.get_ref(i).map(cell_text).unwrap_or_default()))?;
+            while let Some(row) = next()? {
+                w.write_record(row.iter().map(ValueRefOwned::text))?;
                 count += 1;
             }
             w.flush()?;
@@ -132,12 +223,9 @@ pub fn run(conn: &Connection, sql: &str, format: OutputFormat, out: &mut dyn Wri
             if !lines {
                 out.write_all(b"[")?;
             }
-            while let Some(row) = rows.next()? {
-                let object: serde_json::Map<String, serde_json::Value> = names
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| (n.clone(), row.get_ref(i).map(cell_json).unwrap_or_default()))
-                    .collect();
+            while let Some(row) = next()? {
+                let object: serde_json::Map<String, serde_json::Value> =
+                    names.iter().zip(&row).map(|(n, v)| (n.clone(), v.json())).collect();
                 let sep = match (lines, count) {
                     (true, _) => "",
                     (false, 0) => "\n  ",
@@ -154,55 +242,158 @@ pub fn run(conn: &Connection, sql: &str, format: OutputFormat, out: &mut dyn Wri
             }
         }
         OutputFormat::Table | OutputFormat::Markdown => {
-            let mut cells: Vec<Vec<String>> = Vec::new();
-            while let Some(row) = rows.next()? {
-                cells.push((0..names.len()).map(|i| row.get_ref(i).map(cell_text).unwrap_or_default()).collect());
+            let markdown = format == OutputFormat::Markdown;
+            let mut sample: Vec<Vec<String>> = Vec::new();
+            while sample.len() < SAMPLE_ROWS {
+                let Some(row) = next()? else { break };
+                sample.push(row.iter().map(ValueRefOwned::text).collect());
             }
-            count = cells.len() as u64;
-            write_grid(&names, &cells, format == OutputFormat::Markdown, out)?;
+            let grid = Grid::new(&names, &sample, markdown, max_width);
+            grid.header(out)?;
+            for row in &sample {
+                grid.row(row, out)?;
+            }
+            count = sample.len() as u64;
+            drop(sample);
+            while let Some(row) = next()? {
+                grid.row(&row.iter().map(ValueRefOwned::text).collect::<Vec<_>>(), out)?;
+                count += 1;
+            }
         }
     }
     Ok(count)
 }
 
-/// Columns padded to their widest cell; Markdown escapes `|` and marks the header.
-fn write_grid(names: &[String], cells: &[Vec<String>], markdown: bool, out: &mut dyn Write) -> std::io::Result<()> {
-    let shown = |s: &str| -> String {
-        let one_line = s.replace(['\n', '\r'], " ");
-        if markdown { one_line.replace('|', "\\|") } else { one_line }
-    };
-    let header: Vec<String> = names.iter().map(|n| shown(n)).collect();
-    let body: Vec<Vec<String>> = cells.iter().map(|r| r.iter().map(|c| shown(c)).collect()).collect();
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            let widest = body.iter().map(|r| r[i].chars().count()).chain([header[i].chars().count()]).max();
-            widest.unwrap_or(0).max(if markdown { 3 } else { 1 })
-        })
-        .collect();
-    let line = |row: &[String], out: &mut dyn Write| -> std::io::Result<()> {
-        let padded: Vec<String> =
-            row.iter().zip(&widths).map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count()))).collect();
-        if markdown {
+/// A cell as read, owning its bytes (a row's references live only until the next row).
+enum ValueRefOwned {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl From<ValueRef<'_>> for ValueRefOwned {
+    fn from(v: ValueRef<'_>) -> Self {
+        match v {
+            ValueRef::Null => ValueRefOwned::Null,
+            ValueRef::Integer(i) => ValueRefOwned::Integer(i),
+            ValueRef::Real(f) => ValueRefOwned::Real(f),
+            ValueRef::Text(t) => ValueRefOwned::Text(String::from_utf8_lossy(t).into_owned()),
+            ValueRef::Blob(b) => ValueRefOwned::Blob(b.to_vec()),
+        }
+    }
+}
+
+impl ValueRefOwned {
+    /// The cell as text, for the text formats (NULL is empty, blobs are hex).
+    fn text(&self) -> String {
+        match self {
+            ValueRefOwned::Null => String::new(),
+            ValueRefOwned::Integer(i) => i.to_string(),
+            ValueRefOwned::Real(f) => f.to_string(),
+            ValueRefOwned::Text(t) => t.clone(),
+            ValueRefOwned::Blob(b) => blob_hex(b),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        match self {
+            ValueRefOwned::Null => serde_json::Value::Null,
+            ValueRefOwned::Integer(i) => (*i).into(),
+            ValueRefOwned::Real(f) => serde_json::Number::from_f64(*f).map_or_else(|| f.to_string().into(), Into::into),
+            other => other.text().into(),
+        }
+    }
+}
+
+/// A table or Markdown layout: column widths fixed from a sample of rows (in terminal columns,
+/// so that wide characters line up), each cell on one line with its control characters shown as
+/// escapes, cut with `…` beyond the width.
+struct Grid {
+    widths: Vec<usize>,
+    markdown: bool,
+    names: Vec<String>,
+}
+
+impl Grid {
+    fn new(names: &[String], sample: &[Vec<String>], markdown: bool, max_width: usize) -> Grid {
+        let max_width = max_width.max(4);
+        let widths = (0..names.len())
+            .map(|i| {
+                let widest = sample
+                    .iter()
+                    .map(|r| display_width(&Self::shown(&r[i], markdown)))
+                    .chain([display_width(&Self::shown(&names[i], markdown))])
+                    .max()
+                    .unwrap_or(0);
+                widest.clamp(if markdown { 3 } else { 1 }, max_width)
+            })
+            .collect();
+        Grid { widths, markdown, names: names.to_vec() }
+    }
+
+    /// A cell as it is printed: one line, control characters escaped, `|` escaped in Markdown.
+    fn shown(cell: &str, markdown: bool) -> String {
+        let safe = crate::term::safe(cell);
+        if markdown { safe.replace('|', "\\|") } else { safe.into_owned() }
+    }
+
+    fn line(&self, row: &[String], out: &mut dyn Write) -> std::io::Result<()> {
+        let padded: Vec<String> = row
+            .iter()
+            .zip(&self.widths)
+            .map(|(c, w)| {
+                let shown = Self::shown(c, self.markdown);
+                let cell = fit(&shown, *w);
+                let pad = w.saturating_sub(display_width(&cell));
+                format!("{cell}{}", " ".repeat(pad))
+            })
+            .collect();
+        if self.markdown {
             writeln!(out, "| {} |", padded.join(" | "))
         } else {
             writeln!(out, "{}", padded.join("  ").trim_end())
         }
-    };
-    line(&header, out)?;
-    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-    if markdown {
-        writeln!(out, "| {} |", rule.join(" | "))?;
-    } else {
-        writeln!(out, "{}", rule.join("  "))?;
     }
-    for row in &body {
-        line(row, out)?;
+
+    fn header(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        self.line(&self.names, out)?;
+        let rule: Vec<String> = self.widths.iter().map(|w| "-".repeat(*w)).collect();
+        if self.markdown { writeln!(out, "| {} |", rule.join(" | ")) } else { writeln!(out, "{}", rule.join("  ")) }
     }
-    Ok(())
+
+    fn row(&self, row: &[String], out: &mut dyn Write) -> std::io::Result<()> {
+        self.line(row, out)
+    }
+}
+
+/// Terminal columns `s` takes (a CJK character two, a combining mark none).
+pub fn display_width(s: &str) -> usize {
+    unicode_width::UnicodeWidthStr::width(s)
+}
+
+/// `s` cut to `width` terminal columns, ending in `…` when cut.
+pub fn fit(s: &str, width: usize) -> std::borrow::Cow<'_, str> {
+    if display_width(s) <= width {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for c in s.chars() {
+        let w = unicode_width::UnicodeWidthChar::width(c).unwrap_or(0);
+        if used + w > width.saturating_sub(1) {
+            break;
+        }
+        out.push(c);
+        used += w;
+    }
+    out.push('…');
+    std::borrow::Cow::Owned(out)
 }
 
 /// The `sqlite3` arguments that open the mirror the way [`open_mirror`] does, for an interactive
-/// shell.
+/// shell: every file read-only through its escaped `file:` URI, under its (checked) namespace name.
 pub fn shell_args(dir: &Path) -> Result<Vec<String>, QueryError> {
     let files = namespace_files(dir);
     if files.is_empty() {
@@ -210,9 +401,9 @@ pub fn shell_args(dir: &Path) -> Result<Vec<String>, QueryError> {
     }
     let mut args = vec!["-readonly".to_string(), ":memory:".to_string()];
     for (ns, file) in files {
-        let path = file.to_string_lossy().replace('\'', "''");
+        let uri = read_only_uri(&file, Reading::Shared).replace('\'', "''");
         args.push("-cmd".into());
-        args.push(format!("ATTACH DATABASE '{path}' AS \"{ns}\""));
+        args.push(format!("ATTACH DATABASE '{uri}' AS {}", quoted(&ns)));
     }
     Ok(args)
 }
@@ -245,7 +436,7 @@ mod tests {
         let sql = "SELECT u.id, u.name, count(*) AS hits FROM canvas.users u JOIN canvas_logs.web_logs w ON w.user_id = u.id GROUP BY u.id";
         let render = |f| {
             let mut out = Vec::new();
-            assert_eq!(run(&conn, sql, f, &mut out).unwrap(), 1);
+            assert_eq!(run(&conn, sql, f, DEFAULT_MAX_WIDTH, &mut out).unwrap(), 1);
             String::from_utf8(out).unwrap()
         };
         assert_eq!(render(OutputFormat::Csv), "id,name,hits\n1,\"Ada, \"\"the\"\" first\",2\n");
@@ -266,7 +457,7 @@ mod tests {
         let dir = mirror();
         let conn = open_mirror(dir.path()).unwrap();
         for sql in ["DELETE FROM canvas.users", "CREATE TABLE canvas.x (a)", "DROP TABLE canvas_logs.web_logs"] {
-            assert!(run(&conn, sql, OutputFormat::Csv, &mut Vec::new()).is_err(), "{sql} ran");
+            assert!(run(&conn, sql, OutputFormat::Csv, DEFAULT_MAX_WIDTH, &mut Vec::new()).is_err(), "{sql} ran");
         }
         let n: i64 = conn.query_row("SELECT count(*) FROM canvas.users", [], |r| r.get(0)).unwrap();
         assert_eq!(n, 2);

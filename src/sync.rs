@@ -40,7 +40,8 @@ pub enum SyncError {
     #[error("{table} is not initialised; run initdb first")]
     NotInitialised { table: String },
     #[error(
-        "{namespace}.{table}: the server needs a new snapshot ({reason}); run `dap initdb --replace --namespace {namespace} --table {table}` on the same target, or syncdb with --auto-reinit"
+        "{namespace}.{table}: the server needs a new snapshot ({reason}); run `{}` on the same target, or syncdb with --auto-reinit",
+        crate::term::command(&["initdb", "--replace", "--namespace", namespace, "--table", table])
     )]
     SnapshotRequired { namespace: String, table: String, reason: String },
 }

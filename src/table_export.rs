@@ -48,10 +48,17 @@ pub enum ExportError {
     Parquet(#[from] parquet::errors::ParquetError),
     #[error("writing CSV: {0}")]
     Csv(#[from] csv::Error),
+    #[error("{0}")]
+    Output(String),
+    #[error(transparent)]
+    Interrupted(#[from] crate::interrupt::Interrupted),
 }
 
 impl From<rusqlite::Error> for ExportError {
     fn from(e: rusqlite::Error) -> Self {
+        if crate::interrupt::is_sqlite_interrupt(&e) {
+            return ExportError::Interrupted(crate::interrupt::Interrupted);
+        }
         ExportError::Query(QueryError::Sql(e))
     }
 }
@@ -145,7 +152,9 @@ fn plan(conn: &Connection, selection: &Selection) -> Result<Plan, ExportError> {
 
 /// Writes `selection` from the mirror folder `dir` to `output` as `format`; returns the rows.
 pub fn export(dir: &Path, selection: &Selection, format: ExportFormat, output: &Path) -> Result<u64, ExportError> {
+    query::refuse_mirror_output(dir, output).map_err(ExportError::Output)?;
     let conn = query::open_mirror(dir)?;
+    crate::interrupt::watch(&conn);
     let plan = plan(&conn, selection)?;
     let mut stmt = conn.prepare(&plan.sql)?;
     if !stmt.readonly() {
@@ -156,6 +165,7 @@ pub fn export(dir: &Path, selection: &Selection, format: ExportFormat, output: &
     let mut file = tempfile::NamedTempFile::new_in(folder).map_err(write_err)?;
     let mut rows = stmt.query([])?;
     let mut next = |row_number: u64| -> Result<Option<Vec<Value>>, ExportError> {
+        crate::interrupt::check()?;
         let Some(row) = rows.next()? else { return Ok(None) };
         plan.columns
             .iter()

@@ -99,7 +99,8 @@ async fn query_joins_namespaces_in_every_format_as_rusqlite_sees_them_and_refuse
         .collect();
     assert_eq!(jsonl, want_json, "jsonl");
     for format in ["markdown", "table"] {
-        let text = dap_ok(&emu, dir, &["query", sql, "--format", format]).await;
+        // Wide enough for every cell (cutting long cells is checked in tests/safety.rs).
+        let text = dap_ok(&emu, dir, &["query", sql, "--format", format, "--max-width", "100000"]).await;
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), expected.len() + 2, "{format}: header, rule and one line per row");
         for (line, row) in lines[2..].iter().zip(&expected) {

@@ -61,8 +61,25 @@ pub struct ClientConfig {
     pub poll_cap: Duration,
 }
 
+/// A name as one segment of an API path: a table or namespace name (from a command line or a
+/// server) can never reach another route (`../../x`, `a/b`, `?`, `#`).
+fn segment(name: &str) -> percent_encoding::PercentEncode<'_> {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC.remove(b'_').remove(b'-');
+    percent_encoding::utf8_percent_encode(name, SEGMENT)
+}
+
 impl ClientConfig {
     pub fn new(base_url: &str) -> ClientConfig {
+        // A password in the base URL (a proxy's) is hidden wherever the URL is printed.
+        if let Some((_, rest)) = base_url.split_once("://")
+            && let Some((userinfo, _)) = rest.rsplit_once('@')
+            && let Some((_, password)) = userinfo.split_once(':')
+        {
+            crate::secrets::register(password);
+            if let Ok(decoded) = percent_encoding::percent_decode_str(password).decode_utf8() {
+                crate::secrets::register(&decoded);
+            }
+        }
         ClientConfig {
             base_url: base_url.trim_end_matches('/').to_string(),
             client_id: None,
@@ -229,15 +246,19 @@ impl Client {
                 Ok(exchanged) => exchanged,
                 Err(e) => {
                     let (cause, retryable) = transport_failure(&e);
-                    if attempt >= policy.attempts || retryable == Retryable::No {
+                    let limit = match retryable {
+                        Retryable::Yes => policy.attempts,
+                        Retryable::Briefly => policy.attempts.min(2),
+                        Retryable::No => attempt,
+                    };
+                    if attempt >= limit {
                         return Err(ApiError::Transport { url: url.into(), attempts: attempt, detail: cause });
                     }
-                    let wait = policy.backoff(attempt, None);
-                    tracing::warn!(
-                        "{url}: {cause}; retrying in {:.1} s ({attempt}/{})",
-                        wait.as_secs_f64(),
-                        policy.attempts
-                    );
+                    let wait = match retryable {
+                        Retryable::Briefly => Duration::from_millis(500),
+                        _ => policy.backoff(attempt, None),
+                    };
+                    tracing::warn!("{url}: {cause}; retrying in {:.1} s ({attempt}/{limit})", wait.as_secs_f64());
                     tokio::time::sleep(wait).await;
                     continue;
                 }
@@ -295,23 +316,25 @@ impl Client {
     /// `GET /dap/query/{ns}/table`
     pub async fn tables(&self, namespace: &str) -> Result<Vec<String>, ApiError> {
         let list: TableList =
-            self.call(Method::GET, &format!("/dap/query/{namespace}/table"), None, true, false).await?;
+            self.call(Method::GET, &format!("/dap/query/{}/table", segment(namespace)), None, true, false).await?;
         Ok(list.tables)
     }
 
     /// `GET /dap/query/{ns}/table/{t}/schema`: the `{"schema", "version"}` envelope.
     pub async fn schema(&self, namespace: &str, table: &str) -> Result<serde_json::Value, ApiError> {
-        self.call(Method::GET, &format!("/dap/query/{namespace}/table/{table}/schema"), None, true, false).await
+        let path = format!("/dap/query/{}/table/{}/schema", segment(namespace), segment(table));
+        self.call(Method::GET, &path, None, true, false).await
     }
 
     /// `POST /dap/query/{ns}/table/{t}/data`, paced to the job-creation limit.
     pub async fn submit(&self, namespace: &str, table: &str, query: &Query) -> Result<Job, ApiError> {
         let body = serde_json::to_value(query).expect("a query serialises");
-        self.call(Method::POST, &format!("/dap/query/{namespace}/table/{table}/data"), Some(&body), true, true).await
+        let path = format!("/dap/query/{}/table/{}/data", segment(namespace), segment(table));
+        self.call(Method::POST, &path, Some(&body), true, true).await
     }
 
     pub async fn job(&self, id: &str) -> Result<Job, ApiError> {
-        self.call(Method::GET, &format!("/dap/job/{id}"), None, false, false).await
+        self.call(Method::GET, &format!("/dap/job/{}", segment(id)), None, false, false).await
     }
 
     /// Pre-signed URLs for `ids`, asked for in batches.

@@ -99,12 +99,14 @@ pub fn transport_failure(e: &reqwest::Error) -> (String, Retryable) {
     let io_kind = root.downcast_ref::<std::io::Error>().map(|io| io.kind());
     if e.is_timeout() {
         ("no answer in time (timed out); check the network and any proxy".into(), Retryable::Yes)
+    } else if e.is_builder() {
+        (format!("the URL cannot be used ({cause}); check --base-url / DAP_API_URL"), Retryable::No)
     } else if lower.contains("dns") || lower.contains("lookup address") || lower.contains("name or service") {
-        (format!("the host name does not resolve ({cause}); check the URL and the network's DNS"), Retryable::Yes)
+        (format!("the host name does not resolve ({cause}); check the URL and the network's DNS"), Retryable::Briefly)
     } else if io_kind == Some(std::io::ErrorKind::ConnectionRefused) {
         (
             format!("connection refused ({cause}): nothing listens at that address; check the URL's host and port"),
-            Retryable::Yes,
+            Retryable::Briefly,
         )
     } else if lower.contains("certificate")
         || lower.contains("tls")
@@ -129,6 +131,9 @@ pub fn transport_failure(e: &reqwest::Error) -> (String, Retryable) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retryable {
     Yes,
+    /// Once more after a short pause, then give up: a name that does not resolve or a port
+    /// where nothing listens is almost always a wrong URL, rarely a server restarting.
+    Briefly,
     No,
 }
 

@@ -14,6 +14,7 @@ use crate::api::Client;
 use crate::progress::Progress;
 use crate::sink::{self, Access, NonFinite, Sink, SinkOptions, TargetSpec};
 use crate::source::dap::DapSource;
+use crate::spool::Spool;
 use crate::state::StateFile;
 use crate::sync::Replicator;
 use crate::tables::{self, Outcome};
@@ -127,15 +128,6 @@ async fn save_state(sink: &dyn Sink, namespace: &str, rows: &BTreeMap<String, u6
     }
 }
 
-/// Removes spool folders that an interrupted run left behind.
-fn clear_spool(spool: &Path) {
-    if let Ok(entries) = std::fs::read_dir(spool) {
-        for e in entries.flatten() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
 /// What a run does to each table.
 #[derive(Clone, Copy)]
 pub(super) enum Mode {
@@ -192,21 +184,17 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
         }
         (None, Mode::Sync { .. }) => local.clone(),
     };
-    // One spool per mirror file (its writer lock makes it this run's alone), so that runs on
-    // other files of the folder keep theirs; a server's run gets one of its own.
+    // A new folder of this run's own, inside the one the user chose, beside the mirror, or in
+    // the system's temporary folder (see `spool.rs`).
     let spool = match (&args.temp_dir, sink.local_file()) {
-        (Some(dir), Some(file)) => dir.join(".dap-spool").join(file.file_name().unwrap_or_default()),
-        (None, Some(file)) => {
-            file.parent().unwrap_or(Path::new(".")).join(".dap-spool").join(file.file_name().unwrap_or_default())
-        }
-        (Some(dir), None) => dir.join(format!("dap-spool-{}", std::process::id())),
-        (None, None) => std::env::temp_dir().join(format!("dap-spool-{}", std::process::id())),
+        (Some(dir), _) => Spool::create(dir, false)?,
+        (None, Some(file)) => Spool::create(&file.parent().unwrap_or(Path::new(".")).join(".dap-spool"), true)?,
+        (None, None) => Spool::create(&std::env::temp_dir(), false)?,
     };
-    clear_spool(&spool);
     let attempts = ctx.client.retry.attempts;
     let source = DapSource {
         client,
-        spool: spool.clone(),
+        spool: spool.path().to_path_buf(),
         download_concurrency: 4,
         transfers: Arc::new(tokio::sync::Semaphore::new(args.parallel_tables.max(1))),
     };
@@ -249,9 +237,7 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
     })
     .await;
     std::mem::drop(overall);
-    if sink.local_file().is_none() {
-        let _ = std::fs::remove_dir_all(&spool);
-    }
+    std::mem::drop(spool);
     let Some((mirror, targets)) = fan_out else {
         if args.json {
             super::print_json(&outcomes)?;
@@ -607,23 +593,29 @@ pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
         "{:<36} {:>10} {:>6}  {:<28} {:>10}  last result",
         "table", "rows", "schema", "watermark (UTC)", "staleness"
     );
+    // Text from files (a state file someone else wrote) is shown, never obeyed by the terminal.
+    let text = |v: &serde_json::Value, default: &str| crate::term::safe(v.as_str().unwrap_or(default)).into_owned();
     for r in &rows {
         println!(
             "{:<36} {:>10} {:>6}  {:<28} {:>10}  {}",
-            format!("{}.{}", r["namespace"].as_str().unwrap_or_default(), r["table"].as_str().unwrap_or_default()),
+            crate::term::safe(&format!(
+                "{}.{}",
+                r["namespace"].as_str().unwrap_or_default(),
+                r["table"].as_str().unwrap_or_default()
+            )),
             r["rows"].to_string(),
             r["schema_version"].to_string(),
-            r["watermark"].as_str().unwrap_or_default(),
-            r["staleness"].as_str().unwrap_or_default(),
-            r["last_result"].as_str().unwrap_or("-"),
+            text(&r["watermark"], ""),
+            text(&r["staleness"], ""),
+            text(&r["last_result"], "-"),
         );
         for t in r["targets"].as_array().into_iter().flatten() {
             println!(
                 "  → {:<60} {:<8} {:<28} lag {}",
-                t["target"].as_str().unwrap_or_default(),
-                t["state"].as_str().unwrap_or_default(),
-                t["watermark"].as_str().unwrap_or("-"),
-                t["lag"].as_str().or(t["error"].as_str()).unwrap_or("-")
+                text(&t["target"], ""),
+                text(&t["state"], ""),
+                text(&t["watermark"], "-"),
+                crate::term::safe(t["lag"].as_str().or(t["error"].as_str()).unwrap_or("-"))
             );
         }
     }

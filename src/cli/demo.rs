@@ -129,7 +129,13 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         let shown: Vec<&str> = sql.lines().map(str::trim).collect();
         println!("\n{}. {title}:\n\n   dap query --dir {} \"{}\"\n", n + 6, dir.display(), shown.join(" "));
         let mut out = Vec::new();
-        let rows = crate::query::run(&conn, sql, crate::query::OutputFormat::Table, &mut out)?;
+        let rows = crate::query::run(
+            &conn,
+            sql,
+            crate::query::OutputFormat::Table,
+            crate::query::DEFAULT_MAX_WIDTH,
+            &mut out,
+        )?;
         for line in String::from_utf8_lossy(&out).lines() {
             println!("   {line}");
         }

@@ -50,6 +50,9 @@ pub struct Cli {
     /// Set when the secret was typed on the command line (visible to other users).
     #[arg(skip)]
     pub secret_on_command_line: bool,
+    /// Options whose connection strings typed on the command line hold a password.
+    #[arg(skip)]
+    pub passwords_on_command_line: Vec<String>,
     /// Log level.
     #[arg(long, value_enum, default_value_t = LogLevel::Info, global = true)]
     pub loglevel: LogLevel,
@@ -236,7 +239,30 @@ pub fn parse() -> Cli {
     let matches = command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     cli.secret_on_command_line = matches.value_source("client_secret") == Some(ValueSource::CommandLine);
+    cli.passwords_on_command_line = passwords_typed(&matches);
     cli
+}
+
+/// The options of the command whose connection strings were typed on the command line (where
+/// `ps` shows them to every user) with a password in them.
+fn passwords_typed(matches: &clap::ArgMatches) -> Vec<String> {
+    let Some((_, sub)) = matches.subcommand() else { return Vec::new() };
+    let mut found = Vec::new();
+    for (id, flag) in [
+        ("connection_string", "--connection-string"),
+        ("to", "--to"),
+        ("replicate_to", "--replicate-to"),
+        ("from", "--from"),
+    ] {
+        let typed =
+            sub.try_get_raw(id).ok().flatten().is_some() && sub.value_source(id) == Some(ValueSource::CommandLine);
+        let values = if typed { sub.get_raw(id).into_iter().flatten().collect::<Vec<_>>() } else { Vec::new() };
+        let with_password = values.iter().filter_map(|v| v.to_str()).any(crate::sink::has_password);
+        if with_password {
+            found.push(flag.to_string());
+        }
+    }
+    found
 }
 
 impl Cli {
@@ -246,6 +272,11 @@ impl Cli {
         if self.secret_on_command_line {
             tracing::warn!(
                 "--client-secret on the command line can be seen by every user of this machine (`ps`); use --client-secret-file FILE, DAP_CLIENT_SECRET_FILE or `dap configure` instead"
+            );
+        }
+        for flag in &self.passwords_on_command_line {
+            tracing::warn!(
+                "the password in {flag} on the command line can be seen by every user of this machine (`ps`); leave it out of the URL and keep it in a password file (~/.pgpass or PGPASSFILE for PostgreSQL, the same format in DAP_PASSFILE for the others), or save the target with `dap configure --target`"
             );
         }
         let mut secret = self.client_secret.clone().filter(|s| !s.is_empty());
@@ -276,6 +307,9 @@ impl Cli {
         }
         .unwrap_or_default();
         let base_url = self.base_url.clone().or(config.base_url).unwrap_or_else(|| DEFAULT_BASE_URL.into());
+        if self.command.calls_dap() {
+            check_base_url(&base_url)?;
+        }
         let mut client = ClientConfig::new(&base_url);
         client.client_id = self.client_id.clone().or(config.client_id);
         client.client_secret = secret.or(config.client_secret);
@@ -303,10 +337,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let ctx = cli.context()?;
     match cli.command {
         Command::Configure(args) => configure::run(&ctx, cli.base_url.as_deref(), args),
-        Command::Query(args) => quiet_on_closed_pipe(query::run(args)),
-        Command::Export(args) => export_table::run(args),
-        Command::Pack(args) => pack::pack(args),
-        Command::Unpack(args) => pack::unpack(args),
+        Command::Query(args) => quiet_on_closed_pipe(on_a_thread(move || query::run(args)).await),
+        Command::Export(args) => on_a_thread(move || export_table::run(args)).await,
+        Command::Pack(args) => on_a_thread(move || pack::pack(args)).await,
+        Command::Unpack(args) => on_a_thread(move || pack::unpack(args)).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut command(), "dap", &mut std::io::stdout());
             Ok(())
@@ -325,6 +359,55 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&ctx, args).await,
         Command::Emulator(args) => emulator::run(args).await,
     }
+}
+
+/// A DAP API URL that cannot work is a usage error at once (exit 2), not eight retries.
+fn check_base_url(base_url: &str) -> anyhow::Result<()> {
+    let shown = crate::sink::redact(base_url);
+    let problem = match reqwest::Url::parse(base_url) {
+        Err(e) => Some(e.to_string()),
+        Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+            Some(format!("the scheme {:?} is not http or https", u.scheme()))
+        }
+        Ok(u) if u.host_str().is_none_or(str::is_empty) => Some("it names no host".into()),
+        Ok(_) => None,
+    };
+    match problem {
+        Some(why) => Err(UsageError(format!(
+            "the DAP API URL {shown} cannot be used: {why}; give --base-url (or DAP_API_URL) as https://HOST, e.g. {DEFAULT_BASE_URL}"
+        ))
+        .into()),
+        None => Ok(()),
+    }
+}
+
+impl Command {
+    /// Commands that ask DAP (the others never use its URL or credentials).
+    fn calls_dap(&self) -> bool {
+        matches!(
+            self,
+            Command::List(_)
+                | Command::Schema(_)
+                | Command::Snapshot(_)
+                | Command::Incremental(_)
+                | Command::Initdb(_)
+                | Command::Syncdb(_)
+                | Command::Listdb(_)
+                | Command::Ddl(_)
+        )
+    }
+
+    /// Commands that work on a thread of their own and, on Ctrl-C, stop at their next row or
+    /// chunk and remove their unfinished output themselves (see `interrupt.rs`).
+    pub fn stops_by_itself_on_interrupt(&self) -> bool {
+        matches!(self, Command::Query(_) | Command::Export(_) | Command::Pack(_) | Command::Unpack(_))
+    }
+}
+
+/// Runs a command that blocks (SQLite, files) on a thread of its own, so that `main` stays free
+/// to see Ctrl-C.
+async fn on_a_thread(work: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// A reader that stops reading (`dap list | head`) ends dap as it ends any Unix tool, by SIGPIPE,

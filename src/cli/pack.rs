@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::pack::{self, Overwrite};
+use crate::pack::{self, Overwrite, UnpackOptions};
+use crate::sink::sqlite::UserViews;
 
 #[derive(Debug, Args)]
 pub struct PackArgs {
@@ -29,6 +30,30 @@ pub struct UnpackArgs {
     /// Replace mirror files that already exist.
     #[arg(long)]
     force: bool,
+    /// Accept views in the pack's databases (a pack of your own mirror, with views you made).
+    /// Other objects dap does not make (triggers, virtual tables) are always refused.
+    #[arg(long)]
+    allow_views: bool,
+    /// The most the pack may unpack to, e.g. 20G [default: 100 times the pack's size, at least
+    /// 64M, which stops a decompression bomb early].
+    #[arg(long, value_parser = parse_size)]
+    max_size: Option<u64>,
+}
+
+/// `123`, `64K`, `20M`, `3G` or `1T` bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = t.find(|c: char| !c.is_ascii_digit()).map_or((t, ""), |i| t.split_at(i));
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size such as 500M or 20G"))?;
+    let factor: u64 = match unit.to_ascii_uppercase().trim_end_matches('B') {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("{text:?}: the unit must be K, M, G or T")),
+    };
+    n.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 pub fn pack(args: PackArgs) -> anyhow::Result<()> {
@@ -48,7 +73,9 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
 pub fn unpack(args: UnpackArgs) -> anyhow::Result<()> {
     let dir = super::query::mirror_dir(args.dir)?;
     let overwrite = if args.force { Overwrite::Replace } else { Overwrite::Refuse };
-    let manifest = pack::unpack(&args.file, &dir, overwrite)?;
+    let views = if args.allow_views { UserViews::Accept } else { UserViews::Refuse };
+    let options = UnpackOptions { overwrite, views, max_size: args.max_size };
+    let manifest = pack::unpack(&args.file, &dir, options)?;
     eprintln!(
         "unpack: {} (packed {}) restored into {}; `dap syncdb --namespace NS --table all` continues from there",
         manifest.namespaces.join(", "),

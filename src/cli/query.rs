@@ -20,6 +20,10 @@ pub struct QueryArgs {
     /// The mirror folder [default: the default mirror's (DAP_MIRROR_DIR)].
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The widest a column of the table and Markdown formats may be, in terminal columns; longer
+    /// cells are cut and end in `…`.
+    #[arg(long, default_value_t = query::DEFAULT_MAX_WIDTH)]
+    max_width: usize,
 }
 
 /// The mirror folder: `--dir`, else the default mirror's.
@@ -34,6 +38,9 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
     let dir = mirror_dir(args.dir)?;
     let Some(sql) = args.sql else {
         let shell_args = query::shell_args(&dir)?;
+        // The shell reads as dap does: it leaves no -wal/-shm behind either.
+        let files = query::namespace_files(&dir);
+        let _tidy = crate::sink::sqlite::LeaveNoTrace::note(files.iter().map(|(_, f)| f.as_path()));
         let status = match std::process::Command::new("sqlite3").args(&shell_args).status() {
             Ok(status) => status,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
@@ -51,7 +58,7 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
     let conn = query::open_mirror(&dir)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let rows = query::run(&conn, &sql, format, &mut out)?;
+    let rows = query::run(&conn, &sql, format, args.max_width, &mut out)?;
     std::io::Write::flush(&mut out)?;
     tracing::debug!("{rows} rows");
     Ok(())

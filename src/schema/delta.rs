@@ -37,7 +37,8 @@ pub struct SchemaDelta {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error(
     "{namespace}.{name}: column {column} changed {change}, which could not hold every value already replicated; \
-     nothing was changed. Re-snapshot the table with `dap initdb --replace --namespace {namespace} --table {name}` (or syncdb --auto-reinit)"
+     nothing was changed. Re-snapshot the table with `{}` (or syncdb --auto-reinit)",
+    crate::term::command(&["initdb", "--replace", "--namespace", namespace, "--table", name])
 )]
 pub struct Refused {
     pub namespace: String,

@@ -28,7 +28,7 @@ use crate::schema::delta::SchemaDelta;
 use crate::time::Micros;
 use crate::value::Value;
 
-pub use url::{ConnectionString, Scheme, Secret, SslMode, UrlError, redact};
+pub use url::{ConnectionString, Scheme, Secret, SslMode, UrlError, has_password, redact};
 
 /// The bookkeeping row of one replicated table (the official client's `table_sync`).
 #[derive(Debug, Clone, PartialEq)]
@@ -137,8 +137,10 @@ impl SinkError {
             target,
             format!(
                 "{}.{}: column {column} became required, but {rows} hold NULL there; nothing was changed. \
-                 Re-snapshot the table with `dap initdb --replace --namespace {} --table {}`",
-                def.namespace, def.name, def.namespace, def.name
+                 Re-snapshot the table with `{}`",
+                def.namespace,
+                def.name,
+                crate::term::command(&["initdb", "--replace", "--namespace", &def.namespace, "--table", &def.name])
             ),
         )
     }

@@ -973,7 +973,7 @@ impl Sink for MssqlSink {
                 &self.shown,
                 &format!("{namespace}.{table}"),
                 "instructure_dap.table_sync",
-                &format!("\"{namespace}\".\"{table}\""),
+                &format!("{}.{}", ident(namespace), ident(table)),
             ));
         }
         Ok(())

@@ -420,6 +420,18 @@ fn ssl_opts(url: &ConnectionString) -> Option<SslOpts> {
 impl MysqlSink {
     pub async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<MysqlSink, SinkError> {
         let shown = url.redacted();
+        // The driver reports an unreadable CA file as a failed connection: say what it is.
+        if let Some(file) = &url.ssl_root_cert
+            && let Err(e) = std::fs::read(file)
+        {
+            return Err(SinkError::refused(
+                &shown,
+                format!(
+                    "cannot read sslrootcert {} ({e}); give a CA certificate file (PEM) you can read",
+                    file.display()
+                ),
+            ));
+        }
         let constraints = PoolConstraints::new(1, options.parallelism.max(1) + 1).expect("min <= max");
         let builder = OptsBuilder::default()
             .ip_or_hostname(url.host.clone().unwrap_or_else(|| "localhost".into()))
@@ -1036,7 +1048,7 @@ impl Sink for MysqlSink {
                 &self.shown,
                 &format!("{namespace}__{table}"),
                 "instructure_dap__table_sync",
-                &format!("\"{namespace}__{table}\""),
+                &ident(&format!("{namespace}__{table}")),
             ));
         }
         Ok(())

@@ -1011,7 +1011,7 @@ impl Sink for PostgresSink {
                 &self.shown,
                 &format!("{namespace}.{table}"),
                 "instructure_dap.table_sync",
-                &format!("\"{namespace}\".\"{table}\""),
+                &format!("{}.{}", ident(namespace), ident(table)),
             ));
         }
         Ok(())

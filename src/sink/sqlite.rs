@@ -62,6 +62,8 @@ pub struct SqliteSink {
     path: PathBuf,
     writer: Arc<Mutex<Writer>>,
     _lock: Option<WriterLock>,
+    /// A reading access leaves no `-wal`/`-shm` behind (dropped after the connection).
+    _tidy: Option<LeaveNoTrace>,
 }
 
 /// The connection and the statements built on it.
@@ -185,6 +187,45 @@ pub fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
     }
 }
 
+/// Leaves mirror files as a reader found them. A read-only connection to a WAL database makes
+/// its `-wal` and `-shm` files when they are missing (no writer is connected) and, unable to
+/// write, cannot remove them when it closes. Created before the reading connections and dropped
+/// after them, this notes which files had neither, and then closes one reading read-write
+/// connection on each of those: as the last connection, SQLite removes the two files itself
+/// (and leaves them while any other connection, a writer's included, still uses them).
+pub struct LeaveNoTrace {
+    files: Vec<PathBuf>,
+}
+
+/// `path` with `suffix` appended to its file name (`canvas.db-wal`).
+pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+impl LeaveNoTrace {
+    pub fn note<'a>(files: impl IntoIterator<Item = &'a Path>) -> LeaveNoTrace {
+        let untouched = |f: &Path| !sibling(f, "-wal").exists() && !sibling(f, "-shm").exists();
+        LeaveNoTrace { files: files.into_iter().filter(|f| untouched(f)).map(Path::to_path_buf).collect() }
+    }
+}
+
+impl Drop for LeaveNoTrace {
+    fn drop(&mut self) {
+        for file in &self.files {
+            if !sibling(file, "-wal").exists() && !sibling(file, "-shm").exists() {
+                continue;
+            }
+            let flags =
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            if let Ok(conn) = Connection::open_with_flags(file_uri(file, "mode=rw"), flags) {
+                let _ = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0));
+            }
+        }
+    }
+}
+
 /// A value of a column of type `ty` as the mirror stores it, read back (the inverse of
 /// [`to_sql`]).
 pub fn from_sql(v: ValueRef<'_>, ty: &ColumnType) -> Result<Value, String> {
@@ -263,6 +304,102 @@ pub fn bookkeeping_statements() -> Vec<String> {
     ]
 }
 
+/// Whether an object of a mirror file is one dap would have made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserViews {
+    /// Views are refused like any object dap does not make (a pack from someone else).
+    Refuse,
+    /// Views are accepted: they only read (`unpack --allow-views`, for a pack of your own).
+    Accept,
+}
+
+/// What in a mirror file dap did not make and would not trust: triggers (they run on every
+/// sync), virtual tables, views (unless accepted), tables that are neither dap's own nor a
+/// replicated table with its bookkeeping row, and columns of a replicated table with
+/// constraints, defaults or generated values (dap's columns have none). Indexes on dap's tables
+/// are accepted: a user's indexes survive syncs by design, and an index runs no code of its own.
+/// Each finding names the object.
+pub fn foreign_objects(conn: &Connection, views: UserViews) -> rusqlite::Result<Vec<String>> {
+    let replicated: Vec<String> = if has_table_named(conn, BOOKKEEPING)? {
+        let mut stmt = conn.prepare(&format!("SELECT source_table FROM {BOOKKEEPING}"))?;
+        stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    let ours = |name: &str| {
+        INTERNAL_TABLES.iter().any(|(t, _)| *t == name)
+            || replicated.iter().any(|t| t == name || staging(t) == name)
+            || ["sqlite_sequence", "sqlite_stat1", "sqlite_stat4"].contains(&name)
+    };
+    let mut stmt = conn.prepare("SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master")?;
+    let objects: Vec<(String, String, String, String)> =
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<Result<_, _>>()?;
+    let mut found = Vec::new();
+    for (kind, name, table, sql) in objects {
+        let shown = crate::term::safe(&name).into_owned();
+        let words = sql_words(&sql);
+        match kind.as_str() {
+            "trigger" => found.push(format!("trigger {shown} (it would run on every sync)")),
+            "view" if views == UserViews::Accept => {}
+            "view" => found.push(format!("view {shown}")),
+            "table" if words.get(1).is_some_and(|w| w == "VIRTUAL") => found.push(format!("virtual table {shown}")),
+            "table" if !ours(&name) => found.push(format!("table {shown}, which no bookkeeping row describes")),
+            "table" => {
+                let risky = ["CHECK", "REFERENCES", "DEFAULT", "GENERATED", "AS", "COLLATE", "ON"];
+                if let Some(word) = words.iter().find(|w| risky.contains(&w.as_str())) {
+                    found.push(format!("table {shown} declares {word}, which dap never does"));
+                }
+            }
+            "index" if !ours(&table) => found.push(format!("index {shown} on {}", crate::term::safe(&table))),
+            "index" => {}
+            other => found.push(format!("{} {shown}", crate::term::safe(other))),
+        }
+    }
+    Ok(found)
+}
+
+/// The keywords of a statement, upper-cased, without its quoted names and string literals (so a
+/// column named "check" is no CHECK constraint).
+fn sql_words(sql: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        let closing = match c {
+            '"' => Some('"'),
+            '\'' => Some('\''),
+            '`' => Some('`'),
+            '[' => Some(']'),
+            _ => None,
+        };
+        if let Some(end) = closing {
+            // Skip to the closing quote; a doubled quote is an escaped one.
+            while let Some(q) = chars.next() {
+                if q == end && !(end != ']' && chars.peek() == Some(&end)) {
+                    break;
+                }
+                if q == end {
+                    chars.next();
+                }
+            }
+            continue;
+        }
+        if c.is_alphanumeric() || c == '_' {
+            word.push(c.to_ascii_uppercase());
+        } else if !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+fn has_table_named(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1", [name], |r| r.get(0))
+}
+
 /// The DDL initdb runs for a table in an empty mirror file.
 pub fn table_statements(def: &TableDef) -> Vec<String> {
     vec![create_table_sql(&def.name, def)]
@@ -316,11 +453,7 @@ fn header_size(header: &[u8; 100]) -> Option<u64> {
 /// Whether a write-ahead log or rollback journal beside the file may still complete it (after a
 /// crash mid-checkpoint the file can be shorter than its header until SQLite recovers it).
 fn has_recovery_file(path: &Path) -> bool {
-    ["-wal", "-journal"].iter().any(|suffix| {
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        std::fs::metadata(name).is_ok_and(|m| m.len() > 0)
-    })
+    ["-wal", "-journal"].iter().any(|suffix| std::fs::metadata(sibling(path, suffix)).is_ok_and(|m| m.len() > 0))
 }
 
 /// Refuses a table whose pages SQLite finds damaged: `PRAGMA quick_check` of the table and its
@@ -349,7 +482,14 @@ impl SqliteSink {
     pub fn open(path: &Path, access: Access) -> Result<SqliteSink, SinkError> {
         let shown = path.display().to_string();
         let fail = |action: &str, e: rusqlite::Error| database_error(&shown, action, e);
+        if path.is_dir() {
+            return Err(SinkError::refused(
+                &shown,
+                "this is a folder, not a database file; name the file in it (e.g. sqlite:///PATH/canvas.db)",
+            ));
+        }
         refuse_foreign_file(path)?;
+        let tidy = (access == Access::Read).then(|| LeaveNoTrace::note([path]));
         let (conn, lock) = match access {
             Access::Write => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -382,6 +522,7 @@ impl SqliteSink {
             path: path.to_path_buf(),
             writer: Arc::new(Mutex::new(Writer { path: path.to_path_buf(), conn })),
             _lock: lock,
+            _tidy: tidy,
         })
     }
 
@@ -834,7 +975,8 @@ impl Sink for SqliteSink {
             if owners.is_empty() && w.has_table(&t)? {
                 return Err(w.refuse(format!(
                     "{ns}.{t}: a table {t} exists without a bookkeeping row (not made by dap, or left half-loaded); \
-                     drop it (`DROP TABLE \"{t}\"`) or use another file, then run initdb again"
+                     drop it (`DROP TABLE {}`) or use another file, then run initdb again",
+                    quote(&t)
                 )));
             }
             Ok(())

@@ -101,6 +101,11 @@ fn split_userinfo(rest: &str) -> (Option<&str>, &str) {
     at.map_or((None, rest), |&at| (Some(&rest[..at]), &rest[at + 1..]))
 }
 
+/// Whether a connection string holds a password, even one that does not parse.
+pub fn has_password(text: &str) -> bool {
+    text.split_once("://").is_some_and(|(_, rest)| split_userinfo(rest).0.is_some_and(|u| u.contains(':')))
+}
+
 /// `scheme://user:***@host/db`: the text with the password hidden, and nothing after the
 /// database name, for messages about strings that may not even parse. A SQLite location holds
 /// no secret and is shown whole.

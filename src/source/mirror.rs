@@ -81,8 +81,9 @@ impl MirrorSource {
             .map_err(|e| self.io(e))?;
         let (version, description, watermark) = row.ok_or_else(|| {
             SourceError::Other(format!(
-                "{namespace}.{table} is not in the mirror {}; add it with `dap initdb --namespace {namespace} --table {table}`",
-                self.path.display()
+                "{namespace}.{table} is not in the mirror {}; add it with `{}`",
+                self.path.display(),
+                crate::term::command(&["initdb", "--namespace", namespace, "--table", table])
             ))
         })?;
         let watermark = time::parse_rfc3339(&watermark).map_err(|e| SourceError::Other(e.to_string()))?;
