@@ -1,117 +1,261 @@
-//! `snapshot` and `incremental` of one table into `<output>/job_<id>/`, objects kept as the
-//! server sends them (gzip for text formats), as the official client lays them out.
+//! `dap export`: a mirror table (optionally filtered) or a read-only query, streamed into CSV, TSV,
+//! JSON Lines or Parquet. A table's export carries its DAP types (Parquet timestamps, dates,
+//! decimals, integers of their width); the file appears whole or not at all.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-use futures_util::StreamExt;
-use serde::Serialize;
+use parquet::basic::{Compression, Repetition};
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::types::Type;
+use rusqlite::Connection;
 
-use crate::api::types::{Format, Query};
-use crate::api::{ApiError, Client};
-use crate::fetch::{self, FetchError};
-use crate::progress::TableProgress;
-use crate::tables::Fatal;
-use crate::time::{self, Micros};
+use crate::parquet_columns::{Buf, leaf_type};
+use crate::query::{self, QueryError};
+use crate::schema::{ColumnType, TableDef};
+use crate::value::Value;
 
+/// The file formats `dap export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Csv,
+    Tsv,
+    Jsonl,
+    Parquet,
+}
+
+/// What to export.
 #[derive(Debug, Clone)]
-pub struct ExportRequest {
-    pub namespace: String,
-    pub format: Format,
-    /// `None` for a snapshot.
-    pub since: Option<Micros>,
-    pub until: Option<Micros>,
-    pub output_dir: PathBuf,
-    pub download_concurrency: usize,
-    /// Tables that download at once; the others wait for their job or for a slot.
-    pub transfers: Arc<tokio::sync::Semaphore>,
-}
-
-impl ExportRequest {
-    pub fn query(&self) -> Query {
-        Query {
-            format: self.format,
-            mode: None,
-            since: self.since.map(time::format_wire),
-            until: self.until.map(time::format_wire),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct FileEntry {
-    pub path: PathBuf,
-    pub bytes: u64,
-}
-
-/// What one table's export produced (the `--json` result).
-#[derive(Debug, Clone, Serialize)]
-pub struct ExportResult {
-    pub job_id: String,
-    pub schema_version: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub since: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub until: Option<String>,
-    pub directory: PathBuf,
-    pub files: Vec<FileEntry>,
+pub enum Selection {
+    /// A mirrored table, with an optional SQL condition on its rows.
+    Table { namespace: String, table: String, condition: Option<String> },
+    /// Any read-only query over the mirror.
+    Query(String),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     #[error(transparent)]
-    Api(#[from] ApiError),
+    Query(#[from] QueryError),
+    #[error("{namespace}.{table} is not in the mirror; `dap status` lists what is")]
+    NoTable { namespace: String, table: String },
+    #[error("row {row}, column {column}: {reason}")]
+    Value { row: u64, column: String, reason: String },
+    #[error("writing {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("writing Parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("writing CSV: {0}")]
+    Csv(#[from] csv::Error),
+    #[error("{0}")]
+    Output(String),
     #[error(transparent)]
-    Fetch(#[from] FetchError),
+    Interrupted(#[from] crate::interrupt::Interrupted),
 }
 
-impl Fatal for ExportError {
-    fn is_fatal(&self) -> bool {
-        match self {
-            ExportError::Api(e) | ExportError::Fetch(FetchError::Api(e)) => e.is_fatal(),
-            ExportError::Fetch(_) => false,
+impl From<rusqlite::Error> for ExportError {
+    fn from(e: rusqlite::Error) -> Self {
+        if crate::interrupt::is_sqlite_interrupt(&e) {
+            return ExportError::Interrupted(crate::interrupt::Interrupted);
+        }
+        ExportError::Query(QueryError::Sql(e))
+    }
+}
+
+/// Where a result's column types come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Typing {
+    /// The table's DAP schema: every value is read back as that type.
+    Schema,
+    /// A query's declared SQLite types: integers, reals, else text.
+    Declared,
+}
+
+/// The columns of a result and their types.
+struct Plan {
+    sql: String,
+    columns: Vec<(String, ColumnType)>,
+    typing: Typing,
+}
+
+/// A query cell as the value its declared column type holds.
+fn declared_value(v: rusqlite::types::ValueRef<'_>, ty: &ColumnType) -> Result<Value, String> {
+    use rusqlite::types::ValueRef as V;
+    Ok(match (v, ty) {
+        (V::Null, _) => Value::Null,
+        (V::Integer(i), ColumnType::Float(_)) => Value::Float(i as f64),
+        (V::Integer(i), _) => Value::Int(i),
+        (V::Real(f), ColumnType::Int(_)) => return Err(format!("{f} is not an integer")),
+        (V::Real(f), _) => Value::Float(f),
+        (V::Text(t), ColumnType::Str { .. }) => Value::Str(String::from_utf8_lossy(t).into_owned()),
+        (V::Text(t), ty) => return Err(format!("{:?} is no value of {}", String::from_utf8_lossy(t), ty.describe())),
+        (V::Blob(b), _) => Value::Str(crate::query::blob_hex(b)),
+    })
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The stored definition of a mirrored table, from its bookkeeping row.
+fn table_def(conn: &Connection, namespace: &str, table: &str) -> Result<TableDef, ExportError> {
+    let missing = || ExportError::NoTable { namespace: namespace.into(), table: table.into() };
+    let sql = format!(
+        "SELECT schema_version, schema_description FROM {}.instructure_dap__table_sync WHERE source_table = ?1",
+        quote(namespace)
+    );
+    let (version, description): (u32, String) =
+        conn.query_row(&sql, [table], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows | rusqlite::Error::SqliteFailure(..) => missing(),
+            other => other.into(),
+        })?;
+    TableDef::from_description(namespace, table, version, &description).map_err(|e| ExportError::Value {
+        row: 0,
+        column: "(schema)".into(),
+        reason: e.to_string(),
+    })
+}
+
+fn plan(conn: &Connection, selection: &Selection) -> Result<Plan, ExportError> {
+    match selection {
+        Selection::Table { namespace, table, condition } => {
+            let def = table_def(conn, namespace, table)?;
+            let columns: Vec<(String, ColumnType)> =
+                std::iter::once(&def.key).chain(&def.values).map(|c| (c.name.clone(), c.ty.clone())).collect();
+            let list: Vec<String> = columns.iter().map(|(n, _)| quote(n)).collect();
+            let filter = condition.as_ref().map(|c| format!(" WHERE {c}")).unwrap_or_default();
+            let sql = format!("SELECT {} FROM {}.{}{filter}", list.join(", "), quote(namespace), quote(table));
+            Ok(Plan { sql, columns, typing: Typing::Schema })
+        }
+        Selection::Query(sql) => {
+            let stmt = conn.prepare(sql)?;
+            let columns = stmt
+                .columns()
+                .iter()
+                .map(|c| {
+                    let declared = c.decl_type().unwrap_or("").to_ascii_uppercase();
+                    let ty = if declared.contains("INT") {
+                        ColumnType::Int(64)
+                    } else if declared.contains("REAL") || declared.contains("FLOA") || declared.contains("DOUB") {
+                        ColumnType::Float(64)
+                    } else {
+                        ColumnType::Str { max_length: None, truncatable: false }
+                    };
+                    (c.name().to_string(), ty)
+                })
+                .collect();
+            Ok(Plan { sql: sql.clone(), columns, typing: Typing::Declared })
         }
     }
 }
 
-pub async fn export_table(
-    client: &Client,
-    request: &ExportRequest,
-    table: &str,
-    progress: &Arc<TableProgress>,
-) -> Result<ExportResult, ExportError> {
-    progress.stage("submitting query");
-    let job = client.run_job(&request.namespace, table, &request.query(), |s| progress.stage(s.describe())).await?;
-    tracing::debug!("{table}: job {} complete with {} objects", job.id, job.objects.len());
-    let _slot = request.transfers.acquire().await.expect("the transfer semaphore is never closed");
-    let directory = request.output_dir.join(format!("job_{}", fetch::safe_component(&job.id)));
-    progress.downloading(job.objects.len());
-    let downloads = fetch::fetch_in_order(
-        client,
-        &job.objects,
-        &directory,
-        request.format,
-        fetch::Delivery::Keep,
-        request.download_concurrency,
-        progress.clone(),
-    )
-    .await?;
-    let fetched: Vec<Result<fetch::Fetched, FetchError>> = downloads.collect().await;
-    let files = fetched
-        .into_iter()
-        .map(|f| f.map(|f| FileEntry { path: f.path, bytes: f.bytes }))
-        .collect::<Result<Vec<_>, _>>()?;
-    let total: u64 = files.iter().map(|f| f.bytes).sum();
-    progress.finish(&format!("done: {} files, {:.1} MB in {}", files.len(), total as f64 / 1e6, directory.display()));
-    Ok(ExportResult {
-        job_id: job.id,
-        schema_version: job.schema_version,
-        at: job.at,
-        since: job.since,
-        until: job.until,
-        directory,
-        files,
-    })
+/// Writes `selection` from the mirror folder `dir` to `output` as `format`; returns the rows.
+pub fn export(dir: &Path, selection: &Selection, format: ExportFormat, output: &Path) -> Result<u64, ExportError> {
+    crate::mirror::folder::refuse_mirror_output(dir, output).map_err(ExportError::Output)?;
+    let conn = query::open_mirror(dir)?;
+    crate::interrupt::watch(&conn);
+    let plan = plan(&conn, selection)?;
+    let mut stmt = conn.prepare(&plan.sql)?;
+    if !stmt.readonly() {
+        return Err(QueryError::Writes.into());
+    }
+    let folder = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let write_err = |source| ExportError::Write { path: output.to_path_buf(), source };
+    let mut file = tempfile::NamedTempFile::new_in(folder).map_err(write_err)?;
+    let mut rows = stmt.query([])?;
+    let mut next = |row_number: u64| -> Result<Option<Vec<Value>>, ExportError> {
+        crate::interrupt::check()?;
+        let Some(row) = rows.next()? else { return Ok(None) };
+        plan.columns
+            .iter()
+            .enumerate()
+            .map(|(i, (name, ty))| {
+                let v = row.get_ref(i)?;
+                let value = match plan.typing {
+                    Typing::Schema => crate::mirror::format::from_sql(v, ty),
+                    Typing::Declared => declared_value(v, ty),
+                };
+                value.map_err(|reason| ExportError::Value {
+                    row: row_number,
+                    column: name.clone(),
+                    reason: format!("{reason} (cast it in the query to export it)"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    };
+    let names: Vec<&str> = plan.columns.iter().map(|(n, _)| n.as_str()).collect();
+    let mut count = 0u64;
+    match format {
+        ExportFormat::Csv | ExportFormat::Tsv => {
+            let delimiter = if format == ExportFormat::Tsv { b'\t' } else { b',' };
+            let mut w = csv::WriterBuilder::new().delimiter(delimiter).from_writer(std::io::BufWriter::new(&mut file));
+            w.write_record(&names)?;
+            while let Some(values) = next(count + 1)? {
+                w.write_record(values.iter().map(|v| v.to_text().unwrap_or_default()))?;
+                count += 1;
+            }
+            w.flush().map_err(write_err)?;
+        }
+        ExportFormat::Jsonl => {
+            let mut w = std::io::BufWriter::new(&mut file);
+            while let Some(values) = next(count + 1)? {
+                let object: serde_json::Map<String, serde_json::Value> =
+                    names.iter().zip(&values).map(|(n, v)| (n.to_string(), v.to_typed_json())).collect();
+                writeln!(w, "{}", serde_json::Value::Object(object)).map_err(write_err)?;
+                count += 1;
+            }
+            w.flush().map_err(write_err)?;
+        }
+        ExportFormat::Parquet => {
+            let mut leaves = Vec::new();
+            let mut fields = Vec::new();
+            for (name, ty) in &plan.columns {
+                let (t, buf) = leaf_type(name, ty, Repetition::OPTIONAL)?;
+                fields.push(std::sync::Arc::new(t));
+                leaves.push((buf, Vec::<i16>::new()));
+            }
+            let root = std::sync::Arc::new(Type::group_type_builder("schema").with_fields(fields).build()?);
+            let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+            let mut writer = SerializedFileWriter::new(&mut file, root, std::sync::Arc::new(props))?;
+            let mut in_group = 0usize;
+            let flush = |writer: &mut SerializedFileWriter<_>, leaves: &mut Vec<(Buf, Vec<i16>)>| {
+                let mut group = writer.next_row_group()?;
+                for (buf, defs) in leaves.iter_mut() {
+                    let mut col = group.next_column()?.expect("a column writer per field");
+                    buf.write_to(&mut col, Some(defs))?;
+                    col.close()?;
+                    defs.clear();
+                }
+                group.close().map(|_| ())
+            };
+            while let Some(values) = next(count + 1)? {
+                for ((buf, defs), v) in leaves.iter_mut().zip(&values) {
+                    if *v == Value::Null {
+                        defs.push(0);
+                    } else {
+                        defs.push(1);
+                        buf.push(v);
+                    }
+                }
+                count += 1;
+                in_group += 1;
+                if in_group == ROW_GROUP_ROWS {
+                    flush(&mut writer, &mut leaves)?;
+                    in_group = 0;
+                }
+            }
+            if in_group > 0 || count == 0 {
+                flush(&mut writer, &mut leaves)?;
+            }
+            writer.close()?;
+        }
+    }
+    file.as_file().sync_all().map_err(write_err)?;
+    file.persist(output).map_err(|e| write_err(e.error))?;
+    Ok(count)
 }
+
+/// Rows per Parquet row group.
+const ROW_GROUP_ROWS: usize = 65_536;

@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::query::namespace_files;
-use crate::sink::sqlite::{UserViews, foreign_objects};
-use crate::state::{StateError, StateFile, WriterLock};
+use crate::mirror::folder::{StateError, StateFile, WriterLock, namespace_files, refuse_mirror_output};
+use crate::mirror::format::{LeaveNoTrace, UserViews, foreign_objects, open_read_only, sibling};
 
 /// The manifest's name inside a pack; it comes first.
 const MANIFEST: &str = "dap-pack.json";
@@ -77,7 +76,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> PackError + '_ {
 
 /// Writes the mirror folder `dir` (only `namespaces` when given) to `output`; returns the manifest.
 pub fn pack(dir: &Path, namespaces: &[String], output: &Path) -> Result<Manifest, PackError> {
-    crate::query::refuse_mirror_output(dir, output).map_err(PackError::Output)?;
+    refuse_mirror_output(dir, output).map_err(PackError::Output)?;
     let mut files = namespace_files(dir);
     if files.is_empty() {
         return Err(PackError::NoMirror(dir.to_path_buf()));
@@ -91,12 +90,12 @@ pub fn pack(dir: &Path, namespaces: &[String], output: &Path) -> Result<Manifest
     }
     let folder = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let scratch = tempfile::tempdir_in(folder).map_err(io(folder))?;
-    let _tidy = crate::sink::sqlite::LeaveNoTrace::note(files.iter().map(|(_, f)| f.as_path()));
+    let _tidy = LeaveNoTrace::note(files.iter().map(|(_, f)| f.as_path()));
     for (ns, file) in &files {
         crate::interrupt::check()?;
         let copy = scratch.path().join(format!("{ns}.db"));
         let fail = |source| PackError::from_sql(file, source);
-        let source = crate::sink::sqlite::open_read_only(file).map_err(fail)?;
+        let source = open_read_only(file).map_err(fail)?;
         source.busy_timeout(std::time::Duration::from_secs(30)).map_err(fail)?;
         crate::interrupt::watch(&source);
         // One read transaction, so the copy is one consistent state even while a sync writes;
@@ -327,7 +326,7 @@ fn unpack_into(file: &Path, dir: &Path, options: UnpackOptions) -> Result<Manife
         if name.ends_with(".db") {
             // A WAL left by the replaced file would be applied to the new one.
             for suffix in ["-wal", "-shm", "-journal"] {
-                let stale = crate::sink::sqlite::sibling(&target, suffix);
+                let stale = sibling(&target, suffix);
                 if stale.exists() {
                     std::fs::remove_file(&stale).map_err(io(&stale))?;
                 }

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 
-use crate::sink::sqlite::{Reading, read_only_uri};
+use crate::mirror::folder::namespace_files;
+use crate::mirror::format::{LeaveNoTrace, ReadMode, read_only_uri};
 
 /// How query results are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,79 +51,6 @@ impl QueryError {
     }
 }
 
-/// Why a `.db` file of a mirror folder is left out of the folder's namespaces.
-fn unusable(path: &Path, namespace: &str) -> Option<String> {
-    let safe = !namespace.is_empty() && namespace.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if !safe {
-        return Some("its name is not a namespace name (letters, digits and _ only)".into());
-    }
-    if ["main", "temp"].iter().any(|reserved| namespace.eq_ignore_ascii_case(reserved)) {
-        return Some(format!("{namespace} is a name SQLite reserves for its own databases"));
-    }
-    let mut header = [0u8; 16];
-    let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read(&mut f, &mut header));
-    match read {
-        Ok(16) if header == *b"SQLite format 3\0" => None,
-        Ok(_) => Some("it is not a SQLite database".into()),
-        Err(e) => Some(format!("it cannot be read ({e})")),
-    }
-}
-
-/// The namespace files of a mirror folder: `(namespace, file)` for each `*.db` that is a SQLite
-/// database named like a namespace, sorted. Any other `.db` there (a file named so that it
-/// could not be attached safely, `temp.db`, a text file) is left out with a warning, so that one
-/// stray file never breaks the folder.
-pub fn namespace_files(dir: &Path) -> Vec<(String, PathBuf)> {
-    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let path = e.path();
-            let name = e.file_name();
-            let namespace = name.to_string_lossy().strip_suffix(".db")?.to_string();
-            if !path.is_file() {
-                return None;
-            }
-            if let Some(why) = unusable(&path, &namespace) {
-                tracing::warn!("{}: left out of the mirror: {why}", crate::term::safe(&path.display().to_string()));
-                return None;
-            }
-            Some((namespace, path))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// Refuses an output file (of `export` or `pack`) that would replace a part of the mirror in
-/// `dir`: a namespace file or any `.db` there (which would become a namespace), a file's
-/// `-wal`/`-shm`/`-journal` or lock, `state.json`, or the spool; followed through links.
-pub fn refuse_mirror_output(dir: &Path, output: &Path) -> Result<(), String> {
-    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-    let Some(mirror) = canonical(dir) else { return Ok(()) };
-    // Where the output would land: its folder's real path, and its real path when it exists.
-    let folder = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let landing = canonical(output).or_else(|| canonical(folder).map(|f| f.join(&name)));
-    let Some(landing) = landing else { return Ok(()) };
-    if landing.parent() != Some(mirror.as_path()) {
-        return Ok(());
-    }
-    let landed = landing.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let part_of_the_mirror = landed.ends_with(".db")
-        || [".db-wal", ".db-shm", ".db-journal", ".db.lock"].iter().any(|s| landed.ends_with(s))
-        || ["state.json", "state.json.lock", "state.json.partial", ".dap-spool"].contains(&landed.as_str());
-    if part_of_the_mirror {
-        return Err(format!(
-            "{} is part of the mirror in {} (or would become one of its namespaces); write the output elsewhere",
-            output.display(),
-            dir.display()
-        ));
-    }
-    Ok(())
-}
-
 /// A double-quoted SQL identifier.
 fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -131,7 +59,7 @@ fn quoted(name: &str) -> String {
 /// A read-only connection to a mirror folder, which leaves no file behind when dropped.
 pub struct MirrorReader {
     conn: Connection,
-    _tidy: crate::sink::sqlite::LeaveNoTrace,
+    _tidy: LeaveNoTrace,
 }
 
 impl std::ops::Deref for MirrorReader {
@@ -147,7 +75,7 @@ pub fn open_mirror(dir: &Path) -> Result<MirrorReader, QueryError> {
     if files.is_empty() {
         return Err(QueryError::NoMirror(dir.to_path_buf()));
     }
-    let tidy = crate::sink::sqlite::LeaveNoTrace::note(files.iter().map(|(_, f)| f.as_path()));
+    let tidy = LeaveNoTrace::note(files.iter().map(|(_, f)| f.as_path()));
     let conn = Connection::open_with_flags(
         ":memory:",
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -159,12 +87,12 @@ pub fn open_mirror(dir: &Path) -> Result<MirrorReader, QueryError> {
             Ok(())
         };
         // A mirror on a medium nothing can write has no WAL index: it is read as immutable.
-        if let Err(e) = attach(Reading::Shared) {
+        if let Err(e) = attach(ReadMode::Shared) {
             if e.sqlite_error_code() != Some(rusqlite::ErrorCode::CannotOpen) {
                 return Err(e.into());
             }
             let _ = conn.execute("DETACH DATABASE ?1", [ns]);
-            attach(Reading::Immutable)?;
+            attach(ReadMode::Immutable)?;
         }
     }
     conn.pragma_update(None, "query_only", true)?;
@@ -401,7 +329,7 @@ pub fn shell_args(dir: &Path) -> Result<Vec<String>, QueryError> {
     }
     let mut args = vec!["-readonly".to_string(), ":memory:".to_string()];
     for (ns, file) in files {
-        let uri = read_only_uri(&file, Reading::Shared).replace('\'', "''");
+        let uri = read_only_uri(&file, ReadMode::Shared).replace('\'', "''");
         args.push("-cmd".into());
         args.push(format!("ATTACH DATABASE '{uri}' AS {}", quoted(&ns)));
     }

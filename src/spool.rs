@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 const PREFIX: &str = "dap-spool-";
 /// Held (locked) by the run using the folder; a folder whose lock can be taken is abandoned.
 const IN_USE: &str = ".in-use";
+/// How long a run folder must be untouched before the cleaner looks at its lock.
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -112,6 +114,12 @@ fn remove_abandoned(base: &Path) {
         if !meta.is_dir() || meta.file_type().is_symlink() || !owned_by_us(&meta) {
             continue;
         }
+        // A folder made a moment ago may not hold its lock yet (another run is between making
+        // it and locking it): only folders left alone for a while are candidates.
+        let recent = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_none_or(|age| age < SETTLED);
+        if recent {
+            continue;
+        }
         let abandoned = match OpenOptions::new().write(true).open(path.join(IN_USE)) {
             Ok(lock) => lock.try_lock().is_ok(),
             // A folder without its lock file died before it made one.
@@ -143,12 +151,18 @@ mod tests {
         std::fs::create_dir(&abandoned).unwrap();
         std::fs::write(abandoned.join(IN_USE), b"").unwrap();
         std::fs::write(abandoned.join("object.gz"), b"x").unwrap();
+        let long_ago = std::time::SystemTime::now() - 2 * SETTLED;
+        std::fs::File::open(&abandoned).unwrap().set_modified(long_ago).unwrap();
+        // Another run's folder a moment after it was made, before it holds its lock.
+        let starting = base.path().join("dap-spool-starting");
+        std::fs::create_dir(&starting).unwrap();
 
         let first = Spool::create(base.path(), false).unwrap();
         let second = Spool::create(base.path(), false).unwrap();
         assert_ne!(first.path(), second.path());
         assert!(first.path().is_dir() && second.path().is_dir(), "a live run's folder is never taken");
         assert!(!abandoned.exists(), "the folder of a run that died is removed");
+        assert!(starting.exists(), "a run's folder is not taken before it could lock it");
         assert_eq!(std::fs::read(victim.path().join("dap-spool-keep/data")).unwrap(), b"precious");
         assert!(std::fs::symlink_metadata(base.path().join("dap-spool-link")).is_ok(), "links are left alone");
         let gone = first.path().to_path_buf();

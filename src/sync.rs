@@ -1,6 +1,12 @@
-//! `initdb`, `syncdb` and `dropdb`, written once against a [`Source`] and a [`Sink`]: this file
-//! knows neither HTTP nor SQL. The source reads its parts into a feed while the target applies
-//! it, so downloading, decoding and writing overlap.
+//! One table's replication, written once against a [`Source`] and a [`Sink`]: this file knows
+//! neither HTTP nor SQL. The source reads its parts into a feed while the target applies it, so
+//! downloading, decoding and writing overlap.
+//!
+//! Every table operation holds the target's lock for the table from the moment it reads the
+//! table's state to its last write, so two processes never interleave on one table. The long
+//! wait for DAP's job happens before the lock is taken: the state read before the wait is read
+//! again under the lock, and if another writer changed it meanwhile, the work starts over from
+//! the new state (a sync) or stops (an initdb of a table that got initialised).
 //!
 //! initdb asks the target for a staging area (resuming the parts an interrupted run of the same
 //! job loaded), loads the snapshot part by part, then publishes it with its bookkeeping row. A
@@ -17,12 +23,12 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
+use crate::error::{Classify, Retry};
 use crate::progress::TableProgress;
 use crate::schema::SchemaError;
 use crate::schema::delta::{Refused, SchemaDelta};
-use crate::sink::{Bookkeeping, Retry, Sink, SinkError};
+use crate::sink::{Bookkeeping, Sink, SinkError};
 use crate::source::{Reading, Source, SourceError};
-use crate::tables::Fatal;
 use crate::time;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,22 +50,23 @@ pub enum SyncError {
         crate::term::command(&["initdb", "--replace", "--namespace", namespace, "--table", table])
     )]
     SnapshotRequired { namespace: String, table: String, reason: String },
+    /// Another writer changed the table between the first look at it and the lock.
+    #[error("{table} was written by another process meanwhile; its changes are asked for again from the new state")]
+    Moved { table: String },
 }
 
-impl Fatal for SyncError {
+impl Classify for SyncError {
+    fn retry(&self) -> Retry {
+        match self {
+            SyncError::Source(e) => e.retry(),
+            SyncError::Sink(e) => e.retry(),
+            SyncError::Moved { .. } => Retry::MayHelp,
+            _ => Retry::Useless,
+        }
+    }
+
     fn is_fatal(&self) -> bool {
         matches!(self, SyncError::Source(e) if e.is_fatal())
-    }
-}
-
-impl SyncError {
-    /// Whether the same table operation may succeed when run again at once.
-    fn worth_retrying(&self) -> bool {
-        match self {
-            SyncError::Source(SourceError::CorruptObject { .. }) => true,
-            SyncError::Sink(e) => e.retry() == Retry::MayHelp,
-            _ => false,
-        }
     }
 }
 
@@ -71,6 +78,12 @@ pub enum Action {
     Synced,
     /// Left alone: the target holds newer data than the source (see `SourceError::TargetAhead`).
     Ahead,
+}
+
+/// The watermarks around a snapshot: the table's before (none when new) and the snapshot's.
+struct Replaced {
+    before: Option<time::Micros>,
+    after: time::Micros,
 }
 
 /// What one table's replication did (the `--json` result).
@@ -100,13 +113,29 @@ impl TableReport {
     }
 }
 
+/// Whether initdb may replace a table that is initialised already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// Only a table the target lacks; an initialised one is an error.
+    Fresh,
+    /// Load it again (`--replace`); the old rows stay queryable until the swap.
+    Replace,
+}
+
+/// What a sync does when the source cannot give changes (snapshot required, out of range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reinit {
+    /// Stop that table, with the command that fixes it.
+    Stop,
+    /// Take a new snapshot atomically (`--auto-reinit`).
+    Automatically,
+}
+
 /// Replicates tables from a source into a target.
 pub struct Replicator {
     pub source: Arc<dyn Source>,
     pub sink: Arc<dyn Sink>,
-    /// When the source cannot give changes (snapshot required, out of range), re-snapshot the
-    /// table atomically instead of stopping.
-    pub auto_reinit: bool,
+    pub reinit: Reinit,
     /// Attempts per table for failures a retry may clear.
     pub attempts: u32,
 }
@@ -132,21 +161,31 @@ async fn consume(
     }
 }
 
+/// Whether two reads of a table's bookkeeping describe the same state.
+fn same_state(a: &Option<Bookkeeping>, b: &Option<Bookkeeping>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.watermark == b.watermark && a.schema_version == b.schema_version,
+        _ => false,
+    }
+}
+
 impl Replicator {
     /// Runs `attempt` again while it fails in a way a retry may clear (a corrupt object, a lost
-    /// connection): the failed attempt rolled back, and initdb resumes after the parts loaded.
-    async fn retrying<F, Fut>(&self, attempt: F) -> Result<TableReport, SyncError>
+    /// connection, another writer): the failed attempt rolled back, and initdb resumes after the
+    /// parts loaded.
+    async fn retrying<T, F, Fut>(&self, attempt: F) -> Result<T, SyncError>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = Result<TableReport, SyncError>>,
+        Fut: Future<Output = Result<T, SyncError>>,
     {
         let limit = self.attempts.max(1);
         let mut tries = 1;
         loop {
             match attempt().await {
-                Err(e) if tries < limit && e.worth_retrying() => {
+                Err(e) if tries < limit && e.retry() == Retry::MayHelp => {
                     let again = match e {
-                        SyncError::Source(SourceError::CorruptObject { .. }) => "downloading it again",
+                        SyncError::Source(SourceError::Corrupt { .. }) => "downloading it again",
                         _ => "trying again",
                     };
                     tracing::warn!("{e}; {again} (attempt {} of {limit})", tries + 1);
@@ -164,10 +203,44 @@ impl Replicator {
         &self,
         namespace: &str,
         table: &str,
-        replace: bool,
+        init: Init,
         watch: &Arc<TableProgress>,
     ) -> Result<TableReport, SyncError> {
-        self.retrying(|| self.initdb_once(namespace, table, replace, watch)).await
+        let (report, Replaced { before, after }) =
+            self.retrying(|| self.initdb_once(namespace, table, init, watch)).await?;
+        // DAP may answer a snapshot query with a job it made earlier for the same query: a
+        // replaced table must not move back in time, so it catches up with the changes since.
+        match before {
+            Some(before) if before > after => {
+                tracing::warn!(
+                    "{namespace}.{table}: DAP answered with a snapshot as of {}, older than the {} the table had; catching up with the changes since",
+                    report.watermark,
+                    time::format_wire(before)
+                );
+                let caught_up = self.syncdb(namespace, table, watch).await?;
+                Ok(TableReport { action: Action::Initialised, job_id: report.job_id, ..caught_up })
+            }
+            _ => Ok(report),
+        }
+    }
+
+    /// A snapshot of a table the target lacks; its changes instead when another writer
+    /// initialised it meanwhile (`syncdb --init-missing` racing another process).
+    pub async fn initdb_missing(
+        &self,
+        namespace: &str,
+        table: &str,
+        watch: &Arc<TableProgress>,
+    ) -> Result<TableReport, SyncError> {
+        match self.initdb(namespace, table, Init::Fresh, watch).await {
+            Err(SyncError::AlreadyInitialised { .. }) => {
+                tracing::info!(
+                    "{namespace}.{table}: another writer initialised it meanwhile; applying its changes instead"
+                );
+                self.syncdb(namespace, table, watch).await
+            }
+            done => done,
+        }
     }
 
     /// Applies the changes since the stored watermark, with the new watermark.
@@ -180,25 +253,68 @@ impl Replicator {
         self.retrying(|| self.syncdb_once(namespace, table, watch)).await
     }
 
+    /// Brings a table of the target up to its source: a snapshot when the target lacks it (or
+    /// another writer initialised it meanwhile: then its changes), else the changes since its
+    /// watermark, and nothing when the target is ahead of its source.
+    pub async fn replicate(
+        &self,
+        namespace: &str,
+        table: &str,
+        watch: &Arc<TableProgress>,
+    ) -> Result<TableReport, SyncError> {
+        let stored = match self.sink.bookkeeping(namespace, table).await? {
+            None => match self.initdb(namespace, table, Init::Fresh, watch).await {
+                Err(SyncError::AlreadyInitialised { .. }) => self.sink.bookkeeping(namespace, table).await?,
+                done => return done,
+            },
+            stored => stored,
+        };
+        match self.syncdb(namespace, table, watch).await {
+            Err(SyncError::Source(e @ SourceError::TargetAhead { .. })) => {
+                let stored =
+                    stored.ok_or_else(|| SyncError::NotInitialised { table: format!("{namespace}.{table}") })?;
+                tracing::warn!("{} {namespace}.{table}: {e}", self.sink.describe());
+                Ok(TableReport {
+                    action: Action::Ahead,
+                    job_id: String::new(),
+                    rows: self.sink.row_count(namespace, table).await?,
+                    changes: Some(0),
+                    watermark: time::format_wire(stored.watermark),
+                    schema_version: stored.schema_version,
+                })
+            }
+            other => other,
+        }
+    }
+
     async fn initdb_once(
         &self,
         namespace: &str,
         table: &str,
-        replace: bool,
+        init: Init,
         watch: &Arc<TableProgress>,
-    ) -> Result<TableReport, SyncError> {
-        let stored = self.sink.bookkeeping(namespace, table).await?;
-        match &stored {
-            Some(_) if !replace => return Err(SyncError::AlreadyInitialised { table: format!("{namespace}.{table}") }),
-            Some(_) => {}
-            None => self.sink.check_unowned(namespace, table).await?,
+    ) -> Result<(TableReport, Replaced), SyncError> {
+        let already = || SyncError::AlreadyInitialised { table: format!("{namespace}.{table}") };
+        // A first look, so that no job is asked for a table that is not to be loaded.
+        let peek = self.sink.bookkeeping(namespace, table).await?;
+        match (&peek, init) {
+            (Some(_), Init::Fresh) => return Err(already()),
+            (Some(_), Init::Replace) => {}
+            (None, _) => self.sink.check_unowned(namespace, table).await?,
         }
         let schema = self.source.schema(namespace, table).await?;
+        let extract = self.source.snapshot(&schema.def, watch).await?;
+        let _lock = self.sink.lock(namespace, table, watch).await?;
+        let stored = self.sink.bookkeeping(namespace, table).await?;
+        match (&stored, init) {
+            (Some(_), Init::Fresh) => return Err(already()),
+            (None, _) if peek.is_some() => self.sink.check_unowned(namespace, table).await?,
+            _ => {}
+        }
         let delta = match &stored {
             Some(b) => SchemaDelta::for_reload(&b.table_def()?, &schema.def),
             None => SchemaDelta::default(),
         };
-        let extract = self.source.snapshot(&schema.def, watch).await?;
         let done = self.sink.stage(&schema.def, &extract.id).await?;
         if !done.is_empty() {
             tracing::info!(
@@ -224,14 +340,15 @@ impl Replicator {
             schema_description: schema.description,
         };
         self.sink.publish(&schema.def, &delta, &bookkeeping).await?;
-        Ok(TableReport {
+        let report = TableReport {
             action: Action::Initialised,
             job_id: extract.id,
             rows: self.sink.row_count(namespace, table).await?,
             changes: None,
             watermark: time::format_wire(extract.watermark),
             schema_version: schema.def.version,
-        })
+        };
+        Ok((report, Replaced { before: stored.map(|b| b.watermark), after: extract.watermark }))
     }
 
     async fn syncdb_once(
@@ -240,11 +357,8 @@ impl Replicator {
         table: &str,
         watch: &Arc<TableProgress>,
     ) -> Result<TableReport, SyncError> {
-        let stored = self
-            .sink
-            .bookkeeping(namespace, table)
-            .await?
-            .ok_or_else(|| SyncError::NotInitialised { table: format!("{namespace}.{table}") })?;
+        let not_initialised = || SyncError::NotInitialised { table: format!("{namespace}.{table}") };
+        let stored = self.sink.bookkeeping(namespace, table).await?.ok_or_else(not_initialised)?;
         let schema = self.source.schema(namespace, table).await?;
         let delta = SchemaDelta::between(&stored.table_def()?, &schema.def)?;
         // The mirror's check of the table runs while DAP prepares the job.
@@ -255,15 +369,22 @@ impl Replicator {
         intact?;
         let extract = match extract {
             Ok(extract) => extract,
-            Err(SourceError::SnapshotRequired { reason }) if self.auto_reinit => {
+            Err(SourceError::SnapshotRequired { reason }) if self.reinit == Reinit::Automatically => {
                 tracing::warn!("{namespace}.{table}: {reason}; taking a new snapshot (--auto-reinit)");
-                return Box::pin(self.initdb_once(namespace, table, true, watch)).await;
+                return Box::pin(self.initdb_once(namespace, table, Init::Replace, watch))
+                    .await
+                    .map(|(report, _)| report);
             }
             Err(SourceError::SnapshotRequired { reason }) => {
                 return Err(SyncError::SnapshotRequired { namespace: namespace.into(), table: table.into(), reason });
             }
             Err(e) => return Err(e.into()),
         };
+        let _lock = self.sink.lock(namespace, table, watch).await?;
+        let now = self.sink.bookkeeping(namespace, table).await?;
+        if !same_state(&Some(stored), &now) {
+            return Err(SyncError::Moved { table: format!("{namespace}.{table}") });
+        }
         let bookkeeping = Bookkeeping {
             namespace: namespace.into(),
             table: table.into(),
@@ -287,8 +408,9 @@ impl Replicator {
         })
     }
 
-    /// Drops a table and its bookkeeping row (no source access needed).
-    pub async fn dropdb(sink: &dyn Sink, namespace: &str, table: &str) -> Result<(), SyncError> {
+    /// Drops a table and its bookkeeping row (no source access needed), under its lock.
+    pub async fn dropdb(sink: &dyn Sink, namespace: &str, table: &str, watch: &TableProgress) -> Result<(), SyncError> {
+        let _lock = sink.lock(namespace, table, watch).await?;
         if sink.drop_table(namespace, table).await? {
             Ok(())
         } else {

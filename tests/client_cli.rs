@@ -252,7 +252,7 @@ async fn an_account_error_stops_the_run_and_the_rest_is_skipped() {
     assert_eq!(out.status.code(), Some(5));
     let results: Value = serde_json::from_slice(&out.stdout).unwrap();
     let statuses: Vec<&str> = results.as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
-    let in_flight = dap_replica::tables::JOBS_IN_FLIGHT;
+    let in_flight = dap_replica::per_table::JOBS_IN_FLIGHT;
     assert!(statuses.len() > in_flight, "the test needs more tables than are in flight");
     assert_eq!(statuses[0], "failed");
     // Tables already started may finish (how many depends on timing); none starts afterwards.

@@ -1,47 +1,31 @@
 //! Crash safety: `dap` killed with SIGKILL at seeded random points during initdb and syncdb of
-//! several tables never leaves a table half-initialised or half-synced, and reruns converge.
+//! several tables never leaves a table half-initialised or half-synced, and reruns converge:
+//! after every kill each table is, in every column of every row, its old state or the truth.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::targets::{Backend, TestTarget, backends};
+use common::truth::row_lines;
 use common::*;
 use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig};
-use serde_json::{Map, Value};
 
 const TABLES: &[&str] = &["users", "accounts", "courses", "enrollments"];
 
-/// `id:workflow_state` of every row of a table, in key order, or None if it is absent.
+/// Every row of a table, every column (`row_lines`), in key order, or None if it is absent.
 async fn rows(t: &TestTarget, emu: &Emulator, table: &str) -> Option<Vec<String>> {
     if !t.has_table("canvas", table).await {
         return None;
     }
     let def = emu.table_def("canvas", table).unwrap();
-    let mut rows: Vec<(i64, String)> = t
-        .rows(&def)
-        .await
-        .iter()
-        .map(|r| {
-            let id = common::truth::canonical(&def.key.ty, &r["id"]).as_i64().unwrap();
-            (id, format!("{id}:{}", r["workflow_state"].as_str().unwrap_or("-")))
-        })
-        .collect();
-    rows.sort();
-    Some(rows.into_iter().map(|(_, s)| s).collect())
+    Some(row_lines(&def, &t.rows(&def).await, t.limits()))
 }
 
-fn truth(emu: &Emulator, table: &str) -> Vec<String> {
-    let mut t: Vec<(i64, String)> = emu
-        .truth("canvas", table)
-        .unwrap()
-        .iter()
-        .map(|r: &Map<String, Value>| {
-            (r["id"].as_i64().unwrap(), format!("{}:{}", r["id"], r["workflow_state"].as_str().unwrap_or("-")))
-        })
-        .collect();
-    t.sort();
-    t.into_iter().map(|(_, s)| s).collect()
+/// The truth of a table in the form `rows` gives for this target.
+fn truth(t: &TestTarget, emu: &Emulator, table: &str) -> Vec<String> {
+    let def = emu.table_def("canvas", table).unwrap();
+    row_lines(&def, &emu.truth("canvas", table).unwrap(), t.limits())
 }
 
 fn command(emu: &Emulator, url: &str) -> tokio::process::Command {
@@ -82,14 +66,34 @@ async fn run_and_kill(emu: &Emulator, url: &str, after: Duration) -> String {
     reader.await.unwrap()
 }
 
-/// One test per backend, so that the backends' runs overlap (most of a run is waiting on jobs and
-/// on the killed process).
+/// Which command the kills interrupt.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Phase {
+    /// The first run: every table is initialised.
+    Initdb,
+    /// After an uninterrupted initdb and a round of changes: every table is synced.
+    Syncdb,
+}
+
+/// One test per backend and phase, so that they overlap (most of a run is waiting on jobs and on
+/// the killed process).
 macro_rules! per_backend {
     ($($name:ident => $backend:expr),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            if backends().contains(&$backend) {
-                sigkill_anywhere_keeps_every_table_whole_and_reruns_converge($backend).await;
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn during_initdb() {
+                if backends().contains(&$backend) {
+                    sigkill_anywhere_keeps_every_table_whole_and_reruns_converge($backend, Phase::Initdb).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn during_syncdb() {
+                if backends().contains(&$backend) {
+                    sigkill_anywhere_keeps_every_table_whole_and_reruns_converge($backend, Phase::Syncdb).await;
+                }
             }
         }
     )*};
@@ -102,11 +106,11 @@ per_backend! {
     sigkill_on_mssql => Backend::Mssql,
 }
 
-async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge(backend: Backend) {
+async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge(backend: Backend, phase: Phase) {
     {
         let emu = emulator(EmulatorConfig { rows: 3000, part_rows: 250, ..EmulatorConfig::default() }).await;
-        let t = TestTarget::fresh(backend, "crash").await;
-        let probe = TestTarget::fresh(backend, "crash_probe").await;
+        let t = TestTarget::fresh(backend, &format!("crash_{phase:?}").to_lowercase()).await;
+        let probe = TestTarget::fresh(backend, &format!("crash_probe_{phase:?}").to_lowercase()).await;
 
         // How long an uninterrupted initdb takes here, to spread the kill points over it.
         let started = Instant::now();
@@ -117,17 +121,19 @@ async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge(backend: B
 
         let mut rng = fastrand::Rng::with_seed(20261122);
         let mut resumed = 0;
-        for phase in ["initdb", "syncdb"] {
-            if phase == "syncdb" {
-                for table in TABLES {
-                    emu.commit(
-                        "canvas",
-                        table,
-                        ChangeCounts { inserts: 300, updates: 300, soft_deletes: 50, hard_deletes: 50 },
-                    )
-                    .unwrap();
-                }
+        if phase == Phase::Syncdb {
+            let out = command(&emu, &t.url).output().await.unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            for table in TABLES {
+                emu.commit(
+                    "canvas",
+                    table,
+                    ChangeCounts { inserts: 300, updates: 300, soft_deletes: 50, hard_deletes: 50 },
+                )
+                .unwrap();
             }
+        }
+        {
             let mut before = Vec::new();
             for table in TABLES {
                 before.push(rows(&t, &emu, table).await);
@@ -138,21 +144,23 @@ async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge(backend: B
                 resumed += stderr.matches("resuming job").count();
                 for (table, old) in TABLES.iter().zip(&before) {
                     let now = rows(&t, &emu, table).await;
-                    let what = format!("{backend:?} {phase} kill {kill} at {after:?}: {table}");
+                    let what = format!("{backend:?} {phase:?} kill {kill} at {after:?}: {table}");
                     match (&now, t.initialised(table).await) {
                         (None, true) => panic!("{what} is initialised but missing"),
                         // Only MySQL, whose `RENAME TABLE` commits at once, can show a table
                         // swapped in whose bookkeeping row the next run writes: it must be whole.
                         (Some(rows), false) => assert!(
-                            t.publish_pending(table).await && *rows == truth(&emu, table),
+                            t.publish_pending(table).await && *rows == truth(&t, &emu, table),
                             "{what} exists without being initialised"
                         ),
                         _ => {}
                     }
                     if let Some(now) = now {
+                        let truth = truth(&t, &emu, table);
                         assert!(
-                            Some(&now) == old.as_ref() || now == truth(&emu, table),
-                            "{backend:?} {phase} kill {kill} at {after:?}: {table} is neither its old state nor the truth"
+                            Some(&now) == old.as_ref() || now == truth,
+                            "{backend:?} {phase:?} kill {kill} at {after:?}: {table} is neither its old state nor the truth\n{}",
+                            differences(&now, &truth, ["the replica", "the truth"])
                         );
                     }
                 }
@@ -160,13 +168,16 @@ async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge(backend: B
             let out = command(&emu, &t.url).output().await.unwrap();
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             for table in TABLES {
-                assert_eq!(
-                    rows(&t, &emu, table).await.unwrap(),
-                    truth(&emu, table),
-                    "{backend:?} {phase}: {table} converged"
+                let (now, truth) = (rows(&t, &emu, table).await.unwrap(), truth(&t, &emu, table));
+                assert!(
+                    now == truth,
+                    "{backend:?} {phase:?}: {table} converged\n{}",
+                    differences(&now, &truth, ["the replica", "the truth"])
                 );
             }
         }
-        assert!(resumed > 0, "{backend:?}: at least one rerun resumed an interrupted initdb from its checkpoints");
+        if phase == Phase::Initdb {
+            assert!(resumed > 0, "{backend:?}: at least one rerun resumed an interrupted initdb from its checkpoints");
+        }
     }
 }

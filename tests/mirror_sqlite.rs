@@ -253,11 +253,11 @@ async fn a_locked_corrupt_or_unwritable_mirror_gets_a_clear_error_and_is_left_al
     ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
         .await;
 
-    let held = dap_replica::state::WriterLock::acquire(&db).unwrap();
+    let held = dap_replica::mirror::folder::WriterLock::acquire(&db).unwrap();
     let out = run_ours(
         &emu,
         dir.path(),
-        &["syncdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url],
+        &["syncdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url, "--lock-timeout", "0s"],
     )
     .await;
     assert_eq!(out.status.code(), Some(5));

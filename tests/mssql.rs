@@ -166,7 +166,12 @@ async fn tables_of_every_column_type_follow_the_truth_through_syncs_and_a_schema
     let statements = server.statements();
     let per_row = statements
         .iter()
-        .filter(|s| s.contains("VALUES (@P1") && !s.contains("table_sync") && !s.contains("checkpoints"))
+        .filter(|s| {
+            s.contains("VALUES (@P1")
+                && !s.contains("table_sync")
+                && !s.contains("checkpoints")
+                && !s.contains("\"dap_replica\".\"locks\"")
+        })
         .count();
     assert_eq!(per_row, 0, "no row-at-a-time INSERT");
 }
@@ -360,6 +365,10 @@ async fn the_tsql_sent_equals_the_golden_files_and_parses() {
         let staged = format!("INSERT BULK [dap_replica].[{}__{}", table.0, table.1);
         let mut bulk = 0;
         for statement in &statements {
+            // The table lock: `EXEC @result = …` is T-SQL the parser does not know.
+            if statement.starts_with("DECLARE @result int; EXEC @result = sp_getapplock @Resource = @P1, ") {
+                continue;
+            }
             if statement.starts_with("INSERT BULK ") {
                 assert!(statement.starts_with(&staged) && statement.contains("] bigint"), "{statement}");
                 bulk += 1;

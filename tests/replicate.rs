@@ -398,36 +398,19 @@ async fn a_re_snapshot_of_the_mirror_reaches_targets_whole() {
 
 /// `id:workflow_state:updated_at` (to the second) of every row, in key order, or None when the
 /// table is absent.
+/// Every row of a table, every column (`row_lines`), or None if it is absent.
 async fn state_of(t: &TestTarget, emu: &Emulator, table: &str) -> Option<Vec<String>> {
     if !t.has_table("canvas", table).await {
         return None;
     }
     let def = emu.table_def("canvas", table).unwrap();
-    let rows = t.rows(&def).await;
-    Some(state(&def, rows.iter()))
+    Some(common::truth::row_lines(&def, &t.rows(&def).await, t.limits()))
 }
 
-fn state<'a>(
-    def: &dap_replica::schema::TableDef,
-    rows: impl Iterator<Item = &'a serde_json::Map<String, Json>>,
-) -> Vec<String> {
-    use common::truth::canonical;
-    let updated = &def.columns().find(|c| c.name == "updated_at").unwrap().ty;
-    let mut out: Vec<(i64, String)> = rows
-        .map(|r| {
-            let id = canonical(&def.key.ty, &r["id"]).as_i64().unwrap();
-            let at = canonical(updated, &r["updated_at"]);
-            let second = at.as_str().map(|s| s[..19].to_string()).unwrap_or_default();
-            (id, format!("{id}:{}:{second}", r["workflow_state"].as_str().unwrap_or("-")))
-        })
-        .collect();
-    out.sort();
-    out.into_iter().map(|(_, s)| s).collect()
-}
-
-fn truth_state(emu: &Emulator, table: &str) -> Vec<String> {
+/// The truth of a table in the form `state_of` gives for this target.
+fn truth_state(t: &TestTarget, emu: &Emulator, table: &str) -> Vec<String> {
     let def = emu.table_def("canvas", table).unwrap();
-    state(&def, emu.truth("canvas", table).unwrap().iter())
+    common::truth::row_lines(&def, &emu.truth("canvas", table).unwrap(), t.limits())
 }
 
 fn replicate_command(mirror: &str, urls: &[String]) -> tokio::process::Command {
@@ -452,8 +435,31 @@ fn replicate_command(mirror: &str, urls: &[String]) -> tokio::process::Command {
     cmd
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_anywhere_in_replicate_keeps_each_target_old_or_new_and_the_mirror_untouched() {
+/// Which replicate the kills interrupt.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Phase {
+    /// The first, into empty targets.
+    Initial,
+    /// After an uninterrupted first replicate and a sync of changes into the mirror.
+    Incremental,
+}
+
+/// The kill test in two parts that run at once.
+mod sigkill_anywhere_in_replicate_keeps_each_target_old_or_new_and_the_mirror_untouched {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn initial() {
+        sigkill_anywhere_in_replicate(Phase::Initial).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn incremental() {
+        sigkill_anywhere_in_replicate(Phase::Incremental).await;
+    }
+}
+
+async fn sigkill_anywhere_in_replicate(phase: Phase) {
     const TABLES: &[&str] = &["users", "accounts", "courses"];
     let emu = emulator(EmulatorConfig { rows: 2500, part_rows: 250, ..EmulatorConfig::default() }).await;
     let dir = tempfile::tempdir().unwrap();
@@ -462,9 +468,10 @@ async fn sigkill_anywhere_in_replicate_keeps_each_target_old_or_new_and_the_mirr
     ok(&emu, dir, &["initdb", "--namespace", "canvas", "--table", &TABLES.join(","), "--connection-string", &mirror])
         .await;
     // How long an uninterrupted replicate takes here, to spread the kill points over it.
-    let probes = targets("rep_kill_probe").await;
+    let name = format!("{phase:?}").to_lowercase();
+    let probes = targets(&format!("rep_kill_probe_{name}")).await;
     let probe: Vec<String> = probes.iter().map(|t| t.url.clone()).collect();
-    let targets = targets("rep_kill").await;
+    let targets = targets(&format!("rep_kill_{name}")).await;
     let urls: Vec<String> = targets.iter().map(|t| t.url.clone()).collect();
     let started = Instant::now();
     let out = replicate_command(&mirror, &probe).output().await.unwrap();
@@ -475,18 +482,20 @@ async fn sigkill_anywhere_in_replicate_keeps_each_target_old_or_new_and_the_mirr
         common::truth::sqlite_rows(&dir.join("canvas.db"), &def)
     };
     let mut rng = fastrand::Rng::with_seed(20261202);
-    for phase in ["initial", "incremental"] {
-        if phase == "incremental" {
-            for table in TABLES {
-                emu.commit(
-                    "canvas",
-                    table,
-                    ChangeCounts { inserts: 300, updates: 300, soft_deletes: 50, hard_deletes: 50 },
-                )
-                .unwrap();
-            }
-            ok(&emu, dir, &["syncdb", "--namespace", "canvas", "--table", "all", "--connection-string", &mirror]).await;
+    if phase == Phase::Incremental {
+        let out = replicate_command(&mirror, &urls).output().await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for table in TABLES {
+            emu.commit(
+                "canvas",
+                table,
+                ChangeCounts { inserts: 300, updates: 300, soft_deletes: 50, hard_deletes: 50 },
+            )
+            .unwrap();
         }
+        ok(&emu, dir, &["syncdb", "--namespace", "canvas", "--table", "all", "--connection-string", &mirror]).await;
+    }
+    {
         let mut old = Vec::new();
         for t in &targets {
             let mut per = Vec::new();
@@ -507,14 +516,14 @@ async fn sigkill_anywhere_in_replicate_keeps_each_target_old_or_new_and_the_mirr
                 for (j, table) in TABLES.iter().enumerate() {
                     let now = state_of(t, &emu, table).await;
                     assert!(
-                        now == old[i][j] || now.as_ref() == Some(&truth_state(&emu, table)),
-                        "{phase} kill {kill} at {after:?}: {:?} {table} is neither its old state nor the mirror's",
+                        now == old[i][j] || now.as_ref() == Some(&truth_state(t, &emu, table)),
+                        "{phase:?} kill {kill} at {after:?}: {:?} {table} is neither its old state nor the mirror's",
                         t.backend
                     );
                 }
             }
             let untouched: Vec<_> = TABLES.iter().map(|t| mirror_rows(t)).collect();
-            assert!(untouched == mirror_now, "{phase} kill {kill}: the mirror is untouched");
+            assert!(untouched == mirror_now, "{phase:?} kill {kill}: the mirror is untouched");
         }
         let out = replicate_command(&mirror, &urls).output().await.unwrap();
         assert!(out.status.success(), "the rerun converges: {}", String::from_utf8_lossy(&out.stderr));
@@ -522,8 +531,8 @@ async fn sigkill_anywhere_in_replicate_keeps_each_target_old_or_new_and_the_mirr
             for table in TABLES {
                 assert_eq!(
                     state_of(t, &emu, table).await,
-                    Some(truth_state(&emu, table)),
-                    "{phase}: {:?} {table} converged",
+                    Some(truth_state(t, &emu, table)),
+                    "{phase:?}: {:?} {table} converged",
                     t.backend
                 );
             }

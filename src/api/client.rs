@@ -1,3 +1,6 @@
+//! The DAP HTTP API client: login and token renewal, the query, job and object routes, retries
+//! with backoff where a retry can help, and pacing to DAP's job-creation limit.
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +15,31 @@ use tokio::sync::Mutex;
 use super::error::{ApiError, Retryable, ServerErrorKind, transport_failure};
 use super::pacer::Pacer;
 use super::types::{ErrorEnvelope, Job, JobStatus, Query, ResourceUrls, TableList, TokenResponse};
+
+/// How a request authenticates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Auth {
+    /// The client id and secret (the login itself).
+    Basic,
+    /// The access token; a 401 logs in again once.
+    Bearer,
+}
+
+/// Whether a request waits for the job-creation limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pacing {
+    /// Creates a job: counted against DAP's jobs-per-minute limit.
+    JobCreation,
+    Unpaced,
+}
+
+/// Whether the configured `scope` query parameter goes with a request (the query routes take
+/// it; job and object routes do not).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scope {
+    Sent,
+    Omitted,
+}
 
 /// How often and how patiently failed requests are retried.
 #[derive(Debug, Clone, Copy)]
@@ -196,7 +224,7 @@ impl Client {
             (self.config.client_id.clone().unwrap_or_default(), self.config.client_secret.clone().unwrap_or_default());
         let url = format!("{}/ids/auth/login", self.config.base_url);
         // Boxed: `send` calls `bearer` for authenticated requests (never for this one).
-        let login = self.send(&url, false, false, || {
+        let login = self.send(&url, Auth::Basic, Pacing::Unpaced, || {
             self.http.post(&url).basic_auth(&id, Some(&secret)).form(&[("grant_type", "client_credentials")])
         });
         let response: TokenResponse = Box::pin(login).await?;
@@ -212,8 +240,8 @@ impl Client {
     async fn send<T: DeserializeOwned>(
         &self,
         url: &str,
-        authed: bool,
-        paced: bool,
+        auth: Auth,
+        pacing: Pacing,
         build: impl Fn() -> RequestBuilder,
     ) -> Result<T, ApiError> {
         let policy = self.config.retry;
@@ -221,9 +249,9 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let ticket = if paced { Some(self.pacer.acquire().await) } else { None };
+            let ticket = if pacing == Pacing::JobCreation { Some(self.pacer.acquire().await) } else { None };
             let mut request = build();
-            if authed {
+            if auth == Auth::Bearer {
                 request = request.bearer_auth(self.bearer().await?);
             }
             // One exchange: a failure to connect and a body that breaks off are retried alike.
@@ -273,7 +301,7 @@ impl Client {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            if status == StatusCode::UNAUTHORIZED && authed && !relogged {
+            if status == StatusCode::UNAUTHORIZED && auth == Auth::Bearer && !relogged {
                 // The token was refused (revoked or clock skew): log in again once.
                 relogged = true;
                 *self.token.lock().await = None;
@@ -295,15 +323,15 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<&serde_json::Value>,
-        scoped: bool,
-        paced: bool,
+        scope: Scope,
+        pacing: Pacing,
     ) -> Result<T, ApiError> {
         let url = format!("{}{path}", self.config.base_url);
-        let scope: Vec<(&str, &str)> = match (&self.config.scope, scoped) {
-            (Some(s), true) => vec![("scope", s.as_str())],
+        let scope: Vec<(&str, &str)> = match (&self.config.scope, scope) {
+            (Some(s), Scope::Sent) => vec![("scope", s.as_str())],
             _ => vec![],
         };
-        self.send(&url, true, paced, || {
+        self.send(&url, Auth::Bearer, pacing, || {
             let r = self.http.request(method.clone(), &url).query(&scope);
             match body {
                 Some(b) => r.json(b),
@@ -315,26 +343,27 @@ impl Client {
 
     /// `GET /dap/query/{ns}/table`
     pub async fn tables(&self, namespace: &str) -> Result<Vec<String>, ApiError> {
-        let list: TableList =
-            self.call(Method::GET, &format!("/dap/query/{}/table", segment(namespace)), None, true, false).await?;
+        let list: TableList = self
+            .call(Method::GET, &format!("/dap/query/{}/table", segment(namespace)), None, Scope::Sent, Pacing::Unpaced)
+            .await?;
         Ok(list.tables)
     }
 
     /// `GET /dap/query/{ns}/table/{t}/schema`: the `{"schema", "version"}` envelope.
     pub async fn schema(&self, namespace: &str, table: &str) -> Result<serde_json::Value, ApiError> {
         let path = format!("/dap/query/{}/table/{}/schema", segment(namespace), segment(table));
-        self.call(Method::GET, &path, None, true, false).await
+        self.call(Method::GET, &path, None, Scope::Sent, Pacing::Unpaced).await
     }
 
     /// `POST /dap/query/{ns}/table/{t}/data`, paced to the job-creation limit.
     pub async fn submit(&self, namespace: &str, table: &str, query: &Query) -> Result<Job, ApiError> {
         let body = serde_json::to_value(query).expect("a query serialises");
         let path = format!("/dap/query/{}/table/{}/data", segment(namespace), segment(table));
-        self.call(Method::POST, &path, Some(&body), true, true).await
+        self.call(Method::POST, &path, Some(&body), Scope::Sent, Pacing::JobCreation).await
     }
 
     pub async fn job(&self, id: &str) -> Result<Job, ApiError> {
-        self.call(Method::GET, &format!("/dap/job/{}", segment(id)), None, false, false).await
+        self.call(Method::GET, &format!("/dap/job/{}", segment(id)), None, Scope::Omitted, Pacing::Unpaced).await
     }
 
     /// Pre-signed URLs for `ids`, asked for in batches.
@@ -342,7 +371,8 @@ impl Client {
         let mut urls = HashMap::new();
         for batch in ids.chunks(100) {
             let body = serde_json::Value::Array(batch.iter().map(|id| serde_json::json!({"id": id})).collect());
-            let got: ResourceUrls = self.call(Method::POST, "/dap/object/url", Some(&body), false, false).await?;
+            let got: ResourceUrls =
+                self.call(Method::POST, "/dap/object/url", Some(&body), Scope::Omitted, Pacing::Unpaced).await?;
             urls.extend(got.urls.into_iter().map(|(k, v)| (k, v.url)));
         }
         if let Some(missing) = ids.iter().find(|id| !urls.contains_key(*id)) {

@@ -59,6 +59,22 @@ pub enum ApiError {
     JobTimeout { id: String, waited: Duration },
 }
 
+impl crate::error::Classify for ApiError {
+    /// The client itself retries what a retry may mend (429, 5xx, resets, failed jobs): what
+    /// reaches its caller would fail the same way at once, except a job that timed out.
+    fn retry(&self) -> crate::error::Retry {
+        match self {
+            ApiError::JobTimeout { .. } => crate::error::Retry::MayHelp,
+            _ => crate::error::Retry::Useless,
+        }
+    }
+
+    /// Errors that stop a multi-table run: nothing else can succeed with these credentials.
+    fn is_fatal(&self) -> bool {
+        matches!(self, ApiError::MissingCredentials | ApiError::Authentication { .. } | ApiError::Account { .. })
+    }
+}
+
 impl ApiError {
     /// Builds the error for an error status with a JSON `error` body.
     pub fn from_body(status: u16, body: ErrorBody) -> ApiError {
@@ -72,11 +88,6 @@ impl ApiError {
             }
             _ => ApiError::Server { status, kind: ServerErrorKind::from_type(&kind), message, uuid },
         }
-    }
-
-    /// Errors that stop a multi-table run: nothing else can succeed with these credentials.
-    pub fn is_fatal(&self) -> bool {
-        matches!(self, ApiError::MissingCredentials | ApiError::Authentication { .. } | ApiError::Account { .. })
     }
 
     pub fn server_kind(&self) -> Option<&ServerErrorKind> {
@@ -140,6 +151,7 @@ pub enum Retryable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Classify;
 
     fn body(kind: &str) -> ErrorBody {
         ErrorBody { kind: Some(kind.into()), uuid: Some("u-1".into()), message: Some("boom".into()) }

@@ -1,23 +1,20 @@
 //! `initdb`, `syncdb`, `dropdb`, `listdb` and `status` on any target: the default SQLite mirror,
 //! a `sqlite://` file, or a server named by its connection string.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::bail;
 use clap::Args;
 use serde_json::json;
 
 use super::Context;
 use crate::api::Client;
+use crate::mirror::folder::StateFile;
+use crate::per_table::{self, Outcome};
 use crate::progress::Progress;
-use crate::sink::{self, Access, NonFinite, Sink, SinkOptions, TargetSpec};
-use crate::source::dap::DapSource;
-use crate::spool::Spool;
-use crate::state::StateFile;
-use crate::sync::Replicator;
-use crate::tables::{self, Outcome};
+use crate::run::{Missing, Mode, Plan, Tables};
+use crate::sink::{self, Access, ConnectionString, NonFinite, Sink, SinkOptions, TargetSpec};
+use crate::sync::{Init, Reinit};
 use crate::time;
 
 #[derive(Debug, Args)]
@@ -47,6 +44,10 @@ pub struct DbArgs {
     /// table before writing, or store NULL.
     #[arg(long, value_enum, default_value_t = NonFinite::Refuse)]
     pub(super) non_finite: NonFinite,
+    /// How long to wait for another process writing the same table (or mirror file) to finish,
+    /// e.g. 90s, 10m or 2h; then that table is left alone with a message saying who holds it.
+    #[arg(long, value_parser = super::parse_duration, default_value = "10m")]
+    pub(super) lock_timeout: std::time::Duration,
 }
 
 /// The fan-out of initdb and syncdb on the mirror.
@@ -104,211 +105,104 @@ fn target_spec(connection_string: Option<&str>) -> anyhow::Result<TargetSpec> {
     Ok(TargetSpec::parse(connection_string)?)
 }
 
-/// A run's outcome on one table, for `state.json`.
-struct RunRecord<'a> {
-    table: &'a str,
-    command: &'a str,
-    job: Option<&'a str>,
-    result: Result<(), String>,
-}
-
-/// Updates the `state.json` beside a local target from its bookkeeping rows (plus row counts),
-/// recording a table's run when given.
-async fn save_state(sink: &dyn Sink, namespace: &str, rows: &BTreeMap<String, u64>, run: Option<RunRecord<'_>>) {
-    let Some(db) = sink.local_file() else { return };
-    let Ok(bookkeeping) = sink.all_bookkeeping(namespace).await else { return };
-    let updated = StateFile::update(db, |st| {
-        if let Some(run) = run {
-            st.record_run(namespace, run.table, db, run.command, run.job, run.result);
+impl DbArgs {
+    /// The target's options for a writing run.
+    fn sink_options(&self, ctx: &Context) -> SinkOptions {
+        SinkOptions {
+            access: Access::Write,
+            parallelism: self.parallel_tables.max(1),
+            non_finite: self.non_finite,
+            shared: ctx.shared,
+            lock_timeout: self.lock_timeout,
         }
-        st.reconcile(namespace, db, &bookkeeping, rows);
-    });
-    if let Err(e) = updated {
-        tracing::warn!("could not write the state file: {e}");
     }
 }
 
-/// What a run does to each table.
-#[derive(Clone, Copy)]
-pub(super) enum Mode {
-    Init { replace: bool },
-    Sync { auto_reinit: bool, init_missing: bool },
+/// The connection strings of `--replicate-to` (or `replicate --to`), checked before anything is
+/// opened.
+pub(super) fn parse_targets(to: &[String], flag: &str) -> anyhow::Result<Vec<TargetSpec>> {
+    to.iter()
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .map(|text| TargetSpec::parse(Some(text)).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
+        .collect()
 }
 
 pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: Mode) -> anyhow::Result<()> {
-    let command = if matches!(mode, Mode::Init { .. }) { "initdb" } else { "syncdb" };
-    let spec = target_spec(args.connection_string.as_deref())?;
-    // The fan-out's targets are checked before anything is opened.
-    let fan_out = if fan_out.replicate_to.is_empty() {
-        None
-    } else {
-        let Some(mirror) = spec.local_file(&args.namespace)? else {
-            bail!(
-                "--replicate-to copies from the mirror: {command} must run on a mirror file (the default one, or sqlite:///PATH.db), not on {}",
-                spec.describe()
-            );
-        };
-        let targets = super::replicate::parse_targets(&fan_out.replicate_to, &mirror)?;
-        Some((mirror, targets))
+    let plan = Plan {
+        namespace: args.namespace.clone(),
+        tables: Tables::parse(&args.table)?,
+        mode,
+        target: target_spec(args.connection_string.as_deref())?,
+        fan_out: parse_targets(&fan_out.replicate_to, "--replicate-to")?,
+        temp_dir: args.temp_dir.clone(),
+        sink: args.sink_options(ctx),
+        attempts: ctx.client.retry.attempts,
     };
     let client = Client::new(ctx.client.clone())?;
-    let pacing = client.clone();
-    let ns = args.namespace.clone();
-    // Inputs are checked before anything is created: a sync needs a mirror to sync, and the
-    // namespace must be one the server has (a typo would otherwise leave an empty file behind).
-    if let (Mode::Sync { init_missing: false, .. }, Some(file)) = (mode, spec.local_file(&ns)?)
-        && !file.exists()
-    {
-        bail!(
-            "{}: there is no mirror here yet, so nothing to sync; start with `dap initdb --namespace {ns} --table …` (or pass --init-missing)",
-            file.display()
-        );
-    }
-    let server_tables = client.tables(&ns).await?;
-    let options = SinkOptions {
-        access: Access::Write,
-        parallelism: args.parallel_tables.max(1),
-        non_finite: args.non_finite,
-        shared: ctx.shared,
-    };
-    let sink = sink::open(&spec, &ns, &options).await?;
-    save_state(sink.as_ref(), &ns, &BTreeMap::new(), None).await;
-    let local: Vec<String> = sink.all_bookkeeping(&ns).await?.into_iter().map(|b| b.table).collect();
-    let tables = match (tables::parse_selection(&args.table), mode) {
-        (Some(list), _) if list.is_empty() => bail!("--table names no table"),
-        (Some(list), _) => list,
-        (None, Mode::Init { .. } | Mode::Sync { init_missing: true, .. }) => {
-            let mut all = local.clone();
-            all.extend(server_tables.into_iter().filter(|t| !local.contains(t)));
-            all
-        }
-        (None, Mode::Sync { .. }) => local.clone(),
-    };
-    // A new folder of this run's own, inside the one the user chose, beside the mirror, or in
-    // the system's temporary folder (see `spool.rs`).
-    let spool = match (&args.temp_dir, sink.local_file()) {
-        (Some(dir), _) => Spool::create(dir, false)?,
-        (None, Some(file)) => Spool::create(&file.parent().unwrap_or(Path::new(".")).join(".dap-spool"), true)?,
-        (None, None) => Spool::create(&std::env::temp_dir(), false)?,
-    };
-    let attempts = ctx.client.retry.attempts;
-    let source = DapSource {
-        client,
-        spool: spool.path().to_path_buf(),
-        download_concurrency: 4,
-        transfers: Arc::new(tokio::sync::Semaphore::new(args.parallel_tables.max(1))),
-    };
-    let replicator = Replicator {
-        source: Arc::new(source),
-        sink: sink.clone(),
-        auto_reinit: matches!(mode, Mode::Sync { auto_reinit: true, .. }),
-        attempts,
-    };
     let progress = Progress::new(ctx.interactive && !args.json);
-    let overall = progress.overall(tables.len(), move || pacing.next_job_slot());
-    let outcomes = tables::run_each(&tables, tables::JOBS_IN_FLIGHT, |t| {
-        let (r, ns, local, sink) = (&replicator, &ns, &local, sink.as_ref());
-        let (progress, overall) = (&progress, &overall);
-        async move {
-            let watch = Arc::new(progress.table(&t));
-            let report = match mode {
-                Mode::Init { replace } => r.initdb(ns, &t, replace, &watch).await,
-                Mode::Sync { init_missing: true, .. } if !local.contains(&t) => r.initdb(ns, &t, false, &watch).await,
-                Mode::Sync { .. } => r.syncdb(ns, &t, &watch).await,
-            };
-            match &report {
-                Ok(rep) => watch.finish(&rep.describe()),
-                Err(e) => watch.fail(e),
-            }
-            overall.table_done();
-            if sink.local_file().is_some() {
-                let rows = report.as_ref().ok().map(|r| r.rows);
-                let run = RunRecord {
-                    table: &t,
-                    command,
-                    job: report.as_ref().ok().map(|r| r.job_id.as_str()),
-                    result: report.as_ref().map(|_| ()).map_err(|e| e.to_string()),
-                };
-                save_state(sink, ns, &rows.map(|n| BTreeMap::from([(t.clone(), n)])).unwrap_or_default(), Some(run))
-                    .await;
-            }
-            report
-        }
-    })
-    .await;
-    std::mem::drop(overall);
-    std::mem::drop(spool);
-    let Some((mirror, targets)) = fan_out else {
+    let report = crate::run::run(client, &plan, &progress).await?;
+    std::mem::drop(progress);
+    let Some(fanned) = &report.replicate else {
         if args.json {
-            super::print_json(&outcomes)?;
+            super::print_json(&report.tables)?;
         }
-        return super::export::finish(ctx.console, command, &outcomes);
+        return super::finish(ctx.console, report.command, &report.tables);
     };
-    // The mirror's writer is released before the targets read it.
-    std::mem::drop(replicator);
-    std::mem::drop(sink);
-    let done: Vec<String> =
-        outcomes.iter().filter(|o| matches!(o.outcome, Outcome::Succeeded { .. })).map(|o| o.table.clone()).collect();
-    let fanned = super::replicate::fan_out(&mirror, &ns, Some(done), &targets, &options, attempts, &progress).await?;
     if args.json {
-        super::print_json(&json!({ "tables": outcomes, "replicate": fanned }))?;
+        super::print_json(&report)?;
     }
-    let own = super::export::finish(ctx.console, command, &outcomes);
-    let fanned = super::replicate::finish(ctx.console, &fanned);
+    let own = super::finish(ctx.console, report.command, &report.tables);
+    let fanned = super::replicate::finish(ctx.console, fanned);
     own.and(fanned)
 }
 
 pub async fn initdb(ctx: &Context, args: InitArgs) -> anyhow::Result<()> {
-    run(ctx, args.db, args.fan_out, Mode::Init { replace: args.replace }).await
+    let init = if args.replace { Init::Replace } else { Init::Fresh };
+    run(ctx, args.db, args.fan_out, Mode::Init(init)).await
 }
 
 pub async fn syncdb(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
-    let mode = Mode::Sync { auto_reinit: args.auto_reinit, init_missing: args.init_missing };
-    run(ctx, args.db, args.fan_out, mode).await
+    let reinit = if args.auto_reinit { Reinit::Automatically } else { Reinit::Stop };
+    let missing = if args.init_missing { Missing::Initialise } else { Missing::Skip };
+    run(ctx, args.db, args.fan_out, Mode::Sync { reinit, missing }).await
 }
 
 pub async fn drop(ctx: &Context, args: DbArgs) -> anyhow::Result<()> {
     let spec = target_spec(args.connection_string.as_deref())?;
-    let options = SinkOptions { access: Access::Write, shared: ctx.shared, ..SinkOptions::default() };
-    let sink = sink::open(&spec, &args.namespace, &options).await?;
-    let ns = &args.namespace;
-    let tables = match tables::parse_selection(&args.table) {
-        Some(list) => list,
-        None => sink.all_bookkeeping(ns).await?.into_iter().map(|b| b.table).collect(),
-    };
-    let size = |file: Option<&Path>| file.and_then(|f| std::fs::metadata(f).ok()).map(|m| m.len());
-    let size_before = size(sink.local_file());
-    let mut outcomes = Vec::new();
-    for t in tables {
-        let rows = sink.row_count(ns, &t).await.ok();
-        let outcome = match Replicator::dropdb(sink.as_ref(), ns, &t).await {
-            Ok(()) => {
-                tracing::info!("{ns}.{t}: dropped ({} rows)", rows.unwrap_or(0));
-                Outcome::Succeeded { result: json!({ "rows": rows }) }
-            }
-            Err(e) => {
-                tracing::warn!("{ns}.{t}: {e}");
-                Outcome::Failed { error: e.to_string() }
-            }
-        };
-        outcomes.push(tables::TableOutcome { table: t, outcome });
+    let tables = Tables::parse(&args.table)?;
+    let options = SinkOptions { shared: ctx.shared, lock_timeout: args.lock_timeout, ..SinkOptions::default() };
+    let file = spec.local_file(&args.namespace)?;
+    let size = |file: Option<&PathBuf>| file.and_then(|f| std::fs::metadata(f).ok()).map(|m| m.len());
+    let size_before = size(file.as_ref());
+    let progress = Progress::new(ctx.interactive && !args.json);
+    let outcomes = crate::run::drop_tables(&spec, &args.namespace, &tables, &options, &progress).await?;
+    std::mem::drop(progress);
+    if let (Some(before), Some(after)) = (size_before, size(file.as_ref()))
+        && outcomes.iter().any(|o| matches!(o.outcome, Outcome::Succeeded { .. }))
+    {
+        tracing::info!(
+            "{}: {:.1} MB given back ({:.1} MB now)",
+            spec.describe(),
+            before.saturating_sub(after) as f64 / 1e6,
+            after as f64 / 1e6
+        );
     }
-    if outcomes.iter().any(|o| matches!(o.outcome, Outcome::Succeeded { .. })) {
-        sink.reclaim_space().await?;
-        if let (Some(before), Some(after)) = (size_before, size(sink.local_file())) {
-            tracing::info!(
-                "{}: {:.1} MB given back ({:.1} MB now)",
-                sink.describe(),
-                before.saturating_sub(after) as f64 / 1e6,
-                after as f64 / 1e6
-            );
-        }
-    }
-    save_state(sink.as_ref(), ns, &BTreeMap::new(), None).await;
+    let outcomes: Vec<per_table::TableOutcome<serde_json::Value>> = outcomes
+        .into_iter()
+        .map(|o| per_table::TableOutcome {
+            table: o.table,
+            outcome: match o.outcome {
+                Outcome::Succeeded { result } => Outcome::Succeeded { result: json!({ "rows": result }) },
+                Outcome::Failed { error } => Outcome::Failed { error },
+                Outcome::Skipped { reason } => Outcome::Skipped { reason },
+            },
+        })
+        .collect();
     if args.json {
         super::print_json(&outcomes)?;
     }
-    super::export::finish(ctx.console, "dropdb", &outcomes)
+    super::finish(ctx.console, "dropdb", &outcomes)
 }
 
 /// `Xd Yh`, `Xh Ym`, `Xm Ys` or `Xs`, as the official client prints staleness.
@@ -508,7 +402,7 @@ fn status_namespaces(args: &StatusArgs) -> anyhow::Result<Vec<String>> {
     }
     let dir = match &args.dir {
         Some(d) => d.clone(),
-        None => sink::default_mirror_dir()?,
+        None => crate::mirror::folder::default_dir()?,
     };
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .into_iter()
@@ -538,7 +432,7 @@ pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
             continue;
         }
         let sink: Arc<dyn Sink> = match &local {
-            Some(path) => Arc::new(sink::sqlite::SqliteSink::open(path, Access::Read)?),
+            Some(path) => sink::open(&TargetSpec::Url(ConnectionString::sqlite(path)), &ns, &options).await?,
             None => sink::open(&spec, &ns, &options).await?,
         };
         let state = local.as_ref().map(|p| StateFile::load(&StateFile::path_for(p))).unwrap_or_default();

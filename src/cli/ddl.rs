@@ -9,15 +9,15 @@ use clap::Args;
 
 use super::Context;
 use crate::api::Client;
+use crate::run::Tables;
 use crate::schema::TableDef;
-use crate::sink::{self, Dialect};
-use crate::tables;
+use crate::sink::{self, Scheme};
 
 #[derive(Debug, Args)]
 pub struct DdlArgs {
-    /// The database to write the DDL for.
-    #[arg(long, value_enum)]
-    dialect: Dialect,
+    /// The database to write the DDL for: postgresql, mysql, mssql or sqlite.
+    #[arg(long, value_parser = parse_dialect)]
+    dialect: Scheme,
     /// Namespace, e.g. canvas, canvas_logs, catalog.
     #[arg(long)]
     namespace: String,
@@ -27,6 +27,11 @@ pub struct DdlArgs {
     /// Schema files written by `dap schema` (or folders of them) instead of asking DAP.
     #[arg(long = "schema-file", value_name = "PATH")]
     schema_files: Vec<PathBuf>,
+}
+
+/// A database of the registry, by the name (or another spelling) of its scheme.
+fn parse_dialect(name: &str) -> Result<Scheme, String> {
+    Scheme::of(name).ok_or_else(|| format!("{name:?} is not one of {}", sink::scheme_names()))
 }
 
 /// Every `<table>_schema_version_<N>.json` named by `paths` (files, or folders of them), by table;
@@ -67,7 +72,10 @@ fn schema_files(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, u64, PathBuf)>
 }
 
 pub async fn run(ctx: &Context, args: DdlArgs) -> anyhow::Result<()> {
-    let selection = tables::parse_selection(&args.table);
+    let selection = match Tables::parse(&args.table)? {
+        Tables::All => None,
+        Tables::Named(list) => Some(list),
+    };
     let mut defs: Vec<TableDef> = Vec::new();
     if args.schema_files.is_empty() {
         let client = Client::new(ctx.client.clone())?;

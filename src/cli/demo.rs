@@ -8,8 +8,13 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::Context;
-use super::db::{self, DbArgs, Mode};
+use super::db;
+use crate::api::Client;
 use crate::emulator::{ChangeCounts, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, EmulatorConfig};
+use crate::progress::Progress;
+use crate::run::{Missing, Mode, Plan, Tables};
+use crate::sink::{ConnectionString, SinkOptions, TargetSpec};
+use crate::sync::Reinit;
 
 const TABLES: &[(&str, &str)] =
     &[("canvas", "accounts,users,courses,enrollments,assignments,submissions"), ("canvas_logs", "web_logs")];
@@ -73,16 +78,20 @@ fn start_afresh(dir: &std::path::Path) -> anyhow::Result<()> {
 /// Syncs every demo table into the mirror files in `dir`, initialising those it lacks.
 async fn sync_all(ctx: &Context, dir: &Path) -> anyhow::Result<()> {
     for &(ns, tables) in TABLES {
-        let args = DbArgs {
+        let plan = Plan {
             namespace: ns.into(),
-            table: tables.into(),
-            connection_string: Some(format!("sqlite://{}", dir.join(format!("{ns}.db")).display())),
-            json: false,
-            parallel_tables: 4,
+            tables: Tables::parse(tables)?,
+            mode: Mode::Sync { reinit: Reinit::Automatically, missing: Missing::Initialise },
+            target: TargetSpec::Url(ConnectionString::sqlite(&dir.join(format!("{ns}.db")))),
+            fan_out: Vec::new(),
             temp_dir: None,
-            non_finite: crate::sink::NonFinite::Refuse,
+            sink: SinkOptions { shared: ctx.shared, ..SinkOptions::default() },
+            attempts: ctx.client.retry.attempts,
         };
-        db::run(ctx, args, db::FanOutArgs::default(), Mode::Sync { auto_reinit: true, init_missing: true }).await?;
+        let progress = Progress::new(ctx.interactive);
+        let report = crate::run::run(Client::new(ctx.client.clone())?, &plan, &progress).await?;
+        std::mem::drop(progress);
+        super::finish(ctx.console, report.command, &report.tables)?;
     }
     Ok(())
 }

@@ -1,275 +1,54 @@
-//! `list`, `schema`, `snapshot` and `incremental`: the commands that talk to DAP and write files.
+//! `dap export`: a mirror table, or a query over the mirror, into a CSV, TSV, JSON Lines or
+//! Parquet file.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Args;
 
-use super::Context;
-use crate::api::Client;
-use crate::api::types::Format;
-use crate::export::{ExportRequest, export_table};
-use crate::progress::Progress;
-use crate::tables::{self, Outcome, TableOutcome};
-use crate::time::{self, Micros};
+use crate::export::{self, ExportFormat, Selection};
 
 #[derive(Debug, Args)]
-pub struct ListArgs {
-    /// Namespace, e.g. canvas, canvas_logs, catalog.
-    #[arg(long)]
+pub struct ExportArgs {
+    /// The namespace of --table.
+    #[arg(long, default_value = "canvas")]
     namespace: String,
-    /// The documented `scope` parameter (e.g. a root account), for credentials with several.
+    /// The mirrored table to export.
+    #[arg(long, conflicts_with = "query", required_unless_present = "query")]
+    table: Option<String>,
+    /// Only the rows matching this SQL condition (e.g. `workflow_state = 'active'`).
+    #[arg(long = "where", value_name = "CONDITION", requires = "table")]
+    condition: Option<String>,
+    /// Export the result of this read-only query instead of a table.
     #[arg(long)]
-    scope: Option<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct SchemaArgs {
-    /// Namespace, e.g. canvas, canvas_logs, catalog.
+    query: Option<String>,
+    /// File format [default: from the output's extension, else csv].
+    #[arg(long, value_enum)]
+    format: Option<ExportFormat>,
+    /// The file to write (replaced whole when the export succeeds).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// The mirror folder [default: the default mirror's (DAP_MIRROR_DIR)].
     #[arg(long)]
-    namespace: String,
-    /// `all`, or a comma-separated list of tables.
-    #[arg(long)]
-    table: String,
-    /// Folder the files are written under.
-    #[arg(long, default_value = "downloads")]
-    output_directory: PathBuf,
-    /// The documented `scope` parameter (e.g. a root account), for credentials with several.
-    #[arg(long)]
-    scope: Option<String>,
+    dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Args)]
-pub struct SnapshotArgs {
-    /// Namespace, e.g. canvas, canvas_logs, catalog.
-    #[arg(long)]
-    namespace: String,
-    /// `all`, or a comma-separated list of tables.
-    #[arg(long)]
-    table: String,
-    /// File format of the objects: csv, jsonl, parquet or tsv.
-    #[arg(long, value_enum, default_value_t = Format::Jsonl)]
-    format: Format,
-    /// Folder the files are written under.
-    #[arg(long, default_value = "downloads")]
-    output_directory: PathBuf,
-    /// Print a machine-readable result per table on stdout.
-    #[arg(long)]
-    json: bool,
-    /// The documented `scope` parameter (e.g. a root account), for credentials with several.
-    #[arg(long)]
-    scope: Option<String>,
-    /// Tables that download at once. Jobs for up to 32 tables are requested and waited on
-    /// together, as fast as the job rate allows.
-    #[arg(long, default_value_t = 4)]
-    parallel_tables: usize,
-    /// Objects downloaded at once per table.
-    #[arg(long, default_value_t = 4)]
-    parallel_downloads: usize,
-}
-
-#[derive(Debug, Args)]
-pub struct IncrementalArgs {
-    #[command(flatten)]
-    common: SnapshotArgs,
-    /// Start of the change window (RFC 3339 with an offset; without one it is read as UTC).
-    #[arg(long, value_parser = parse_time)]
-    since: CliTime,
-    /// End of the change window (exclusive); the latest commit when omitted.
-    #[arg(long, value_parser = parse_time)]
-    until: Option<CliTime>,
-}
-
-/// A `--since`/`--until` value.
-#[derive(Debug, Clone, Copy)]
-pub struct CliTime {
-    micros: Micros,
-    /// Given without an offset and read as UTC.
-    naive: bool,
-}
-
-fn parse_time(s: &str) -> Result<CliTime, String> {
-    if let Ok(micros) = time::parse_rfc3339(s) {
-        return Ok(CliTime { micros, naive: false });
-    }
-    let naive = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
-        .iter()
-        .find_map(|f| chrono::NaiveDateTime::parse_from_str(s, f).ok())
-        .or_else(|| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok().and_then(|d| d.and_hms_opt(0, 0, 0)));
-    match naive {
-        Some(dt) => Ok(CliTime { micros: dt.and_utc().timestamp_micros(), naive: true }),
-        None => Err(format!("{s:?} is not a timestamp; expected RFC 3339 such as 2024-05-01T12:00:00Z")),
-    }
-}
-
-fn warn_if_naive(name: &str, t: Option<CliTime>) {
-    if let Some(t) = t.filter(|t| t.naive) {
-        tracing::warn!("--{name} has no UTC offset; reading it as UTC ({})", time::format_wire(t.micros));
-    }
-}
-
-fn client(ctx: &Context, scope: &Option<String>) -> anyhow::Result<Client> {
-    let mut config = ctx.client.clone();
-    config.scope = scope.clone();
-    Ok(Client::new(config)?)
-}
-
-async fn resolve_tables(client: &Client, namespace: &str, spec: &str) -> anyhow::Result<Vec<String>> {
-    match tables::parse_selection(spec) {
-        Some(list) if list.is_empty() => bail!("--table names no table"),
-        Some(list) => Ok(list),
-        None => client.tables(namespace).await.with_context(|| format!("listing the tables of namespace {namespace}")),
-    }
-}
-
-/// Prints the summary (and failures) on stderr; fails when any table did not succeed.
-pub(super) fn finish<T>(console: super::Console, command: &str, outcomes: &[TableOutcome<T>]) -> anyhow::Result<()> {
-    let (line, all_ok) = tables::summarize(outcomes);
-    for o in outcomes {
-        match &o.outcome {
-            Outcome::Failed { error } => console.failure(&format!("  failed  {}: {error}", o.table)),
-            Outcome::Skipped { reason } => eprintln!("  skipped {}: {reason}", o.table),
-            Outcome::Succeeded { .. } => {}
-        }
-    }
-    if all_ok {
-        console.summary(&format!("{command}: {line}"));
-        Ok(())
-    } else {
-        bail!("{command}: {line}")
-    }
-}
-
-pub async fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
-    let client = client(ctx, &args.scope)?;
-    let tables = client
-        .tables(&args.namespace)
-        .await
-        .with_context(|| format!("listing the tables of namespace {}", args.namespace))?;
-    for t in tables {
-        println!("{t}");
-    }
-    Ok(())
-}
-
-async fn write_schema(client: &Client, namespace: &str, table: &str, dir: &Path) -> anyhow::Result<PathBuf> {
-    let schema = client.schema(namespace, table).await?;
-    let version =
-        schema.get("version").and_then(serde_json::Value::as_u64).context("the schema response has no version")?;
-    let path = dir.join(format!("{}_schema_version_{version}.json", crate::fetch::safe_component(table)));
-    // Byte-identical to the official client's file (Python's json.dump with indent=4).
-    let text = crate::pyjson::to_vec_indent4(&schema)?;
-    let temp = path.with_extension("json.partial");
-    tokio::fs::write(&temp, &text).await.with_context(|| format!("writing {}", temp.display()))?;
-    tokio::fs::rename(&temp, &path).await.with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
-}
-
-struct SchemaError(anyhow::Error);
-
-impl std::fmt::Display for SchemaError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.0)
-    }
-}
-
-impl tables::Fatal for SchemaError {
-    fn is_fatal(&self) -> bool {
-        self.0.downcast_ref::<crate::api::ApiError>().is_some_and(|e| e.is_fatal())
-    }
-}
-
-pub async fn schema(ctx: &Context, args: SchemaArgs) -> anyhow::Result<()> {
-    let client = client(ctx, &args.scope)?;
-    let tables = resolve_tables(&client, &args.namespace, &args.table).await?;
-    tokio::fs::create_dir_all(&args.output_directory)
-        .await
-        .with_context(|| format!("creating {}", args.output_directory.display()))?;
-    let outcomes = tables::run_each(&tables, 8, |t| {
-        let (client, ns, dir) = (&client, &args.namespace, &args.output_directory);
-        async move {
-            let path = write_schema(client, ns, &t, dir).await.map_err(SchemaError).inspect_err(|e| {
-                tracing::warn!("{t}: {e}");
-            })?;
-            tracing::info!("schema of {t} written to {}", path.display());
-            Ok::<_, SchemaError>(path)
-        }
-    })
-    .await;
-    finish(ctx.console, "schema", &outcomes)
-}
-
-async fn export(
-    ctx: &Context,
-    args: SnapshotArgs,
-    since: Option<CliTime>,
-    until: Option<CliTime>,
-) -> anyhow::Result<()> {
-    warn_if_naive("since", since);
-    warn_if_naive("until", until);
-    let command = if since.is_some() { "incremental" } else { "snapshot" };
-    let client = client(ctx, &args.scope)?;
-    let tables = resolve_tables(&client, &args.namespace, &args.table).await?;
-    let request = ExportRequest {
-        namespace: args.namespace.clone(),
-        format: args.format,
-        since: since.map(|t| t.micros),
-        until: until.map(|t| t.micros),
-        output_dir: args.output_directory.clone(),
-        download_concurrency: args.parallel_downloads,
-        transfers: std::sync::Arc::new(tokio::sync::Semaphore::new(args.parallel_tables.max(1))),
+pub fn run(args: ExportArgs) -> anyhow::Result<()> {
+    let dir = super::query::mirror_dir(args.dir)?;
+    let extension = args.output.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let format = match (args.format, extension.as_str()) {
+        (Some(f), _) => f,
+        (None, "tsv") => ExportFormat::Tsv,
+        (None, "jsonl" | "ndjson") => ExportFormat::Jsonl,
+        (None, "parquet") => ExportFormat::Parquet,
+        (None, _) => ExportFormat::Csv,
     };
-    tokio::fs::create_dir_all(&request.output_dir)
-        .await
-        .with_context(|| format!("creating {}", request.output_dir.display()))?;
-    let progress = Progress::new(ctx.interactive && !args.json);
-    let outcomes = tables::run_each(&tables, tables::JOBS_IN_FLIGHT, |t| {
-        let (client, request, progress) = (&client, &request, &progress);
-        async move {
-            let p = std::sync::Arc::new(progress.table(&t));
-            let result = export_table(client, request, &t, &p).await;
-            if let Err(e) = &result {
-                p.fail(e);
-            }
-            result
-        }
-    })
-    .await;
-    if args.json {
-        super::print_json(&outcomes)?;
-    }
-    finish(ctx.console, command, &outcomes)
-}
-
-pub async fn snapshot(ctx: &Context, args: SnapshotArgs) -> anyhow::Result<()> {
-    export(ctx, args, None, None).await
-}
-
-pub async fn incremental(ctx: &Context, args: IncrementalArgs) -> anyhow::Result<()> {
-    if let Some(until) = args.until
-        && until.micros <= args.since.micros
-    {
-        return Err(super::UsageError(format!(
-            "--until ({}) must be later than --since ({})",
-            time::format_wire(until.micros),
-            time::format_wire(args.since.micros)
-        ))
-        .into());
-    }
-    export(ctx, args.common, Some(args.since), args.until).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_with_and_without_offsets() {
-        let t = parse_time("2024-05-01T14:00:00.5+02:00").unwrap();
-        assert_eq!((time::format_wire(t.micros), t.naive), ("2024-05-01T12:00:00.500000Z".to_string(), false));
-        let t = parse_time("2024-05-01T12:00:00").unwrap();
-        assert_eq!((time::format_wire(t.micros), t.naive), ("2024-05-01T12:00:00Z".to_string(), true));
-        assert!(parse_time("2024-05-01").unwrap().naive);
-        assert!(parse_time("yesterday").is_err());
-    }
+    let selection = match (args.table, args.query) {
+        (Some(table), None) => Selection::Table { namespace: args.namespace, table, condition: args.condition },
+        (None, Some(query)) => Selection::Query(query),
+        _ => bail!("give either --table or --query"),
+    };
+    let rows = export::export(&dir, &selection, format, &args.output)?;
+    eprintln!("export: {rows} rows written to {}", args.output.display());
+    Ok(())
 }

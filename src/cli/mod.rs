@@ -5,9 +5,9 @@ mod configure;
 mod db;
 mod ddl;
 mod demo;
+mod download;
 mod emulator;
 mod export;
-mod export_table;
 mod pack;
 mod query;
 mod replicate;
@@ -22,6 +22,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::api::{ClientConfig, RetryPolicy};
 use crate::config::UserConfig;
+use crate::per_table::{self, Outcome, TableOutcome};
 use crate::privacy::SharedFiles;
 use crate::secrets::ScrubbingMakeWriter;
 
@@ -99,6 +100,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// A duration as people write it: `600` (seconds), `90s`, `10m`, `2h`, `1d`, or `0`.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration such as 90s, 10m or 2h"))?;
+    let seconds = match unit.trim() {
+        "" | "s" | "sec" | "secs" | "seconds" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" | "mins" | "minutes" => n * 60.0,
+        "h" | "hour" | "hours" => n * 3600.0,
+        "d" | "day" | "days" => n * 86_400.0,
+        other => return Err(format!("{text:?}: the unit {other:?} is not one of s, m, h or d")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("{text:?} is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
 fn parse_rate(s: &str) -> Result<(usize, f64), String> {
     let (n, secs) = s.split_once('/').ok_or("expected N/SECONDS, e.g. 5/60")?;
     let n: usize = n.trim().parse().map_err(|_| format!("{n:?} is not a count"))?;
@@ -112,13 +133,13 @@ fn parse_rate(s: &str) -> Result<(usize, f64), String> {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// List the tables of a namespace.
-    List(export::ListArgs),
+    List(download::ListArgs),
     /// Download table schemas as <table>_schema_version_<N>.json.
-    Schema(export::SchemaArgs),
+    Schema(download::SchemaArgs),
     /// Download a snapshot of tables into <output-directory>/job_<id>/.
-    Snapshot(export::SnapshotArgs),
+    Snapshot(download::SnapshotArgs),
     /// Download the changes to tables since a time into <output-directory>/job_<id>/.
-    Incremental(export::IncrementalArgs),
+    Incremental(download::IncrementalArgs),
     /// Initialise tables in the mirror from a snapshot.
     Initdb(db::InitArgs),
     /// Bring initialised tables up to date with the changes since their watermark.
@@ -136,7 +157,7 @@ pub enum Command {
     /// Run read-only SQL over the mirror (every namespace attached by name); no SQL opens sqlite3.
     Query(query::QueryArgs),
     /// Write a mirror table, or a query, to a CSV, TSV, JSON Lines or Parquet file.
-    Export(export_table::ExportArgs),
+    Export(export::ExportArgs),
     /// Write a consistent copy of the mirror into one compressed file (safe during a sync).
     Pack(pack::PackArgs),
     /// Restore a mirror from a pack; it syncs on from where the pack left off.
@@ -326,6 +347,24 @@ impl Cli {
     }
 }
 
+/// Prints the summary (and failures) on stderr; fails when any table did not succeed.
+pub(crate) fn finish<T>(console: Console, command: &str, outcomes: &[TableOutcome<T>]) -> anyhow::Result<()> {
+    let (line, all_ok) = per_table::summarize(outcomes);
+    for o in outcomes {
+        match &o.outcome {
+            Outcome::Failed { error } => console.failure(&format!("  failed  {}: {error}", o.table)),
+            Outcome::Skipped { reason } => eprintln!("  skipped {}: {reason}", o.table),
+            Outcome::Succeeded { .. } => {}
+        }
+    }
+    if all_ok {
+        console.summary(&format!("{command}: {line}"));
+        Ok(())
+    } else {
+        bail!("{command}: {line}")
+    }
+}
+
 /// Prints a result document on stdout, scrubbed of secrets.
 pub(crate) fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", crate::secrets::scrub(&serde_json::to_string_pretty(value)?));
@@ -338,17 +377,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Configure(args) => configure::run(&ctx, cli.base_url.as_deref(), args),
         Command::Query(args) => quiet_on_closed_pipe(on_a_thread(move || query::run(args)).await),
-        Command::Export(args) => on_a_thread(move || export_table::run(args)).await,
+        Command::Export(args) => on_a_thread(move || export::run(args)).await,
         Command::Pack(args) => on_a_thread(move || pack::pack(args)).await,
         Command::Unpack(args) => on_a_thread(move || pack::unpack(args)).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut command(), "dap", &mut std::io::stdout());
             Ok(())
         }
-        Command::List(args) => export::list(&ctx, args).await,
-        Command::Schema(args) => export::schema(&ctx, args).await,
-        Command::Snapshot(args) => export::snapshot(&ctx, args).await,
-        Command::Incremental(args) => export::incremental(&ctx, args).await,
+        Command::List(args) => download::list(&ctx, args).await,
+        Command::Schema(args) => download::schema(&ctx, args).await,
+        Command::Snapshot(args) => download::snapshot(&ctx, args).await,
+        Command::Incremental(args) => download::incremental(&ctx, args).await,
         Command::Initdb(args) => db::initdb(&ctx, args).await,
         Command::Syncdb(args) => db::syncdb(&ctx, args).await,
         Command::Dropdb(args) => db::drop(&ctx, args).await,
@@ -524,6 +563,16 @@ pub fn init_logging(cli: &Cli) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_read_as_people_write_them() {
+        assert_eq!(parse_duration("600").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("10x").is_err() && parse_duration("-1").is_err() && parse_duration("").is_err());
+    }
 
     #[test]
     fn a_cause_the_message_already_gives_is_not_repeated() {

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::mirror::format::UserViews;
 use crate::pack::{self, Overwrite, UnpackOptions};
-use crate::sink::sqlite::UserViews;
 
 #[derive(Debug, Args)]
 pub struct PackArgs {

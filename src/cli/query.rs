@@ -30,7 +30,7 @@ pub struct QueryArgs {
 pub(super) fn mirror_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(match dir {
         Some(d) => d,
-        None => crate::sink::default_mirror_dir()?,
+        None => crate::mirror::folder::default_dir()?,
     })
 }
 
@@ -39,8 +39,8 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
     let Some(sql) = args.sql else {
         let shell_args = query::shell_args(&dir)?;
         // The shell reads as dap does: it leaves no -wal/-shm behind either.
-        let files = query::namespace_files(&dir);
-        let _tidy = crate::sink::sqlite::LeaveNoTrace::note(files.iter().map(|(_, f)| f.as_path()));
+        let files = crate::mirror::folder::namespace_files(&dir);
+        let _tidy = crate::mirror::format::LeaveNoTrace::note(files.iter().map(|(_, f)| f.as_path()));
         let status = match std::process::Command::new("sqlite3").args(&shell_args).status() {
             Ok(status) => status,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(

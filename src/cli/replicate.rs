@@ -6,20 +6,15 @@
 //! has it gets what changed since its own watermark (a full reload when the mirror re-snapshotted
 //! the table since, nothing when the target is ahead of the mirror).
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
-use serde::Serialize;
 
+use crate::per_table::{self, Outcome};
 use crate::progress::Progress;
-use crate::sink::{self, Access, NonFinite, SinkOptions, TargetSpec};
-use crate::source::mirror::MirrorSource;
-use crate::source::{Source, SourceError};
-use crate::sync::{Action, Replicator, SyncError, TableReport};
-use crate::tables::{self, Outcome, TableOutcome};
-use crate::time;
+use crate::run::{ReplicatePlan, Tables, TargetReport};
+use crate::sink::{Access, NonFinite, SinkOptions, TargetSpec};
 
 #[derive(Debug, Args)]
 pub struct ReplicateArgs {
@@ -46,40 +41,16 @@ pub struct ReplicateArgs {
     /// What NaN and infinity become on targets without them (MySQL, SQL Server).
     #[arg(long, value_enum, default_value_t = NonFinite::Refuse)]
     non_finite: NonFinite,
+    /// How long to wait for another process writing the same table of a target to finish, e.g.
+    /// 90s, 10m or 2h; then that table is left alone with a message saying who holds it.
+    #[arg(long, value_parser = super::parse_duration, default_value = "10m")]
+    lock_timeout: std::time::Duration,
 }
 
 impl ReplicateArgs {
     /// Whether the targets come from the configuration file.
     pub(super) fn needs_default_targets(&self) -> bool {
         self.to.iter().all(|t| t.trim().is_empty())
-    }
-}
-
-/// Targets checked before anything is opened: each a connection string dap can use, none the
-/// mirror itself.
-pub(super) fn parse_targets(to: &[String], mirror: &Path) -> anyhow::Result<Vec<TargetSpec>> {
-    let mut out = Vec::new();
-    for text in to.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
-        let spec = TargetSpec::parse(Some(text)).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
-        if let Ok(Some(file)) = spec.local_file("")
-            && same_file(&file, mirror)
-        {
-            bail!("--to {}: that is the mirror itself; name another database", spec.describe());
-        }
-        out.push(spec);
-    }
-    if out.is_empty() {
-        bail!(
-            "no target: give one or more connection strings with --to (or set DAP_REPLICATE_TO, or save defaults with `dap configure --target URL`)"
-        );
-    }
-    Ok(out)
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
     }
 }
 
@@ -92,82 +63,8 @@ pub(super) fn mirror_file(from: Option<&str>, namespace: &str) -> anyhow::Result
     }
 }
 
-/// What replication did for one target.
-#[derive(Debug, Serialize)]
-pub(super) struct TargetResult {
-    pub target: String,
-    /// Set when the target could not be opened at all.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub tables: Vec<TableOutcome<TableReport>>,
-}
-
-/// Replicates `tables` (all of the mirror's namespace when `None`) from the mirror to every
-/// target, all at once.
-pub(super) async fn fan_out(
-    mirror: &Path,
-    namespace: &str,
-    tables: Option<Vec<String>>,
-    targets: &[TargetSpec],
-    options: &SinkOptions,
-    attempts: u32,
-    progress: &Progress,
-) -> anyhow::Result<Vec<TargetResult>> {
-    crate::privacy::check_mirror(mirror, options.shared);
-    let source: Arc<dyn Source> = Arc::new(MirrorSource::open(mirror)?);
-    let tables = match tables {
-        Some(list) => list,
-        None => source.tables(namespace).await?,
-    };
-    let runs = targets.iter().map(|spec| {
-        let (source, tables) = (source.clone(), &tables);
-        async move {
-            let target = spec.describe();
-            let sink = match sink::open(spec, namespace, options).await {
-                Ok(sink) => sink,
-                Err(e) => {
-                    tracing::warn!("{target}: {e}");
-                    return TargetResult { target, error: Some(e.to_string()), tables: Vec::new() };
-                }
-            };
-            let replicator = Replicator { source, sink: sink.clone(), auto_reinit: true, attempts };
-            let outcomes = tables::run_each(tables, options.parallelism, |t| {
-                let (r, sink, target) = (&replicator, sink.as_ref(), &target);
-                async move {
-                    let watch = Arc::new(progress.table(&format!("{namespace}.{t} → {target}")));
-                    let report = match sink.bookkeeping(namespace, &t).await? {
-                        None => r.initdb(namespace, &t, false, &watch).await,
-                        Some(stored) => match r.syncdb(namespace, &t, &watch).await {
-                            Err(SyncError::Source(e @ SourceError::TargetAhead { .. })) => {
-                                tracing::warn!("{target} {namespace}.{t}: {e}");
-                                Ok(TableReport {
-                                    action: Action::Ahead,
-                                    job_id: String::new(),
-                                    rows: sink.row_count(namespace, &t).await?,
-                                    changes: Some(0),
-                                    watermark: time::format_wire(stored.watermark),
-                                    schema_version: stored.schema_version,
-                                })
-                            }
-                            other => other,
-                        },
-                    };
-                    match &report {
-                        Ok(rep) => watch.finish(&rep.describe()),
-                        Err(e) => watch.fail(e),
-                    }
-                    report
-                }
-            })
-            .await;
-            TargetResult { target, error: None, tables: outcomes }
-        }
-    });
-    Ok(futures_util::future::join_all(runs).await)
-}
-
 /// Prints the failures and the summary per target; fails when any target or table failed.
-pub(super) fn finish(console: super::Console, results: &[TargetResult]) -> anyhow::Result<()> {
+pub(super) fn finish(console: super::Console, results: &[TargetReport]) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for r in results {
         if let Some(e) = &r.error {
@@ -182,7 +79,7 @@ pub(super) fn finish(console: super::Console, results: &[TargetResult]) -> anyho
                 Outcome::Succeeded { .. } => {}
             }
         }
-        let (line, ok) = tables::summarize(&r.tables);
+        let (line, ok) = per_table::summarize(&r.tables);
         console.summary(&format!("replicate to {}: {line}", r.target));
         if !ok {
             failed.push(r.target.clone());
@@ -198,20 +95,29 @@ pub(super) fn finish(console: super::Console, results: &[TargetResult]) -> anyho
 pub async fn replicate(ctx: &super::Context, args: ReplicateArgs) -> anyhow::Result<()> {
     let mirror = mirror_file(args.from.as_deref(), &args.namespace)?;
     let to = if args.needs_default_targets() { &ctx.default_targets } else { &args.to };
-    let targets = parse_targets(to, &mirror)?;
-    let tables = match tables::parse_selection(&args.table) {
-        Some(list) if list.is_empty() => bail!("--table names no table"),
-        other => other,
-    };
-    let options = SinkOptions {
-        access: Access::Write,
-        parallelism: args.parallel_tables.max(1),
-        non_finite: args.non_finite,
-        shared: ctx.shared,
+    let targets = super::db::parse_targets(to, "--to")?;
+    if targets.is_empty() {
+        bail!(
+            "no target: give one or more connection strings with --to (or set DAP_REPLICATE_TO, or save defaults with `dap configure --target URL`)"
+        );
+    }
+    let plan = ReplicatePlan {
+        namespace: args.namespace.clone(),
+        tables: Tables::parse(&args.table)?,
+        mirror,
+        targets,
+        sink: SinkOptions {
+            access: Access::Write,
+            parallelism: args.parallel_tables.max(1),
+            non_finite: args.non_finite,
+            shared: ctx.shared,
+            lock_timeout: args.lock_timeout,
+        },
+        attempts: ctx.client.retry.attempts,
     };
     let progress = Progress::new(ctx.interactive && !args.json);
-    let attempts = ctx.client.retry.attempts;
-    let results = fan_out(&mirror, &args.namespace, tables, &targets, &options, attempts, &progress).await?;
+    let results = crate::run::replicate(&plan, &progress).await?;
+    std::mem::drop(progress);
     if args.json {
         super::print_json(&results)?;
     }

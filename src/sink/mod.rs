@@ -1,26 +1,33 @@
-//! Replication targets: one interface of a few verbs, one file per database, chosen by the
-//! connection string's scheme ([`open`]). The orchestration (`sync.rs`) drives every target through
-//! [`Sink`] and never knows which database it talks to; what differs between dialects (DDL, types,
-//! bulk paths) lives in the adapter.
+//! Replication targets: one interface of a few verbs ([`Sink`]), each backend registered by URL
+//! scheme in one table ([`BACKENDS`]). The orchestration (`sync.rs`, `run.rs`) drives every target
+//! through [`Sink`] and never knows which database it talks to.
 //!
-//! The contract every target keeps, however it keeps it (a transaction, or an ordered sequence of
-//! steps where the database has no transactional DDL):
+//! Every backend is a [`protocol::Dialect`]: the load protocol (the per-table lock, staging,
+//! per-part checkpoints, resuming, the check of what is published, bookkeeping rules) is written
+//! once in `protocol.rs`; a dialect answers a few narrow questions in its own file. The contract
+//! every target keeps, however it keeps it (a transaction, or an ordered sequence of steps where
+//! the database has no transactional DDL):
+//! - one writer per (target, table): a second waits for the first, up to the lock timeout;
 //! - a watermark is never durable before the rows it covers;
 //! - a table is never visible half-initialised: initdb loads a staging area and publishes it whole;
-//! - a feed that stops before its [`Piece::Done`] (the source failed) leaves nothing of its
-//!   unfinished part behind.
+//! - a feed that stops before its `Done` (the source failed) leaves nothing of its unfinished
+//!   part behind.
 
 pub mod layout;
 pub mod mssql;
 pub mod mysql;
 pub mod postgres;
-pub mod sqlite;
+pub mod protocol;
 mod url;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::decode::Record;
+use futures_util::future::BoxFuture;
+
+use crate::error::{BoxError, Classify, Retry};
+use crate::feed::Feed;
 use crate::privacy::SharedFiles;
 use crate::progress::TableProgress;
 use crate::schema::TableDef;
@@ -49,16 +56,29 @@ impl Bookkeeping {
     }
 }
 
-/// Whether trying again can help after a database error.
+/// Why a target refused to do what was asked; the message says what to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
-    /// A lost connection, a serialization failure, a deadlock: the same work may succeed.
-    MayHelp,
-    /// A constraint, a permission, bad data: the same work fails the same way.
-    Useless,
+pub enum Refusal {
+    /// Bad input that no retry mends: a malformed location, a value the target cannot store.
+    Input,
+    /// The target's files or tables are damaged.
+    Damaged,
+    /// A table dap does not own is in the way (another client's, another namespace's).
+    NotOurs,
+    /// The database was made by another version, or is not a database of this kind.
+    Incompatible,
+    /// The user may not do this here (rights, TLS, a file that cannot be read).
+    NotAllowed,
+    /// The schema changed in a way that needs a new snapshot.
+    Schema,
+    /// Another process writes the table and did not finish within the lock timeout.
+    Locked,
+    /// What the target holds is not what the run expected (another writer changed it): doing
+    /// the same work again from the new state may succeed.
+    Moved,
+    /// Nothing to work on (no mirror, no table).
+    Missing,
 }
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -75,36 +95,43 @@ pub enum SinkError {
     },
     /// The target is in a state the command cannot work on; `detail` says what to do.
     #[error("{target}: {detail}")]
-    Refused { target: String, detail: String },
+    Refused {
+        target: String,
+        kind: Refusal,
+        detail: String,
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The source stopped before the end of the feed (its own error says why); nothing of the
     /// unfinished part was kept.
     #[error("the source stopped before the end of its rows; nothing of the unfinished part was kept")]
     FeedAborted,
+    /// The source sent rows outside a part: a bug of the source, not of the data.
+    #[error("the source sent rows outside a part (rows or an end before the part's beginning)")]
+    BrokenFeed,
 }
 
-impl SinkError {
-    pub fn retry(&self) -> Retry {
+impl Classify for SinkError {
+    fn retry(&self) -> Retry {
         match self {
             SinkError::Database { retry, .. } => *retry,
+            SinkError::Refused { kind: Refusal::Moved, .. } => Retry::MayHelp,
             _ => Retry::Useless,
         }
     }
+}
 
-    /// A replicated table's name is taken by a table without a bookkeeping row: another client
-    /// (likely the official one) stopped while loading it. `table` and `bookkeeping` are named
-    /// as the target's layout names them.
-    pub fn unowned_table(target: &str, table: &str, bookkeeping: &str, drop: &str) -> SinkError {
-        SinkError::refused(
-            target,
-            format!(
-                "{table} exists but {bookkeeping} has no row for it: another client (likely the official one) stopped while loading it. \
-                 Drop it with `DROP TABLE {drop}` (its rows are incomplete), then run initdb again"
-            ),
-        )
+impl SinkError {
+    pub fn refused(target: &str, kind: Refusal, detail: impl Into<String>) -> SinkError {
+        SinkError::Refused { target: target.to_string(), kind, detail: detail.into(), source: None }
     }
 
-    pub fn refused(target: &str, detail: impl Into<String>) -> SinkError {
-        SinkError::Refused { target: target.to_string(), detail: detail.into() }
+    /// The kind of a refusal, if it is one.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            SinkError::Refused { kind, .. } => Some(*kind),
+            _ => None,
+        }
     }
 
     /// A NaN or ±infinity that `database` (MySQL, SQL Server) has no value for, refused before
@@ -119,6 +146,7 @@ impl SinkError {
     ) -> SinkError {
         SinkError::refused(
             target,
+            Refusal::Input,
             format!(
                 "{}.{}: key {} column {column} holds {}, which {database} cannot store; nothing was published. \
                  Run with --non-finite null to store NULL for such values instead",
@@ -135,6 +163,7 @@ impl SinkError {
         let rows = nulls.map_or("rows".to_string(), |n| format!("{n} rows"));
         SinkError::refused(
             target,
+            Refusal::Schema,
             format!(
                 "{}.{}: column {column} became required, but {rows} hold NULL there; nothing was changed. \
                  Re-snapshot the table with `{}`",
@@ -143,80 +172,6 @@ impl SinkError {
                 crate::term::command(&["initdb", "--replace", "--namespace", &def.namespace, "--table", &def.name])
             ),
         )
-    }
-}
-
-/// One item of a feed of records from a source.
-#[derive(Debug)]
-pub enum Piece {
-    /// A part (a downloaded object) begins.
-    Begin(String),
-    Rows(Vec<Record>),
-    /// The part is complete: for initdb, its rows and its checkpoint commit now.
-    End(String),
-    /// The feed is complete.
-    Done,
-}
-
-/// The receiving end of a feed. A feed that closes before [`Piece::Done`] was aborted by its
-/// source: the target must keep nothing of the unfinished part.
-pub struct Feed {
-    rx: tokio::sync::mpsc::Receiver<Piece>,
-    /// The first piece, once [`Feed::ready`] has waited for it.
-    first: Option<Piece>,
-    /// Told of the rows the target takes, for the progress line.
-    watch: Option<Arc<TableProgress>>,
-}
-
-/// The sending end of a feed.
-pub type FeedSender = tokio::sync::mpsc::Sender<Piece>;
-
-impl Feed {
-    /// A feed holding at most `depth` pieces in flight (a few batches: memory stays bounded).
-    pub fn channel(depth: usize) -> (FeedSender, Feed) {
-        let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
-        (tx, Feed { rx, first: None, watch: None })
-    }
-
-    /// The same feed, counting the rows the target takes into `watch`.
-    pub fn watched_by(self, watch: Arc<TableProgress>) -> Feed {
-        Feed { watch: Some(watch), ..self }
-    }
-
-    /// Hands a piece on, counting its rows.
-    fn counted(&self, piece: Piece) -> Piece {
-        if let (Some(watch), Piece::Rows(rows)) = (&self.watch, &piece) {
-            watch.rows(rows.len() as u64);
-        }
-        piece
-    }
-
-    /// Waits until the source has produced its first piece (kept for [`Feed::next`]). The
-    /// orchestrator hands a feed to a target only then, so that a table still waiting for its
-    /// download slot never holds a database connection that a downloading table needs.
-    pub async fn ready(&mut self) -> Result<(), SinkError> {
-        if self.first.is_none() {
-            self.first = Some(self.rx.recv().await.ok_or(SinkError::FeedAborted)?);
-        }
-        Ok(())
-    }
-
-    /// The next piece, or [`SinkError::FeedAborted`] when the source stopped early.
-    pub async fn next(&mut self) -> Result<Piece, SinkError> {
-        let piece = match self.first.take() {
-            Some(p) => p,
-            None => self.rx.recv().await.ok_or(SinkError::FeedAborted)?,
-        };
-        Ok(self.counted(piece))
-    }
-
-    /// [`Feed::next`] for a target that works on a blocking thread.
-    pub fn blocking_next(&mut self) -> Result<Piece, SinkError> {
-        let piece = match self.first.take() {
-            Some(p) => p,
-            None => self.rx.blocking_recv().ok_or(SinkError::FeedAborted)?,
-        };
-        Ok(self.counted(piece))
     }
 }
 
@@ -239,6 +194,9 @@ pub enum Access {
     Write,
 }
 
+/// How long a writer waits for another to finish with a table (or a mirror file) by default.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// What opening a target needs besides its connection string.
 #[derive(Debug, Clone)]
 pub struct SinkOptions {
@@ -248,24 +206,49 @@ pub struct SinkOptions {
     pub non_finite: NonFinite,
     /// What to do when others can read a local mirror.
     pub shared: SharedFiles,
+    /// How long to wait for another writer of a table (or of a mirror file); also the limit of
+    /// any single wait for a database lock.
+    pub lock_timeout: Duration,
 }
 
 impl Default for SinkOptions {
     fn default() -> Self {
-        SinkOptions { access: Access::Write, parallelism: 4, non_finite: NonFinite::Refuse, shared: SharedFiles::Warn }
+        SinkOptions {
+            access: Access::Write,
+            parallelism: 4,
+            non_finite: NonFinite::Refuse,
+            shared: SharedFiles::Warn,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+        }
     }
 }
 
+/// The right to write one table of a target, held until dropped (a database session holding an
+/// advisory lock, or nothing where the file lock already covers it).
+pub struct TableLock(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl TableLock {
+    pub fn new(held: impl Send + Sync + 'static) -> TableLock {
+        TableLock(Box::new(held))
+    }
+}
+
+/// How a table's run on a target ended, for the targets that keep a record of runs.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub command: String,
+    pub job: Option<String>,
+    /// Rows the table holds after the run, when it succeeded.
+    pub rows: Option<u64>,
+    pub result: Result<(), String>,
+}
+
 /// A database that holds replicated tables. Every method may be called for several tables at
-/// once; each adapter decides how much of that it runs in parallel.
+/// once; each backend decides how much of that it runs in parallel.
 #[async_trait::async_trait]
 pub trait Sink: Send + Sync {
     /// The target as messages name it (never with a password).
     fn describe(&self) -> String;
-    /// The file of a local target (its `state.json` lives beside it); `None` for servers.
-    fn local_file(&self) -> Option<&Path> {
-        None
-    }
 
     /// The bookkeeping row of a table, if it is initialised.
     async fn bookkeeping(&self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError>;
@@ -274,25 +257,26 @@ pub trait Sink: Send + Sync {
     /// Rows in a replicated table.
     async fn row_count(&self, namespace: &str, table: &str) -> Result<u64, SinkError>;
     /// syncdb, first: refuses a table whose storage the target finds damaged, so that nothing is
-    /// written to it. Runs while DAP prepares the job. A server guards its own storage, so only a
-    /// file checks.
-    async fn check_intact(&self, _namespace: &str, _table: &str) -> Result<(), SinkError> {
-        Ok(())
-    }
+    /// written to it. Runs while DAP prepares the job.
+    async fn check_intact(&self, namespace: &str, table: &str) -> Result<(), SinkError>;
     /// Refuses a table initdb must not touch: one that exists without a bookkeeping row (left
     /// half-loaded by another client), or whose name another namespace already owns here.
     async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError>;
+
+    /// The right to write a table, waiting for another writer (`watch` shows whom) up to the
+    /// lock timeout. Held from the first read of the table's state to its last write.
+    async fn lock(&self, namespace: &str, table: &str, watch: &TableProgress) -> Result<TableLock, SinkError>;
 
     /// initdb, step 1: a staging area for `def` loading `job` (the live table is untouched).
     /// Returns the parts an interrupted run of the same job already loaded, so that they are
     /// skipped; for any other job staging starts empty.
     async fn stage(&self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError>;
-    /// initdb, step 2: loads snapshot parts into staging. At each [`Piece::End`] the part's rows
-    /// and its checkpoint become durable together; a repeated key replaces the earlier row.
+    /// initdb, step 2: loads snapshot parts into staging. At each part's end its rows and its
+    /// checkpoint become durable together; a repeated key replaces the earlier row.
     async fn load(&self, def: &TableDef, job: &str, feed: Feed) -> Result<u64, SinkError>;
-    /// initdb, step 3: the staged rows become the table, with its bookkeeping row, at once. When
-    /// the table exists (a re-snapshot), `delta` leads from its schema to `def`'s; a target that
-    /// keeps the table object (for its views) applies it before replacing the rows.
+    /// initdb, step 3: the staged rows become the table, with its bookkeeping row, at once,
+    /// after checking that staging holds the rows loaded. When the table exists (a re-snapshot),
+    /// `delta` leads from its schema to `def`'s.
     async fn publish(&self, def: &TableDef, delta: &SchemaDelta, bookkeeping: &Bookkeeping) -> Result<(), SinkError>;
 
     /// syncdb: applies `delta` to the table, then the feed's upserts (`U`, whole rows) and
@@ -309,24 +293,13 @@ pub trait Sink: Send + Sync {
     /// Drops a table and its bookkeeping row; false when it was not initialised.
     async fn drop_table(&self, namespace: &str, table: &str) -> Result<bool, SinkError>;
 
-    /// Gives the space of dropped tables back to the file system. Servers do so when a table is
-    /// dropped; a database file keeps its pages until it is compacted.
-    async fn reclaim_space(&self) -> Result<(), SinkError> {
-        Ok(())
-    }
-}
+    /// Gives the space of dropped tables back to the file system (a database file keeps its
+    /// pages until it is compacted; servers do it themselves).
+    async fn reclaim_space(&self) -> Result<(), SinkError>;
 
-/// The default mirror folder: `DAP_MIRROR_DIR`, else the platform data folder.
-pub fn default_mirror_dir() -> Result<PathBuf, SinkError> {
-    if let Some(d) = std::env::var_os("DAP_MIRROR_DIR") {
-        return Ok(PathBuf::from(d));
-    }
-    directories::ProjectDirs::from("", "", "dap-replica").map(|p| p.data_dir().to_path_buf()).ok_or_else(|| {
-        SinkError::refused(
-            "the default mirror",
-            "there is no home folder to keep it in; pass --connection-string sqlite:///PATH.db",
-        )
-    })
+    /// Records how a table's run ended, for targets that keep such a record (the mirror's
+    /// `state.json`); called once per table by whoever runs it.
+    async fn record_run(&self, namespace: &str, table: &str, run: &RunRecord);
 }
 
 /// Where a target is: a connection string, or the default mirror (one file per namespace).
@@ -348,10 +321,10 @@ impl TargetSpec {
     /// The SQLite file of a local target for a namespace; `None` for servers.
     pub fn local_file(&self, namespace: &str) -> Result<Option<PathBuf>, SinkError> {
         Ok(match self {
-            TargetSpec::DefaultMirror => {
-                Some(default_mirror_dir()?.join(format!("{}.db", crate::fetch::safe_component(namespace))))
-            }
-            TargetSpec::Url(c) if c.scheme == Scheme::Sqlite => Some(PathBuf::from(&c.database)),
+            TargetSpec::DefaultMirror => Some(
+                crate::mirror::folder::default_dir()?.join(format!("{}.db", crate::fetch::safe_component(namespace))),
+            ),
+            TargetSpec::Url(c) if c.scheme == Scheme::SQLITE => Some(PathBuf::from(&c.database)),
             TargetSpec::Url(_) => None,
         })
     }
@@ -364,32 +337,46 @@ impl TargetSpec {
     }
 }
 
-/// The SQL dialects `dap ddl` writes, one per adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Dialect {
-    Postgresql,
-    Mysql,
-    Mssql,
-    Sqlite,
+/// Opens a backend's target for a connection string.
+pub type Opener = for<'a> fn(&'a ConnectionString, &'a SinkOptions) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>>;
+
+/// One backend: how connection strings name it and how it is opened and provisioned.
+pub struct Backend {
+    /// The scheme as `dap` writes it (`postgresql`), and its other spellings (`postgres`).
+    pub scheme: &'static str,
+    pub aliases: &'static [&'static str],
+    /// The port a connection string without one uses (0: a file).
+    pub default_port: u16,
+    /// libpq's password file (`~/.pgpass`) also holds passwords for it.
+    pub reads_pgpass: bool,
+    pub open: Opener,
+    /// The DDL `initdb` runs for `defs` on an empty database: bookkeeping tables first, then each
+    /// table, from the backend's own code (`dap ddl`).
+    pub ddl: fn(&[TableDef]) -> Vec<String>,
 }
 
-/// The DDL `initdb` runs for `defs` on an empty database of `dialect`: bookkeeping tables first,
-/// then each table (its schema, enum types, table, comments), generated by the adapter's own code.
-pub fn ddl(dialect: Dialect, defs: &[TableDef]) -> Vec<String> {
-    type TableDdl = fn(&TableDef) -> Vec<String>;
-    let (mut out, table): (Vec<String>, TableDdl) = match dialect {
-        Dialect::Postgresql => (postgres::bookkeeping_statements(), postgres::table_statements),
-        Dialect::Mysql => (mysql::bookkeeping_statements(), mysql::table_statements),
-        Dialect::Mssql => (mssql::bookkeeping_statements(), mssql::table_statements),
-        Dialect::Sqlite => (sqlite::bookkeeping_statements(), sqlite::table_statements),
-    };
-    for def in defs {
-        out.extend(table(def));
-    }
-    out
+/// Every backend, by scheme: adding one is its file plus a line here.
+pub static BACKENDS: &[&Backend] =
+    &[&crate::mirror::writer::BACKEND, &postgres::BACKEND, &mysql::BACKEND, &mssql::BACKEND];
+
+/// The backend a scheme (or one of its spellings, any case) names.
+pub fn backend(name: &str) -> Option<&'static Backend> {
+    let name = name.to_ascii_lowercase();
+    BACKENDS.iter().copied().find(|b| b.scheme == name || b.aliases.contains(&name.as_str()))
 }
 
-/// Opens the target of `spec` for `namespace`: the registry of adapters, keyed by scheme.
+/// The schemes `dap` knows, for messages.
+pub fn scheme_names() -> String {
+    let names: Vec<&str> = BACKENDS.iter().map(|b| b.scheme).collect();
+    names.join(", ")
+}
+
+/// The DDL `initdb` runs for `defs` on an empty database of `scheme`.
+pub fn ddl(scheme: Scheme, defs: &[TableDef]) -> Vec<String> {
+    (scheme.backend().ddl)(defs)
+}
+
+/// Opens the target of `spec` for `namespace`, through the backend its scheme names.
 pub async fn open(spec: &TargetSpec, namespace: &str, options: &SinkOptions) -> Result<Arc<dyn Sink>, SinkError> {
     // Two TLS providers are linked (ring, and aws-lc through tiberius' tokio-rustls): drivers that
     // take the process default need one chosen.
@@ -397,15 +384,12 @@ pub async fn open(spec: &TargetSpec, namespace: &str, options: &SinkOptions) -> 
     PROVIDER.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
-    if let Some(file) = spec.local_file(namespace)? {
-        crate::privacy::check_mirror(&file, options.shared);
-        return Ok(Arc::new(sqlite::SqliteSink::open(&file, options.access)?));
-    }
-    let TargetSpec::Url(url) = spec else { unreachable!("the default mirror is a local file") };
-    match url.scheme {
-        Scheme::Sqlite => unreachable!("sqlite:// is a local file"),
-        Scheme::Postgres => Ok(Arc::new(postgres::PostgresSink::open(url, options).await?)),
-        Scheme::Mysql => Ok(Arc::new(mysql::MysqlSink::open(url, options).await?)),
-        Scheme::Mssql => Ok(Arc::new(mssql::MssqlSink::open(url, options).await?)),
-    }
+    let url = match spec {
+        TargetSpec::DefaultMirror => {
+            let file = spec.local_file(namespace)?.expect("the default mirror is a file");
+            ConnectionString::sqlite(&file)
+        }
+        TargetSpec::Url(url) => url.clone(),
+    };
+    (url.scheme.backend().open)(&url, options).await
 }

@@ -23,24 +23,53 @@
 //! that is not `_UTF8` gets a warning, since `varchar` then keeps only its code page.
 
 use std::borrow::Cow;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tiberius::{AuthMethod, Client, ColumnData, Config, EncryptionLevel, TokenRow};
 use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
+use futures_util::future::BoxFuture;
+
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
+use super::protocol::{Dialect, Protocol, Staged, StoredBookkeeping, lock_name};
 use super::{
-    Access, Bookkeeping, ConnectionString, Feed, NonFinite, Piece, Retry, Sink, SinkError, SinkOptions, SslMode,
+    Access, Backend, Bookkeeping, ConnectionString, NonFinite, Refusal, Sink, SinkError, SinkOptions, SslMode,
 };
 use crate::decode::Record;
+use crate::error::Retry;
+use crate::feed::Pump;
+pub use crate::feed::Span;
 use crate::schema::delta::{Change, SchemaDelta};
 use crate::schema::{Column, ColumnType, TableDef};
 use crate::time::{self, MICROS_PER_DAY, Micros};
 use crate::value::Value;
 
 type Conn = Client<Compat<TcpStream>>;
+
+/// The SQL Server backend of the registry.
+pub static BACKEND: Backend =
+    Backend { scheme: "mssql", aliases: &["sqlserver"], default_port: 1433, reads_pgpass: false, open: open_sink, ddl };
+
+fn open_sink<'a>(
+    url: &'a ConnectionString,
+    options: &'a SinkOptions,
+) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {
+    Box::pin(async move {
+        let sink: Arc<dyn Sink> = Arc::new(Protocol::new(MssqlDialect::open(url, options).await?));
+        Ok(sink)
+    })
+}
+
+/// The DDL initdb runs on an empty database: the bookkeeping tables, then each table.
+pub fn ddl(defs: &[TableDef]) -> Vec<String> {
+    let mut out = bookkeeping_statements();
+    for def in defs {
+        out.extend(table_statements(def));
+    }
+    out
+}
 
 /// Days from 0001-01-01 (day 0 of `date` and `datetime2`) to 1970-01-01.
 const DAYS_BEFORE_UNIX_EPOCH: i64 = 719_162;
@@ -52,11 +81,14 @@ const PACKET_SIZE: u32 = 32_767;
 /// an error aborts the whole transaction, so a failed publish or sync leaves nothing behind.
 const SESSION: &str = "SET QUOTED_IDENTIFIER ON; SET ANSI_NULLS ON; SET XACT_ABORT ON";
 
-pub struct MssqlSink {
+/// A SQL Server database as the load protocol drives it.
+pub struct MssqlDialect {
     shown: String,
+    database: String,
     config: Config,
     idle: Mutex<Vec<Conn>>,
     non_finite: NonFinite,
+    lock_timeout: Duration,
 }
 
 fn ident(name: &str) -> String {
@@ -484,20 +516,18 @@ fn column_data(v: Value, wire: Wire, non_finite: NonFinite) -> Result<ColumnData
     })
 }
 
-/// Which rows of a feed one bulk load takes: a snapshot part, or every change of a sync (with
-/// each record's action).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Span {
-    Part,
-    Feed,
-}
-
-impl MssqlSink {
-    pub async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<MssqlSink, SinkError> {
+impl MssqlDialect {
+    pub async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<MssqlDialect, SinkError> {
         let shown = url.redacted();
-        let sink =
-            MssqlSink { shown, config: config(url), idle: Mutex::new(Vec::new()), non_finite: options.non_finite };
-        let mut c = sink.connect().await.map_err(|e| connect_error(&sink.shown, url, e))?;
+        let sink = MssqlDialect {
+            shown,
+            database: url.database.clone(),
+            config: config(url),
+            idle: Mutex::new(Vec::new()),
+            non_finite: options.non_finite,
+            lock_timeout: options.lock_timeout,
+        };
+        let mut c = sink.connect_new().await.map_err(|e| connect_error(&sink.shown, url, e))?;
         if url.ssl == Some(SslMode::Disable) {
             tracing::warn!("{}: ?ssl=disable: the login and the data travel unencrypted", sink.shown);
         }
@@ -518,11 +548,13 @@ impl MssqlSink {
         if options.access == Access::Write {
             sink.prepare(&mut c).await?;
         }
-        sink.put(c);
+        sink.release(c);
         Ok(sink)
     }
 
-    async fn connect(&self) -> Result<Conn, tiberius::error::Error> {
+    /// A new connection in the session every statement of dap expects, with no wait for a
+    /// database lock longer than the lock timeout.
+    async fn connect_new(&self) -> Result<Conn, tiberius::error::Error> {
         let addr = self.config.get_addr();
         let tcp = tokio::time::timeout(Duration::from_secs(30), TcpStream::connect(&addr)).await.map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {addr} timed out"))
@@ -530,21 +562,11 @@ impl MssqlSink {
         tcp.set_nodelay(true)?;
         let mut c = Client::connect(self.config.clone(), tcp.compat_write()).await?;
         c.simple_query(SESSION).await?.into_results().await?;
+        c.simple_query(format!("SET LOCK_TIMEOUT {}", self.lock_timeout.as_millis().clamp(1, i32::MAX as u128)))
+            .await?
+            .into_results()
+            .await?;
         Ok(c)
-    }
-
-    /// An idle connection, or a new one. A connection goes back with [`MssqlSink::put`] only after
-    /// work that ended cleanly; one that failed is dropped (the server rolls back what it held).
-    async fn conn(&self) -> Result<Conn, SinkError> {
-        let idle = self.idle.lock().expect("the pool lock").pop();
-        match idle {
-            Some(c) => Ok(c),
-            None => self.connect().await.map_err(|e| database_error(&self.shown, "connecting", e)),
-        }
-    }
-
-    fn put(&self, c: Conn) {
-        self.idle.lock().expect("the pool lock").push(c);
     }
 
     fn fail(&self, action: &str) -> impl Fn(tiberius::error::Error) -> SinkError + '_ {
@@ -601,6 +623,7 @@ impl MssqlSink {
             created.map_err(|e| match &e {
                 tiberius::error::Error::Server(t) if matches!(t.code(), 262 | 2760 | 1088) => SinkError::refused(
                     &self.shown,
+                    Refusal::NotAllowed,
                     format!(
                         "the user may not create schemas or tables here ({}); grant CREATE SCHEMA and CREATE TABLE, or have an administrator run the output of `dap ddl --dialect mssql`",
                         t.message()
@@ -620,6 +643,7 @@ impl MssqlSink {
         if versions != [Some(DATABASE_VERSION)] {
             return Err(SinkError::refused(
                 &self.shown,
+                Refusal::Incompatible,
                 format!(
                     "instructure_dap.database_version holds {versions:?}, not [1]: this database was made by another version of the official client. dap writes only version 1 databases; migrate it with the official client 2.3 first"
                 ),
@@ -635,55 +659,24 @@ impl MssqlSink {
             ];
             self.batch(c, &sql.join(";\n"), "creating dap_replica.checkpoints").await?;
         }
+        if !self.exists(c, OUR_SCHEMA, "locks").await? {
+            let sql = format!(
+                "CREATE TABLE {} (\"namespace\" nvarchar(128) NOT NULL, \"table_name\" nvarchar(128) NOT NULL, \"holder\" nvarchar(512) NOT NULL, CONSTRAINT \"pk_dap_replica_locks\" PRIMARY KEY (\"namespace\", \"table_name\"))",
+                ours("locks")
+            );
+            self.batch(c, &sql, "creating dap_replica.locks").await?;
+        }
         Ok(())
-    }
-
-    async fn bookkeeping_rows(&self, namespace: &str, table: Option<&str>) -> Result<Vec<Bookkeeping>, SinkError> {
-        let mut c = self.conn().await?;
-        if !self.exists(&mut c, BOOKKEEPING_SCHEMA, "table_sync").await? {
-            self.put(c);
-            return Ok(Vec::new());
-        }
-        let sql = format!(
-            "SELECT CAST(\"source_table\" AS nvarchar(256)), \"timestamp\", \"schema_version\", CAST(\"schema_description\" AS nvarchar(max)) \
-             FROM {} WHERE \"source_namespace\" = @P1 ORDER BY \"source_table\", \"id\"",
-            bookkeeping_table("table_sync")
-        );
-        let rows = c
-            .query(sql, &[&namespace])
-            .await
-            .map_err(self.fail("reading instructure_dap.table_sync"))?
-            .into_first_result()
-            .await
-            .map_err(self.fail("reading instructure_dap.table_sync"))?;
-        self.put(c);
-        let mut out: Vec<Bookkeeping> = Vec::new();
-        for r in rows {
-            let t: String = r.get::<&str, _>(0).unwrap_or_default().to_string();
-            if table.is_some_and(|want| want != t) || out.iter().any(|b| b.table == t) {
-                continue; // the first row of a table counts, as for the official client
-            }
-            let at: chrono::NaiveDateTime = r.get(1).ok_or_else(|| {
-                SinkError::refused(&self.shown, format!("table_sync has no timestamp for {namespace}.{t}"))
-            })?;
-            out.push(Bookkeeping {
-                namespace: namespace.to_string(),
-                table: t,
-                // datetime2 keeps 100 ns; the watermark keeps microseconds, truncated.
-                watermark: at.and_utc().timestamp_micros(),
-                schema_version: u32::try_from(r.get::<i64, _>(2).unwrap_or(0)).unwrap_or(0),
-                schema_description: r.get::<&str, _>(3).unwrap_or_default().to_string(),
-            });
-        }
-        Ok(out)
     }
 
     /// The bookkeeping row, in the caller's transaction: the first row of the table updated, as
     /// the official client does, or a new one.
-    async fn write_bookkeeping(&self, c: &mut Conn, b: &Bookkeeping) -> Result<(), SinkError> {
+    async fn write_table_sync(&self, c: &mut Conn, b: &Bookkeeping) -> Result<(), SinkError> {
         let sync = bookkeeping_table("table_sync");
         let at = chrono::DateTime::from_timestamp_micros(b.watermark)
-            .ok_or_else(|| SinkError::refused(&self.shown, format!("watermark {} is out of range", b.watermark)))?
+            .ok_or_else(|| {
+                SinkError::refused(&self.shown, Refusal::Input, format!("watermark {} is out of range", b.watermark))
+            })?
             .naive_utc();
         let version = b.schema_version as i64;
         let rows = c
@@ -725,50 +718,39 @@ impl MssqlSink {
         Ok(())
     }
 
-    /// Bulk-loads records into a scratch table until the part ends ([`Span::Part`]) or the feed
-    /// does; returns the rows and the piece that ended the load.
+    /// Bulk-loads records into a scratch table until the pump's span ends.
     async fn bulk_load(
         &self,
         c: &mut Conn,
         def: &TableDef,
         name: &str,
         span: Span,
-        feed: &mut Feed,
-    ) -> Result<(u64, Piece), SinkError> {
+        rows: &mut Pump<'_>,
+    ) -> Result<(), SinkError> {
         let encoder = BulkEncoder::new(def, span, self.non_finite);
         let target = bracketed(OUR_SCHEMA, name);
         let action = format!("loading rows into {OUR_SCHEMA}.{name}");
         let mut request = c.bulk_insert(&target).await.map_err(self.fail(&action))?;
-        let mut rows = 0u64;
-        let end = loop {
-            match feed.next().await? {
-                Piece::Rows(batch) => {
-                    for r in batch {
-                        let row = encoder.row(r).map_err(|Unstorable { key, column, reason }| match reason {
-                            BadValue::NonFinite(value) => {
-                                SinkError::non_finite(&self.shown, "SQL Server", def, &key, &column, value)
-                            }
-                            BadValue::OutOfRange(shown) => SinkError::refused(
-                                &self.shown,
-                                format!(
-                                    "{}.{}: key {} column {column} holds {shown}, outside SQL Server's dates (years 1 to 9999); nothing was published",
-                                    def.namespace,
-                                    def.name,
-                                    key.to_text().unwrap_or_default()
-                                ),
-                            ),
-                        })?;
-                        request.send(row).await.map_err(self.fail(&action))?;
-                        rows += 1;
-                    }
-                }
-                Piece::Begin(_) => {}
-                Piece::End(_) if span == Span::Feed => {}
-                end @ (Piece::End(_) | Piece::Done) => break end,
+        while let Some(batch) = rows.next_batch().await? {
+            for r in batch {
+                let row = encoder.row(r).map_err(|Unstorable { key, column, reason }| match reason {
+                    BadValue::NonFinite(value) => SinkError::non_finite(&self.shown, "SQL Server", def, &key, &column, value),
+                    BadValue::OutOfRange(shown) => SinkError::refused(
+                        &self.shown,
+                        Refusal::Input,
+                        format!(
+                            "{}.{}: key {} column {column} holds {shown}, outside SQL Server's dates (years 1 to 9999); nothing was published",
+                            def.namespace,
+                            def.name,
+                            key.to_text().unwrap_or_default()
+                        ),
+                    ),
+                })?;
+                request.send(row).await.map_err(self.fail(&action))?;
             }
-        };
+        }
         request.finalize().await.map_err(self.fail(&action))?;
-        Ok((rows, end))
+        Ok(())
     }
 
     /// Keeps only the last row (highest `_dap_seq`) of each key of a scratch table.
@@ -902,7 +884,11 @@ impl MssqlSink {
             .await
             .map_err(self.fail("reading the table's columns"))?;
         let row = rows.first().ok_or_else(|| {
-            SinkError::refused(&self.shown, format!("{}.{} has no column {column}", def.namespace, def.name))
+            SinkError::refused(
+                &self.shown,
+                Refusal::Schema,
+                format!("{}.{} has no column {column}", def.namespace, def.name),
+            )
         })?;
         let ty = row.get::<&str, _>(0).unwrap_or("varchar").to_string();
         Ok(match row.get::<i32, _>(1) {
@@ -910,12 +896,6 @@ impl MssqlSink {
             Some(n) => format!("{ty}({n})"),
             None => ty,
         })
-    }
-
-    /// Commits the transaction open on `c`. Work that fails before this point drops its
-    /// connection instead, and the server rolls the transaction back.
-    async fn commit(&self, c: &mut Conn) -> Result<(), SinkError> {
-        self.batch(c, "COMMIT", "committing").await
     }
 }
 
@@ -936,22 +916,102 @@ fn column_sql_nullable(c: &Column) -> String {
     format!("{} {} {}", ident(&c.name), column_type(c), if c.required { "NOT NULL" } else { "NULL" })
 }
 
+/// A session holding `sp_getapplock` locks: a connection of its own, outside the pool.
+pub struct MssqlLockSession {
+    conn: Conn,
+}
+
 #[async_trait::async_trait]
-impl Sink for MssqlSink {
-    fn describe(&self) -> String {
-        self.shown.clone()
+impl Dialect for MssqlDialect {
+    type Conn = Conn;
+    type LockSession = MssqlLockSession;
+
+    fn target(&self) -> &str {
+        &self.shown
     }
 
-    async fn bookkeeping(&self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError> {
-        Ok(self.bookkeeping_rows(namespace, Some(table)).await?.pop())
+    fn table_sql(&self, namespace: &str, table: &str) -> String {
+        table_name(namespace, table)
     }
 
-    async fn all_bookkeeping(&self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError> {
-        self.bookkeeping_rows(namespace, None).await
+    fn bookkeeping_name(&self) -> &'static str {
+        "instructure_dap.table_sync"
     }
 
-    async fn row_count(&self, namespace: &str, table: &str) -> Result<u64, SinkError> {
-        let mut c = self.conn().await?;
+    fn staging_keeps(&self) -> Staged {
+        Staged::EveryRecord
+    }
+
+    fn lock_timeout(&self) -> Duration {
+        self.lock_timeout
+    }
+
+    async fn connect(&self) -> Result<Conn, SinkError> {
+        let idle = self.idle.lock().expect("the pool lock").pop();
+        match idle {
+            Some(c) => Ok(c),
+            None => self.connect_new().await.map_err(|e| database_error(&self.shown, "connecting", e)),
+        }
+    }
+
+    fn release(&self, c: Conn) {
+        self.idle.lock().expect("the pool lock").push(c);
+    }
+
+    async fn begin(&self, c: &mut Conn) -> Result<(), SinkError> {
+        self.batch(c, "BEGIN TRANSACTION", "starting a transaction").await
+    }
+
+    async fn commit(&self, c: &mut Conn) -> Result<(), SinkError> {
+        self.batch(c, "COMMIT", "committing").await
+    }
+
+    async fn stored_bookkeeping(
+        &self,
+        c: &mut Conn,
+        namespace: &str,
+        table: Option<&str>,
+    ) -> Result<Vec<StoredBookkeeping>, SinkError> {
+        if !self.exists(c, BOOKKEEPING_SCHEMA, "table_sync").await? {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT CAST(\"source_table\" AS nvarchar(256)), \"timestamp\", \"schema_version\", CAST(\"schema_description\" AS nvarchar(max)) \
+             FROM {} WHERE \"source_namespace\" = @P1 ORDER BY \"source_table\", \"id\"",
+            bookkeeping_table("table_sync")
+        );
+        let rows = c
+            .query(sql, &[&namespace])
+            .await
+            .map_err(self.fail("reading instructure_dap.table_sync"))?
+            .into_first_result()
+            .await
+            .map_err(self.fail("reading instructure_dap.table_sync"))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let t: String = r.get::<&str, _>(0).unwrap_or_default().to_string();
+                if table.is_some_and(|want| want != t) {
+                    return None;
+                }
+                let at: Option<chrono::NaiveDateTime> = r.get(1);
+                Some(StoredBookkeeping {
+                    namespace: namespace.to_string(),
+                    table: t,
+                    // datetime2 keeps 100 ns; the watermark keeps microseconds, truncated.
+                    watermark: at.map(|at| at.and_utc().timestamp_micros()).ok_or_else(|| "NULL".to_string()),
+                    schema_version: r.get::<i64, _>(2).unwrap_or(-1),
+                    schema_description: r.get::<&str, _>(3).unwrap_or_default().to_string(),
+                })
+            })
+            .collect())
+    }
+
+    async fn write_bookkeeping(&self, c: &mut Conn, b: &Bookkeeping) -> Result<(), SinkError> {
+        self.write_table_sync(c, b).await
+    }
+
+    async fn row_count(&self, c: &mut Conn, namespace: &str, table: &str) -> Result<u64, SinkError> {
         let action = format!("counting {namespace}.{table}");
         let rows = c
             .simple_query(format!("SELECT COUNT_BIG(*) FROM {}", table_name(namespace, table)))
@@ -960,27 +1020,14 @@ impl Sink for MssqlSink {
             .into_first_result()
             .await
             .map_err(self.fail(&action))?;
-        self.put(c);
         Ok(rows.first().and_then(|r| r.get::<i64, _>(0)).unwrap_or(0) as u64)
     }
 
-    async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError> {
-        let mut c = self.conn().await?;
-        let exists = self.exists(&mut c, namespace, table).await?;
-        self.put(c);
-        if exists {
-            return Err(SinkError::unowned_table(
-                &self.shown,
-                &format!("{namespace}.{table}"),
-                "instructure_dap.table_sync",
-                &format!("{}.{}", ident(namespace), ident(table)),
-            ));
-        }
-        Ok(())
+    async fn table_exists(&self, c: &mut Conn, namespace: &str, table: &str) -> Result<bool, SinkError> {
+        self.exists(c, namespace, table).await
     }
 
-    async fn stage(&self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError> {
-        let mut c = self.conn().await?;
+    async fn checkpoints(&self, c: &mut Conn, def: &TableDef) -> Result<Vec<(String, String)>, SinkError> {
         let rows = c
             .query(
                 format!(
@@ -994,15 +1041,17 @@ impl Sink for MssqlSink {
             .into_first_result()
             .await
             .map_err(self.fail("reading checkpoints"))?;
-        let done: Vec<(String, String)> = rows
+        Ok(rows
             .iter()
             .map(|r| (r.get::<&str, _>(0).unwrap_or_default().into(), r.get::<&str, _>(1).unwrap_or_default().into()))
-            .collect();
-        let staged = self.exists(&mut c, OUR_SCHEMA, &staging_table(def)).await?;
-        if staged && !done.is_empty() && done.iter().all(|(j, _)| j == job) {
-            self.put(c);
-            return Ok(done.into_iter().map(|(_, o)| o).collect());
-        }
+            .collect())
+    }
+
+    async fn staging_exists(&self, c: &mut Conn, def: &TableDef) -> Result<bool, SinkError> {
+        self.exists(c, OUR_SCHEMA, &staging_table(def)).await
+    }
+
+    async fn create_staging(&self, c: &mut Conn, def: &TableDef) -> Result<(), SinkError> {
         let sql = format!(
             "DELETE FROM {} WHERE \"namespace\" = {} AND \"table_name\" = {}; {}",
             ours("checkpoints"),
@@ -1010,55 +1059,55 @@ impl Sink for MssqlSink {
             literal(&def.name),
             create_scratch_sql(def, &staging_table(def), Span::Part)
         );
-        self.batch(&mut c, &sql, &format!("creating the staging table of {}", def.name)).await?;
-        self.put(c);
-        Ok(Vec::new())
+        self.batch(c, &sql, &format!("creating the staging table of {}", def.name)).await
     }
 
-    async fn load(&self, def: &TableDef, job: &str, mut feed: Feed) -> Result<u64, SinkError> {
-        let mut c = self.conn().await?;
-        let mut rows = 0;
-        loop {
-            match feed.next().await? {
-                Piece::Begin(_) => {}
-                Piece::Done => {
-                    self.put(c);
-                    return Ok(rows);
-                }
-                Piece::Rows(_) | Piece::End(_) => {
-                    return Err(SinkError::refused(&self.shown, "a feed part began without its Begin"));
-                }
-            }
-            // A failure drops the connection: the server rolls the part back.
-            self.batch(&mut c, "BEGIN TRANSACTION", "starting a transaction").await?;
-            let (n, end) = self.bulk_load(&mut c, def, &staging_table(def), Span::Part, &mut feed).await?;
-            let Piece::End(object) = end else { return Err(SinkError::FeedAborted) };
-            c.execute(
-                format!(
-                    "INSERT INTO {} (\"namespace\", \"table_name\", \"job_id\", \"object\") VALUES (@P1, @P2, @P3, @P4)",
-                    ours("checkpoints")
-                ),
-                &[&def.namespace.as_str(), &def.name.as_str(), &job, &object.as_str()],
-            )
+    async fn load_part(&self, c: &mut Conn, def: &TableDef, rows: &mut Pump<'_>) -> Result<(), SinkError> {
+        self.bulk_load(c, def, &staging_table(def), Span::Part, rows).await
+    }
+
+    async fn record_checkpoint(&self, c: &mut Conn, def: &TableDef, job: &str, part: &str) -> Result<(), SinkError> {
+        c.execute(
+            format!(
+                "INSERT INTO {} (\"namespace\", \"table_name\", \"job_id\", \"object\") VALUES (@P1, @P2, @P3, @P4)",
+                ours("checkpoints")
+            ),
+            &[&def.namespace.as_str(), &def.name.as_str(), &job, &part],
+        )
+        .await
+        .map_err(self.fail("recording a checkpoint"))?;
+        Ok(())
+    }
+
+    async fn staged_rows(&self, c: &mut Conn, def: &TableDef) -> Result<u64, SinkError> {
+        let action = format!("counting the staged rows of {}", def.name);
+        let rows = c
+            .simple_query(format!("SELECT COUNT_BIG(*) FROM {}", ours(&staging_table(def))))
             .await
-            .map_err(self.fail("recording a checkpoint"))?;
-            self.commit(&mut c).await?;
-            rows += n;
-        }
+            .map_err(self.fail(&action))?
+            .into_first_result()
+            .await
+            .map_err(self.fail(&action))?;
+        Ok(rows.first().and_then(|r| r.get::<i64, _>(0)).unwrap_or(0) as u64)
     }
 
-    async fn publish(&self, def: &TableDef, delta: &SchemaDelta, bookkeeping: &Bookkeeping) -> Result<(), SinkError> {
-        let mut c = self.conn().await?;
+    async fn publish(
+        &self,
+        c: &mut Conn,
+        def: &TableDef,
+        delta: &SchemaDelta,
+        b: &Bookkeeping,
+    ) -> Result<(), SinkError> {
         let table = table_name(&def.namespace, &def.name);
         let staging = staging_table(def);
-        let replacing = self.exists(&mut c, &def.namespace, &def.name).await?;
+        let replacing = self.exists(c, &def.namespace, &def.name).await?;
         let mut missing_lookups = Vec::new();
         for name in lookup_tables(def) {
-            if !self.exists(&mut c, &def.namespace, &name).await? {
+            if !self.exists(c, &def.namespace, &name).await? {
                 missing_lookups.push(name);
             }
         }
-        self.batch(&mut c, "BEGIN TRANSACTION", "starting a transaction").await?;
+        self.begin(c).await?;
         let mut sql = vec![create_schema_sql(&def.namespace)];
         for name in &missing_lookups {
             sql.extend(lookup_statements(def, name));
@@ -1067,9 +1116,9 @@ impl Sink for MssqlSink {
             // The table object stays (with the user's views, indexes and grants): its rows are
             // replaced, after its columns follow the new schema.
             sql.push(format!("DELETE FROM {table}"));
-            self.batch(&mut c, &sql.join(";\n"), &format!("preparing {}", def.name)).await?;
+            self.batch(c, &sql.join(";\n"), &format!("preparing {}", def.name)).await?;
             sql.clear();
-            self.apply_delta(&mut c, def, delta).await?;
+            self.apply_delta(c, def, delta).await?;
         } else {
             sql.push(create_table_sql(def));
             for (column, enum_name) in enum_columns(def) {
@@ -1088,28 +1137,26 @@ impl Sink for MssqlSink {
             literal(&def.name)
         ));
         for statement in sql {
-            self.batch(&mut c, &statement, &format!("publishing {}", def.name)).await?;
+            self.batch(c, &statement, &format!("publishing {}", def.name)).await?;
         }
-        self.write_bookkeeping(&mut c, bookkeeping).await?;
-        self.commit(&mut c).await?;
-        self.put(c);
-        Ok(())
+        self.write_table_sync(c, b).await?;
+        self.commit(c).await
     }
 
     async fn apply_changes(
         &self,
+        c: &mut Conn,
         def: &TableDef,
         delta: &SchemaDelta,
-        mut feed: Feed,
-        bookkeeping: &Bookkeeping,
-    ) -> Result<u64, SinkError> {
-        let mut c = self.conn().await?;
+        rows: &mut Pump<'_>,
+        b: &Bookkeeping,
+    ) -> Result<(), SinkError> {
         let scratch = changes_table(def);
-        self.batch(&mut c, &create_scratch_sql(def, &scratch, Span::Feed), "creating the changes table").await?;
-        let (rows, _) = self.bulk_load(&mut c, def, &scratch, Span::Feed, &mut feed).await?;
+        self.batch(c, &create_scratch_sql(def, &scratch, Span::Feed), "creating the changes table").await?;
+        self.bulk_load(c, def, &scratch, Span::Feed, rows).await?;
         let table = table_name(&def.namespace, &def.name);
-        self.batch(&mut c, "BEGIN TRANSACTION", "starting a transaction").await?;
-        self.apply_delta(&mut c, def, delta).await?;
+        self.begin(c).await?;
+        self.apply_delta(c, def, delta).await?;
         let upserts = " AND s.\"_dap_action\" = N'U'";
         let mut sql = vec![Self::dedupe_sql(def, &scratch)];
         sql.extend(Self::lookup_merges(def, &scratch, " AND \"_dap_action\" = N'U'"));
@@ -1132,17 +1179,14 @@ impl Sink for MssqlSink {
             ours(&scratch)
         ));
         for statement in sql {
-            self.batch(&mut c, &statement, &format!("applying the changes to {}", def.name)).await?;
+            self.batch(c, &statement, &format!("applying the changes to {}", def.name)).await?;
         }
-        self.write_bookkeeping(&mut c, bookkeeping).await?;
-        self.commit(&mut c).await?;
-        self.batch(&mut c, &format!("DROP TABLE IF EXISTS {}", ours(&scratch)), "dropping the changes table").await?;
-        self.put(c);
-        Ok(rows)
+        self.write_table_sync(c, b).await?;
+        self.commit(c).await?;
+        self.batch(c, &format!("DROP TABLE IF EXISTS {}", ours(&scratch)), "dropping the changes table").await
     }
 
-    async fn drop_table(&self, namespace: &str, table: &str) -> Result<bool, SinkError> {
-        let mut c = self.conn().await?;
+    async fn drop_table(&self, c: &mut Conn, namespace: &str, table: &str) -> Result<bool, SinkError> {
         let result = c
             .execute(
                 format!(
@@ -1157,14 +1201,77 @@ impl Sink for MssqlSink {
         if removed {
             // The lookup tables stay, as the official client leaves them.
             self.batch(
-                &mut c,
+                c,
                 &format!("DROP TABLE IF EXISTS {}", table_name(namespace, table)),
                 &format!("dropping {namespace}.{table}"),
             )
             .await?;
         }
-        self.put(c);
         Ok(removed)
+    }
+
+    async fn lock_session(&self) -> Result<MssqlLockSession, SinkError> {
+        let conn =
+            self.connect_new().await.map_err(|e| database_error(&self.shown, "connecting for a table lock", e))?;
+        Ok(MssqlLockSession { conn })
+    }
+
+    async fn try_lock(&self, s: &mut MssqlLockSession, namespace: &str, table: &str) -> Result<bool, SinkError> {
+        let name = lock_name(&self.database, namespace, table);
+        let action = format!("taking the lock of {namespace}.{table}");
+        let rows = s
+            .conn
+            .query(
+                "DECLARE @result int; EXEC @result = sp_getapplock @Resource = @P1, @LockMode = 'Exclusive', @LockOwner = 'Session', @LockTimeout = 0; SELECT @result",
+                &[&name.as_str()],
+            )
+            .await
+            .map_err(self.fail(&action))?
+            .into_first_result()
+            .await
+            .map_err(self.fail(&action))?;
+        Ok(rows.first().and_then(|r| r.get::<i32, _>(0)).is_some_and(|result| result >= 0))
+    }
+
+    async fn write_holder(
+        &self,
+        s: &mut MssqlLockSession,
+        namespace: &str,
+        table: &str,
+        holder: &str,
+    ) -> Result<(), SinkError> {
+        let locks = ours("locks");
+        s.conn
+            .execute(
+                format!(
+                    "DELETE FROM {locks} WHERE \"namespace\" = @P1 AND \"table_name\" = @P2; INSERT INTO {locks} (\"namespace\", \"table_name\", \"holder\") VALUES (@P1, @P2, @P3)"
+                ),
+                &[&namespace, &table, &holder],
+            )
+            .await
+            .map_err(self.fail("recording who holds a table's lock"))?;
+        Ok(())
+    }
+
+    async fn read_holder(
+        &self,
+        s: &mut MssqlLockSession,
+        namespace: &str,
+        table: &str,
+    ) -> Result<Option<String>, SinkError> {
+        let action = "reading who holds a table's lock";
+        let rows = s
+            .conn
+            .query(
+                format!("SELECT CAST(\"holder\" AS nvarchar(512)) FROM {} WHERE \"namespace\" = @P1 AND \"table_name\" = @P2", ours("locks")),
+                &[&namespace, &table],
+            )
+            .await
+            .map_err(self.fail(action))?
+            .into_first_result()
+            .await
+            .map_err(self.fail(action))?;
+        Ok(rows.first().and_then(|r| r.get::<&str, _>(0)).map(str::to_string))
     }
 }
 

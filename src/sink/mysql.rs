@@ -20,27 +20,62 @@
 //! ±infinity have no MySQL form: refused before anything is published, naming the row, or
 //! stored as NULL with `--non-finite null`.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
+use super::protocol::{Dialect, Protocol, Staged, StoredBookkeeping, lock_name};
 use super::{
-    Access, Bookkeeping, ConnectionString, Feed, NonFinite, Piece, Retry, Sink, SinkError, SinkOptions, SslMode,
+    Access, Backend, Bookkeeping, ConnectionString, NonFinite, Refusal, Sink, SinkError, SinkOptions, SslMode,
 };
 use crate::decode::Record;
+use crate::error::Retry;
+use crate::feed::Pump;
 use crate::schema::delta::{Change, SchemaDelta};
 use crate::schema::{Column, ColumnType, TableDef};
 use crate::time::{self, MICROS_PER_SECOND};
 use crate::value::{Value, format_float};
 
-/// The session settings of the official client (spec §5.1).
-const SESSION: &[&str] = &[
-    "SET SESSION sql_mode = 'ANSI_QUOTES,NO_AUTO_VALUE_ON_ZERO,STRICT_ALL_TABLES'",
-    "SET SESSION time_zone = '+00:00'",
-    "SET NAMES utf8mb4",
-];
+/// The MySQL and MariaDB backend of the registry.
+pub static BACKEND: Backend =
+    Backend { scheme: "mysql", aliases: &["mariadb"], default_port: 3306, reads_pgpass: false, open: open_sink, ddl };
+
+fn open_sink<'a>(
+    url: &'a ConnectionString,
+    options: &'a SinkOptions,
+) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {
+    Box::pin(async move {
+        let sink: Arc<dyn Sink> = Arc::new(Protocol::new(MysqlDialect::open(url, options).await?));
+        Ok(sink)
+    })
+}
+
+/// The DDL initdb runs on an empty database: the bookkeeping tables, then each table.
+pub fn ddl(defs: &[TableDef]) -> Vec<String> {
+    let mut out = bookkeeping_statements();
+    for def in defs {
+        out.extend(table_statements(def));
+    }
+    out
+}
+
+/// The session settings of the official client (spec §5.1), and no wait for a table or row lock
+/// longer than the lock timeout (MySQL waits a year for a metadata lock by default).
+fn session(lock_timeout: Duration) -> Vec<String> {
+    let wait = lock_timeout.as_secs().max(1);
+    vec![
+        "SET SESSION sql_mode = 'ANSI_QUOTES,NO_AUTO_VALUE_ON_ZERO,STRICT_ALL_TABLES'".into(),
+        "SET SESSION time_zone = '+00:00'".into(),
+        "SET NAMES utf8mb4".into(),
+        format!("SET SESSION lock_wait_timeout = {wait}, innodb_lock_wait_timeout = {wait}"),
+    ]
+}
 
 /// Bytes of load data handed to the driver at a time.
 const CHUNK: usize = 1 << 16;
@@ -87,10 +122,14 @@ impl Flavor {
     }
 }
 
-pub struct MysqlSink {
+/// A MySQL or MariaDB database as the load protocol drives it.
+pub struct MysqlDialect {
     shown: String,
     database: String,
     pool: Pool,
+    /// Options for the lock sessions, which live outside the pool.
+    opts: Opts,
+    lock_timeout: Duration,
     flavor: Flavor,
     non_finite: NonFinite,
     /// Whether the server takes `LOAD DATA LOCAL INFILE`; else multi-row INSERTs.
@@ -417,8 +456,8 @@ fn ssl_opts(url: &ConnectionString) -> Option<SslOpts> {
     }
 }
 
-impl MysqlSink {
-    pub async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<MysqlSink, SinkError> {
+impl MysqlDialect {
+    pub async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<MysqlDialect, SinkError> {
         let shown = url.redacted();
         // The driver reports an unreadable CA file as a failed connection: say what it is.
         if let Some(file) = &url.ssl_root_cert
@@ -426,6 +465,7 @@ impl MysqlSink {
         {
             return Err(SinkError::refused(
                 &shown,
+                Refusal::NotAllowed,
                 format!(
                     "cannot read sslrootcert {} ({e}); give a CA certificate file (PEM) you can read",
                     file.display()
@@ -439,10 +479,13 @@ impl MysqlSink {
             .user(url.user.clone())
             .pass(url.password.as_ref().map(|p| p.expose().to_string()))
             .db_name(Some(url.database.clone()))
-            .setup(SESSION.to_vec())
+            .setup(session(options.lock_timeout))
+            // A peer that stops answering is noticed (and the work rolled back) within minutes.
+            .tcp_keepalive(Some(Duration::from_secs(60)))
             .ssl_opts(ssl_opts(url))
             .pool_opts(PoolOpts::default().with_constraints(constraints));
-        let pool = Pool::new(Opts::from(builder));
+        let opts = Opts::from(builder);
+        let pool = Pool::new(opts.clone());
         let mut conn = pool.get_conn().await.map_err(|e| connect_error(&shown, url, e))?;
         let version: String = conn
             .query_first("SELECT VERSION()")
@@ -466,10 +509,12 @@ impl MysqlSink {
                 url.database
             );
         }
-        let sink = MysqlSink {
+        let sink = MysqlDialect {
             shown,
             database: url.database.clone(),
             pool,
+            opts,
+            lock_timeout: options.lock_timeout,
             flavor: Flavor::of_version(&version),
             non_finite: options.non_finite,
             local_infile: local_infile == Some(1),
@@ -492,10 +537,6 @@ impl MysqlSink {
         move |e| database_error(&self.shown, &action, e)
     }
 
-    async fn conn(&self) -> Result<Conn, SinkError> {
-        self.pool.get_conn().await.map_err(self.fail("connecting"))
-    }
-
     /// Commits when `result` is Ok, else rolls back.
     async fn end<T>(&self, c: &mut Conn, result: Result<T, SinkError>) -> Result<T, SinkError> {
         match result {
@@ -510,7 +551,7 @@ impl MysqlSink {
         }
     }
 
-    async fn table_exists(&self, c: &mut Conn, name: &str) -> Result<bool, SinkError> {
+    async fn exists(&self, c: &mut Conn, name: &str) -> Result<bool, SinkError> {
         let n: Option<i64> = c
             .exec_first(
                 "SELECT count(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
@@ -525,11 +566,12 @@ impl MysqlSink {
     /// database of another version; finishes any publish a crash interrupted.
     async fn prepare(&self, c: &mut Conn) -> Result<(), SinkError> {
         let sync = format!("{BOOKKEEPING_SCHEMA}__table_sync");
-        if !self.table_exists(c, &sync).await? {
+        if !self.exists(c, &sync).await? {
             for sql in bookkeeping_statements() {
                 c.query_drop(&sql).await.map_err(|e| match &e {
                     mysql_async::Error::Server(s) if matches!(s.code, 1142 | 1044) => SinkError::refused(
                         &self.shown,
+                        Refusal::NotAllowed,
                         format!(
                             "the user may not create tables in database {} ({}); grant CREATE, or have an administrator run the output of `dap ddl --dialect mysql`",
                             self.database, s.message
@@ -552,6 +594,7 @@ impl MysqlSink {
         if versions != [DATABASE_VERSION] {
             return Err(SinkError::refused(
                 &self.shown,
+                Refusal::Incompatible,
                 format!(
                     "instructure_dap__database_version holds {versions:?}, not [1]: this database was made by another version of the official client. dap writes only version 1 databases; migrate it with the official client 2.3 first"
                 ),
@@ -571,8 +614,12 @@ impl MysqlSink {
                 "watermarks",
                 "namespace varchar(64) NOT NULL, table_name varchar(64) NOT NULL, watermark varchar(40) NOT NULL, PRIMARY KEY (namespace, table_name)",
             ),
+            (
+                "locks",
+                "namespace varchar(64) NOT NULL, table_name varchar(64) NOT NULL, holder varchar(512) NOT NULL, PRIMARY KEY (namespace, table_name)",
+            ),
         ] {
-            if !self.table_exists(c, &format!("{OUR_SCHEMA}__{name}")).await? {
+            if !self.exists(c, &format!("{OUR_SCHEMA}__{name}")).await? {
                 c.query_drop(format!("CREATE TABLE IF NOT EXISTS {} ({columns})", our_table(name)))
                     .await
                     .map_err(self.fail(&format!("creating {OUR_SCHEMA}__{name}")))?;
@@ -593,8 +640,8 @@ impl MysqlSink {
             .await
             .map_err(self.fail("reading dap_replica__publishing"))?;
         for (ns, table, watermark, version, description) in pending {
-            let staged = self.table_exists(c, &format!("{OUR_SCHEMA}__{ns}__{table}")).await?;
-            let live = self.table_exists(c, &format!("{ns}__{table}")).await?;
+            let staged = self.exists(c, &format!("{OUR_SCHEMA}__{ns}__{table}")).await?;
+            let live = self.exists(c, &format!("{ns}__{table}")).await?;
             if !staged && live {
                 let b = Bookkeeping {
                     namespace: ns.clone(),
@@ -625,7 +672,7 @@ impl MysqlSink {
     /// The bookkeeping row, the end of the publishing record and of the checkpoints, in the
     /// caller's transaction.
     async fn finish_publish(&self, c: &mut Conn, b: &Bookkeeping) -> Result<(), SinkError> {
-        self.write_bookkeeping(c, b).await?;
+        self.write_table_sync(c, b).await?;
         for table in ["publishing", "checkpoints"] {
             c.exec_drop(
                 format!("DELETE FROM {} WHERE namespace = ? AND table_name = ?", our_table(table)),
@@ -640,7 +687,7 @@ impl MysqlSink {
     /// The bookkeeping row (its `datetime` keeps whole seconds), and beside it, in our own table
     /// and the same transaction, the exact watermark: a sync then resumes from exactly where it
     /// stopped, and a replication knows exactly which mirror commit the target holds.
-    async fn write_bookkeeping(&self, c: &mut Conn, b: &Bookkeeping) -> Result<(), SinkError> {
+    async fn write_table_sync(&self, c: &mut Conn, b: &Bookkeeping) -> Result<(), SinkError> {
         c.exec_drop(
             format!("REPLACE INTO {} (namespace, table_name, watermark) VALUES (?, ?, ?)", our_table("watermarks")),
             (&b.namespace, &b.table, time::format_wire(b.watermark)),
@@ -681,12 +728,18 @@ impl MysqlSink {
         Ok(())
     }
 
-    async fn bookkeeping_rows(&self, namespace: &str, table: Option<&str>) -> Result<Vec<Bookkeeping>, SinkError> {
-        let mut c = self.conn().await?;
-        if !self.table_exists(&mut c, &format!("{BOOKKEEPING_SCHEMA}__table_sync")).await? {
+    /// The stored rows of `table_sync`, each with the exact watermark kept beside it when it
+    /// still matches (another client that synced since wrote only `table_sync`).
+    async fn stored_rows(
+        &self,
+        c: &mut Conn,
+        namespace: &str,
+        table: Option<&str>,
+    ) -> Result<Vec<StoredBookkeeping>, SinkError> {
+        if !self.exists(c, &format!("{BOOKKEEPING_SCHEMA}__table_sync")).await? {
             return Ok(Vec::new());
         }
-        let exact_known = self.table_exists(&mut c, &format!("{OUR_SCHEMA}__watermarks")).await?;
+        let exact_known = self.exists(c, &format!("{OUR_SCHEMA}__watermarks")).await?;
         let exact = if exact_known {
             format!(
                 "(SELECT w.watermark FROM {} w WHERE w.namespace = s.source_namespace AND w.table_name = s.source_table)",
@@ -695,7 +748,7 @@ impl MysqlSink {
         } else {
             "NULL".to_string()
         };
-        let rows: Vec<(String, String, String, i64, String, Option<String>)> = c
+        let rows: Vec<StoredRow> = c
             .exec(
                 format!(
                     "SELECT source_namespace, source_table, DATE_FORMAT(\"timestamp\", '%Y-%m-%dT%H:%i:%sZ'), schema_version, schema_description, {exact}
@@ -706,47 +759,42 @@ impl MysqlSink {
             )
             .await
             .map_err(self.fail("reading instructure_dap__table_sync"))?;
-        let mut out: Vec<Bookkeeping> = Vec::new();
-        for (ns, t, ts, version, description, exact) in rows {
-            if out.iter().any(|b| b.table == t) {
-                continue; // the first row of a table counts, as for the official client
-            }
-            let stored = time::parse_rfc3339(&ts).map_err(|e| {
-                SinkError::refused(&self.shown, format!("table_sync holds a timestamp dap cannot read: {e}"))
-            })?;
-            // The exact watermark counts only while table_sync still holds it truncated: another
-            // client (the official one) that synced since wrote only table_sync.
-            let exact = exact.and_then(|e| time::parse_rfc3339(&e).ok());
-            let watermark = match exact {
-                Some(e) if e - e.rem_euclid(MICROS_PER_SECOND) == stored => e,
-                _ => stored,
-            };
-            out.push(Bookkeeping {
-                namespace: ns,
-                table: t,
-                watermark,
-                schema_version: u32::try_from(version).unwrap_or(0),
-                schema_description: description,
-            });
-        }
-        Ok(out)
+        Ok(rows
+            .into_iter()
+            .map(|(ns, t, ts, version, description, exact)| {
+                let ts = ts.unwrap_or_default();
+                let watermark = time::parse_rfc3339(&ts).map_err(|_| ts.clone()).map(|stored| {
+                    // The exact watermark counts only while table_sync still holds it truncated.
+                    match exact.and_then(|e| time::parse_rfc3339(&e).ok()) {
+                        Some(e) if e - e.rem_euclid(MICROS_PER_SECOND) == stored => e,
+                        _ => stored,
+                    }
+                });
+                StoredBookkeeping {
+                    namespace: ns,
+                    table: t,
+                    watermark,
+                    schema_version: version,
+                    schema_description: description,
+                }
+            })
+            .collect())
     }
 
-    /// Streams a feed's records into `table` with `LOAD DATA LOCAL INFILE … REPLACE` (the later
-    /// of two rows with one key wins), or with multi-row `REPLACE` statements when the server
-    /// forbids local files; until the part ends ([`Span::Part`]) or the feed does. Any warning
-    /// is an error.
+    /// Streams records into `table` with `LOAD DATA LOCAL INFILE … REPLACE` (the later of two
+    /// rows with one key wins), or with multi-row `REPLACE` statements when the server forbids
+    /// local files, until the pump's span ends. Changes carry their action first. Any warning is
+    /// an error.
     async fn load_into(
         &self,
         c: &mut Conn,
         def: &TableDef,
         table: &str,
-        span: Span,
-        feed: &mut Feed,
-    ) -> Result<(u64, Piece), SinkError> {
-        let with_action = span == Span::Feed;
+        with_action: bool,
+        rows: &mut Pump<'_>,
+    ) -> Result<(), SinkError> {
         if !self.local_infile {
-            return self.insert_into(c, def, table, span, feed).await;
+            return self.insert_into(c, def, table, with_action, rows).await;
         }
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
         let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
@@ -759,47 +807,37 @@ impl MysqlSink {
         let non_finite = self.non_finite;
         let encoder = async move {
             let mut buf = Vec::with_capacity(CHUNK * 2);
-            let mut rows = 0u64;
-            let end = loop {
-                let piece = match feed.next().await {
-                    Ok(p) => p,
+            loop {
+                let batch = match rows.next_batch().await {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => break,
                     Err(e) => {
                         let _ = tx.send(Err(std::io::Error::other("the source stopped"))).await;
                         return Err(e);
                     }
                 };
-                match piece {
-                    Piece::Rows(batch) => {
-                        for r in &batch {
-                            if let Err(bad) = encode_record(def, r, with_action, Form::LoadField, non_finite, &mut buf)
-                            {
-                                let _ = tx.send(Err(std::io::Error::other("a value cannot be stored"))).await;
-                                return Err(self.non_finite_error(def, r, bad));
-                            }
-                            if buf.len() >= CHUNK {
-                                let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK * 2)));
-                                if tx.send(Ok(chunk)).await.is_err() {
-                                    return Err(SinkError::FeedAborted);
-                                }
-                            }
-                        }
-                        rows += batch.len() as u64;
+                for r in &batch {
+                    if let Err(bad) = encode_record(def, r, with_action, Form::LoadField, non_finite, &mut buf) {
+                        let _ = tx.send(Err(std::io::Error::other("a value cannot be stored"))).await;
+                        return Err(self.non_finite_error(def, r, bad));
                     }
-                    Piece::Begin(_) => {}
-                    Piece::End(_) if span == Span::Feed => {}
-                    end @ (Piece::End(_) | Piece::Done) => break end,
+                    if buf.len() >= CHUNK {
+                        let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK * 2)));
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return Err(SinkError::FeedAborted);
+                        }
+                    }
                 }
-            };
+            }
             if !buf.is_empty() && tx.send(Ok(Bytes::from(buf))).await.is_err() {
                 return Err(SinkError::FeedAborted);
             }
-            Ok((rows, end))
+            Ok(())
         };
         let (loaded, encoded) = tokio::join!(c.query_drop(&sql), encoder);
-        let (rows, end) = encoded?;
+        encoded?;
         loaded.map_err(self.fail(&format!("loading rows into {table}")))?;
-        self.check_warnings(c, table).await?;
-        Ok((rows, end))
+        self.check_warnings(c, table).await
     }
 
     /// The fallback without local files: multi-row `REPLACE` statements under the packet size.
@@ -808,51 +846,39 @@ impl MysqlSink {
         c: &mut Conn,
         def: &TableDef,
         table: &str,
-        span: Span,
-        feed: &mut Feed,
-    ) -> Result<(u64, Piece), SinkError> {
-        let with_action = span == Span::Feed;
+        with_action: bool,
+        rows: &mut Pump<'_>,
+    ) -> Result<(), SinkError> {
         let mut columns: Vec<String> = def.columns().map(|c| ident(&c.name)).collect();
         if with_action {
             columns.insert(0, ident("_dap_action"));
         }
         let head = format!("REPLACE INTO {table} ({}) VALUES ", columns.join(", "));
         let mut sql = head.clone().into_bytes();
-        let mut rows = 0u64;
         let take = |sql: &mut Vec<u8>| {
             String::from_utf8(std::mem::replace(sql, head.clone().into_bytes())).expect("UTF-8 SQL")
         };
-        let end = loop {
-            match feed.next().await? {
-                Piece::Rows(batch) => {
-                    for r in &batch {
-                        if sql.len() > head.len() {
-                            sql.push(b',');
-                        }
-                        sql.push(b'(');
-                        if let Err(bad) = encode_record(def, r, with_action, Form::Literal, self.non_finite, &mut sql) {
-                            return Err(self.non_finite_error(def, r, bad));
-                        }
-                        sql.push(b')');
-                        if sql.len() >= self.statement_budget {
-                            c.query_drop(take(&mut sql))
-                                .await
-                                .map_err(self.fail(&format!("inserting rows into {table}")))?;
-                            self.check_warnings(c, table).await?;
-                        }
-                    }
-                    rows += batch.len() as u64;
+        while let Some(batch) = rows.next_batch().await? {
+            for r in &batch {
+                if sql.len() > head.len() {
+                    sql.push(b',');
                 }
-                Piece::Begin(_) => {}
-                Piece::End(_) if span == Span::Feed => {}
-                end @ (Piece::End(_) | Piece::Done) => break end,
+                sql.push(b'(');
+                if let Err(bad) = encode_record(def, r, with_action, Form::Literal, self.non_finite, &mut sql) {
+                    return Err(self.non_finite_error(def, r, bad));
+                }
+                sql.push(b')');
+                if sql.len() >= self.statement_budget {
+                    c.query_drop(take(&mut sql)).await.map_err(self.fail(&format!("inserting rows into {table}")))?;
+                    self.check_warnings(c, table).await?;
+                }
             }
-        };
+        }
         if sql.len() > head.len() {
             c.query_drop(take(&mut sql)).await.map_err(self.fail(&format!("inserting rows into {table}")))?;
             self.check_warnings(c, table).await?;
         }
-        Ok((rows, end))
+        Ok(())
     }
 
     fn non_finite_error(&self, def: &TableDef, r: &Record, bad: NonFiniteValue) -> SinkError {
@@ -870,6 +896,7 @@ impl MysqlSink {
             warnings.into_iter().map(|(level, code, message)| format!("{level} {code}: {message}")).collect();
         Err(SinkError::refused(
             &self.shown,
+            Refusal::Input,
             format!("loading {table} gave warnings, so the load was rolled back: {}", text.join("; ")),
         ))
     }
@@ -979,13 +1006,6 @@ impl MysqlSink {
     }
 }
 
-/// How much of a feed one load takes: a snapshot part, or every change of a sync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Span {
-    Part,
-    Feed,
-}
-
 /// Appends a record as one load line (or an INSERT's values): optionally its action, then the
 /// key and value columns.
 fn encode_record(
@@ -1018,22 +1038,69 @@ fn encode_record(
     Ok(())
 }
 
+/// A row of `table_sync` as read back: namespace, table, watermark (to the second), schema
+/// version and description, and our exact watermark when we keep one.
+type StoredRow = (String, String, Option<String>, i64, String, Option<String>);
+
+/// A session holding `GET_LOCK` locks: a connection of its own, outside the pool.
+pub struct MysqlLockSession {
+    conn: Conn,
+}
+
 #[async_trait::async_trait]
-impl Sink for MysqlSink {
-    fn describe(&self) -> String {
-        self.shown.clone()
+impl Dialect for MysqlDialect {
+    type Conn = Conn;
+    type LockSession = MysqlLockSession;
+
+    fn target(&self) -> &str {
+        &self.shown
     }
 
-    async fn bookkeeping(&self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError> {
-        Ok(self.bookkeeping_rows(namespace, Some(table)).await?.pop())
+    fn table_sql(&self, namespace: &str, table: &str) -> String {
+        table_name(namespace, table)
     }
 
-    async fn all_bookkeeping(&self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError> {
-        self.bookkeeping_rows(namespace, None).await
+    fn bookkeeping_name(&self) -> &'static str {
+        "instructure_dap__table_sync"
     }
 
-    async fn row_count(&self, namespace: &str, table: &str) -> Result<u64, SinkError> {
-        let mut c = self.conn().await?;
+    fn staging_keeps(&self) -> Staged {
+        Staged::LatestPerKey
+    }
+
+    fn lock_timeout(&self) -> Duration {
+        self.lock_timeout
+    }
+
+    async fn connect(&self) -> Result<Conn, SinkError> {
+        self.pool.get_conn().await.map_err(self.fail("connecting"))
+    }
+
+    /// A pooled connection goes back to the pool when dropped.
+    fn release(&self, _conn: Conn) {}
+
+    async fn begin(&self, c: &mut Conn) -> Result<(), SinkError> {
+        c.query_drop("START TRANSACTION").await.map_err(self.fail("starting a transaction"))
+    }
+
+    async fn commit(&self, c: &mut Conn) -> Result<(), SinkError> {
+        c.query_drop("COMMIT").await.map_err(self.fail("committing"))
+    }
+
+    async fn stored_bookkeeping(
+        &self,
+        c: &mut Conn,
+        namespace: &str,
+        table: Option<&str>,
+    ) -> Result<Vec<StoredBookkeeping>, SinkError> {
+        self.stored_rows(c, namespace, table).await
+    }
+
+    async fn write_bookkeeping(&self, c: &mut Conn, b: &Bookkeeping) -> Result<(), SinkError> {
+        self.write_table_sync(c, b).await
+    }
+
+    async fn row_count(&self, c: &mut Conn, namespace: &str, table: &str) -> Result<u64, SinkError> {
         let n: Option<u64> = c
             .query_first(format!("SELECT count(*) FROM {}", table_name(namespace, table)))
             .await
@@ -1041,35 +1108,24 @@ impl Sink for MysqlSink {
         Ok(n.unwrap_or(0))
     }
 
-    async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError> {
-        let mut c = self.conn().await?;
-        if self.table_exists(&mut c, &format!("{namespace}__{table}")).await? {
-            return Err(SinkError::unowned_table(
-                &self.shown,
-                &format!("{namespace}__{table}"),
-                "instructure_dap__table_sync",
-                &ident(&format!("{namespace}__{table}")),
-            ));
-        }
-        Ok(())
+    async fn table_exists(&self, c: &mut Conn, namespace: &str, table: &str) -> Result<bool, SinkError> {
+        self.exists(c, &format!("{namespace}__{table}")).await
     }
 
-    async fn stage(&self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError> {
-        let mut c = self.conn().await?;
-        let done: Vec<(String, String)> = c
-            .exec(
-                format!(
-                    "SELECT job_id, object FROM {} WHERE namespace = ? AND table_name = ?",
-                    our_table("checkpoints")
-                ),
-                (&def.namespace, &def.name),
-            )
-            .await
-            .map_err(self.fail("reading checkpoints"))?;
-        let staged = self.table_exists(&mut c, &format!("{OUR_SCHEMA}__{}__{}", def.namespace, def.name)).await?;
-        if staged && !done.is_empty() && done.iter().all(|(j, _)| j == job) {
-            return Ok(done.into_iter().map(|(_, o)| o).collect());
-        }
+    async fn checkpoints(&self, c: &mut Conn, def: &TableDef) -> Result<Vec<(String, String)>, SinkError> {
+        c.exec(
+            format!("SELECT job_id, object FROM {} WHERE namespace = ? AND table_name = ?", our_table("checkpoints")),
+            (&def.namespace, &def.name),
+        )
+        .await
+        .map_err(self.fail("reading checkpoints"))
+    }
+
+    async fn staging_exists(&self, c: &mut Conn, def: &TableDef) -> Result<bool, SinkError> {
+        self.exists(c, &format!("{OUR_SCHEMA}__{}__{}", def.namespace, def.name)).await
+    }
+
+    async fn create_staging(&self, c: &mut Conn, def: &TableDef) -> Result<(), SinkError> {
         c.exec_drop(
             format!("DELETE FROM {} WHERE namespace = ? AND table_name = ?", our_table("checkpoints")),
             (&def.namespace, &def.name),
@@ -1081,50 +1137,46 @@ impl Sink for MysqlSink {
             .map_err(self.fail("dropping an old staging table"))?;
         c.query_drop(create_table_sql(&staging_name(def), def))
             .await
-            .map_err(self.fail(&format!("creating the staging table of {}", def.name)))?;
-        Ok(Vec::new())
+            .map_err(self.fail(&format!("creating the staging table of {}", def.name)))
     }
 
-    async fn load(&self, def: &TableDef, job: &str, mut feed: Feed) -> Result<u64, SinkError> {
-        let mut c = self.conn().await?;
-        let staging = staging_name(def);
-        let mut rows = 0;
-        loop {
-            match feed.next().await? {
-                Piece::Begin(_) => {}
-                Piece::Done => return Ok(rows),
-                Piece::Rows(_) | Piece::End(_) => {
-                    return Err(SinkError::refused(&self.shown, "a feed part began without its Begin"));
-                }
-            }
-            c.query_drop("START TRANSACTION").await.map_err(self.fail("starting a transaction"))?;
-            let result = async {
-                let (n, end) = self.load_into(&mut c, def, &staging, Span::Part, &mut feed).await?;
-                let Piece::End(object) = end else { return Err(SinkError::FeedAborted) };
-                c.exec_drop(
-                    format!(
-                        "REPLACE INTO {} (namespace, table_name, job_id, object) VALUES (?, ?, ?, ?)",
-                        our_table("checkpoints")
-                    ),
-                    (&def.namespace, &def.name, job, &object),
-                )
-                .await
-                .map_err(self.fail("recording a checkpoint"))?;
-                Ok(n)
-            }
-            .await;
-            rows += self.end(&mut c, result).await?;
-        }
+    async fn load_part(&self, c: &mut Conn, def: &TableDef, rows: &mut Pump<'_>) -> Result<(), SinkError> {
+        self.load_into(c, def, &staging_name(def), false, rows).await
     }
 
-    async fn publish(&self, def: &TableDef, _delta: &SchemaDelta, bookkeeping: &Bookkeeping) -> Result<(), SinkError> {
-        let mut c = self.conn().await?;
+    async fn record_checkpoint(&self, c: &mut Conn, def: &TableDef, job: &str, part: &str) -> Result<(), SinkError> {
+        c.exec_drop(
+            format!(
+                "REPLACE INTO {} (namespace, table_name, job_id, object) VALUES (?, ?, ?, ?)",
+                our_table("checkpoints")
+            ),
+            (&def.namespace, &def.name, job, part),
+        )
+        .await
+        .map_err(self.fail("recording a checkpoint"))
+    }
+
+    async fn staged_rows(&self, c: &mut Conn, def: &TableDef) -> Result<u64, SinkError> {
+        let n: Option<u64> = c
+            .query_first(format!("SELECT count(*) FROM {}", staging_name(def)))
+            .await
+            .map_err(self.fail(&format!("counting the staged rows of {}", def.name)))?;
+        Ok(n.unwrap_or(0))
+    }
+
+    async fn publish(
+        &self,
+        c: &mut Conn,
+        def: &TableDef,
+        _delta: &SchemaDelta,
+        b: &Bookkeeping,
+    ) -> Result<(), SinkError> {
         let live = table_name(&def.namespace, &def.name);
         let staging = staging_name(def);
-        let replacing = self.table_exists(&mut c, &format!("{}__{}", def.namespace, def.name)).await?;
+        let replacing = self.exists(c, &format!("{}__{}", def.namespace, def.name)).await?;
         if replacing {
             // The replacement takes over what the user added to the table it replaces.
-            let (columns, indexes) = self.user_additions(&mut c, def).await?;
+            let (columns, indexes) = self.user_additions(c, def).await?;
             for sql in columns.iter().chain(&indexes) {
                 c.query_drop(format!("ALTER TABLE {staging} {sql}"))
                     .await
@@ -1138,7 +1190,7 @@ impl Sink for MysqlSink {
                 "REPLACE INTO {} (namespace, table_name, watermark, schema_version, schema_description) VALUES (?, ?, ?, ?, ?)",
                 our_table("publishing")
             ),
-            (&def.namespace, &def.name, time::format_wire(bookkeeping.watermark), bookkeeping.schema_version, &bookkeeping.schema_description),
+            (&def.namespace, &def.name, time::format_wire(b.watermark), b.schema_version, &b.schema_description),
         )
         .await
         .map_err(self.fail("recording the publish"))?;
@@ -1148,9 +1200,9 @@ impl Sink for MysqlSink {
             format!("RENAME TABLE {staging} TO {live}")
         };
         c.query_drop(&rename).await.map_err(self.fail(&format!("swapping in {}", def.name)))?;
-        c.query_drop("START TRANSACTION").await.map_err(self.fail("starting a transaction"))?;
-        let result = self.finish_publish(&mut c, bookkeeping).await;
-        self.end(&mut c, result).await?;
+        self.begin(c).await?;
+        self.finish_publish(c, b).await?;
+        self.commit(c).await?;
         if replacing {
             c.query_drop(format!("DROP TABLE IF EXISTS {}", retired_name(def)))
                 .await
@@ -1161,17 +1213,20 @@ impl Sink for MysqlSink {
 
     async fn apply_changes(
         &self,
+        c: &mut Conn,
         def: &TableDef,
         delta: &SchemaDelta,
-        mut feed: Feed,
-        bookkeeping: &Bookkeeping,
-    ) -> Result<u64, SinkError> {
-        let mut c = self.conn().await?;
-        self.apply_delta(&mut c, def, delta).await?;
+        rows: &mut Pump<'_>,
+        b: &Bookkeeping,
+    ) -> Result<(), SinkError> {
+        self.apply_delta(c, def, delta).await?;
         let table = table_name(&def.namespace, &def.name);
         // Keyed by the table's key: a later record of a key replaces the earlier one as it loads.
         let mut columns: Vec<String> = vec!["\"_dap_action\" char(1) NOT NULL".into()];
         columns.extend(def.columns().map(|col| format!("{} {}", ident(&col.name), column_type(col))));
+        c.query_drop("DROP TEMPORARY TABLE IF EXISTS \"_dap_changes\"")
+            .await
+            .map_err(self.fail("dropping a temporary table"))?;
         c.query_drop(format!(
             "CREATE TEMPORARY TABLE \"_dap_changes\" ({}, PRIMARY KEY ({})) ENGINE = InnoDB",
             columns.join(", "),
@@ -1179,30 +1234,26 @@ impl Sink for MysqlSink {
         ))
         .await
         .map_err(self.fail("creating a temporary table"))?;
-        c.query_drop("START TRANSACTION").await.map_err(self.fail("starting a transaction"))?;
-        let result = async {
-            let (rows, _) = self.load_into(&mut c, def, "\"_dap_changes\"", Span::Feed, &mut feed).await?;
-            let names: Vec<String> = def.columns().map(|col| ident(&col.name)).collect();
-            let values: Vec<String> = def.values.iter().map(|col| ident(&col.name)).collect();
-            let upsert = self.flavor.upsert(&table, &names, &values, "\"_dap_changes\" WHERE \"_dap_action\" = 'U'");
-            c.query_drop(&upsert).await.map_err(self.fail(&format!("applying the changes to {}", def.name)))?;
-            let key = ident(&def.key.name);
-            c.query_drop(format!(
-                "DELETE t FROM {table} t JOIN \"_dap_changes\" d ON t.{key} = d.{key} WHERE d.\"_dap_action\" = 'D'"
-            ))
+        self.begin(c).await?;
+        self.load_into(c, def, "\"_dap_changes\"", true, rows).await?;
+        let names: Vec<String> = def.columns().map(|col| ident(&col.name)).collect();
+        let values: Vec<String> = def.values.iter().map(|col| ident(&col.name)).collect();
+        let upsert = self.flavor.upsert(&table, &names, &values, "\"_dap_changes\" WHERE \"_dap_action\" = 'U'");
+        c.query_drop(&upsert).await.map_err(self.fail(&format!("applying the changes to {}", def.name)))?;
+        let key = ident(&def.key.name);
+        c.query_drop(format!(
+            "DELETE t FROM {table} t JOIN \"_dap_changes\" d ON t.{key} = d.{key} WHERE d.\"_dap_action\" = 'D'"
+        ))
+        .await
+        .map_err(self.fail(&format!("deleting from {}", def.name)))?;
+        self.write_table_sync(c, b).await?;
+        self.commit(c).await?;
+        c.query_drop("DROP TEMPORARY TABLE IF EXISTS \"_dap_changes\"")
             .await
-            .map_err(self.fail(&format!("deleting from {}", def.name)))?;
-            self.write_bookkeeping(&mut c, bookkeeping).await?;
-            Ok(rows)
-        }
-        .await;
-        let outcome = self.end(&mut c, result).await;
-        let _ = c.query_drop("DROP TEMPORARY TABLE IF EXISTS \"_dap_changes\"").await;
-        outcome
+            .map_err(self.fail("dropping a temporary table"))
     }
 
-    async fn drop_table(&self, namespace: &str, table: &str) -> Result<bool, SinkError> {
-        let mut c = self.conn().await?;
+    async fn drop_table(&self, c: &mut Conn, namespace: &str, table: &str) -> Result<bool, SinkError> {
         let removed = c
             .exec_iter(
                 format!(
@@ -1227,9 +1278,54 @@ impl Sink for MysqlSink {
         }
         Ok(removed > 0)
     }
+
+    async fn lock_session(&self) -> Result<MysqlLockSession, SinkError> {
+        let conn = Conn::new(self.opts.clone()).await.map_err(self.fail("connecting for a table lock"))?;
+        Ok(MysqlLockSession { conn })
+    }
+
+    async fn try_lock(&self, s: &mut MysqlLockSession, namespace: &str, table: &str) -> Result<bool, SinkError> {
+        let got: Option<Option<i64>> = s
+            .conn
+            .exec_first("SELECT GET_LOCK(?, 0)", (lock_name(&self.database, namespace, table),))
+            .await
+            .map_err(self.fail(&format!("taking the lock of {namespace}.{table}")))?;
+        Ok(got.flatten() == Some(1))
+    }
+
+    async fn write_holder(
+        &self,
+        s: &mut MysqlLockSession,
+        namespace: &str,
+        table: &str,
+        holder: &str,
+    ) -> Result<(), SinkError> {
+        s.conn
+            .exec_drop(
+                format!("REPLACE INTO {} (namespace, table_name, holder) VALUES (?, ?, ?)", our_table("locks")),
+                (namespace, table, holder),
+            )
+            .await
+            .map_err(self.fail("recording who holds a table's lock"))
+    }
+
+    async fn read_holder(
+        &self,
+        s: &mut MysqlLockSession,
+        namespace: &str,
+        table: &str,
+    ) -> Result<Option<String>, SinkError> {
+        s.conn
+            .exec_first(
+                format!("SELECT holder FROM {} WHERE namespace = ? AND table_name = ?", our_table("locks")),
+                (namespace, table),
+            )
+            .await
+            .map_err(self.fail("reading who holds a table's lock"))
+    }
 }
 
-impl Drop for MysqlSink {
+impl Drop for MysqlDialect {
     fn drop(&mut self) {
         let pool = self.pool.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {

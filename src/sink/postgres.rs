@@ -1,44 +1,75 @@
 //! PostgreSQL, in the official client's layout (spec §4.5-§4.7, §5.2): a schema per namespace,
 //! `"ns"."table"`, enum types `"ns"."table__col"`, `instructure_dap.table_sync` and
-//! `database_version` = 1, comments from the schema's descriptions.
+//! `database_version` = 1, comments from the schema's descriptions. A [`Dialect`] of the load
+//! protocol (`protocol.rs`).
 //!
 //! Bulk paths: initdb streams `COPY` into a staging table in our own schema (`dap_replica`), one
 //! transaction per object with its checkpoint, then moves it into place with its primary key and
 //! bookkeeping row in one transaction (or, when the table exists, replaces its rows in one
 //! transaction, so the user's views, indexes, columns and constraints stay). syncdb copies the
 //! changes into a temporary table and applies them set-based: upsert of whole rows, delete by
-//! join, the new watermark, all in one transaction. Values travel as COPY text.
+//! join, the new watermark, all in one transaction. Values travel as COPY text. A table's writer
+//! holds a session advisory lock on a connection of its own; every connection waits for a
+//! database lock at most the lock timeout (`lock_timeout`) and notices a dead peer by keepalives.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::SinkExt;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use futures_util::future::BoxFuture;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
-use super::{Access, Bookkeeping, ConnectionString, Feed, Piece, Retry, Sink, SinkError, SinkOptions, SslMode};
+use super::protocol::{Dialect, Protocol, Staged, StoredBookkeeping, lock_keys, lock_name};
+use super::{Access, Backend, Bookkeeping, ConnectionString, Refusal, Sink, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
+use crate::error::Retry;
+use crate::feed::Pump;
 use crate::schema::delta::{Change, SchemaDelta};
 use crate::schema::{Column, ColumnType, TableDef};
 use crate::time;
 use crate::value::{Value, format_float, format_uuid};
 
-/// How much of a feed one COPY takes: a snapshot part (initdb's unit of commit) or every
-/// change of a sync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Span {
-    Part,
-    Feed,
+/// The PostgreSQL backend of the registry.
+pub static BACKEND: Backend = Backend {
+    scheme: "postgresql",
+    aliases: &["postgres"],
+    default_port: 5432,
+    reads_pgpass: true,
+    open: open_sink,
+    ddl,
+};
+
+fn open_sink<'a>(
+    url: &'a ConnectionString,
+    options: &'a SinkOptions,
+) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {
+    Box::pin(async move {
+        let sink: Arc<dyn Sink> = Arc::new(Protocol::new(PostgresDialect::open(url, options).await?));
+        Ok(sink)
+    })
+}
+
+/// The DDL initdb runs on an empty database: the bookkeeping tables, then each table.
+pub fn ddl(defs: &[TableDef]) -> Vec<String> {
+    let mut out = bookkeeping_statements();
+    for def in defs {
+        out.extend(table_statements(def));
+    }
+    out
 }
 
 /// Bytes of COPY data sent at a time.
 const COPY_CHUNK: usize = 1 << 16;
 
-pub struct PostgresSink {
+/// A PostgreSQL database as the load protocol drives it.
+pub struct PostgresDialect {
     shown: String,
     database: String,
     pool: Pool,
+    lock_timeout: Duration,
 }
 
 /// Connections for the tables in flight: at most `parallelism`, reused while they stay healthy.
@@ -47,28 +78,19 @@ struct Pool {
     tls: Tls,
     shown: String,
     idle: Mutex<Vec<Client>>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
 }
 
-/// A pooled connection; back to the pool when dropped, unless it broke.
-struct Conn<'a> {
-    client: Option<Client>,
-    pool: &'a Pool,
-    _permit: SemaphorePermit<'a>,
+/// A pooled connection, holding its place in the pool until it is released or dropped.
+pub struct PgConn {
+    client: Client,
+    _permit: OwnedSemaphorePermit,
 }
 
-impl std::ops::Deref for Conn<'_> {
+impl std::ops::Deref for PgConn {
     type Target = Client;
     fn deref(&self) -> &Client {
-        self.client.as_ref().expect("a live connection")
-    }
-}
-
-impl Drop for Conn<'_> {
-    fn drop(&mut self) {
-        if let Some(c) = self.client.take().filter(|c| !c.is_closed()) {
-            self.pool.idle.lock().expect("pool lock").push(c);
-        }
+        &self.client
     }
 }
 
@@ -79,16 +101,16 @@ enum Tls {
 }
 
 impl Pool {
-    async fn connect(&self) -> Result<Client, SinkError> {
-        let fail = |e: tokio_postgres::Error| connect_error(&self.shown, &self.config, e);
+    async fn connect(&self, config: &tokio_postgres::Config) -> Result<Client, SinkError> {
+        let fail = |e: tokio_postgres::Error| connect_error(&self.shown, config, e);
         let client = match &self.tls {
             Tls::Off => {
-                let (client, conn) = self.config.connect(NoTls).await.map_err(fail)?;
+                let (client, conn) = config.connect(NoTls).await.map_err(fail)?;
                 tokio::spawn(conn);
                 client
             }
             Tls::Rustls(tls) => {
-                let (client, conn) = self.config.connect(tls.clone()).await.map_err(fail)?;
+                let (client, conn) = config.connect(tls.clone()).await.map_err(fail)?;
                 tokio::spawn(conn);
                 client
             }
@@ -96,14 +118,14 @@ impl Pool {
         Ok(client)
     }
 
-    async fn get(&self) -> Result<Conn<'_>, SinkError> {
-        let permit = self.permits.acquire().await.expect("the pool's semaphore is never closed");
+    async fn get(&self) -> Result<PgConn, SinkError> {
+        let permit = self.permits.clone().acquire_owned().await.expect("the pool's semaphore is never closed");
         let idle = self.idle.lock().expect("pool lock").pop();
         let client = match idle {
             Some(c) if !c.is_closed() => c,
-            _ => self.connect().await?,
+            _ => self.connect(&self.config).await?,
         };
-        Ok(Conn { client: Some(client), pool: self, _permit: permit })
+        Ok(PgConn { client, _permit: permit })
     }
 }
 
@@ -368,7 +390,7 @@ fn tls_config(url: &ConnectionString, shown: &str) -> Result<Option<rustls::Clie
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| SinkError::refused(shown, format!("TLS setup failed: {e}")))?;
+        .map_err(|e| SinkError::refused(shown, Refusal::NotAllowed, format!("TLS setup failed: {e}")))?;
     if matches!(mode, SslMode::Allow | SslMode::Prefer | SslMode::Require) {
         let verifier = Arc::new(tls::AcceptAny(provider));
         return Ok(Some(builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()));
@@ -378,9 +400,17 @@ fn tls_config(url: &ConnectionString, shown: &str) -> Result<Option<rustls::Clie
         Some(file) => {
             let certs = rustls::pki_types::CertificateDer::pem_file_iter(file)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| SinkError::refused(shown, format!("cannot read sslrootcert {}: {e}", file.display())))?;
+                .map_err(|e| {
+                    SinkError::refused(
+                        shown,
+                        Refusal::NotAllowed,
+                        format!("cannot read sslrootcert {}: {e}", file.display()),
+                    )
+                })?;
             for c in certs {
-                roots.add(c).map_err(|e| SinkError::refused(shown, format!("sslrootcert {}: {e}", file.display())))?;
+                roots.add(c).map_err(|e| {
+                    SinkError::refused(shown, Refusal::NotAllowed, format!("sslrootcert {}: {e}", file.display()))
+                })?;
             }
         }
         None => {
@@ -391,7 +421,7 @@ fn tls_config(url: &ConnectionString, shown: &str) -> Result<Option<rustls::Clie
     }
     let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
-        .map_err(|e| SinkError::refused(shown, format!("TLS setup failed: {e}")))?;
+        .map_err(|e| SinkError::refused(shown, Refusal::NotAllowed, format!("TLS setup failed: {e}")))?;
     let config = if mode == SslMode::VerifyCa {
         builder.dangerous().with_custom_certificate_verifier(Arc::new(tls::ChainOnly(webpki))).with_no_client_auth()
     } else {
@@ -576,8 +606,8 @@ fn column_list(def: &TableDef) -> String {
     def.columns().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ")
 }
 
-impl PostgresSink {
-    pub async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<PostgresSink, SinkError> {
+impl PostgresDialect {
+    pub async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<PostgresDialect, SinkError> {
         let shown = url.redacted();
         let mut config = tokio_postgres::Config::new();
         config.host(url.host.as_deref().unwrap_or("localhost"));
@@ -590,9 +620,18 @@ impl PostgresSink {
         if let Some(p) = &url.password {
             config.password(p.expose());
         }
-        config.connect_timeout(std::time::Duration::from_secs(30));
-        // Notices ("already exists, skipping") are not news to anyone.
-        config.options("-c client_min_messages=warning");
+        config.connect_timeout(Duration::from_secs(30));
+        // A peer that stops answering is noticed (and the work rolled back) within minutes.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(60));
+        config.keepalives_interval(Duration::from_secs(15));
+        config.keepalives_retries(4);
+        // Notices ("already exists, skipping") are not news to anyone; no statement waits for a
+        // database lock longer than the lock timeout.
+        config.options(format!(
+            "-c client_min_messages=warning -c lock_timeout={}",
+            options.lock_timeout.as_millis().max(1)
+        ));
         let tls = match tls_config(url, &shown)? {
             None => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Disable);
@@ -611,15 +650,16 @@ impl PostgresSink {
             tls,
             shown: shown.clone(),
             idle: Mutex::new(Vec::new()),
-            permits: Semaphore::new(options.parallelism.max(1)),
+            permits: Arc::new(Semaphore::new(options.parallelism.max(1))),
         };
-        let sink = PostgresSink { shown, database: url.database.clone(), pool };
-        let c = sink.pool.get().await?;
+        let dialect =
+            PostgresDialect { shown, database: url.database.clone(), pool, lock_timeout: options.lock_timeout };
+        let c = dialect.pool.get().await?;
         if options.access == Access::Write {
-            sink.prepare(&c).await?;
+            dialect.prepare(&c).await?;
         }
-        drop(c);
-        Ok(sink)
+        dialect.release(c);
+        Ok(dialect)
     }
 
     fn fail(&self, action: &str) -> impl Fn(tokio_postgres::Error) -> SinkError + '_ {
@@ -627,25 +667,13 @@ impl PostgresSink {
         move |e| database_error(&self.shown, &action, e)
     }
 
-    /// Commits when `result` is Ok, else rolls back; a connection that cannot roll back is
-    /// dropped from the pool.
-    async fn end<T>(&self, c: &mut Conn<'_>, result: Result<T, SinkError>) -> Result<T, SinkError> {
-        match result {
-            Ok(v) => {
-                c.batch_execute("COMMIT").await.map_err(self.fail("committing"))?;
-                Ok(v)
-            }
-            Err(e) => {
-                if c.batch_execute("ROLLBACK").await.is_err() {
-                    c.client = None;
-                }
-                Err(e)
-            }
-        }
+    fn refused(&self, kind: Refusal, detail: String) -> SinkError {
+        SinkError::refused(&self.shown, kind, detail)
     }
 
-    /// Creates the bookkeeping tables with version 1 when missing, in one transaction; refuses
-    /// a database whose version is not 1 (the official client would migrate or overwrite it).
+    /// Creates the bookkeeping tables with version 1 when missing, in one transaction, and our
+    /// own schema with its tables; refuses a database whose version is not 1 (the official
+    /// client would migrate or overwrite it).
     async fn prepare(&self, c: &Client) -> Result<(), SinkError> {
         let exists: bool = c
             .query_one("SELECT to_regclass('\"instructure_dap\".\"table_sync\"') IS NOT NULL", &[])
@@ -662,8 +690,8 @@ impl PostgresSink {
             if let Err(e) = c.batch_execute(&sql).await {
                 let _ = c.batch_execute("ROLLBACK").await;
                 if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
-                    return Err(SinkError::refused(
-                        &self.shown,
+                    return Err(self.refused(
+                        Refusal::NotAllowed,
                         format!(
                             "the user may not create the bookkeeping schema instructure_dap ({}); grant CREATE on database {} (or have an administrator run the output of `dap ddl --dialect postgresql`)",
                             message_of(&e),
@@ -682,56 +710,27 @@ impl PostgresSink {
             .map(|r| r.get(0))
             .collect();
         if versions != [DATABASE_VERSION] {
-            return Err(SinkError::refused(
-                &self.shown,
+            return Err(self.refused(
+                Refusal::Incompatible,
                 format!(
                     "instructure_dap.database_version holds {versions:?}, not [1]: this database was made by another version of the official client. dap writes only version 1 databases; migrate it with the official client 2.3 (`dap syncdb`) first"
                 ),
             ));
         }
-        Ok(())
+        // Our own schema: checkpoints of unfinished initdbs, and who holds which table's lock.
+        c.batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtext('dap_replica ddl'));
+             CREATE SCHEMA IF NOT EXISTS {ours};
+             CREATE TABLE IF NOT EXISTS {ours}.\"checkpoints\" (namespace text NOT NULL, table_name text NOT NULL, job_id text NOT NULL, object text NOT NULL, PRIMARY KEY (namespace, table_name, object));
+             CREATE TABLE IF NOT EXISTS {ours}.\"locks\" (namespace text NOT NULL, table_name text NOT NULL, holder text NOT NULL, PRIMARY KEY (namespace, table_name));
+             COMMIT",
+            ours = ident(OUR_SCHEMA)
+        ))
+        .await
+        .map_err(self.fail("creating the schema dap_replica"))
     }
 
-    async fn bookkeeping_rows(&self, c: &Client, filter: &str, args: &[&str]) -> Result<Vec<Bookkeeping>, SinkError> {
-        let exists: bool = c
-            .query_one("SELECT to_regclass('\"instructure_dap\".\"table_sync\"') IS NOT NULL", &[])
-            .await
-            .map_err(self.fail("reading the catalog"))?
-            .get(0);
-        if !exists {
-            return Ok(Vec::new());
-        }
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            args.iter().map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-        let rows = c
-            .query(
-                &format!(
-                    "SELECT DISTINCT ON (source_table) source_namespace, source_table, \"timestamp\"::text, schema_version, schema_description
-                     FROM {}.\"table_sync\" WHERE {filter} ORDER BY source_table, id",
-                    ident(BOOKKEEPING_SCHEMA)
-                ),
-                &params,
-            )
-            .await
-            .map_err(self.fail("reading instructure_dap.table_sync"))?;
-        rows.iter()
-            .map(|r| {
-                let ts: String = r.get(2);
-                let watermark = time::parse_rfc3339(&format!("{}Z", ts.replace(' ', "T"))).map_err(|e| {
-                    SinkError::refused(&self.shown, format!("table_sync holds a timestamp dap cannot read: {e}"))
-                })?;
-                Ok(Bookkeeping {
-                    namespace: r.get(0),
-                    table: r.get(1),
-                    watermark,
-                    schema_version: u32::try_from(r.get::<_, i64>(3)).unwrap_or(0),
-                    schema_description: r.get(4),
-                })
-            })
-            .collect()
-    }
-
-    async fn table_exists(&self, c: &Client, schema: &str, table: &str) -> Result<bool, SinkError> {
+    async fn exists(&self, c: &Client, schema: &str, table: &str) -> Result<bool, SinkError> {
         Ok(c.query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
             &[&schema, &table],
@@ -741,7 +740,7 @@ impl PostgresSink {
         .get(0))
     }
 
-    /// Creates the schemas (the namespace's, and ours with its checkpoint table) and the
+    /// Creates the namespace's schema and the
     /// table's enum types when missing, and adds enum values the types lack, committed before
     /// any row needs them (PostgreSQL cannot use an enum value in the transaction that added
     /// it). Tables in flight at once serialise this on an advisory lock, since `IF NOT EXISTS`
@@ -749,11 +748,8 @@ impl PostgresSink {
     async fn ensure_types(&self, c: &Client, def: &TableDef) -> Result<(), SinkError> {
         c.batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock(hashtext('dap_replica ddl'));
-             CREATE SCHEMA IF NOT EXISTS {ns};
-             CREATE SCHEMA IF NOT EXISTS {ours};
-             CREATE TABLE IF NOT EXISTS {ours}.\"checkpoints\" (namespace text NOT NULL, table_name text NOT NULL, job_id text NOT NULL, object text NOT NULL, PRIMARY KEY (namespace, table_name, object))",
-            ns = ident(&def.namespace),
-            ours = ident(OUR_SCHEMA)
+             CREATE SCHEMA IF NOT EXISTS {ns}",
+            ns = ident(&def.namespace)
         ))
         .await
         .map_err(self.fail(&format!("creating schema {}", def.namespace)))?;
@@ -793,48 +789,37 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// Streams a feed's rows into `COPY … FROM STDIN` until the part ([`Span::Part`], at its
-    /// `End`) or the whole feed ([`Span::Feed`], at `Done`) ends; returns the rows and the piece
-    /// that ended it. Changes carry their action as the first column.
+    /// Streams records into `COPY … FROM STDIN` until the pump's span ends. Changes carry their
+    /// action as the first column.
     async fn copy_rows(
         &self,
         c: &Client,
         def: &TableDef,
         copy_sql: &str,
-        span: Span,
-        feed: &mut Feed,
-    ) -> Result<(u64, Piece), SinkError> {
-        let with_action = span == Span::Feed;
+        with_action: bool,
+        rows: &mut Pump<'_>,
+    ) -> Result<(), SinkError> {
+        let copying = format!("copying rows into {}", def.name);
         let sink = c.copy_in::<_, bytes::Bytes>(copy_sql).await.map_err(self.fail("starting COPY"))?;
         let mut sink = std::pin::pin!(sink);
         let mut buf = Vec::with_capacity(COPY_CHUNK * 2);
-        let mut rows = 0;
-        let end = loop {
-            match feed.next().await? {
-                Piece::Rows(batch) => {
-                    for r in &batch {
-                        encode_record(def, r, with_action, &mut buf);
-                        if buf.len() >= COPY_CHUNK {
-                            let chunk =
-                                bytes::Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(COPY_CHUNK * 2)));
-                            sink.send(chunk).await.map_err(self.fail(&format!("copying rows into {}", def.name)))?;
-                        }
-                    }
-                    rows += batch.len() as u64;
+        while let Some(batch) = rows.next_batch().await? {
+            for r in &batch {
+                encode_record(def, r, with_action, &mut buf);
+                if buf.len() >= COPY_CHUNK {
+                    let chunk = bytes::Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(COPY_CHUNK * 2)));
+                    sink.send(chunk).await.map_err(self.fail(&copying))?;
                 }
-                Piece::Begin(_) => {}
-                Piece::End(_) if span == Span::Feed => {}
-                end @ (Piece::End(_) | Piece::Done) => break end,
             }
-        };
-        if !buf.is_empty() {
-            sink.send(bytes::Bytes::from(buf)).await.map_err(self.fail(&format!("copying rows into {}", def.name)))?;
         }
-        sink.as_mut().finish().await.map_err(self.fail(&format!("copying rows into {}", def.name)))?;
-        Ok((rows, end))
+        if !buf.is_empty() {
+            sink.send(bytes::Bytes::from(buf)).await.map_err(self.fail(&copying))?;
+        }
+        sink.as_mut().finish().await.map_err(self.fail(&copying))?;
+        Ok(())
     }
 
-    async fn write_bookkeeping(&self, c: &Client, b: &Bookkeeping) -> Result<(), SinkError> {
+    async fn write_table_sync(&self, c: &Client, b: &Bookkeeping) -> Result<(), SinkError> {
         let schema = ident(BOOKKEEPING_SCHEMA);
         let ts = time::format_fixed(b.watermark).replace('T', " ").trim_end_matches('Z').to_string();
         let version = i64::from(b.schema_version);
@@ -976,240 +961,7 @@ impl PostgresSink {
         }
         Ok(())
     }
-}
 
-#[async_trait::async_trait]
-impl Sink for PostgresSink {
-    fn describe(&self) -> String {
-        self.shown.clone()
-    }
-
-    async fn bookkeeping(&self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError> {
-        let c = self.pool.get().await?;
-        Ok(self.bookkeeping_rows(&c, "source_namespace = $1 AND source_table = $2", &[namespace, table]).await?.pop())
-    }
-
-    async fn all_bookkeeping(&self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError> {
-        let c = self.pool.get().await?;
-        self.bookkeeping_rows(&c, "source_namespace = $1", &[namespace]).await
-    }
-
-    async fn row_count(&self, namespace: &str, table: &str) -> Result<u64, SinkError> {
-        let c = self.pool.get().await?;
-        let n: i64 = c
-            .query_one(&format!("SELECT count(*) FROM {}.{}", ident(namespace), ident(table)), &[])
-            .await
-            .map_err(self.fail(&format!("counting {namespace}.{table}")))?
-            .get(0);
-        Ok(n as u64)
-    }
-
-    async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError> {
-        let c = self.pool.get().await?;
-        if self.table_exists(&c, namespace, table).await? {
-            return Err(SinkError::unowned_table(
-                &self.shown,
-                &format!("{namespace}.{table}"),
-                "instructure_dap.table_sync",
-                &format!("{}.{}", ident(namespace), ident(table)),
-            ));
-        }
-        Ok(())
-    }
-
-    async fn stage(&self, def: &TableDef, job: &str) -> Result<Vec<String>, SinkError> {
-        let mut c = self.pool.get().await?;
-        self.ensure_types(&c, def).await?;
-        let done: Vec<(String, String)> = c
-            .query(
-                &format!(
-                    "SELECT job_id, object FROM {}.\"checkpoints\" WHERE namespace = $1 AND table_name = $2",
-                    ident(OUR_SCHEMA)
-                ),
-                &[&def.namespace, &def.name],
-            )
-            .await
-            .map_err(self.fail("reading checkpoints"))?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        if self.table_exists(&c, OUR_SCHEMA, &staging_table(def)).await?
-            && !done.is_empty()
-            && done.iter().all(|(j, _)| j == job)
-        {
-            return Ok(done.into_iter().map(|(_, o)| o).collect());
-        }
-        c.batch_execute("BEGIN").await.map_err(self.fail("starting a transaction"))?;
-        let result = async {
-            let columns: Vec<String> = def.columns().map(|col| column_sql(def, col)).collect();
-            c.batch_execute(&format!(
-                "DELETE FROM {0}.\"checkpoints\" WHERE namespace = {1} AND table_name = {2};
-                 DROP TABLE IF EXISTS {3};
-                 CREATE TABLE {3} ({4})",
-                ident(OUR_SCHEMA),
-                literal(&def.namespace),
-                literal(&def.name),
-                staging_name(def),
-                columns.join(", ")
-            ))
-            .await
-            .map_err(self.fail(&format!("creating the staging table of {}", def.name)))
-        }
-        .await;
-        self.end(&mut c, result).await?;
-        Ok(Vec::new())
-    }
-
-    async fn load(&self, def: &TableDef, job: &str, mut feed: Feed) -> Result<u64, SinkError> {
-        let mut c = self.pool.get().await?;
-        let copy_sql = format!("COPY {} ({}) FROM STDIN", staging_name(def), column_list(def));
-        let mut rows = 0;
-        loop {
-            match feed.next().await? {
-                Piece::Begin(_) => {}
-                Piece::Done => return Ok(rows),
-                Piece::Rows(_) | Piece::End(_) => {
-                    return Err(SinkError::refused(&self.shown, "a feed part began without its Begin"));
-                }
-            }
-            c.batch_execute("BEGIN").await.map_err(self.fail("starting a transaction"))?;
-            let result = async {
-                let (n, end) = self.copy_rows(&c, def, &copy_sql, Span::Part, &mut feed).await?;
-                let Piece::End(object) = end else {
-                    return Err(SinkError::FeedAborted);
-                };
-                c.execute(
-                    &format!(
-                        "INSERT INTO {}.\"checkpoints\" (namespace, table_name, job_id, object) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                        ident(OUR_SCHEMA)
-                    ),
-                    &[&def.namespace, &def.name, &job, &object],
-                )
-                .await
-                .map_err(self.fail("recording a checkpoint"))?;
-                Ok(n)
-            }
-            .await;
-            rows += self.end(&mut c, result).await?;
-        }
-    }
-
-    async fn publish(&self, def: &TableDef, delta: &SchemaDelta, bookkeeping: &Bookkeeping) -> Result<(), SinkError> {
-        let mut c = self.pool.get().await?;
-        let live = self.table_exists(&c, &def.namespace, &def.name).await?;
-        let (table, staging, key) = (table_name(def), staging_name(def), ident(&def.key.name));
-        c.batch_execute("BEGIN").await.map_err(self.fail("starting a transaction"))?;
-        let result = async {
-            if live {
-                // Replace the rows, keep the table: views, indexes, user columns and constraints stay.
-                self.apply_delta(&c, def, delta).await?;
-                let columns = column_list(def);
-                c.batch_execute(&format!(
-                    "DELETE FROM {table};
-                     INSERT INTO {table} ({columns}) SELECT {columns} FROM (SELECT DISTINCT ON ({key}) * FROM {staging} ORDER BY {key}, ctid DESC) latest;
-                     DROP TABLE {staging}"
-                ))
-                .await
-                .map_err(self.fail(&format!("replacing the rows of {}", def.name)))?;
-            } else {
-                let pk = ident(&format!("pk_{}", def.name));
-                let add_key = format!("ALTER TABLE {staging} ADD CONSTRAINT {pk} PRIMARY KEY ({key})");
-                match c.batch_execute(&format!("SAVEPOINT before_key; {add_key}")).await {
-                    Ok(()) => {}
-                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                        // Repeated keys (web_logs is delivered at least once): the later row wins.
-                        c.batch_execute(&format!(
-                            "ROLLBACK TO SAVEPOINT before_key;
-                             DELETE FROM {staging} a USING {staging} b WHERE a.{key} = b.{key} AND a.ctid < b.ctid;
-                             {add_key}"
-                        ))
-                        .await
-                        .map_err(self.fail(&format!("removing repeated keys of {}", def.name)))?;
-                    }
-                    Err(e) => return Err(database_error(&self.shown, &format!("adding the primary key of {}", def.name), e)),
-                }
-                let mut sql = vec![
-                    format!("ALTER TABLE {staging} SET SCHEMA {}", ident(&def.namespace)),
-                    format!(
-                        "ALTER TABLE {}.{} RENAME TO {}",
-                        ident(&def.namespace),
-                        ident(&staging_table(def)),
-                        ident(&def.name)
-                    ),
-                ];
-                sql.extend(comment_statements(def, &table));
-                c.batch_execute(&sql.join(";\n")).await.map_err(self.fail(&format!("publishing {}", def.name)))?;
-            }
-            c.execute(
-                &format!("DELETE FROM {}.\"checkpoints\" WHERE namespace = $1 AND table_name = $2", ident(OUR_SCHEMA)),
-                &[&def.namespace, &def.name],
-            )
-            .await
-            .map_err(self.fail("clearing checkpoints"))?;
-            self.write_bookkeeping(&c, bookkeeping).await
-        }
-        .await;
-        self.end(&mut c, result).await
-    }
-
-    async fn apply_changes(
-        &self,
-        def: &TableDef,
-        delta: &SchemaDelta,
-        mut feed: Feed,
-        bookkeeping: &Bookkeeping,
-    ) -> Result<u64, SinkError> {
-        let mut c = self.pool.get().await?;
-        self.ensure_types(&c, def).await?;
-        let (table, key) = (table_name(def), ident(&def.key.name));
-        c.batch_execute("BEGIN").await.map_err(self.fail("starting a transaction"))?;
-        let result = async {
-            self.apply_delta(&c, def, delta).await?;
-            let columns: Vec<String> =
-                def.columns().map(|col| format!("{} {}", ident(&col.name), column_type(def, col))).collect();
-            c.batch_execute(&format!(
-                "CREATE TEMP TABLE \"_dap_changes\" (\"_dap_seq\" bigserial, \"_dap_action\" char(1) NOT NULL, {}) ON COMMIT DROP",
-                columns.join(", ")
-            ))
-            .await
-            .map_err(self.fail("creating a temporary table"))?;
-            let copy_sql = format!("COPY \"_dap_changes\" (\"_dap_action\", {}) FROM STDIN", column_list(def));
-            let (rows, _) = self.copy_rows(&c, def, &copy_sql, Span::Feed, &mut feed).await?;
-            self.merge(&c, def, &table, &key).await?;
-            self.write_bookkeeping(&c, bookkeeping).await?;
-            Ok(rows)
-        }
-        .await;
-        self.end(&mut c, result).await
-    }
-
-    async fn drop_table(&self, namespace: &str, table: &str) -> Result<bool, SinkError> {
-        let mut c = self.pool.get().await?;
-        c.batch_execute("BEGIN").await.map_err(self.fail("starting a transaction"))?;
-        let result = async {
-            let removed = c
-                .execute(
-                    &format!(
-                        "DELETE FROM {}.\"table_sync\" WHERE source_namespace = $1 AND source_table = $2",
-                        ident(BOOKKEEPING_SCHEMA)
-                    ),
-                    &[&namespace, &table],
-                )
-                .await
-                .map_err(self.fail("removing the bookkeeping row"))?;
-            if removed > 0 {
-                c.batch_execute(&format!("DROP TABLE IF EXISTS {}.{}", ident(namespace), ident(table)))
-                    .await
-                    .map_err(self.fail(&format!("dropping {namespace}.{table}")))?;
-            }
-            Ok(removed > 0)
-        }
-        .await;
-        self.end(&mut c, result).await
-    }
-}
-
-impl PostgresSink {
     /// Applies the staged changes: the latest record per key wins; upserts of whole rows (the
     /// schema's columns; a user's own columns keep their values), then deletes by join.
     async fn merge(&self, c: &Client, def: &TableDef, table: &str, key: &str) -> Result<(), SinkError> {
@@ -1248,6 +1000,339 @@ impl PostgresSink {
         ))
         .await
         .map_err(self.fail(&format!("applying the changes to {}", def.name)))
+    }
+}
+
+/// A session holding advisory locks: a connection of its own, outside the pool.
+pub struct PgLockSession {
+    client: Client,
+}
+
+#[async_trait::async_trait]
+impl Dialect for PostgresDialect {
+    type Conn = PgConn;
+    type LockSession = PgLockSession;
+
+    fn target(&self) -> &str {
+        &self.shown
+    }
+
+    fn table_sql(&self, namespace: &str, table: &str) -> String {
+        format!("{}.{}", ident(namespace), ident(table))
+    }
+
+    fn bookkeeping_name(&self) -> &'static str {
+        "instructure_dap.table_sync"
+    }
+
+    fn staging_keeps(&self) -> Staged {
+        Staged::EveryRecord
+    }
+
+    fn lock_timeout(&self) -> Duration {
+        self.lock_timeout
+    }
+
+    async fn connect(&self) -> Result<PgConn, SinkError> {
+        self.pool.get().await
+    }
+
+    fn release(&self, c: PgConn) {
+        if !c.client.is_closed() {
+            self.pool.idle.lock().expect("pool lock").push(c.client);
+        }
+    }
+
+    async fn begin(&self, c: &mut PgConn) -> Result<(), SinkError> {
+        c.batch_execute("BEGIN").await.map_err(self.fail("starting a transaction"))
+    }
+
+    async fn commit(&self, c: &mut PgConn) -> Result<(), SinkError> {
+        c.batch_execute("COMMIT").await.map_err(self.fail("committing"))
+    }
+
+    async fn stored_bookkeeping(
+        &self,
+        c: &mut PgConn,
+        namespace: &str,
+        table: Option<&str>,
+    ) -> Result<Vec<StoredBookkeeping>, SinkError> {
+        let exists: bool = c
+            .query_one("SELECT to_regclass('\"instructure_dap\".\"table_sync\"') IS NOT NULL", &[])
+            .await
+            .map_err(self.fail("reading the catalog"))?
+            .get(0);
+        if !exists {
+            return Ok(Vec::new());
+        }
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT source_namespace, source_table, \"timestamp\"::text, schema_version, schema_description
+                     FROM {}.\"table_sync\" WHERE source_namespace = $1 AND ($2::text IS NULL OR source_table = $2) ORDER BY source_table, id",
+                    ident(BOOKKEEPING_SCHEMA)
+                ),
+                &[&namespace, &table],
+            )
+            .await
+            .map_err(self.fail("reading instructure_dap.table_sync"))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let ts: String = r.get(2);
+                StoredBookkeeping {
+                    namespace: r.get(0),
+                    table: r.get(1),
+                    watermark: time::parse_rfc3339(&format!("{}Z", ts.replace(' ', "T"))).map_err(|_| ts.clone()),
+                    schema_version: r.get(3),
+                    schema_description: r.get(4),
+                }
+            })
+            .collect())
+    }
+
+    async fn write_bookkeeping(&self, c: &mut PgConn, b: &Bookkeeping) -> Result<(), SinkError> {
+        self.write_table_sync(c, b).await
+    }
+
+    async fn row_count(&self, c: &mut PgConn, namespace: &str, table: &str) -> Result<u64, SinkError> {
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {}.{}", ident(namespace), ident(table)), &[])
+            .await
+            .map_err(self.fail(&format!("counting {namespace}.{table}")))?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    async fn table_exists(&self, c: &mut PgConn, namespace: &str, table: &str) -> Result<bool, SinkError> {
+        self.exists(c, namespace, table).await
+    }
+
+    async fn checkpoints(&self, c: &mut PgConn, def: &TableDef) -> Result<Vec<(String, String)>, SinkError> {
+        Ok(c.query(
+            &format!(
+                "SELECT job_id, object FROM {}.\"checkpoints\" WHERE namespace = $1 AND table_name = $2",
+                ident(OUR_SCHEMA)
+            ),
+            &[&def.namespace, &def.name],
+        )
+        .await
+        .map_err(self.fail("reading checkpoints"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+    }
+
+    async fn staging_exists(&self, c: &mut PgConn, def: &TableDef) -> Result<bool, SinkError> {
+        self.exists(c, OUR_SCHEMA, &staging_table(def)).await
+    }
+
+    async fn create_staging(&self, c: &mut PgConn, def: &TableDef) -> Result<(), SinkError> {
+        self.ensure_types(c, def).await?;
+        let columns: Vec<String> = def.columns().map(|col| column_sql(def, col)).collect();
+        c.batch_execute(&format!(
+            "BEGIN;
+             DELETE FROM {0}.\"checkpoints\" WHERE namespace = {1} AND table_name = {2};
+             DROP TABLE IF EXISTS {3};
+             CREATE TABLE {3} ({4});
+             COMMIT",
+            ident(OUR_SCHEMA),
+            literal(&def.namespace),
+            literal(&def.name),
+            staging_name(def),
+            columns.join(", ")
+        ))
+        .await
+        .map_err(self.fail(&format!("creating the staging table of {}", def.name)))
+    }
+
+    async fn load_part(&self, c: &mut PgConn, def: &TableDef, rows: &mut Pump<'_>) -> Result<(), SinkError> {
+        let copy_sql = format!("COPY {} ({}) FROM STDIN", staging_name(def), column_list(def));
+        self.copy_rows(c, def, &copy_sql, false, rows).await
+    }
+
+    async fn record_checkpoint(&self, c: &mut PgConn, def: &TableDef, job: &str, part: &str) -> Result<(), SinkError> {
+        c.execute(
+            &format!(
+                "INSERT INTO {}.\"checkpoints\" (namespace, table_name, job_id, object) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                ident(OUR_SCHEMA)
+            ),
+            &[&def.namespace, &def.name, &job, &part],
+        )
+        .await
+        .map_err(self.fail("recording a checkpoint"))?;
+        Ok(())
+    }
+
+    async fn staged_rows(&self, c: &mut PgConn, def: &TableDef) -> Result<u64, SinkError> {
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {}", staging_name(def)), &[])
+            .await
+            .map_err(self.fail(&format!("counting the staged rows of {}", def.name)))?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    async fn publish(
+        &self,
+        c: &mut PgConn,
+        def: &TableDef,
+        delta: &SchemaDelta,
+        b: &Bookkeeping,
+    ) -> Result<(), SinkError> {
+        let live = self.exists(c, &def.namespace, &def.name).await?;
+        let (table, staging, key) = (table_name(def), staging_name(def), ident(&def.key.name));
+        self.begin(c).await?;
+        if live {
+            // Replace the rows, keep the table: views, indexes, user columns and constraints stay.
+            self.apply_delta(c, def, delta).await?;
+            let columns = column_list(def);
+            c.batch_execute(&format!(
+                "DELETE FROM {table};
+                 INSERT INTO {table} ({columns}) SELECT {columns} FROM (SELECT DISTINCT ON ({key}) * FROM {staging} ORDER BY {key}, ctid DESC) latest;
+                 DROP TABLE {staging}"
+            ))
+            .await
+            .map_err(self.fail(&format!("replacing the rows of {}", def.name)))?;
+        } else {
+            let pk = ident(&format!("pk_{}", def.name));
+            let add_key = format!("ALTER TABLE {staging} ADD CONSTRAINT {pk} PRIMARY KEY ({key})");
+            match c.batch_execute(&format!("SAVEPOINT before_key; {add_key}")).await {
+                Ok(()) => {}
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    // Repeated keys (web_logs is delivered at least once): the later row wins.
+                    c.batch_execute(&format!(
+                        "ROLLBACK TO SAVEPOINT before_key;
+                         DELETE FROM {staging} a USING {staging} b WHERE a.{key} = b.{key} AND a.ctid < b.ctid;
+                         {add_key}"
+                    ))
+                    .await
+                    .map_err(self.fail(&format!("removing repeated keys of {}", def.name)))?;
+                }
+                Err(e) => {
+                    return Err(database_error(&self.shown, &format!("adding the primary key of {}", def.name), e));
+                }
+            }
+            let mut sql = vec![
+                format!("ALTER TABLE {staging} SET SCHEMA {}", ident(&def.namespace)),
+                format!(
+                    "ALTER TABLE {}.{} RENAME TO {}",
+                    ident(&def.namespace),
+                    ident(&staging_table(def)),
+                    ident(&def.name)
+                ),
+            ];
+            sql.extend(comment_statements(def, &table));
+            c.batch_execute(&sql.join(";\n")).await.map_err(self.fail(&format!("publishing {}", def.name)))?;
+        }
+        c.execute(
+            &format!("DELETE FROM {}.\"checkpoints\" WHERE namespace = $1 AND table_name = $2", ident(OUR_SCHEMA)),
+            &[&def.namespace, &def.name],
+        )
+        .await
+        .map_err(self.fail("clearing checkpoints"))?;
+        self.write_table_sync(c, b).await?;
+        self.commit(c).await
+    }
+
+    async fn apply_changes(
+        &self,
+        c: &mut PgConn,
+        def: &TableDef,
+        delta: &SchemaDelta,
+        rows: &mut Pump<'_>,
+        b: &Bookkeeping,
+    ) -> Result<(), SinkError> {
+        self.ensure_types(c, def).await?;
+        let (table, key) = (table_name(def), ident(&def.key.name));
+        self.begin(c).await?;
+        self.apply_delta(c, def, delta).await?;
+        let columns: Vec<String> =
+            def.columns().map(|col| format!("{} {}", ident(&col.name), column_type(def, col))).collect();
+        c.batch_execute(&format!(
+            "CREATE TEMP TABLE \"_dap_changes\" (\"_dap_seq\" bigserial, \"_dap_action\" char(1) NOT NULL, {}) ON COMMIT DROP",
+            columns.join(", ")
+        ))
+        .await
+        .map_err(self.fail("creating a temporary table"))?;
+        let copy_sql = format!("COPY \"_dap_changes\" (\"_dap_action\", {}) FROM STDIN", column_list(def));
+        self.copy_rows(c, def, &copy_sql, true, rows).await?;
+        self.merge(c, def, &table, &key).await?;
+        self.write_table_sync(c, b).await?;
+        self.commit(c).await
+    }
+
+    async fn drop_table(&self, c: &mut PgConn, namespace: &str, table: &str) -> Result<bool, SinkError> {
+        self.begin(c).await?;
+        let removed = c
+            .execute(
+                &format!(
+                    "DELETE FROM {}.\"table_sync\" WHERE source_namespace = $1 AND source_table = $2",
+                    ident(BOOKKEEPING_SCHEMA)
+                ),
+                &[&namespace, &table],
+            )
+            .await
+            .map_err(self.fail("removing the bookkeeping row"))?;
+        if removed > 0 {
+            c.batch_execute(&format!("DROP TABLE IF EXISTS {}.{}", ident(namespace), ident(table)))
+                .await
+                .map_err(self.fail(&format!("dropping {namespace}.{table}")))?;
+        }
+        self.commit(c).await?;
+        Ok(removed > 0)
+    }
+
+    async fn lock_session(&self) -> Result<PgLockSession, SinkError> {
+        let mut config = self.pool.config.clone();
+        config.application_name("dap-replica table lock");
+        Ok(PgLockSession { client: self.pool.connect(&config).await? })
+    }
+
+    async fn try_lock(&self, s: &mut PgLockSession, namespace: &str, table: &str) -> Result<bool, SinkError> {
+        let (a, b) = lock_keys(&lock_name(&self.database, namespace, table));
+        Ok(s.client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&a, &b])
+            .await
+            .map_err(self.fail(&format!("taking the lock of {namespace}.{table}")))?
+            .get(0))
+    }
+
+    async fn write_holder(
+        &self,
+        s: &mut PgLockSession,
+        namespace: &str,
+        table: &str,
+        holder: &str,
+    ) -> Result<(), SinkError> {
+        s.client
+            .execute(
+                &format!(
+                    "INSERT INTO {}.\"locks\" (namespace, table_name, holder) VALUES ($1, $2, $3)
+                     ON CONFLICT (namespace, table_name) DO UPDATE SET holder = EXCLUDED.holder",
+                    ident(OUR_SCHEMA)
+                ),
+                &[&namespace, &table, &holder],
+            )
+            .await
+            .map_err(self.fail("recording who holds a table's lock"))?;
+        Ok(())
+    }
+
+    async fn read_holder(
+        &self,
+        s: &mut PgLockSession,
+        namespace: &str,
+        table: &str,
+    ) -> Result<Option<String>, SinkError> {
+        Ok(s.client
+            .query_opt(
+                &format!("SELECT holder FROM {}.\"locks\" WHERE namespace = $1 AND table_name = $2", ident(OUR_SCHEMA)),
+                &[&namespace, &table],
+            )
+            .await
+            .map_err(self.fail("reading who holds a table's lock"))?
+            .map(|r| r.get(0)))
     }
 }
 

@@ -8,23 +8,34 @@ use std::path::PathBuf;
 
 use percent_encoding::percent_decode_str;
 
-/// The database a connection string names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheme {
-    Sqlite,
-    Postgres,
-    Mysql,
-    Mssql,
-}
+/// The database a connection string names: a backend of the registry ([`super::BACKENDS`]),
+/// by its canonical scheme.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Scheme(&'static str);
 
 impl Scheme {
+    /// The local mirror's files, whose locations have a syntax of their own.
+    pub const SQLITE: Scheme = Scheme("sqlite");
+
+    /// The scheme as `dap` writes it (`postgresql`).
     pub fn name(self) -> &'static str {
-        match self {
-            Scheme::Sqlite => "sqlite",
-            Scheme::Postgres => "postgresql",
-            Scheme::Mysql => "mysql",
-            Scheme::Mssql => "mssql",
-        }
+        self.0
+    }
+
+    /// The backend this scheme names.
+    pub fn backend(self) -> &'static super::Backend {
+        super::backend(self.0).expect("a Scheme is only made from a registered backend")
+    }
+
+    /// The scheme a connection string's prefix names, if a backend has it.
+    pub fn of(name: &str) -> Option<Scheme> {
+        super::backend(name).map(|b| Scheme(b.scheme))
+    }
+}
+
+impl fmt::Debug for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
     }
 }
 
@@ -169,7 +180,7 @@ impl ConnectionString {
         if let Some(location) = strip_prefix_ignore_case(text, "sqlite:") {
             let path = sqlite_file(location).map_err(|reason| fail(&reason))?;
             return Ok(ConnectionString {
-                scheme: Scheme::Sqlite,
+                scheme: Scheme::SQLITE,
                 user: None,
                 password: None,
                 host: None,
@@ -182,11 +193,11 @@ impl ConnectionString {
         let (scheme, rest) = text.split_once("://").ok_or_else(|| fail("no scheme"))?;
         // SQLAlchemy's `dialect+driver` names the same database.
         let dialect = scheme.split('+').next().unwrap_or_default().to_ascii_lowercase();
-        let scheme = match dialect.as_str() {
-            "postgresql" | "postgres" => Scheme::Postgres,
-            "mysql" | "mariadb" => Scheme::Mysql,
-            "mssql" | "sqlserver" => Scheme::Mssql,
-            other => return Err(fail(&format!("unknown database {other:?}; use sqlite, postgresql, mysql or mssql"))),
+        let scheme = match Scheme::of(&dialect) {
+            Some(s) if s != Scheme::SQLITE => s,
+            _ => {
+                return Err(fail(&format!("unknown database {dialect:?}; use one of {}", super::scheme_names())));
+            }
         };
         let (userinfo, hostpart) = split_userinfo(rest);
         if let Some((_, raw)) = userinfo.and_then(|u| u.split_once(':')) {
@@ -264,24 +275,33 @@ impl ConnectionString {
         })
     }
 
+    /// The location of a mirror file.
+    pub fn sqlite(file: &std::path::Path) -> ConnectionString {
+        ConnectionString {
+            scheme: Scheme::SQLITE,
+            user: None,
+            password: None,
+            host: None,
+            port: None,
+            database: file.to_string_lossy().into_owned(),
+            ssl: None,
+            ssl_root_cert: None,
+        }
+    }
+
     /// The port the adapters connect to when the string names none.
     pub fn port_or_default(&self) -> u16 {
-        self.port.unwrap_or(match self.scheme {
-            Scheme::Postgres => 5432,
-            Scheme::Mysql => 3306,
-            Scheme::Mssql => 1433,
-            Scheme::Sqlite => 0,
-        })
+        self.port.unwrap_or(self.scheme.backend().default_port)
     }
 
     /// Fills in the password a server's string leaves out from a pgpass-format file
     /// ([`crate::config::passfiles`]), so that it need not be written in the URL.
     pub fn with_password_from_files(mut self) -> Result<ConnectionString, UrlError> {
         let (Some(user), None) = (&self.user, &self.password) else { return Ok(self) };
-        if self.scheme == Scheme::Sqlite {
+        if self.scheme == Scheme::SQLITE {
             return Ok(self);
         }
-        let files = crate::config::passfiles(self.scheme == Scheme::Postgres);
+        let files = crate::config::passfiles(self.scheme.backend().reads_pgpass);
         let host = self.host.as_deref().unwrap_or("localhost");
         let found = crate::config::lookup_password(&files, host, self.port_or_default(), &self.database, user)
             .map_err(|e| UrlError { shown: self.redacted(), reason: format!("its password file is refused: {e}") })?;
@@ -294,7 +314,7 @@ impl ConnectionString {
 
     /// The string for messages and logs: no password.
     pub fn redacted(&self) -> String {
-        if self.scheme == Scheme::Sqlite {
+        if self.scheme == Scheme::SQLITE {
             return format!("sqlite://{}", self.database);
         }
         let user = match (&self.user, &self.password) {
@@ -323,7 +343,7 @@ mod tests {
     fn parses_the_official_form_with_percent_decoding() {
         let c =
             ConnectionString::parse("postgresql://us%40er:p%40ss%3Aw@db.example:6543/dap?ssl=verify-full&x=1").unwrap();
-        assert_eq!(c.scheme, Scheme::Postgres);
+        assert_eq!(c.scheme.name(), "postgresql");
         assert_eq!(c.user.as_deref(), Some("us@er"));
         assert_eq!(c.password.as_ref().unwrap().expose(), "p@ss:w");
         assert_eq!((c.host.as_deref(), c.port, c.database.as_str()), (Some("db.example"), Some(6543), "dap"));

@@ -14,10 +14,10 @@ use crate::api::types::{Format, Mode, Query};
 use crate::api::{ApiError, Client, CompleteJob, JobStage, ServerErrorKind};
 use crate::decode::Record;
 use crate::decode::tsv::TsvDecoder;
+use crate::feed::{Feed, FeedSender, Piece};
 use crate::fetch;
 use crate::progress::TableProgress;
 use crate::schema::TableDef;
-use crate::sink::{Feed, FeedSender, Piece};
 use crate::time::{self, Micros};
 
 /// Rows per batch handed from the decoder to the target. The few batches in flight are most of
@@ -61,7 +61,12 @@ fn fresh_since(watermark: Micros) -> Micros {
 }
 
 fn job_time(value: Option<&str>, what: &'static str) -> Result<Micros, SourceError> {
-    value.map(time::parse_rfc3339).transpose().ok().flatten().ok_or(SourceError::MissingTime { what })
+    value
+        .map(time::parse_rfc3339)
+        .transpose()
+        .ok()
+        .flatten()
+        .ok_or_else(|| SourceError::failed("", format!("the job reported no `{what}`")))
 }
 
 impl DapSource {
@@ -156,10 +161,8 @@ impl Source for DapSource {
             }
             let _slot = transfers.acquire_owned().await.expect("the transfer semaphore is never closed");
             watch.downloading(parts.len());
-            let io = |source| SourceError::Io {
-                table: format!("{}.{}", def.namespace, def.name),
-                path: spool.clone(),
-                source,
+            let io = |source: std::io::Error| {
+                SourceError::failed(format!("{}.{}: cannot use {}", def.namespace, def.name, spool.display()), source)
             };
             std::fs::create_dir_all(&spool).map_err(io)?;
             let folder = tempfile::Builder::new()
@@ -208,7 +211,7 @@ fn decode_all(
     applied_before: Option<Micros>,
     tx: &FeedSender,
 ) -> Result<u64, SourceError> {
-    let stopped = || SourceError::Other("the target stopped reading".into());
+    let stopped = || SourceError::failed("", "the target stopped reading");
     let mut new = 0;
     for f in files {
         let f = f?;
@@ -241,25 +244,20 @@ fn decode_object(
 ) -> Result<u64, SourceError> {
     let table = format!("{}.{}", def.namespace, def.name);
     let object = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let file = std::fs::File::open(path).map_err(|source| SourceError::Io {
-        table: table.clone(),
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = std::fs::File::open(path)
+        .map_err(|source| SourceError::failed(format!("{table}: cannot use {}", path.display()), source))?;
     // Reading fails only when inflating does (bad data, a CRC mismatch, a cut-off stream) or on
     // text that is no UTF-8: either way the object as downloaded is unusable.
-    let corrupt = |e: std::io::Error| SourceError::CorruptObject {
-        table: table.clone(),
-        object: object.clone(),
-        detail: e.to_string(),
-    };
+    let corrupt =
+        |e: std::io::Error| SourceError::Corrupt { table: table.clone(), part: object.clone(), detail: e.to_string() };
     let mut lines = std::io::BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(file)).lines();
     let Some(header) = lines.next().transpose().map_err(corrupt)? else { return Ok(0) };
-    let decoder = TsvDecoder::new(&header, def).map_err(|source| SourceError::Decode {
+    let undecodable = |source: crate::decode::DecodeError| SourceError::Undecodable {
         table: table.clone(),
-        object: object.clone(),
-        source,
-    })?;
+        part: object.clone(),
+        source: Box::new(source),
+    };
+    let decoder = TsvDecoder::new(&header, def).map_err(undecodable)?;
     let mut batch = Vec::with_capacity(BATCH_ROWS);
     let mut rows = 0;
     for (i, line) in lines.enumerate() {
@@ -267,11 +265,7 @@ fn decode_object(
         if line.is_empty() {
             continue;
         }
-        batch.push(decoder.decode(&line, i as u64 + 2).map_err(|source| SourceError::Decode {
-            table: table.clone(),
-            object: object.clone(),
-            source,
-        })?);
+        batch.push(decoder.decode(&line, i as u64 + 2).map_err(undecodable)?);
         if batch.len() == BATCH_ROWS {
             rows += batch.len() as u64;
             load(std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS)))?;

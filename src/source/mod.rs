@@ -1,23 +1,20 @@
 //! Sources of replicated tables. A source yields, per table, a schema and either a snapshot or
 //! the changes since a watermark (or says a new snapshot is needed), and reads their parts into a
 //! [`Feed`] of typed records. DAP is one source ([`dap`]); the local mirror, for outward
-//! replication, is the other.
+//! replication, is the other (`mirror::reader`).
 
 pub mod dap;
-pub mod mirror;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
 use crate::api::ApiError;
-use crate::decode::DecodeError;
+use crate::error::{BoxError, Classify, Retry};
+use crate::feed::Feed;
 use crate::fetch::FetchError;
 use crate::progress::TableProgress;
 use crate::schema::{SchemaError, TableDef};
-use crate::sink::Feed;
-use crate::tables::Fatal;
 use crate::time::Micros;
 
 /// A table's schema as the source serves it.
@@ -42,20 +39,10 @@ pub struct Extract {
     pub applied_before: Option<Micros>,
 }
 
+/// Why a source could not give what was asked, in terms any source has (DAP, the mirror):
+/// the underlying error is kept as the source of the error.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error(transparent)]
-    Api(#[from] ApiError),
-    #[error(transparent)]
-    Fetch(#[from] FetchError),
-    #[error(transparent)]
-    Schema(#[from] SchemaError),
-    #[error("{table}: object {object}: {source}; the table keeps its previous state")]
-    Decode { table: String, object: String, source: DecodeError },
-    #[error("{table}: object {object} is corrupt or incomplete ({detail}); the table keeps its previous state")]
-    CorruptObject { table: String, object: String, detail: String },
-    #[error("{table}: cannot use {}: {source}", path.display())]
-    Io { table: String, path: PathBuf, source: std::io::Error },
     /// The target holds changes the source has not got yet (synced straight from DAP after it
     /// was replicated from the mirror): it is left alone until the source catches up.
     #[error(
@@ -67,18 +54,68 @@ pub enum SourceError {
     /// The source cannot give changes since the watermark (DAP: snapshot required, out of range).
     #[error("the source needs a new snapshot ({reason})")]
     SnapshotRequired { reason: String },
-    #[error("the job reported no `{what}`")]
-    MissingTime { what: &'static str },
-    #[error("{0}")]
-    Other(String),
+    /// A part arrived corrupt or incomplete: reading it again may help.
+    #[error("{table}: object {part} is corrupt or incomplete ({detail}); the table keeps its previous state")]
+    Corrupt { table: String, part: String, detail: String },
+    /// A part holds what its schema does not allow: reading it again does not help.
+    #[error("{table}: object {part}: {source}; the table keeps its previous state")]
+    Undecodable {
+        table: String,
+        part: String,
+        #[source]
+        source: BoxError,
+    },
+    /// The source failed to answer (a request, a file); `retry` and `fatal` classify the cause.
+    #[error("{}{source}", if context.is_empty() { String::new() } else { format!("{context}: ") })]
+    Failed {
+        context: String,
+        retry: Retry,
+        /// No other table can succeed after this (authentication, account).
+        fatal: bool,
+        #[source]
+        source: BoxError,
+    },
 }
 
-impl Fatal for SourceError {
-    fn is_fatal(&self) -> bool {
+impl SourceError {
+    /// A failure of the source that a retry does not mend and that concerns this table only.
+    pub fn failed(context: impl Into<String>, source: impl Into<BoxError>) -> SourceError {
+        SourceError::Failed { context: context.into(), retry: Retry::Useless, fatal: false, source: source.into() }
+    }
+}
+
+impl Classify for SourceError {
+    fn retry(&self) -> Retry {
         match self {
-            SourceError::Api(e) | SourceError::Fetch(FetchError::Api(e)) => e.is_fatal(),
-            _ => false,
+            SourceError::Corrupt { .. } => Retry::MayHelp,
+            SourceError::Failed { retry, .. } => *retry,
+            _ => Retry::Useless,
         }
+    }
+
+    fn is_fatal(&self) -> bool {
+        matches!(self, SourceError::Failed { fatal: true, .. })
+    }
+}
+
+impl From<ApiError> for SourceError {
+    fn from(e: ApiError) -> SourceError {
+        SourceError::Failed { context: String::new(), retry: e.retry(), fatal: e.is_fatal(), source: Box::new(e) }
+    }
+}
+
+impl From<FetchError> for SourceError {
+    fn from(e: FetchError) -> SourceError {
+        match e {
+            FetchError::Api(api) => api.into(),
+            other => SourceError::failed("", other),
+        }
+    }
+}
+
+impl From<SchemaError> for SourceError {
+    fn from(e: SchemaError) -> SourceError {
+        SourceError::failed("", e)
     }
 }
 

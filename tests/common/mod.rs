@@ -269,3 +269,75 @@ pub fn strip_escapes(text: &str) -> String {
     }
     out
 }
+
+/// One part of a comparison over every table, so the parts run at once (the official client syncs
+/// tables one at a time, which makes a whole-namespace comparison take minutes).
+#[derive(Clone, Copy, Debug)]
+pub struct Shard {
+    /// 0-based.
+    pub index: usize,
+    pub of: usize,
+}
+
+impl Shard {
+    /// Every `of`-th table of `tables`, starting at `index`: spread over the alphabet, so each part
+    /// holds large and small tables alike.
+    pub fn tables(self, tables: &[String]) -> Vec<String> {
+        tables.iter().skip(self.index).step_by(self.of).cloned().collect()
+    }
+
+    /// The first part also covers what is done once (the other namespaces, whole-database checks).
+    pub fn is_first(self) -> bool {
+        self.index == 0
+    }
+
+    /// Each namespace of the comparison with this part's tables in it: `canvas` shared out,
+    /// `canvas_logs` whole in the first part.
+    pub fn namespaces(self, emu: &Emulator) -> Vec<(&'static str, Vec<String>)> {
+        let mut parts = vec![("canvas", self.tables(&emu.tables("canvas").unwrap()))];
+        if self.is_first() {
+            parts.push(("canvas_logs", emu.tables("canvas_logs").unwrap()));
+        }
+        parts
+    }
+
+    /// A suffix for database names, so the parts never share one.
+    pub fn suffix(self) -> String {
+        format!("{}of{}", self.index + 1, self.of)
+    }
+}
+
+/// How [`differences`] names the two lists when they are ours and the official client's.
+pub const OURS_AND_THEIRS: [&str; 2] = ["ours", "the official client's"];
+
+/// Up to 8 lines in each list and not the other, for a readable failure: a line whose key (first
+/// tab-separated field) is in both lists is shown as the fields that differ, others cut to 300
+/// characters.
+pub fn differences(first: &[String], second: &[String], names: [&str; 2]) -> String {
+    let cut = |s: &str, n: usize| -> String { s.chars().take(n).collect() };
+    let only = |these: &[String], those: &[String]| -> Vec<String> {
+        these
+            .iter()
+            .filter(|l| !those.contains(l))
+            .take(8)
+            .map(|line| {
+                let key = line.split('\t').next().unwrap_or_default();
+                match those.iter().find(|o| o.split('\t').next() == Some(key)) {
+                    Some(other) => {
+                        let fields: Vec<String> = line
+                            .split('\t')
+                            .zip(other.split('\t'))
+                            .enumerate()
+                            .filter(|(_, (a, b))| a != b)
+                            .map(|(i, (a, b))| format!("field {i}: {} | other: {}", cut(a, 120), cut(b, 120)))
+                            .collect();
+                        format!("key {key}: {}", fields.join("; "))
+                    }
+                    None => cut(line, 300),
+                }
+            })
+            .collect()
+    };
+    let (only_first, only_second) = (only(first, second), only(second, first));
+    format!("only {}: {only_first:#?}\nonly {}: {only_second:#?}", names[0], names[1])
+}

@@ -157,6 +157,40 @@ fn within_limits(ty: &ColumnType, v: Json, limits: &[Limit]) -> Json {
     }
 }
 
+/// Every row as one line, its key then every column in the form both sides share under `limits`,
+/// in key order: whole tables compared by equality, every column of every row.
+pub fn row_lines(def: &TableDef, rows: &[Map<String, Json>], limits: &[Limit]) -> Vec<String> {
+    let mut lines: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            let cells: Vec<String> = def
+                .columns()
+                .map(|c| {
+                    sorted_keys(within_limits(&c.ty, canonical(&c.ty, r.get(&c.name).unwrap_or(&Json::Null)), limits))
+                        .to_string()
+                })
+                .collect();
+            (key_text(def, r), cells.join("\t"))
+        })
+        .collect();
+    lines.sort();
+    lines.into_iter().map(|(key, cells)| format!("{key}\t{cells}")).collect()
+}
+
+/// A JSON value with every object's members in name order: equal values print the same (a
+/// target such as PostgreSQL's jsonb keeps its own member order).
+fn sorted_keys(v: Json) -> Json {
+    match v {
+        Json::Object(m) => {
+            let mut members: Vec<(String, Json)> = m.into_iter().map(|(k, v)| (k, sorted_keys(v))).collect();
+            members.sort_by(|a, b| a.0.cmp(&b.0));
+            Json::Object(members.into_iter().collect())
+        }
+        Json::Array(a) => Json::Array(a.into_iter().map(sorted_keys).collect()),
+        other => other,
+    }
+}
+
 /// Asserts that `actual` holds exactly the rows of `truth`, comparing every column as a typed
 /// value; reports up to 10 differences naming table, key and column.
 pub fn assert_same_rows(def: &TableDef, actual: &[Map<String, Json>], truth: &[Map<String, Json>], what: &str) {

@@ -10,6 +10,7 @@
 pub mod engine;
 pub mod wire;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -74,6 +75,11 @@ pub struct Shared {
     pub bulk_rows_received: std::sync::atomic::AtomicU64,
     /// Bytes of bulk-load packets received (headers included), over all loads.
     pub bulk_bytes_received: std::sync::atomic::AtomicU64,
+    /// `sp_getapplock` locks held with `@LockOwner = 'Session'`: resource → connection number.
+    /// A connection's locks go with it, as on SQL Server.
+    pub applocks: Mutex<HashMap<String, u64>>,
+    /// The number the next connection gets.
+    pub next_connection: std::sync::atomic::AtomicU64,
 }
 
 pub struct TdsServer {
@@ -105,6 +111,8 @@ impl TdsServer {
             faults: Mutex::new(Faults::default()),
             bulk_rows_received: Default::default(),
             bulk_bytes_received: Default::default(),
+            applocks: Mutex::new(HashMap::new()),
+            next_connection: Default::default(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -157,6 +165,7 @@ impl TdsServer {
 
 /// A connection: its session, and the database while it holds a transaction open.
 struct Connection {
+    id: u64,
     shared: Arc<Shared>,
     session: Session,
     held: Option<OwnedMutexGuard<Db>>,
@@ -181,6 +190,7 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        self.shared.applocks.lock().unwrap().retain(|_, owner| *owner != self.id);
         // A connection that goes away with its transaction open rolls it back.
         if let Some(mut db) = self.held.take() {
             db.end_transaction(&mut self.session, false);
@@ -222,7 +232,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, shared: Arc<Sha
     t.done(0xFD, false, false, None);
     wire::write_message(&mut stream, wire::REPLY, &t.0).await?;
 
-    let mut conn = Connection { shared: shared.clone(), session: Session::default(), held: None, descriptor: 0 };
+    let id = shared.next_connection.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut conn = Connection { id, shared: shared.clone(), session: Session::default(), held: None, descriptor: 0 };
     loop {
         let packet = match wire::read_packet(&mut stream).await {
             Ok(p) => p,
@@ -276,6 +287,34 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, shared: Arc<Sha
 }
 
 /// The offset of the last DONE token of a reply (to mark it as the end of a procedure).
+/// Statements about the session rather than data, answered here: `SET LOCK_TIMEOUT` (accepted;
+/// the engine never waits for a lock) and `sp_getapplock` with a session owner and no wait, the
+/// way the adapter takes a table's lock (`SELECT @result`: 0 granted, -1 held elsewhere).
+fn session_statement(conn: &mut Connection, text: &str, params: &Params) -> Option<Vec<u8>> {
+    let mut t = Tokens::default();
+    if text.trim_start().to_ascii_uppercase().starts_with("SET LOCK_TIMEOUT") {
+        t.done(0xFD, false, false, None);
+        return Some(t.0);
+    }
+    if !text.contains("sp_getapplock") {
+        return None;
+    }
+    let resource = match params.get("@p1") {
+        Some(Cell::Text(r)) => r.clone(),
+        other => panic!("the test server takes sp_getapplock with the resource as @P1, got {other:?}"),
+    };
+    let granted = {
+        let mut locks = conn.shared.applocks.lock().unwrap();
+        let owner = *locks.entry(resource).or_insert(conn.id);
+        owner == conn.id
+    };
+    let meta = engine::Meta { nullable: true, identity: false };
+    t.col_metadata(&[(String::new(), SqlType::Int, meta)]);
+    t.row(&[SqlType::Int], &[Cell::Int(if granted { 0 } else { -1 })]);
+    t.done(0xFD, false, false, Some(1));
+    Some(t.0)
+}
+
 fn last_done(reply: &[u8]) -> Option<usize> {
     (reply.len() >= 13).then(|| reply.len() - 13).filter(|&at| reply[at] == 0xFD)
 }
@@ -290,6 +329,9 @@ fn error_reply(e: &SqlError) -> Vec<u8> {
 /// Runs a batch (or an RPC's statement) and writes its reply tokens.
 async fn run(conn: &mut Connection, text: &str, params: &Params) -> Vec<u8> {
     conn.shared.log.lock().unwrap().push(text.to_string());
+    if let Some(reply) = session_statement(conn, text, params) {
+        return reply;
+    }
     let injected = {
         let mut f = conn.shared.faults.lock().unwrap();
         match &f.statement_error_on {

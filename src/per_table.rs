@@ -1,6 +1,7 @@
-//! Multi-table runs: table selection (`all` or a comma list, trimmed and de-duplicated), bounded
-//! parallelism, and a summary. A run keeps going after a table fails; only errors that no other
-//! table could survive (authentication, account) stop it, and the rest are then skipped.
+//! Work on many tables at once: bounded parallelism, an outcome per table in the order asked, and
+//! a summary. A run keeps going after a table fails; only errors that no other table could
+//! survive (authentication, account: [`Classify::is_fatal`]) stop it, and the rest are then
+//! skipped.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -9,25 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures_util::StreamExt;
 use serde::Serialize;
 
-/// Errors that say whether they doom every other table too.
-pub trait Fatal {
-    fn is_fatal(&self) -> bool;
-}
-
-/// The tables named by `--table`: `None` for `all`, else the list, trimmed, without blanks or
-/// repeats, in the given order.
-pub fn parse_selection(spec: &str) -> Option<Vec<String>> {
-    if spec.trim() == "all" {
-        return None;
-    }
-    let mut tables: Vec<String> = Vec::new();
-    for t in spec.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        if !tables.iter().any(|x| x == t) {
-            tables.push(t.to_string());
-        }
-    }
-    Some(tables)
-}
+use crate::error::Classify;
 
 #[derive(Debug, Serialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
@@ -62,7 +45,7 @@ pub const JOBS_IN_FLIGHT: usize = 32;
 /// one started earlier is still running (no head-of-line blocking).
 pub async fn run_each<T, E, F, Fut>(tables: &[String], parallel: usize, op: F) -> Vec<TableOutcome<T>>
 where
-    E: Display + Fatal,
+    E: Display + Classify,
     F: Fn(String) -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
@@ -107,20 +90,16 @@ pub fn summarize<T>(outcomes: &[TableOutcome<T>]) -> (String, bool) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn selections_are_trimmed_and_deduplicated() {
-        assert_eq!(parse_selection("all"), None);
-        assert_eq!(parse_selection(" a, b ,a,,c").unwrap(), ["a", "b", "c"]);
-        assert_eq!(parse_selection("All").unwrap(), ["All"], "only lowercase `all` means every table");
-    }
-
     struct E(bool);
     impl Display for E {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             write!(f, "{}", if self.0 { "fatal" } else { "bad table" })
         }
     }
-    impl Fatal for E {
+    impl Classify for E {
+        fn retry(&self) -> crate::error::Retry {
+            crate::error::Retry::Useless
+        }
         fn is_fatal(&self) -> bool {
             self.0
         }

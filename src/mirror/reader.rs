@@ -2,7 +2,7 @@
 //!
 //! A target's position is the DAP watermark its `table_sync` row holds (written in the same
 //! transaction as its rows, by whichever client wrote them). Against the mirror's change index
-//! (`sink/sqlite.rs`) that says what the target lacks: the keys changed in the mirror's commits
+//! (`writer.rs`) that says what the target lacks: the keys changed in the mirror's commits
 //! after that watermark, sent as their current rows (or as deletes when the mirror no longer has
 //! them). A target older than the mirror's epoch (the mirror took a new snapshot of the table
 //! since) needs a full reload; a target ahead of the mirror (synced straight from DAP since) is
@@ -14,16 +14,14 @@ use std::sync::Arc;
 
 use rusqlite::{Connection, params};
 
-use super::{Extract, Reading, Schema, Source, SourceError};
+use super::format::{BOOKKEEPING, CHANGES, COMMITS, LeaveNoTrace, from_sql, open_read_only, quote};
 use crate::decode::Record;
+use crate::feed::{Feed, FeedSender, Piece};
 use crate::progress::TableProgress;
 use crate::schema::TableDef;
-use crate::sink::sqlite::{CHANGES, COMMITS, from_sql};
-use crate::sink::{Feed, Piece};
+use crate::source::{Extract, Reading, Schema, Source, SourceError};
 use crate::time::{self, Micros};
 use crate::value::Value;
-
-const BOOKKEEPING: &str = "instructure_dap__table_sync";
 /// Rows per snapshot part (an interrupted initdb of a target resumes after whole parts).
 const PART_ROWS: i64 = 100_000;
 /// Records per feed batch.
@@ -31,34 +29,35 @@ const BATCH: usize = 2_000;
 
 pub struct MirrorSource {
     path: PathBuf,
-}
-
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+    /// Reading leaves no `-wal`/`-shm` behind (dropped with the last clone of the source).
+    _tidy: Arc<LeaveNoTrace>,
 }
 
 impl MirrorSource {
     /// The mirror file at `path`, which must exist (replication never creates a mirror).
     pub fn open(path: &Path) -> Result<MirrorSource, SourceError> {
-        let source = MirrorSource { path: path.to_path_buf() };
+        let source = MirrorSource { path: path.to_path_buf(), _tidy: Arc::new(LeaveNoTrace::note([path])) };
         if !path.is_file() {
-            return Err(SourceError::Other(format!(
-                "there is no mirror at {}; make it with `dap initdb` first (or name another with --from sqlite:///PATH.db)",
-                path.display()
-            )));
+            return Err(SourceError::failed(
+                "",
+                format!(
+                    "there is no mirror at {}; make it with `dap initdb` first (or name another with --from sqlite:///PATH.db)",
+                    path.display()
+                ),
+            ));
         }
         source.connect()?;
         Ok(source)
     }
 
     fn io(&self, e: rusqlite::Error) -> SourceError {
-        SourceError::Other(format!("reading the mirror {}: {e}", self.path.display()))
+        SourceError::failed(format!("reading the mirror {}", self.path.display()), e)
     }
 
     /// A read-only connection (the mirror's writer may be syncing meanwhile: WAL readers see a
     /// consistent snapshot per transaction).
     fn connect(&self) -> Result<Connection, SourceError> {
-        crate::sink::sqlite::open_read_only(&self.path).map_err(|e| self.io(e))
+        open_read_only(&self.path).map_err(|e| self.io(e))
     }
 
     /// The table's bookkeeping row: version, description and watermark.
@@ -80,13 +79,17 @@ impl MirrorSource {
             .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })
             .map_err(|e| self.io(e))?;
         let (version, description, watermark) = row.ok_or_else(|| {
-            SourceError::Other(format!(
-                "{namespace}.{table} is not in the mirror {}; add it with `{}`",
-                self.path.display(),
-                crate::term::command(&["initdb", "--namespace", namespace, "--table", table])
-            ))
+            SourceError::failed(
+                "",
+                format!(
+                    "{namespace}.{table} is not in the mirror {}; add it with `{}`",
+                    self.path.display(),
+                    crate::term::command(&["initdb", "--namespace", namespace, "--table", table])
+                ),
+            )
         })?;
-        let watermark = time::parse_rfc3339(&watermark).map_err(|e| SourceError::Other(e.to_string()))?;
+        let watermark = time::parse_rfc3339(&watermark)
+            .map_err(|e| SourceError::failed(format!("the mirror's watermark of {namespace}.{table}"), e))?;
         Ok((version, description, watermark))
     }
 
@@ -134,21 +137,16 @@ impl Part {
 }
 
 /// Reads the parts into the feed, in one read transaction (one consistent state of the mirror).
-fn read_parts(
-    source: &MirrorSource,
-    def: &TableDef,
-    parts: &[String],
-    tx: &crate::sink::FeedSender,
-) -> Result<u64, SourceError> {
+fn read_parts(source: &MirrorSource, def: &TableDef, parts: &[String], tx: &FeedSender) -> Result<u64, SourceError> {
     let conn = source.connect()?;
     conn.execute_batch("BEGIN").map_err(|e| source.io(e))?;
     let columns: Vec<String> = def.columns().map(|c| format!("t.{}", quote(&c.name))).collect();
     let table = quote(&def.name);
     let mut total = 0u64;
     let send =
-        |piece: Piece| tx.blocking_send(piece).map_err(|_| SourceError::Other("the target stopped reading".into()));
+        |piece: Piece| tx.blocking_send(piece).map_err(|_| SourceError::failed("", "the target stopped reading"));
     for part in parts {
-        let bad = |e: String| SourceError::CorruptObject { table: def.name.clone(), object: part.clone(), detail: e };
+        let bad = |e: String| SourceError::Corrupt { table: def.name.clone(), part: part.clone(), detail: e };
         send(Piece::Begin(part.clone()))?;
         let mut batch = Vec::with_capacity(BATCH);
         match Part::parse(part).ok_or_else(|| bad("not a part of the mirror".into()))? {
@@ -292,8 +290,8 @@ impl Source for MirrorSource {
 
     fn read(&self, def: &TableDef, _extract: &Extract, parts: Vec<String>, watch: Arc<TableProgress>) -> Reading {
         watch.stage("reading the mirror");
-        let (tx, feed): (crate::sink::FeedSender, Feed) = Feed::channel(4);
-        let source = MirrorSource { path: self.path.clone() };
+        let (tx, feed): (FeedSender, Feed) = Feed::channel(4);
+        let source = MirrorSource { path: self.path.clone(), _tidy: self._tidy.clone() };
         let def = def.clone();
         let task = tokio::task::spawn(async move {
             tokio::task::spawn_blocking(move || read_parts(&source, &def, &parts, &tx))

@@ -1,4 +1,6 @@
-//! `state.json` beside the mirror files, and the writer lock of each mirror file.
+//! The mirror's folder: where it is by default, its namespace files, the writer lock of each
+//! file, and `state.json` beside them; and which paths belong to it (so that nothing else is
+//! written over them).
 //!
 //! The state file records, per mirror file and table: watermark, schema version, rows, last job,
 //! last run and its result. Every change re-reads it and rewrites it atomically (temporary file,
@@ -13,13 +15,17 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sink::Bookkeeping;
+use crate::sink::{Bookkeeping, Refusal, SinkError};
 use crate::time;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("the mirror {} is being written by another dap process ({holder}); wait for it to finish or stop it", path.display())]
-    Locked { path: PathBuf, holder: String },
+    #[error(
+        "the mirror {} is being written by another dap process ({holder}); waited {} s for it (--lock-timeout). Run the command again once it finishes, or give it a longer --lock-timeout",
+        path.display(),
+        waited.as_secs()
+    )]
+    Locked { path: PathBuf, holder: String, waited: std::time::Duration },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -36,28 +42,145 @@ pub struct WriterLock {
 impl WriterLock {
     /// Takes the lock of `db` (a `<db>.lock` file), or says which process holds it.
     pub fn acquire(db: &Path) -> Result<WriterLock, StateError> {
+        Self::acquire_waiting(db, std::time::Duration::ZERO)
+    }
+
+    /// Takes the lock of `db`, waiting up to `wait` for another process to let it go (saying
+    /// once who holds it), then says which process holds it.
+    pub fn acquire_waiting(db: &Path, wait: std::time::Duration) -> Result<WriterLock, StateError> {
         let path = PathBuf::from(format!("{}.lock", db.display()));
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
         let mut file =
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder =
-                    if holder.trim().is_empty() { "unknown process".into() } else { holder.trim().to_string() };
-                return Err(StateError::Locked { path: db.to_path_buf(), holder });
+        let started = std::time::Instant::now();
+        let mut told = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) => {
+                    let mut holder = String::new();
+                    let _ = file.rewind();
+                    let _ = file.read_to_string(&mut holder);
+                    let holder =
+                        if holder.trim().is_empty() { "unknown process".into() } else { holder.trim().to_string() };
+                    let holder = crate::term::safe(&holder).into_owned();
+                    if started.elapsed() >= wait {
+                        return Err(StateError::Locked { path: db.to_path_buf(), holder, waited: started.elapsed() });
+                    }
+                    if !told {
+                        tracing::warn!(
+                            "{} is being written by another dap process ({holder}); waiting up to {} s for it to finish",
+                            db.display(),
+                            wait.as_secs()
+                        );
+                        told = true;
+                    }
+                    std::thread::sleep((wait - started.elapsed()).min(std::time::Duration::from_millis(200)));
+                }
+                Err(TryLockError::Error(e)) => return Err(io(&path)(e)),
             }
-            Err(TryLockError::Error(e)) => return Err(io(&path)(e)),
         }
         file.set_len(0).map_err(io(&path))?;
         file.rewind().map_err(io(&path))?;
-        write!(file, "pid {} since {}", std::process::id(), time::format_wire(time::now())).map_err(io(&path))?;
+        write!(
+            file,
+            "pid {} on {} since {}",
+            std::process::id(),
+            crate::sink::protocol::hostname(),
+            time::format_wire(time::now())
+        )
+        .map_err(io(&path))?;
         Ok(WriterLock { _file: file })
     }
+}
+
+/// The default mirror folder: `DAP_MIRROR_DIR`, else the platform data folder.
+pub fn default_dir() -> Result<PathBuf, SinkError> {
+    if let Some(d) = std::env::var_os("DAP_MIRROR_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    directories::ProjectDirs::from("", "", "dap-replica").map(|p| p.data_dir().to_path_buf()).ok_or_else(|| {
+        SinkError::refused(
+            "the default mirror",
+            Refusal::Missing,
+            "there is no home folder to keep it in; pass --dir (or DAP_MIRROR_DIR) or --connection-string sqlite:///PATH.db",
+        )
+    })
+}
+
+/// Why a `.db` file of a mirror folder is left out of the folder's namespaces.
+fn unusable(path: &Path, namespace: &str) -> Option<String> {
+    let safe = !namespace.is_empty() && namespace.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !safe {
+        return Some("its name is not a namespace name (letters, digits and _ only)".into());
+    }
+    if ["main", "temp"].iter().any(|reserved| namespace.eq_ignore_ascii_case(reserved)) {
+        return Some(format!("{namespace} is a name SQLite reserves for its own databases"));
+    }
+    let mut header = [0u8; 16];
+    let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read(&mut f, &mut header));
+    match read {
+        Ok(16) if header == *b"SQLite format 3\0" => None,
+        Ok(_) => Some("it is not a SQLite database".into()),
+        Err(e) => Some(format!("it cannot be read ({e})")),
+    }
+}
+
+/// The namespace files of a mirror folder: `(namespace, file)` for each `*.db` that is a SQLite
+/// database named like a namespace, sorted. Any other `.db` there (a file named so that it
+/// could not be attached safely, `temp.db`, a text file) is left out with a warning, so that one
+/// stray file never breaks the folder.
+pub fn namespace_files(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let path = e.path();
+            let name = e.file_name();
+            let namespace = name.to_string_lossy().strip_suffix(".db")?.to_string();
+            if !path.is_file() {
+                return None;
+            }
+            if let Some(why) = unusable(&path, &namespace) {
+                tracing::warn!("{}: left out of the mirror: {why}", crate::term::safe(&path.display().to_string()));
+                return None;
+            }
+            Some((namespace, path))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Refuses an output file (of `export` or `pack`) that would replace a part of the mirror in
+/// `dir`: a namespace file or any `.db` there (which would become a namespace), a file's
+/// `-wal`/`-shm`/`-journal` or lock, `state.json`, or the spool; followed through links.
+pub fn refuse_mirror_output(dir: &Path, output: &Path) -> Result<(), String> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    let Some(mirror) = canonical(dir) else { return Ok(()) };
+    // Where the output would land: its folder's real path, and its real path when it exists.
+    let folder = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let landing = canonical(output).or_else(|| canonical(folder).map(|f| f.join(&name)));
+    let Some(landing) = landing else { return Ok(()) };
+    if landing.parent() != Some(mirror.as_path()) {
+        return Ok(());
+    }
+    let landed = landing.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let part_of_the_mirror = landed.ends_with(".db")
+        || [".db-wal", ".db-shm", ".db-journal", ".db.lock"].iter().any(|s| landed.ends_with(s))
+        || ["state.json", "state.json.lock", "state.json.partial", ".dap-spool"].contains(&landed.as_str());
+    if part_of_the_mirror {
+        return Err(format!(
+            "{} is part of the mirror in {} (or would become one of its namespaces); write the output elsewhere",
+            output.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

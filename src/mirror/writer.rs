@@ -1,0 +1,903 @@
+//! The mirror's writer: a [`Dialect`] of the load protocol over one SQLite file per namespace,
+//! with the bookkeeping table inside the same file, written in the same transaction as the data it
+//! describes (so a copied file can be synced anywhere), the data dictionary, and the change index.
+//!
+//! The change index (for outward replication, `reader.rs`): each sync records, in its own
+//! transaction, a commit (its sequence number and DAP watermark) and, per key it wrote or deleted,
+//! the last commit that touched it. One row per key the table has had, however long its history.
+//! A publish (initdb, a re-snapshot) starts a new epoch: the index restarts at commit 0, whose
+//! watermark is the snapshot's.
+//!
+//! SQLite has one writer per file: writes go through one connection, taken by one table at a
+//! time and used on blocking threads; a write access holds the file's writer lock (which a second
+//! writer waits for, up to the lock timeout), so tables need no lock of their own. Whoever writes
+//! the mirror, `state.json` beside it follows every commit and records every run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use rusqlite::{Connection, params};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use super::folder::{StateFile, WriterLock};
+use super::format::*;
+use crate::decode::Record;
+use crate::feed::Pump;
+use crate::schema::delta::{Change, SchemaDelta};
+use crate::schema::{ColumnType, TableDef};
+use crate::sink::protocol::{Dialect, Protocol, Staged, StoredBookkeeping};
+use crate::sink::{Access, Backend, Bookkeeping, ConnectionString, Refusal, RunRecord, Sink, SinkError, SinkOptions};
+use crate::time;
+use crate::value::Value;
+
+/// The mirror (`sqlite:` locations and the default mirror) in the registry.
+pub static BACKEND: Backend =
+    Backend { scheme: "sqlite", aliases: &[], default_port: 0, reads_pgpass: false, open: open_sink, ddl };
+
+fn open_sink<'a>(
+    url: &'a ConnectionString,
+    options: &'a SinkOptions,
+) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {
+    Box::pin(async move {
+        let file = PathBuf::from(&url.database);
+        crate::privacy::check_mirror(&file, options.shared);
+        let dialect = tokio::task::spawn_blocking({
+            let options = options.clone();
+            move || SqliteDialect::open(&file, options.access, options.lock_timeout)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        let sink: Arc<dyn Sink> = Arc::new(Protocol::new(dialect));
+        Ok(sink)
+    })
+}
+
+/// The DDL initdb runs in an empty mirror file: the bookkeeping tables, then each table.
+pub fn ddl(defs: &[TableDef]) -> Vec<String> {
+    let mut out = bookkeeping_statements();
+    for def in defs {
+        out.extend(table_statements(def));
+    }
+    out
+}
+
+/// A mirror file as the load protocol drives it.
+pub struct SqliteDialect {
+    path: PathBuf,
+    shown: String,
+    writer: Arc<Mutex<Writer>>,
+    lock_timeout: Duration,
+    _lock: Option<WriterLock>,
+    /// A reading access leaves no `-wal`/`-shm` behind (dropped after the connection).
+    _tidy: Option<LeaveNoTrace>,
+}
+
+/// The connection and the statements built on it.
+pub struct Writer {
+    path: PathBuf,
+    conn: Connection,
+}
+
+/// The file's one connection, taken by one table at a time.
+pub struct SqliteConn(Option<OwnedMutexGuard<Writer>>);
+
+impl SqliteDialect {
+    /// Opens the mirror file at `path`. A write access creates it (and its folder) when missing
+    /// and takes its writer lock, waiting up to `lock_timeout` for another writer; a read access
+    /// never creates anything.
+    pub fn open(path: &Path, access: Access, lock_timeout: Duration) -> Result<SqliteDialect, SinkError> {
+        let shown = path.display().to_string();
+        let fail = |action: &str, e: rusqlite::Error| database_error(&shown, action, e);
+        if path.is_dir() {
+            return Err(SinkError::refused(
+                &shown,
+                Refusal::Input,
+                "this is a folder, not a database file; name the file in it (e.g. sqlite:///PATH/canvas.db)",
+            ));
+        }
+        refuse_foreign_file(path)?;
+        let tidy = (access == Access::Read).then(|| LeaveNoTrace::note([path]));
+        let (conn, lock) = match access {
+            Access::Write => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        SinkError::refused(
+                            &dir.display().to_string(),
+                            Refusal::NotAllowed,
+                            format!("cannot create the folder: {e}"),
+                        )
+                    })?;
+                }
+                let lock = WriterLock::acquire_waiting(path, lock_timeout)
+                    .map_err(|e| SinkError::refused(&shown, Refusal::Locked, e.to_string()))?;
+                (Connection::open(path).map_err(|e| fail("opening", e))?, Some(lock))
+            }
+            Access::Read => {
+                if !path.is_file() {
+                    return Err(SinkError::refused(
+                        &shown,
+                        Refusal::Missing,
+                        "there is no mirror here yet; start with `dap initdb`",
+                    ));
+                }
+                (open_read_only(path).map_err(|e| fail("reading the database", e))?, None)
+            }
+        };
+        conn.execute_batch("PRAGMA busy_timeout = 5000;").map_err(|e| fail("opening", e))?;
+        // Reading the schema fails at once on a file that is not a SQLite database.
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| fail("reading the database", e))?;
+        let writer = Writer { path: path.to_path_buf(), conn };
+        if access == Access::Write {
+            writer
+                .conn
+                .execute_batch(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA legacy_alter_table = ON;",
+                )
+                .and_then(|()| writer.conn.execute_batch(&bookkeeping_statements().join(";\n")))
+                .map_err(|e| fail("preparing the bookkeeping tables", e))?;
+            writer.save_state(|_| {});
+        }
+        Ok(SqliteDialect {
+            path: path.to_path_buf(),
+            shown,
+            writer: Arc::new(Mutex::new(writer)),
+            lock_timeout,
+            _lock: lock,
+            _tidy: tidy,
+        })
+    }
+
+    /// Runs `work` with the file's connection on a blocking thread.
+    async fn run<T: Send + 'static>(
+        c: &mut SqliteConn,
+        work: impl FnOnce(&mut Writer) -> Result<T, SinkError> + Send + 'static,
+    ) -> Result<T, SinkError> {
+        let mut guard = c.0.take().expect("a connection is used by one task at a time");
+        let (guard, result) = tokio::task::spawn_blocking(move || {
+            let result = work(&mut guard);
+            (guard, result)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        c.0 = Some(guard);
+        result
+    }
+}
+
+impl Writer {
+    fn fail(&self, what: &str, e: rusqlite::Error) -> SinkError {
+        database_error(&self.path.display().to_string(), what, e)
+    }
+
+    fn refuse(&self, kind: Refusal, detail: String) -> SinkError {
+        SinkError::refused(&self.path.display().to_string(), kind, detail)
+    }
+
+    /// Brings `state.json` beside the file in line with its bookkeeping rows (every namespace
+    /// it holds), after `change`; a failure to write it is only a warning (the database is the
+    /// authority, and the state file is rebuilt from it).
+    fn save_state(&self, change: impl FnOnce(&mut StateFile)) {
+        let rows = match self.stored_rows(None, None) {
+            Ok(rows) => rows,
+            Err(e) => return tracing::warn!("could not read the bookkeeping for the state file: {e}"),
+        };
+        let mut namespaces: Vec<String> = rows.iter().map(|r| r.namespace.clone()).collect();
+        namespaces.sort();
+        namespaces.dedup();
+        let updated = StateFile::update(&self.path, |st| {
+            change(st);
+            for ns in &namespaces {
+                let bookkeeping: Vec<Bookkeeping> = rows
+                    .iter()
+                    .filter(|r| &r.namespace == ns)
+                    .filter_map(|r| {
+                        Some(Bookkeeping {
+                            namespace: r.namespace.clone(),
+                            table: r.table.clone(),
+                            watermark: r.watermark.clone().ok()?,
+                            schema_version: u32::try_from(r.schema_version).ok()?,
+                            schema_description: String::new(),
+                        })
+                    })
+                    .collect();
+                st.reconcile(ns, &self.path, &bookkeeping, &Default::default());
+            }
+            // A file whose last table was dropped: its entries go too.
+            st.tables.retain(|_, e| e.file != self.path || namespaces.contains(&e.namespace));
+        });
+        if let Err(e) = updated {
+            tracing::warn!("could not write the state file: {e}");
+        }
+    }
+
+    fn has_table(&self, name: &str) -> Result<bool, SinkError> {
+        self.conn
+            .query_row("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.fail("reading the schema", e))
+    }
+
+    fn create_table(&self, name: &str, def: &TableDef) -> Result<(), SinkError> {
+        self.conn.execute_batch(&create_table_sql(name, def)).map_err(|e| self.fail(&format!("creating {name}"), e))
+    }
+
+    /// `INSERT … ON CONFLICT DO UPDATE` of every column: whole-row upserts. A row that arrives
+    /// unchanged (DAP delivers the boundary of two syncs twice) is not written again, so it
+    /// counts as no change.
+    fn upsert_sql(table: &str, def: &TableDef) -> String {
+        let names: Vec<String> = def.columns().map(|c| quote(&c.name)).collect();
+        let marks = vec!["?"; names.len()].join(", ");
+        let updates: Vec<String> = def.values.iter().map(|c| format!("{0} = excluded.{0}", quote(&c.name))).collect();
+        let differs: Vec<String> =
+            def.values.iter().map(|c| format!("{0} IS NOT excluded.{0}", quote(&c.name))).collect();
+        let action = if updates.is_empty() {
+            "NOTHING".to_string()
+        } else {
+            format!("UPDATE SET {} WHERE {}", updates.join(", "), differs.join(" OR "))
+        };
+        format!(
+            "INSERT INTO {} ({}) VALUES ({marks}) ON CONFLICT ({}) DO {action}",
+            quote(table),
+            names.join(", "),
+            quote(&def.key.name)
+        )
+    }
+
+    /// Writes records; returns how many changed a row (an unchanged row or an absent key's
+    /// delete changes none), and appends the keys they changed to `changed`.
+    fn write_rows(
+        &self,
+        table: &str,
+        def: &TableDef,
+        rows: &[Record],
+        changed: &mut Vec<Value>,
+    ) -> Result<(), SinkError> {
+        let mut upsert = self
+            .conn
+            .prepare_cached(&Self::upsert_sql(table, def))
+            .map_err(|e| self.fail("preparing the upsert", e))?;
+        let mut delete = self
+            .conn
+            .prepare_cached(&format!("DELETE FROM {} WHERE {} = ?", quote(table), quote(&def.key.name)))
+            .map_err(|e| self.fail("preparing the delete", e))?;
+        for r in rows {
+            let n = if r.action == Some('D') {
+                delete.execute([to_sql(&r.key)]).map_err(|e| self.fail(&format!("deleting from {table}"), e))?
+            } else {
+                let params = std::iter::once(Bind(&r.key)).chain(r.values.iter().map(Bind));
+                upsert.execute(rusqlite::params_from_iter(params)).map_err(|e| {
+                    self.fail(&format!("writing {table} key {}", r.key.to_text().unwrap_or_default()), e)
+                })?
+            };
+            if n > 0 {
+                changed.push(r.key.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a table's change index over (a publish): commit 0 at the snapshot's watermark.
+    fn start_epoch(&self, b: &Bookkeeping) -> Result<(), SinkError> {
+        let fail = |e| self.fail("starting the change index", e);
+        for t in [COMMITS, CHANGES] {
+            self.conn
+                .execute(
+                    &format!("DELETE FROM {t} WHERE source_namespace = ?1 AND source_table = ?2"),
+                    params![b.namespace, b.table],
+                )
+                .map_err(fail)?;
+        }
+        self.conn
+            .execute(
+                &format!(
+                    "INSERT INTO {COMMITS} (source_namespace, source_table, seq, watermark) VALUES (?1, ?2, 0, ?3)"
+                ),
+                params![b.namespace, b.table, time::format_fixed(b.watermark)],
+            )
+            .map_err(fail)?;
+        Ok(())
+    }
+
+    /// Records a sync in the change index: a new commit at its watermark, and the keys it wrote
+    /// or deleted.
+    fn record_commit(&self, b: &Bookkeeping, keys: &[Value]) -> Result<(), SinkError> {
+        let fail = |e| self.fail("recording the change index", e);
+        let seq: i64 = self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM {COMMITS} WHERE source_namespace = ?1 AND source_table = ?2"
+                ),
+                params![b.namespace, b.table],
+                |r| r.get(0),
+            )
+            .map_err(fail)?;
+        self.conn
+            .execute(
+                &format!(
+                    "INSERT INTO {COMMITS} (source_namespace, source_table, seq, watermark) VALUES (?1, ?2, ?3, ?4)"
+                ),
+                params![b.namespace, b.table, seq, time::format_fixed(b.watermark)],
+            )
+            .map_err(fail)?;
+        let mut upsert = self
+            .conn
+            .prepare_cached(&format!(
+                "INSERT INTO {CHANGES} (source_namespace, source_table, key, seq) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (source_namespace, source_table, key) DO UPDATE SET seq = excluded.seq"
+            ))
+            .map_err(fail)?;
+        for k in keys {
+            upsert.execute(params![b.namespace, b.table, Bind(k), seq]).map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    /// The `CREATE INDEX` statements users made on a table (kept across swaps and rebuilds).
+    fn user_indexes(&self, table: &str) -> Result<Vec<String>, SinkError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ?1 AND sql IS NOT NULL")
+            .map_err(|e| self.fail("reading indexes", e))?;
+        let rows = stmt.query_map([table], |r| r.get::<_, String>(0)).map_err(|e| self.fail("reading indexes", e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.fail("reading indexes", e))
+    }
+
+    /// Replaces `table` with `replacement` (already filled), keeping its user indexes. Views
+    /// refer to tables by name, so they keep working (renames do not rewrite them: legacy mode).
+    fn swap_in(&self, table: &str, replacement: &str) -> Result<(), SinkError> {
+        let indexes = self.user_indexes(table)?;
+        self.conn
+            .execute_batch(&format!(
+                "DROP TABLE IF EXISTS {0}; ALTER TABLE {1} RENAME TO {0};",
+                quote(table),
+                quote(replacement)
+            ))
+            .map_err(|e| self.fail(&format!("swapping in {table}"), e))?;
+        for sql in indexes {
+            self.conn.execute_batch(&sql).map_err(|e| self.fail(&format!("recreating an index on {table}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Declared types of the table's columns.
+    fn column_types(&self, table: &str) -> Result<Vec<(String, String)>, SinkError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT name, type FROM pragma_table_info({})", quote_literal(table)))
+            .map_err(|e| self.fail("reading columns", e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.fail("reading columns", e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.fail("reading columns", e))
+    }
+
+    /// Rebuilds a table for `def` (new declared types or constraints): a new table with the
+    /// schema's columns (plus any column the schema no longer names, or a user added), filled
+    /// from the old one, swapped in with the user's indexes.
+    fn rebuild(&self, def: &TableDef) -> Result<(), SinkError> {
+        let existing = self.column_types(&def.name)?;
+        let temp = format!("_dap_rebuild__{}", def.name);
+        let mut columns: Vec<String> = def.columns().map(column_sql).collect();
+        columns.extend(
+            existing
+                .iter()
+                .filter(|(n, _)| !def.columns().any(|c| &c.name == n))
+                .map(|(n, t)| format!("{} {t}", quote(n))),
+        );
+        let copied: Vec<String> = existing.iter().map(|(n, _)| quote(n)).collect();
+        self.conn
+            .execute_batch(&format!(
+                "DROP TABLE IF EXISTS {0}; CREATE TABLE {0} ({1}, PRIMARY KEY ({2})); INSERT INTO {0} ({3}) SELECT {3} FROM {4};",
+                quote(&temp),
+                columns.join(", "),
+                quote(&def.key.name),
+                copied.join(", "),
+                quote(&def.name)
+            ))
+            .map_err(|e| self.fail(&format!("rebuilding {} for its new schema", def.name), e))?;
+        self.swap_in(&def.name, &temp)
+    }
+
+    /// Applies a schema delta inside the open transaction: new columns in place; anything that
+    /// changes a declared type or a NOT NULL constraint rebuilds the table (SQLite cannot alter
+    /// them).
+    fn apply_delta(&self, def: &TableDef, delta: &SchemaDelta) -> Result<(), SinkError> {
+        let mut rebuild = false;
+        for change in &delta.changes {
+            match change {
+                Change::Add(c) => {
+                    self.conn
+                        .execute_batch(&format!(
+                            "ALTER TABLE {} ADD COLUMN {} {}",
+                            quote(&def.name),
+                            quote(&c.name),
+                            sql_type(&c.ty)
+                        ))
+                        .map_err(|e| self.fail(&format!("adding column {} to {}", c.name, def.name), e))?;
+                }
+                Change::Widen { column, from } => rebuild |= sql_type(from) != sql_type(&column.ty),
+                Change::DropNotNull(_) => rebuild = true,
+                Change::Retype { .. } => rebuild = true,
+                Change::SetNotNull(name) => {
+                    let nulls: i64 = self
+                        .conn
+                        .query_row(
+                            &format!("SELECT count(*) FROM {} WHERE {} IS NULL", quote(&def.name), quote(name)),
+                            [],
+                            |r| r.get(0),
+                        )
+                        .map_err(|e| self.fail(&format!("checking {name} for NULLs"), e))?;
+                    if nulls > 0 {
+                        return Err(SinkError::required_over_nulls(
+                            &self.path.display().to_string(),
+                            def,
+                            name,
+                            Some(nulls as u64),
+                        ));
+                    }
+                    rebuild = true;
+                }
+            }
+        }
+        // A mirror made before the delta was computed may still differ in declared types.
+        let existing = self.column_types(&def.name)?;
+        rebuild |= def
+            .columns()
+            .any(|c| existing.iter().any(|(n, t)| n == &c.name && !t.eq_ignore_ascii_case(sql_type(&c.ty))));
+        if rebuild { self.rebuild(def) } else { Ok(()) }
+    }
+
+    fn write_bookkeeping(&self, b: &Bookkeeping) -> Result<(), SinkError> {
+        self.conn
+            .execute(
+                &format!(
+                    "INSERT INTO {BOOKKEEPING} (source_namespace, source_table, timestamp, schema_version, target_schema, target_table, schema_description_format, schema_description)
+                     VALUES (?1, ?2, ?3, ?4, ?1, ?2, 'json', ?5)
+                     ON CONFLICT (source_namespace, source_table) DO UPDATE SET timestamp = excluded.timestamp,
+                       schema_version = excluded.schema_version, schema_description = excluded.schema_description"
+                ),
+                params![b.namespace, b.table, time::format_fixed(b.watermark), b.schema_version, b.schema_description],
+            )
+            .map(|_| ())
+            .map_err(|e| self.fail("writing the bookkeeping row", e))
+    }
+
+    /// Describes `def` in the data dictionary (replacing what was there), and the internal tables.
+    fn write_dictionary(&self, def: &TableDef) -> Result<(), SinkError> {
+        let fail = |e| self.fail("writing the data dictionary", e);
+        for (name, description) in INTERNAL_TABLES {
+            let kind = if description.starts_with("internal") { "internal" } else { "dictionary" };
+            self.conn
+                .execute(
+                    &format!("INSERT OR REPLACE INTO {DICTIONARY_TABLES} VALUES (?1, ?2, NULL, NULL, ?3)"),
+                    params![name, kind, description],
+                )
+                .map_err(fail)?;
+        }
+        self.conn
+            .execute(
+                &format!("INSERT OR REPLACE INTO {DICTIONARY_TABLES} VALUES (?1, 'data', ?2, ?3, ?4)"),
+                params![def.name, def.namespace, def.version, def.comment],
+            )
+            .map_err(fail)?;
+        self.conn
+            .execute(&format!("DELETE FROM {DICTIONARY_COLUMNS} WHERE table_name = ?1"), params![def.name])
+            .map_err(fail)?;
+        let mut insert = self
+            .conn
+            .prepare(&format!("INSERT INTO {DICTIONARY_COLUMNS} VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"))
+            .map_err(fail)?;
+        for (position, column) in std::iter::once(&def.key).chain(&def.values).enumerate() {
+            let enum_values = match &column.ty {
+                ColumnType::Enum(v) => Some(serde_json::to_string(v).expect("strings serialise")),
+                ColumnType::IntEnum(v) => Some(serde_json::to_string(v).expect("integers serialise")),
+                _ => None,
+            };
+            let is_key = position == 0;
+            insert
+                .execute(params![
+                    def.name,
+                    position as i64 + 1,
+                    column.name,
+                    column.ty.describe(),
+                    sql_type(&column.ty),
+                    !(is_key || column.required),
+                    is_key,
+                    enum_values,
+                    column.comment,
+                ])
+                .map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    fn forget_in_dictionary(&self, table: &str) -> Result<(), SinkError> {
+        for dictionary in [DICTIONARY_TABLES, DICTIONARY_COLUMNS] {
+            self.conn
+                .execute(&format!("DELETE FROM {dictionary} WHERE table_name = ?1"), params![table])
+                .map_err(|e| self.fail("updating the data dictionary", e))?;
+        }
+        Ok(())
+    }
+
+    /// The bookkeeping rows of a namespace (every one when `None`), of one table when given.
+    fn stored_rows(&self, namespace: Option<&str>, table: Option<&str>) -> Result<Vec<StoredBookkeeping>, SinkError> {
+        if !self.has_table(BOOKKEEPING)? {
+            return Ok(Vec::new()); // a read-only look at a file no write has prepared
+        }
+        let fail = |e| self.fail("reading the bookkeeping table", e);
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT source_namespace, source_table, timestamp, schema_version, schema_description FROM {BOOKKEEPING}
+                 WHERE (?1 IS NULL OR source_namespace = ?1) AND (?2 IS NULL OR source_table = ?2) ORDER BY source_table, id"
+            ))
+            .map_err(fail)?;
+        let rows = stmt
+            .query_map(params![namespace, table], |row| {
+                let stamp: String = row.get(2)?;
+                Ok(StoredBookkeeping {
+                    namespace: row.get(0)?,
+                    table: row.get(1)?,
+                    watermark: time::parse_rfc3339(&stamp).map_err(|_| stamp),
+                    schema_version: row.get(3)?,
+                    schema_description: row.get(4)?,
+                })
+            })
+            .map_err(fail)?;
+        rows.collect::<Result<_, _>>().map_err(fail)
+    }
+}
+
+#[async_trait::async_trait]
+impl Dialect for SqliteDialect {
+    type Conn = SqliteConn;
+    /// The file's writer lock covers every table.
+    type LockSession = ();
+
+    fn target(&self) -> &str {
+        &self.shown
+    }
+
+    fn table_sql(&self, _namespace: &str, table: &str) -> String {
+        quote(table)
+    }
+
+    fn bookkeeping_name(&self) -> &'static str {
+        BOOKKEEPING
+    }
+
+    fn staging_keeps(&self) -> Staged {
+        Staged::LatestPerKey
+    }
+
+    fn lock_timeout(&self) -> Duration {
+        self.lock_timeout
+    }
+
+    async fn connect(&self) -> Result<SqliteConn, SinkError> {
+        Ok(SqliteConn(Some(self.writer.clone().lock_owned().await)))
+    }
+
+    fn release(&self, _c: SqliteConn) {}
+
+    async fn begin(&self, c: &mut SqliteConn) -> Result<(), SinkError> {
+        Self::run(c, |w| w.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| w.fail("starting a transaction", e))).await
+    }
+
+    async fn commit(&self, c: &mut SqliteConn) -> Result<(), SinkError> {
+        Self::run(c, |w| w.conn.execute_batch("COMMIT").map_err(|e| w.fail("committing", e))).await
+    }
+
+    /// The mirror's connection is shared by the run: what a failed step left open is rolled
+    /// back before the next step takes it.
+    async fn abandon(&self, mut c: SqliteConn) {
+        let rolled_back = Self::run(&mut c, |w| {
+            if !w.conn.is_autocommit() {
+                w.conn.execute_batch("ROLLBACK").map_err(|e| w.fail("rolling back", e))?;
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = rolled_back {
+            tracing::warn!("{e}");
+        }
+    }
+
+    async fn stored_bookkeeping(
+        &self,
+        c: &mut SqliteConn,
+        namespace: &str,
+        table: Option<&str>,
+    ) -> Result<Vec<StoredBookkeeping>, SinkError> {
+        let (ns, t) = (namespace.to_string(), table.map(str::to_string));
+        Self::run(c, move |w| w.stored_rows(Some(&ns), t.as_deref())).await
+    }
+
+    async fn write_bookkeeping(&self, c: &mut SqliteConn, b: &Bookkeeping) -> Result<(), SinkError> {
+        let b = b.clone();
+        Self::run(c, move |w| w.write_bookkeeping(&b)).await
+    }
+
+    async fn row_count(&self, c: &mut SqliteConn, _namespace: &str, table: &str) -> Result<u64, SinkError> {
+        let t = table.to_string();
+        Self::run(c, move |w| {
+            w.conn
+                .query_row(&format!("SELECT count(*) FROM {}", quote(&t)), [], |r| r.get(0))
+                .map_err(|e| w.fail(&format!("counting {t}"), e))
+        })
+        .await
+    }
+
+    async fn table_exists(&self, c: &mut SqliteConn, _namespace: &str, table: &str) -> Result<bool, SinkError> {
+        let t = table.to_string();
+        Self::run(c, move |w| w.has_table(&t)).await
+    }
+
+    /// A table name is one per file: another namespace's table of that name is not ours.
+    async fn check_owner(&self, c: &mut SqliteConn, namespace: &str, table: &str) -> Result<(), SinkError> {
+        let (ns, t) = (namespace.to_string(), table.to_string());
+        Self::run(c, move |w| {
+            let owners = w.stored_rows(None, Some(&t))?;
+            if let Some(other) = owners.iter().find(|b| b.namespace != ns) {
+                return Err(w.refuse(
+                    Refusal::NotOurs,
+                    format!(
+                        "{ns}.{t}: this database already holds a table {t} of namespace {}; use another file for {ns} (--connection-string)",
+                        other.namespace
+                    ),
+                ));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn check_intact(&self, _namespace: &str, table: &str) -> Result<(), SinkError> {
+        let (path, table) = (self.path.clone(), table.to_string());
+        tokio::task::spawn_blocking(move || check_table(&path, &table))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    async fn checkpoints(&self, c: &mut SqliteConn, def: &TableDef) -> Result<Vec<(String, String)>, SinkError> {
+        let (ns, t) = (def.namespace.clone(), def.name.clone());
+        Self::run(c, move |w| {
+            let mut stmt = w
+                .conn
+                .prepare(&format!(
+                    "SELECT job_id, object FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"
+                ))
+                .map_err(|e| w.fail("reading checkpoints", e))?;
+            stmt.query_map(params![ns, t], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|rows| rows.collect())
+                .map_err(|e| w.fail("reading checkpoints", e))
+        })
+        .await
+    }
+
+    async fn staging_exists(&self, c: &mut SqliteConn, def: &TableDef) -> Result<bool, SinkError> {
+        let name = staging(&def.name);
+        Self::run(c, move |w| w.has_table(&name)).await
+    }
+
+    async fn create_staging(&self, c: &mut SqliteConn, def: &TableDef) -> Result<(), SinkError> {
+        let def = def.clone();
+        Self::run(c, move |w| {
+            let name = staging(&def.name);
+            let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
+            w.conn
+                .execute(
+                    &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
+                    params![def.namespace, def.name],
+                )
+                .map_err(|e| w.fail("clearing checkpoints", e))?;
+            w.conn
+                .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&name)))
+                .map_err(|e| w.fail("dropping an old staging table", e))?;
+            w.create_table(&name, &def)?;
+            tx.commit().map_err(|e| w.fail("creating the staging table", e))
+        })
+        .await
+    }
+
+    async fn load_part(&self, c: &mut SqliteConn, def: &TableDef, rows: &mut Pump<'_>) -> Result<(), SinkError> {
+        let def = Arc::new(def.clone());
+        while let Some(batch) = rows.next_batch().await? {
+            let def = def.clone();
+            Self::run(c, move |w| w.write_rows(&staging(&def.name), &def, &batch, &mut Vec::new())).await?;
+        }
+        Ok(())
+    }
+
+    async fn record_checkpoint(
+        &self,
+        c: &mut SqliteConn,
+        def: &TableDef,
+        job: &str,
+        part: &str,
+    ) -> Result<(), SinkError> {
+        let (ns, t, job, part) = (def.namespace.clone(), def.name.clone(), job.to_string(), part.to_string());
+        Self::run(c, move |w| {
+            w.conn
+                .execute(
+                    &format!("INSERT OR REPLACE INTO {CHECKPOINTS} (source_namespace, source_table, job_id, object) VALUES (?1, ?2, ?3, ?4)"),
+                    params![ns, t, job, part],
+                )
+                .map(|_| ())
+                .map_err(|e| w.fail("recording a checkpoint", e))
+        })
+        .await
+    }
+
+    async fn staged_rows(&self, c: &mut SqliteConn, def: &TableDef) -> Result<u64, SinkError> {
+        let name = staging(&def.name);
+        Self::run(c, move |w| {
+            w.conn
+                .query_row(&format!("SELECT count(*) FROM {}", quote(&name)), [], |r| r.get(0))
+                .map_err(|e| w.fail("counting the staged rows", e))
+        })
+        .await
+    }
+
+    /// The staging table replaces the table whole (SQLite views refer to tables by name, so they
+    /// keep working), so the delta needs no DDL here.
+    async fn publish(
+        &self,
+        c: &mut SqliteConn,
+        def: &TableDef,
+        _delta: &SchemaDelta,
+        b: &Bookkeeping,
+    ) -> Result<(), SinkError> {
+        let (def, b) = (def.clone(), b.clone());
+        Self::run(c, move |w| {
+            let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
+            w.swap_in(&def.name, &staging(&def.name))?;
+            w.conn
+                .execute(
+                    &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
+                    params![def.namespace, def.name],
+                )
+                .map_err(|e| w.fail("clearing checkpoints", e))?;
+            w.write_bookkeeping(&b)?;
+            w.write_dictionary(&def)?;
+            w.start_epoch(&b)?;
+            tx.commit().map_err(|e| w.fail(&format!("committing {}", def.name), e))?;
+            w.save_state(|_| {});
+            Ok(())
+        })
+        .await
+    }
+
+    async fn apply_changes(
+        &self,
+        c: &mut SqliteConn,
+        def: &TableDef,
+        delta: &SchemaDelta,
+        rows: &mut Pump<'_>,
+        b: &Bookkeeping,
+    ) -> Result<(), SinkError> {
+        let def = Arc::new(def.clone());
+        {
+            let (def, delta) = (def.clone(), delta.clone());
+            Self::run(c, move |w| {
+                w.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| w.fail("starting a transaction", e))?;
+                w.apply_delta(&def, &delta)
+            })
+            .await?;
+        }
+        let mut keys: Vec<Value> = Vec::new();
+        while let Some(records) = rows.next_batch().await? {
+            let def = def.clone();
+            keys = Self::run(c, move |w| {
+                w.write_rows(&def.name, &def, &records, &mut keys)?;
+                Ok(keys)
+            })
+            .await?;
+        }
+        self.finish_changes(c, &def, keys, b).await
+    }
+
+    async fn drop_table(&self, c: &mut SqliteConn, namespace: &str, table: &str) -> Result<bool, SinkError> {
+        let (ns, t) = (namespace.to_string(), table.to_string());
+        Self::run(c, move |w| {
+            let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
+            let removed = w
+                .conn
+                .execute(
+                    &format!("DELETE FROM {BOOKKEEPING} WHERE source_namespace = ?1 AND source_table = ?2"),
+                    params![ns, t],
+                )
+                .map_err(|e| w.fail("removing the bookkeeping row", e))?;
+            if removed > 0 {
+                w.conn
+                    .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&t)))
+                    .map_err(|e| w.fail(&format!("dropping {t}"), e))?;
+                w.forget_in_dictionary(&t)?;
+                for index in [COMMITS, CHANGES] {
+                    w.conn
+                        .execute(
+                            &format!("DELETE FROM {index} WHERE source_namespace = ?1 AND source_table = ?2"),
+                            params![ns, t],
+                        )
+                        .map_err(|e| w.fail("clearing the change index", e))?;
+                }
+            }
+            tx.commit().map_err(|e| w.fail("committing the drop", e))?;
+            w.save_state(|_| {});
+            Ok(removed > 0)
+        })
+        .await
+    }
+
+    /// VACUUM: the file is rewritten without the free pages.
+    async fn reclaim_space(&self, c: &mut SqliteConn) -> Result<(), SinkError> {
+        Self::run(c, |w| w.conn.execute_batch("VACUUM").map_err(|e| w.fail("compacting the file (VACUUM)", e))).await
+    }
+
+    async fn record_run(&self, namespace: &str, table: &str, run: &RunRecord) {
+        let (path, ns, t, run) = (self.path.clone(), namespace.to_string(), table.to_string(), run.clone());
+        let saved = tokio::task::spawn_blocking(move || {
+            StateFile::update(&path, |st| {
+                st.record_run(&ns, &t, &path, &run.command, run.job.as_deref(), run.result.clone());
+                if let (Some(rows), Some(entry)) = (run.rows, st.tables.get_mut(&StateFile::key(&path, &ns, &t))) {
+                    entry.rows = Some(rows);
+                }
+            })
+        })
+        .await;
+        if let Ok(Err(e)) = saved {
+            tracing::warn!("could not write the state file: {e}");
+        }
+    }
+
+    async fn lock_session(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    async fn try_lock(&self, _s: &mut (), _namespace: &str, _table: &str) -> Result<bool, SinkError> {
+        Ok(true)
+    }
+
+    async fn write_holder(&self, _s: &mut (), _namespace: &str, _table: &str, _holder: &str) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    async fn read_holder(&self, _s: &mut (), _namespace: &str, _table: &str) -> Result<Option<String>, SinkError> {
+        Ok(None)
+    }
+}
+
+impl SqliteDialect {
+    /// The end of a sync, in its transaction: bookkeeping, dictionary, the change index, commit.
+    async fn finish_changes(
+        &self,
+        c: &mut SqliteConn,
+        def: &Arc<TableDef>,
+        keys: Vec<Value>,
+        b: &Bookkeeping,
+    ) -> Result<(), SinkError> {
+        let (def, b) = (def.clone(), b.clone());
+        Self::run(c, move |w| {
+            w.write_bookkeeping(&b)?;
+            w.write_dictionary(&def)?;
+            let started = std::time::Instant::now();
+            w.record_commit(&b, &keys)?;
+            tracing::debug!(
+                "{}: change index: {} keys recorded in {} ms",
+                def.name,
+                keys.len(),
+                started.elapsed().as_millis()
+            );
+            w.conn.execute_batch("COMMIT").map_err(|e| w.fail("committing the changes", e))?;
+            w.save_state(|_| {});
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,394 @@
+//! A run as a library call: the CLI (or the demo, or a scheduler) turns its arguments into a
+//! validated [`Plan`] and gets back a typed [`RunReport`] to print. Here is decided what `all`
+//! means, which tables `--init-missing` initialises, where the spool goes, what each target
+//! records of the run, and the order of the fan-out to other targets (`--replicate-to`, and
+//! `dap replicate` itself, [`replicate`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::api::{ApiError, Client};
+use crate::error::Classify;
+use crate::mirror::reader::MirrorSource;
+use crate::per_table::{self, Outcome, TableOutcome};
+use crate::progress::{Progress, TableProgress};
+use crate::sink::{self, RunRecord, Sink, SinkError, SinkOptions, TargetSpec};
+use crate::source::dap::DapSource;
+use crate::source::{Source, SourceError};
+use crate::spool::{Spool, SpoolError};
+use crate::sync::{Init, Reinit, Replicator, SyncError, TableReport};
+
+/// The tables a command works on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tables {
+    /// `all`: what "all" means depends on the command (the server's tables for initdb, the
+    /// target's for syncdb, the mirror's for replicate).
+    All,
+    /// A list, trimmed, without blanks or repeats, in the order given.
+    Named(Vec<String>),
+}
+
+impl Tables {
+    /// `--table`: `all`, or a comma-separated list (which must name a table).
+    pub fn parse(spec: &str) -> Result<Tables, RunError> {
+        if spec.trim() == "all" {
+            return Ok(Tables::All);
+        }
+        let mut tables: Vec<String> = Vec::new();
+        for t in spec.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if !tables.iter().any(|x| x == t) {
+                tables.push(t.to_string());
+            }
+        }
+        if tables.is_empty() {
+            return Err(RunError::Input("--table names no table".into()));
+        }
+        Ok(Tables::Named(tables))
+    }
+}
+
+/// What a run does to each table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Init(Init),
+    Sync { reinit: Reinit, missing: Missing },
+}
+
+/// What a sync does with tables the server has and the target lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// Leave them (`all` means the target's tables).
+    Skip,
+    /// Initialise them (`--init-missing`: "sync, else init").
+    Initialise,
+}
+
+impl Mode {
+    pub fn command(self) -> &'static str {
+        match self {
+            Mode::Init(_) => "initdb",
+            Mode::Sync { .. } => "syncdb",
+        }
+    }
+}
+
+/// A validated initdb or syncdb.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub namespace: String,
+    pub tables: Tables,
+    pub mode: Mode,
+    pub target: TargetSpec,
+    /// Targets replicated to from the mirror after the run (`--replicate-to`); the target must
+    /// then be a mirror file.
+    pub fan_out: Vec<TargetSpec>,
+    /// Where downloads wait (`--temp-dir`); beside the mirror, or the system's temporary folder.
+    pub temp_dir: Option<PathBuf>,
+    pub sink: SinkOptions,
+    /// Attempts per table for failures a retry may clear.
+    pub attempts: u32,
+}
+
+/// Why a run could not start (its tables' failures are in its report instead).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The inputs cannot work; the message says what to give instead.
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Url(#[from] sink::UrlError),
+}
+
+/// What a run did.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    #[serde(skip)]
+    pub command: &'static str,
+    pub tables: Vec<TableOutcome<TableReport>>,
+    /// The fan-out's results, one per target, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicate: Option<Vec<TargetReport>>,
+}
+
+/// What replication did for one target.
+#[derive(Debug, Serialize)]
+pub struct TargetReport {
+    pub target: String,
+    /// Set when the target could not be opened at all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub tables: Vec<TableOutcome<TableReport>>,
+}
+
+impl Plan {
+    /// Checks what can be checked before anything is created: the fan-out's targets (which
+    /// need a mirror to copy from), and, for a sync of a mirror file, that the mirror exists.
+    fn check(&self) -> Result<Option<PathBuf>, RunError> {
+        let ns = &self.namespace;
+        let mirror = if self.fan_out.is_empty() {
+            None
+        } else {
+            let Some(mirror) = self.target.local_file(ns)? else {
+                return Err(RunError::Input(format!(
+                    "--replicate-to copies from the mirror: {} must run on a mirror file (the default one, or sqlite:///PATH.db), not on {}",
+                    self.mode.command(),
+                    self.target.describe()
+                )));
+            };
+            check_targets(&self.fan_out, &mirror)?;
+            Some(mirror)
+        };
+        if let (Mode::Sync { missing: Missing::Skip, .. }, Some(file)) = (self.mode, self.target.local_file(ns)?)
+            && !file.exists()
+        {
+            return Err(RunError::Input(format!(
+                "{}: there is no mirror here yet, so nothing to sync; start with `{}` (or pass --init-missing)",
+                file.display(),
+                crate::term::command(&["initdb", "--namespace", ns, "--table", "…"])
+            )));
+        }
+        Ok(mirror)
+    }
+}
+
+/// Refuses targets that are the mirror itself.
+pub fn check_targets(targets: &[TargetSpec], mirror: &std::path::Path) -> Result<(), RunError> {
+    for spec in targets {
+        if let Ok(Some(file)) = spec.local_file("")
+            && same_file(&file, mirror)
+        {
+            return Err(RunError::Input(format!(
+                "--to {}: that is the mirror itself; name another database",
+                spec.describe()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// The spool of a run: inside `--temp-dir`, beside a mirror file (its `.dap-spool`), or in the
+/// system's temporary folder for a server.
+fn spool_for(temp_dir: Option<&PathBuf>, mirror_file: Option<&PathBuf>) -> Result<Spool, SpoolError> {
+    match (temp_dir, mirror_file) {
+        (Some(dir), _) => Spool::create(dir, false),
+        (None, Some(file)) => {
+            let folder = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            Spool::create(&folder.join(".dap-spool"), true)
+        }
+        (None, None) => Spool::create(&std::env::temp_dir(), false),
+    }
+}
+
+/// Records how a table's run ended, with the target that keeps such records.
+async fn record(sink: &dyn Sink, namespace: &str, table: &str, command: &str, report: &Result<TableReport, SyncError>) {
+    let run = RunRecord {
+        command: command.to_string(),
+        job: report.as_ref().ok().map(|r| r.job_id.clone()).filter(|j| !j.is_empty()),
+        rows: report.as_ref().ok().map(|r| r.rows),
+        result: report.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+    };
+    sink.record_run(namespace, table, &run).await;
+}
+
+/// Runs an initdb or syncdb from DAP into the plan's target, then its fan-out.
+pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<RunReport, RunError> {
+    let ns = plan.namespace.as_str();
+    let command = plan.mode.command();
+    let mirror = plan.check()?;
+    // The namespace must be one the server has before anything is created (a typo would
+    // otherwise leave an empty file behind).
+    let server_tables = client.tables(ns).await?;
+    let pacing = client.clone();
+    let target = sink::open(&plan.target, ns, &plan.sink).await?;
+    let local: Vec<String> = target.all_bookkeeping(ns).await?.into_iter().map(|b| b.table).collect();
+    let tables = match (&plan.tables, plan.mode) {
+        (Tables::Named(list), _) => list.clone(),
+        (Tables::All, Mode::Init(_) | Mode::Sync { missing: Missing::Initialise, .. }) => {
+            let mut all = local.clone();
+            all.extend(server_tables.into_iter().filter(|t| !local.contains(t)));
+            all
+        }
+        (Tables::All, Mode::Sync { .. }) => local.clone(),
+    };
+    let spool = spool_for(plan.temp_dir.as_ref(), plan.target.local_file(ns)?.as_ref())?;
+    let source = DapSource {
+        client,
+        spool: spool.path().to_path_buf(),
+        download_concurrency: 4,
+        transfers: Arc::new(tokio::sync::Semaphore::new(plan.sink.parallelism.max(1))),
+    };
+    let reinit = match plan.mode {
+        Mode::Sync { reinit, .. } => reinit,
+        Mode::Init(_) => Reinit::Stop,
+    };
+    let replicator = Replicator { source: Arc::new(source), sink: target.clone(), reinit, attempts: plan.attempts };
+    let overall = progress.overall(tables.len(), move || pacing.next_job_slot());
+    let outcomes = per_table::run_each(&tables, per_table::JOBS_IN_FLIGHT, |t| {
+        let (r, local, target, overall) = (&replicator, &local, target.as_ref(), &overall);
+        async move {
+            let watch = Arc::new(progress.table(&t));
+            let report = match plan.mode {
+                Mode::Init(init) => r.initdb(ns, &t, init, &watch).await,
+                Mode::Sync { missing: Missing::Initialise, .. } if !local.contains(&t) => {
+                    r.initdb_missing(ns, &t, &watch).await
+                }
+                Mode::Sync { .. } => r.syncdb(ns, &t, &watch).await,
+            };
+            match &report {
+                Ok(rep) => watch.finish(&rep.describe()),
+                Err(e) => watch.fail(e),
+            }
+            overall.table_done();
+            record(target, ns, &t, command, &report).await;
+            report
+        }
+    })
+    .await;
+    std::mem::drop(overall);
+    std::mem::drop(spool);
+    let Some(mirror) = mirror else {
+        return Ok(RunReport { command, tables: outcomes, replicate: None });
+    };
+    // The mirror's writer is released before the targets read it.
+    std::mem::drop(replicator);
+    std::mem::drop(target);
+    let done: Vec<String> =
+        outcomes.iter().filter(|o| matches!(o.outcome, Outcome::Succeeded { .. })).map(|o| o.table.clone()).collect();
+    let plan = ReplicatePlan {
+        namespace: plan.namespace.clone(),
+        tables: Tables::Named(done),
+        mirror,
+        targets: plan.fan_out.clone(),
+        sink: plan.sink.clone(),
+        attempts: plan.attempts,
+    };
+    let fanned = replicate(&plan, progress).await?;
+    Ok(RunReport { command, tables: outcomes, replicate: Some(fanned) })
+}
+
+/// A validated `dap replicate` (and the fan-out of a run).
+#[derive(Debug, Clone)]
+pub struct ReplicatePlan {
+    pub namespace: String,
+    /// `All`: every table of the mirror's namespace.
+    pub tables: Tables,
+    pub mirror: PathBuf,
+    pub targets: Vec<TargetSpec>,
+    pub sink: SinkOptions,
+    pub attempts: u32,
+}
+
+/// Replicates tables from the mirror to every target, all at once; one target failing does not
+/// stop the others. A target without a table gets a snapshot of the mirror's copy; one that has
+/// it gets what changed since its own watermark (a full reload when the mirror re-snapshotted the
+/// table since, nothing when the target is ahead of the mirror).
+pub async fn replicate(plan: &ReplicatePlan, progress: &Progress) -> Result<Vec<TargetReport>, RunError> {
+    let ns = plan.namespace.as_str();
+    check_targets(&plan.targets, &plan.mirror)?;
+    crate::privacy::check_mirror(&plan.mirror, plan.sink.shared);
+    let source: Arc<dyn Source> = Arc::new(MirrorSource::open(&plan.mirror)?);
+    let tables = match &plan.tables {
+        Tables::Named(list) => list.clone(),
+        Tables::All => source.tables(ns).await?,
+    };
+    let runs = plan.targets.iter().map(|spec| {
+        let (source, tables) = (source.clone(), &tables);
+        async move {
+            let target = spec.describe();
+            let sink = match sink::open(spec, ns, &plan.sink).await {
+                Ok(sink) => sink,
+                Err(e) => {
+                    tracing::warn!("{target}: {e}");
+                    return TargetReport { target, error: Some(e.to_string()), tables: Vec::new() };
+                }
+            };
+            let replicator =
+                Replicator { source, sink: sink.clone(), reinit: Reinit::Automatically, attempts: plan.attempts };
+            let outcomes = per_table::run_each(tables, plan.sink.parallelism, |t| {
+                let (r, sink, target) = (&replicator, sink.as_ref(), &target);
+                async move {
+                    let watch = Arc::new(progress.table(&format!("{ns}.{t} → {target}")));
+                    let report = r.replicate(ns, &t, &watch).await;
+                    match &report {
+                        Ok(rep) => watch.finish(&rep.describe()),
+                        Err(e) => watch.fail(e),
+                    }
+                    record(sink, ns, &t, "replicate", &report).await;
+                    report
+                }
+            })
+            .await;
+            TargetReport { target, error: None, tables: outcomes }
+        }
+    });
+    Ok(futures_util::future::join_all(runs).await)
+}
+
+/// Drops tables (every initialised one of the namespace for `All`) from a target, each under its
+/// lock, then gives their space back; the report says per table what was dropped.
+pub async fn drop_tables(
+    target: &TargetSpec,
+    namespace: &str,
+    tables: &Tables,
+    options: &SinkOptions,
+    progress: &Progress,
+) -> Result<Vec<TableOutcome<Option<u64>>>, RunError> {
+    let sink = sink::open(target, namespace, options).await?;
+    let names = match tables {
+        Tables::Named(list) => list.clone(),
+        Tables::All => sink.all_bookkeeping(namespace).await?.into_iter().map(|b| b.table).collect(),
+    };
+    let mut outcomes = Vec::new();
+    for t in names {
+        let rows = sink.row_count(namespace, &t).await.ok();
+        let watch: TableProgress = progress.table(&format!("{namespace}.{t}"));
+        let outcome = match Replicator::dropdb(sink.as_ref(), namespace, &t, &watch).await {
+            Ok(()) => {
+                watch.finish(&format!("dropped ({} rows)", rows.unwrap_or(0)));
+                Outcome::Succeeded { result: rows }
+            }
+            Err(e) => {
+                watch.fail(&e);
+                if e.is_fatal() {
+                    return Err(RunError::Input(e.to_string()));
+                }
+                Outcome::Failed { error: e.to_string() }
+            }
+        };
+        outcomes.push(TableOutcome { table: t, outcome });
+    }
+    if outcomes.iter().any(|o| matches!(o.outcome, Outcome::Succeeded { .. })) {
+        sink.reclaim_space().await?;
+    }
+    Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selections_are_trimmed_and_deduplicated() {
+        assert_eq!(Tables::parse("all").unwrap(), Tables::All);
+        assert_eq!(Tables::parse(" a, b ,a,,c").unwrap(), Tables::Named(vec!["a".into(), "b".into(), "c".into()]));
+        assert_eq!(Tables::parse("All").unwrap(), Tables::Named(vec!["All".into()]), "only lowercase `all` is all");
+        assert!(Tables::parse(" , ").is_err());
+    }
+}
