@@ -6,9 +6,19 @@
 
 use std::sync::Arc;
 
+/// How a feed can fail a target reading it (the target's own errors wrap it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FeedError {
+    /// The source stopped before its `Done`: the target keeps nothing of the unfinished part.
+    #[error("the source stopped before the end of its rows; nothing of the unfinished part was kept")]
+    Aborted,
+    /// The source sent rows outside a part: a bug of the source, not of the data.
+    #[error("the source sent rows outside a part (rows or an end before the part's beginning)")]
+    Broken,
+}
+
 use crate::decode::Record;
 use crate::progress::TableProgress;
-use crate::sink::SinkError;
 
 /// One item of a feed of records from a source.
 #[derive(Debug)]
@@ -58,18 +68,18 @@ impl Feed {
     /// Waits until the source has produced its first piece (kept for [`Feed::next`]). The
     /// orchestrator hands a feed to a target only then, so that a table still waiting for its
     /// download slot never holds a database connection that a downloading table needs.
-    pub async fn ready(&mut self) -> Result<(), SinkError> {
+    pub async fn ready(&mut self) -> Result<(), FeedError> {
         if self.first.is_none() {
-            self.first = Some(self.rx.recv().await.ok_or(SinkError::FeedAborted)?);
+            self.first = Some(self.rx.recv().await.ok_or(FeedError::Aborted)?);
         }
         Ok(())
     }
 
-    /// The next piece, or [`SinkError::FeedAborted`] when the source stopped early.
-    pub async fn next(&mut self) -> Result<Piece, SinkError> {
+    /// The next piece, or [`FeedError::Aborted`] when the source stopped early.
+    pub async fn next(&mut self) -> Result<Piece, FeedError> {
         let piece = match self.first.take() {
             Some(p) => p,
-            None => self.rx.recv().await.ok_or(SinkError::FeedAborted)?,
+            None => self.rx.recv().await.ok_or(FeedError::Aborted)?,
         };
         Ok(self.counted(piece))
     }
@@ -99,7 +109,7 @@ impl<'a> Pump<'a> {
     }
 
     /// The next batch of records, or `None` at the end of the span.
-    pub async fn next_batch(&mut self) -> Result<Option<Vec<Record>>, SinkError> {
+    pub async fn next_batch(&mut self) -> Result<Option<Vec<Record>>, FeedError> {
         while self.ended.is_none() {
             match self.feed.next().await? {
                 Piece::Rows(batch) => {
@@ -121,20 +131,20 @@ impl<'a> Pump<'a> {
 
     /// The part that ended (for [`Span::Part`]): its name, once every batch was taken. A part
     /// that ended with the feed's `Done` instead was cut off.
-    pub fn ended_part(&self) -> Result<&str, SinkError> {
+    pub fn ended_part(&self) -> Result<&str, FeedError> {
         match &self.ended {
             Some(Piece::End(part)) => Ok(part),
-            _ => Err(SinkError::FeedAborted),
+            _ => Err(FeedError::Aborted),
         }
     }
 }
 
 /// Reads the parts of a snapshot feed: the name of the next part (after its `Begin`), or `None`
 /// after `Done`. A part that begins without its `Begin` is a broken source.
-pub async fn next_part(feed: &mut Feed) -> Result<Option<String>, SinkError> {
+pub async fn next_part(feed: &mut Feed) -> Result<Option<String>, FeedError> {
     match feed.next().await? {
         Piece::Begin(part) => Ok(Some(part)),
         Piece::Done => Ok(None),
-        Piece::Rows(_) | Piece::End(_) => Err(SinkError::BrokenFeed),
+        Piece::Rows(_) | Piece::End(_) => Err(FeedError::Broken),
     }
 }

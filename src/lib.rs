@@ -1,8 +1,11 @@
 //! dap-replica: a fast, safe replacement for Instructure's `dap` client for Canvas Data 2.
 //!
-//! The data flow reads from the modules: [`schema`] turns DAP table schemas into typed table
-//! definitions, [`value`] holds typed column values, and [`emulator`] is a faithful local DAP
-//! server used for offline work and every test.
+//! A run joins a source and a target ([`run`], [`sync`]): a [`source::Source`] (DAP, or the
+//! local [`mirror`] for outward replication) yields schemas and feeds of typed records
+//! ([`feed`]); a [`sink::Sink`] (the mirror, PostgreSQL, MySQL/MariaDB, SQL Server; opened by
+//! scheme through [`target`]) applies them through one load protocol. [`schema`] turns DAP table
+//! schemas into typed table definitions, [`value`] holds typed values, and [`emulator`] is a
+//! faithful local DAP server for offline work and every test.
 
 pub mod api;
 pub mod cli;
@@ -30,6 +33,7 @@ pub mod sink;
 pub mod source;
 pub mod spool;
 pub mod sync;
+pub mod target;
 pub mod term;
 pub mod time;
 pub mod value;

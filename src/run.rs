@@ -14,11 +14,12 @@ use crate::error::Classify;
 use crate::mirror::reader::MirrorSource;
 use crate::per_table::{self, Outcome, TableOutcome};
 use crate::progress::{Progress, TableProgress};
-use crate::sink::{self, RunRecord, Sink, SinkError, SinkOptions, TargetSpec};
+use crate::sink::{RunRecord, Sink, SinkError, SinkOptions};
 use crate::source::dap::DapSource;
 use crate::source::{Source, SourceError};
 use crate::spool::{Spool, SpoolError};
 use crate::sync::{Init, Reinit, Replicator, SyncError, TableReport};
+use crate::target::{self, TargetSpec};
 
 /// The tables a command works on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +107,7 @@ pub enum RunError {
     #[error(transparent)]
     Spool(#[from] SpoolError),
     #[error(transparent)]
-    Url(#[from] sink::UrlError),
+    Url(#[from] crate::sink::UrlError),
 }
 
 /// What a run did.
@@ -216,7 +217,7 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
     // otherwise leave an empty file behind).
     let server_tables = client.tables(ns).await?;
     let pacing = client.clone();
-    let target = sink::open(&plan.target, ns, &plan.sink).await?;
+    let target = target::open(&plan.target, ns, &plan.sink).await?;
     let local: Vec<String> = target.all_bookkeeping(ns).await?.into_iter().map(|b| b.table).collect();
     let tables = match (&plan.tables, plan.mode) {
         (Tables::Named(list), _) => list.clone(),
@@ -312,7 +313,7 @@ pub async fn replicate(plan: &ReplicatePlan, progress: &Progress) -> Result<Vec<
         let (source, tables) = (source.clone(), &tables);
         async move {
             let target = spec.describe();
-            let sink = match sink::open(spec, ns, &plan.sink).await {
+            let sink = match target::open(spec, ns, &plan.sink).await {
                 Ok(sink) => sink,
                 Err(e) => {
                     tracing::warn!("{target}: {e}");
@@ -350,7 +351,7 @@ pub async fn drop_tables(
     options: &SinkOptions,
     progress: &Progress,
 ) -> Result<Vec<TableOutcome<Option<u64>>>, RunError> {
-    let sink = sink::open(target, namespace, options).await?;
+    let sink = target::open(target, namespace, options).await?;
     let names = match tables {
         Tables::Named(list) => list.clone(),
         Tables::All => sink.all_bookkeeping(namespace).await?.into_iter().map(|b| b.table).collect(),

@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::{Context, DEFAULT_BASE_URL};
 use crate::config::{UserConfig, config_path};
-use crate::sink::TargetSpec;
+use crate::target::TargetSpec;
 
 #[derive(Debug, Args)]
 pub struct ConfigureArgs {

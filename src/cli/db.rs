@@ -13,8 +13,9 @@ use crate::mirror::folder::StateFile;
 use crate::per_table::{self, Outcome};
 use crate::progress::Progress;
 use crate::run::{Missing, Mode, Plan, Tables};
-use crate::sink::{self, Access, ConnectionString, NonFinite, Sink, SinkOptions, TargetSpec};
+use crate::sink::{Access, ConnectionString, NonFinite, Sink, SinkOptions};
 use crate::sync::{Init, Reinit};
+use crate::target::{self, TargetSpec};
 use crate::time;
 
 #[derive(Debug, Args)]
@@ -118,23 +119,13 @@ impl DbArgs {
     }
 }
 
-/// The connection strings of `--replicate-to` (or `replicate --to`), checked before anything is
-/// opened.
-pub(super) fn parse_targets(to: &[String], flag: &str) -> anyhow::Result<Vec<TargetSpec>> {
-    to.iter()
-        .map(|t| t.trim())
-        .filter(|t| !t.is_empty())
-        .map(|text| TargetSpec::parse(Some(text)).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
-        .collect()
-}
-
 pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: Mode) -> anyhow::Result<()> {
     let plan = Plan {
         namespace: args.namespace.clone(),
         tables: Tables::parse(&args.table)?,
         mode,
         target: target_spec(args.connection_string.as_deref())?,
-        fan_out: parse_targets(&fan_out.replicate_to, "--replicate-to")?,
+        fan_out: super::replicate::parse_targets(&fan_out.replicate_to, "--replicate-to")?,
         temp_dir: args.temp_dir.clone(),
         sink: args.sink_options(ctx),
         attempts: ctx.client.retry.attempts,
@@ -233,7 +224,7 @@ fn local_isoformat(watermark: time::Micros) -> String {
 pub async fn listdb(ctx: &Context, args: ListDbArgs) -> anyhow::Result<()> {
     let spec = target_spec(args.connection_string.as_deref())?;
     let options = SinkOptions { access: Access::Read, shared: ctx.shared, ..SinkOptions::default() };
-    let sink = sink::open(&spec, &args.namespace, &options).await?;
+    let sink = target::open(&spec, &args.namespace, &options).await?;
     let local = sink.all_bookkeeping(&args.namespace).await?;
     let mut names: Vec<String> = local.iter().map(|b| b.table.clone()).collect();
     names.sort();
@@ -432,8 +423,8 @@ pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
             continue;
         }
         let sink: Arc<dyn Sink> = match &local {
-            Some(path) => sink::open(&TargetSpec::Url(ConnectionString::sqlite(path)), &ns, &options).await?,
-            None => sink::open(&spec, &ns, &options).await?,
+            Some(path) => target::open(&TargetSpec::Url(ConnectionString::sqlite(path)), &ns, &options).await?,
+            None => target::open(&spec, &ns, &options).await?,
         };
         let state = local.as_ref().map(|p| StateFile::load(&StateFile::path_for(p))).unwrap_or_default();
         let file = sink.describe();
@@ -441,7 +432,7 @@ pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
         let mut targets = Vec::new();
         for text in args.to.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
             let spec = TargetSpec::parse(Some(text)).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
-            let read = match sink::open(&spec, &ns, &options).await {
+            let read = match target::open(&spec, &ns, &options).await {
                 Ok(target) => target.all_bookkeeping(&ns).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };

@@ -12,6 +12,7 @@ use crate::api::Client;
 use crate::run::Tables;
 use crate::schema::TableDef;
 use crate::sink::{self, Scheme};
+use crate::target;
 
 #[derive(Debug, Args)]
 pub struct DdlArgs {
@@ -101,7 +102,7 @@ pub async fn run(ctx: &Context, args: DdlArgs) -> anyhow::Result<()> {
             defs.push(TableDef::from_versioned(&args.namespace, &t, &envelope)?);
         }
     }
-    for statement in sink::ddl(args.dialect, &defs) {
+    for statement in target::ddl(args.dialect, &defs) {
         println!("{statement};");
     }
     Ok(())

@@ -13,8 +13,9 @@ use crate::api::Client;
 use crate::emulator::{ChangeCounts, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, EmulatorConfig};
 use crate::progress::Progress;
 use crate::run::{Missing, Mode, Plan, Tables};
-use crate::sink::{ConnectionString, SinkOptions, TargetSpec};
+use crate::sink::{ConnectionString, SinkOptions};
 use crate::sync::Reinit;
+use crate::target::TargetSpec;
 
 const TABLES: &[(&str, &str)] =
     &[("canvas", "accounts,users,courses,enrollments,assignments,submissions"), ("canvas_logs", "web_logs")];

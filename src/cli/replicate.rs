@@ -14,7 +14,8 @@ use clap::Args;
 use crate::per_table::{self, Outcome};
 use crate::progress::Progress;
 use crate::run::{ReplicatePlan, Tables, TargetReport};
-use crate::sink::{Access, NonFinite, SinkOptions, TargetSpec};
+use crate::sink::{Access, NonFinite, SinkOptions};
+use crate::target::TargetSpec;
 
 #[derive(Debug, Args)]
 pub struct ReplicateArgs {
@@ -63,6 +64,16 @@ pub(super) fn mirror_file(from: Option<&str>, namespace: &str) -> anyhow::Result
     }
 }
 
+/// The connection strings of `--replicate-to` (or `replicate --to`), checked before anything is
+/// opened.
+pub(super) fn parse_targets(to: &[String], flag: &str) -> anyhow::Result<Vec<TargetSpec>> {
+    to.iter()
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .map(|text| TargetSpec::parse(Some(text)).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
+        .collect()
+}
+
 /// Prints the failures and the summary per target; fails when any target or table failed.
 pub(super) fn finish(console: super::Console, results: &[TargetReport]) -> anyhow::Result<()> {
     let mut failed = Vec::new();
@@ -95,7 +106,7 @@ pub(super) fn finish(console: super::Console, results: &[TargetReport]) -> anyho
 pub async fn replicate(ctx: &super::Context, args: ReplicateArgs) -> anyhow::Result<()> {
     let mirror = mirror_file(args.from.as_deref(), &args.namespace)?;
     let to = if args.needs_default_targets() { &ctx.default_targets } else { &args.to };
-    let targets = super::db::parse_targets(to, "--to")?;
+    let targets = parse_targets(to, "--to")?;
     if targets.is_empty() {
         bail!(
             "no target: give one or more connection strings with --to (or set DAP_REPLICATE_TO, or save defaults with `dap configure --target URL`)"

@@ -28,15 +28,13 @@ use crate::feed::Pump;
 use crate::schema::delta::{Change, SchemaDelta};
 use crate::schema::{ColumnType, TableDef};
 use crate::sink::protocol::{Dialect, Protocol, Staged, StoredBookkeeping};
-use crate::sink::{Access, Backend, Bookkeeping, ConnectionString, Refusal, RunRecord, Sink, SinkError, SinkOptions};
+use crate::sink::{Access, Bookkeeping, ConnectionString, Refusal, RunRecord, Sink, SinkError, SinkOptions};
 use crate::time;
 use crate::value::Value;
 
 /// The mirror (`sqlite:` locations and the default mirror) in the registry.
-pub static BACKEND: Backend =
-    Backend { scheme: "sqlite", aliases: &[], default_port: 0, reads_pgpass: false, open: open_sink, ddl };
-
-fn open_sink<'a>(
+/// Opens the target a connection string names (the registry's `open`, `crate::target`).
+pub fn open_sink<'a>(
     url: &'a ConnectionString,
     options: &'a SinkOptions,
 ) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {

@@ -1,6 +1,6 @@
-//! Replication targets: one interface of a few verbs ([`Sink`]), each backend registered by URL
-//! scheme in one table ([`BACKENDS`]). The orchestration (`sync.rs`, `run.rs`) drives every target
-//! through [`Sink`] and never knows which database it talks to.
+//! Replication targets: one interface of a few verbs ([`Sink`]); each backend is registered by URL
+//! scheme in `crate::target`, which opens them. The orchestration (`sync.rs`, `run.rs`) drives
+//! every target through [`Sink`] and never knows which database it talks to.
 //!
 //! Every backend is a [`protocol::Dialect`]: the load protocol (the per-table lock, staging,
 //! per-part checkpoints, resuming, the check of what is published, bookkeeping rules) is written
@@ -20,11 +20,7 @@ pub mod postgres;
 pub mod protocol;
 mod url;
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
-
-use futures_util::future::BoxFuture;
 
 use crate::error::{BoxError, Classify, Retry};
 use crate::feed::Feed;
@@ -35,7 +31,9 @@ use crate::schema::delta::SchemaDelta;
 use crate::time::Micros;
 use crate::value::Value;
 
-pub use url::{ConnectionString, Scheme, Secret, SslMode, UrlError, has_password, redact};
+pub use url::{
+    ConnectionString, SCHEMES, Scheme, SchemeFacts, Secret, SslMode, UrlError, has_password, redact, scheme_names,
+};
 
 /// The bookkeeping row of one replicated table (the official client's `table_sync`).
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +107,15 @@ pub enum SinkError {
     /// The source sent rows outside a part: a bug of the source, not of the data.
     #[error("the source sent rows outside a part (rows or an end before the part's beginning)")]
     BrokenFeed,
+}
+
+impl From<crate::feed::FeedError> for SinkError {
+    fn from(e: crate::feed::FeedError) -> Self {
+        match e {
+            crate::feed::FeedError::Aborted => SinkError::FeedAborted,
+            crate::feed::FeedError::Broken => SinkError::BrokenFeed,
+        }
+    }
 }
 
 impl Classify for SinkError {
@@ -300,96 +307,4 @@ pub trait Sink: Send + Sync {
     /// Records how a table's run ended, for targets that keep such a record (the mirror's
     /// `state.json`); called once per table by whoever runs it.
     async fn record_run(&self, namespace: &str, table: &str, run: &RunRecord);
-}
-
-/// Where a target is: a connection string, or the default mirror (one file per namespace).
-#[derive(Debug, Clone, PartialEq)]
-pub enum TargetSpec {
-    DefaultMirror,
-    Url(ConnectionString),
-}
-
-impl TargetSpec {
-    /// `None` or an empty string is the default mirror.
-    pub fn parse(text: Option<&str>) -> Result<TargetSpec, UrlError> {
-        match text.map(str::trim).filter(|s| !s.is_empty()) {
-            None => Ok(TargetSpec::DefaultMirror),
-            Some(s) => ConnectionString::parse(s)?.with_password_from_files().map(TargetSpec::Url),
-        }
-    }
-
-    /// The SQLite file of a local target for a namespace; `None` for servers.
-    pub fn local_file(&self, namespace: &str) -> Result<Option<PathBuf>, SinkError> {
-        Ok(match self {
-            TargetSpec::DefaultMirror => Some(
-                crate::mirror::folder::default_dir()?.join(format!("{}.db", crate::fetch::safe_component(namespace))),
-            ),
-            TargetSpec::Url(c) if c.scheme == Scheme::SQLITE => Some(PathBuf::from(&c.database)),
-            TargetSpec::Url(_) => None,
-        })
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            TargetSpec::DefaultMirror => "the default mirror".into(),
-            TargetSpec::Url(c) => c.redacted(),
-        }
-    }
-}
-
-/// Opens a backend's target for a connection string.
-pub type Opener = for<'a> fn(&'a ConnectionString, &'a SinkOptions) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>>;
-
-/// One backend: how connection strings name it and how it is opened and provisioned.
-pub struct Backend {
-    /// The scheme as `dap` writes it (`postgresql`), and its other spellings (`postgres`).
-    pub scheme: &'static str,
-    pub aliases: &'static [&'static str],
-    /// The port a connection string without one uses (0: a file).
-    pub default_port: u16,
-    /// libpq's password file (`~/.pgpass`) also holds passwords for it.
-    pub reads_pgpass: bool,
-    pub open: Opener,
-    /// The DDL `initdb` runs for `defs` on an empty database: bookkeeping tables first, then each
-    /// table, from the backend's own code (`dap ddl`).
-    pub ddl: fn(&[TableDef]) -> Vec<String>,
-}
-
-/// Every backend, by scheme: adding one is its file plus a line here.
-pub static BACKENDS: &[&Backend] =
-    &[&crate::mirror::writer::BACKEND, &postgres::BACKEND, &mysql::BACKEND, &mssql::BACKEND];
-
-/// The backend a scheme (or one of its spellings, any case) names.
-pub fn backend(name: &str) -> Option<&'static Backend> {
-    let name = name.to_ascii_lowercase();
-    BACKENDS.iter().copied().find(|b| b.scheme == name || b.aliases.contains(&name.as_str()))
-}
-
-/// The schemes `dap` knows, for messages.
-pub fn scheme_names() -> String {
-    let names: Vec<&str> = BACKENDS.iter().map(|b| b.scheme).collect();
-    names.join(", ")
-}
-
-/// The DDL `initdb` runs for `defs` on an empty database of `scheme`.
-pub fn ddl(scheme: Scheme, defs: &[TableDef]) -> Vec<String> {
-    (scheme.backend().ddl)(defs)
-}
-
-/// Opens the target of `spec` for `namespace`, through the backend its scheme names.
-pub async fn open(spec: &TargetSpec, namespace: &str, options: &SinkOptions) -> Result<Arc<dyn Sink>, SinkError> {
-    // Two TLS providers are linked (ring, and aws-lc through tiberius' tokio-rustls): drivers that
-    // take the process default need one chosen.
-    static PROVIDER: std::sync::Once = std::sync::Once::new();
-    PROVIDER.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-    let url = match spec {
-        TargetSpec::DefaultMirror => {
-            let file = spec.local_file(namespace)?.expect("the default mirror is a file");
-            ConnectionString::sqlite(&file)
-        }
-        TargetSpec::Url(url) => url.clone(),
-    };
-    (url.scheme.backend().open)(&url, options).await
 }

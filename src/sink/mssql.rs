@@ -34,9 +34,7 @@ use futures_util::future::BoxFuture;
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
 use super::protocol::{Dialect, Protocol, Staged, StoredBookkeeping, lock_name};
-use super::{
-    Access, Backend, Bookkeeping, ConnectionString, NonFinite, Refusal, Sink, SinkError, SinkOptions, SslMode,
-};
+use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, Sink, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
 use crate::error::Retry;
 use crate::feed::Pump;
@@ -49,10 +47,8 @@ use crate::value::Value;
 type Conn = Client<Compat<TcpStream>>;
 
 /// The SQL Server backend of the registry.
-pub static BACKEND: Backend =
-    Backend { scheme: "mssql", aliases: &["sqlserver"], default_port: 1433, reads_pgpass: false, open: open_sink, ddl };
-
-fn open_sink<'a>(
+/// Opens the target a connection string names (the registry's `open`, `crate::target`).
+pub fn open_sink<'a>(
     url: &'a ConnectionString,
     options: &'a SinkOptions,
 ) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {

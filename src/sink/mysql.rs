@@ -31,9 +31,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslO
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
 use super::protocol::{Dialect, Protocol, Staged, StoredBookkeeping, lock_name};
-use super::{
-    Access, Backend, Bookkeeping, ConnectionString, NonFinite, Refusal, Sink, SinkError, SinkOptions, SslMode,
-};
+use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, Sink, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
 use crate::error::Retry;
 use crate::feed::Pump;
@@ -43,10 +41,8 @@ use crate::time::{self, MICROS_PER_SECOND};
 use crate::value::{Value, format_float};
 
 /// The MySQL and MariaDB backend of the registry.
-pub static BACKEND: Backend =
-    Backend { scheme: "mysql", aliases: &["mariadb"], default_port: 3306, reads_pgpass: false, open: open_sink, ddl };
-
-fn open_sink<'a>(
+/// Opens the target a connection string names (the registry's `open`, `crate::target`).
+pub fn open_sink<'a>(
     url: &'a ConnectionString,
     options: &'a SinkOptions,
 ) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {
@@ -813,7 +809,7 @@ impl MysqlDialect {
                     Ok(None) => break,
                     Err(e) => {
                         let _ = tx.send(Err(std::io::Error::other("the source stopped"))).await;
-                        return Err(e);
+                        return Err(SinkError::from(e));
                     }
                 };
                 for r in &batch {

@@ -23,7 +23,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
 use super::protocol::{Dialect, Protocol, Staged, StoredBookkeeping, lock_keys, lock_name};
-use super::{Access, Backend, Bookkeeping, ConnectionString, Refusal, Sink, SinkError, SinkOptions, SslMode};
+use super::{Access, Bookkeeping, ConnectionString, Refusal, Sink, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
 use crate::error::Retry;
 use crate::feed::Pump;
@@ -33,16 +33,8 @@ use crate::time;
 use crate::value::{Value, format_float, format_uuid};
 
 /// The PostgreSQL backend of the registry.
-pub static BACKEND: Backend = Backend {
-    scheme: "postgresql",
-    aliases: &["postgres"],
-    default_port: 5432,
-    reads_pgpass: true,
-    open: open_sink,
-    ddl,
-};
-
-fn open_sink<'a>(
+/// Opens the target a connection string names (the registry's `open`, `crate::target`).
+pub fn open_sink<'a>(
     url: &'a ConnectionString,
     options: &'a SinkOptions,
 ) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {

@@ -389,7 +389,7 @@ impl<D: Dialect> Sink for Protocol<D> {
                 Ok(None) => break,
                 Err(e) => {
                     self.d.abandon(c).await;
-                    return Err(e);
+                    return Err(e.into());
                 }
             };
             if let Err(e) = self.d.begin(&mut c).await {

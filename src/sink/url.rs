@@ -8,28 +8,57 @@ use std::path::PathBuf;
 
 use percent_encoding::percent_decode_str;
 
-/// The database a connection string names: a backend of the registry ([`super::BACKENDS`]),
-/// by its canonical scheme.
+/// How connection strings name one database: its scheme as `dap` writes it, its other
+/// spellings, its default port and where its passwords may be kept. Opening it is
+/// `crate::target`'s registry, which has one backend per entry here.
+pub struct SchemeFacts {
+    pub scheme: &'static str,
+    pub aliases: &'static [&'static str],
+    /// The port a connection string without one uses (0: a file).
+    pub default_port: u16,
+    /// libpq's password file (`~/.pgpass`) also holds passwords for it.
+    pub reads_pgpass: bool,
+}
+
+/// Every database `dap` knows, by scheme.
+pub static SCHEMES: &[SchemeFacts] = &[
+    SchemeFacts { scheme: "sqlite", aliases: &[], default_port: 0, reads_pgpass: false },
+    SchemeFacts { scheme: "postgresql", aliases: &["postgres"], default_port: 5432, reads_pgpass: true },
+    SchemeFacts { scheme: "mysql", aliases: &["mariadb"], default_port: 3306, reads_pgpass: false },
+    SchemeFacts { scheme: "mssql", aliases: &["sqlserver"], default_port: 1433, reads_pgpass: false },
+];
+
+/// The schemes `dap` knows, for messages.
+pub fn scheme_names() -> String {
+    let names: Vec<&str> = SCHEMES.iter().map(|f| f.scheme).collect();
+    names.join(", ")
+}
+
+/// The database a connection string names, by its canonical scheme (one of [`SCHEMES`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Scheme(&'static str);
 
 impl Scheme {
     /// The local mirror's files, whose locations have a syntax of their own.
     pub const SQLITE: Scheme = Scheme("sqlite");
+    pub const POSTGRESQL: Scheme = Scheme("postgresql");
+    pub const MYSQL: Scheme = Scheme("mysql");
+    pub const MSSQL: Scheme = Scheme("mssql");
 
     /// The scheme as `dap` writes it (`postgresql`).
     pub fn name(self) -> &'static str {
         self.0
     }
 
-    /// The backend this scheme names.
-    pub fn backend(self) -> &'static super::Backend {
-        super::backend(self.0).expect("a Scheme is only made from a registered backend")
+    /// How connection strings name this database.
+    pub fn facts(self) -> &'static SchemeFacts {
+        SCHEMES.iter().find(|f| f.scheme == self.0).expect("a Scheme is only made from SCHEMES")
     }
 
-    /// The scheme a connection string's prefix names, if a backend has it.
+    /// The scheme a connection string's prefix names (any spelling, any case).
     pub fn of(name: &str) -> Option<Scheme> {
-        super::backend(name).map(|b| Scheme(b.scheme))
+        let name = name.to_ascii_lowercase();
+        SCHEMES.iter().find(|f| f.scheme == name || f.aliases.contains(&name.as_str())).map(|f| Scheme(f.scheme))
     }
 }
 
@@ -196,7 +225,7 @@ impl ConnectionString {
         let scheme = match Scheme::of(&dialect) {
             Some(s) if s != Scheme::SQLITE => s,
             _ => {
-                return Err(fail(&format!("unknown database {dialect:?}; use one of {}", super::scheme_names())));
+                return Err(fail(&format!("unknown database {dialect:?}; use one of {}", scheme_names())));
             }
         };
         let (userinfo, hostpart) = split_userinfo(rest);
@@ -291,7 +320,7 @@ impl ConnectionString {
 
     /// The port the adapters connect to when the string names none.
     pub fn port_or_default(&self) -> u16 {
-        self.port.unwrap_or(self.scheme.backend().default_port)
+        self.port.unwrap_or(self.scheme.facts().default_port)
     }
 
     /// Fills in the password a server's string leaves out from a pgpass-format file
@@ -301,7 +330,7 @@ impl ConnectionString {
         if self.scheme == Scheme::SQLITE {
             return Ok(self);
         }
-        let files = crate::config::passfiles(self.scheme.backend().reads_pgpass);
+        let files = crate::config::passfiles(self.scheme.facts().reads_pgpass);
         let host = self.host.as_deref().unwrap_or("localhost");
         let found = crate::config::lookup_password(&files, host, self.port_or_default(), &self.database, user)
             .map_err(|e| UrlError { shown: self.redacted(), reason: format!("its password file is refused: {e}") })?;

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use dap_replica::schema::TableDef;
-use dap_replica::sink::{self, NonFinite, Sink, SinkOptions, TargetSpec};
+use dap_replica::sink::{NonFinite, Sink, SinkOptions};
+use dap_replica::target::{self, TargetSpec};
 use serde_json::{Map, Value as Json};
 
 use super::truth::{self, Limit};
@@ -117,7 +118,7 @@ impl TestTarget {
     }
 
     pub async fn open_with(&self, namespace: &str, options: SinkOptions) -> Arc<dyn Sink> {
-        sink::open(&self.spec(), namespace, &options).await.unwrap_or_else(|e| panic!("{e}"))
+        target::open(&self.spec(), namespace, &options).await.unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The values this backend documents it cannot keep exactly.
