@@ -8,9 +8,13 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use crate::mirror;
+use crate::mirror::{self, writer::SqliteDialect};
 use crate::schema::TableDef;
-use crate::sink::{ConnectionString, Scheme, Sink, SinkError, SinkOptions, UrlError, mssql, mysql, postgres};
+use crate::sink::mssql::MssqlDialect;
+use crate::sink::mysql::MysqlDialect;
+use crate::sink::postgres::PostgresDialect;
+use crate::sink::protocol::{self, open_sink};
+use crate::sink::{ConnectionString, Scheme, Sink, SinkError, SinkOptions, UrlError};
 
 /// Where a target is: a connection string, or the default mirror (one file per namespace).
 #[derive(Debug, Clone, PartialEq)]
@@ -63,10 +67,10 @@ pub struct Backend {
 /// Every backend, by scheme: adding one is its file, a line here and a line in
 /// [`crate::sink::SCHEMES`] (a test checks that the two agree).
 pub static BACKENDS: &[Backend] = &[
-    Backend { scheme: Scheme::SQLITE, open: mirror::writer::open_sink, ddl: mirror::writer::ddl },
-    Backend { scheme: Scheme::POSTGRESQL, open: postgres::open_sink, ddl: postgres::ddl },
-    Backend { scheme: Scheme::MYSQL, open: mysql::open_sink, ddl: mysql::ddl },
-    Backend { scheme: Scheme::MSSQL, open: mssql::open_sink, ddl: mssql::ddl },
+    Backend { scheme: Scheme::SQLITE, open: open_sink::<SqliteDialect>, ddl: protocol::ddl::<SqliteDialect> },
+    Backend { scheme: Scheme::POSTGRESQL, open: open_sink::<PostgresDialect>, ddl: protocol::ddl::<PostgresDialect> },
+    Backend { scheme: Scheme::MYSQL, open: open_sink::<MysqlDialect>, ddl: protocol::ddl::<MysqlDialect> },
+    Backend { scheme: Scheme::MSSQL, open: open_sink::<MssqlDialect>, ddl: protocol::ddl::<MssqlDialect> },
 ];
 
 /// The backend of a scheme.

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
 use rusqlite::{Connection, params};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
@@ -27,38 +26,30 @@ use crate::decode::Record;
 use crate::feed::Pump;
 use crate::schema::delta::{Change, SchemaDelta};
 use crate::schema::{ColumnType, TableDef};
-use crate::sink::protocol::{Dialect, Protocol, Staged, StoredBookkeeping};
-use crate::sink::{Access, Bookkeeping, ConnectionString, Refusal, RunRecord, Sink, SinkError, SinkOptions};
+use crate::sink::protocol::{Dialect, Provision, Staged, StoredBookkeeping};
+use crate::sink::{Access, Bookkeeping, ConnectionString, Refusal, RunRecord, SinkError, SinkOptions};
 use crate::time;
 use crate::value::Value;
 
-/// The mirror (`sqlite:` locations and the default mirror) in the registry.
-/// Opens the target a connection string names (the registry's `open`, `crate::target`).
-pub fn open_sink<'a>(
-    url: &'a ConnectionString,
-    options: &'a SinkOptions,
-) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {
-    Box::pin(async move {
+#[async_trait::async_trait]
+impl Provision for SqliteDialect {
+    /// Opens the mirror file a `sqlite:` location names, off the async threads.
+    async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<Self, SinkError> {
         let file = PathBuf::from(&url.database);
         crate::privacy::check_mirror(&file, options.shared);
-        let dialect = tokio::task::spawn_blocking({
-            let options = options.clone();
-            move || SqliteDialect::open(&file, options.access, options.lock_timeout)
-        })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
-        let sink: Arc<dyn Sink> = Arc::new(Protocol::new(dialect));
-        Ok(sink)
-    })
-}
-
-/// The DDL initdb runs in an empty mirror file: the bookkeeping tables, then each table.
-pub fn ddl(defs: &[TableDef]) -> Vec<String> {
-    let mut out = bookkeeping_statements();
-    for def in defs {
-        out.extend(table_statements(def));
+        let options = options.clone();
+        tokio::task::spawn_blocking(move || SqliteDialect::open(&file, options.access, options.lock_timeout))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
-    out
+
+    fn bookkeeping_statements() -> Vec<String> {
+        bookkeeping_statements()
+    }
+
+    fn table_statements(def: &TableDef) -> Vec<String> {
+        table_statements(def)
+    }
 }
 
 /// A mirror file as the load protocol drives it.

@@ -23,18 +23,16 @@
 //! that is not `_UTF8` gets a warning, since `varchar` then keeps only its code page.
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tiberius::{AuthMethod, Client, ColumnData, Config, EncryptionLevel, TokenRow};
 use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
-use futures_util::future::BoxFuture;
-
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
-use super::protocol::{Dialect, Protocol, Staged, StoredBookkeeping, lock_name};
-use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, Sink, SinkError, SinkOptions, SslMode};
+use super::protocol::{Dialect, Provision, Staged, StoredBookkeeping, lock_name};
+use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
 use crate::error::Retry;
 use crate::feed::Pump;
@@ -46,25 +44,19 @@ use crate::value::Value;
 
 type Conn = Client<Compat<TcpStream>>;
 
-/// The SQL Server backend of the registry.
-/// Opens the target a connection string names (the registry's `open`, `crate::target`).
-pub fn open_sink<'a>(
-    url: &'a ConnectionString,
-    options: &'a SinkOptions,
-) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {
-    Box::pin(async move {
-        let sink: Arc<dyn Sink> = Arc::new(Protocol::new(MssqlDialect::open(url, options).await?));
-        Ok(sink)
-    })
-}
-
-/// The DDL initdb runs on an empty database: the bookkeeping tables, then each table.
-pub fn ddl(defs: &[TableDef]) -> Vec<String> {
-    let mut out = bookkeeping_statements();
-    for def in defs {
-        out.extend(table_statements(def));
+#[async_trait::async_trait]
+impl Provision for MssqlDialect {
+    async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<Self, SinkError> {
+        MssqlDialect::open(url, options).await
     }
-    out
+
+    fn bookkeeping_statements() -> Vec<String> {
+        bookkeeping_statements()
+    }
+
+    fn table_statements(def: &TableDef) -> Vec<String> {
+        table_statements(def)
+    }
 }
 
 /// Days from 0001-01-01 (day 0 of `date` and `datetime2`) to 1970-01-01.

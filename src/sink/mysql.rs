@@ -20,18 +20,16 @@
 //! ±infinity have no MySQL form: refused before anything is published, naming the row, or
 //! stored as NULL with `--non-finite null`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::future::BoxFuture;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
-use super::protocol::{Dialect, Protocol, Staged, StoredBookkeeping, lock_name};
-use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, Sink, SinkError, SinkOptions, SslMode};
+use super::protocol::{Dialect, Provision, Staged, StoredBookkeeping, lock_name};
+use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
 use crate::error::Retry;
 use crate::feed::Pump;
@@ -40,25 +38,19 @@ use crate::schema::{Column, ColumnType, TableDef};
 use crate::time::{self, MICROS_PER_SECOND};
 use crate::value::{Value, format_float};
 
-/// The MySQL and MariaDB backend of the registry.
-/// Opens the target a connection string names (the registry's `open`, `crate::target`).
-pub fn open_sink<'a>(
-    url: &'a ConnectionString,
-    options: &'a SinkOptions,
-) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {
-    Box::pin(async move {
-        let sink: Arc<dyn Sink> = Arc::new(Protocol::new(MysqlDialect::open(url, options).await?));
-        Ok(sink)
-    })
-}
-
-/// The DDL initdb runs on an empty database: the bookkeeping tables, then each table.
-pub fn ddl(defs: &[TableDef]) -> Vec<String> {
-    let mut out = bookkeeping_statements();
-    for def in defs {
-        out.extend(table_statements(def));
+#[async_trait::async_trait]
+impl Provision for MysqlDialect {
+    async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<Self, SinkError> {
+        MysqlDialect::open(url, options).await
     }
-    out
+
+    fn bookkeeping_statements() -> Vec<String> {
+        bookkeeping_statements()
+    }
+
+    fn table_statements(def: &TableDef) -> Vec<String> {
+        table_statements(def)
+    }
 }
 
 /// The session settings of the official client (spec §5.1), and no wait for a table or row lock

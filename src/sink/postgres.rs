@@ -16,14 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use futures_util::future::BoxFuture;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
-use super::protocol::{Dialect, Protocol, Staged, StoredBookkeeping, lock_keys, lock_name};
-use super::{Access, Bookkeeping, ConnectionString, Refusal, Sink, SinkError, SinkOptions, SslMode};
+use super::protocol::{Dialect, Provision, Staged, StoredBookkeeping, lock_keys, lock_name};
+use super::{Access, Bookkeeping, ConnectionString, Refusal, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
 use crate::error::Retry;
 use crate::feed::Pump;
@@ -32,25 +31,19 @@ use crate::schema::{Column, ColumnType, TableDef};
 use crate::time;
 use crate::value::{Value, format_float, format_uuid};
 
-/// The PostgreSQL backend of the registry.
-/// Opens the target a connection string names (the registry's `open`, `crate::target`).
-pub fn open_sink<'a>(
-    url: &'a ConnectionString,
-    options: &'a SinkOptions,
-) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {
-    Box::pin(async move {
-        let sink: Arc<dyn Sink> = Arc::new(Protocol::new(PostgresDialect::open(url, options).await?));
-        Ok(sink)
-    })
-}
-
-/// The DDL initdb runs on an empty database: the bookkeeping tables, then each table.
-pub fn ddl(defs: &[TableDef]) -> Vec<String> {
-    let mut out = bookkeeping_statements();
-    for def in defs {
-        out.extend(table_statements(def));
+#[async_trait::async_trait]
+impl Provision for PostgresDialect {
+    async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<Self, SinkError> {
+        PostgresDialect::open(url, options).await
     }
-    out
+
+    fn bookkeeping_statements() -> Vec<String> {
+        bookkeeping_statements()
+    }
+
+    fn table_statements(def: &TableDef) -> Vec<String> {
+        table_statements(def)
+    }
 }
 
 /// Bytes of COPY data sent at a time.

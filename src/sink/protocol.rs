@@ -22,7 +22,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Bookkeeping, Refusal, RunRecord, Sink, SinkError, TableLock};
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+
+use super::{Bookkeeping, ConnectionString, Refusal, RunRecord, Sink, SinkError, SinkOptions, TableLock};
 use crate::feed::{Feed, Pump, Span, next_part};
 use crate::progress::TableProgress;
 use crate::schema::TableDef;
@@ -47,6 +51,39 @@ pub enum Staged {
     EveryRecord,
     /// The latest record of each key (repeated keys replace each other as they load).
     LatestPerKey,
+}
+
+/// How a dialect is opened from a connection string and how it provisions an empty database:
+/// what the registry (`crate::target`) needs of a backend, so that each entry is built by
+/// [`open_sink`] and [`ddl`] instead of written again per backend.
+#[async_trait::async_trait]
+pub trait Provision: Dialect + Sized {
+    /// Connects to (or opens) the database a connection string names, checking what it can.
+    async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<Self, SinkError>;
+    /// The DDL of the bookkeeping tables.
+    fn bookkeeping_statements() -> Vec<String>;
+    /// The DDL of one table, as initdb creates it.
+    fn table_statements(def: &TableDef) -> Vec<String>;
+}
+
+/// Opens a dialect as a target: the registry's `open` of every backend.
+pub fn open_sink<'a, D: Provision>(
+    url: &'a ConnectionString,
+    options: &'a SinkOptions,
+) -> BoxFuture<'a, Result<Arc<dyn Sink>, SinkError>> {
+    Box::pin(async move {
+        let sink: Arc<dyn Sink> = Arc::new(Protocol::new(D::open(url, options).await?));
+        Ok(sink)
+    })
+}
+
+/// The DDL initdb runs on an empty database: the bookkeeping tables, then each table (`dap ddl`).
+pub fn ddl<D: Provision>(defs: &[TableDef]) -> Vec<String> {
+    let mut out = D::bookkeeping_statements();
+    for def in defs {
+        out.extend(D::table_statements(def));
+    }
+    out
 }
 
 /// A database as the load protocol drives it. Every method gets the connection to work on; the
