@@ -32,6 +32,7 @@ pub mod secrets;
 pub mod sink;
 pub mod source;
 pub mod spool;
+pub mod status;
 pub mod sync;
 pub mod target;
 pub mod term;

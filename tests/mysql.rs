@@ -427,11 +427,10 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_modes_connect_or_refuse_clearly() {
-    let Some(ca) = std::env::var_os("TEST_MYSQL_CA") else {
-        eprintln!("TEST_MYSQL_CA is not set: skipped (scripts/db-up.sh gives MariaDB a test certificate and sets it)");
+    // scripts/db-up.sh gives MariaDB a test certificate and sets TEST_MYSQL_CA.
+    let Some(ca) = common::targets::require_var("TEST_MYSQL_CA") else {
         return;
     };
-    let ca = ca.to_string_lossy().into_owned();
     let emu = emulator(config(5)).await;
     let dir = tempfile::tempdir().unwrap();
     let url = fresh_mysql("my_tls").await;

@@ -29,8 +29,7 @@ impl Drop for LocalFilesOff {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_local_files_the_rows_arrive_all_the_same() {
-    if std::env::var_os("TEST_MYSQL_URL").is_none() {
-        eprintln!("TEST_MYSQL_URL is not set: skipped (scripts/test sets it)");
+    if common::targets::require_var("TEST_MYSQL_URL").is_none() {
         return;
     }
     let admin = mysql_pool(&mysql_url());

@@ -338,8 +338,7 @@ async fn configure_then_list_needs_no_credentials_anywhere_else() {
 /// A connection string without its password takes it from a pgpass-format file.
 #[tokio::test]
 async fn server_passwords_come_from_a_pgpass_format_file() {
-    let Some(url) = std::env::var("TEST_POSTGRES_URL").ok() else {
-        eprintln!("TEST_POSTGRES_URL is not set: skipping (scripts/test sets it)");
+    let Some(url) = common::targets::require_var("TEST_POSTGRES_URL") else {
         return;
     };
     let parsed = dap_replica::sink::ConnectionString::parse(&url).unwrap();

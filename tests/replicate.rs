@@ -305,8 +305,7 @@ async fn a_target_synced_straight_from_dap_is_never_rolled_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_client_takes_over_a_replicated_postgresql_database_without_ddl() {
-    if std::env::var_os("TEST_POSTGRES_URL").is_none() {
-        eprintln!("TEST_POSTGRES_URL is not set: skipped (scripts/test sets it)");
+    if common::targets::require_var("TEST_POSTGRES_URL").is_none() {
         return;
     }
     let emu =

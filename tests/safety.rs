@@ -644,7 +644,7 @@ async fn passwords_names_and_paths_from_the_command_line_stay_in_their_place() {
     assert!(!out.status.success() && stderr(&out).contains("folder"), "{}", stderr(&out));
     assert!(!dir.join("a-folder.lock").exists(), "a lock file was left");
     // An unreadable CA file is named as such, not as an unreachable server.
-    let url = format!("{}?ssl=verify-full&sslrootcert={}/missing-ca.pem", mysql_url(), dir.display());
+    let url = format!("mysql://repl:pw@127.0.0.1:3306/x?ssl=verify-full&sslrootcert={}/missing-ca.pem", dir.display());
     let out =
         dap(&emu, dir, &["initdb", "--namespace", "canvas", "--table", "accounts", "--connection-string", &url], &[])
             .await;

@@ -1,19 +1,18 @@
 //! `initdb`, `syncdb`, `dropdb`, `listdb` and `status` on any target: the default SQLite mirror,
 //! a `sqlite://` file, or a server named by its connection string.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use clap::Args;
 use serde_json::json;
 
 use super::Context;
 use crate::api::Client;
-use crate::mirror::folder::StateFile;
 use crate::per_table::{self, Outcome};
 use crate::progress::Progress;
 use crate::run::{Missing, Mode, Plan, Tables};
-use crate::sink::{Access, ConnectionString, NonFinite, Sink, SinkOptions};
+use crate::sink::{Access, NonFinite, SinkOptions};
+use crate::status::{Location, Position, StatusRequest, TableStatus, TargetStatus, staleness};
 use crate::sync::{Init, Reinit};
 use crate::target::{self, TargetSpec};
 use crate::time;
@@ -196,17 +195,6 @@ pub async fn drop(ctx: &Context, args: DbArgs) -> anyhow::Result<()> {
     super::finish(ctx.console, "dropdb", &outcomes)
 }
 
-/// `Xd Yh`, `Xh Ym`, `Xm Ys` or `Xs`, as the official client prints staleness.
-fn staleness(secs: i64) -> String {
-    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    match (d, h, m) {
-        (0, 0, 0) => format!("{s}s"),
-        (0, 0, _) => format!("{m}m {s}s"),
-        (0, _, _) => format!("{h}h {m}m"),
-        _ => format!("{d}d {h}h"),
-    }
-}
-
 /// A watermark as the official client's `listdb` shows it: in the machine's time zone, Python's
 /// `isoformat` (`2024-05-02T00:00:03+00:00`, six fraction digits when there is a fraction).
 fn local_isoformat(watermark: time::Micros) -> String {
@@ -324,19 +312,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_target_is_current_behind_ahead_or_absent() {
-        assert_eq!(target_position(100_000_000, Some(100_000_000)), ("current", "0s".into()));
-        assert_eq!(target_position(100_000_000, Some(40_000_000)), ("behind", "1m 0s".into()));
-        assert_eq!(target_position(100_000_000, Some(103_000_000)), ("ahead", "-3s".into()));
-        assert_eq!(target_position(100_000_000, None), ("absent", "-".into()));
-    }
-
-    #[test]
-    fn staleness_like_the_official_client() {
-        assert_eq!(staleness(42), "42s");
-        assert_eq!(staleness(125), "2m 5s");
-        assert_eq!(staleness(3 * 3600 + 60), "3h 1m");
-        assert_eq!(staleness(934 * 86_400 + 11 * 3600), "934d 11h");
+    fn a_target_is_shown_current_behind_ahead_or_absent_with_its_lag() {
+        let shown = |position: Position| {
+            let j = position_json(&TargetStatus { target: "t".into(), position });
+            (j["state"].as_str().unwrap().to_string(), j["lag"].as_str().unwrap().to_string())
+        };
+        assert_eq!(shown(Position::Current { watermark: 100_000_000 }), ("current".into(), "0s".into()));
+        assert_eq!(shown(Position::Behind { watermark: 40_000_000, seconds: 60 }), ("behind".into(), "1m 0s".into()));
+        assert_eq!(shown(Position::Ahead { watermark: 103_000_000, seconds: 3 }), ("ahead".into(), "-3s".into()));
+        assert_eq!(shown(Position::Absent), ("absent".into(), "-".into()));
     }
 }
 
@@ -361,112 +345,71 @@ pub struct StatusArgs {
 }
 
 impl StatusArgs {
-    /// Every namespace file in `dir`.
-    pub(super) fn for_dir(dir: &Path) -> StatusArgs {
-        StatusArgs {
-            namespace: None,
-            connection_string: None,
-            json: false,
-            dir: Some(dir.to_path_buf()),
-            to: Vec::new(),
+    /// The request these arguments make.
+    fn request(&self, shared: crate::privacy::SharedFiles) -> anyhow::Result<StatusRequest> {
+        let location = match &self.dir {
+            Some(dir) => Location::Folder(dir.clone()),
+            None => Location::Target(target_spec(self.connection_string.as_deref())?),
+        };
+        let targets = self
+            .to
+            .iter()
+            .map(|t| t.trim())
+            .filter(|t| !t.is_empty())
+            .map(|text| TargetSpec::parse(Some(text)).map_err(|e| anyhow::anyhow!("--to: {e}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(StatusRequest { namespace: self.namespace.clone(), location, targets, shared })
+    }
+}
+
+/// A target's position as `status --json` shows it.
+fn position_json(t: &TargetStatus) -> serde_json::Value {
+    let lag = match &t.position {
+        Position::Absent => "-".to_string(),
+        Position::Current { .. } => "0s".to_string(),
+        Position::Ahead { seconds, .. } => format!("-{}", staleness(*seconds)),
+        Position::Behind { seconds, .. } => staleness(*seconds),
+        Position::Unreadable { error } => {
+            return json!({"target": t.target, "state": "unreadable", "error": error});
         }
-    }
-}
-
-/// Where a replication target stands for a table, against the mirror's watermark.
-fn target_position(mirror: time::Micros, target: Option<time::Micros>) -> (&'static str, String) {
-    match target {
-        None => ("absent", "-".into()),
-        Some(t) if t == mirror => ("current", "0s".into()),
-        Some(t) if t > mirror => ("ahead", format!("-{}", staleness((t - mirror) / 1_000_000))),
-        Some(t) => ("behind", staleness((mirror - t) / 1_000_000)),
-    }
-}
-
-/// The namespaces `status` looks at: the one asked for, or every mirror file's.
-fn status_namespaces(args: &StatusArgs) -> anyhow::Result<Vec<String>> {
-    if let Some(ns) = &args.namespace {
-        return Ok(vec![ns.clone()]);
-    }
-    if args.connection_string.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Ok(["canvas", "canvas_logs", "catalog", "new_quizzes"].map(String::from).to_vec());
-    }
-    let dir = match &args.dir {
-        Some(d) => d.clone(),
-        None => crate::mirror::folder::default_dir()?,
     };
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".db")).map(String::from))
-        .collect();
-    names.sort();
-    Ok(names)
+    json!({"target": t.target, "watermark": t.position.watermark().map(time::format_wire), "state": t.position.name(), "lag": lag})
 }
 
 /// Per table: rows, schema version, watermark, staleness, last run and its result.
 pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
-    let now = time::now();
-    let mut rows = Vec::new();
-    let spec = match &args.dir {
-        Some(_) => TargetSpec::DefaultMirror,
-        None => target_spec(args.connection_string.as_deref())?,
-    };
-    let options = SinkOptions { access: Access::Read, shared: ctx.shared, ..SinkOptions::default() };
-    for ns in status_namespaces(&args)? {
-        let local = match &args.dir {
-            Some(d) => Some(d.join(format!("{ns}.db"))),
-            None => spec.local_file(&ns)?,
-        };
-        if local.as_ref().is_some_and(|p| !p.exists()) {
-            continue;
-        }
-        let sink: Arc<dyn Sink> = match &local {
-            Some(path) => target::open(&TargetSpec::Url(ConnectionString::sqlite(path)), &ns, &options).await?,
-            None => target::open(&spec, &ns, &options).await?,
-        };
-        let state = local.as_ref().map(|p| StateFile::load(&StateFile::path_for(p))).unwrap_or_default();
-        let file = sink.describe();
-        // The replication targets' positions: a target that cannot be read is shown as such.
-        let mut targets = Vec::new();
-        for text in args.to.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
-            let spec = TargetSpec::parse(Some(text)).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
-            let read = match target::open(&spec, &ns, &options).await {
-                Ok(target) => target.all_bookkeeping(&ns).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            targets.push((spec.describe(), read));
-        }
-        for b in sink.all_bookkeeping(&ns).await? {
-            let entry = local.as_ref().and_then(|db| state.entry(db, &ns, &b.table));
-            let positions: Vec<serde_json::Value> = targets
-                .iter()
-                .map(|(target, read)| match read {
-                    Ok(rows) => {
-                        let at = rows.iter().find(|t| t.table == b.table).map(|t| t.watermark);
-                        let (state, lag) = target_position(b.watermark, at);
-                        json!({"target": target, "watermark": at.map(time::format_wire), "state": state, "lag": lag})
-                    }
-                    Err(e) => json!({"target": target, "state": "unreadable", "error": e}),
-                })
-                .collect();
-            rows.push(json!({
-                "targets": positions,
-                "namespace": ns,
-                "table": b.table,
-                "rows": sink.row_count(&ns, &b.table).await?,
-                "schema_version": b.schema_version,
-                "watermark": time::format_wire(b.watermark),
-                "staleness": staleness((now - b.watermark) / 1_000_000),
-                "last_command": entry.and_then(|e| e.last_command.clone()),
-                "last_run": entry.and_then(|e| e.last_run.clone()),
-                "last_result": entry.and_then(|e| e.last_result.clone()),
-                "file": file,
-            }));
-        }
-    }
-    if args.json {
+    let report = crate::status::status(&args.request(ctx.shared)?).await?;
+    print_status(&report, if args.json { Output::Json } else { Output::Text })
+}
+
+/// How `status` prints its report.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Output {
+    Text,
+    Json,
+}
+
+/// Prints a status report as a table, or as JSON for scripts.
+pub(super) fn print_status(report: &[TableStatus], output: Output) -> anyhow::Result<()> {
+    let rows: Vec<serde_json::Value> = report
+        .iter()
+        .map(|t| {
+            json!({
+                "targets": t.targets.iter().map(position_json).collect::<Vec<_>>(),
+                "namespace": t.namespace,
+                "table": t.table,
+                "rows": t.rows,
+                "schema_version": t.schema_version,
+                "watermark": time::format_wire(t.watermark),
+                "staleness": staleness(t.staleness_seconds),
+                "last_command": t.last_command,
+                "last_run": t.last_run,
+                "last_result": t.last_result,
+                "file": t.file,
+            })
+        })
+        .collect();
+    if output == Output::Json {
         super::print_json(&rows)?;
         return Ok(());
     }

@@ -14,6 +14,7 @@ use crate::emulator::{ChangeCounts, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Em
 use crate::progress::Progress;
 use crate::run::{Missing, Mode, Plan, Tables};
 use crate::sink::{ConnectionString, SinkOptions};
+use crate::status::{Location, StatusRequest};
 use crate::sync::Reinit;
 use crate::target::TargetSpec;
 
@@ -132,7 +133,13 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     println!("4. Syncing the changes ...");
     sync_all(&ctx, &dir).await?;
     println!("\n5. The mirror now:\n");
-    db::status(&ctx, db::StatusArgs::for_dir(&dir)).await?;
+    let request = StatusRequest {
+        namespace: None,
+        location: Location::Folder(dir.clone()),
+        targets: Vec::new(),
+        shared: ctx.shared,
+    };
+    db::print_status(&crate::status::status(&request).await?, db::Output::Text)?;
 
     let conn = crate::query::open_mirror(&dir)?;
     for (n, (title, sql)) in QUERIES.iter().enumerate() {

@@ -58,13 +58,16 @@ pub async fn official_ok(emu: &Emulator, dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The base URL of the PostgreSQL server the tests use (`scripts/db-up.sh` exports it).
+/// The base URL of the PostgreSQL server the tests use (`scripts/db-up.sh` exports it); a test
+/// asks [`targets::require`] first, so a missing server is skipped or failed by the one rule,
+/// never replaced by a guessed address.
 pub fn postgres_url() -> String {
-    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgresql://repl:repl_pass@127.0.0.1:5432/repl_test".into())
+    std::env::var("TEST_POSTGRES_URL").expect("TEST_POSTGRES_URL is set (ask targets::require first)")
 }
 
+/// The base URL of the MariaDB server the tests use; see [`postgres_url`].
 pub fn mysql_url() -> String {
-    std::env::var("TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://repl:repl_pass@127.0.0.1:3306/repl_test".into())
+    std::env::var("TEST_MYSQL_URL").expect("TEST_MYSQL_URL is set (ask targets::require first)")
 }
 
 /// `url` with its database name replaced.

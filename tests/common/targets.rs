@@ -48,13 +48,19 @@ pub fn require(backend: Backend) -> bool {
         Backend::Postgres => "TEST_POSTGRES_URL",
         Backend::Mysql => "TEST_MYSQL_URL",
     };
-    if std::env::var_os(var).is_some() {
-        return true;
+    require_var(var).is_some()
+}
+
+/// The value of a prerequisite variable (a server's URL, a certificate): the one rule for every
+/// test that needs one. Missing, it is a failure under `CI=true` and a skip with a note otherwise.
+pub fn require_var(var: &str) -> Option<String> {
+    if let Some(value) = std::env::var_os(var) {
+        return Some(value.to_string_lossy().into_owned());
     }
     let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-    assert!(!ci, "{var} is not set under CI=true: {backend:?} would be skipped (scripts/test sets it)");
-    eprintln!("{var} is not set: {backend:?} is skipped (scripts/test sets it)");
-    false
+    assert!(!ci, "{var} is not set under CI=true: the test would be skipped (scripts/test sets it)");
+    eprintln!("{var} is not set: skipped (scripts/test sets it)");
+    None
 }
 
 /// A fresh database of one backend.

@@ -1,0 +1,230 @@
+//! Where the mirror (or another target) stands, as a typed report: per table its rows, schema
+//! version, watermark, the last run `state.json` remembers, and how far each replication target
+//! lags behind it. `dap status` prints it; the demo and any scheduler call it as a library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::mirror::folder::StateFile;
+use crate::privacy::SharedFiles;
+use crate::sink::{Access, Bookkeeping, ConnectionString, Sink, SinkError, SinkOptions};
+use crate::target::{self, TargetSpec};
+use crate::time::{self, Micros};
+
+/// What to look at.
+#[derive(Debug, Clone)]
+pub struct StatusRequest {
+    /// One namespace; `None`: every namespace file of the folder (or every DAP namespace of a
+    /// server target).
+    pub namespace: Option<String>,
+    pub location: Location,
+    /// Replication targets whose position is shown against each table's watermark.
+    pub targets: Vec<TargetSpec>,
+    pub shared: SharedFiles,
+}
+
+/// Where the tables are.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// A mirror folder: one file per namespace.
+    Folder(PathBuf),
+    /// A target as `--connection-string` names it (the default mirror when none is given).
+    Target(TargetSpec),
+}
+
+/// One table of the report.
+#[derive(Debug, Clone)]
+pub struct TableStatus {
+    pub namespace: String,
+    pub table: String,
+    pub rows: u64,
+    pub schema_version: u32,
+    pub watermark: Micros,
+    /// Seconds from the watermark to the time of the report.
+    pub staleness_seconds: i64,
+    pub last_command: Option<String>,
+    pub last_run: Option<String>,
+    /// `ok`, or the error of the last run, as `state.json` recorded it.
+    pub last_result: Option<String>,
+    /// The file or database holding the table, as shown to users.
+    pub file: String,
+    pub targets: Vec<TargetStatus>,
+}
+
+/// A replication target's position for one table.
+#[derive(Debug, Clone)]
+pub struct TargetStatus {
+    /// The target, its password hidden.
+    pub target: String,
+    pub position: Position,
+}
+
+/// Where a target stands against the mirror's watermark.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Position {
+    /// The table is not in the target.
+    Absent,
+    Current {
+        watermark: Micros,
+    },
+    Ahead {
+        watermark: Micros,
+        seconds: i64,
+    },
+    Behind {
+        watermark: Micros,
+        seconds: i64,
+    },
+    /// The target could not be read.
+    Unreadable {
+        error: String,
+    },
+}
+
+impl Position {
+    fn of(mirror: Micros, target: Option<Micros>) -> Position {
+        match target {
+            None => Position::Absent,
+            Some(t) if t == mirror => Position::Current { watermark: t },
+            Some(t) if t > mirror => Position::Ahead { watermark: t, seconds: (t - mirror) / 1_000_000 },
+            Some(t) => Position::Behind { watermark: t, seconds: (mirror - t) / 1_000_000 },
+        }
+    }
+
+    /// The word `dap status` shows.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Position::Absent => "absent",
+            Position::Current { .. } => "current",
+            Position::Ahead { .. } => "ahead",
+            Position::Behind { .. } => "behind",
+            Position::Unreadable { .. } => "unreadable",
+        }
+    }
+
+    pub fn watermark(&self) -> Option<Micros> {
+        match self {
+            Position::Current { watermark }
+            | Position::Ahead { watermark, .. }
+            | Position::Behind { watermark, .. } => Some(*watermark),
+            Position::Absent | Position::Unreadable { .. } => None,
+        }
+    }
+}
+
+/// The DAP namespaces a server target may hold.
+const DAP_NAMESPACES: [&str; 4] = ["canvas", "canvas_logs", "catalog", "new_quizzes"];
+
+/// The report, table by table in namespace order; opens everything read-only and creates nothing.
+pub async fn status(request: &StatusRequest) -> Result<Vec<TableStatus>, SinkError> {
+    let now = time::now();
+    let options = SinkOptions { access: Access::Read, shared: request.shared, ..SinkOptions::default() };
+    let mut report = Vec::new();
+    for ns in namespaces(request)? {
+        let local = match &request.location {
+            Location::Folder(dir) => Some(dir.join(format!("{ns}.db"))),
+            Location::Target(spec) => spec.local_file(&ns)?,
+        };
+        if local.as_ref().is_some_and(|p| !p.exists()) {
+            continue;
+        }
+        let sink: Arc<dyn Sink> = match (&local, &request.location) {
+            (Some(path), _) => target::open(&TargetSpec::Url(ConnectionString::sqlite(path)), &ns, &options).await?,
+            (None, Location::Target(spec)) => target::open(spec, &ns, &options).await?,
+            (None, Location::Folder(_)) => unreachable!("a folder's namespaces are files"),
+        };
+        let state = local.as_ref().map(|p| StateFile::load(&StateFile::path_for(p))).unwrap_or_default();
+        let file = sink.describe();
+        let mut positions: Vec<(String, Result<Vec<Bookkeeping>, String>)> = Vec::new();
+        for spec in &request.targets {
+            let read = match target::open(spec, &ns, &options).await {
+                Ok(t) => t.all_bookkeeping(&ns).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            positions.push((spec.describe(), read));
+        }
+        for b in sink.all_bookkeeping(&ns).await? {
+            let entry = local.as_ref().and_then(|db| state.entry(db, &ns, &b.table));
+            let targets = positions
+                .iter()
+                .map(|(target, read)| TargetStatus {
+                    target: target.clone(),
+                    position: match read {
+                        Ok(rows) => {
+                            Position::of(b.watermark, rows.iter().find(|t| t.table == b.table).map(|t| t.watermark))
+                        }
+                        Err(e) => Position::Unreadable { error: e.clone() },
+                    },
+                })
+                .collect();
+            report.push(TableStatus {
+                rows: sink.row_count(&ns, &b.table).await?,
+                namespace: ns.clone(),
+                table: b.table.clone(),
+                schema_version: b.schema_version,
+                watermark: b.watermark,
+                staleness_seconds: (now - b.watermark) / 1_000_000,
+                last_command: entry.and_then(|e| e.last_command.clone()),
+                last_run: entry.and_then(|e| e.last_run.clone()),
+                last_result: entry.and_then(|e| e.last_result.clone()),
+                file: file.clone(),
+                targets,
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// The namespaces looked at: the one asked for, every DAP namespace of a connection string, or
+/// every mirror file's of a folder.
+fn namespaces(request: &StatusRequest) -> Result<Vec<String>, SinkError> {
+    if let Some(ns) = &request.namespace {
+        return Ok(vec![ns.clone()]);
+    }
+    let dir = match &request.location {
+        Location::Folder(dir) => dir.clone(),
+        Location::Target(TargetSpec::Url(_)) => return Ok(DAP_NAMESPACES.map(String::from).to_vec()),
+        Location::Target(TargetSpec::DefaultMirror) => crate::mirror::folder::default_dir()?,
+    };
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".db")).map(String::from))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// A duration in seconds as the official client shows staleness: `42s`, `2m 5s`, `3h 1m`,
+/// `934d 11h`.
+pub fn staleness(secs: i64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staleness_like_the_official_client() {
+        assert_eq!(staleness(42), "42s");
+        assert_eq!(staleness(125), "2m 5s");
+        assert_eq!(staleness(3 * 3600 + 60), "3h 1m");
+        assert_eq!(staleness(934 * 86_400 + 11 * 3600), "934d 11h");
+    }
+
+    #[test]
+    fn a_target_is_absent_current_ahead_or_behind() {
+        assert_eq!(Position::of(10_000_000, None), Position::Absent);
+        assert_eq!(Position::of(10_000_000, Some(10_000_000)), Position::Current { watermark: 10_000_000 });
+        assert_eq!(Position::of(10_000_000, Some(13_000_000)), Position::Ahead { watermark: 13_000_000, seconds: 3 });
+        assert_eq!(Position::of(10_000_000, Some(4_000_000)), Position::Behind { watermark: 4_000_000, seconds: 6 });
+    }
+}
