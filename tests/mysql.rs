@@ -195,8 +195,18 @@ async fn a_sync_without_schema_change_issues_no_ddl_and_takeover_works_both_ways
     // real and json columns, which changes nothing: the catalog stays as it was).
     let url = check(&fresh_mysql("my_takeover_from_dap").await);
     let pool = mysql_pool(&url);
+    let before_initdb: String = admin.get_conn().await.unwrap().query_first("SELECT NOW(6)").await.unwrap().unwrap();
     ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", tables, "--connection-string", &url])
         .await;
+    // Positive control: the log does capture this user's DDL (initdb creates every table), so
+    // an empty list after the sync means no DDL, not a log that saw nothing.
+    let created = ddl_since(&admin, "dap_ddl_probe", &before_initdb).await;
+    for t in &names {
+        assert!(
+            created.iter().any(|s| s.starts_with("CREATE TABLE") && s.contains(&format!("canvas__{t}"))),
+            "the general log did not capture initdb's CREATE TABLE of {t}: {created:#?}"
+        );
+    }
     for t in &names {
         emu.commit("canvas", t, ChangeCounts { inserts: 5, updates: 5, soft_deletes: 1, hard_deletes: 2 }).unwrap();
     }
