@@ -229,3 +229,50 @@ async fn a_mirror_that_cannot_be_written_can_still_be_read() {
             .await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "n\n50");
 }
+
+/// `status --to` a target that cannot be reached: the rows still print (marked unreadable), the
+/// cause is said once rather than on every row, and the exit is not 0. JSON has numbers or null.
+#[tokio::test]
+async fn status_against_an_unreachable_target_says_so_once_and_fails() {
+    let emu = emulator(EmulatorConfig { rows: 5, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = format!("sqlite:///{}", dir.path().join("canvas.db").display());
+    let tables = "accounts,users,courses";
+    ours_ok(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", tables, "--connection-string", &mirror])
+        .await;
+    // Nothing listens on port 1: the connection is refused at once.
+    let unreachable = "postgresql://someone:Secr3t@127.0.0.1:1/nowhere";
+    let out = run_ours(&emu, dir.path(), &["status", "--connection-string", &mirror, "--to", unreachable]).await;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "an unreadable target exits 0:\n{stdout}\n{stderr}");
+    assert_eq!(stdout.matches("unreadable").count(), 3, "one row per table is marked:\n{stdout}");
+    assert_eq!(stderr.matches("127.0.0.1:1").count(), 1, "the cause is said once:\n{stderr}");
+    assert!(stderr.contains("1 of 1 targets could not be read"), "{stderr}");
+    assert!(!stdout.contains("Secr3t") && !stderr.contains("Secr3t"), "the password was shown");
+
+    // JSON: the positions are numbers or null, never "-".
+    let copy = format!("sqlite:///{}", dir.path().join("copy.db").display());
+    ours_ok(
+        &emu,
+        dir.path(),
+        &["replicate", "--namespace", "canvas", "--table", "users", "--from", &mirror, "--to", &copy],
+    )
+    .await;
+    let out = ours_ok(&emu, dir.path(), &["status", "--json", "--connection-string", &mirror, "--to", &copy]).await;
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{out}");
+    for r in rows {
+        let t = &r["targets"][0];
+        if r["table"] == "users" {
+            assert_eq!(
+                (&t["state"], &t["lag"], &t["lag_seconds"]),
+                (&"current".into(), &"0s".into(), &0.into()),
+                "{r}"
+            );
+        } else {
+            assert_eq!(t["state"], "absent", "{r}");
+            assert!(t["lag"].is_null() && t["lag_seconds"].is_null(), "{r}");
+        }
+    }
+}

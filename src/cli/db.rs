@@ -315,12 +315,20 @@ mod tests {
     fn a_target_is_shown_current_behind_ahead_or_absent_with_its_lag() {
         let shown = |position: Position| {
             let j = position_json(&TargetStatus { target: "t".into(), position });
-            (j["state"].as_str().unwrap().to_string(), j["lag"].as_str().unwrap().to_string())
+            (j["state"].as_str().unwrap().to_string(), j["lag"].clone(), j["lag_seconds"].clone())
         };
-        assert_eq!(shown(Position::Current { watermark: 100_000_000 }), ("current".into(), "0s".into()));
-        assert_eq!(shown(Position::Behind { watermark: 40_000_000, seconds: 60 }), ("behind".into(), "1m 0s".into()));
-        assert_eq!(shown(Position::Ahead { watermark: 103_000_000, seconds: 3 }), ("ahead".into(), "-3s".into()));
-        assert_eq!(shown(Position::Absent), ("absent".into(), "-".into()));
+        assert_eq!(shown(Position::Current { watermark: 100_000_000 }), ("current".into(), json!("0s"), json!(0)));
+        assert_eq!(
+            shown(Position::Behind { watermark: 40_000_000, seconds: 60 }),
+            ("behind".into(), json!("1m 0s"), json!(60))
+        );
+        assert_eq!(
+            shown(Position::Ahead { watermark: 103_000_000, seconds: 3 }),
+            ("ahead".into(), json!("-3s"), json!(-3))
+        );
+        assert_eq!(shown(Position::Absent), ("absent".into(), json!(null), json!(null)));
+        let unreadable = shown(Position::Unreadable { error: "refused".into() });
+        assert_eq!(unreadable, ("unreadable".into(), json!(null), json!(null)));
     }
 }
 
@@ -364,22 +372,49 @@ impl StatusArgs {
 
 /// A target's position as `status --json` shows it.
 fn position_json(t: &TargetStatus) -> serde_json::Value {
-    let lag = match &t.position {
-        Position::Absent => "-".to_string(),
-        Position::Current { .. } => "0s".to_string(),
-        Position::Ahead { seconds, .. } => format!("-{}", staleness(*seconds)),
-        Position::Behind { seconds, .. } => staleness(*seconds),
+    // `lag` for people ("1m 0s", "-3s" when ahead), `lag_seconds` for scripts; both null when
+    // there is no position to compare.
+    let (lag, seconds) = match &t.position {
+        Position::Absent => (None, None),
+        Position::Current { .. } => (Some("0s".to_string()), Some(0)),
+        Position::Ahead { seconds, .. } => (Some(format!("-{}", staleness(*seconds))), Some(-seconds)),
+        Position::Behind { seconds, .. } => (Some(staleness(*seconds)), Some(*seconds)),
         Position::Unreadable { error } => {
-            return json!({"target": t.target, "state": "unreadable", "error": error});
+            return json!({"target": t.target, "state": "unreadable", "error": error, "lag": null, "lag_seconds": null});
         }
     };
-    json!({"target": t.target, "watermark": t.position.watermark().map(time::format_wire), "state": t.position.name(), "lag": lag})
+    json!({
+        "target": t.target,
+        "watermark": t.position.watermark().map(time::format_wire),
+        "state": t.position.name(),
+        "lag": lag,
+        "lag_seconds": seconds,
+    })
 }
 
 /// Per table: rows, schema version, watermark, staleness, last run and its result.
 pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
     let report = crate::status::status(&args.request(ctx.shared)?).await?;
-    print_status(&report, if args.json { Output::Json } else { Output::Text })
+    print_status(&report, if args.json { Output::Json } else { Output::Text })?;
+    // A target that could not be read is said once, and the exit says it.
+    let mut unreadable: Vec<(&str, &str)> = Vec::new();
+    for t in report.iter().flat_map(|r| &r.targets) {
+        if let Position::Unreadable { error } = &t.position
+            && !unreadable.iter().any(|(name, _)| *name == t.target)
+        {
+            unreadable.push((&t.target, error));
+        }
+    }
+    if unreadable.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = unreadable.iter().map(|(t, e)| format!("{t}: {e}")).collect();
+    anyhow::bail!(
+        "status --to: {} of {} targets could not be read:\n  {}",
+        unreadable.len(),
+        args.to.iter().filter(|t| !t.trim().is_empty()).count(),
+        crate::secrets::scrub(&lines.join("\n  "))
+    )
 }
 
 /// How `status` prints its report.
@@ -443,7 +478,7 @@ pub(super) fn print_status(report: &[TableStatus], output: Output) -> anyhow::Re
                 text(&t["target"], ""),
                 text(&t["state"], ""),
                 text(&t["watermark"], "-"),
-                crate::term::safe(t["lag"].as_str().or(t["error"].as_str()).unwrap_or("-"))
+                crate::term::safe(t["lag"].as_str().unwrap_or("-"))
             );
         }
     }
