@@ -408,7 +408,9 @@ pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
     if unreadable.is_empty() {
         return Ok(());
     }
-    let lines: Vec<String> = unreadable.iter().map(|(t, e)| format!("{t}: {e}")).collect();
+    // A target's own error usually names it already.
+    let lines: Vec<String> =
+        unreadable.iter().map(|(t, e)| if e.starts_with(t) { e.to_string() } else { format!("{t}: {e}") }).collect();
     anyhow::bail!(
         "status --to: {} of {} targets could not be read:\n  {}",
         unreadable.len(),
