@@ -251,6 +251,27 @@ impl TestTarget {
         exists && self.column(&sql).await[0].as_deref() != Some("0")
     }
 
+    /// How many initdb parts the target has loaded with their checkpoints and not yet published,
+    /// or None while it cannot say (no checkpoint table yet, or the file is busy): so that a test
+    /// can interrupt a run at the point where it has something to resume.
+    pub async fn checkpoints(&self) -> Option<u64> {
+        let (schema, table, sql) = match self.backend {
+            Backend::Sqlite => {
+                let conn = rusqlite::Connection::open(self.file()).ok()?;
+                let n: i64 = conn.query_row("SELECT count(*) FROM _dap_checkpoint", [], |r| r.get(0)).ok()?;
+                return u64::try_from(n).ok();
+            }
+            Backend::Postgres | Backend::Mssql => {
+                ("dap_replica", "checkpoints", "SELECT count(*) FROM \"dap_replica\".\"checkpoints\"")
+            }
+            Backend::Mysql => ("dap_replica", "checkpoints", "SELECT count(*) FROM dap_replica__checkpoints"),
+        };
+        if !self.has_table(schema, table).await {
+            return None;
+        }
+        self.column(sql).await[0].as_deref()?.parse().ok()
+    }
+
     /// Whether a publish of `table` was interrupted after its swap and before its bookkeeping
     /// row, which only MySQL can leave (its `RENAME TABLE` commits at once): the table is whole,
     /// and the next run writes the row.
