@@ -192,8 +192,11 @@ async fn every_fault_is_survived_or_reported_with_the_servers_message() {
     let dir = workdir();
     let run =
         run_ours(&slow, dir.path(), &["snapshot", "--namespace", "canvas", "--table", "accounts", "--format", "tsv"]);
+    // Expired as soon as it is submitted (an event, not a delay): the job waits 1.5 s.
     let expire = async {
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        while slow.stats().count(Endpoint::Query, 202) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         slow.expire_jobs();
     };
     let (out, ()) = tokio::join!(run, expire);

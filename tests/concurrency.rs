@@ -23,8 +23,6 @@ const TABLES: [&str; 4] = ["users", "submissions", "courses", "enrollments"];
 const ROUNDS: usize = 5;
 /// Long enough for every writer ahead in the queue on a loaded two-core machine.
 const LOCK_TIMEOUT: &str = "180s";
-/// A process still running after this has hung: the test fails naming it.
-const PROCESS_DEADLINE: Duration = Duration::from_secs(240);
 
 fn seed() -> u64 {
     let seed = std::env::var("DAP_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
@@ -72,18 +70,8 @@ impl Writer {
 
 /// Runs `dap` as a child that is killed if the test gives up on it.
 async fn spawn(emu: &Emulator, dir: &Path, args: &[String]) -> (Output, Duration) {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"));
-    cmd.current_dir(dir)
-        .env("DAP_API_URL", emu.base_url())
-        .env("DAP_CLIENT_ID", &emu.config().client_id)
-        .env("DAP_CLIENT_SECRET", &emu.config().client_secret)
-        .env_remove("DAP_CONNECTION_STRING")
-        .env("DAP_JOB_RATE", "100000/1")
-        .arg("--non-interactive")
-        .args(args)
-        .kill_on_drop(true);
     let started = Instant::now();
-    let out = tokio::time::timeout(PROCESS_DEADLINE, cmd.output())
+    let out = tokio::time::timeout(PROCESS_DEADLINE, ours_command(emu, dir).args(args).output())
         .await
         .unwrap_or_else(|_| panic!("dap {args:?} still running after {PROCESS_DEADLINE:?}: it hung"))
         .expect("our dap runs");
@@ -341,16 +329,16 @@ async fn a_held_lock_makes_a_writer_wait_then_leave_the_table_alone(backend: Bac
     let def = emu.table_def("canvas", "users").unwrap();
     assert_eq!(target.rows(&def).await, before, "the table changed while another writer held it");
 
-    // A writer that waits longer gets the table as soon as the holder lets go.
-    let release = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        drop(held);
-    };
-    let patient = sync("120s");
-    let ((out, _), ()) = tokio::join!(spawn(&emu, dir.path(), &patient), release);
+    // A writer that waits longer gets the table as soon as the holder lets go: let go once it
+    // says it is waiting.
+    let mut patient = ours_command(&emu, dir.path());
+    patient.args(sync("120s"));
+    let mut patient = Watched::spawn(patient);
+    patient.wait_for("waiting up to").await;
+    drop(held);
+    let out = patient.finish().await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("waiting up to") || err.contains("waiting for"), "it never said it waited:\n{err}");
     let mut limits = target.limits().to_vec();
     limits.push(Limit::NoNegativeZero);
     common::truth::assert_same_rows_within(

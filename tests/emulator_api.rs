@@ -96,13 +96,16 @@ async fn login_answers_exactly_the_token_keys_and_refuses_bad_secrets() {
 
 #[tokio::test]
 async fn every_dap_route_needs_an_unexpired_bearer_token() {
-    let api = Api::start(quick(EmulatorConfig { token_lifetime: Duration::from_secs(1), ..Default::default() })).await;
+    // Long enough that it cannot expire between the login and the next statement on a busy
+    // machine; `exp` is in whole seconds, so it has surely expired a second after its lifetime.
+    let lifetime = Duration::from_secs(3);
+    let api = Api::start(quick(EmulatorConfig { token_lifetime: lifetime, ..Default::default() })).await;
     assert_eq!(api.get("/dap/query/canvas/table").await.0, StatusCode::OK);
     let anonymous = api.http.get(api.url("/dap/query/canvas/table")).send().await.unwrap();
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
     let forged = api.http.get(api.url("/dap/job/x")).bearer_auth(format!("{}x", api.token)).send().await.unwrap();
     assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(lifetime + Duration::from_millis(1100)).await;
     let (status, body) = api.get("/dap/query/canvas/table").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body["error"]["message"].as_str().unwrap().contains("expired"));
@@ -110,12 +113,11 @@ async fn every_dap_route_needs_an_unexpired_bearer_token() {
 
 #[tokio::test]
 async fn jobs_walk_waiting_running_complete_and_identical_queries_share_a_job() {
-    let config = EmulatorConfig {
-        job_waiting: Duration::from_secs(2),
-        job_running: Duration::from_secs(2),
-        ..quick(Default::default())
-    };
+    // Each stage lasts long enough that a busy machine cannot skip it between two polls.
+    let (waiting, running) = (Duration::from_secs(3), Duration::from_secs(3));
+    let config = EmulatorConfig { job_waiting: waiting, job_running: running, ..quick(Default::default()) };
     let api = Api::start(config).await;
+    let submitted = std::time::Instant::now();
     let (status, job) = api.post("/dap/query/canvas/table/users/data", r#"{"format":"tsv","mode":"condensed"}"#).await;
     assert_eq!((status, job["status"].as_str()), (StatusCode::ACCEPTED, Some("waiting")));
     assert_eq!(job.as_object().unwrap().len(), 3, "waiting jobs carry only id, status, expires_at: {job}");
@@ -124,12 +126,24 @@ async fn jobs_walk_waiting_running_complete_and_identical_queries_share_a_job() 
     assert_eq!(again["id"], id, "an identical query returns the same job");
     let (_, other) = api.post("/dap/query/canvas/table/users/data", r#"{"format":"csv"}"#).await;
     assert_ne!(other["id"], id);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let (status, running) = api.get(&format!("/dap/job/{id}")).await;
-    assert_eq!((status, running["status"].as_str()), (StatusCode::ACCEPTED, Some("running")));
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let (status, done) = api.get(&format!("/dap/job/{id}")).await;
-    assert_eq!(status, StatusCode::OK);
+    // Polled until complete: the stages seen, in order, each once.
+    let mut seen = vec!["waiting".to_string()];
+    let done = loop {
+        let (status, now) = api.get(&format!("/dap/job/{id}")).await;
+        let stage = now["status"].as_str().unwrap().to_string();
+        let expected = if stage == "complete" { StatusCode::OK } else { StatusCode::ACCEPTED };
+        assert_eq!(status, expected, "{now}");
+        if seen.last() != Some(&stage) {
+            seen.push(stage.clone());
+        }
+        if stage == "complete" {
+            break now;
+        }
+        assert!(submitted.elapsed() < Duration::from_secs(60), "never completed: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(seen, ["waiting", "running", "complete"]);
+    assert!(submitted.elapsed() >= waiting + running, "complete after {:?}", submitted.elapsed());
     let keys: Vec<&String> = done.as_object().unwrap().keys().collect();
     assert_eq!(keys, ["id", "status", "expires_at", "objects", "schema_version", "at"]);
     assert_eq!(done["objects"].as_array().unwrap().len(), 4, "3 data parts and a header-only part");
@@ -199,7 +213,9 @@ async fn incrementals_report_the_latest_commit_as_until() {
 
 #[tokio::test]
 async fn object_urls_expire_and_downloads_support_ranges() {
-    let api = Api::start(quick(EmulatorConfig { url_lifetime: Duration::from_secs(1), ..Default::default() })).await;
+    // Long enough that the URL cannot expire between the statements that use it.
+    let lifetime = Duration::from_secs(3);
+    let api = Api::start(quick(EmulatorConfig { url_lifetime: lifetime, ..Default::default() })).await;
     let job = api.complete_job("users", r#"{"format":"tsv","mode":"condensed"}"#).await;
     let url = api.object_url(job["objects"][0]["id"].as_str().unwrap()).await;
     let full = api.http.get(&url).send().await.unwrap();
@@ -212,7 +228,7 @@ async fn object_urls_expire_and_downloads_support_ranges() {
     let tail = api.http.get(&url).header("range", "bytes=10-").send().await.unwrap();
     assert_eq!(tail.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(tail.bytes().await.unwrap(), full.slice(10..));
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(lifetime + Duration::from_millis(100)).await;
     let expired = api.http.get(&url).send().await.unwrap();
     assert_eq!(expired.status(), StatusCode::FORBIDDEN);
     assert!(expired.text().await.unwrap().contains("Request has expired"));
@@ -247,7 +263,8 @@ async fn truncated_and_reset_downloads_are_broken_transfers() {
 async fn rate_limits_answer_429_with_retry_after() {
     let api = Api::start(quick(EmulatorConfig {
         rate_limits: true,
-        rate_window: Duration::from_secs(2),
+        // Long enough that the five admitted queries surely fall within one window.
+        rate_window: Duration::from_secs(5),
         ..Default::default()
     }))
     .await;
@@ -267,7 +284,7 @@ async fn rate_limits_answer_429_with_retry_after() {
         .unwrap();
     assert_eq!(sixth.status(), StatusCode::TOO_MANY_REQUESTS);
     let wait: u64 = sixth.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=2).contains(&wait));
+    assert!((1..=5).contains(&wait), "Retry-After: {wait}");
     assert_eq!(api.get("/dap/query/canvas/table/users/schema").await.0, StatusCode::OK, "limits are per endpoint");
     tokio::time::sleep(Duration::from_secs(wait)).await;
     assert_eq!(api.post("/dap/query/canvas/table/wikis/data", r#"{"format":"tsv"}"#).await.0, StatusCode::OK);

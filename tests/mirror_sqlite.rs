@@ -357,14 +357,12 @@ async fn a_locked_corrupt_or_unwritable_mirror_gets_a_clear_error_and_is_left_al
     assert!(stderr(&out).contains("a-file"), "the error names the path: {}", stderr(&out));
 }
 
+/// Ctrl-C in the middle of applying changes: the first objects' rows have gone to the mirror
+/// ("loading"), a later object is still on its way (held back by the emulator).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_exits_130_and_keeps_the_previous_state() {
-    let emu = emulator(EmulatorConfig {
-        rows: 20,
-        job_waiting: std::time::Duration::from_secs(3),
-        ..EmulatorConfig::default()
-    })
-    .await;
+    use dap_replica::emulator::{Endpoint, FaultKind, FaultSpec};
+    let emu = emulator(EmulatorConfig { rows: 20, part_rows: 3, ..EmulatorConfig::default() }).await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("canvas.db");
     let url = format!("sqlite://{}", db.display());
@@ -372,22 +370,20 @@ async fn ctrl_c_exits_130_and_keeps_the_previous_state() {
         .await;
     let before = sqlite_rows(&db, &emu, "canvas", "users");
     let watermark = bookkeeping(&db);
-    emu.commit("canvas", "users", ChangeCounts { inserts: 3, updates: 3, hard_deletes: 2, ..Default::default() })
+    emu.commit("canvas", "users", ChangeCounts { inserts: 12, updates: 12, hard_deletes: 4, ..Default::default() })
         .unwrap();
+    let held_back = FaultSpec { delay_ms: Some(600_000), ..FaultSpec::new(FaultKind::Slow, 1) };
+    // After the first four (syncdb downloads four at once): object 0 is surely among them.
+    emu.inject(held_back.on(Endpoint::Object).after(4));
 
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"))
-        .env("DAP_API_URL", emu.base_url())
-        .env("DAP_CLIENT_ID", &emu.config().client_id)
-        .env("DAP_CLIENT_SECRET", &emu.config().client_secret)
-        .env("DAP_JOB_RATE", "1000/1")
-        .args(["--non-interactive", "syncdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-    let pid = child.id().unwrap() as i32;
-    assert_eq!(send_signal(pid, 2), 0, "SIGINT sent");
-    let out = child.wait_with_output().await.unwrap();
+    let mut sync = ours_command(&emu, dir.path());
+    sync.args(["syncdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url]);
+    let mut sync = Watched::spawn(sync);
+    sync.wait_for("users: loading").await;
+    assert_eq!(send_signal(sync.pid() as i32, 2), 0, "SIGINT sent");
+    let interrupted = std::time::Instant::now();
+    let out = sync.finish().await;
+    assert!(interrupted.elapsed() < std::time::Duration::from_secs(10), "took {:?} to stop", interrupted.elapsed());
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert_eq!(sqlite_rows(&db, &emu, "canvas", "users"), before, "nothing half-applied");
     assert_eq!(bookkeeping(&db), watermark, "the watermark did not move");

@@ -567,8 +567,7 @@ fn configure_at_a_terminal_does_not_echo_the_secret() {
             assert!(asked.elapsed() < Duration::from_secs(20), "no {prompt:?} prompt: {}", screen.lock().unwrap());
             std::thread::sleep(Duration::from_millis(20));
         }
-        // The prompt is written before echo is turned off: give the terminal a moment.
-        std::thread::sleep(Duration::from_millis(300));
+        // Typed as soon as the prompt shows: echo is off before the secret's prompt is written.
         typing.write_all(format!("{answer}\n").as_bytes()).unwrap();
         typing.flush().unwrap();
     }

@@ -33,49 +33,59 @@ enum Echo {
 /// Reads one answer from stdin, prompting on stderr; `None` at the end of input.
 fn ask(prompt: &str, echo: Echo) -> anyhow::Result<Option<String>> {
     let terminal = std::io::stdin().is_terminal();
+    // Off before the prompt shows, so that a secret typed as soon as it appears is never shown.
+    let _hidden = (echo == Echo::Hidden && terminal).then(EchoOff::new);
     if terminal {
         eprint!("{prompt}: ");
         std::io::stderr().flush()?;
     }
-    let line = match echo {
-        Echo::Hidden if terminal => read_line_without_echo()?,
-        _ => read_line()?,
-    };
-    Ok(line.map(|l| l.trim().to_string()))
-}
-
-fn read_line() -> std::io::Result<Option<String>> {
     let mut line = String::new();
-    Ok((std::io::stdin().lock().read_line(&mut line)? > 0).then_some(line))
+    let read = std::io::stdin().lock().read_line(&mut line)?;
+    Ok((read > 0).then(|| line.trim().to_string()))
 }
 
-/// Reads a line with the terminal's echo off, restoring it afterwards.
-#[cfg(unix)]
-fn read_line_without_echo() -> std::io::Result<Option<String>> {
-    use std::os::fd::AsRawFd;
-    let fd = std::io::stdin().as_raw_fd();
-    let mut term = std::mem::MaybeUninit::<libc::termios>::uninit();
-    // SAFETY: tcgetattr fills `term` when it returns 0, and only then is it read.
-    if unsafe { libc::tcgetattr(fd, term.as_mut_ptr()) } != 0 {
-        return read_line();
+/// The terminal's echo, off while this lives and restored when it is dropped.
+struct EchoOff {
+    #[cfg(unix)]
+    original: Option<libc::termios>,
+}
+
+impl EchoOff {
+    #[cfg(unix)]
+    fn new() -> EchoOff {
+        use std::os::fd::AsRawFd;
+        let fd = std::io::stdin().as_raw_fd();
+        let mut term = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: tcgetattr fills `term` when it returns 0, and only then is it read.
+        if unsafe { libc::tcgetattr(fd, term.as_mut_ptr()) } != 0 {
+            return EchoOff { original: None };
+        }
+        // SAFETY: initialised by the successful tcgetattr above.
+        let original = unsafe { term.assume_init() };
+        let mut hidden = original;
+        hidden.c_lflag &= !libc::ECHO;
+        hidden.c_lflag |= libc::ECHONL;
+        // SAFETY: `hidden` is a valid termios for this descriptor.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &hidden) };
+        EchoOff { original: Some(original) }
     }
-    // SAFETY: initialised by the successful tcgetattr above.
-    let original = unsafe { term.assume_init() };
-    let mut hidden = original;
-    hidden.c_lflag &= !libc::ECHO;
-    hidden.c_lflag |= libc::ECHONL;
-    // SAFETY: `hidden` is a valid termios for this descriptor.
-    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &hidden) };
-    let line = read_line();
-    // SAFETY: restores the settings read above.
-    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &original) };
-    line
+
+    /// Windows consoles: the answer is read as typed (documented in the README).
+    #[cfg(not(unix))]
+    fn new() -> EchoOff {
+        EchoOff {}
+    }
 }
 
-/// Windows consoles: the answer is read as typed (documented in the README).
-#[cfg(not(unix))]
-fn read_line_without_echo() -> std::io::Result<Option<String>> {
-    read_line()
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(original) = &self.original {
+            use std::os::fd::AsRawFd;
+            // SAFETY: restores the settings read in `new` on the same descriptor.
+            unsafe { libc::tcsetattr(std::io::stdin().as_raw_fd(), libc::TCSANOW, original) };
+        }
+    }
 }
 
 /// `given` when the run has it (flag, variable or secret file), else the answer to `prompt`, else

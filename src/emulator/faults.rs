@@ -95,6 +95,10 @@ pub struct FaultSpec {
     /// HTTP status for `echo_request`; default 500.
     #[serde(default)]
     pub status: Option<u16>,
+    /// How many matching requests pass untouched before the fault applies (a fault in the middle
+    /// of a transfer, such as its second object).
+    #[serde(default)]
+    pub skip: u32,
 }
 
 fn one() -> u32 {
@@ -112,7 +116,14 @@ impl FaultSpec {
             delay_ms: None,
             error_type: None,
             status: None,
+            skip: 0,
         }
+    }
+
+    /// Lets the first `n` matching requests through first.
+    pub fn after(mut self, n: u32) -> FaultSpec {
+        self.skip = n;
+        self
     }
 
     pub fn on(mut self, endpoint: Endpoint) -> FaultSpec {
@@ -155,6 +166,10 @@ impl Faults {
                 && f.table.as_deref().is_none_or(|t| Some(t) == table)
         })?;
         let f = &mut self.pending[i];
+        if f.skip > 0 {
+            f.skip -= 1;
+            return None;
+        }
         f.count -= 1;
         let taken = f.clone();
         if f.count == 0 {
@@ -179,5 +194,15 @@ mod tests {
         assert!(f.take(Endpoint::Job, None, FaultKind::is_transport).is_some());
         assert!(f.take(Endpoint::Job, None, FaultKind::is_transport).is_some());
         assert!(f.take(Endpoint::Job, None, FaultKind::is_transport).is_none());
+    }
+
+    #[test]
+    fn a_fault_after_n_lets_the_first_n_through() {
+        let mut f = Faults::default();
+        f.add(FaultSpec::new(FaultKind::Slow, 1).on(Endpoint::Object).after(2));
+        assert!(f.take(Endpoint::Object, None, FaultKind::is_transport).is_none());
+        assert!(f.take(Endpoint::Object, None, FaultKind::is_transport).is_none());
+        assert_eq!(f.take(Endpoint::Object, None, FaultKind::is_transport).unwrap().kind, FaultKind::Slow);
+        assert!(f.take(Endpoint::Object, None, FaultKind::is_transport).is_none());
     }
 }

@@ -203,9 +203,12 @@ async fn login(AxState(state): AxState<Shared>, headers: HeaderMap, body: String
     if !body.split('&').any(|kv| kv == "grant_type=client_credentials") {
         return ApiError::validation("grant_type must be client_credentials".into(), (1, 1, 0)).into_response();
     }
-    let now = time::now() / 1_000_000;
+    let now = time::now();
     let lifetime = state.config.token_lifetime.as_secs() as i64;
-    let token = auth::issue_token(&state.signing_key, &state.config.client_id, now, now + lifetime);
+    // `exp` is in whole seconds: rounded up, so that a token never lives less than its lifetime
+    // (rounded down, a one-second token issued at x.99 s would expire 10 ms later).
+    let (issued, expires) = (now / 1_000_000, (now + 999_999) / 1_000_000 + lifetime);
+    let token = auth::issue_token(&state.signing_key, &state.config.client_id, issued, expires);
     axum::Json(
         json!({"access_token": token, "expires_in": lifetime, "scope": "urn:canvas:dap:query", "token_type": "Bearer"}),
     )

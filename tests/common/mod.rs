@@ -131,8 +131,9 @@ pub fn mysql_pool(url: &str) -> mysql_async::Pool {
     mysql_async::Pool::new(opts)
 }
 
-/// Runs our `dap` binary against the emulator in `dir`, non-interactively, with `env` on top.
-pub async fn run_ours_with(emu: &Emulator, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+/// Our `dap` binary set up against the emulator in `dir`, non-interactively: the one place a
+/// test builds the command, for tests that run it, spawn it or kill it.
+pub fn ours_command(emu: &Emulator, dir: &Path) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"));
     cmd.current_dir(dir)
         .env("DAP_API_URL", emu.base_url())
@@ -140,12 +141,92 @@ pub async fn run_ours_with(emu: &Emulator, dir: &Path, args: &[&str], env: &[(&s
         .env("DAP_CLIENT_SECRET", &emu.config().client_secret)
         .env_remove("DAP_CONNECTION_STRING")
         .env("DAP_JOB_RATE", job_rate(emu.config()))
-        .arg("--non-interactive");
+        .arg("--non-interactive")
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs our `dap` binary against the emulator in `dir`, non-interactively, with `env` on top.
+pub async fn run_ours_with(emu: &Emulator, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = ours_command(emu, dir);
     for (k, v) in env {
         cmd.env(k, v);
     }
     cmd.args(args).output().await.expect("our dap runs")
 }
+
+/// A running `dap` whose stderr is read as it comes, so that a test acts at an observable point
+/// (a log line) rather than after a fixed delay.
+pub struct Watched {
+    child: tokio::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    stderr: String,
+    stdout: tokio::task::JoinHandle<Vec<u8>>,
+}
+
+impl Watched {
+    pub fn spawn(mut cmd: tokio::process::Command) -> Watched {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("our dap starts");
+        let (send, lines) = tokio::sync::mpsc::unbounded_channel();
+        let mut err = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = err.next_line().await {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut out = child.stdout.take().unwrap();
+        let stdout = tokio::spawn(async move {
+            let mut all = Vec::new();
+            out.read_to_end(&mut all).await.ok();
+            all
+        });
+        Watched { child, lines, stderr: String::new(), stdout }
+    }
+
+    /// Waits for a stderr line containing `needle`; panics when the process ends first or
+    /// nothing comes within `PROCESS_DEADLINE`.
+    pub async fn wait_for(&mut self, needle: &str) {
+        let waiting = async {
+            while let Some(line) = self.lines.recv().await {
+                self.stderr.push_str(&line);
+                self.stderr.push('\n');
+                if line.contains(needle) {
+                    return true;
+                }
+            }
+            false
+        };
+        let seen = tokio::time::timeout(PROCESS_DEADLINE, waiting).await;
+        assert!(seen == Ok(true), "dap never logged {needle:?}:\n{}", self.stderr);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("still running")
+    }
+
+    /// Waits for the process to end; its whole output.
+    pub async fn finish(mut self) -> Output {
+        let status = tokio::time::timeout(PROCESS_DEADLINE, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("dap still running after {PROCESS_DEADLINE:?}: it hung"))
+            .unwrap();
+        while let Some(line) = self.lines.recv().await {
+            self.stderr.push_str(&line);
+            self.stderr.push('\n');
+        }
+        Output { status, stdout: self.stdout.await.unwrap(), stderr: self.stderr.into_bytes() }
+    }
+}
+
+/// How long a test waits for one `dap` process before it calls it hung.
+pub const PROCESS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Our client paces job creation to the emulator's limit, or not at all when it enforces none.
 fn job_rate(config: &EmulatorConfig) -> String {
