@@ -9,7 +9,7 @@
 //! SCHEMA.json is the table's schema as `dap schema` writes it. Prints rows and bytes sent.
 
 #[allow(dead_code)]
-#[path = "../tests/common/tds/mod.rs"]
+#[path = "../tests/suite/common/tds/mod.rs"]
 mod tds;
 
 use std::io::BufRead;

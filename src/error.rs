@@ -21,6 +21,11 @@ pub trait Classify {
     fn is_fatal(&self) -> bool {
         false
     }
+    /// Why the work was not needed, when this error only says so (a table initialised already):
+    /// the table is then skipped with this reason, not failed.
+    fn skip_reason(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A boxed cause, kept as the source of an error rather than as prose.

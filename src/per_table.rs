@@ -60,6 +60,7 @@ where
             }
             let outcome = match op(table.clone()).await {
                 Ok(result) => Outcome::Succeeded { result },
+                Err(e) if let Some(reason) = e.skip_reason() => Outcome::Skipped { reason },
                 Err(e) => {
                     if e.is_fatal() {
                         stop.store(true, Ordering::SeqCst);
@@ -76,14 +77,15 @@ where
     outcomes.into_iter().map(|(_, outcome)| outcome).collect()
 }
 
-/// `"3 succeeded, 1 failed, 0 skipped"` and whether everything succeeded.
+/// The summary line (`"4 tables: 3 succeeded, 1 failed, 0 skipped"`), and whether the run succeeded: no table failed (a table skipped because
+/// its work was not needed is no failure; tables skipped after a fatal error come with it).
 pub fn summarize<T>(outcomes: &[TableOutcome<T>]) -> (String, bool) {
     let count = |f: fn(&Outcome<T>) -> bool| outcomes.iter().filter(|o| f(&o.outcome)).count();
     let ok = count(|o| matches!(o, Outcome::Succeeded { .. }));
     let failed = count(|o| matches!(o, Outcome::Failed { .. }));
     let skipped = count(|o| matches!(o, Outcome::Skipped { .. }));
     let tables = if outcomes.len() == 1 { "table" } else { "tables" };
-    (format!("{} {tables}: {ok} succeeded, {failed} failed, {skipped} skipped", outcomes.len()), failed + skipped == 0)
+    (format!("{} {tables}: {ok} succeeded, {failed} failed, {skipped} skipped", outcomes.len()), failed == 0)
 }
 
 #[cfg(test)]

@@ -197,6 +197,46 @@ fn spool_for(temp_dir: Option<&PathBuf>, mirror_file: Option<&PathBuf>) -> Resul
     }
 }
 
+/// Every named table is one DAP serves in the namespace, checked before anything is created: a
+/// typo is named with the closest served name and the command that lists them.
+fn check_served(namespace: &str, named: &[String], served: &[String]) -> Result<(), RunError> {
+    let unknown: Vec<String> = named
+        .iter()
+        .filter(|t| !served.contains(t))
+        .map(|t| match closest(t, served) {
+            Some(near) => format!("{t} (did you mean {near}?)"),
+            None => t.clone(),
+        })
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(RunError::Input(format!(
+        "DAP has no table {} in namespace {namespace}; nothing was created. `dap list --namespace {namespace}` lists its tables",
+        unknown.join(", ")
+    )))
+}
+
+/// The candidate nearest to `name` by edit distance, when it is near enough to be a typo.
+fn closest<'a>(name: &str, candidates: &'a [String]) -> Option<&'a str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut diagonal = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let above = row[j + 1];
+                row[j + 1] = (diagonal + usize::from(ca != *cb)).min(row[j] + 1).min(above + 1);
+                diagonal = above;
+            }
+        }
+        row[b.len()]
+    };
+    let limit = (name.chars().count() / 3).max(1);
+    candidates.iter().map(|c| (distance(name, c), c.as_str())).filter(|(d, _)| *d <= limit).min().map(|(_, c)| c)
+}
+
 /// Records how a table's run ended, with the target that keeps such records.
 async fn record(sink: &dyn Sink, namespace: &str, table: &str, command: &str, report: &Result<TableReport, SyncError>) {
     let run = RunRecord {
@@ -216,6 +256,9 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
     // The namespace must be one the server has before anything is created (a typo would
     // otherwise leave an empty file behind).
     let server_tables = client.tables(ns).await?;
+    if let Tables::Named(list) = &plan.tables {
+        check_served(ns, list, &server_tables)?;
+    }
     let pacing = client.clone();
     let target = target::open(&plan.target, ns, &plan.sink).await?;
     let local: Vec<String> = target.all_bookkeeping(ns).await?.into_iter().map(|b| b.table).collect();
@@ -254,10 +297,13 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
             };
             match &report {
                 Ok(rep) => watch.finish(&rep.describe()),
+                Err(e) if let Some(reason) = e.skip_reason() => watch.finish(&format!("skipped, {reason}")),
                 Err(e) => watch.fail(e),
             }
             overall.table_done();
-            record(target, ns, &t, command, &report).await;
+            if report.as_ref().err().and_then(Classify::skip_reason).is_none() {
+                record(target, ns, &t, command, &report).await;
+            }
             report
         }
     })
@@ -351,6 +397,25 @@ pub async fn drop_tables(
     options: &SinkOptions,
     progress: &Progress,
 ) -> Result<Vec<TableOutcome<Option<u64>>>, RunError> {
+    if let Some(file) = target.local_file(namespace)?
+        && !file.exists()
+    {
+        let folder = file.parent().unwrap_or(std::path::Path::new("."));
+        let mut mirrored: Vec<String> = std::fs::read_dir(folder)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".db").map(str::to_string))
+            .collect();
+        mirrored.sort();
+        let here = if mirrored.is_empty() { "none".to_string() } else { mirrored.join(", ") };
+        return Err(RunError::Input(format!(
+            "{} does not exist: namespace {namespace} has no mirror there, so there is nothing to drop \
+             (namespaces mirrored in {}: {here})",
+            file.display(),
+            folder.display()
+        )));
+    }
     let sink = target::open(target, namespace, options).await?;
     let names = match tables {
         Tables::Named(list) => list.clone(),
@@ -384,6 +449,17 @@ pub async fn drop_tables(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_typo_is_named_with_the_nearest_served_table() {
+        let served: Vec<String> = ["users", "courses", "user_notes", "accounts"].map(String::from).to_vec();
+        assert_eq!(closest("userz", &served), Some("users"));
+        assert_eq!(closest("cources", &served), Some("courses"));
+        assert_eq!(closest("enrollments", &served), None);
+        let err = check_served("canvas", &["users".into(), "userz".into()], &served).unwrap_err().to_string();
+        assert!(err.contains("userz (did you mean users?)") && err.contains("dap list --namespace canvas"), "{err}");
+        assert!(check_served("canvas", &["users".into()], &served).is_ok());
+    }
 
     #[test]
     fn selections_are_trimmed_and_deduplicated() {

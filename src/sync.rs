@@ -68,6 +68,13 @@ impl Classify for SyncError {
     fn is_fatal(&self) -> bool {
         matches!(self, SyncError::Source(e) if e.is_fatal())
     }
+
+    fn skip_reason(&self) -> Option<String> {
+        matches!(self, SyncError::AlreadyInitialised { .. }).then(|| {
+            "already initialised: `dap syncdb` brings it up to date, `dap initdb --replace` takes a new snapshot"
+                .to_string()
+        })
+    }
 }
 
 /// What a table operation did.

@@ -88,18 +88,17 @@ impl Drop for EchoOff {
     }
 }
 
-/// `given` when the run has it (flag, variable or secret file), else the answer to `prompt`, else
-/// `current`.
-fn value(given: Option<&str>, prompt: &str, current: Option<String>, echo: Echo) -> anyhow::Result<Option<String>> {
-    if let Some(v) = given.filter(|v| !v.is_empty()) {
-        return Ok(Some(v.to_string()));
-    }
-    let shown = match (&current, echo) {
-        (Some(_), Echo::Hidden) => format!("{prompt} [Enter keeps the saved one]"),
+/// The answer to `prompt`, else what is known already: `given` (flag, variable or secret file),
+/// else `saved`. Every question is asked in order, so that piped answers land on their own
+/// questions whatever the environment holds: known values are only the defaults.
+fn value(given: Option<&str>, prompt: &str, saved: Option<String>, echo: Echo) -> anyhow::Result<Option<String>> {
+    let known = given.filter(|v| !v.is_empty()).map(str::to_string).or(saved);
+    let shown = match (&known, echo) {
+        (Some(_), Echo::Hidden) => format!("{prompt} [Enter keeps the current one]"),
         (Some(c), Echo::Visible) => format!("{prompt} [{c}]"),
         (None, _) => prompt.to_string(),
     };
-    Ok(ask(&shown, echo)?.filter(|a| !a.is_empty()).or(current))
+    Ok(ask(&shown, echo)?.filter(|a| !a.is_empty()).or(known))
 }
 
 pub fn run(ctx: &Context, base_url: Option<&str>, args: ConfigureArgs) -> anyhow::Result<()> {
@@ -133,7 +132,11 @@ pub fn run(ctx: &Context, base_url: Option<&str>, args: ConfigureArgs) -> anyhow
     )?
     .unwrap_or_else(|| DEFAULT_BASE_URL.into());
     if !(base.starts_with("https://") || base.starts_with("http://")) {
-        bail!("the DAP API URL {base:?} is not an http(s) URL; nothing was saved");
+        // Not repeated: a secret piped alone would land here.
+        bail!(
+            "the first answer, the DAP API URL, is not an http(s) URL; nothing was saved \
+             (answers are read in order: URL, client ID, secret; an empty line keeps the value shown)"
+        );
     }
     let Some(client_id) = value(ctx.client.client_id.as_deref(), "Client ID", saved.client_id.clone(), Echo::Visible)?
     else {

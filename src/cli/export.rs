@@ -22,7 +22,8 @@ pub struct ExportArgs {
     /// Export the result of this read-only query instead of a table.
     #[arg(long)]
     query: Option<String>,
-    /// File format [default: from the output's extension, else csv].
+    /// File format [default: from the output's extension (.csv, .tsv, .jsonl, .ndjson, .parquet;
+    /// csv without one); any other extension needs --format].
     #[arg(long, value_enum)]
     format: Option<ExportFormat>,
     /// The file to write (replaced whole when the export succeeds).
@@ -35,13 +36,24 @@ pub struct ExportArgs {
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let dir = super::query::mirror_dir(args.dir)?;
+    // A mirror file named as the output is the first thing to say, whatever its extension.
+    crate::mirror::folder::refuse_mirror_output(&dir, &args.output).map_err(anyhow::Error::msg)?;
     let extension = args.output.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let format = match (args.format, extension.as_str()) {
         (Some(f), _) => f,
         (None, "tsv") => ExportFormat::Tsv,
         (None, "jsonl" | "ndjson") => ExportFormat::Jsonl,
         (None, "parquet") => ExportFormat::Parquet,
-        (None, _) => ExportFormat::Csv,
+        (None, "csv" | "") => ExportFormat::Csv,
+        // An .xlsx or .json file that silently held CSV would mislead whoever opens it.
+        (None, other) => {
+            return Err(super::UsageError(format!(
+                "{}: dap cannot tell the format from the extension .{other}; give --format csv, tsv, jsonl or parquet \
+                 (or name the file .csv, .tsv, .jsonl or .parquet)",
+                args.output.display()
+            ))
+            .into());
+        }
     };
     let selection = match (args.table, args.query) {
         (Some(table), None) => Selection::Table { namespace: args.namespace, table, condition: args.condition },

@@ -4,7 +4,7 @@
 //! no DDL (the server's general log); takeover both ways; NaN refused before anything is
 //! published; bad input changes nothing; a load without local files works the same.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -382,7 +382,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         ..dap_replica::emulator::FaultSpec::new(dap_replica::emulator::FaultKind::Slow, 1)
             .on(dap_replica::emulator::Endpoint::Object)
     });
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"))
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"))
         .env("DAP_API_URL", emu.base_url())
         .env("DAP_CLIENT_ID", &emu.config().client_id)
         .env("DAP_CLIENT_SECRET", &emu.config().client_secret)
@@ -403,8 +403,10 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .spawn()
         .unwrap();
     let admin = mysql_pool(&mysql_url());
+    // However long the process takes to get to its load.
     let mut killed = 0;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let mut c = admin.get_conn().await.unwrap();
         let ids: Vec<u64> = c

@@ -5,7 +5,7 @@
 //! compared with checked-in golden text, and parses; `dap ddl` equals the official generator's
 //! DDL for every table; bad input is refused clearly and commits nothing.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;

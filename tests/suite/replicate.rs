@@ -3,7 +3,7 @@
 //! round sends what changed, not the table; a target synced straight from DAP is never rolled
 //! back; a re-snapshot reaches targets whole; SIGKILL anywhere keeps every target whole.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -460,7 +460,7 @@ mod sigkill_anywhere_in_replicate_keeps_each_target_old_or_new_and_the_mirror_un
 
 async fn sigkill_anywhere_in_replicate(phase: Phase) {
     const TABLES: &[&str] = &["users", "accounts", "courses"];
-    let emu = emulator(EmulatorConfig { rows: 2500, part_rows: 250, ..EmulatorConfig::default() }).await;
+    let emu = emulator(EmulatorConfig { rows: 1000, part_rows: 100, ..EmulatorConfig::default() }).await;
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let mirror = mirror_url(dir);

@@ -1,7 +1,7 @@
 //! Clean output for scripts: a closed pipe ends `dap` quietly, no colour codes off a terminal,
 //! the official client's `--console-theme` is accepted, and a nonsensical command line exits 2.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -83,6 +83,19 @@ async fn bad_input_is_refused_before_anything_is_created() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("canvass"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!mirror.exists(), "a typo left files behind: {:?}", files_under(&mirror));
+    // A table the namespace does not have: named with the nearest one and the way to list them.
+    let out =
+        run_ours_with(&emu, dir.path(), &["initdb", "--namespace", "canvas", "--table", "users,userz"], &env).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("userz (did you mean users?)") && err.contains("dap list --namespace canvas"), "{err}");
+    assert!(!mirror.exists(), "a table typo left files behind: {:?}", files_under(&mirror));
+    // dropdb of a namespace typo: nothing to drop, and nothing created.
+    let out = run_ours_with(&emu, dir.path(), &["dropdb", "--namespace", "canvass", "--table", "all"], &env).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("canvass.db does not exist") && err.contains("nothing to drop"), "{err}");
+    assert!(!mirror.exists(), "dropdb of a typo created {:?}", files_under(&mirror));
     // A sync with no mirror to sync.
     let out = run_ours_with(&emu, dir.path(), &["syncdb", "--namespace", "canvas", "--table", "all"], &env).await;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -115,6 +128,39 @@ async fn bad_input_is_refused_before_anything_is_created() {
         assert!(err.contains("not a database") && err.contains("dap initdb"), "{command}: {err}");
         assert_eq!(listing(&mirror), before, "{command} changed the folder");
     }
+}
+
+/// The README's flow: a few tables first, then `initdb --table all`. The tables initialised
+/// already are skipped with the way to bring them up to date, the rest initialised, exit 0; no
+/// run record of an error is left for the skipped ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initdb_all_after_some_tables_skips_the_initialised_ones_and_succeeds() {
+    let emu = emulator(EmulatorConfig { rows: 5, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("catalog.db");
+    let url = format!("sqlite://{}", db.display());
+    let first = ["initdb", "--namespace", "catalog", "--table", "accounts", "--connection-string", &url];
+    ours_ok(&emu, dir.path(), &first).await;
+    let out = run_ours(
+        &emu,
+        dir.path(),
+        &["initdb", "--json", "--namespace", "catalog", "--table", "all", "--connection-string", &url],
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let results: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let status = |t: &str| results.iter().find(|r| r["table"] == t).map(|r| r["status"].clone());
+    assert_eq!(status("accounts"), Some(serde_json::json!("skipped")), "{results:?}");
+    let served = emu.tables("catalog").unwrap();
+    for t in served.iter().filter(|t| *t != "accounts") {
+        assert_eq!(status(t), Some(serde_json::json!("succeeded")), "{t}: {results:?}");
+    }
+    assert!(err.contains("already initialised") && err.contains("dap syncdb"), "{err}");
+    assert!(err.contains(&format!("{} succeeded, 0 failed, 1 skipped", served.len() - 1)), "{err}");
+    let out = run_ours(&emu, dir.path(), &["status", "--json", "--dir", dir.path().to_str().unwrap()]).await;
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !shown.contains("already initialised"), "{shown}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,21 +224,35 @@ async fn network_failures_name_their_root_cause_and_what_to_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_table_is_reported_once() {
+    use dap_replica::emulator::{FaultKind, FaultSpec};
     let emu = emulator(EmulatorConfig { rows: 5, ..EmulatorConfig::default() }).await;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("canvas.db").display());
-    let args = ["initdb", "--namespace", "canvas", "--table", "users,no_such_table", "--connection-string", &url];
+    let args = [
+        "--max-attempts",
+        "1",
+        "initdb",
+        "--namespace",
+        "canvas",
+        "--table",
+        "users,accounts",
+        "--connection-string",
+        &url,
+    ];
+    let failure = "the query job failed (injected)";
+    emu.inject(FaultSpec::new(FaultKind::FailedJob, 1).for_table("accounts"));
     let out = run_ours(&emu, dir.path(), &args).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert_eq!(err.matches("table no_such_table not found").count(), 1, "{err}");
+    assert_eq!(err.matches(failure).count(), 1, "{err}");
     assert!(err.contains("1 succeeded, 1 failed"), "{err}");
     // With the log in a file, the console still names the failure, once.
     let log = dir.path().join("dap.log");
+    emu.inject(FaultSpec::new(FaultKind::FailedJob, 1).for_table("accounts"));
     let out = run_ours(&emu, dir.path(), &[&["--logfile", log.to_str().unwrap()], &args[..]].concat()).await;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.matches("table no_such_table not found").count(), 1, "{err}");
-    assert!(std::fs::read_to_string(&log).unwrap().contains("table no_such_table not found"));
+    assert_eq!(err.matches(failure).count(), 1, "{err}");
+    assert!(std::fs::read_to_string(&log).unwrap().contains(failure));
 }
 
 /// A mirror on a medium nothing can write (a read-only mount, another user's folder) has no WAL

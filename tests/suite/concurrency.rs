@@ -7,7 +7,7 @@
 //!
 //! The seed of a run is printed; `DAP_TEST_SEED=<seed>` replays it.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! folders; each checked against the emulator's truth after an initdb and a sync, then through
 //! listdb, status, replicate (`--from`, `--to`, `--replicate-to`, `status --to`) and dropdb.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! The emulator's HTTP contract, checked directly: auth, job lifecycle, errors, object URLs,
 //! downloads, faults, rate limits and the control routes.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! duplicates, lying manifests, triggers, bombs, huge names), outputs aimed at the mirror itself,
 //! Ctrl-C in the middle of long commands, and terminal control sequences in files.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::Write;

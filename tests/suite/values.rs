@@ -3,7 +3,7 @@
 //! what was written. Random values come from the whole domain of each type (proptest), and the
 //! domain's edges are checked on every run besides.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! Our export commands (`list`, `schema`, `snapshot`, `incremental`) against the emulator: the
 //! same files as the official client, robustness to every fault, pacing, and bad input.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! binary of its own, because the setting is the server's and cargo runs test binaries one after
 //! another: no other test loads while it is off.
 
-mod common;
+use crate::common;
 
 use common::targets::MYSQL_LIMITS;
 use common::truth::{assert_same_rows_within, mysql_rows};

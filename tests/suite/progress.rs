@@ -3,7 +3,7 @@
 //! `--no-log-to-console`, true counts (rows held, new changes only), and a job that fails on
 //! DAP's side retried before the table fails.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Output;

@@ -4,7 +4,7 @@
 //! same steps; `dap ddl` creates that same catalog; takeover works both ways; the user's own
 //! columns, constraints, indexes and views survive; TLS modes; bad input changes nothing.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
@@ -464,7 +464,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let old = postgres_rows(&db, &def).await;
     let watermark = bookkeeping(&db).await;
     emu.inject(FaultSpec { delay_ms: Some(3000), ..FaultSpec::new(FaultKind::Slow, 1).on(Endpoint::Object) });
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"))
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"))
         .env("DAP_API_URL", emu.base_url())
         .env("DAP_CLIENT_ID", &emu.config().client_id)
         .env("DAP_CLIENT_SECRET", &emu.config().client_secret)
@@ -484,9 +484,11 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Kill the session as soon as it holds its transaction.
+    // Kill the session as soon as it holds its transaction (the held-back object keeps it open),
+    // however long the process takes to get there.
     let mut killed = 0;
-    for _ in 0..500 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         killed = db
             .query_one(

@@ -4,7 +4,7 @@
 //! log or file, even when the server echoes the request back.
 #![cfg(unix)]
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -332,6 +332,34 @@ async fn configure_then_list_needs_no_credentials_anywhere_else() {
     let before = snapshot(dir);
     let out = dap(&emu, dir, Credentials::None, &["configure"], &[], "ftp://nowhere\n").await;
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nothing was saved"));
+    assert_eq!(snapshot(dir), before);
+}
+
+/// `printf 'url\nid\nsecret\n' | dap configure` with DAP_* set: the answers land on their own
+/// questions (the environment's values are only defaults); a secret piped alone is refused as
+/// a URL without being repeated, and nothing is saved.
+#[tokio::test]
+async fn piped_answers_to_configure_land_in_order_whatever_the_environment_holds() {
+    let emu = emulator(config()).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    let (url, id, secret) = ("http://127.0.0.1:9", "us-east-1#piped-id", "piped-secret-value-4711");
+    let answers = format!("{url}\n{id}\n{secret}\n");
+    let out = dap(&emu, dir, Credentials::Environment, &["configure"], &[], &answers).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config/dap.json")).unwrap()).unwrap();
+    assert_eq!(
+        (saved["base_url"].as_str(), saved["client_id"].as_str(), saved["client_secret"].as_str()),
+        (Some(url), Some(id), Some(secret)),
+        "{saved}"
+    );
+
+    let before = snapshot(dir);
+    let out = dap(&emu, dir, Credentials::Environment, &["configure"], &[], &format!("{SECRET}\n")).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("nothing was saved"), "{stderr}");
+    assert!(!stderr.contains(SECRET), "the piped secret was repeated: {stderr}");
     assert_eq!(snapshot(dir), before);
 }
 

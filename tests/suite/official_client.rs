@@ -1,7 +1,7 @@
 //! The emulator is faithful when Instructure's official client (2.3.x) works against it unchanged
 //! and what it replicates equals the emulator's ground truth. These tests run that client.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::io::Read;

@@ -3,7 +3,7 @@
 //! the data dictionary through a schema change, `dap pack` during a running sync and `dap unpack`
 //! syncing on to the truth, coherent emulator data, and shell completions.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Output;
@@ -223,6 +223,19 @@ print(json.dumps({"types": types, "count": len(rows), "keys": [r["id"] for r in 
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), groups.len().to_string());
+
+    // An extension that names no format dap writes: a usage error, and no file (an .xlsx
+    // holding CSV would mislead whoever opens it); with --format it is written.
+    let sheet = out("graded.xlsx");
+    let refused = dap(&emu, dir, &["export", "--table", "submissions", "--output", sheet.to_str().unwrap()]).await;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert!(err.contains(".xlsx") && err.contains("--format"), "{err}");
+    assert!(!sheet.exists());
+    let args = ["export", "--table", "submissions", "--format", "csv", "--output", sheet.to_str().unwrap()];
+    dap_ok(&emu, dir, &args).await;
+    let (_, all) = rows_via_rusqlite(dir, "SELECT id FROM canvas.submissions");
+    assert_eq!(csv::Reader::from_path(&sheet).unwrap().records().count(), all.len());
 
     // A table that is not there: a clear error, and no file.
     let missing = out("missing.csv");

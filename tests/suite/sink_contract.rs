@@ -4,7 +4,7 @@
 //! watermark as they were, schema deltas apply in place, repeated keys keep the later row, and
 //! the user's indexes and views survive syncs and re-snapshots.
 
-mod common;
+use crate::common;
 
 use common::targets::{Backend, TestTarget};
 use dap_replica::decode::Record;

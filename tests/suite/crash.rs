@@ -2,7 +2,7 @@
 //! several tables never leaves a table half-initialised or half-synced, and reruns converge:
 //! after every kill each table is, in every column of every row, its old state or the truth.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -135,7 +135,7 @@ per_backend! {
 
 async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge(backend: Backend, phase: Phase) {
     {
-        let emu = emulator(EmulatorConfig { rows: 3000, part_rows: 250, ..EmulatorConfig::default() }).await;
+        let emu = emulator(EmulatorConfig { rows: 1200, part_rows: 100, ..EmulatorConfig::default() }).await;
         let t = TestTarget::fresh(backend, &format!("crash_{phase:?}").to_lowercase()).await;
         let probe = TestTarget::fresh(backend, &format!("crash_probe_{phase:?}").to_lowercase()).await;
 

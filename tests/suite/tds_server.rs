@@ -1,7 +1,7 @@
 //! The TDS test server checked on its own: the real tiberius client logs in, runs batches and
 //! RPCs, bulk-loads rows; an independent client (python-tds) does the same.
 
-mod common;
+use crate::common;
 
 use common::tds::{ServerOptions, TdsServer};
 use tokio_util::compat::TokioAsyncWriteCompatExt;

@@ -3,7 +3,7 @@
 //! by independent readers (serde_json, an RFC 4180 reader that keeps quoting, pyarrow), equal
 //! the emulator's truth value for value, the domain edges included.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

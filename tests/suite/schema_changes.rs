@@ -5,7 +5,7 @@
 //! `--init-missing`. Changes no target can apply safely stop their table with the fix and
 //! change nothing.
 
-mod common;
+use crate::common;
 
 use common::targets::{Backend, TestTarget};
 use common::*;
