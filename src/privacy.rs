@@ -63,7 +63,14 @@ pub fn check_mirror(db: &Path, policy: SharedFiles) {
             parts.push((file, mode));
         }
     }
+    // Once per path and process: a folder of several namespace files is one warning, not one
+    // per file.
+    static WARNED: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     for (path, mode) in parts {
+        if !WARNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(path.clone()) {
+            continue;
+        }
         let fix = if path.is_dir() { "chmod 700" } else { "chmod 600" };
         tracing::warn!(
             "{} can be read by other users (mode {mode:04o}) and holds student data; make it private with `{fix} '{}'`, or pass --allow-shared if the sharing is on purpose",

@@ -15,6 +15,7 @@ use crate::per_table::{self, Outcome};
 use crate::progress::Progress;
 use crate::run::{ReplicatePlan, Tables, TargetReport};
 use crate::sink::{Access, NonFinite, SinkOptions};
+use crate::sync::Action;
 use crate::target::TargetSpec;
 
 #[derive(Debug, Args)]
@@ -91,6 +92,16 @@ pub(super) fn finish(console: super::Console, results: &[TargetReport]) -> anyho
             }
         }
         let (line, ok) = per_table::summarize(&r.tables);
+        // Left alone because it is ahead is a result of its own, not a copy that was made.
+        let ahead = r
+            .tables
+            .iter()
+            .filter(|o| matches!(&o.outcome, Outcome::Succeeded { result } if result.action == Action::Ahead))
+            .count();
+        let line = match ahead {
+            0 => line,
+            n => format!("{line}; {n} of them ahead of the mirror, left alone"),
+        };
         console.summary(&format!("replicate to {}: {line}", r.target));
         if !ok {
             failed.push(r.target.clone());

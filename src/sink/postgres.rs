@@ -656,15 +656,20 @@ impl PostgresDialect {
         SinkError::refused(&self.shown, kind, detail)
     }
 
+    /// Whether the database has the official client's bookkeeping table.
+    async fn has_bookkeeping(&self, c: &Client) -> Result<bool, SinkError> {
+        let row = c
+            .query_one("SELECT to_regclass('\"instructure_dap\".\"table_sync\"') IS NOT NULL", &[])
+            .await
+            .map_err(self.fail("reading the catalog"))?;
+        Ok(row.get(0))
+    }
+
     /// Creates the bookkeeping tables with version 1 when missing, in one transaction, and our
     /// own schema with its tables; refuses a database whose version is not 1 (the official
     /// client would migrate or overwrite it).
     async fn prepare(&self, c: &Client) -> Result<(), SinkError> {
-        let exists: bool = c
-            .query_one("SELECT to_regclass('\"instructure_dap\".\"table_sync\"') IS NOT NULL", &[])
-            .await
-            .map_err(self.fail("reading the catalog"))?
-            .get(0);
+        let exists = self.has_bookkeeping(c).await?;
         if !exists {
             let mut statements = bookkeeping_statements();
             statements.push(format!(
@@ -1042,11 +1047,7 @@ impl Dialect for PostgresDialect {
         namespace: &str,
         table: Option<&str>,
     ) -> Result<Vec<StoredBookkeeping>, SinkError> {
-        let exists: bool = c
-            .query_one("SELECT to_regclass('\"instructure_dap\".\"table_sync\"') IS NOT NULL", &[])
-            .await
-            .map_err(self.fail("reading the catalog"))?
-            .get(0);
+        let exists = self.has_bookkeeping(c).await?;
         if !exists {
             return Ok(Vec::new());
         }

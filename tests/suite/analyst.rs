@@ -10,6 +10,7 @@ use std::process::Output;
 
 use common::*;
 use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig, SchemaChange};
+use dap_replica::schema::ColumnType;
 use rusqlite::types::Value as Sql;
 
 const TABLES: &str = "users,courses,enrollments,submissions,assignments";
@@ -242,6 +243,151 @@ print(json.dumps({"types": types, "count": len(rows), "keys": [r["id"] for r in 
     let out = dap(&emu, dir, &["export", "--table", "nope", "--output", missing.to_str().unwrap()]).await;
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("canvas.nope is not in the mirror"));
     assert!(!missing.exists());
+}
+
+/// Tables of the canvas namespace that together hold every kind of column DAP sends.
+fn tables_of_every_column_kind(emu: &Emulator) -> Vec<String> {
+    let kind = |ty: &ColumnType| format!("{ty:?}").split(['(', ' ', '{']).next().unwrap().to_string();
+    let kinds = |t: &str| -> std::collections::BTreeSet<String> {
+        emu.table_def("canvas", t).unwrap().columns().map(|c| kind(&c.ty)).collect()
+    };
+    let all = emu.tables("canvas").unwrap();
+    let wanted: std::collections::BTreeSet<String> = all.iter().flat_map(|t| kinds(t)).collect();
+    let (mut chosen, mut covered) = (Vec::new(), std::collections::BTreeSet::new());
+    for t in &all {
+        if !kinds(t).is_subset(&covered) {
+            covered.extend(kinds(t));
+            chosen.push(t.clone());
+        }
+    }
+    assert_eq!(covered, wanted);
+    chosen
+}
+
+/// A cell of a text export (CSV, TSV, or pyarrow's rendering of Parquet) as the JSON the truth
+/// compares: nested values parsed back from their JSON text, an empty CSV cell as NULL.
+fn text_cell(ty: &ColumnType, text: Option<&str>) -> serde_json::Value {
+    match (ty, text) {
+        (_, None | Some("")) => serde_json::Value::Null,
+        (ColumnType::Json | ColumnType::Array(_) | ColumnType::Object(_), Some(t)) => {
+            serde_json::from_str(t).unwrap_or_else(|e| panic!("{t:?} is not JSON: {e}"))
+        }
+        (_, Some(t)) => t.into(),
+    }
+}
+
+/// In CSV and TSV an empty string and NULL are the same empty cell (the formats have no NULL).
+fn empty_text_as_null(
+    rows: &[serde_json::Map<String, serde_json::Value>],
+) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let null_if_empty =
+        |v: &serde_json::Value| if v.as_str() == Some("") { serde_json::Value::Null } else { v.clone() };
+    rows.iter().map(|r| r.iter().map(|(k, v)| (k.clone(), null_if_empty(v))).collect()).collect()
+}
+
+/// Every export format, for tables that hold every kind of column, read back by a reader of its
+/// own (the csv crate, serde_json, pyarrow) and compared cell by cell with the emulator's truth;
+/// Parquet's logical types are those the DAP types call for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_hold_every_cell_of_every_column_kind_in_every_format() {
+    let emu = emulator(EmulatorConfig { rows: 40, ..EmulatorConfig::default() }).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    let tables = tables_of_every_column_kind(&emu);
+    dap_ok(&emu, dir, &["initdb", "--namespace", "canvas", "--table", &tables.join(",")]).await;
+    let limits = [truth::Limit::NoNegativeZero];
+    let parquet_script = r#"
+import base64, datetime, decimal, json, math, sys, uuid
+import pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1])
+def cell(v):
+    if v is None: return None
+    if isinstance(v, bool): return v
+    if isinstance(v, float): return repr(v)
+    if isinstance(v, (datetime.datetime, datetime.date, datetime.time)): return v.isoformat()
+    if isinstance(v, decimal.Decimal): return str(v)
+    if isinstance(v, bytes): return base64.b16encode(v).decode()
+    return v
+print(json.dumps({"types": {f.name: str(f.type) for f in t.schema},
+                  "rows": [{k: cell(v) for k, v in r.items()} for r in t.to_pylist()]}))
+"#;
+    for table in &tables {
+        let def = emu.table_def("canvas", table).unwrap();
+        let truth = emu.truth("canvas", table).unwrap();
+        let want = truth::row_lines(&def, &truth, &limits);
+        let want_text = truth::row_lines(&def, &empty_text_as_null(&truth), &limits);
+        let file = |ext: &str| dir.join(format!("{table}.{ext}"));
+        let columns: Vec<&dap_replica::schema::Column> = def.columns().collect();
+        for (ext, delimiter) in [("csv", b','), ("tsv", b'\t')] {
+            dap_ok(&emu, dir, &["export", "--table", table, "--output", file(ext).to_str().unwrap()]).await;
+            let mut reader = csv::ReaderBuilder::new().delimiter(delimiter).from_path(file(ext)).unwrap();
+            let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+            assert_eq!(header, columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>(), "{table}.{ext}");
+            let rows: Vec<serde_json::Map<String, serde_json::Value>> = reader
+                .records()
+                .map(|r| {
+                    let r = r.unwrap();
+                    columns.iter().zip(r.iter()).map(|(c, t)| (c.name.clone(), text_cell(&c.ty, Some(t)))).collect()
+                })
+                .collect();
+            let got = truth::row_lines(&def, &rows, &limits);
+            assert!(got == want_text, "{table}.{ext}\n{}", differences(&got, &want_text, ["the export", "the truth"]));
+        }
+        dap_ok(&emu, dir, &["export", "--table", table, "--output", file("jsonl").to_str().unwrap()]).await;
+        let rows: Vec<serde_json::Map<String, serde_json::Value>> =
+            std::fs::read_to_string(file("jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let got = truth::row_lines(&def, &rows, &limits);
+        assert!(got == want, "{table}.jsonl\n{}", differences(&got, &want, ["the export", "the truth"]));
+
+        dap_ok(&emu, dir, &["export", "--table", table, "--output", file("parquet").to_str().unwrap()]).await;
+        let py = std::process::Command::new(official_python())
+            .args(["-c", parquet_script, file("parquet").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+        let read: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+        for c in &columns {
+            let expected = match &c.ty {
+                ColumnType::Int(16) => "int16".to_string(),
+                ColumnType::Int(32) => "int32".into(),
+                ColumnType::Int(_) | ColumnType::IntEnum(_) => "int64".into(),
+                ColumnType::Float(32) => "float".into(),
+                ColumnType::Float(_) => "double".into(),
+                ColumnType::Decimal { precision, scale } if *precision <= 18 => {
+                    format!("decimal128({precision}, {scale})")
+                }
+                ColumnType::Bool => "bool".into(),
+                ColumnType::Timestamp => "timestamp[us, tz=UTC]".into(),
+                ColumnType::Date => "date32[day]".into(),
+                ColumnType::Time => "time64[us]".into(),
+                _ => "string".into(),
+            };
+            assert_eq!(read["types"][&c.name], expected.as_str(), "{table}.{}: {:?}", c.name, c.ty);
+        }
+        let rows: Vec<serde_json::Map<String, serde_json::Value>> = read["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                columns
+                    .iter()
+                    .map(|c| {
+                        let v = &r[&c.name];
+                        let cell = match (&c.ty, v) {
+                            (
+                                ColumnType::Json | ColumnType::Array(_) | ColumnType::Object(_),
+                                serde_json::Value::String(t),
+                            ) => text_cell(&c.ty, Some(t)),
+                            _ => v.clone(),
+                        };
+                        (c.name.clone(), cell)
+                    })
+                    .collect()
+            })
+            .collect();
+        let got = truth::row_lines(&def, &rows, &limits);
+        assert!(got == want, "{table}.parquet\n{}", differences(&got, &want, ["the export", "the truth"]));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

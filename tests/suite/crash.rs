@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::targets::{Backend, TestTarget, backends};
 use common::truth::row_lines;
 use common::*;
-use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig};
+use dap_replica::emulator::{Emulator, EmulatorConfig};
 
 const TABLES: &[&str] = &["users", "accounts", "courses", "enrollments"];
 
@@ -129,7 +129,7 @@ macro_rules! per_backend {
 per_backend! {
     sigkill_on_sqlite => Backend::Sqlite,
     sigkill_on_postgres => Backend::Postgres,
-    sigkill_on_mysql => Backend::Mysql,
+    sigkill_on_mariadb => Backend::Mysql,
     sigkill_on_mssql => Backend::Mssql,
 }
 
@@ -150,14 +150,7 @@ async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge(backend: B
         if phase == Phase::Syncdb {
             let out = command(&emu, &t.url).output().await.unwrap();
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            for table in TABLES {
-                emu.commit(
-                    "canvas",
-                    table,
-                    ChangeCounts { inserts: 300, updates: 300, soft_deletes: 50, hard_deletes: 50 },
-                )
-                .unwrap();
-            }
+            commit_round(&emu, "canvas", TABLES, BIG_ROUND);
         }
         {
             let mut before = Vec::new();

@@ -122,25 +122,8 @@ const CHANGES: &[(&str, SchemaChange)] = &[
     ("late_policies", SchemaChange::WidenDecimal),
 ];
 
-/// The whole-namespace comparison, in three parts that run at once (see `Shard`).
-mod every_table_follows_the_truth_in_the_official_layout {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn part_1_of_3() {
-        every_table_follows_the_truth(Shard { index: 0, of: 3 }).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn part_2_of_3() {
-        every_table_follows_the_truth(Shard { index: 1, of: 3 }).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn part_3_of_3() {
-        every_table_follows_the_truth(Shard { index: 2, of: 3 }).await;
-    }
-}
+// The whole-namespace comparison, in three parts that run at once (see `Shard`).
+crate::in_three_parts!(every_table_follows_the_truth_in_the_official_layout => every_table_follows_the_truth);
 
 async fn every_table_follows_the_truth(shard: Shard) {
     let emu = emulator(EmulatorConfig { rows: 30, part_rows: 20, ..EmulatorConfig::default() }).await;

@@ -222,6 +222,11 @@ async fn a_shared_mirror_is_named_in_a_warning_and_left_as_it_is() {
     }
     assert!(stderr.contains("--allow-shared"));
     assert_eq!((mode(&folder), mode(&file)), (0o755, 0o644), "dap changed the owner's choice");
+    // A folder of several namespace files is named once per command, not once per file.
+    dap_ok(&emu, dir, &["initdb", "--namespace", "canvas_logs", "--table", "web_logs"], &[]).await;
+    let out = dap_ok(&emu, dir, &["status"], &[]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches(&format!("`chmod 700 '{}'`", folder.display())).count(), 1, "{stderr}");
     for accepted in [&["--allow-shared"][..], &[]] {
         let env: &[(&str, &str)] = if accepted.is_empty() { &[("DAP_ALLOW_SHARED", "true")] } else { &[] };
         let mut args = accepted.to_vec();

@@ -262,6 +262,8 @@ async fn a_target_synced_straight_from_dap_is_never_rolled_back() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{err}");
         assert!(err.contains("ahead of the mirror"), "the run says so: {err}");
+        let left_alone = format!("{n} of them ahead of the mirror, left alone", n = tables.len());
+        assert!(err.contains(&left_alone), "the summary counts them apart: {err}");
         let v: Json = serde_json::from_slice(&out.stdout).unwrap();
         assert!(v[0]["tables"].as_array().unwrap().iter().all(|t| t["action"] == "ahead" && t["changes"] == 0), "{v}");
         assert_truth(&emu, t, &tables, "after a replicate from the older mirror").await;
@@ -484,14 +486,7 @@ async fn sigkill_anywhere_in_replicate(phase: Phase) {
     if phase == Phase::Incremental {
         let out = replicate_command(&mirror, &urls).output().await.unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        for table in TABLES {
-            emu.commit(
-                "canvas",
-                table,
-                ChangeCounts { inserts: 300, updates: 300, soft_deletes: 50, hard_deletes: 50 },
-            )
-            .unwrap();
-        }
+        commit_round(&emu, "canvas", TABLES, BIG_ROUND);
         ok(&emu, dir, &["syncdb", "--namespace", "canvas", "--table", "all", "--connection-string", &mirror]).await;
     }
     {

@@ -10,7 +10,7 @@ pub mod truth;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use dap_replica::emulator::{Emulator, EmulatorConfig};
+use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig};
 
 /// The official client's `dap` executable: `$DAP_OFFICIAL_CLIENT`, else the virtual environment
 /// that `scripts/test` creates.
@@ -228,6 +228,17 @@ impl Watched {
 /// How long a test waits for one `dap` process before it calls it hung.
 pub const PROCESS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Commits the same changes to every one of `tables` (a round of a sync test).
+pub fn commit_round(emu: &Emulator, namespace: &str, tables: &[&str], counts: ChangeCounts) {
+    for table in tables {
+        emu.commit(namespace, table, counts).unwrap_or_else(|e| panic!("commit on {namespace}.{table}: {e}"));
+    }
+}
+
+/// Changes enough to span several parts of a kill test's tables: inserts, updates and both
+/// kinds of delete.
+pub const BIG_ROUND: ChangeCounts = ChangeCounts { inserts: 300, updates: 300, soft_deletes: 50, hard_deletes: 50 };
+
 /// Our client paces job creation to the emulator's limit, or not at all when it enforces none.
 fn job_rate(config: &EmulatorConfig) -> String {
     if config.rate_limits { format!("5/{}", config.rate_window.as_secs_f64()) } else { "100000/1".into() }
@@ -352,6 +363,32 @@ pub fn strip_escapes(text: &str) -> String {
         }
     }
     out
+}
+
+/// Three tests, `$name::part_{1,2,3}_of_3`, each running `$body(shard)` on its third of the
+/// tables, so that a whole-namespace comparison runs in three processes at once.
+#[macro_export]
+macro_rules! in_three_parts {
+    ($name:ident => $body:ident) => {
+        mod $name {
+            use $crate::common::Shard;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn part_1_of_3() {
+                super::$body(Shard { index: 0, of: 3 }).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn part_2_of_3() {
+                super::$body(Shard { index: 1, of: 3 }).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn part_3_of_3() {
+                super::$body(Shard { index: 2, of: 3 }).await;
+            }
+        }
+    };
 }
 
 /// One part of a comparison over every table, so the parts run at once (the official client syncs
