@@ -8,6 +8,7 @@
 //! faithful local DAP server for offline work and every test.
 
 pub mod api;
+pub mod as_of;
 pub mod cli;
 pub mod config;
 pub mod decode;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod export;
 pub mod feed;
 pub mod fetch;
+pub mod history_choice;
 pub mod interrupt;
 pub mod mirror;
 pub mod pack;

@@ -38,6 +38,8 @@ pub enum QueryError {
     Csv(#[from] csv::Error),
     #[error(transparent)]
     Interrupted(#[from] crate::interrupt::Interrupted),
+    #[error(transparent)]
+    AsOf(#[from] crate::as_of::AsOfError),
 }
 
 impl QueryError {

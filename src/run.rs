@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::api::{ApiError, Client};
 use crate::error::Classify;
+use crate::history_choice::Selection as HistorySelection;
 use crate::mirror::reader::MirrorSource;
 use crate::per_table::{self, Outcome, TableOutcome};
 use crate::progress::{Progress, TableProgress};
@@ -149,6 +150,7 @@ impl Plan {
             check_targets(&self.fan_out, &mirror)?;
             Some(mirror)
         };
+        self.check_history()?;
         if let (Mode::Sync { missing: Missing::Skip, .. }, Some(file)) = (self.mode, self.target.local_file(ns)?)
             && !file.exists()
         {
@@ -159,6 +161,47 @@ impl Plan {
             )));
         }
         Ok(mirror)
+    }
+}
+
+impl Plan {
+    /// History is kept in a mirror file, for tables of the run, each either kept or not.
+    fn check_history(&self) -> Result<(), RunError> {
+        let choice = &self.sink.history;
+        if choice.is_empty() {
+            return Ok(());
+        }
+        if self.target.local_file(&self.namespace)?.is_none() {
+            return Err(RunError::Input(format!(
+                "history is kept in the mirror (a SQLite file), not in {}: run {} with --keep-history on the mirror, \
+                 then `dap replicate` carries the tables to the server",
+                self.target.describe(),
+                self.mode.command()
+            )));
+        }
+        for (flag, selection) in [("--keep-history", &choice.keep), ("--no-history", &choice.stop)] {
+            if let (HistorySelection::Named(named), Tables::Named(run)) = (selection, &self.tables)
+                && let Some(other) = named.iter().find(|t| !run.contains(t))
+            {
+                return Err(RunError::Input(format!(
+                    "{flag} names {other}, which this run does not write (--table {}); name it in --table too",
+                    run.join(",")
+                )));
+            }
+        }
+        let both = |t: &str| choice.keep.selects(t) && choice.stop.selects(t);
+        let overlap = match (&choice.keep, &choice.stop) {
+            (HistorySelection::Named(k), _) => k.iter().find(|t| both(t)).cloned(),
+            (_, HistorySelection::Named(s)) => s.iter().find(|t| both(t)).cloned(),
+            (HistorySelection::All, HistorySelection::All) => Some("all".to_string()),
+            _ => None,
+        };
+        if let Some(t) = overlap {
+            return Err(RunError::Input(format!(
+                "--keep-history and --no-history both name {t}; name it in one of them"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -323,7 +366,8 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
         tables: Tables::Named(done),
         mirror,
         targets: plan.fan_out.clone(),
-        sink: plan.sink.clone(),
+        // History is the mirror's own: the fan-out's targets get the tables.
+        sink: SinkOptions { history: Default::default(), ..plan.sink.clone() },
         attempts: plan.attempts,
     };
     let fanned = replicate(&plan, progress).await?;

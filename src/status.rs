@@ -49,6 +49,37 @@ pub struct TableStatus {
     /// The file or database holding the table, as shown to users.
     pub file: String,
     pub targets: Vec<TargetStatus>,
+    /// Set when the table keeps history in the mirror.
+    pub history: Option<HistoryStatus>,
+}
+
+/// A table's history in the mirror.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryStatus {
+    /// When history began (stored text, RFC 3339).
+    pub since: String,
+    pub versions: u64,
+    /// `--history-days`, when versions are pruned.
+    pub days: Option<u32>,
+}
+
+/// The history settings and sizes of a mirror file's tables, by table; nothing when it keeps
+/// none (or cannot be read: the rest of the report still is).
+fn history_of(file: &std::path::Path) -> std::collections::BTreeMap<(String, String), HistoryStatus> {
+    use crate::mirror::history;
+    let read = || -> rusqlite::Result<_> {
+        let conn = crate::mirror::format::open_read_only(file)?;
+        let mut out = std::collections::BTreeMap::new();
+        for (ns, table, setting) in history::settings(&conn)? {
+            let versions = history::version_count(&conn, &table)?;
+            out.insert((ns, table), HistoryStatus { since: setting.since, versions, days: setting.days });
+        }
+        Ok(out)
+    };
+    read().unwrap_or_else(|e| {
+        tracing::warn!("{}: could not read its history settings: {e}", file.display());
+        Default::default()
+    })
 }
 
 /// A replication target's position for one table.
@@ -134,6 +165,7 @@ pub async fn status(request: &StatusRequest) -> Result<Vec<TableStatus>, SinkErr
             (None, Location::Folder(_)) => unreachable!("a folder's namespaces are files"),
         };
         let state = local.as_ref().map(|p| StateFile::load(&StateFile::path_for(p))).unwrap_or_default();
+        let histories = local.as_deref().map(history_of).unwrap_or_default();
         let file = sink.describe();
         let mut positions: Vec<(String, Result<Vec<Bookkeeping>, String>)> = Vec::new();
         for spec in &request.targets {
@@ -169,6 +201,7 @@ pub async fn status(request: &StatusRequest) -> Result<Vec<TableStatus>, SinkErr
                 last_result: entry.and_then(|e| e.last_result.clone()),
                 file: file.clone(),
                 targets,
+                history: histories.get(&(ns.clone(), b.table.clone())).cloned(),
             });
         }
     }

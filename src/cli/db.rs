@@ -59,12 +59,49 @@ pub struct FanOutArgs {
     replicate_to: Vec<String>,
 }
 
+/// History in the mirror (initdb and syncdb on a mirror file).
+#[derive(Debug, Default, Args)]
+pub struct HistoryArgs {
+    /// Keep every version of these tables (`all`, or a comma-separated list) in
+    /// `<table>__history` in the mirror, from this run on; remembered, so later syncs keep it
+    /// without the flag. Exact at every sync: a row changed twice between two syncs shows its
+    /// last change only. Query it with `dap query --as-of` and `dap history`.
+    #[arg(long, value_name = "TABLES")]
+    keep_history: Option<String>,
+    /// Stop keeping history for these tables (`all`, or a list); what was recorded stays unless
+    /// --drop-history.
+    #[arg(long, value_name = "TABLES")]
+    no_history: Option<String>,
+    /// With --no-history: delete the recorded history too.
+    #[arg(long, requires = "no_history")]
+    drop_history: bool,
+    /// Prune versions that ended more than this many days before the table's watermark
+    /// (remembered per table; by default every version is kept).
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    history_days: Option<u32>,
+}
+
+impl HistoryArgs {
+    fn choice(&self) -> crate::history_choice::Choice {
+        use crate::history_choice::{Choice, Recorded, Selection};
+        let parse = |spec: &Option<String>| spec.as_deref().map_or(Selection::Nothing, Selection::parse);
+        Choice {
+            keep: parse(&self.keep_history),
+            stop: parse(&self.no_history),
+            recorded: if self.drop_history { Recorded::Drop } else { Recorded::Keep },
+            days: self.history_days,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct InitArgs {
     #[command(flatten)]
     db: DbArgs,
     #[command(flatten)]
     fan_out: FanOutArgs,
+    #[command(flatten)]
+    history: HistoryArgs,
     /// Load an initialised table again; the old data stays queryable until the swap.
     #[arg(long)]
     replace: bool,
@@ -76,6 +113,8 @@ pub struct SyncArgs {
     db: DbArgs,
     #[command(flatten)]
     fan_out: FanOutArgs,
+    #[command(flatten)]
+    history: HistoryArgs,
     /// When the server needs a new snapshot of a table, take it (atomically) instead of stopping.
     #[arg(long)]
     auto_reinit: bool,
@@ -114,11 +153,18 @@ impl DbArgs {
             non_finite: self.non_finite,
             shared: ctx.shared,
             lock_timeout: self.lock_timeout,
+            history: Default::default(),
         }
     }
 }
 
-pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: Mode) -> anyhow::Result<()> {
+pub(super) async fn run(
+    ctx: &Context,
+    args: DbArgs,
+    fan_out: FanOutArgs,
+    history: HistoryArgs,
+    mode: Mode,
+) -> anyhow::Result<()> {
     let plan = Plan {
         namespace: args.namespace.clone(),
         tables: Tables::parse(&args.table)?,
@@ -126,7 +172,7 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
         target: target_spec(args.connection_string.as_deref())?,
         fan_out: super::replicate::parse_targets(&fan_out.replicate_to, "--replicate-to")?,
         temp_dir: args.temp_dir.clone(),
-        sink: args.sink_options(ctx),
+        sink: SinkOptions { history: history.choice(), ..args.sink_options(ctx) },
         attempts: ctx.client.retry.attempts,
     };
     let client = Client::new(ctx.client.clone())?;
@@ -149,13 +195,13 @@ pub(super) async fn run(ctx: &Context, args: DbArgs, fan_out: FanOutArgs, mode: 
 
 pub async fn initdb(ctx: &Context, args: InitArgs) -> anyhow::Result<()> {
     let init = if args.replace { Init::Replace } else { Init::Fresh };
-    run(ctx, args.db, args.fan_out, Mode::Init(init)).await
+    run(ctx, args.db, args.fan_out, args.history, Mode::Init(init)).await
 }
 
 pub async fn syncdb(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
     let reinit = if args.auto_reinit { Reinit::Automatically } else { Reinit::Stop };
     let missing = if args.init_missing { Missing::Initialise } else { Missing::Skip };
-    run(ctx, args.db, args.fan_out, Mode::Sync { reinit, missing }).await
+    run(ctx, args.db, args.fan_out, args.history, Mode::Sync { reinit, missing }).await
 }
 
 pub async fn drop(ctx: &Context, args: DbArgs) -> anyhow::Result<()> {
@@ -443,6 +489,7 @@ pub(super) fn print_status(report: &[TableStatus], output: Output) -> anyhow::Re
                 "last_run": t.last_run,
                 "last_result": t.last_result,
                 "file": t.file,
+                "history": t.history.as_ref().map(|h| json!({"since": h.since, "versions": h.versions, "days": h.days})),
             })
         })
         .collect();
@@ -474,6 +521,12 @@ pub(super) fn print_status(report: &[TableStatus], output: Output) -> anyhow::Re
             text(&r["staleness"], ""),
             text(&r["last_result"], "-"),
         );
+        if let Some(h) = r["history"].as_object() {
+            let kept = h["days"]
+                .as_u64()
+                .map_or("every version kept".to_string(), |d| format!("ended versions kept {d} days"));
+            println!("  history since {}: {} versions, {kept}", text(&h["since"], ""), h["versions"]);
+        }
         for t in r["targets"].as_array().into_iter().flatten() {
             println!(
                 "  → {:<60} {:<8} {:<28} lag {}",

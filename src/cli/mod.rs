@@ -156,6 +156,8 @@ pub enum Command {
     Status(db::StatusArgs),
     /// Run read-only SQL over the mirror (every namespace attached by name); no SQL opens sqlite3.
     Query(query::QueryArgs),
+    /// Print every version of one row of a table that keeps history (oldest first).
+    History(query::HistoryArgs),
     /// Write a mirror table, or a query, to a CSV, TSV, JSON Lines or Parquet file.
     Export(export::ExportArgs),
     /// Write a consistent copy of the mirror into one compressed file (safe during a sync).
@@ -317,6 +319,7 @@ impl Cli {
             Command::Configure(_)
             | Command::Emulator(_)
             | Command::Query(_)
+            | Command::History(_)
             | Command::Export(_)
             | Command::Pack(_)
             | Command::Unpack(_)
@@ -377,6 +380,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Configure(args) => configure::run(&ctx, cli.base_url.as_deref(), args),
         Command::Query(args) => quiet_on_closed_pipe(on_a_thread(move || query::run(args)).await),
+        Command::History(args) => quiet_on_closed_pipe(on_a_thread(move || query::history(args)).await),
         Command::Export(args) => on_a_thread(move || export::run(args)).await,
         Command::Pack(args) => on_a_thread(move || pack::pack(args)).await,
         Command::Unpack(args) => on_a_thread(move || pack::unpack(args)).await,
@@ -439,7 +443,10 @@ impl Command {
     /// Commands that work on a thread of their own and, on Ctrl-C, stop at their next row or
     /// chunk and remove their unfinished output themselves (see `interrupt.rs`).
     pub fn stops_by_itself_on_interrupt(&self) -> bool {
-        matches!(self, Command::Query(_) | Command::Export(_) | Command::Pack(_) | Command::Unpack(_))
+        matches!(
+            self,
+            Command::Query(_) | Command::History(_) | Command::Export(_) | Command::Pack(_) | Command::Unpack(_)
+        )
     }
 }
 

@@ -134,6 +134,7 @@ pub async fn replicate(ctx: &super::Context, args: ReplicateArgs) -> anyhow::Res
             non_finite: args.non_finite,
             shared: ctx.shared,
             lock_timeout: args.lock_timeout,
+            history: Default::default(),
         },
         attempts: ctx.client.retry.attempts,
     };

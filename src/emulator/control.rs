@@ -44,10 +44,17 @@ struct CommitRequest {
     table: String,
     #[serde(flatten)]
     counts: ChangeCounts,
+    /// When the commit happens (RFC 3339, after the table's latest commit); now by default.
+    #[serde(default)]
+    at: Option<String>,
 }
 
 async fn commit(AxState(state): AxState<Shared>, Json(req): Json<CommitRequest>) -> Response {
-    match state.commit(&req.namespace, &req.table, req.counts) {
+    let at = match req.at.as_deref().map(time::parse_rfc3339).transpose() {
+        Ok(at) => at,
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string()}))).into_response(),
+    };
+    match state.commit(&req.namespace, &req.table, req.counts, at) {
         Ok(summary) => Json(summary).into_response(),
         Err(e) => failure(e),
     }
@@ -105,16 +112,30 @@ async fn expire_jobs(AxState(state): AxState<Shared>) -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
-/// Streams the table's current rows as typed JSON lines, generated on a blocking thread so that
+/// Streams the table's rows (current, or as of `?at=`) as typed JSON lines, generated on a blocking thread so that
 /// memory stays flat for large tables.
-async fn truth(AxState(state): AxState<Shared>, Path((ns, table)): Path<(String, String)>) -> Response {
+/// `?at=TS` (RFC 3339): the rows as they were then.
+#[derive(Debug, Deserialize)]
+struct TruthQuery {
+    at: Option<String>,
+}
+
+async fn truth(
+    AxState(state): AxState<Shared>,
+    Path((ns, table)): Path<(String, String)>,
+    axum::extract::Query(query): axum::extract::Query<TruthQuery>,
+) -> Response {
+    let at = match query.at.as_deref().map(time::parse_rfc3339).transpose() {
+        Ok(at) => at,
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string()}))).into_response(),
+    };
     if let Err(e) = state.dataset.read().expect("dataset lock").table(&ns, &table) {
         return failure(e);
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     tokio::task::spawn_blocking(move || {
         let d = state.dataset.read().expect("dataset lock");
-        let Ok(rows) = d.truth(&ns, &table) else {
+        let Ok(rows) = d.truth_at(&ns, &table, at) else {
             return;
         };
         let mut buf = Vec::with_capacity(1 << 16);

@@ -93,6 +93,8 @@ pub enum DatasetError {
     NotApplicable { table: String, change: SchemaChange },
     #[error("table {namespace}.{table} exists already")]
     TableExists { namespace: String, table: String },
+    #[error("a commit at {at} is not after the table's latest one ({head}): commits move forward in time")]
+    NotAfterHead { at: String, head: String },
     #[error(transparent)]
     Schema(#[from] SchemaError),
 }
@@ -434,11 +436,22 @@ impl Dataset {
 
     /// The current rows of a table (ground truth), as typed JSON objects in key order.
     pub fn truth(&self, ns: &str, table: &str) -> Result<impl Iterator<Item = Map<String, Json>> + '_, DatasetError> {
+        self.truth_at(ns, table, None)
+    }
+
+    /// The rows of a table as they were at `at` (every commit up to and including it; the
+    /// current rows when `None`), in the table's current schema (a column added since is NULL).
+    pub fn truth_at(
+        &self,
+        ns: &str,
+        table: &str,
+        at: Option<Micros>,
+    ) -> Result<impl Iterator<Item = Map<String, Json>> + '_, DatasetError> {
         let state = self.table(ns, table)?;
         let def = &state.current().def;
-        let head = state.history.head();
+        let at = at.unwrap_or_else(|| state.history.head());
         Ok(self
-            .records(state, Selection::Snapshot { at: head }, def.version, 1..state.history.key_space() + 1)
+            .records(state, Selection::Snapshot { at }, def.version, 1..state.history.key_space() + 1)
             .scan(None, move |last_key: &mut Option<Value>, r| {
                 // web_logs duplicates are a delivery artefact, not rows.
                 let dup = last_key.as_ref() == Some(&r.key);

@@ -189,9 +189,23 @@ pub(crate) struct State {
 }
 
 impl State {
-    fn commit(&self, ns: &str, table: &str, counts: ChangeCounts) -> Result<CommitSummary, DatasetError> {
+    /// A commit now (just after the table's latest), or at `at` (later than the latest).
+    fn commit(
+        &self,
+        ns: &str,
+        table: &str,
+        counts: ChangeCounts,
+        at: Option<Micros>,
+    ) -> Result<CommitSummary, DatasetError> {
         let mut d = self.dataset.write().expect("dataset lock");
-        let ts = time::now().max(d.table(ns, table)?.history.head() + 1);
+        let head = d.table(ns, table)?.history.head();
+        let ts = match at {
+            Some(at) if at <= head => {
+                return Err(DatasetError::NotAfterHead { at: time::format_wire(at), head: time::format_wire(head) });
+            }
+            Some(at) => at,
+            None => time::now().max(head + 1),
+        };
         let plan =
             d.commit(ns, table, ts, [counts.inserts, counts.updates, counts.soft_deletes, counts.hard_deletes])?;
         let def = &d.table(ns, table)?.current().def;
@@ -216,8 +230,8 @@ impl State {
         d.add_table(ns, table, rows, time::now().max(head + 1))
     }
 
-    fn truth(&self, ns: &str, table: &str) -> Result<Vec<Map<String, Json>>, DatasetError> {
-        Ok(self.dataset.read().expect("dataset lock").truth(ns, table)?.collect())
+    fn truth(&self, ns: &str, table: &str, at: Option<Micros>) -> Result<Vec<Map<String, Json>>, DatasetError> {
+        Ok(self.dataset.read().expect("dataset lock").truth_at(ns, table, at)?.collect())
     }
 
     fn record(&self, endpoint: Endpoint, status: u16) {
@@ -292,7 +306,18 @@ impl Emulator {
 
     /// Appends a commit with random rows of each kind to a table's history.
     pub fn commit(&self, ns: &str, table: &str, counts: ChangeCounts) -> Result<CommitSummary, DatasetError> {
-        self.state.commit(ns, table, counts)
+        self.state.commit(ns, table, counts, None)
+    }
+
+    /// A commit at a chosen time, after the table's latest (tests that span days or months).
+    pub fn commit_at(
+        &self,
+        ns: &str,
+        table: &str,
+        counts: ChangeCounts,
+        at: Micros,
+    ) -> Result<CommitSummary, DatasetError> {
+        self.state.commit(ns, table, counts, Some(at))
     }
 
     /// Bumps a table's schema version; returns the new version and the column changed.
@@ -307,7 +332,12 @@ impl Emulator {
 
     /// The table's current rows as typed JSON objects, in key order.
     pub fn truth(&self, ns: &str, table: &str) -> Result<Vec<Map<String, Json>>, DatasetError> {
-        self.state.truth(ns, table)
+        self.state.truth(ns, table, None)
+    }
+
+    /// The rows of a table as they were at `at` (after every commit up to and including it).
+    pub fn truth_at(&self, ns: &str, table: &str, at: Micros) -> Result<Vec<Map<String, Json>>, DatasetError> {
+        self.state.truth(ns, table, Some(at))
     }
 
     /// The current schema of a table (its `TableDef`).

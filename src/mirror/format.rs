@@ -35,6 +35,15 @@ pub const COMMITS: &str = "dap_replica__commits";
 /// Per key of each table, the last commit that wrote or deleted it.
 pub const CHANGES: &str = "dap_replica__changes";
 
+/// The tables that keep history (`history.rs`): when it began and how long ended versions are
+/// kept. Made when history is first turned on.
+pub const HISTORY_SETTINGS: &str = "dap_replica__history";
+
+/// The history table of `table`: every version of its rows (`history.rs`).
+pub fn history_table(table: &str) -> String {
+    format!("{table}__history")
+}
+
 /// The data dictionary: one row per table (data and internal ones), one per column of every
 /// mirrored table, kept in the same transaction as the table's bookkeeping, so it follows schema
 /// changes.
@@ -307,7 +316,8 @@ pub fn foreign_objects(conn: &Connection, views: UserViews) -> rusqlite::Result<
     };
     let ours = |name: &str| {
         INTERNAL_TABLES.iter().any(|(t, _)| *t == name)
-            || replicated.iter().any(|t| t == name || staging(t) == name)
+            || name == HISTORY_SETTINGS
+            || replicated.iter().any(|t| t == name || staging(t) == name || history_table(t) == name)
             || ["sqlite_sequence", "sqlite_stat1", "sqlite_stat4"].contains(&name)
     };
     let mut stmt = conn.prepare("SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master")?;

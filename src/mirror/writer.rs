@@ -22,6 +22,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::folder::{StateFile, WriterLock};
 use super::format::*;
+use super::history::{self, Keeping, VersionWriter};
 use crate::decode::Record;
 use crate::feed::Pump;
 use crate::schema::delta::{Change, SchemaDelta};
@@ -38,9 +39,13 @@ impl Provision for SqliteDialect {
         let file = PathBuf::from(&url.database);
         crate::privacy::check_mirror(&file, options.shared);
         let options = options.clone();
-        tokio::task::spawn_blocking(move || SqliteDialect::open(&file, options.access, options.lock_timeout))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        tokio::task::spawn_blocking(move || {
+            let mut opened = SqliteDialect::open(&file, options.access, options.lock_timeout)?;
+            opened.history = Arc::new(options.history);
+            Ok(opened)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
     fn bookkeeping_statements() -> Vec<String> {
@@ -58,6 +63,8 @@ pub struct SqliteDialect {
     shown: String,
     writer: Arc<Mutex<Writer>>,
     lock_timeout: Duration,
+    /// The run's history choice, applied to each table written.
+    history: Arc<history::Choice>,
     _lock: Option<WriterLock>,
     /// A reading access leaves no `-wal`/`-shm` behind (dropped after the connection).
     _tidy: Option<LeaveNoTrace>,
@@ -134,6 +141,7 @@ impl SqliteDialect {
             shown,
             writer: Arc::new(Mutex::new(writer)),
             lock_timeout,
+            history: Arc::default(),
             _lock: lock,
             _tidy: tidy,
         })
@@ -236,14 +244,16 @@ impl Writer {
         )
     }
 
-    /// Writes records; returns how many changed a row (an unchanged row or an absent key's
-    /// delete changes none), and appends the keys they changed to `changed`.
+    /// Writes records, and appends the keys they changed to `changed` (an unchanged row or an
+    /// absent key's delete changes none); each change is also a version in `versions` when the
+    /// table keeps history.
     fn write_rows(
         &self,
         table: &str,
         def: &TableDef,
         rows: &[Record],
         changed: &mut Vec<Value>,
+        versions: Option<&VersionWriter>,
     ) -> Result<(), SinkError> {
         let mut upsert = self
             .conn
@@ -263,6 +273,9 @@ impl Writer {
                 })?
             };
             if n > 0 {
+                if let Some(versions) = versions {
+                    versions.record(&self.conn, r, &to_sql(&r.key)).map_err(|e| self.fail("recording history", e))?;
+                }
                 changed.push(r.key.clone());
             }
         }
@@ -502,7 +515,8 @@ impl Writer {
                 ])
                 .map_err(fail)?;
         }
-        Ok(())
+        let keeps_history = history::setting(&self.conn, &def.namespace, &def.name).map_err(fail)?.is_some();
+        if keeps_history { self.describe_history(def) } else { Ok(()) }
     }
 
     fn forget_in_dictionary(&self, table: &str) -> Result<(), SinkError> {
@@ -510,6 +524,82 @@ impl Writer {
             self.conn
                 .execute(&format!("DELETE FROM {dictionary} WHERE table_name = ?1"), params![table])
                 .map_err(|e| self.fail("updating the data dictionary", e))?;
+        }
+        Ok(())
+    }
+
+    /// Applies the run's history choice to `def` (see `history::apply_choice`).
+    fn keeping_history(
+        &self,
+        def: &TableDef,
+        choice: &history::Choice,
+        started: time::Micros,
+    ) -> Result<Keeping, SinkError> {
+        let keeping = history::apply_choice(&self.conn, def, choice, started)
+            .map_err(|e| self.fail(&format!("applying the history choice to {}", def.name), e))?;
+        if keeping == Keeping::No && choice.stop.selects(&def.name) && choice.recorded == history::Recorded::Drop {
+            self.forget_in_dictionary(&history::table_name(&def.name))?;
+        }
+        Ok(keeping)
+    }
+
+    /// `--history-days`: the table's ended versions older than its setting go.
+    fn prune_history(&self, def: &TableDef, watermark: time::Micros) -> rusqlite::Result<()> {
+        if let Some(days) = history::setting(&self.conn, &def.namespace, &def.name)?.and_then(|s| s.days) {
+            let pruned = history::prune(&self.conn, &def.name, days, watermark)?;
+            if pruned > 0 {
+                tracing::info!("{}: {pruned} versions older than {days} days pruned from its history", def.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// The history table in the data dictionary: the table's columns, then history's three.
+    fn describe_history(&self, def: &TableDef) -> Result<(), SinkError> {
+        let fail = |e| self.fail("writing the data dictionary", e);
+        let name = history::table_name(&def.name);
+        let description = format!(
+            "history: every version of {} since history was turned on for it (one per change a sync saw); \
+             dap_valid_from/dap_valid_to bound each version, dap_deleted marks the one a delete ended",
+            def.name
+        );
+        self.conn
+            .execute(
+                &format!("INSERT OR REPLACE INTO {DICTIONARY_TABLES} VALUES (?1, 'history', ?2, ?3, ?4)"),
+                params![name, def.namespace, def.version, description],
+            )
+            .map_err(fail)?;
+        self.conn
+            .execute(&format!("DELETE FROM {DICTIONARY_COLUMNS} WHERE table_name = ?1"), params![name])
+            .map_err(fail)?;
+        self.conn
+            .execute(
+                &format!(
+                    "INSERT INTO {DICTIONARY_COLUMNS} SELECT ?1, position, column_name, dap_type, sqlite_type, 1, 0, enum_values, description
+                     FROM {DICTIONARY_COLUMNS} WHERE table_name = ?2"
+                ),
+                params![name, def.name],
+            )
+            .map_err(fail)?;
+        let extra = [
+            (
+                history::VALID_FROM,
+                "timestamp",
+                "TEXT",
+                0,
+                "when this version began: DAP's change time of the record (the snapshot's time for a row a snapshot brought)",
+            ),
+            (history::VALID_TO, "timestamp", "TEXT", 1, "when this version ended; NULL while it is current"),
+            (history::DELETED, "boolean", "INTEGER", 0, "1 for the version a delete ended"),
+        ];
+        let first = def.columns().count() as i64 + 1;
+        for (i, (column, dap_type, sqlite_type, nullable, description)) in extra.into_iter().enumerate() {
+            self.conn
+                .execute(
+                    &format!("INSERT INTO {DICTIONARY_COLUMNS} VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, NULL, ?7)"),
+                    params![name, first + i as i64, column, dap_type, sqlite_type, nullable, description],
+                )
+                .map_err(fail)?;
         }
         Ok(())
     }
@@ -699,7 +789,7 @@ impl Dialect for SqliteDialect {
         let def = Arc::new(def.clone());
         while let Some(batch) = rows.next_batch().await? {
             let def = def.clone();
-            Self::run(c, move |w| w.write_rows(&staging(&def.name), &def, &batch, &mut Vec::new())).await?;
+            Self::run(c, move |w| w.write_rows(&staging(&def.name), &def, &batch, &mut Vec::new(), None)).await?;
         }
         Ok(())
     }
@@ -743,10 +833,15 @@ impl Dialect for SqliteDialect {
         _delta: &SchemaDelta,
         b: &Bookkeeping,
     ) -> Result<(), SinkError> {
-        let (def, b) = (def.clone(), b.clone());
+        let (def, b, choice) = (def.clone(), b.clone(), self.history.clone());
         Self::run(c, move |w| {
             let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
             w.swap_in(&def.name, &staging(&def.name))?;
+            if w.keeping_history(&def, &choice, b.watermark)? != Keeping::No {
+                history::open_versions_of_snapshot(&w.conn, &def, b.watermark)
+                    .and_then(|()| w.prune_history(&def, b.watermark))
+                    .map_err(|e| w.fail(&format!("recording the history of {}", def.name), e))?;
+            }
             w.conn
                 .execute(
                     &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
@@ -772,19 +867,29 @@ impl Dialect for SqliteDialect {
         b: &Bookkeeping,
     ) -> Result<(), SinkError> {
         let def = Arc::new(def.clone());
-        {
-            let (def, delta) = (def.clone(), delta.clone());
+        let keeping = {
+            let (def, delta, choice, watermark) = (def.clone(), delta.clone(), self.history.clone(), b.watermark);
             Self::run(c, move |w| {
                 w.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| w.fail("starting a transaction", e))?;
-                w.apply_delta(&def, &delta)
+                w.apply_delta(&def, &delta)?;
+                // History turned on by this sync begins at the table's watermark before it.
+                let before = w.stored_rows(Some(&def.namespace), Some(&def.name))?;
+                let started = before.first().and_then(|r| r.watermark.clone().ok()).unwrap_or(watermark);
+                let keeping = w.keeping_history(&def, &choice, started)?;
+                if keeping == Keeping::FromNow {
+                    history::open_versions_of_snapshot(&w.conn, &def, started)
+                        .map_err(|e| w.fail(&format!("starting the history of {}", def.name), e))?;
+                }
+                Ok(keeping)
             })
-            .await?;
-        }
+            .await?
+        };
+        let versions = (keeping != Keeping::No).then(|| Arc::new(VersionWriter::new(&def, b.watermark)));
         let mut keys: Vec<Value> = Vec::new();
         while let Some(records) = rows.next_batch().await? {
-            let def = def.clone();
+            let (def, versions) = (def.clone(), versions.clone());
             keys = Self::run(c, move |w| {
-                w.write_rows(&def.name, &def, &records, &mut keys)?;
+                w.write_rows(&def.name, &def, &records, &mut keys, versions.as_deref())?;
                 Ok(keys)
             })
             .await?;
@@ -808,6 +913,8 @@ impl Dialect for SqliteDialect {
                     .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&t)))
                     .map_err(|e| w.fail(&format!("dropping {t}"), e))?;
                 w.forget_in_dictionary(&t)?;
+                w.forget_in_dictionary(&history::table_name(&t))?;
+                history::forget(&w.conn, &ns, &t).map_err(|e| w.fail("dropping the history", e))?;
                 for index in [COMMITS, CHANGES] {
                     w.conn
                         .execute(
@@ -875,6 +982,7 @@ impl SqliteDialect {
         Self::run(c, move |w| {
             w.write_bookkeeping(&b)?;
             w.write_dictionary(&def)?;
+            w.prune_history(&def, b.watermark).map_err(|e| w.fail("pruning history", e))?;
             let started = std::time::Instant::now();
             w.record_commit(&b, &keys)?;
             tracing::debug!(

@@ -216,6 +216,8 @@ pub struct SinkOptions {
     /// How long to wait for another writer of a table (or of a mirror file); also the limit of
     /// any single wait for a database lock.
     pub lock_timeout: Duration,
+    /// Which tables keep history (the mirror only; servers ignore it).
+    pub history: crate::history_choice::Choice,
 }
 
 impl Default for SinkOptions {
@@ -226,6 +228,7 @@ impl Default for SinkOptions {
             non_finite: NonFinite::Refuse,
             shared: SharedFiles::Warn,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            history: Default::default(),
         }
     }
 }

@@ -15,6 +15,7 @@ mod crash;
 mod demo;
 mod emulator_api;
 mod formats;
+mod history;
 mod locations;
 mod mirror_sqlite;
 mod mssql;

@@ -1,0 +1,335 @@
+//! `dap query --as-of` and `dap history`: the mirror's history (`mirror::history`) read back.
+//! A query as of a time sees each table it names with history as a view of the versions valid
+//! then (`temp.<table>`); names written `namespace.table` are pointed at those views, plain
+//! names find them first (SQLite looks in `temp` before the attached files).
+
+use std::collections::BTreeMap;
+
+use rusqlite::Connection;
+
+use crate::mirror::format::{HISTORY_SETTINGS, history_table, quote, quote_literal};
+use crate::mirror::history::{VALID_FROM, VALID_TO};
+use crate::query::QueryError;
+use crate::time::{self, Micros};
+
+/// What `--as-of` does with a table the query names that keeps no history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WithoutHistory {
+    /// An error naming it (the default: a silently current answer would look like history).
+    Refuse,
+    /// `--as-of-partial`: its current rows, with a warning.
+    Current,
+}
+
+/// Why an as-of query cannot be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum AsOfError {
+    #[error(
+        "{namespace}.{table} keeps no history, so it cannot be read as of {at}: turn history on with `dap syncdb --namespace {namespace} --table {table} --keep-history {table}` (it begins then), or pass --as-of-partial to read its current rows"
+    )]
+    NoHistory { namespace: String, table: String, at: String },
+    #[error("the history of {namespace}.{table} begins at {since}; --as-of {at} is before it")]
+    BeforeHistory { namespace: String, table: String, since: String, at: String },
+    #[error(
+        "{table} keeps history in two namespaces ({first} and {second}); --as-of reads one of them per query: query them separately"
+    )]
+    Ambiguous { table: String, first: String, second: String },
+    #[error(
+        "{namespace}.{table} keeps no history: turn it on with `dap syncdb --namespace {namespace} --table {table} --keep-history {table}`"
+    )]
+    NoHistoryTable { namespace: String, table: String },
+}
+
+/// One token of a statement: a name (unquoted), a dot, or anything else.
+#[derive(Debug, PartialEq)]
+enum Token {
+    Name(String),
+    Dot,
+    Other,
+}
+
+/// The tokens of `sql` with their byte ranges; string literals and comments are single
+/// `Other` tokens, so that nothing inside them is taken for a name.
+fn tokens(sql: &str) -> Vec<(Token, std::ops::Range<usize>)> {
+    let bytes = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let closing = |c: u8| match c {
+        b'"' => Some(b'"'),
+        b'`' => Some(b'`'),
+        b'[' => Some(b']'),
+        _ => None,
+    };
+    while i < bytes.len() {
+        let c = bytes[i];
+        let start = i;
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        if c == b'-' && bytes.get(i + 1) == Some(&b'-') {
+            while i < bytes.len() && bytes[i] != b'\n' {
+                i += 1;
+            }
+            continue;
+        }
+        if c == b'/' && bytes.get(i + 1) == Some(&b'*') {
+            i += 2;
+            while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
+                i += 1;
+            }
+            i = (i + 2).min(bytes.len());
+            continue;
+        }
+        if c == b'\'' {
+            i += 1;
+            while i < bytes.len() {
+                if bytes[i] == b'\'' {
+                    if bytes.get(i + 1) == Some(&b'\'') {
+                        i += 2;
+                        continue;
+                    }
+                    break;
+                }
+                i += 1;
+            }
+            i = (i + 1).min(bytes.len());
+            out.push((Token::Other, start..i));
+            continue;
+        }
+        if let Some(end) = closing(c) {
+            let mut name = Vec::new();
+            i += 1;
+            while i < bytes.len() {
+                if bytes[i] == end {
+                    if end != b']' && bytes.get(i + 1) == Some(&end) {
+                        name.push(end);
+                        i += 2;
+                        continue;
+                    }
+                    break;
+                }
+                name.push(bytes[i]);
+                i += 1;
+            }
+            i = (i + 1).min(bytes.len());
+            out.push((Token::Name(String::from_utf8_lossy(&name).into_owned()), start..i));
+            continue;
+        }
+        if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            while i < bytes.len()
+                && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_' || bytes[i] == b'$' || bytes[i] >= 0x80)
+            {
+                i += 1;
+            }
+            out.push((Token::Name(sql[start..i].to_string()), start..i));
+            continue;
+        }
+        if c.is_ascii_digit() {
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
+                i += 1;
+            }
+            out.push((Token::Other, start..i));
+            continue;
+        }
+        i += 1;
+        while i < bytes.len() && !sql.is_char_boundary(i) {
+            i += 1;
+        }
+        out.push((if c == b'.' { Token::Dot } else { Token::Other }, start..i));
+    }
+    out
+}
+
+/// A table of the mirror a query names, with where its name was written `namespace.table`.
+#[derive(Debug, Default)]
+struct Named {
+    qualified_at: Vec<std::ops::Range<usize>>,
+}
+
+/// The tables of the attached namespaces, by namespace and lower-cased name (their own
+/// spelling kept).
+fn mirror_tables(conn: &Connection) -> rusqlite::Result<BTreeMap<(String, String), String>> {
+    let namespaces: Vec<String> = {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_database_list WHERE name NOT IN ('main', 'temp')")?;
+        stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+    };
+    let mut tables = BTreeMap::new();
+    for ns in namespaces {
+        let mut stmt =
+            conn.prepare(&format!("SELECT name FROM {}.sqlite_master WHERE type IN ('table', 'view')", quote(&ns)))?;
+        for name in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            let name = name?;
+            tables.insert((ns.to_lowercase(), name.to_lowercase()), name);
+        }
+        tables.insert((ns.to_lowercase(), String::new()), ns.clone());
+    }
+    Ok(tables)
+}
+
+/// When each table of a namespace began keeping history (the tables that keep it now).
+fn history_since(conn: &Connection, namespace: &str) -> rusqlite::Result<BTreeMap<String, String>> {
+    let has: bool = conn.query_row(
+        &format!("SELECT count(*) > 0 FROM {}.sqlite_master WHERE type = 'table' AND name = ?1", quote(namespace)),
+        [HISTORY_SETTINGS],
+        |r| r.get(0),
+    )?;
+    if !has {
+        return Ok(BTreeMap::new());
+    }
+    let mut stmt = conn.prepare(&format!(
+        "SELECT source_table, since FROM {}.{HISTORY_SETTINGS} WHERE source_namespace = ?1",
+        quote(namespace)
+    ))?;
+    stmt.query_map([namespace], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+}
+
+/// Prepares `conn` (a mirror reader, see `query::open_mirror`) to answer `sql` as of `at` and
+/// returns the statement to run. Each table the query names is found among the attached
+/// namespaces; one with history becomes a view of its versions valid at `at`.
+pub fn prepare(conn: &Connection, sql: &str, at: Micros, without: WithoutHistory) -> Result<String, QueryError> {
+    // The views live in the connection's own temporary schema; the files stay read-only.
+    conn.pragma_update(None, "query_only", false)?;
+    let prepared = make_views(conn, sql, at, without);
+    conn.pragma_update(None, "query_only", true)?;
+    prepared
+}
+
+fn make_views(conn: &Connection, sql: &str, at: Micros, without: WithoutHistory) -> Result<String, QueryError> {
+    let tables = mirror_tables(conn)?;
+    let toks = tokens(sql);
+    let is_namespace = |name: &str| tables.contains_key(&(name.to_lowercase(), String::new()));
+    let table_in = |ns: &str, name: &str| tables.get(&(ns.to_lowercase(), name.to_lowercase())).cloned();
+    let mut named: BTreeMap<(String, String), Named> = BTreeMap::new();
+    let mut i = 0;
+    while i < toks.len() {
+        let after_dot = i > 0 && toks[i - 1].0 == Token::Dot;
+        if let Token::Name(first) = &toks[i].0
+            && !after_dot
+        {
+            if let (Some((Token::Dot, _)), Some((Token::Name(second), end))) = (toks.get(i + 1), toks.get(i + 2))
+                && is_namespace(first)
+                && let Some(table) = table_in(first, second)
+            {
+                let ns = tables[&(first.to_lowercase(), String::new())].clone();
+                named.entry((ns, table)).or_default().qualified_at.push(toks[i].1.start..end.end);
+                i += 3;
+                continue;
+            }
+            if toks.get(i + 1).map(|t| &t.0) != Some(&Token::Dot) {
+                for ((ns, _), table) in
+                    tables.range(..).filter(|((_, t), _)| *t == first.to_lowercase() && !t.is_empty())
+                {
+                    let ns = tables[&(ns.clone(), String::new())].clone();
+                    named.entry((ns, table.clone())).or_default();
+                }
+            }
+        }
+        i += 1;
+    }
+    let shown_at = time::format_fixed(at);
+    let mut views: BTreeMap<String, String> = BTreeMap::new();
+    let mut rewrites: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    let mut since_of: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for ((ns, table), refs) in &named {
+        if table.ends_with("__history") || table.starts_with("dap_") || table.starts_with('_') {
+            continue; // dap's own tables (history, dictionary, bookkeeping) are read as they are
+        }
+        if !since_of.contains_key(ns) {
+            since_of.insert(ns.clone(), history_since(conn, ns)?);
+        }
+        let Some(since) = since_of[ns].get(table) else {
+            match without {
+                WithoutHistory::Refuse => {
+                    return Err(
+                        AsOfError::NoHistory { namespace: ns.clone(), table: table.clone(), at: shown_at }.into()
+                    );
+                }
+                WithoutHistory::Current => {
+                    tracing::warn!(
+                        "{ns}.{table} keeps no history: its current rows are read, not those as of {shown_at}"
+                    );
+                    continue;
+                }
+            }
+        };
+        if since.as_str() > shown_at.as_str() {
+            return Err(AsOfError::BeforeHistory {
+                namespace: ns.clone(),
+                table: table.clone(),
+                since: since.clone(),
+                at: shown_at,
+            }
+            .into());
+        }
+        if let Some(first) = views.get(table) {
+            return Err(AsOfError::Ambiguous { table: table.clone(), first: first.clone(), second: ns.clone() }.into());
+        }
+        views.insert(table.clone(), ns.clone());
+        let history = history_table(table);
+        let columns: Vec<String> =
+            crate::mirror::history::data_columns_in(conn, ns, &history)?.iter().map(|c| quote(c)).collect();
+        let at_literal = quote_literal(&shown_at);
+        conn.execute_batch(&format!(
+            "CREATE TEMP VIEW {view} AS SELECT {columns} FROM {ns}.{history} WHERE {VALID_FROM} <= {at_literal} AND ({VALID_TO} IS NULL OR {VALID_TO} > {at_literal})",
+            view = quote(table),
+            columns = columns.join(", "),
+            ns = quote(ns),
+            history = quote(&history),
+        ))?;
+        for range in &refs.qualified_at {
+            rewrites.push((range.clone(), format!("temp.{}", quote(table))));
+        }
+    }
+    let mut rewritten = sql.to_string();
+    rewrites.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    for (range, with) in rewrites {
+        rewritten.replace_range(range, &with);
+    }
+    Ok(rewritten)
+}
+
+/// The statement `dap history` runs: every version of one row, oldest first.
+pub fn versions_sql(conn: &Connection, namespace: &str, table: &str, key: &str) -> Result<String, QueryError> {
+    let history = history_table(table);
+    let exists: bool = conn
+        .query_row(
+            &format!("SELECT count(*) > 0 FROM {}.sqlite_master WHERE type = 'table' AND name = ?1", quote(namespace)),
+            [&history],
+            |r| r.get(0),
+        )
+        .unwrap_or(false);
+    if !exists {
+        return Err(AsOfError::NoHistoryTable { namespace: namespace.to_string(), table: table.to_string() }.into());
+    }
+    let key_column: String =
+        conn.query_row("SELECT name FROM pragma_table_info(?1, ?2) WHERE pk = 1", [table, namespace], |r| r.get(0))?;
+    let literal = match key.parse::<i64>() {
+        Ok(n) => n.to_string(),
+        Err(_) => quote_literal(key),
+    };
+    Ok(format!(
+        "SELECT * FROM {}.{} WHERE {} = {literal} ORDER BY {VALID_FROM}, rowid",
+        quote(namespace),
+        quote(&history),
+        quote(&key_column)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_in_strings_and_comments_are_not_names() {
+        let names: Vec<String> =
+            tokens("SELECT 'canvas.users' -- canvas.users\n, \"a\"\"b\" FROM /* x */ canvas . [users]")
+                .into_iter()
+                .filter_map(|(t, _)| match t {
+                    Token::Name(n) => Some(n),
+                    _ => None,
+                })
+                .collect();
+        assert_eq!(names, ["SELECT", "a\"b", "FROM", "canvas", "users"]);
+    }
+}

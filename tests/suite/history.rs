@@ -1,0 +1,372 @@
+//! History in the mirror (`--keep-history`), checked against the emulator's truth as of each
+//! sync time, never against our own history code: `dap query --as-of T` equals the truth at T
+//! row by row through inserts, updates, soft and hard deletes, a re-snapshot and a schema
+//! change; `dap history` lists exactly the versions a row went through; a kill mid-sync leaves
+//! data and history agreeing; pack/unpack keeps it; `--history-days` prunes only ended versions.
+
+use std::path::Path;
+
+use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig, SchemaChange};
+use dap_replica::schema::TableDef;
+use serde_json::{Map, Value as Json};
+
+use crate::common::truth::{Limit, assert_same_rows_within};
+use crate::common::*;
+
+const TABLES: [&str; 3] = ["scores", "enrollments", "courses"];
+
+/// The mirror's documented limit: SQLite's REAL has no negative zero.
+fn assert_same_rows(def: &TableDef, actual: &[Map<String, Json>], truth: &[Map<String, Json>], what: &str) {
+    assert_same_rows_within(def, actual, truth, what, &[Limit::NoNegativeZero]);
+}
+
+/// A row as one comparable line, within the mirror's limits.
+fn line(def: &TableDef, row: &Map<String, Json>) -> String {
+    crate::common::truth::row_lines(def, std::slice::from_ref(row), &[Limit::NoNegativeZero]).remove(0)
+}
+
+/// A round of changes of every kind.
+const ROUND: ChangeCounts = ChangeCounts { inserts: 3, updates: 4, soft_deletes: 1, hard_deletes: 2 };
+
+/// The rows `dap query --as-of` prints as JSON Lines, with JSON columns parsed back (the
+/// mirror stores them as text).
+fn parsed_rows(out: &str, def: &TableDef) -> Vec<Map<String, Json>> {
+    use dap_replica::schema::ColumnType;
+    out.lines()
+        .map(|l| {
+            let mut row: Map<String, Json> = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            for c in def.columns() {
+                if matches!(c.ty, ColumnType::Array(_) | ColumnType::Object(_) | ColumnType::Json)
+                    && let Some(Json::String(s)) = row.get(&c.name)
+                {
+                    let parsed = serde_json::from_str(s).unwrap();
+                    row.insert(c.name.clone(), parsed);
+                }
+            }
+            row
+        })
+        .collect()
+}
+
+/// The table's watermark in the mirror (`dap status --json`).
+async fn watermark(emu: &Emulator, dir: &Path, table: &str) -> String {
+    let out = ours_ok(emu, dir, &["status", "--json", "--dir", dir.to_str().unwrap()]).await;
+    let rows: Vec<Json> = serde_json::from_str(&out).unwrap();
+    rows.iter().find(|r| r["table"] == table).unwrap_or_else(|| panic!("{table} in {out}"))["watermark"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The time of the latest sync of a mirror: the latest of its tables' watermarks (each is its
+/// table's last change), so every change the sync brought is at or before it.
+async fn sync_time(emu: &Emulator, dir: &Path) -> String {
+    let mut latest: Option<(i64, String)> = None;
+    for table in TABLES {
+        let w = watermark(emu, dir, table).await;
+        let t = dap_replica::time::parse_rfc3339(&w).unwrap();
+        if latest.as_ref().is_none_or(|(l, _)| t > *l) {
+            latest = Some((t, w));
+        }
+    }
+    latest.unwrap().1
+}
+
+async fn as_of(emu: &Emulator, dir: &Path, at: &str, sql: &str) -> String {
+    ours_ok(emu, dir, &["query", "--dir", dir.to_str().unwrap(), "--as-of", at, "--format", "jsonl", sql]).await
+}
+
+/// Every table of `TABLES` read as of each time in `times` equals the truth then.
+async fn assert_as_of_is_the_truth(emu: &Emulator, dir: &Path, times: &[String], what: &str) {
+    for at in times {
+        let micros = dap_replica::time::parse_rfc3339(at).unwrap();
+        for table in TABLES {
+            let def = emu.table_def("canvas", table).unwrap();
+            let out = as_of(emu, dir, at, &format!("SELECT * FROM canvas.{table}")).await;
+            let truth = emu.truth_at("canvas", table, micros).unwrap();
+            assert_same_rows(&def, &parsed_rows(&out, &def), &truth, &format!("{what}: {table} as of {at}"));
+        }
+    }
+}
+
+fn sync_args(dir: &Path) -> Vec<String> {
+    let url = format!("sqlite://{}", dir.join("canvas.db").display());
+    ["syncdb", "--namespace", "canvas", "--table", &TABLES.join(","), "--connection-string", &url]
+        .map(String::from)
+        .to_vec()
+}
+
+async fn ok_with(emu: &Emulator, dir: &Path, args: &[String], extra: &[&str]) -> String {
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    all.extend(extra);
+    ours_ok(emu, dir, &all).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_of_every_sync_is_the_truth_then_through_deletes_a_resnapshot_and_a_schema_change() {
+    let emu = emulator(EmulatorConfig { rows: 40, part_rows: 15, ..EmulatorConfig::default() }).await;
+    // Two mirrors of the same data: one synced after every commit, one after every third.
+    let (every, third) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let init = |dir: &Path| {
+        let url = format!("sqlite://{}", dir.join("canvas.db").display());
+        [
+            "initdb",
+            "--namespace",
+            "canvas",
+            "--table",
+            &TABLES.join(","),
+            "--connection-string",
+            &url,
+            "--keep-history",
+            "all",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    ok_with(&emu, every.path(), &init(every.path()), &[]).await;
+    ok_with(&emu, third.path(), &init(third.path()), &[]).await;
+    let mut synced_every = vec![sync_time(&emu, every.path()).await];
+    let mut synced_third = synced_every.clone();
+
+    for round in 1..=6 {
+        match round {
+            3 => {
+                emu.evolve("canvas", "scores", SchemaChange::AddColumn).unwrap();
+            }
+            2 | 4 => {
+                // A re-snapshot of one table in the mirror synced every time: history goes on.
+                // In round 2 DAP answers with its cached (older) snapshot job, which the sync
+                // brings forward; in round 4 the jobs have expired and the snapshot is new.
+                if round == 4 {
+                    emu.expire_jobs();
+                }
+                let url = format!("sqlite://{}", every.path().join("canvas.db").display());
+                let replace = [
+                    "initdb",
+                    "--replace",
+                    "--namespace",
+                    "canvas",
+                    "--table",
+                    "enrollments",
+                    "--connection-string",
+                    &url,
+                ];
+                commit_round(&emu, "canvas", &["enrollments"], ROUND);
+                ours_ok(&emu, every.path(), &replace).await;
+            }
+            _ => {}
+        }
+        commit_round(&emu, "canvas", &TABLES, ROUND);
+        // The watched row changes in every round.
+        ok_with(&emu, every.path(), &sync_args(every.path()), &[]).await;
+        synced_every.push(sync_time(&emu, every.path()).await);
+        if round % 3 == 0 {
+            ok_with(&emu, third.path(), &sync_args(third.path()), &[]).await;
+            synced_third.push(sync_time(&emu, third.path()).await);
+        }
+    }
+    assert_as_of_is_the_truth(&emu, every.path(), &synced_every, "synced after every commit").await;
+    assert_as_of_is_the_truth(&emu, third.path(), &synced_third, "synced after every third commit").await;
+
+    // A plain name reads the view too, and a join of two tables with history works.
+    let at = &synced_every[2];
+    let plain = as_of(&emu, every.path(), at, "SELECT count(*) AS n FROM scores").await;
+    let micros = dap_replica::time::parse_rfc3339(at).unwrap();
+    let expected = emu.truth_at("canvas", "scores", micros).unwrap().len();
+    assert_eq!(plain.trim(), format!("{{\"n\":{expected}}}"), "a plain table name as of {at}");
+
+    // `dap history` of the row that changed most: exactly the states it went through at the
+    // sync times (a deleted row has no state; one changed twice between syncs shows its last).
+    let def = emu.table_def("canvas", "enrollments").unwrap();
+    let mut states: std::collections::BTreeMap<String, Vec<Option<String>>> = Default::default();
+    for (i, at) in synced_every.iter().enumerate() {
+        let truth = emu.truth_at("canvas", "enrollments", dap_replica::time::parse_rfc3339(at).unwrap()).unwrap();
+        for row in &truth {
+            let runs = states.entry(serde_json::to_string(&row["id"]).unwrap()).or_insert_with(|| vec![None; i]);
+            runs.resize(i, None);
+            runs.push(Some(line(&def, row)));
+        }
+    }
+    let (watched_key, expected) = states
+        .into_iter()
+        .map(|(k, mut runs)| {
+            runs.dedup();
+            (k, runs.into_iter().flatten().collect::<Vec<String>>())
+        })
+        .max_by_key(|(_, versions)| versions.len())
+        .unwrap();
+    let watched_key: Json = serde_json::from_str(&watched_key).unwrap();
+    let key = match &watched_key {
+        Json::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let out = ours_ok(
+        &emu,
+        every.path(),
+        &[
+            "history",
+            "--dir",
+            every.path().to_str().unwrap(),
+            "--namespace",
+            "canvas",
+            "--table",
+            "enrollments",
+            "--key",
+            &key,
+            "--format",
+            "jsonl",
+        ],
+    )
+    .await;
+    let versions = parsed_rows(&out, &def);
+    let listed: Vec<String> = versions.iter().map(|v| line(&def, v)).collect();
+    assert!(expected.len() >= 2, "the watched row changed: {expected:?}");
+    assert_eq!(listed, expected, "dap history lists the versions the row went through");
+    for pair in versions.windows(2) {
+        assert_eq!(pair[0]["dap_valid_to"], pair[1]["dap_valid_from"], "versions follow each other: {out}");
+    }
+
+    // A table without history is named, not read as if it had one.
+    let url = format!("sqlite://{}", every.path().join("canvas.db").display());
+    ours_ok(&emu, every.path(), &["initdb", "--namespace", "canvas", "--table", "users", "--connection-string", &url])
+        .await;
+    let out = run_ours(
+        &emu,
+        every.path(),
+        &["query", "--dir", every.path().to_str().unwrap(), "--as-of", at, "SELECT count(*) FROM canvas.users"],
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("canvas.users keeps no history") && err.contains("--keep-history"),
+        "{err}"
+    );
+    let before = &synced_every[0];
+    let out = run_ours(
+        &emu,
+        every.path(),
+        &[
+            "query",
+            "--dir",
+            every.path().to_str().unwrap(),
+            "--as-of",
+            "2001-01-01T00:00:00Z",
+            "SELECT 1 FROM canvas.scores",
+        ],
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("begins at {}", &before[..19])), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_survives_a_kill_mid_sync_and_pack_and_prunes_only_ended_versions() {
+    use dap_replica::emulator::{Endpoint, FaultKind, FaultSpec};
+    let emu = emulator(EmulatorConfig { rows: 60, part_rows: 10, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    let init = ["initdb", "--namespace", "canvas", "--table", "scores", "--connection-string", &url];
+    ours_ok(&emu, dir.path(), &init).await;
+    // Turned on by a sync: the rows held become the first versions.
+    let sync = ["syncdb", "--namespace", "canvas", "--table", "scores", "--connection-string", &url];
+    let mut keep = sync.to_vec();
+    keep.extend(["--keep-history", "scores"]);
+    commit_round(&emu, "canvas", &["scores"], ROUND);
+    ours_ok(&emu, dir.path(), &keep).await;
+    assert_history_agrees(&db, "scores");
+
+    // SIGKILL while the sync applies (rows already written in its open transaction).
+    let before_kill = watermark(&emu, dir.path(), "scores").await;
+    emu.commit("canvas", "scores", ChangeCounts { inserts: 200, updates: 200, hard_deletes: 20, ..Default::default() })
+        .unwrap();
+    emu.inject(
+        FaultSpec { delay_ms: Some(600_000), ..FaultSpec::new(FaultKind::Slow, 1) }.on(Endpoint::Object).after(4),
+    );
+    let mut running = ours_command(&emu, dir.path());
+    running.args(sync);
+    let mut running = Watched::spawn(running);
+    running.wait_for("scores: loading").await;
+    std::process::Command::new("kill").args(["-9", &running.pid().to_string()]).status().unwrap();
+    let killed = running.finish().await;
+    assert_eq!(killed.status.code(), None, "killed by the signal, not finished");
+    assert_eq!(watermark(&emu, dir.path(), "scores").await, before_kill, "the killed sync committed nothing");
+    assert_history_agrees(&db, "scores");
+    emu.clear_faults();
+    ours_ok(&emu, dir.path(), &sync).await;
+    assert_history_agrees(&db, "scores");
+    let def = emu.table_def("canvas", "scores").unwrap();
+    let now = watermark(&emu, dir.path(), "scores").await;
+    let out = as_of(&emu, dir.path(), &now, "SELECT * FROM canvas.scores").await;
+    assert_same_rows(&def, &parsed_rows(&out, &def), &emu.truth("canvas", "scores").unwrap(), "after the rerun");
+
+    // A pack carries the history whole.
+    let pack = dir.path().join("mirror.dap.zst");
+    ours_ok(&emu, dir.path(), &["pack", "--dir", dir.path().to_str().unwrap(), "--output", pack.to_str().unwrap()])
+        .await;
+    let restored = tempfile::tempdir().unwrap();
+    ours_ok(&emu, dir.path(), &["unpack", pack.to_str().unwrap(), "--dir", restored.path().to_str().unwrap()]).await;
+    let all = "SELECT * FROM canvas.scores__history ORDER BY id, dap_valid_from";
+    let query = |d: &Path| ["query", "--dir", d.to_str().unwrap(), "--format", "jsonl", all].map(String::from).to_vec();
+    assert_eq!(
+        ok_with(&emu, dir.path(), &query(restored.path()), &[]).await,
+        ok_with(&emu, dir.path(), &query(dir.path()), &[]).await,
+        "the unpacked mirror holds the same history"
+    );
+
+    // Ten days later, versions that ended more than 7 days before the watermark go; current
+    // ones stay, however old.
+    let (ended_before, current_before) = version_counts(&db, "scores");
+    assert!(ended_before > 0, "some versions ended");
+    let later = dap_replica::time::parse_rfc3339(&now).unwrap() + 10 * 86_400_000_000;
+    emu.commit_at("canvas", "scores", ChangeCounts { updates: 3, ..Default::default() }, later).unwrap();
+    let mut prune = sync.to_vec();
+    prune.extend(["--history-days", "7"]);
+    ours_ok(&emu, dir.path(), &prune).await;
+    let (ended_after, current_after) = version_counts(&db, "scores");
+    assert_eq!(ended_after, 3, "only the versions the last sync ended remain of the ended ones");
+    assert_eq!(current_after, current_before, "every current version stays");
+    assert_history_agrees(&db, "scores");
+    let status = ours_ok(&emu, dir.path(), &["status", "--json", "--dir", dir.path().to_str().unwrap()]).await;
+    let rows: Vec<Json> = serde_json::from_str(&status).unwrap();
+    let history = &rows.iter().find(|r| r["table"] == "scores").unwrap()["history"];
+    assert_eq!(history["days"], 7, "{status}");
+    assert_eq!(history["versions"].as_u64(), Some(ended_after + current_after), "{status}");
+}
+
+/// The current versions of a table's history are exactly its rows, every column compared.
+fn assert_history_agrees(db: &Path, table: &str) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let columns: Vec<String> = {
+        let mut stmt = conn.prepare(&format!("SELECT name FROM pragma_table_info('{table}')")).unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(|c| format!("\"{}\"", c.unwrap())).collect()
+    };
+    let columns = columns.join(", ");
+    let differ = |a: &str, b: &str| -> i64 {
+        conn.query_row(
+            &format!("SELECT count(*) FROM (SELECT {columns} FROM {a} EXCEPT SELECT {columns} FROM {b})"),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let current = format!("(SELECT * FROM \"{table}__history\" WHERE dap_valid_to IS NULL)");
+    assert_eq!(differ(table, &current), 0, "{table}: rows without their current version");
+    assert_eq!(differ(&current, table), 0, "{table}: current versions of rows it does not have");
+    let open: i64 = conn
+        .query_row(&format!("SELECT count(*) FROM \"{table}__history\" WHERE dap_valid_to IS NULL"), [], |r| r.get(0))
+        .unwrap();
+    let rows: i64 = conn.query_row(&format!("SELECT count(*) FROM \"{table}\""), [], |r| r.get(0)).unwrap();
+    assert_eq!(open, rows, "{table}: one current version per row");
+}
+
+/// Ended and current versions of a table's history.
+fn version_counts(db: &Path, table: &str) -> (u64, u64) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        &format!("SELECT sum(dap_valid_to IS NOT NULL), sum(dap_valid_to IS NULL) FROM \"{table}__history\""),
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )
+    .unwrap()
+}
