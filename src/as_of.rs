@@ -21,6 +21,20 @@ pub enum WithoutHistory {
     Current,
 }
 
+/// A read of the mirror as of a time (`--as-of`, `--as-of-partial`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AsOf {
+    pub at: Micros,
+    pub without: WithoutHistory,
+}
+
+impl AsOf {
+    /// `sql` made to read as of this time on `conn` (see [`prepare`]).
+    pub fn prepare(&self, conn: &Connection, sql: &str) -> Result<String, QueryError> {
+        prepare(conn, sql, self.at, self.without)
+    }
+}
+
 /// Why an as-of query cannot be answered.
 #[derive(Debug, thiserror::Error)]
 pub enum AsOfError {

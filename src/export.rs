@@ -151,12 +151,23 @@ fn plan(conn: &Connection, selection: &Selection) -> Result<Plan, ExportError> {
 }
 
 /// Writes `selection` from the mirror folder `dir` to `output` as `format`; returns the rows.
-pub fn export(dir: &Path, selection: &Selection, format: ExportFormat, output: &Path) -> Result<u64, ExportError> {
+/// With `as_of`, the tables read are as they were then (their history).
+pub fn export(
+    dir: &Path,
+    selection: &Selection,
+    as_of: Option<crate::as_of::AsOf>,
+    format: ExportFormat,
+    output: &Path,
+) -> Result<u64, ExportError> {
     crate::mirror::folder::refuse_mirror_output(dir, output).map_err(ExportError::Output)?;
     let conn = query::open_mirror(dir)?;
     crate::interrupt::watch(&conn);
     let plan = plan(&conn, selection)?;
-    let mut stmt = conn.prepare(&plan.sql)?;
+    let sql = match as_of {
+        Some(as_of) => as_of.prepare(&conn, &plan.sql)?,
+        None => plan.sql.clone(),
+    };
+    let mut stmt = conn.prepare(&sql)?;
     if !stmt.readonly() {
         return Err(QueryError::Writes.into());
     }

@@ -32,6 +32,8 @@ pub struct ExportArgs {
     /// The mirror folder [default: the default mirror's (DAP_MIRROR_DIR)].
     #[arg(long)]
     dir: Option<PathBuf>,
+    #[command(flatten)]
+    as_of: super::query::AsOfArgs,
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
@@ -60,7 +62,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         (None, Some(query)) => Selection::Query(query),
         _ => bail!("give either --table or --query"),
     };
-    let rows = export::export(&dir, &selection, format, &args.output)?;
+    let rows = export::export(&dir, &selection, args.as_of.as_of(), format, &args.output)?;
     eprintln!("export: {rows} rows written to {}", args.output.display());
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::Args;
 
-use crate::as_of::WithoutHistory;
+use crate::as_of::{AsOf, WithoutHistory};
 use crate::query::{self, OutputFormat};
 
 #[derive(Debug, Args)]
@@ -17,15 +17,29 @@ pub struct QueryArgs {
     sql: Option<String>,
     #[command(flatten)]
     output: Output,
-    /// Run the query against every table as it was at this time (RFC 3339, e.g.
-    /// 2026-09-15T00:00:00Z), from the tables' history (`--keep-history`). Exact at every sync:
-    /// a row changed twice between two syncs shows its last change only.
+    #[command(flatten)]
+    as_of: AsOfArgs,
+}
+
+/// Reading the mirror as of a time (`dap query`, `dap export`).
+#[derive(Debug, Args)]
+pub struct AsOfArgs {
+    /// Read every table as it was at this time (RFC 3339, e.g. 2026-09-15T00:00:00Z), from the
+    /// tables' history (`--keep-history`). Exact at every sync: a row changed twice between two
+    /// syncs shows its last change only.
     #[arg(long, value_name = "TIMESTAMP", value_parser = parse_timestamp)]
     as_of: Option<crate::time::Micros>,
     /// With --as-of: read tables that keep no history as they are now (with a warning) instead
-    /// of refusing the query.
+    /// of refusing.
     #[arg(long, requires = "as_of")]
     as_of_partial: bool,
+}
+
+impl AsOfArgs {
+    pub(super) fn as_of(&self) -> Option<AsOf> {
+        let without = if self.as_of_partial { WithoutHistory::Current } else { WithoutHistory::Refuse };
+        self.as_of.map(|at| AsOf { at, without })
+    }
 }
 
 /// `dap history`: every version of one row of a table that keeps history.
@@ -125,11 +139,8 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
         return Ok(());
     };
     let conn = query::open_mirror(&dir)?;
-    let sql = match args.as_of {
-        Some(at) => {
-            let without = if args.as_of_partial { WithoutHistory::Current } else { WithoutHistory::Refuse };
-            crate::as_of::prepare(&conn, &sql, at, without)?
-        }
+    let sql = match args.as_of.as_of() {
+        Some(as_of) => as_of.prepare(&conn, &sql)?,
         None => sql,
     };
     args.output.print(&conn, &sql)

@@ -211,7 +211,6 @@ pub fn open_versions_of_snapshot(conn: &Connection, def: &TableDef, at: Micros) 
 pub struct VersionWriter {
     close: String,
     open: String,
-    began: String,
     fallback: Micros,
 }
 
@@ -220,11 +219,16 @@ impl VersionWriter {
         let (h, t, key) = (quote(&table_name(&def.name)), quote(&def.name), quote(&def.key.name));
         let names: Vec<String> = def.columns().map(|c| quote(&c.name)).collect();
         let names = names.join(", ");
+        // Two statements per change, each one lookup in the index of current versions: the
+        // current version ends if it began before the change; a new one opens unless a current
+        // version is still there (the change was not newer than it).
         VersionWriter {
-            began: format!("SELECT {VALID_FROM} FROM {h} WHERE {key} = ?1 AND {VALID_TO} IS NULL"),
-            close: format!("UPDATE {h} SET {VALID_TO} = ?2, {DELETED} = ?3 WHERE {key} = ?1 AND {VALID_TO} IS NULL"),
+            close: format!(
+                "UPDATE {h} SET {VALID_TO} = ?2, {DELETED} = ?3 WHERE {key} = ?1 AND {VALID_TO} IS NULL AND {VALID_FROM} < ?2"
+            ),
             open: format!(
-                "INSERT INTO {h} ({names}, {VALID_FROM}, {VALID_TO}, {DELETED}) SELECT {names}, ?2, NULL, 0 FROM {t} WHERE {key} = ?1"
+                "INSERT INTO {h} ({names}, {VALID_FROM}, {VALID_TO}, {DELETED}) SELECT {names}, ?2, NULL, 0 FROM {t} WHERE {key} = ?1
+                 AND NOT EXISTS (SELECT 1 FROM {h} WHERE {key} = ?1 AND {VALID_TO} IS NULL)"
             ),
             fallback,
         }
@@ -233,10 +237,6 @@ impl VersionWriter {
     /// Records the change `record` made (its key's row is already written or deleted).
     pub fn record(&self, conn: &Connection, record: &Record, key: &dyn rusqlite::ToSql) -> rusqlite::Result<()> {
         let at = time::format_fixed(record.ts.unwrap_or(self.fallback));
-        let began: Option<String> = conn.prepare_cached(&self.began)?.query_row([key], |r| r.get(0)).optional()?;
-        if began.is_some_and(|b| b >= at) {
-            return Ok(());
-        }
         let deleted = record.action == Some('D');
         conn.prepare_cached(&self.close)?.execute(params![key, at, deleted as i64])?;
         if !deleted {

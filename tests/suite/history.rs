@@ -168,6 +168,21 @@ async fn as_of_every_sync_is_the_truth_then_through_deletes_a_resnapshot_and_a_s
     assert_as_of_is_the_truth(&emu, every.path(), &synced_every, "synced after every commit").await;
     assert_as_of_is_the_truth(&emu, third.path(), &synced_third, "synced after every third commit").await;
 
+    // `dap export --as-of` writes the table as it was.
+    let at = &synced_every[3];
+    let file = every.path().join("scores.jsonl");
+    let dir_arg = every.path().to_str().unwrap();
+    ours_ok(
+        &emu,
+        every.path(),
+        &["export", "--dir", dir_arg, "--table", "scores", "--as-of", at, "-o", file.to_str().unwrap()],
+    )
+    .await;
+    let def = emu.table_def("canvas", "scores").unwrap();
+    let truth = emu.truth_at("canvas", "scores", dap_replica::time::parse_rfc3339(at).unwrap()).unwrap();
+    let exported = parsed_rows(&std::fs::read_to_string(&file).unwrap(), &def);
+    assert_same_rows(&def, &exported, &truth, &format!("dap export --as-of {at}"));
+
     // A plain name reads the view too, and a join of two tables with history works.
     let at = &synced_every[2];
     let plain = as_of(&emu, every.path(), at, "SELECT count(*) AS n FROM scores").await;
@@ -369,4 +384,120 @@ fn version_counts(db: &Path, table: &str) -> (u64, u64) {
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
     )
     .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_choices_are_checked_first_remembered_described_and_undone() {
+    let emu = emulator(EmulatorConfig { rows: 20, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    // Refused before anything is created: a server target, a table the run does not write.
+    for (args, says) in [
+        (
+            vec![
+                "initdb",
+                "--namespace",
+                "canvas",
+                "--table",
+                "scores",
+                "--keep-history",
+                "all",
+                "--connection-string",
+                "postgresql://u:p@127.0.0.1:1/db",
+            ],
+            "history is kept in the mirror",
+        ),
+        (
+            vec![
+                "initdb",
+                "--namespace",
+                "canvas",
+                "--table",
+                "scores",
+                "--keep-history",
+                "users",
+                "--connection-string",
+                &url,
+            ],
+            "--keep-history names users, which this run does not write",
+        ),
+        (
+            vec![
+                "initdb",
+                "--namespace",
+                "canvas",
+                "--table",
+                "scores",
+                "--keep-history",
+                "scores",
+                "--no-history",
+                "scores",
+                "--connection-string",
+                &url,
+            ],
+            "both name scores",
+        ),
+    ] {
+        let out = run_ours(&emu, dir.path(), &args).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+        assert!(files_under(dir.path()).is_empty(), "{args:?} created {:?}", files_under(dir.path()));
+    }
+
+    let mut init = vec!["initdb", "--namespace", "canvas", "--table", "scores", "--connection-string", &url];
+    init.extend(["--keep-history", "scores"]);
+    ours_ok(&emu, dir.path(), &init).await;
+    let sync = ["syncdb", "--namespace", "canvas", "--table", "scores", "--connection-string", &url];
+    // Remembered: a sync without the flag records versions.
+    let versions = || version_counts(&db, "scores");
+    let (ended, current) = versions();
+    assert_eq!((ended, current), (0, 20), "initdb seeds one version per row");
+    commit_round(&emu, "canvas", &["scores"], ChangeCounts { updates: 4, ..Default::default() });
+    ours_ok(&emu, dir.path(), &sync).await;
+    assert_eq!(versions(), (4, 20), "the sync without the flag kept history");
+
+    // Described in the data dictionary: the table's columns and history's three.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let kind: String =
+        conn.query_row("SELECT kind FROM dap_tables WHERE table_name = 'scores__history'", [], |r| r.get(0)).unwrap();
+    assert_eq!(kind, "history");
+    let described: Vec<String> = conn
+        .prepare("SELECT column_name FROM dap_columns WHERE table_name = 'scores__history' ORDER BY position")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let stored: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('scores__history') ORDER BY cid")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(described, stored, "every column of the history table is described, in order");
+    drop(conn);
+
+    // Off: nothing more is recorded, what was recorded stays; then dropped on request.
+    let mut off = sync.to_vec();
+    off.extend(["--no-history", "scores"]);
+    commit_round(&emu, "canvas", &["scores"], ChangeCounts { updates: 3, ..Default::default() });
+    ours_ok(&emu, dir.path(), &off).await;
+    commit_round(&emu, "canvas", &["scores"], ChangeCounts { updates: 3, ..Default::default() });
+    ours_ok(&emu, dir.path(), &sync).await;
+    assert_eq!(versions(), (4, 20), "no version recorded once history is off");
+    let status = ours_ok(&emu, dir.path(), &["status", "--json", "--dir", dir.path().to_str().unwrap()]).await;
+    assert!(status.contains("\"history\": null"), "{status}");
+    off.extend(["--drop-history"]);
+    ours_ok(&emu, dir.path(), &off).await;
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let left: i64 = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM sqlite_master WHERE name LIKE 'scores__history%') + (SELECT count(*) FROM dap_tables WHERE table_name = 'scores__history')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0, "--drop-history removes the table, its indexes and its description");
 }
