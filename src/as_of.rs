@@ -54,133 +54,6 @@ pub enum AsOfError {
     NoHistoryTable { namespace: String, table: String },
 }
 
-/// One token of a statement: a name (unquoted), a dot, or anything else.
-#[derive(Debug, PartialEq)]
-enum Token {
-    Name(String),
-    Dot,
-    Other,
-}
-
-/// The tokens of `sql` with their byte ranges; string literals and comments are single
-/// `Other` tokens, so that nothing inside them is taken for a name.
-fn tokens(sql: &str) -> Vec<(Token, std::ops::Range<usize>)> {
-    let bytes = sql.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    let closing = |c: u8| match c {
-        b'"' => Some(b'"'),
-        b'`' => Some(b'`'),
-        b'[' => Some(b']'),
-        _ => None,
-    };
-    while i < bytes.len() {
-        let c = bytes[i];
-        let start = i;
-        if c.is_ascii_whitespace() {
-            i += 1;
-            continue;
-        }
-        if c == b'-' && bytes.get(i + 1) == Some(&b'-') {
-            while i < bytes.len() && bytes[i] != b'\n' {
-                i += 1;
-            }
-            continue;
-        }
-        if c == b'/' && bytes.get(i + 1) == Some(&b'*') {
-            i += 2;
-            while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
-                i += 1;
-            }
-            i = (i + 2).min(bytes.len());
-            continue;
-        }
-        if c == b'\'' {
-            i += 1;
-            while i < bytes.len() {
-                if bytes[i] == b'\'' {
-                    if bytes.get(i + 1) == Some(&b'\'') {
-                        i += 2;
-                        continue;
-                    }
-                    break;
-                }
-                i += 1;
-            }
-            i = (i + 1).min(bytes.len());
-            out.push((Token::Other, start..i));
-            continue;
-        }
-        if let Some(end) = closing(c) {
-            let mut name = Vec::new();
-            i += 1;
-            while i < bytes.len() {
-                if bytes[i] == end {
-                    if end != b']' && bytes.get(i + 1) == Some(&end) {
-                        name.push(end);
-                        i += 2;
-                        continue;
-                    }
-                    break;
-                }
-                name.push(bytes[i]);
-                i += 1;
-            }
-            i = (i + 1).min(bytes.len());
-            out.push((Token::Name(String::from_utf8_lossy(&name).into_owned()), start..i));
-            continue;
-        }
-        if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
-            while i < bytes.len()
-                && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_' || bytes[i] == b'$' || bytes[i] >= 0x80)
-            {
-                i += 1;
-            }
-            out.push((Token::Name(sql[start..i].to_string()), start..i));
-            continue;
-        }
-        if c.is_ascii_digit() {
-            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
-                i += 1;
-            }
-            out.push((Token::Other, start..i));
-            continue;
-        }
-        i += 1;
-        while i < bytes.len() && !sql.is_char_boundary(i) {
-            i += 1;
-        }
-        out.push((if c == b'.' { Token::Dot } else { Token::Other }, start..i));
-    }
-    out
-}
-
-/// A table of the mirror a query names, with where its name was written `namespace.table`.
-#[derive(Debug, Default)]
-struct Named {
-    qualified_at: Vec<std::ops::Range<usize>>,
-}
-
-/// The tables of the attached namespaces, by namespace and lower-cased name (their own
-/// spelling kept).
-fn mirror_tables(conn: &Connection) -> rusqlite::Result<BTreeMap<(String, String), String>> {
-    let namespaces: Vec<String> = {
-        let mut stmt = conn.prepare("SELECT name FROM pragma_database_list WHERE name NOT IN ('main', 'temp')")?;
-        stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
-    };
-    let mut tables = BTreeMap::new();
-    for ns in namespaces {
-        let mut stmt =
-            conn.prepare(&format!("SELECT name FROM {}.sqlite_master WHERE type IN ('table', 'view')", quote(&ns)))?;
-        for name in stmt.query_map([], |r| r.get::<_, String>(0))? {
-            let name = name?;
-            tables.insert((ns.to_lowercase(), name.to_lowercase()), name);
-        }
-        tables.insert((ns.to_lowercase(), String::new()), ns.clone());
-    }
-    Ok(tables)
-}
-
 /// When each table of a namespace began keeping history (the tables that keep it now).
 fn history_since(conn: &Connection, namespace: &str) -> rusqlite::Result<BTreeMap<String, String>> {
     let has: bool = conn.query_row(
@@ -210,36 +83,10 @@ pub fn prepare(conn: &Connection, sql: &str, at: Micros, without: WithoutHistory
 }
 
 fn make_views(conn: &Connection, sql: &str, at: Micros, without: WithoutHistory) -> Result<String, QueryError> {
-    let tables = mirror_tables(conn)?;
-    let toks = tokens(sql);
-    let is_namespace = |name: &str| tables.contains_key(&(name.to_lowercase(), String::new()));
-    let table_in = |ns: &str, name: &str| tables.get(&(ns.to_lowercase(), name.to_lowercase())).cloned();
-    let mut named: BTreeMap<(String, String), Named> = BTreeMap::new();
-    let mut i = 0;
-    while i < toks.len() {
-        let after_dot = i > 0 && toks[i - 1].0 == Token::Dot;
-        if let Token::Name(first) = &toks[i].0
-            && !after_dot
-        {
-            if let (Some((Token::Dot, _)), Some((Token::Name(second), end))) = (toks.get(i + 1), toks.get(i + 2))
-                && is_namespace(first)
-                && let Some(table) = table_in(first, second)
-            {
-                let ns = tables[&(first.to_lowercase(), String::new())].clone();
-                named.entry((ns, table)).or_default().qualified_at.push(toks[i].1.start..end.end);
-                i += 3;
-                continue;
-            }
-            if toks.get(i + 1).map(|t| &t.0) != Some(&Token::Dot) {
-                for ((ns, _), table) in
-                    tables.range(..).filter(|((_, t), _)| *t == first.to_lowercase() && !t.is_empty())
-                {
-                    let ns = tables[&(ns.clone(), String::new())].clone();
-                    named.entry((ns, table.clone())).or_default();
-                }
-            }
-        }
-        i += 1;
+    let names = crate::sql_names::names(conn, sql)?;
+    let mut named: BTreeMap<(String, String), Vec<std::ops::Range<usize>>> = BTreeMap::new();
+    for table in names.tables() {
+        named.entry(table.clone()).or_insert_with(|| names.qualified.get(table).cloned().unwrap_or_default());
     }
     let shown_at = time::format_fixed(at);
     let mut views: BTreeMap<String, String> = BTreeMap::new();
@@ -291,7 +138,7 @@ fn make_views(conn: &Connection, sql: &str, at: Micros, without: WithoutHistory)
             ns = quote(ns),
             history = quote(&history),
         ))?;
-        for range in &refs.qualified_at {
+        for range in refs {
             rewrites.push((range.clone(), format!("temp.{}", quote(table))));
         }
     }
@@ -328,22 +175,4 @@ pub fn versions_sql(conn: &Connection, namespace: &str, table: &str, key: &str) 
         quote(&history),
         quote(&key_column)
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_in_strings_and_comments_are_not_names() {
-        let names: Vec<String> =
-            tokens("SELECT 'canvas.users' -- canvas.users\n, \"a\"\"b\" FROM /* x */ canvas . [users]")
-                .into_iter()
-                .filter_map(|(t, _)| match t {
-                    Token::Name(n) => Some(n),
-                    _ => None,
-                })
-                .collect();
-        assert_eq!(names, ["SELECT", "a\"b", "FROM", "canvas", "users"]);
-    }
 }

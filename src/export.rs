@@ -162,6 +162,9 @@ pub fn export(
     crate::mirror::folder::refuse_mirror_output(dir, output).map_err(ExportError::Output)?;
     let conn = query::open_mirror(dir)?;
     crate::interrupt::watch(&conn);
+    if let Selection::Query(sql) = selection {
+        query::check_plain_names(&conn, sql)?;
+    }
     let plan = plan(&conn, selection)?;
     let sql = match as_of {
         Some(as_of) => as_of.prepare(&conn, &plan.sql)?,

@@ -34,6 +34,7 @@ pub mod secrets;
 pub mod sink;
 pub mod source;
 pub mod spool;
+pub mod sql_names;
 pub mod status;
 pub mod sync;
 pub mod target;

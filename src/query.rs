@@ -40,6 +40,8 @@ pub enum QueryError {
     Interrupted(#[from] crate::interrupt::Interrupted),
     #[error(transparent)]
     AsOf(#[from] crate::as_of::AsOfError),
+    #[error("{table} is a table of {}: SQLite would read one of them silently; write {} instead", .namespaces.join(" and "), .namespaces.iter().map(|ns| format!("{ns}.{table}")).collect::<Vec<_>>().join(" or "))]
+    Ambiguous { table: String, namespaces: Vec<String> },
 }
 
 impl QueryError {
@@ -97,9 +99,57 @@ pub fn open_mirror(dir: &Path) -> Result<MirrorReader, QueryError> {
             attach(ReadMode::Immutable)?;
         }
     }
+    dictionary_of_every_namespace(&conn, &files)?;
     conn.pragma_update(None, "query_only", true)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     Ok(MirrorReader { conn, _tidy: tidy })
+}
+
+/// With several namespaces, the plain names of the data dictionary (`dap_tables`,
+/// `dap_columns`) answer for all of them: views over every file's, with its namespace.
+fn dictionary_of_every_namespace(conn: &Connection, files: &[(String, PathBuf)]) -> rusqlite::Result<()> {
+    use crate::mirror::format::{DICTIONARY_COLUMNS, DICTIONARY_TABLES};
+    if files.len() < 2 {
+        return Ok(());
+    }
+    for (dictionary, namespace_column) in [(DICTIONARY_TABLES, false), (DICTIONARY_COLUMNS, true)] {
+        let mut parts = Vec::new();
+        for (ns, _) in files {
+            let has: bool = conn.query_row(
+                &format!("SELECT count(*) > 0 FROM {}.sqlite_master WHERE type = 'table' AND name = ?1", quoted(ns)),
+                [dictionary],
+                |r| r.get(0),
+            )?;
+            if has {
+                let namespace =
+                    if namespace_column { format!("{} AS namespace, ", literal(ns)) } else { String::new() };
+                parts.push(format!("SELECT {namespace}* FROM {}.{dictionary}", quoted(ns)));
+            }
+        }
+        if parts.len() > 1 {
+            conn.execute_batch(&format!("CREATE TEMP VIEW {dictionary} AS {}", parts.join(" UNION ALL ")))?;
+        }
+    }
+    Ok(())
+}
+
+/// A SQL string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Refuses a plain table name that two namespaces have: SQLite would read the first attached.
+pub fn check_plain_names(conn: &Connection, sql: &str) -> Result<(), QueryError> {
+    let names = crate::sql_names::names(conn, sql)?;
+    for (_, meanings) in names.plain {
+        if meanings.len() > 1 {
+            return Err(QueryError::Ambiguous {
+                table: meanings[0].1.clone(),
+                namespaces: meanings.into_iter().map(|(ns, _)| ns).collect(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A blob as lowercase hex, the way every output of a query shows one.
@@ -123,6 +173,7 @@ pub fn run(
     out: &mut dyn Write,
 ) -> Result<u64, QueryError> {
     crate::interrupt::watch(conn);
+    check_plain_names(conn, sql)?;
     let mut stmt = conn.prepare(sql).map_err(QueryError::from_sql)?;
     if !stmt.readonly() {
         return Err(QueryError::Writes);

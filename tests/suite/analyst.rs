@@ -555,3 +555,44 @@ fn completions_are_generated_for_each_shell() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_name_two_namespaces_have_is_refused_and_the_dictionary_answers_for_every_namespace() {
+    let emu = emulator(EmulatorConfig { rows: 5, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    dap_ok(&emu, dir, &["initdb", "--namespace", "canvas", "--table", "accounts,courses"]).await;
+    dap_ok(&emu, dir, &["initdb", "--namespace", "catalog", "--table", "accounts"]).await;
+    // SQLite alone reads one of the two silently; dap names both.
+    for sql in ["SELECT count(*) FROM accounts", "SELECT count(*) FROM canvas.courses JOIN \"Accounts\" ON 1"] {
+        let out = dap(&emu, dir, &["query", sql]).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("canvas.accounts or catalog.accounts"), "{sql}: {err}");
+        let out = dap(&emu, dir, &["export", "--query", sql, "-o", dir.join("x.csv").to_str().unwrap()]).await;
+        assert!(!out.status.success() && !dir.join("x.csv").exists(), "export of {sql}");
+    }
+    // Qualified, unique, or inside a string: answered.
+    for sql in [
+        "SELECT count(*) FROM canvas.accounts",
+        "SELECT count(*) FROM courses WHERE 'accounts' <> ''",
+        "SELECT count(*) FROM catalog.accounts -- accounts",
+    ] {
+        dap_ok(&emu, dir, &["query", sql]).await;
+    }
+    // The dictionary's plain names answer for both namespaces.
+    let out = dap_ok(
+        &emu,
+        dir,
+        &[
+            "query",
+            "--format",
+            "csv",
+            "SELECT DISTINCT namespace FROM dap_columns WHERE table_name = 'accounts' ORDER BY 1",
+        ],
+    )
+    .await;
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["namespace", "canvas", "catalog"], "{out}");
+    let out =
+        dap_ok(&emu, dir, &["query", "--format", "csv", "SELECT count(*) FROM dap_tables WHERE kind = 'data'"]).await;
+    assert_eq!(out.lines().nth(1), Some("3"), "{out}");
+}
