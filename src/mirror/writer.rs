@@ -785,6 +785,24 @@ impl Dialect for SqliteDialect {
         .await
     }
 
+    async fn drop_staging(&self, c: &mut SqliteConn, def: &TableDef) -> Result<(), SinkError> {
+        let def = def.clone();
+        Self::run(c, move |w| {
+            let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
+            w.conn
+                .execute(
+                    &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
+                    params![def.namespace, def.name],
+                )
+                .map_err(|e| w.fail("clearing checkpoints", e))?;
+            w.conn
+                .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&staging(&def.name))))
+                .map_err(|e| w.fail("dropping the staging table", e))?;
+            tx.commit().map_err(|e| w.fail("dropping the staging table", e))
+        })
+        .await
+    }
+
     async fn load_part(&self, c: &mut SqliteConn, def: &TableDef, rows: &mut Pump<'_>) -> Result<(), SinkError> {
         let def = Arc::new(def.clone());
         while let Some(batch) = rows.next_batch().await? {

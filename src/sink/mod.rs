@@ -142,7 +142,8 @@ impl SinkError {
     }
 
     /// A NaN or ±infinity that `database` (MySQL, SQL Server) has no value for, refused before
-    /// anything of the table is published.
+    /// anything of the table is published; under `--non-finite null` (`policy`), one in a
+    /// required column, where NULL cannot stand in for it either.
     pub fn non_finite(
         target: &str,
         database: &str,
@@ -150,13 +151,20 @@ impl SinkError {
         key: &Value,
         column: &str,
         value: f64,
+        policy: NonFinite,
     ) -> SinkError {
+        let way_out = match policy {
+            NonFinite::Refuse => "Run with --non-finite null to store NULL for such values instead".to_string(),
+            NonFinite::Null => format!(
+                "--non-finite null cannot store NULL there either: {column} is required (NOT NULL) in DAP's schema. \
+                 Keep this table in the mirror or on PostgreSQL, which store NaN and infinity"
+            ),
+        };
         SinkError::refused(
             target,
             Refusal::Input,
             format!(
-                "{}.{}: key {} column {column} holds {}, which {database} cannot store; nothing was published. \
-                 Run with --non-finite null to store NULL for such values instead",
+                "{}.{}: key {} column {column} holds {}, which {database} cannot store; nothing was published and nothing of it kept. {way_out}",
                 def.namespace,
                 def.name,
                 key.to_text().unwrap_or_default(),

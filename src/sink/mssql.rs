@@ -440,6 +440,8 @@ impl<'a> BulkEncoder<'a> {
         let policy = if deleted { NonFinite::Null } else { self.non_finite };
         let key = r.key.clone();
         for ((v, wire), column) in std::iter::once(r.key).chain(r.values).zip(&self.wires).zip(self.def.columns()) {
+            // NULL cannot stand in for a value of a required column either.
+            let policy = if column.required { NonFinite::Refuse } else { policy };
             match column_data(v, *wire, policy) {
                 Ok(d) => row.push(d),
                 Err(reason) => return Err(Unstorable { key: Box::new(key), column: column.name.clone(), reason }),
@@ -722,7 +724,9 @@ impl MssqlDialect {
         while let Some(batch) = rows.next_batch().await? {
             for r in batch {
                 let row = encoder.row(r).map_err(|Unstorable { key, column, reason }| match reason {
-                    BadValue::NonFinite(value) => SinkError::non_finite(&self.shown, "SQL Server", def, &key, &column, value),
+                    BadValue::NonFinite(value) => {
+                        SinkError::non_finite(&self.shown, "SQL Server", def, &key, &column, value, self.non_finite)
+                    }
                     BadValue::OutOfRange(shown) => SinkError::refused(
                         &self.shown,
                         Refusal::Input,
@@ -1048,6 +1052,17 @@ impl Dialect for MssqlDialect {
             create_scratch_sql(def, &staging_table(def), Span::Part)
         );
         self.batch(c, &sql, &format!("creating the staging table of {}", def.name)).await
+    }
+
+    async fn drop_staging(&self, c: &mut Conn, def: &TableDef) -> Result<(), SinkError> {
+        let sql = format!(
+            "DELETE FROM {} WHERE \"namespace\" = {} AND \"table_name\" = {}; DROP TABLE IF EXISTS {}",
+            ours("checkpoints"),
+            literal(&def.namespace),
+            literal(&def.name),
+            ours(&staging_table(def))
+        );
+        self.batch(c, &sql, &format!("dropping the staging table of {}", def.name)).await
     }
 
     async fn load_part(&self, c: &mut Conn, def: &TableDef, rows: &mut Pump<'_>) -> Result<(), SinkError> {

@@ -315,9 +315,10 @@ fn encode(v: &Value, c: &Column, form: Form, non_finite: NonFinite, out: &mut Ve
         Value::Null => out.extend_from_slice(null),
         Value::Bool(b) => out.push(if *b { b'1' } else { b'0' }),
         Value::Int(i) => out.extend_from_slice(i.to_string().as_bytes()),
+        // NULL cannot stand in for a value of a required column either.
         Value::Float(f) if !f.is_finite() => match non_finite {
-            NonFinite::Null => out.extend_from_slice(null),
-            NonFinite::Refuse => return Err(NonFiniteValue { column: c.name.clone(), value: *f }),
+            NonFinite::Null if !c.required => out.extend_from_slice(null),
+            _ => return Err(NonFiniteValue { column: c.name.clone(), value: *f }),
         },
         Value::Float(f) => out.extend_from_slice(format_float(*f).as_bytes()),
         Value::Decimal(d) => out.extend_from_slice(d.to_string().as_bytes()),
@@ -870,7 +871,7 @@ impl MysqlDialect {
     }
 
     fn non_finite_error(&self, def: &TableDef, r: &Record, bad: NonFiniteValue) -> SinkError {
-        SinkError::non_finite(&self.shown, "MySQL", def, &r.key, &bad.column, bad.value)
+        SinkError::non_finite(&self.shown, "MySQL", def, &r.key, &bad.column, bad.value, self.non_finite)
     }
 
     /// MySQL reports rows it changed or skipped on a load as warnings: each is an error here.
@@ -1126,6 +1127,18 @@ impl Dialect for MysqlDialect {
         c.query_drop(create_table_sql(&staging_name(def), def))
             .await
             .map_err(self.fail(&format!("creating the staging table of {}", def.name)))
+    }
+
+    async fn drop_staging(&self, c: &mut Conn, def: &TableDef) -> Result<(), SinkError> {
+        c.exec_drop(
+            format!("DELETE FROM {} WHERE namespace = ? AND table_name = ?", our_table("checkpoints")),
+            (&def.namespace, &def.name),
+        )
+        .await
+        .map_err(self.fail("clearing checkpoints"))?;
+        c.query_drop(format!("DROP TABLE IF EXISTS {}", staging_name(def)))
+            .await
+            .map_err(self.fail(&format!("dropping the staging table of {}", def.name)))
     }
 
     async fn load_part(&self, c: &mut Conn, def: &TableDef, rows: &mut Pump<'_>) -> Result<(), SinkError> {

@@ -1132,6 +1132,21 @@ impl Dialect for PostgresDialect {
         .map_err(self.fail(&format!("creating the staging table of {}", def.name)))
     }
 
+    async fn drop_staging(&self, c: &mut PgConn, def: &TableDef) -> Result<(), SinkError> {
+        c.batch_execute(&format!(
+            "BEGIN;
+             DELETE FROM {0}.\"checkpoints\" WHERE namespace = {1} AND table_name = {2};
+             DROP TABLE IF EXISTS {3};
+             COMMIT",
+            ident(OUR_SCHEMA),
+            literal(&def.namespace),
+            literal(&def.name),
+            staging_name(def),
+        ))
+        .await
+        .map_err(self.fail(&format!("dropping the staging table of {}", def.name)))
+    }
+
     async fn load_part(&self, c: &mut PgConn, def: &TableDef, rows: &mut Pump<'_>) -> Result<(), SinkError> {
         let copy_sql = format!("COPY {} ({}) FROM STDIN", staging_name(def), column_list(def));
         self.copy_rows(c, def, &copy_sql, false, rows).await

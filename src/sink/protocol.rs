@@ -148,6 +148,9 @@ pub trait Dialect: Send + Sync + 'static {
     async fn staging_exists(&self, c: &mut Self::Conn, def: &TableDef) -> Result<bool, SinkError>;
     /// A new, empty staging table for `def`, any old one and its checkpoints gone.
     async fn create_staging(&self, c: &mut Self::Conn, def: &TableDef) -> Result<(), SinkError>;
+    /// Drops the staging table and its checkpoints: a load refused for a value the target cannot
+    /// store would be refused again on resuming, so nothing of it is kept.
+    async fn drop_staging(&self, c: &mut Self::Conn, def: &TableDef) -> Result<(), SinkError>;
     /// Writes one part's records into staging, in the open transaction.
     async fn load_part(&self, c: &mut Self::Conn, def: &TableDef, rows: &mut Pump<'_>) -> Result<(), SinkError>;
     async fn record_checkpoint(
@@ -230,6 +233,19 @@ impl<D: Dialect> Protocol<D> {
     }
 
     /// Ends work on a connection: back to the pool after success, dropped after a failure.
+    /// Drops what a refused load staged (the refusal is what the user sees; a failure to tidy
+    /// is only a warning, and the next run's staging replaces it anyway).
+    async fn forget_staging(&self, def: &TableDef) {
+        let dropped = async {
+            let mut c = self.d.connect().await?;
+            let dropped = self.d.drop_staging(&mut c, def).await;
+            self.finish(c, dropped).await
+        };
+        if let Err(e) = dropped.await {
+            tracing::warn!("{}: could not drop the staging of {}: {e}", self.d.target(), def.name);
+        }
+    }
+
     async fn finish<T>(&self, c: D::Conn, result: Result<T, SinkError>) -> Result<T, SinkError> {
         match result {
             Ok(_) => self.d.release(c),
@@ -455,6 +471,9 @@ impl<D: Dialect> Sink for Protocol<D> {
                 }
                 Err(e) => {
                     self.d.abandon(c).await;
+                    if e.refusal() == Some(Refusal::Input) {
+                        self.forget_staging(def).await;
+                    }
                     return Err(e);
                 }
             }

@@ -653,4 +653,15 @@ async fn nan_is_refused_naming_the_row_or_stored_as_null() {
         "NaN as NULL",
         MSSQL_LIMITS,
     );
+    // A required float column: NULL cannot stand in there; refused with the reason, and the
+    // staging table is gone.
+    let table = "outcome_proficiency_ratings";
+    let args =
+        ["initdb", "--namespace", "canvas", "--table", table, "--connection-string", &url, "--non-finite", "null"];
+    let out = run_ours(&emu, dir.path(), &args).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("points is required (NOT NULL)"), "{err}");
+    let db = server.db().await;
+    assert!(db.table("canvas", table).is_none(), "nothing was published");
+    assert!(db.table("dap_replica", &format!("canvas__{table}")).is_none(), "no staging is left");
 }

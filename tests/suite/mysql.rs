@@ -276,6 +276,32 @@ async fn nan_is_refused_before_anything_is_published_or_stored_as_null_on_reques
     assert_eq!(visible, Some(0), "nothing was published");
     let out = init(&["--non-finite", "null"]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A required float column (outcome_proficiency_ratings.points): NULL cannot stand in for
+    // its NaN either. The refusal says so, and leaves no staging table behind.
+    let args = [
+        "initdb",
+        "--namespace",
+        "canvas",
+        "--table",
+        "outcome_proficiency_ratings",
+        "--connection-string",
+        &url,
+        "--non-finite",
+        "null",
+    ];
+    let out = run_ours(&emu, dir.path(), &args).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("column points holds") && err.contains("points is required (NOT NULL)") && !err.contains("1263"),
+        "{err}"
+    );
+    let left: Option<i64> = c
+        .query_first("SELECT count(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME LIKE '%outcome_proficiency_ratings%'")
+        .await
+        .unwrap();
+    assert_eq!(left, Some(0), "neither the table nor its staging is left");
     let def = emu.table_def("canvas", "assignments").unwrap();
     let mut limits = MYSQL_LIMITS.to_vec();
     limits.push(Limit::NonFiniteAsNull);
