@@ -170,7 +170,7 @@ pub fn versions_sql(conn: &Connection, namespace: &str, table: &str, key: &str) 
         Err(_) => quote_literal(key),
     };
     Ok(format!(
-        "SELECT * FROM {}.{} WHERE {} = {literal} ORDER BY {VALID_FROM}",
+        "SELECT * FROM {}.{} WHERE {} = {literal} ORDER BY {VALID_FROM}, rowid",
         quote(namespace),
         quote(&history),
         quote(&key_column)
