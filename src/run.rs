@@ -445,13 +445,8 @@ pub async fn drop_tables(
         && !file.exists()
     {
         let folder = file.parent().unwrap_or(std::path::Path::new("."));
-        let mut mirrored: Vec<String> = std::fs::read_dir(folder)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".db").map(str::to_string))
-            .collect();
-        mirrored.sort();
+        let mirrored: Vec<String> =
+            crate::mirror::folder::namespace_files(folder).into_iter().map(|(ns, _)| ns).collect();
         let here = if mirrored.is_empty() { "none".to_string() } else { mirrored.join(", ") };
         return Err(RunError::Input(format!(
             "{} does not exist: namespace {namespace} has no mirror there, so there is nothing to drop \

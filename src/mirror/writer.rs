@@ -528,6 +528,19 @@ impl Writer {
         Ok(())
     }
 
+    /// Drops a table's staging and its checkpoints (in the caller's transaction).
+    fn forget_staging(&self, def: &TableDef) -> Result<(), SinkError> {
+        self.conn
+            .execute(
+                &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
+                params![def.namespace, def.name],
+            )
+            .map_err(|e| self.fail("clearing checkpoints", e))?;
+        self.conn
+            .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&staging(&def.name))))
+            .map_err(|e| self.fail("dropping the staging table", e))
+    }
+
     /// Applies the run's history choice to `def` (see `history::apply_choice`).
     fn keeping_history(
         &self,
@@ -768,18 +781,9 @@ impl Dialect for SqliteDialect {
     async fn create_staging(&self, c: &mut SqliteConn, def: &TableDef) -> Result<(), SinkError> {
         let def = def.clone();
         Self::run(c, move |w| {
-            let name = staging(&def.name);
             let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
-            w.conn
-                .execute(
-                    &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
-                    params![def.namespace, def.name],
-                )
-                .map_err(|e| w.fail("clearing checkpoints", e))?;
-            w.conn
-                .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&name)))
-                .map_err(|e| w.fail("dropping an old staging table", e))?;
-            w.create_table(&name, &def)?;
+            w.forget_staging(&def)?;
+            w.create_table(&staging(&def.name), &def)?;
             tx.commit().map_err(|e| w.fail("creating the staging table", e))
         })
         .await
@@ -789,15 +793,7 @@ impl Dialect for SqliteDialect {
         let def = def.clone();
         Self::run(c, move |w| {
             let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
-            w.conn
-                .execute(
-                    &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
-                    params![def.namespace, def.name],
-                )
-                .map_err(|e| w.fail("clearing checkpoints", e))?;
-            w.conn
-                .execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&staging(&def.name))))
-                .map_err(|e| w.fail("dropping the staging table", e))?;
+            w.forget_staging(&def)?;
             tx.commit().map_err(|e| w.fail("dropping the staging table", e))
         })
         .await

@@ -106,6 +106,16 @@ fn staging_table(def: &TableDef) -> String {
     format!("{}__{}", def.namespace, def.name)
 }
 
+/// Forgets the parts a staging table had recorded, so a new staging starts clean.
+fn forget_checkpoints_sql(def: &TableDef) -> String {
+    format!(
+        "DELETE FROM {} WHERE \"namespace\" = {} AND \"table_name\" = {}",
+        ours("checkpoints"),
+        literal(&def.namespace),
+        literal(&def.name)
+    )
+}
+
 fn changes_table(def: &TableDef) -> String {
     format!("{}__{}__changes", def.namespace, def.name)
 }
@@ -1044,24 +1054,14 @@ impl Dialect for MssqlDialect {
     }
 
     async fn create_staging(&self, c: &mut Conn, def: &TableDef) -> Result<(), SinkError> {
-        let sql = format!(
-            "DELETE FROM {} WHERE \"namespace\" = {} AND \"table_name\" = {}; {}",
-            ours("checkpoints"),
-            literal(&def.namespace),
-            literal(&def.name),
-            create_scratch_sql(def, &staging_table(def), Span::Part)
-        );
+        // One batch: the scratch SQL drops an old staging table before creating it.
+        let sql =
+            format!("{}; {}", forget_checkpoints_sql(def), create_scratch_sql(def, &staging_table(def), Span::Part));
         self.batch(c, &sql, &format!("creating the staging table of {}", def.name)).await
     }
 
     async fn drop_staging(&self, c: &mut Conn, def: &TableDef) -> Result<(), SinkError> {
-        let sql = format!(
-            "DELETE FROM {} WHERE \"namespace\" = {} AND \"table_name\" = {}; DROP TABLE IF EXISTS {}",
-            ours("checkpoints"),
-            literal(&def.namespace),
-            literal(&def.name),
-            ours(&staging_table(def))
-        );
+        let sql = format!("{}; DROP TABLE IF EXISTS {}", forget_checkpoints_sql(def), ours(&staging_table(def)));
         self.batch(c, &sql, &format!("dropping the staging table of {}", def.name)).await
     }
 

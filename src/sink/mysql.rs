@@ -1115,15 +1115,7 @@ impl Dialect for MysqlDialect {
     }
 
     async fn create_staging(&self, c: &mut Conn, def: &TableDef) -> Result<(), SinkError> {
-        c.exec_drop(
-            format!("DELETE FROM {} WHERE namespace = ? AND table_name = ?", our_table("checkpoints")),
-            (&def.namespace, &def.name),
-        )
-        .await
-        .map_err(self.fail("clearing checkpoints"))?;
-        c.query_drop(format!("DROP TABLE IF EXISTS {}", staging_name(def)))
-            .await
-            .map_err(self.fail("dropping an old staging table"))?;
+        self.drop_staging(c, def).await?;
         c.query_drop(create_table_sql(&staging_name(def), def))
             .await
             .map_err(self.fail(&format!("creating the staging table of {}", def.name)))
