@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Installs Instructure's official DAP client, the reference the emulator is tested against, into
-# .venv-official/ (with pyarrow, the Parquet reader the tests open downloaded files with, and
-# python-tds, the independent client the TDS test server is checked with).
+# .venv-official/ (with pyarrow, the Parquet reader the tests open downloaded files with,
+# python-tds, the independent client the TDS test server is checked with, and duckdb, which
+# reads `dap archive`'s hive-partitioned Parquet as analysts would; optional).
 # Idempotent: does nothing when the right version is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-official
 version=2.3.1
 if "$venv/bin/dap" --version 2>/dev/null | grep -qx "dap $version" && "$venv/bin/python" -c 'import pyarrow, pytds' 2>/dev/null; then
+  "$venv/bin/python" -c 'import duckdb' 2>/dev/null \
+    || "$venv/bin/pip" install -q --disable-pip-version-check "duckdb>=1" 2>/dev/null \
+    || echo "official-client.sh: duckdb could not be installed; the archive is read with pyarrow only" >&2
   exit 0
 fi
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q --disable-pip-version-check "instructure-dap-client[postgresql,mysql]==$version" "pyarrow>=15" "python-tds==1.17.1" \
   || { echo "official-client.sh: pip could not install instructure-dap-client $version" >&2; exit 1; }
+"$venv/bin/pip" install -q --disable-pip-version-check "duckdb>=1" 2>/dev/null \
+  || echo "official-client.sh: duckdb could not be installed; the archive is read with pyarrow only" >&2
 echo "[official-client] installed: $("$venv/bin/dap" --version)" >&2

@@ -99,7 +99,7 @@ fn quote(name: &str) -> String {
 }
 
 /// The stored definition of a mirrored table, from its bookkeeping row.
-fn table_def(conn: &Connection, namespace: &str, table: &str) -> Result<TableDef, ExportError> {
+pub(crate) fn table_def(conn: &Connection, namespace: &str, table: &str) -> Result<TableDef, ExportError> {
     let missing = || ExportError::NoTable { namespace: namespace.into(), table: table.into() };
     let sql = format!(
         "SELECT schema_version, schema_description FROM {}.instructure_dap__table_sync WHERE source_table = ?1",
@@ -223,47 +223,12 @@ pub fn export(
             w.flush().map_err(write_err)?;
         }
         ExportFormat::Parquet => {
-            let mut leaves = Vec::new();
-            let mut fields = Vec::new();
-            for (name, ty) in &plan.columns {
-                let (t, buf) = leaf_type(name, ty, Repetition::OPTIONAL)?;
-                fields.push(std::sync::Arc::new(t));
-                leaves.push((buf, Vec::<i16>::new()));
-            }
-            let root = std::sync::Arc::new(Type::group_type_builder("schema").with_fields(fields).build()?);
-            let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-            let mut writer = SerializedFileWriter::new(&mut file, root, std::sync::Arc::new(props))?;
-            let mut in_group = 0usize;
-            let flush = |writer: &mut SerializedFileWriter<_>, leaves: &mut Vec<(Buf, Vec<i16>)>| {
-                let mut group = writer.next_row_group()?;
-                for (buf, defs) in leaves.iter_mut() {
-                    let mut col = group.next_column()?.expect("a column writer per field");
-                    buf.write_to(&mut col, Some(defs))?;
-                    col.close()?;
-                    defs.clear();
-                }
-                group.close().map(|_| ())
-            };
+            let mut writer = ParquetWriter::new(&mut file, &plan.columns, Compression::SNAPPY)?;
             while let Some(values) = next(count + 1)? {
-                for ((buf, defs), v) in leaves.iter_mut().zip(&values) {
-                    if *v == Value::Null {
-                        defs.push(0);
-                    } else {
-                        defs.push(1);
-                        buf.push(v);
-                    }
-                }
+                writer.push(&values)?;
                 count += 1;
-                in_group += 1;
-                if in_group == ROW_GROUP_ROWS {
-                    flush(&mut writer, &mut leaves)?;
-                    in_group = 0;
-                }
             }
-            if in_group > 0 || count == 0 {
-                flush(&mut writer, &mut leaves)?;
-            }
-            writer.close()?;
+            writer.finish()?;
         }
     }
     file.as_file().sync_all().map_err(write_err)?;
@@ -273,3 +238,73 @@ pub fn export(
 
 /// Rows per Parquet row group.
 const ROW_GROUP_ROWS: usize = 65_536;
+
+/// A Parquet file written row by row, one row group of [`ROW_GROUP_ROWS`] at a time, each
+/// column with its DAP type (memory holds one row group).
+pub struct ParquetWriter<W: Write + Send> {
+    writer: SerializedFileWriter<W>,
+    leaves: Vec<(Buf, Vec<i16>)>,
+    in_group: usize,
+    rows: u64,
+}
+
+impl<W: Write + Send> ParquetWriter<W> {
+    pub fn new(out: W, columns: &[(String, ColumnType)], compression: Compression) -> Result<Self, ExportError> {
+        let mut leaves = Vec::new();
+        let mut fields = Vec::new();
+        for (name, ty) in columns {
+            let (t, buf) = leaf_type(name, ty, Repetition::OPTIONAL)?;
+            fields.push(std::sync::Arc::new(t));
+            leaves.push((buf, Vec::<i16>::new()));
+        }
+        let root = std::sync::Arc::new(Type::group_type_builder("schema").with_fields(fields).build()?);
+        let props = WriterProperties::builder().set_compression(compression).build();
+        let writer = SerializedFileWriter::new(out, root, std::sync::Arc::new(props))?;
+        Ok(ParquetWriter { writer, leaves, in_group: 0, rows: 0 })
+    }
+
+    pub fn push(&mut self, values: &[Value]) -> Result<(), ExportError> {
+        for ((buf, defs), v) in self.leaves.iter_mut().zip(values) {
+            if *v == Value::Null {
+                defs.push(0);
+            } else {
+                defs.push(1);
+                buf.push(v);
+            }
+        }
+        self.rows += 1;
+        self.in_group += 1;
+        if self.in_group == ROW_GROUP_ROWS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ExportError> {
+        let mut group = self.writer.next_row_group()?;
+        for (buf, defs) in self.leaves.iter_mut() {
+            let mut col = group.next_column()?.expect("a column writer per field");
+            buf.write_to(&mut col, Some(defs))?;
+            col.close()?;
+            defs.clear();
+        }
+        group.close()?;
+        self.in_group = 0;
+        Ok(())
+    }
+
+    /// Writes the last row group and the footer; returns the rows written.
+    pub fn finish(self) -> Result<u64, ExportError> {
+        let rows = self.rows;
+        self.into_inner()?;
+        Ok(rows)
+    }
+
+    /// Writes the last row group and the footer; returns what it wrote to.
+    pub fn into_inner(mut self) -> Result<W, ExportError> {
+        if self.in_group > 0 || self.rows == 0 {
+            self.flush()?;
+        }
+        Ok(self.writer.into_inner()?)
+    }
+}

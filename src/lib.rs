@@ -8,6 +8,7 @@
 //! faithful local DAP server for offline work and every test.
 
 pub mod api;
+pub mod archive;
 pub mod as_of;
 pub mod cli;
 pub mod config;

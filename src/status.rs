@@ -51,6 +51,52 @@ pub struct TableStatus {
     pub targets: Vec<TargetStatus>,
     /// Set when the table keeps history in the mirror.
     pub history: Option<HistoryStatus>,
+    /// Set for an append-only table (web_logs) in a mirror file: what its archive spans.
+    pub archive: Option<ArchiveStatus>,
+}
+
+/// What the mirror holds of an append-only table, which DAP keeps for 30 days only.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ArchiveStatus {
+    /// The oldest and newest row times (`timestamp`), as stored; `None` when empty.
+    pub oldest: Option<String>,
+    pub newest: Option<String>,
+    /// Periods no sync could fetch (DAP had dropped them first): `(after, before)`, the end
+    /// `None` until the snapshot that followed is published.
+    pub gaps: Vec<(String, Option<String>)>,
+}
+
+/// The archive span and gaps of a mirror file's append-only tables, by table.
+fn archive_of(file: &std::path::Path, namespace: &str) -> std::collections::BTreeMap<String, ArchiveStatus> {
+    use crate::mirror::format;
+    if !crate::schema::is_append_only_namespace(namespace) {
+        return Default::default();
+    }
+    let read = || -> rusqlite::Result<_> {
+        let conn = format::open_read_only(file)?;
+        let mut out: std::collections::BTreeMap<String, ArchiveStatus> = Default::default();
+        for (table, after, before) in format::gaps(&conn, namespace)? {
+            out.entry(table).or_default().gaps.push((after, before));
+        }
+        let column = format::quote(crate::schema::APPEND_ONLY_TIME_COLUMN);
+        for table in crate::schema::bundled::tables(namespace).map(|(t, _)| t) {
+            if !format::has_table_named(&conn, table)? {
+                continue;
+            }
+            let (oldest, newest) = conn.query_row(
+                &format!("SELECT min({column}), max({column}) FROM {}", format::quote(table)),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let entry = out.entry(table.to_string()).or_default();
+            (entry.oldest, entry.newest) = (oldest, newest);
+        }
+        Ok(out)
+    };
+    read().unwrap_or_else(|e| {
+        tracing::warn!("{}: could not read the span of its logs: {e}", file.display());
+        Default::default()
+    })
 }
 
 /// A table's history in the mirror.
@@ -166,6 +212,7 @@ pub async fn status(request: &StatusRequest) -> Result<Vec<TableStatus>, SinkErr
         };
         let state = local.as_ref().map(|p| StateFile::load(&StateFile::path_for(p))).unwrap_or_default();
         let histories = local.as_deref().map(history_of).unwrap_or_default();
+        let archives = local.as_deref().map(|f| archive_of(f, &ns)).unwrap_or_default();
         let file = sink.describe();
         let mut positions: Vec<(String, Result<Vec<Bookkeeping>, String>)> = Vec::new();
         for spec in &request.targets {
@@ -202,6 +249,7 @@ pub async fn status(request: &StatusRequest) -> Result<Vec<TableStatus>, SinkErr
                 file: file.clone(),
                 targets,
                 history: histories.get(&(ns.clone(), b.table.clone())).cloned(),
+                archive: archives.get(&b.table).cloned(),
             });
         }
     }

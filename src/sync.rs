@@ -376,6 +376,23 @@ impl Replicator {
         intact?;
         let extract = match extract {
             Ok(extract) => extract,
+            Err(SourceError::SnapshotRequired { reason }) if schema.def.is_append_only() => {
+                // DAP has dropped logs this mirror never fetched. A new snapshot loses nothing
+                // (it replaces only the rows it holds), so it is taken without asking; the gap is
+                // recorded first (its end once known), so that a crash cannot hide it.
+                tracing::warn!("{namespace}.{table}: {reason}; taking a new snapshot, keeping every older row");
+                self.sink.record_gap(namespace, table, stored.watermark).await?;
+                let (report, _) = Box::pin(self.initdb_once(namespace, table, Init::Replace, watch)).await?;
+                if let Some(gap) = self.sink.record_gap(namespace, table, stored.watermark).await? {
+                    let until = gap.before.map_or("the oldest row of the new snapshot".into(), time::format_wire);
+                    tracing::warn!(
+                        "{namespace}.{table}: no rows between {} and {until}: they had left the source's window (DAP keeps {} days) before this sync",
+                        time::format_wire(gap.after),
+                        crate::schema::APPEND_ONLY_WINDOW_DAYS
+                    );
+                }
+                return Ok(report);
+            }
             Err(SourceError::SnapshotRequired { reason }) if self.reinit == Reinit::Automatically => {
                 tracing::warn!("{namespace}.{table}: {reason}; taking a new snapshot (--auto-reinit)");
                 return Box::pin(self.initdb_once(namespace, table, Init::Replace, watch))

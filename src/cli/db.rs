@@ -490,6 +490,11 @@ pub(super) fn print_status(report: &[TableStatus], output: Output) -> anyhow::Re
                 "last_result": t.last_result,
                 "file": t.file,
                 "history": t.history.as_ref().map(|h| json!({"since": h.since, "versions": h.versions, "days": h.days})),
+                "archive": t.archive.as_ref().map(|a| json!({
+                    "oldest": a.oldest,
+                    "newest": a.newest,
+                    "gaps": a.gaps.iter().map(|(after, before)| json!({"after": after, "before": before})).collect::<Vec<_>>(),
+                })),
             })
         })
         .collect();
@@ -526,6 +531,21 @@ pub(super) fn print_status(report: &[TableStatus], output: Output) -> anyhow::Re
                 .as_u64()
                 .map_or("every version kept".to_string(), |d| format!("ended versions kept {d} days"));
             println!("  history since {}: {} versions, {kept}", text(&h["since"], ""), h["versions"]);
+        }
+        if let Some(a) = r["archive"].as_object() {
+            println!(
+                "  logs from {} to {} (DAP keeps {} days; the mirror keeps every log it fetched)",
+                text(&a["oldest"], "-"),
+                text(&a["newest"], "-"),
+                crate::schema::APPEND_ONLY_WINDOW_DAYS
+            );
+            for g in a["gaps"].as_array().into_iter().flatten() {
+                println!(
+                    "  gap: no logs between {} and {}: the mirror was not synced within DAP's window",
+                    text(&g["after"], ""),
+                    text(&g["before"], "the snapshot that follows")
+                );
+            }
         }
         for t in r["targets"].as_array().into_iter().flatten() {
             println!(

@@ -74,6 +74,10 @@ pub struct EmulatorArgs {
     /// Refuse incrementals with `since` older than this many days (out of range).
     #[arg(long)]
     retention_days: Option<u64>,
+    /// Days of web_logs DAP keeps (snapshots hold this window, older incrementals are out of
+    /// range); 0 keeps every log.
+    #[arg(long, default_value_t = 30)]
+    weblogs_retention_days: u64,
     /// Serve a table at a newer schema version from the start, as `namespace.table=CHANGE`
     /// (repeatable; rows already there keep the old schema's values). CHANGE is one of
     /// add-column, widen-max-length, add-enum-value, make-optional, add-nested-member,
@@ -126,6 +130,8 @@ impl EmulatorArgs {
             edge_rows: !self.plausible,
             web_logs_duplicate_rate: EmulatorConfig::default().web_logs_duplicate_rate,
             retention: self.retention_days.map(|d| Duration::from_secs(d * 86_400)),
+            log_retention: (self.weblogs_retention_days > 0)
+                .then(|| Duration::from_secs(self.weblogs_retention_days * 86_400)),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The command line: global options as the official client has them, and one small function per
 //! command over the library.
 
+mod archive;
 mod configure;
 mod db;
 mod ddl;
@@ -160,6 +161,9 @@ pub enum Command {
     History(query::HistoryArgs),
     /// Write a mirror table, or a query, to a CSV, TSV, JSON Lines or Parquet file.
     Export(export::ExportArgs),
+    /// Keep a log table (web_logs, which DAP keeps 30 days) as day-partitioned Parquet files
+    /// that DuckDB, pandas and Spark read; reruns write only what changed.
+    Archive(archive::ArchiveArgs),
     /// Write a consistent copy of the mirror into one compressed file (safe during a sync).
     Pack(pack::PackArgs),
     /// Restore a mirror from a pack; it syncs on from where the pack left off.
@@ -321,6 +325,7 @@ impl Cli {
             | Command::Query(_)
             | Command::History(_)
             | Command::Export(_)
+            | Command::Archive(_)
             | Command::Pack(_)
             | Command::Unpack(_)
             | Command::Completions { .. } => None,
@@ -382,6 +387,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Query(args) => quiet_on_closed_pipe(on_a_thread(move || query::run(args)).await),
         Command::History(args) => quiet_on_closed_pipe(on_a_thread(move || query::history(args)).await),
         Command::Export(args) => on_a_thread(move || export::run(args)).await,
+        Command::Archive(args) => on_a_thread(move || archive::run(args)).await,
         Command::Pack(args) => on_a_thread(move || pack::pack(args)).await,
         Command::Unpack(args) => on_a_thread(move || pack::unpack(args)).await,
         Command::Completions { shell } => {
@@ -445,7 +451,12 @@ impl Command {
     pub fn stops_by_itself_on_interrupt(&self) -> bool {
         matches!(
             self,
-            Command::Query(_) | Command::History(_) | Command::Export(_) | Command::Pack(_) | Command::Unpack(_)
+            Command::Query(_)
+                | Command::History(_)
+                | Command::Export(_)
+                | Command::Archive(_)
+                | Command::Pack(_)
+                | Command::Unpack(_)
         )
     }
 }

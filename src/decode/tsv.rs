@@ -210,7 +210,7 @@ mod tests {
         for (ns, tables) in &d.tables {
             for (name, state) in tables {
                 let def = &state.current().def;
-                let selection = Selection::Snapshot { at: state.history.head() };
+                let selection = Selection::Snapshot { at: state.history.head(), oldest: None };
                 let spec = PartSpec {
                     def,
                     format: Format::Tsv,

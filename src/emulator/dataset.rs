@@ -42,8 +42,16 @@ impl TableState {
 /// Which rows a query selects.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Selection {
-    Snapshot { at: Micros },
-    Incremental { since: Micros, until: Option<Micros> },
+    /// The rows at `at`; of an append-only table only those inserted at or after `oldest`
+    /// (DAP's window), every row when `None`.
+    Snapshot {
+        at: Micros,
+        oldest: Option<Micros>,
+    },
+    Incremental {
+        since: Micros,
+        until: Option<Micros>,
+    },
 }
 
 /// One output record in the layout of a given schema version.
@@ -105,7 +113,14 @@ pub struct Dataset {
     pub tables: BTreeMap<String, BTreeMap<String, TableState>>,
     /// Snapshots of `web_logs` repeat this share of rows (its source delivers at least once).
     pub web_logs_duplicate_rate: f64,
+    /// How long append-only tables (web_logs) are served: snapshots hold this window and older
+    /// incrementals are out of range. `None` serves them whole.
+    pub log_retention: Option<Micros>,
 }
+
+/// The span before the anchor in which a log table's base rows were requested (its `timestamp`
+/// is "requests of the last two weeks").
+const LOG_BASE_SPAN: Micros = 14 * crate::time::MICROS_PER_DAY;
 
 /// The envelope of a flat schema: first property → `key`, the rest → `value`, plus `meta`.
 pub fn envelope(flat: &Json, version: u32) -> Json {
@@ -162,14 +177,34 @@ impl Dataset {
                 let flat: Json = serde_json::from_str(text)
                     .map_err(|e| SchemaError::Invalid { table: format!("{ns}.{table}"), what: e.to_string() })?;
                 let first = schema_version(ns, table, 1, flat)?;
-                let history = History::new(generator.table_seed(&first.def), rows(ns, table), generator.anchor, 1);
+                let mut history = History::new(generator.table_seed(&first.def), rows(ns, table), generator.anchor, 1);
+                if first.def.is_append_only() {
+                    history = history.with_base_span(LOG_BASE_SPAN);
+                }
                 tables
                     .entry(ns.to_string())
                     .or_default()
                     .insert(table.to_string(), TableState { versions: vec![first], history });
             }
         }
-        Ok(Dataset { generator, tables, web_logs_duplicate_rate: 0.01 })
+        Ok(Dataset { generator, tables, web_logs_duplicate_rate: 0.01, log_retention: None })
+    }
+
+    /// The latest commit of any table (the anchor before any).
+    pub fn latest_commit(&self) -> Micros {
+        self.tables
+            .values()
+            .flat_map(|t| t.values())
+            .map(|t| t.history.head())
+            .max()
+            .unwrap_or(0)
+            .max(self.generator.anchor)
+    }
+
+    /// The oldest insert time DAP still serves of `def` at `now`: `Some` for an append-only table
+    /// when a retention is set.
+    pub fn retained_from(&self, def: &TableDef, now: Micros) -> Option<Micros> {
+        self.log_retention.filter(|_| def.is_append_only()).map(|r| now - r)
     }
 
     pub fn namespace(&self, ns: &str) -> Result<&BTreeMap<String, TableState>, DatasetError> {
@@ -389,11 +424,14 @@ impl Dataset {
         let seed = self.generator.seed;
         let indices = match selection {
             Selection::Incremental { since, .. } => state.history.candidates(since, range),
-            Selection::Snapshot { .. } => Box::new(range),
+            Selection::Snapshot { oldest: None, .. } => Box::new(range),
+            Selection::Snapshot { oldest: Some(oldest), .. } => {
+                Box::new(range.filter(move |idx| state.history.inserted_at(*idx).is_some_and(|t| t >= oldest)))
+            }
         };
         indices.flat_map(move |idx| {
             let change = match selection {
-                Selection::Snapshot { at } => state.history.state_at(idx, at),
+                Selection::Snapshot { at, .. } => state.history.state_at(idx, at),
                 Selection::Incremental { since, until } => state.history.change_in(idx, since, until),
             };
             let record = change.map(|c| self.record(state, out, idx, c, selection));
@@ -428,6 +466,15 @@ impl Dataset {
         if change.kind == ChangeKind::SoftDelete {
             soft_delete(written, &mut generated);
         }
+        if written.is_append_only() && !(self.generator.edge_rows && idx <= super::generate::EDGE_ROWS) {
+            // A log is timed by its request, which is when it was committed.
+            if let (Some(i), Some(at)) = (
+                written.values.iter().position(|c| c.name == crate::schema::APPEND_ONLY_TIME_COLUMN),
+                state.history.inserted_at(idx),
+            ) {
+                generated[i] = Value::Timestamp(at);
+            }
+        }
         out.values
             .iter()
             .map(|c| written.values.iter().position(|w| w.name == c.name).map_or(Value::Null, |i| generated[i].clone()))
@@ -451,7 +498,7 @@ impl Dataset {
         let def = &state.current().def;
         let at = at.unwrap_or_else(|| state.history.head());
         Ok(self
-            .records(state, Selection::Snapshot { at }, def.version, 1..state.history.key_space() + 1)
+            .records(state, Selection::Snapshot { at, oldest: None }, def.version, 1..state.history.key_space() + 1)
             .scan(None, move |last_key: &mut Option<Value>, r| {
                 // web_logs duplicates are a delivery artefact, not rows.
                 let dup = last_key.as_ref() == Some(&r.key);
@@ -618,8 +665,36 @@ mod tests {
         .unwrap();
         d.web_logs_duplicate_rate = 0.05;
         let state = d.table("canvas_logs", "web_logs").unwrap();
-        let n = d.records(state, Selection::Snapshot { at: state.history.head() }, 1, 1..2001).count();
+        let n = d.records(state, Selection::Snapshot { at: state.history.head(), oldest: None }, 1, 1..2001).count();
         assert!(n > 2000 + 50, "{n}");
         assert_eq!(d.truth("canvas_logs", "web_logs").unwrap().count(), 2000);
+    }
+
+    #[test]
+    fn a_log_snapshot_holds_its_window_and_logs_are_timed_by_their_commit() {
+        // More base rows than edge rows, so that the new logs are ordinary rows.
+        let mut d = Dataset::bundled(
+            Generator { seed: 5, anchor: 1_767_225_600_000_000, special_floats: true, edge_rows: true, id_space: 0 },
+            |_, _| 30,
+        )
+        .unwrap();
+        let anchor = d.generator.anchor;
+        let day = crate::time::MICROS_PER_DAY;
+        d.log_retention = Some(30 * day);
+        let plan = d.commit("canvas_logs", "web_logs", anchor + 40 * day, [3, 0, 0, 0]).unwrap();
+        let state = d.table("canvas_logs", "web_logs").unwrap();
+        let def = &state.current().def;
+        let oldest = d.retained_from(def, anchor + 40 * day);
+        assert_eq!(oldest, Some(anchor + 10 * day));
+        let window: Vec<Record> =
+            d.records(state, Selection::Snapshot { at: anchor + 40 * day, oldest }, 1, 1..34).collect();
+        assert_eq!(window.len(), 3, "the base logs (before the anchor) left the window; the new ones are in it");
+        let at = def.values.iter().position(|c| c.name == "timestamp").unwrap();
+        for r in &window {
+            assert_eq!(r.values.as_ref().unwrap()[at], Value::Timestamp(anchor + 40 * day));
+        }
+        assert_eq!(plan.inserts.len(), 3);
+        assert_eq!(d.truth("canvas_logs", "web_logs").unwrap().count(), 33, "the truth keeps every log");
+        assert_eq!(d.retained_from(&d.table("canvas", "accounts").unwrap().current().def, anchor), None);
     }
 }

@@ -46,6 +46,8 @@ pub struct History {
     base_rows: u64,
     base_version: u32,
     anchor: Micros,
+    /// Base rows were inserted within this span before the anchor.
+    base_span: Micros,
     next_idx: u64,
     head: Micros,
     changes: BTreeMap<u64, Vec<Change>>,
@@ -58,10 +60,17 @@ impl History {
             base_rows,
             base_version,
             anchor,
+            base_span: 365 * MICROS_PER_DAY,
             next_idx: base_rows + 1,
             head: anchor,
             changes: BTreeMap::new(),
         }
+    }
+
+    /// Base rows inserted within `span` before the anchor (a log's recent requests), not a year.
+    pub fn with_base_span(mut self, span: Micros) -> History {
+        self.base_span = span.max(1);
+        self
     }
 
     /// The time of the latest commit (the anchor before any commit).
@@ -74,13 +83,13 @@ impl History {
         self.next_idx - 1
     }
 
-    /// The insert of a base row, within the year before the anchor.
+    /// The insert of a base row, within the base span (a year) before the anchor.
     fn base_change(&self, idx: u64) -> Option<Change> {
         if idx == 0 || idx > self.base_rows {
             return None;
         }
         let mut rng = Rng::new(mix(&[self.seed, idx, 0xba5e]));
-        let mut ts = self.anchor - 1 - rng.below(365 * MICROS_PER_DAY as u64) as i64;
+        let mut ts = self.anchor - 1 - rng.below(self.base_span as u64) as i64;
         if rng.chance(0.5) {
             ts -= ts.rem_euclid(MICROS_PER_SECOND);
         }
@@ -90,6 +99,11 @@ impl History {
     /// Every version of row `idx`, oldest first.
     fn versions(&self, idx: u64) -> impl Iterator<Item = Change> + '_ {
         self.base_change(idx).into_iter().chain(self.changes.get(&idx).into_iter().flatten().copied())
+    }
+
+    /// When row `idx` was first inserted.
+    pub fn inserted_at(&self, idx: u64) -> Option<Micros> {
+        self.versions(idx).next().map(|c| c.ts)
     }
 
     /// The latest version of row `idx` at time `at`, if the row exists then.

@@ -165,7 +165,7 @@ mod tests {
             selection,
             schema_version: 2,
             window: match selection {
-                Selection::Snapshot { at } => Window::At(at),
+                Selection::Snapshot { at, .. } => Window::At(at),
                 Selection::Incremental { since, .. } => Window::Range { since, until: since },
             },
             running_at: 10,
@@ -178,7 +178,7 @@ mod tests {
     #[test]
     fn lifecycle_and_exact_keys() {
         let objects = plan_objects("j1", "t", Format::Tsv, 5, 2);
-        let j = job(Outcome::Complete { objects }, Selection::Snapshot { at: 1_714_564_800_000_000 });
+        let j = job(Outcome::Complete { objects }, Selection::Snapshot { at: 1_714_564_800_000_000, oldest: None });
         let (code, body) = j.to_json(5);
         assert_eq!((code, body["status"].as_str()), (StatusCode::ACCEPTED, Some("waiting")));
         assert_eq!(body.as_object().unwrap().len(), 3);
@@ -195,7 +195,7 @@ mod tests {
     fn failed_jobs_carry_the_error() {
         let j = job(
             Outcome::Failed { error: json!({"type": "ProcessingError", "uuid": "u", "message": "boom"}) },
-            Selection::Snapshot { at: 0 },
+            Selection::Snapshot { at: 0, oldest: None },
         );
         let body = j.to_json(50).1;
         assert_eq!(body["status"], "failed");
@@ -215,7 +215,10 @@ mod tests {
     #[test]
     fn jobs_expire() {
         let mut jobs = Jobs::default();
-        jobs.insert("q".into(), job(Outcome::Complete { objects: vec![] }, Selection::Snapshot { at: 0 }));
+        jobs.insert(
+            "q".into(),
+            job(Outcome::Complete { objects: vec![] }, Selection::Snapshot { at: 0, oldest: None }),
+        );
         assert!(jobs.find_query("q", 50).is_some());
         assert!(jobs.get("j1", 100).is_none());
         jobs.expire_all(30);

@@ -76,6 +76,9 @@ pub struct EmulatorConfig {
     pub web_logs_duplicate_rate: f64,
     /// Incrementals with `since` older than this are out of range.
     pub retention: Option<Duration>,
+    /// How long DAP keeps append-only tables (web_logs: 30 days): a snapshot holds the logs of
+    /// this window only, an incremental from before it is out of range. `None` keeps them all.
+    pub log_retention: Option<Duration>,
 }
 
 pub const DEFAULT_CLIENT_ID: &str = "us-east-1#dap-replica-emulator";
@@ -107,6 +110,7 @@ impl Default for EmulatorConfig {
             edge_rows: true,
             web_logs_duplicate_rate: 0.01,
             retention: None,
+            log_retention: Some(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -178,6 +182,8 @@ fn endpoint_name(e: Endpoint) -> String {
 /// The shared state behind every route and the in-process handle.
 pub(crate) struct State {
     config: EmulatorConfig,
+    /// Wall-clock start: the emulator's clock runs from the anchor at the wall clock's pace.
+    started: Micros,
     signing_key: [u8; 32],
     base_url: String,
     dataset: RwLock<Dataset>,
@@ -189,6 +195,13 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// The emulator's time: the anchor (the base data's export time) plus the time it has been
+    /// running, or the latest commit when a test placed one later. Windows and "now" follow it,
+    /// so a test moves time by committing at a later `at`.
+    fn clock(&self, d: &Dataset) -> Micros {
+        (self.config.anchor + (time::now() - self.started)).max(d.latest_commit())
+    }
+
     /// A commit now (just after the table's latest), or at `at` (later than the latest).
     fn commit(
         &self,
@@ -199,12 +212,16 @@ impl State {
     ) -> Result<CommitSummary, DatasetError> {
         let mut d = self.dataset.write().expect("dataset lock");
         let head = d.table(ns, table)?.history.head();
+        if at.is_some_and(|at| at - self.clock(&d) >= self.config.job_lifetime.as_micros() as Micros) {
+            // Time moves past a job's lifetime: every job of before has expired, as in DAP.
+            self.jobs.lock().expect("jobs lock").expire_all(time::now());
+        }
         let ts = match at {
             Some(at) if at <= head => {
                 return Err(DatasetError::NotAfterHead { at: time::format_wire(at), head: time::format_wire(head) });
             }
             Some(at) => at,
-            None => time::now().max(head + 1),
+            None => self.clock(&d).max(head + 1),
         };
         let plan =
             d.commit(ns, table, ts, [counts.inserts, counts.updates, counts.soft_deletes, counts.hard_deletes])?;
@@ -227,7 +244,8 @@ impl State {
         let mut d = self.dataset.write().expect("dataset lock");
         // After every existing commit, so the new table's rows are news to every watermark.
         let head = d.namespace(ns)?.values().map(|t| t.history.head()).max().unwrap_or(0);
-        d.add_table(ns, table, rows, time::now().max(head + 1))
+        let now = self.clock(&d).max(head + 1);
+        d.add_table(ns, table, rows, now)
     }
 
     fn truth(&self, ns: &str, table: &str, at: Option<Micros>) -> Result<Vec<Map<String, Json>>, DatasetError> {
@@ -259,6 +277,7 @@ impl Emulator {
         };
         let mut dataset = Dataset::bundled(generator, |ns, t| config.rows_for(ns, t))?;
         dataset.web_logs_duplicate_rate = config.web_logs_duplicate_rate;
+        dataset.log_retention = config.log_retention.map(|d| d.as_micros() as Micros);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", config.port))
             .await
             .map_err(|source| EmulatorError::Bind { port: config.port, source })?;
@@ -267,6 +286,7 @@ impl Emulator {
         signing_key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
         signing_key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
         let state = Arc::new(State {
+            started: time::now(),
             limiter: Mutex::new(RateLimiter::new(config.rate_window)),
             config,
             signing_key,

@@ -258,7 +258,8 @@ struct QueryRequest {
     until: Option<Micros>,
 }
 
-fn parse_query(body: &str) -> Result<QueryRequest, ApiError> {
+/// Parses a query body; `now` is the emulator's clock (`since`/`until` may not be later).
+fn parse_query(body: &str, now: Micros) -> Result<QueryRequest, ApiError> {
     let invalid = |msg: String, at: &str| ApiError::validation(msg, location(body, at));
     let v: Json = serde_json::from_str(body)
         .map_err(|e| ApiError::validation(format!("malformed JSON: {e}"), (e.line(), e.column(), 0)))?;
@@ -290,7 +291,6 @@ fn parse_query(body: &str) -> Result<QueryRequest, ApiError> {
         }
     };
     let (since, until) = (stamp("since")?, stamp("until")?);
-    let now = time::now();
     match (since, until) {
         (None, Some(_)) => return Err(invalid("`until` requires `since`".into(), "\"until\"")),
         (Some(s), Some(u)) if s >= u => {
@@ -313,10 +313,13 @@ async fn query(
     Query(params): Query<HashMap<String, String>>,
     body: String,
 ) -> Result<Response, ApiError> {
-    let q = parse_query(&body)?;
     let now = time::now();
     let d = state.dataset.read().expect("dataset lock");
+    let clock = state.clock(&d);
+    // Times up to the wall clock are not in the future, even while the emulator's runs behind.
+    let q = parse_query(&body, clock.max(now))?;
     let t = d.table(&ns, &table).map_err(dataset_error)?;
+    let retained_from = d.retained_from(&t.current().def, clock);
     let incremental = q.since.is_some();
     let fault = state.faults.lock().expect("faults lock").take(super::Endpoint::Query, Some(&table), |k| {
         k == FaultKind::FailedJob || (incremental && matches!(k, FaultKind::OutOfRange | FaultKind::SnapshotRequired))
@@ -330,7 +333,8 @@ async fn query(
             }
             _ => {}
         }
-        if state.config.retention.is_some_and(|r| since < now - r.as_micros() as i64) {
+        let cutoff = state.config.retention.map(|r| clock - r.as_micros() as i64);
+        if cutoff.into_iter().chain(retained_from).any(|oldest| since < oldest) {
             return Err(ApiError::out_of_range(&s, u.as_deref()));
         }
     }
@@ -348,7 +352,7 @@ async fn query(
     }
     let head = t.history.head();
     let (selection, window) = match q.since {
-        None => (Selection::Snapshot { at: head }, Window::At(head)),
+        None => (Selection::Snapshot { at: head, oldest: retained_from }, Window::At(head)),
         Some(since) => {
             // Without `until`, the window ends at (and includes) the latest commit, which is
             // reported as `until`; the next incremental starts there.
@@ -586,19 +590,25 @@ mod tests {
 
     #[test]
     fn query_validation_points_at_the_field() {
-        let e = parse_query("{\"format\":\"xml\"}").err().unwrap();
+        let e = parse_query("{\"format\":\"xml\"}", time::now()).err().unwrap();
         assert_eq!(e.error["type"], "ValidationError");
         assert_eq!(e.error["location"]["character"], 1);
-        let e = parse_query("{\"format\":\"tsv\",\n \"since\":\"2024-01-01T00:00:00\"}").err().unwrap();
+        let e = parse_query("{\"format\":\"tsv\",\n \"since\":\"2024-01-01T00:00:00\"}", time::now()).err().unwrap();
         assert_eq!(e.error["location"]["line"], 2);
         assert!(
-            parse_query("{\"format\":\"tsv\",\"since\":\"2024-01-02T00:00:00Z\",\"until\":\"2024-01-01T00:00:00Z\"}")
-                .is_err()
+            parse_query(
+                "{\"format\":\"tsv\",\"since\":\"2024-01-02T00:00:00Z\",\"until\":\"2024-01-01T00:00:00Z\"}",
+                time::now()
+            )
+            .is_err()
         );
-        assert!(parse_query("{\"format\":\"tsv\",\"filter\":{}}").is_err());
-        let ok = parse_query("{\"format\":\"csv\",\"mode\":\"condensed\",\"since\":\"2024-05-01T12:00:00.5Z\"}")
-            .ok()
-            .unwrap();
+        assert!(parse_query("{\"format\":\"tsv\",\"filter\":{}}", time::now()).is_err());
+        let ok = parse_query(
+            "{\"format\":\"csv\",\"mode\":\"condensed\",\"since\":\"2024-05-01T12:00:00.5Z\"}",
+            time::now(),
+        )
+        .ok()
+        .unwrap();
         assert_eq!((ok.format, ok.mode), (Format::Csv, Some(Mode::Condensed)));
     }
 }

@@ -39,6 +39,23 @@ pub const CHANGES: &str = "dap_replica__changes";
 /// kept. Made when history is first turned on.
 pub const HISTORY_SETTINGS: &str = "dap_replica__history";
 
+/// Periods of append-only tables (web_logs) no sync could fetch, because DAP had dropped them
+/// from its window first: one row per gap, its end NULL until the snapshot that followed it is
+/// published. Made when the first gap is found.
+pub const GAPS: &str = "dap_replica__gaps";
+
+/// The gaps of the tables of `namespace` in a mirror file: `(table, after, before)`, oldest
+/// first (none when the file has no gap table).
+pub fn gaps(conn: &Connection, namespace: &str) -> rusqlite::Result<Vec<(String, String, Option<String>)>> {
+    if !has_table_named(conn, GAPS)? {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare(&format!(
+        "SELECT source_table, after, before FROM {GAPS} WHERE source_namespace = ?1 ORDER BY source_table, after"
+    ))?;
+    stmt.query_map([namespace], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
+}
+
 /// The history table of `table`: every version of its rows (`history.rs`).
 pub fn history_table(table: &str) -> String {
     format!("{table}__history")
@@ -317,6 +334,7 @@ pub fn foreign_objects(conn: &Connection, views: UserViews) -> rusqlite::Result<
     let ours = |name: &str| {
         INTERNAL_TABLES.iter().any(|(t, _)| *t == name)
             || name == HISTORY_SETTINGS
+            || name == GAPS
             || replicated.iter().any(|t| t == name || staging(t) == name || history_table(t) == name)
             || ["sqlite_sequence", "sqlite_stat1", "sqlite_stat4"].contains(&name)
     };

@@ -27,8 +27,8 @@ use crate::decode::Record;
 use crate::feed::Pump;
 use crate::schema::delta::{Change, SchemaDelta};
 use crate::schema::{ColumnType, TableDef};
-use crate::sink::protocol::{Dialect, Provision, Staged, StoredBookkeeping};
-use crate::sink::{Access, Bookkeeping, ConnectionString, Refusal, RunRecord, SinkError, SinkOptions};
+use crate::sink::protocol::{Dialect, Provision, Replaces, Staged, StoredBookkeeping, shared_columns};
+use crate::sink::{Access, Bookkeeping, ConnectionString, Gap, Refusal, RunRecord, SinkError, SinkOptions};
 use crate::time;
 use crate::value::Value;
 
@@ -844,12 +844,23 @@ impl Dialect for SqliteDialect {
         &self,
         c: &mut SqliteConn,
         def: &TableDef,
-        _delta: &SchemaDelta,
+        delta: &SchemaDelta,
         b: &Bookkeeping,
     ) -> Result<(), SinkError> {
         let (def, b, choice) = (def.clone(), b.clone(), self.history.clone());
+        let shared: Vec<String> = shared_columns(&def, delta).map(quote).collect();
         Self::run(c, move |w| {
             let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
+            if w.has_table(&def.name)?
+                && let Some(sql) = Replaces::of(&def).carry_over_sql(
+                    &quote(&def.name),
+                    &quote(&staging(&def.name)),
+                    &quote(&def.key.name),
+                    &shared,
+                )
+            {
+                w.conn.execute(&sql, []).map_err(|e| w.fail(&format!("keeping the older rows of {}", def.name), e))?;
+            }
             w.swap_in(&def.name, &staging(&def.name))?;
             if w.keeping_history(&def, &choice, b.watermark)? != Keeping::No {
                 history::open_versions_of_snapshot(&w.conn, &def, b.watermark)
@@ -948,6 +959,50 @@ impl Dialect for SqliteDialect {
     /// VACUUM: the file is rewritten without the free pages.
     async fn reclaim_space(&self, c: &mut SqliteConn) -> Result<(), SinkError> {
         Self::run(c, |w| w.conn.execute_batch("VACUUM").map_err(|e| w.fail("compacting the file (VACUUM)", e))).await
+    }
+
+    /// The gap's end is the oldest row newer than `after` up to the table's watermark (rows
+    /// outside that range were not brought by the snapshot that followed the gap).
+    async fn record_gap(
+        &self,
+        c: &mut SqliteConn,
+        namespace: &str,
+        table: &str,
+        after: time::Micros,
+    ) -> Result<Option<Gap>, SinkError> {
+        let (ns, t) = (namespace.to_string(), table.to_string());
+        Self::run(c, move |w| {
+            let fail = |e| w.fail(&format!("recording the gap in {t}"), e);
+            let watermark = w.stored_rows(Some(&ns), Some(&t))?.first().and_then(|b| b.watermark.clone().ok());
+            let column = quote(crate::schema::APPEND_ONLY_TIME_COLUMN);
+            let has_time = w.column_types(&t)?.iter().any(|(n, _)| n == crate::schema::APPEND_ONLY_TIME_COLUMN);
+            let before: Option<String> = match watermark {
+                Some(upto) if has_time => w
+                    .conn
+                    .query_row(
+                        &format!("SELECT min({column}) FROM {} WHERE {column} > ?1 AND {column} <= ?2", quote(&t)),
+                        params![time::format_fixed(after), time::format_fixed(upto)],
+                        |r| r.get(0),
+                    )
+                    .map_err(fail)?,
+                _ => None,
+            };
+            w.conn
+                .execute_batch(&format!(
+                    "CREATE TABLE IF NOT EXISTS {GAPS} (source_namespace TEXT NOT NULL, source_table TEXT NOT NULL, \
+                     after TEXT NOT NULL, before TEXT, PRIMARY KEY (source_namespace, source_table, after))"
+                ))
+                .map_err(fail)?;
+            w.conn
+                .execute(
+                    &format!("INSERT OR REPLACE INTO {GAPS} VALUES (?1, ?2, ?3, ?4)"),
+                    params![ns, t, time::format_fixed(after), before],
+                )
+                .map_err(fail)?;
+            let before = before.as_deref().map(time::parse_rfc3339).transpose().ok().flatten();
+            Ok(Some(Gap { after, before }))
+        })
+        .await
     }
 
     async fn record_run(&self, namespace: &str, table: &str, run: &RunRecord) {

@@ -75,7 +75,26 @@ pub enum ColumnType {
 /// The placeholder DAP sends for text too large to export.
 pub const OVERSIZED_PLACEHOLDER: &str = "__dap_oversized_truncated__";
 
+/// How many days of an append-only table DAP keeps ("logs older than 30 days are no longer
+/// available"): its snapshot holds this window, not the table.
+pub const APPEND_ONLY_WINDOW_DAYS: i64 = 30;
+
+/// The column an append-only table's rows are timed by (the request time of a log).
+pub const APPEND_ONLY_TIME_COLUMN: &str = "timestamp";
+
+/// Whether the tables of `namespace` are logs DAP keeps for its window only (`canvas_logs`).
+pub fn is_append_only_namespace(namespace: &str) -> bool {
+    namespace == "canvas_logs"
+}
+
 impl TableDef {
+    /// Whether DAP serves this table as a log: rows are only ever added upstream and kept for
+    /// [`APPEND_ONLY_WINDOW_DAYS`] (the `canvas_logs` namespace: `web_logs`). A new snapshot of
+    /// such a table holds the window only, so it replaces the rows it holds and keeps the others.
+    pub fn is_append_only(&self) -> bool {
+        is_append_only_namespace(&self.namespace)
+    }
+
     /// Parses a `{"schema": …, "version": N}` envelope as the Query API returns it.
     pub fn from_versioned(namespace: &str, name: &str, envelope: &Json) -> Result<TableDef, SchemaError> {
         let err = |what: &str| SchemaError::Invalid { table: format!("{namespace}.{name}"), what: what.to_string() };

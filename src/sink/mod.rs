@@ -251,6 +251,16 @@ impl TableLock {
     }
 }
 
+/// A period of an append-only table no sync could fetch: DAP had dropped it from its window
+/// before a sync came (the mirror was not synced within 30 days).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Gap {
+    /// The last sync's watermark: every log up to it is kept.
+    pub after: Micros,
+    /// The oldest log the new snapshot brought (`None` when it brought none).
+    pub before: Option<Micros>,
+}
+
 /// How a table's run on a target ended, for the targets that keep a record of runs.
 #[derive(Debug, Clone)]
 pub struct RunRecord {
@@ -318,4 +328,9 @@ pub trait Sink: Send + Sync {
     /// Records how a table's run ended, for targets that keep such a record (the mirror's
     /// `state.json`); called once per table by whoever runs it.
     async fn record_run(&self, namespace: &str, table: &str, run: &RunRecord);
+
+    /// Records that an append-only table has no rows between `after` (the watermark of the last
+    /// sync) and the oldest row a new snapshot brought, and returns the gap; `None` from targets
+    /// that keep no such record.
+    async fn record_gap(&self, namespace: &str, table: &str, after: Micros) -> Result<Option<Gap>, SinkError>;
 }

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
-use super::protocol::{Dialect, Provision, Staged, StoredBookkeeping, lock_name};
+use super::protocol::{Dialect, Provision, Replaces, Staged, StoredBookkeeping, lock_name};
 use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
 use crate::error::Retry;
@@ -1118,7 +1118,7 @@ impl Dialect for MssqlDialect {
         if replacing {
             // The table object stays (with the user's views, indexes and grants): its rows are
             // replaced, after its columns follow the new schema.
-            sql.push(format!("DELETE FROM {table}"));
+            sql.push(Replaces::of(def).delete_sql(&table, &ours(&staging), &ident(&def.key.name)));
             self.batch(c, &sql.join(";\n"), &format!("preparing {}", def.name)).await?;
             sql.clear();
             self.apply_delta(c, def, delta).await?;

@@ -28,7 +28,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
-use super::protocol::{Dialect, Provision, Staged, StoredBookkeeping, lock_name};
+use super::protocol::{Dialect, Provision, Replaces, Staged, StoredBookkeeping, lock_name, shared_columns};
 use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
 use crate::error::Retry;
@@ -1161,7 +1161,7 @@ impl Dialect for MysqlDialect {
         &self,
         c: &mut Conn,
         def: &TableDef,
-        _delta: &SchemaDelta,
+        delta: &SchemaDelta,
         b: &Bookkeeping,
     ) -> Result<(), SinkError> {
         let live = table_name(&def.namespace, &def.name);
@@ -1175,6 +1175,12 @@ impl Dialect for MysqlDialect {
                     .await
                     .map_err(self.fail(&format!("carrying your columns and indexes over to {}", def.name)))?;
             }
+        }
+        let shared: Vec<String> = shared_columns(def, delta).map(ident).collect();
+        if replacing
+            && let Some(sql) = Replaces::of(def).carry_over_sql(&live, &staging, &ident(&def.key.name), &shared)
+        {
+            c.query_drop(sql).await.map_err(self.fail(&format!("keeping the older rows of {}", def.name)))?;
         }
         // Recorded before the swap, so that a run after a crash between the swap and the
         // bookkeeping row completes the publish.

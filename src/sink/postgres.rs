@@ -21,7 +21,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
-use super::protocol::{Dialect, Provision, Staged, StoredBookkeeping, lock_keys, lock_name};
+use super::protocol::{Dialect, Provision, Replaces, Staged, StoredBookkeeping, lock_keys, lock_name};
 use super::{Access, Bookkeeping, ConnectionString, Refusal, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
 use crate::error::Retry;
@@ -1188,8 +1188,9 @@ impl Dialect for PostgresDialect {
             // Replace the rows, keep the table: views, indexes, user columns and constraints stay.
             self.apply_delta(c, def, delta).await?;
             let columns = column_list(def);
+            let delete = Replaces::of(def).delete_sql(&table, &staging, &key);
             c.batch_execute(&format!(
-                "DELETE FROM {table};
+                "{delete};
                  INSERT INTO {table} ({columns}) SELECT {columns} FROM (SELECT DISTINCT ON ({key}) * FROM {staging} ORDER BY {key}, ctid DESC) latest;
                  DROP TABLE {staging}"
             ))

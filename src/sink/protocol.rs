@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use super::{Bookkeeping, ConnectionString, Refusal, RunRecord, Sink, SinkError, SinkOptions, TableLock};
+use super::{Bookkeeping, ConnectionString, Gap, Refusal, RunRecord, Sink, SinkError, SinkOptions, TableLock};
 use crate::feed::{Feed, Pump, Span, next_part};
 use crate::progress::TableProgress;
 use crate::schema::TableDef;
@@ -51,6 +51,57 @@ pub enum Staged {
     EveryRecord,
     /// The latest record of each key (repeated keys replace each other as they load).
     LatestPerKey,
+}
+
+/// What a new snapshot replaces of a table that is live already. Append-only tables (web_logs)
+/// are served for DAP's window only, so a snapshot of them holds the window, not the table: it
+/// replaces the rows it holds and keeps every older one, or each re-snapshot would delete every
+/// log older than 30 days, on every target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replaces {
+    EveryRow,
+    /// Only the rows whose key the snapshot holds.
+    ItsKeys,
+}
+
+impl Replaces {
+    pub fn of(def: &TableDef) -> Replaces {
+        if def.is_append_only() { Replaces::ItsKeys } else { Replaces::EveryRow }
+    }
+
+    /// For a publish that keeps the live table and refills it: the rows to remove first
+    /// (names quoted by the dialect).
+    pub fn delete_sql(self, live: &str, staging: &str, key: &str) -> String {
+        match self {
+            Replaces::EveryRow => format!("DELETE FROM {live}"),
+            Replaces::ItsKeys => format!("DELETE FROM {live} WHERE {key} IN (SELECT s.{key} FROM {staging} s)"),
+        }
+    }
+
+    /// For a publish that swaps staging in: the rows of the live table to copy into staging
+    /// first (those whose key staging lacks), over `columns`, the columns both tables have.
+    pub fn carry_over_sql(self, live: &str, staging: &str, key: &str, columns: &[String]) -> Option<String> {
+        let columns = columns.join(", ");
+        (self == Replaces::ItsKeys).then(|| {
+            format!(
+                "INSERT INTO {staging} ({columns}) SELECT {columns} FROM {live} l \
+                 WHERE NOT EXISTS (SELECT 1 FROM {staging} s WHERE s.{key} = l.{key})"
+            )
+        })
+    }
+}
+
+/// The columns of `def` the live table has too: all but those the delta adds.
+pub fn shared_columns<'a>(def: &'a TableDef, delta: &SchemaDelta) -> impl Iterator<Item = &'a str> {
+    let added: Vec<&str> = delta
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            crate::schema::delta::Change::Add(column) => Some(column.name.as_str()),
+            _ => None,
+        })
+        .collect();
+    def.columns().map(|c| c.name.as_str()).filter(move |n| !added.contains(n))
 }
 
 /// How a dialect is opened from a connection string and how it provisions an empty database:
@@ -187,6 +238,16 @@ pub trait Dialect: Send + Sync + 'static {
         Ok(())
     }
     async fn record_run(&self, _namespace: &str, _table: &str, _run: &RunRecord) {}
+    /// See [`Sink::record_gap`]; targets keep no record of gaps unless they say otherwise.
+    async fn record_gap(
+        &self,
+        _c: &mut Self::Conn,
+        _namespace: &str,
+        _table: &str,
+        _after: Micros,
+    ) -> Result<Option<Gap>, SinkError> {
+        Ok(None)
+    }
 
     /// A session in which table locks are taken (a dedicated connection on a server).
     async fn lock_session(&self) -> Result<Self::LockSession, SinkError>;
@@ -544,6 +605,12 @@ impl<D: Dialect> Sink for Protocol<D> {
 
     async fn record_run(&self, namespace: &str, table: &str, run: &RunRecord) {
         self.d.record_run(namespace, table, run).await
+    }
+
+    async fn record_gap(&self, namespace: &str, table: &str, after: Micros) -> Result<Option<Gap>, SinkError> {
+        let mut c = self.d.connect().await?;
+        let gap = self.d.record_gap(&mut c, namespace, table, after).await;
+        self.finish(c, gap).await
     }
 }
 

@@ -17,6 +17,7 @@ mod emulator_api;
 mod formats;
 mod history;
 mod locations;
+mod log_archive;
 mod mirror_sqlite;
 mod mssql;
 mod mysql;

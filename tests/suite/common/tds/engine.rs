@@ -2176,6 +2176,19 @@ impl Db {
                 let (rel, _) = self.query(subquery, ctx, Some((scope, row)))?;
                 Cell::Bit(rel.rows.is_empty() == *negated)
             }
+            Expr::In { expr, target: ast::InTarget::Subquery(subquery), negated, .. } => {
+                // SQL's three values: NULL when nothing matched and a NULL was on either side.
+                let v = self.eval(expr, scope, row, ctx)?;
+                let (rel, _) = self.query(subquery, ctx, Some((scope, row)))?;
+                let cells: Vec<Cell> = rel.rows.into_iter().filter_map(|r| r.into_iter().next()).collect();
+                if cells.iter().any(|c| !v.is_null() && compare(&v, c) == Some(Ordering::Equal)) {
+                    Cell::Bit(!*negated)
+                } else if v.is_null() || cells.iter().any(Cell::is_null) {
+                    Cell::Null
+                } else {
+                    Cell::Bit(*negated)
+                }
+            }
             Expr::Subquery(q) => {
                 let (rel, _) = self.query(q, ctx, Some((scope, row)))?;
                 if rel.rows.len() > 1 {
