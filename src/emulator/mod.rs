@@ -221,7 +221,9 @@ impl State {
                 return Err(DatasetError::NotAfterHead { at: time::format_wire(at), head: time::format_wire(head) });
             }
             Some(at) => at,
-            None => self.clock(&d).max(head + 1),
+            // At least a second after the table's latest commit: two snapshots within one second
+            // cannot be told apart by a target that keeps whole seconds (MySQL), nor happen in DAP.
+            None => self.clock(&d).max(head + time::MICROS_PER_SECOND),
         };
         let plan =
             d.commit(ns, table, ts, [counts.inserts, counts.updates, counts.soft_deletes, counts.hard_deletes])?;
