@@ -272,10 +272,13 @@ impl Writer {
                     self.fail(&format!("writing {table} key {}", r.key.to_text().unwrap_or_default()), e)
                 })?
             };
+            // A delete that found no row still ends the key's open version: a table that moved
+            // back to an older snapshot (DAP's cached job) lacks rows its history still holds.
+            let recorded = n > 0 || r.action == Some('D');
+            if let Some(versions) = versions.filter(|_| recorded) {
+                versions.record(&self.conn, r, &to_sql(&r.key)).map_err(|e| self.fail("recording history", e))?;
+            }
             if n > 0 {
-                if let Some(versions) = versions {
-                    versions.record(&self.conn, r, &to_sql(&r.key)).map_err(|e| self.fail("recording history", e))?;
-                }
                 changed.push(r.key.clone());
             }
         }
