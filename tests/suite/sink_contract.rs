@@ -7,6 +7,7 @@
 use crate::common;
 
 use common::targets::{Backend, TestTarget};
+use common::truth::value_json;
 use dap_replica::decode::Record;
 use dap_replica::emulator::dataset::envelope_def;
 use dap_replica::feed::{Feed, Piece};
@@ -67,9 +68,9 @@ fn truth(def: &TableDef, records: &[&Record]) -> Vec<Map<String, Json>> {
             continue;
         }
         let mut m = Map::new();
-        m.insert(def.key.name.clone(), r.key.to_typed_json());
+        m.insert(def.key.name.clone(), value_json(&r.key));
         for (c, v) in def.values.iter().zip(&r.values) {
-            m.insert(c.name.clone(), v.to_typed_json());
+            m.insert(c.name.clone(), value_json(v));
         }
         rows.insert(id, m);
     }

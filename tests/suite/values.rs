@@ -8,7 +8,7 @@ use crate::common;
 use std::sync::Arc;
 
 use common::targets::{TestTarget, backends};
-use common::truth::{assert_same_rows_within, canonical};
+use common::truth::{assert_same_rows_within, canonical, value_json};
 use dap_replica::decode::tsv::TsvDecoder;
 use dap_replica::emulator::dataset::{Record as Emitted, envelope_def};
 use dap_replica::emulator::generate::Generator;
@@ -134,14 +134,14 @@ fn value(ty: &ColumnType) -> BoxedStrategy<Value> {
         .boxed(),
         T::Ip => prop_oneof![value(&T::Ipv4), value(&T::Ipv6)].boxed(),
         T::Array(item) => proptest::collection::vec(value(&item), 0..4)
-            .prop_map(|items| Value::Json(Json::Array(items.iter().map(Value::to_typed_json).collect())))
+            .prop_map(|items| Value::Json(Json::Array(items.iter().map(value_json).collect())))
             .boxed(),
         T::Object(fields) => {
             let members: Vec<BoxedStrategy<Option<(String, Json)>>> = fields
                 .iter()
                 .map(|f| {
                     let name = f.name.clone();
-                    proptest::option::of(value(&f.ty).prop_map(move |v| (name.clone(), v.to_typed_json()))).boxed()
+                    proptest::option::of(value(&f.ty).prop_map(move |v| (name.clone(), value_json(&v)))).boxed()
                 })
                 .collect();
             members
@@ -192,7 +192,7 @@ fn truth(def: &TableDef, rows: &[(i64, Vec<Value>)]) -> Vec<Map<String, Json>> {
             let mut m = Map::new();
             m.insert(def.key.name.clone(), json!(id));
             for (c, v) in def.values.iter().zip(values) {
-                m.insert(c.name.clone(), v.to_typed_json());
+                m.insert(c.name.clone(), value_json(v));
             }
             m
         })
@@ -204,9 +204,9 @@ fn typed(def: &TableDef, records: &[dap_replica::decode::Record]) -> Vec<Map<Str
         .iter()
         .map(|r| {
             let mut m = Map::new();
-            m.insert(def.key.name.clone(), r.key.to_typed_json());
+            m.insert(def.key.name.clone(), value_json(&r.key));
             for (c, v) in def.values.iter().zip(&r.values) {
-                m.insert(c.name.clone(), v.to_typed_json());
+                m.insert(c.name.clone(), value_json(v));
             }
             m
         })
