@@ -67,6 +67,47 @@ fn as_json(v: &Sql) -> serde_json::Value {
     }
 }
 
+fn want_text(rows: &[Vec<Sql>]) -> Vec<Vec<String>> {
+    rows.iter().map(|r| r.iter().map(as_text).collect()).collect()
+}
+
+/// A cell as a terminal must show it on one line: control characters (C0, DEL, C1, the bidi
+/// overrides) as escapes, and `|` escaped in Markdown. Written here, not taken from dap.
+fn shown(cell: &str, markdown: bool) -> String {
+    let mut out = String::new();
+    for c in cell.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\0'..='\u{1f}' | '\u{7f}' => out.push_str(&format!("\\x{:02x}", c as u32)),
+            '\u{80}'..='\u{9f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32))
+            }
+            '|' if markdown => out.push_str("\\|"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The line of a table (`--format table`, or Markdown) holding `cells`, each padded to its
+/// column's width in terminal columns.
+fn grid_line(cells: &[String], widths: &[usize], markdown: bool) -> String {
+    assert_eq!(cells.len(), widths.len(), "a width per column");
+    let padded: Vec<String> = cells
+        .iter()
+        .zip(widths)
+        .map(|(c, w)| {
+            let shown = shown(c, markdown);
+            let used = unicode_width::UnicodeWidthStr::width(shown.as_str());
+            assert!(used <= *w, "{shown:?} fits its column of {w}");
+            format!("{shown}{}", " ".repeat(w - used))
+        })
+        .collect();
+    if markdown { format!("| {} |", padded.join(" | ")) } else { padded.join("  ").trim_end().to_string() }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_joins_namespaces_in_every_format_as_rusqlite_sees_them_and_refuses_writes() {
     let emu = emulator(EmulatorConfig { rows: 120, ..EmulatorConfig::default() }).await;
@@ -100,20 +141,24 @@ async fn query_joins_namespaces_in_every_format_as_rusqlite_sees_them_and_refuse
         .collect();
     assert_eq!(jsonl, want_json, "jsonl");
     for format in ["markdown", "table"] {
-        // Wide enough for every cell (cutting long cells is checked in tests/safety.rs).
+        // Wide enough for every cell (cutting long cells is checked in tests/safety.rs): every
+        // line is exactly the cells as a terminal must show them, padded to the rule's widths.
         let text = dap_ok(&emu, dir, &["query", sql, "--format", format, "--max-width", "100000"]).await;
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), expected.len() + 2, "{format}: header, rule and one line per row");
-        for (line, row) in lines[2..].iter().zip(&expected) {
-            let cells: Vec<String> = if format == "markdown" {
-                line.trim_matches('|').split(" | ").map(|c| c.trim().replace("\\|", "|")).collect()
-            } else {
-                line.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect()
-            };
-            let want: Vec<String> = row.iter().map(as_text).filter(|c| format == "markdown" || !c.is_empty()).collect();
-            if !want.iter().any(|c| c.contains("  ") || c.contains('\n')) {
-                assert_eq!(cells, want, "{format}: {line}");
-            }
+        let markdown = format == "markdown";
+        let rule = if markdown { lines[1].trim_matches('|').trim() } else { lines[1] };
+        let widths: Vec<usize> = rule.split(if markdown { " | " } else { "  " }).map(str::len).collect();
+        assert!(rule.chars().all(|c| c == '-' || c == ' ' || c == '|'), "{format} rule: {rule}");
+        let header: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let body = want_text(&expected);
+        assert!(
+            body.iter().flatten().any(|c| c.contains("  ")) && body.iter().flatten().any(|c| c.contains('\n')),
+            "some cells hold two spaces and line breaks (the old comparison skipped them)"
+        );
+        let rows = std::iter::once(&header).chain(&body);
+        for (line, cells) in [lines[0]].iter().chain(&lines[2..]).zip(rows) {
+            assert_eq!(*line, grid_line(cells, &widths, markdown), "{format}");
         }
     }
 
