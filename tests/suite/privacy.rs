@@ -390,6 +390,14 @@ async fn server_passwords_come_from_a_pgpass_format_file() {
         let out = dap(&emu, dir, Credentials::Environment, &listdb, &env, "").await;
         assert!(out.status.success(), "{var}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    // The control: the same file with another password fails, so the password did come from it.
+    let wrong = dir.join("pgpass-wrong");
+    std::fs::write(&wrong, format!("{host}:{port}:*:{user}:not-{}\n", password.expose())).unwrap();
+    set_mode(&wrong, 0o600);
+    let out = dap(&emu, dir, Credentials::Environment, &listdb, &[("PGPASSFILE", wrong.to_str().unwrap())], "").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("password"), "a wrong password in the file fails: {stderr}");
+    assert!(!stderr.contains(&format!("not-{}", password.expose())), "{stderr}");
     set_mode(&passfile, 0o644);
     let env = [("PGPASSFILE", passfile.to_str().unwrap())];
     let out = dap(&emu, dir, Credentials::Environment, &listdb, &env, "").await;
