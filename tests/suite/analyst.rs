@@ -493,10 +493,27 @@ async fn a_pack_taken_during_a_sync_is_consistent_and_unpacks_into_a_mirror_that
         let conn = rusqlite::Connection::open(db).unwrap();
         conn.query_row(&format!("SELECT count(*) FROM \"{t}\""), [], |r| r.get::<_, i64>(0)).unwrap() as usize
     };
-    let before: Vec<usize> = TABLES.split(',').map(|t| count(&dir.join("mirror/canvas.db"), t)).collect();
-    let after: Vec<usize> = TABLES.split(',').map(|t| emu.truth("canvas", t).unwrap().len()).collect();
-    // Packs taken while the sync runs.
-    let sync = {
+    // Every table's rows, every column, before the sync and in the truth after it.
+    let lines = |rows: &[serde_json::Map<String, serde_json::Value>], t: &str| {
+        common::truth::row_lines(&emu.table_def("canvas", t).unwrap(), rows, &[common::truth::Limit::NoNegativeZero])
+    };
+    let state = |db: &Path| -> Vec<Vec<String>> {
+        TABLES
+            .split(',')
+            .map(|t| lines(&common::truth::sqlite_rows(db, &emu.table_def("canvas", t).unwrap()), t))
+            .collect()
+    };
+    let before = state(&dir.join("mirror/canvas.db"));
+    let after: Vec<Vec<String>> = TABLES.split(',').map(|t| lines(&emu.truth("canvas", t).unwrap(), t)).collect();
+    // DAP holds back the query of submissions, so that a pack is taken, provably, while users
+    // is synced and submissions is not yet: the sync is half done when the pack is made.
+    let held = TABLES.split(',').position(|t| t == "submissions").unwrap();
+    let slow = dap_replica::emulator::FaultSpec {
+        delay_ms: Some(15_000),
+        ..dap_replica::emulator::FaultSpec::new(dap_replica::emulator::FaultKind::Slow, 1)
+    };
+    emu.inject(slow.on(dap_replica::emulator::Endpoint::Query).for_table("submissions"));
+    let mut sync = {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"));
         cmd.current_dir(dir)
             .env("DAP_API_URL", emu.base_url())
@@ -507,13 +524,27 @@ async fn a_pack_taken_during_a_sync_is_consistent_and_unpacks_into_a_mirror_that
             .args(["--non-interactive", "syncdb", "--namespace", "canvas", "--table", "all"]);
         cmd.spawn().unwrap()
     };
+    let users_synced = {
+        let started = std::time::Instant::now();
+        loop {
+            if count(&dir.join("mirror/canvas.db"), "users") == after[0].len() {
+                break true;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(60) || sync.try_wait().unwrap().is_some() {
+                break false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    assert!(users_synced, "users was synced while the sync still ran");
     let mut packs = Vec::new();
-    for i in 0..4 {
+    for i in 0..3 {
         let pack = dir.join(format!("mirror-{i}.dap.zst"));
         dap_ok(&emu, dir, &["pack", "--output", pack.to_str().unwrap()]).await;
         packs.push(pack);
     }
-    let status = sync.wait_with_output().await.unwrap().status;
+    assert!(sync.try_wait().unwrap().is_none(), "the packs were taken while the sync ran");
+    let status = sync.wait().await.unwrap();
     assert!(status.success());
 
     for (i, pack) in packs.iter().enumerate() {
@@ -526,15 +557,16 @@ async fn a_pack_taken_during_a_sync_is_consistent_and_unpacks_into_a_mirror_that
         let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok");
         drop(conn);
+        let packed = state(&db);
         for (j, t) in TABLES.split(',').enumerate() {
-            let n = count(&db, t);
             assert!(
-                n == before[j] || n == after[j],
-                "pack {i}: {t} has {n} rows, neither {} nor {}",
-                before[j],
-                after[j]
+                packed[j] == before[j] || packed[j] == after[j],
+                "pack {i}: {t} is neither its state before the sync nor after it\n{}",
+                differences(&packed[j], &after[j], ["the pack", "the truth"])
             );
         }
+        // Taken mid-sync: users already synced, submissions not yet.
+        assert!(packed[0] == after[0] && packed[held] == before[held], "pack {i} holds the sync half done");
         // It syncs on to the truth.
         let env = [("DAP_MIRROR_DIR", restored.to_str().unwrap())];
         let out = run_ours_with(&emu, dir, &["syncdb", "--namespace", "canvas", "--table", "all"], &env).await;
