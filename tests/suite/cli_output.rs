@@ -11,14 +11,24 @@ use dap_replica::emulator::EmulatorConfig;
 
 #[test]
 fn a_reader_that_stops_reading_ends_dap_quietly() {
+    // The pipe made as small as Linux allows (one page) before dap starts, so that the output
+    // cannot fit in it and dap is still writing when the reader goes: the output is many times
+    // larger (checked below), not a few kilobytes over the usual 64 KiB.
+    let (mut stdout, writer) = std::io::pipe().unwrap();
+    let capacity = unsafe {
+        use std::os::fd::AsRawFd;
+        libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, 4096)
+    };
+    assert!(capacity > 0, "the pipe's size was set: {}", std::io::Error::last_os_error());
+    let whole = Command::new(env!("CARGO_BIN_EXE_dap")).args(["completions", "bash"]).output().unwrap().stdout;
+    assert!(whole.len() > 8 * capacity as usize, "{} bytes of output for a pipe of {capacity}", whole.len());
     let mut child = Command::new(env!("CARGO_BIN_EXE_dap"))
         .args(["completions", "bash"])
-        .stdout(Stdio::piped())
+        .stdout(writer)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // Read one byte and close the pipe, as `| head -c1` does.
-    let mut stdout = child.stdout.take().unwrap();
     let mut first = [0u8; 1];
     stdout.read_exact(&mut first).unwrap();
     drop(stdout);
