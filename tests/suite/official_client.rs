@@ -230,6 +230,7 @@ fn tsv_keys(text: &str, incremental: bool, key: &str) -> Vec<String> {
     let expected_start: Vec<&str> = if incremental { vec!["meta.ts", "meta.action"] } else { vec!["meta.ts"] };
     assert_eq!(&header[..expected_start.len()], &expected_start[..], "header starts with the meta columns");
     assert_eq!(header[expected_start.len()], format!("key.{key}"));
+    assert!(header.len() > expected_start.len() + 1, "value columns follow the key: {header:?}");
     assert!(header[expected_start.len() + 1..].iter().all(|h| h.starts_with("value.")));
     let key_col = expected_start.len();
     let mut keys = Vec::new();

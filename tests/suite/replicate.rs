@@ -197,6 +197,7 @@ async fn a_round_sends_what_changed_not_the_table() {
         args.extend(["--to", &t.url]);
     }
     let first = rows_sent(&ok(&emu, dir, &args).await);
+    assert_eq!(first.len(), 2 * targets.len(), "the first replicate reports both tables on every target: {first:?}");
     assert!(first.iter().all(|(_, _, n)| *n == 2000), "the first replicate sends whole tables: {first:?}");
     for round in 0..2 {
         let counts = ChangeCounts { inserts: 7, updates: 9, soft_deletes: 3, hard_deletes: 4 };
@@ -265,7 +266,9 @@ async fn a_target_synced_straight_from_dap_is_never_rolled_back() {
         let left_alone = format!("{n} of them ahead of the mirror, left alone", n = tables.len());
         assert!(err.contains(&left_alone), "the summary counts them apart: {err}");
         let v: Json = serde_json::from_slice(&out.stdout).unwrap();
-        assert!(v[0]["tables"].as_array().unwrap().iter().all(|t| t["action"] == "ahead" && t["changes"] == 0), "{v}");
+        let reported = v[0]["tables"].as_array().unwrap();
+        assert_eq!(reported.len(), tables.len(), "every table reported: {v}");
+        assert!(reported.iter().all(|t| t["action"] == "ahead" && t["changes"] == 0), "{v}");
         assert_truth(&emu, t, &tables, "after a replicate from the older mirror").await;
         let status = ok(&emu, dir, &["status", "--json", "--connection-string", &mirror, "--to", &t.url]).await;
         let v: Json = serde_json::from_str(&status).unwrap();
@@ -280,6 +283,7 @@ async fn a_target_synced_straight_from_dap_is_never_rolled_back() {
     for t in &targets {
         let status = ok(&emu, dir, &["status", "--json", "--connection-string", &mirror, "--to", &t.url]).await;
         let v: Json = serde_json::from_str(&status).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), tables.len(), "a status row per table: {v}");
         assert!(
             v.as_array().unwrap().iter().all(|r| r["targets"][0]["state"] == "behind"),
             "dap status shows the lag: {v}"
@@ -289,6 +293,7 @@ async fn a_target_synced_straight_from_dap_is_never_rolled_back() {
         assert_truth(&emu, t, &tables, "after the mirror caught up").await;
         let status = ok(&emu, dir, &["status", "--json", "--connection-string", &mirror, "--to", &t.url]).await;
         let v: Json = serde_json::from_str(&status).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), tables.len(), "a status row per table: {v}");
         assert!(
             v.as_array()
                 .unwrap()

@@ -148,7 +148,9 @@ async fn an_interrupted_initdb_of_another_job_starts_over(backend: Backend) {
     let d = def(1);
     let old = row(&d, 1, "old", "active", 'U');
     sink.stage(&d, "job-a").await.unwrap();
-    let _ = sink.load(&d, "job-a", feed(vec![("part-0", vec![old]), ("part-1", vec![])], false)).await;
+    let cut = sink.load(&d, "job-a", feed(vec![("part-0", vec![old]), ("part-1", vec![])], false)).await;
+    assert!(cut.is_err(), "{backend:?}: a feed cut off is an error, not a load");
+    assert_eq!(sink.stage(&d, "job-a").await.unwrap(), ["part-0"], "{backend:?}: job-a holds its first part");
     assert!(sink.stage(&d, "job-b").await.unwrap().is_empty(), "{backend:?}: another job starts empty");
     let new = row(&d, 2, "new", "active", 'U');
     sink.load(&d, "job-b", feed(vec![("part-0", vec![new.clone()])], true)).await.unwrap();
