@@ -217,7 +217,11 @@ print(json.dumps({"days": out, "duckdb": duck}))
     };
     assert!(py.status.success(), "reading {} ({:?}): {}", to.display(), listing(), String::from_utf8_lossy(&py.stderr));
     let read: Json = serde_json::from_slice(&py.stdout).unwrap();
-    (read["days"].clone(), Some(read["duckdb"].clone()).filter(|d| !d.is_null()))
+    let duck = Some(read["duckdb"].clone()).filter(|d| !d.is_null());
+    if duck.is_none() {
+        crate::common::targets::missing("DuckDB is not installed beside the official client");
+    }
+    (read["days"].clone(), duck)
 }
 
 /// The mirror's logs as the archive should hold them: `{day: [(id, timestamp in µs)]}`.

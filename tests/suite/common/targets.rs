@@ -57,10 +57,16 @@ pub fn require_var(var: &str) -> Option<String> {
     if let Some(value) = std::env::var_os(var) {
         return Some(value.to_string_lossy().into_owned());
     }
-    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-    assert!(!ci, "{var} is not set under CI=true: the test would be skipped (scripts/test sets it)");
-    eprintln!("{var} is not set: skipped (scripts/test sets it)");
+    missing(&format!("{var} is not set"));
     None
+}
+
+/// A prerequisite that is absent (`what` says which): a failure under `CI=true`, where
+/// `scripts/test` provides every one, and a note on the part skipped otherwise.
+pub fn missing(what: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(!ci, "{what} under CI=true: the check would be skipped (scripts/test provides it)");
+    eprintln!("{what}: skipped (scripts/test provides it)");
 }
 
 /// A fresh database of one backend.
