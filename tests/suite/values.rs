@@ -72,12 +72,14 @@ fn def() -> TableDef {
 
 /// Text without NUL (DAP's source is PostgreSQL, whose text cannot hold it), at most `max` chars:
 /// any characters, with the ones every format has to escape (tab, newline, carriage return,
-/// backslash, quotes, other control characters, line separators) drawn often.
+/// backslash, quotes, every other control character, line separators) drawn often.
 fn text(max: usize) -> impl Strategy<Value = String> {
     let awkward = proptest::sample::select(vec![
         '\t', '\n', '\r', '\\', '"', '\'', ',', '\u{1}', '\u{1b}', '\u{7f}', '\u{85}', '\u{2028}', 'é', '😀', ' ',
     ]);
-    let character = prop_oneof![2 => any::<char>(), 1 => awkward];
+    // Every C0 and C1 control character (but NUL), each as likely as any other.
+    let control = prop_oneof![proptest::char::range('\u{1}', '\u{1f}'), proptest::char::range('\u{7f}', '\u{9f}')];
+    let character = prop_oneof![2 => any::<char>(), 1 => awkward, 1 => control];
     proptest::collection::vec(character, 0..64)
         .prop_map(move |chars| chars.into_iter().filter(|c| *c != '\0').take(max).collect())
 }
@@ -302,22 +304,46 @@ fn every_value_of_every_type_round_trips_through_tsv_and_every_target() {
     rt.block_on(store_and_compare(&targets, &def, &edge_rows));
 
     // Random values from the whole domain; every case stores new keys. The seed is printed, and
-    // DAP_PROPTEST_SEED runs the same cases again.
-    let seed: u64 =
+    // DAP_PROPTEST_SEED runs the same cases again; a seed that failed is written to SEEDS, and
+    // every later run replays the seeds there before a new one.
+    let fresh: u64 =
         std::env::var("DAP_PROPTEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
-    eprintln!("values: random cases from seed {seed} (DAP_PROPTEST_SEED={seed} repeats them)");
-    let mut seed_bytes = [0u8; 32];
-    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes);
-    let config = Config { cases: 40, failure_persistence: None, ..Config::default() };
-    let mut runner = TestRunner::new_with_rng(config, rng);
     let next_key = std::sync::atomic::AtomicI64::new(1_000);
-    runner
-        .run(&proptest::collection::vec(row(&def), 1..6), |rows| {
+    for seed in persisted_seeds().into_iter().chain([fresh]) {
+        eprintln!("values: random cases from seed {seed} (DAP_PROPTEST_SEED={seed} repeats them)");
+        let mut seed_bytes = [0u8; 32];
+        seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+        let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes);
+        let config = Config { cases: 40, failure_persistence: None, ..Config::default() };
+        let mut runner = TestRunner::new_with_rng(config, rng);
+        let outcome = runner.run(&proptest::collection::vec(row(&def), 1..6), |rows| {
             let rows: Vec<(i64, Vec<Value>)> =
                 rows.into_iter().map(|r| (next_key.fetch_add(1, std::sync::atomic::Ordering::SeqCst), r)).collect();
             rt.block_on(store_and_compare(&targets, &def, &rows));
             Ok(())
-        })
-        .unwrap_or_else(|e| panic!("{e}\nseed {seed}: DAP_PROPTEST_SEED={seed} repeats these cases"));
+        });
+        if let Err(e) = outcome {
+            persist_seed(seed);
+            panic!("{e}\nseed {seed}: DAP_PROPTEST_SEED={seed} repeats these cases; it is kept in {SEEDS} (commit it)");
+        }
+    }
+}
+
+/// Seeds whose cases once failed, one per line (`#` starts a comment): replayed by every run.
+const SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/suite/values.seeds");
+
+fn persisted_seeds() -> Vec<u64> {
+    std::fs::read_to_string(SEEDS)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split('#').next().unwrap_or("").trim().parse().ok())
+        .collect()
+}
+
+fn persist_seed(seed: u64) {
+    if !persisted_seeds().contains(&seed) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(SEEDS).unwrap();
+        writeln!(file, "{seed} # failed on {}", chrono::Utc::now().format("%Y-%m-%d")).unwrap();
+    }
 }
