@@ -173,6 +173,16 @@ pub fn archive(request: &ArchiveRequest) -> Result<ArchiveReport, ArchiveError> 
             days.insert(r.get(0)?, DayInMirror { rows: r.get::<_, i64>(1)? as u64, newest: r.get(2)? });
         }
     }
+    // A day the mirror removed after it was archived (`syncdb --keep-days`) is never rewritten:
+    // the mirror no longer holds its rows. Rows of it that arrived since stay in the mirror.
+    let pruned = crate::mirror::retention::pruned_days(&conn, ns, ns, table)?;
+    for (day, late) in days.iter().filter(|(day, _)| pruned.contains(*day)) {
+        tracing::warn!(
+            "{ns}.{table}: {day}: {} rows arrived after the day was archived and removed from the mirror; they stay in the mirror",
+            late.rows
+        );
+    }
+    days.retain(|day, _| !pruned.contains(day));
     let mut report = ArchiveReport::default();
     let stale: Vec<&String> = days
         .iter()
@@ -185,6 +195,7 @@ pub fn archive(request: &ArchiveRequest) -> Result<ArchiveReport, ArchiveError> 
         .collect();
     report.unchanged = days.len() - stale.len();
     if stale.is_empty() {
+        record_in_mirror(request, &manifest, &pruned);
         return Ok(report);
     }
 
@@ -225,7 +236,50 @@ pub fn archive(request: &ArchiveRequest) -> Result<ArchiveReport, ArchiveError> 
     if let Some(done) = open.take() {
         finish_day(done, &days, watermark, &mut manifest, request, &mut report)?;
     }
+    record_in_mirror(request, &manifest, &pruned);
     Ok(report)
+}
+
+/// Tells the mirror file which days the archive holds (what `syncdb --keep-days` may remove),
+/// when that changed. The archive is whole without it: a failure is a warning, and the next
+/// run records it.
+fn record_in_mirror(request: &ArchiveRequest, manifest: &Manifest, pruned: &std::collections::BTreeSet<String>) {
+    use crate::mirror::retention::{ArchivedDay, record_archived};
+    let (ns, table) = (request.namespace.as_str(), request.table.as_str());
+    let record = || -> Result<(), String> {
+        let to = std::fs::canonicalize(&request.to).map_err(|e| e.to_string())?;
+        let days: Vec<ArchivedDay> = manifest
+            .days
+            .iter()
+            .filter(|(day, _)| !pruned.contains(*day))
+            .map(|(day, e)| ArchivedDay {
+                day: day.clone(),
+                rows: e.rows,
+                part: to.join(format!("date={day}")).join(PART),
+                complete: e.complete,
+            })
+            .filter(|d| d.part.is_file())
+            .collect();
+        let file = crate::mirror::folder::namespace_files(&request.mirror)
+            .into_iter()
+            .find(|(n, _)| n == ns)
+            .map(|(_, f)| f)
+            .ok_or_else(|| format!("no mirror file of {ns}"))?;
+        let conn = rusqlite::Connection::open(&file).map_err(|e| e.to_string())?;
+        if crate::mirror::retention::archived_days(&conn, ns, table).map_err(|e| e.to_string())? == days {
+            return Ok(());
+        }
+        let _lock = crate::mirror::folder::WriterLock::acquire_waiting(&file, std::time::Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+        let mut conn = conn;
+        conn.busy_timeout(std::time::Duration::from_secs(60)).map_err(|e| e.to_string())?;
+        record_archived(&mut conn, ns, table, &days).map_err(|e| e.to_string())
+    };
+    if let Err(e) = record() {
+        tracing::warn!(
+            "{ns}.{table}: the archive is written, but the mirror could not record it ({e}); the next `dap archive` does"
+        );
+    }
 }
 
 /// The partition being written: a hidden temporary file until it is whole.

@@ -91,6 +91,9 @@ pub struct Plan {
     pub sink: SinkOptions,
     /// Attempts per table for failures a retry may clear.
     pub attempts: u32,
+    /// `--keep-days N`: after the run, the mirror keeps N days of its log tables, removing older
+    /// days an archive holds whole ([`crate::mirror::retention`]).
+    pub keep_days: Option<u32>,
 }
 
 /// Why a run could not start (its tables' failures are in its report instead).
@@ -151,6 +154,19 @@ impl Plan {
             Some(mirror)
         };
         self.check_history()?;
+        if self.keep_days.is_some() {
+            if !crate::schema::is_append_only_namespace(ns) {
+                return Err(RunError::Input(format!(
+                    "--keep-days bounds log tables (canvas_logs, such as web_logs) in the mirror; {ns} is not a log namespace"
+                )));
+            }
+            if self.target.local_file(ns)?.is_none() {
+                return Err(RunError::Input(format!(
+                    "--keep-days bounds the local mirror (the default one, or sqlite:///PATH.db); {} keeps every row",
+                    self.target.describe()
+                )));
+            }
+        }
         if let (Mode::Sync { missing: Missing::Skip, .. }, Some(file)) = (self.mode, self.target.local_file(ns)?)
             && !file.exists()
         {
@@ -353,12 +369,21 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
     .await;
     std::mem::drop(overall);
     std::mem::drop(spool);
+    // The mirror's writer is released before anything else writes or reads the file.
+    std::mem::drop(replicator);
+    std::mem::drop(target);
+    let mut outcomes = outcomes;
+    if let (Some(days), Some(file)) = (plan.keep_days, plan.target.local_file(ns)?) {
+        for pruned in keep_days(&file, ns, &outcomes, days, plan.sink.lock_timeout).await {
+            let synced = outcomes.iter_mut().find(|o| o.table == pruned.table);
+            if let Some(TableOutcome { outcome: Outcome::Succeeded { result }, .. }) = synced {
+                result.pruned = Some(pruned);
+            }
+        }
+    }
     let Some(mirror) = mirror else {
         return Ok(RunReport { command, tables: outcomes, replicate: None });
     };
-    // The mirror's writer is released before the targets read it.
-    std::mem::drop(replicator);
-    std::mem::drop(target);
     let done: Vec<String> =
         outcomes.iter().filter(|o| matches!(o.outcome, Outcome::Succeeded { .. })).map(|o| o.table.clone()).collect();
     let plan = ReplicatePlan {
@@ -372,6 +397,62 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
     };
     let fanned = replicate(&plan, progress).await?;
     Ok(RunReport { command, tables: outcomes, replicate: Some(fanned) })
+}
+
+/// `--keep-days`: bounds each log table the run synced (see [`crate::mirror::retention`]), and
+/// says what it removed and which old days it kept. A failure leaves the rows where they were
+/// and is a warning: the sync itself succeeded.
+async fn keep_days(
+    file: &std::path::Path,
+    ns: &str,
+    outcomes: &[TableOutcome<TableReport>],
+    days: u32,
+    wait: std::time::Duration,
+) -> Vec<crate::mirror::retention::Pruned> {
+    let synced: Vec<String> =
+        outcomes.iter().filter(|o| matches!(o.outcome, Outcome::Succeeded { .. })).map(|o| o.table.clone()).collect();
+    let (file, ns_owned) = (file.to_path_buf(), ns.to_string());
+    let pruned = tokio::task::spawn_blocking(move || {
+        let _lock = crate::mirror::folder::WriterLock::acquire_waiting(&file, wait).map_err(|e| e.to_string())?;
+        let mut conn = rusqlite::Connection::open(&file).map_err(|e| e.to_string())?;
+        conn.busy_timeout(wait).map_err(|e| e.to_string())?;
+        synced
+            .iter()
+            .map(|t| crate::mirror::retention::prune(&mut conn, &ns_owned, t, days).map_err(|e| format!("{t}: {e}")))
+            .collect::<Result<Vec<_>, String>>()
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let pruned = match pruned {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("{ns}: --keep-days removed nothing ({e}); every row is still in the mirror");
+            return Vec::new();
+        }
+    };
+    for p in &pruned {
+        if !p.days.is_empty() {
+            tracing::info!(
+                "{ns}.{}: {} rows of {} days before {} removed from the mirror; the archive holds them",
+                p.table,
+                p.rows,
+                p.days.len(),
+                p.before
+            );
+        }
+        if !p.kept.is_empty() {
+            let rows: u64 = p.kept.iter().map(|(_, n, _)| n).sum();
+            let (first, _, why) = &p.kept[0];
+            tracing::warn!(
+                "{ns}.{}: {rows} rows of {} days before {} kept, as no archive holds them whole ({first}: {why}); `{}` archives them",
+                p.table,
+                p.kept.len(),
+                p.before,
+                crate::term::command(&["archive", "--namespace", ns, "--table", &p.table, "--to", "DIR"])
+            );
+        }
+    }
+    pruned
 }
 
 /// A validated `dap replicate` (and the fan-out of a run).

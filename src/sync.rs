@@ -105,6 +105,9 @@ pub struct TableReport {
     pub changes: Option<u64>,
     pub watermark: String,
     pub schema_version: u32,
+    /// What `--keep-days` removed from the mirror after the run, and the old days it kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pruned: Option<crate::mirror::retention::Pruned>,
 }
 
 impl TableReport {
@@ -288,6 +291,7 @@ impl Replicator {
                     changes: Some(0),
                     watermark: time::format_wire(stored.watermark),
                     schema_version: stored.schema_version,
+                    pruned: None,
                 })
             }
             other => other,
@@ -354,6 +358,7 @@ impl Replicator {
             changes: None,
             watermark: time::format_wire(extract.watermark),
             schema_version: schema.def.version,
+            pruned: None,
         };
         Ok((report, Replaced { before: stored.map(|b| b.watermark), after: extract.watermark }))
     }
@@ -429,6 +434,7 @@ impl Replicator {
             changes: Some(changes),
             watermark: time::format_wire(extract.watermark),
             schema_version: schema.def.version,
+            pruned: None,
         })
     }
 

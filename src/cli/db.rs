@@ -121,6 +121,10 @@ pub struct SyncArgs {
     /// Also initialise tables the server has and the target lacks ("sync, else init").
     #[arg(long)]
     init_missing: bool,
+    /// After the sync, keep N days of each log table (canvas_logs) in the mirror: older days
+    /// go once `dap archive` holds them whole; a row no archive holds is never removed.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    keep_days: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -164,6 +168,7 @@ pub(super) async fn run(
     fan_out: FanOutArgs,
     history: HistoryArgs,
     mode: Mode,
+    keep_days: Option<u32>,
 ) -> anyhow::Result<()> {
     let plan = Plan {
         namespace: args.namespace.clone(),
@@ -174,6 +179,7 @@ pub(super) async fn run(
         temp_dir: args.temp_dir.clone(),
         sink: SinkOptions { history: history.choice(), ..args.sink_options(ctx) },
         attempts: ctx.client.retry.attempts,
+        keep_days,
     };
     let client = Client::new(ctx.client.clone())?;
     let progress = Progress::new(ctx.interactive && !args.json);
@@ -195,13 +201,13 @@ pub(super) async fn run(
 
 pub async fn initdb(ctx: &Context, args: InitArgs) -> anyhow::Result<()> {
     let init = if args.replace { Init::Replace } else { Init::Fresh };
-    run(ctx, args.db, args.fan_out, args.history, Mode::Init(init)).await
+    run(ctx, args.db, args.fan_out, args.history, Mode::Init(init), None).await
 }
 
 pub async fn syncdb(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
     let reinit = if args.auto_reinit { Reinit::Automatically } else { Reinit::Stop };
     let missing = if args.init_missing { Missing::Initialise } else { Missing::Skip };
-    run(ctx, args.db, args.fan_out, args.history, Mode::Sync { reinit, missing }).await
+    run(ctx, args.db, args.fan_out, args.history, Mode::Sync { reinit, missing }, args.keep_days).await
 }
 
 pub async fn drop(ctx: &Context, args: DbArgs) -> anyhow::Result<()> {

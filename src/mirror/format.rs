@@ -335,6 +335,7 @@ pub fn foreign_objects(conn: &Connection, views: UserViews) -> rusqlite::Result<
         INTERNAL_TABLES.iter().any(|(t, _)| *t == name)
             || name == HISTORY_SETTINGS
             || name == GAPS
+            || name == super::retention::ARCHIVED
             || replicated.iter().any(|t| t == name || staging(t) == name || history_table(t) == name)
             || ["sqlite_sequence", "sqlite_stat1", "sqlite_stat4"].contains(&name)
     };

@@ -1,10 +1,12 @@
 //! The local SQLite mirror, in one home: its file format ([`format`]), its writer (the `Sink`
 //! every `sqlite:` location and the default mirror open, [`writer`]), its history of row versions ([`history`]), its reader (the `Source`
 //! of outward replication, [`reader`]), and its folder ([`folder`]: default location, namespace
-//! files, writer locks, `state.json`). Query, export and pack read through [`format`].
+//! files, writer locks, `state.json`), and the bounded mirror of archived logs ([`retention`]).
+//! Query, export and pack read through [`format`].
 
 pub mod folder;
 pub mod format;
 pub mod history;
 pub mod reader;
+pub mod retention;
 pub mod writer;

@@ -10,6 +10,7 @@ use std::path::Path;
 use crate::common;
 
 use common::targets::{Backend, TestTarget, backends};
+use common::truth;
 use common::*;
 use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig, FaultKind, FaultSpec, SchemaChange};
 use dap_replica::time::{self, Micros};
@@ -330,5 +331,165 @@ async fn the_archive_equals_the_mirror_day_by_day_and_reruns_write_only_what_cha
         }
         archive(&emu, dir.path(), &mirror, &fresh).await;
         assert_eq!(read_archive(&fresh).0, mirror_days(&db), "completed after a kill at {delay_ms} ms");
+    }
+}
+
+/// `syncdb --keep-days N` bounds the mirror without losing a log: it removes only old days the
+/// archive holds whole (complete, the same rows, its file there), keeps the others saying why,
+/// never sends the removed logs to targets as deletes, and a later archive leaves the removed
+/// days' partitions as they are. Every log ever delivered is in the mirror or the archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_days_removes_only_days_the_archive_holds_whole() {
+    let emu = emulator(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("mirror");
+    std::fs::create_dir_all(&mirror).unwrap();
+    let db = mirror.join("canvas_logs.db");
+    let url = format!("sqlite://{}", db.display());
+    let replica = format!("sqlite://{}", dir.path().join("replica").join("canvas_logs.db").display());
+    let run = |args: Vec<&str>| {
+        let (emu, dir) = (&emu, dir.path());
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        async move { run_ours(emu, dir, &args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    let on_mirror = |command: &'static str, extra: &'static [&'static str]| {
+        let mut args = vec![command, "--namespace", NS, "--table", TABLE, "--connection-string", &url];
+        args.extend(extra);
+        args
+    };
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let hours = |day: i64, hour: i64| emu.config().anchor + day * DAY + hour * 3_600_000_000;
+    let day_name = |day: i64| time::format_wire(hours(day, 0))[..10].to_string();
+    ok(run(on_mirror("initdb", &[])).await);
+    for day in 1..=10 {
+        emu.commit_at(NS, TABLE, ChangeCounts { inserts: 5, ..Default::default() }, hours(day, 3)).unwrap();
+    }
+    ok(run(on_mirror("syncdb", &[])).await);
+    ok(run(vec!["replicate", "--namespace", NS, "--table", TABLE, "--from", &url, "--to", &replica]).await);
+    let def = emu.table_def(NS, TABLE).unwrap();
+    let everything = || every_log_but(&emu, None);
+
+    // Bad input first: a server target, a namespace without logs; nothing is created.
+    let server = "postgresql://nobody@127.0.0.1:1/none";
+    let out =
+        run(vec!["syncdb", "--namespace", NS, "--table", TABLE, "--connection-string", server, "--keep-days", "3"])
+            .await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("bounds the local mirror"));
+    let other = format!("sqlite://{}", dir.path().join("never.db").display());
+    let out = run(vec![
+        "syncdb",
+        "--namespace",
+        "canvas",
+        "--table",
+        "users",
+        "--connection-string",
+        &other,
+        "--keep-days",
+        "3",
+    ])
+    .await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not a log namespace"));
+    assert!(!dir.path().join("never.db").exists());
+
+    // Nothing archived yet: nothing removed, and the run says how to archive.
+    let said = ok(run(on_mirror("syncdb", &["--keep-days", "3"])).await);
+    assert!(said.contains("kept, as no archive holds them whole") && said.contains("dap archive"), "{said}");
+    let rows = |db: &Path| truth::sqlite_rows(db, &def);
+    truth::assert_same_rows(&def, &rows(&db), &everything(), "nothing archived, nothing removed");
+
+    // Archived; then day 2's partition goes missing and day 3 gets a log the archive lacks.
+    let to = dir.path().join("archive");
+    archive(&emu, dir.path(), &mirror, &to).await;
+    std::fs::remove_file(to.join(format!("date={}", day_name(2))).join("part-0.parquet")).unwrap();
+    let late = "INSERT INTO web_logs SELECT * FROM web_logs WHERE substr(timestamp, 1, 10) = ?1 LIMIT 1";
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("CREATE TEMP TABLE late AS SELECT * FROM web_logs WHERE 0").unwrap();
+    conn.execute(&late.replace("INSERT INTO web_logs", "INSERT INTO late"), [day_name(3)]).unwrap();
+    conn.execute("UPDATE late SET id = '00000000-0000-4000-8000-00000000cafe'", []).unwrap();
+    conn.execute("INSERT INTO web_logs SELECT * FROM late", []).unwrap();
+    drop(conn);
+    let archived_before = read_archive(&to).0;
+
+    emu.commit_at(NS, TABLE, ChangeCounts { inserts: 5, ..Default::default() }, hours(11, 3)).unwrap();
+    let out = run(on_mirror("syncdb", &["--keep-days", "3", "--json"])).await;
+    let said = ok(out.clone());
+    let report: Json = serde_json::from_slice(&out.stdout).unwrap();
+    let pruned = &report[0]["pruned"];
+    // The watermark is on day 11: days before day 8 are older than 3 days. Every such day goes
+    // (the base logs' days before the anchor too) but day 2 (its file is gone) and day 3 (a log
+    // the archive lacks).
+    assert_eq!(pruned["before"], day_name(8), "{report}");
+    let mut removed: Vec<String> = everything()
+        .iter()
+        .map(|r| r["timestamp"].as_str().unwrap()[..10].to_string())
+        .filter(|d| *d < day_name(8) && *d != day_name(2) && *d != day_name(3))
+        .collect();
+    removed.dedup();
+    removed.sort();
+    removed.dedup();
+    assert!(removed.len() >= 5, "{removed:?}");
+    assert_eq!(pruned["days"], serde_json::json!(removed), "{report}");
+    let kept: Vec<(String, String)> = pruned["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k[0].as_str().unwrap().to_string(), k[2].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(kept.len(), 2, "{report}");
+    assert!(kept[0].0 == day_name(2) && kept[0].1.contains("is gone"), "{kept:?}");
+    assert!(kept[1].0 == day_name(3) && kept[1].1.contains("the archive holds 5 rows of it, the mirror 6"), "{kept:?}");
+    let removed_rows = everything()
+        .iter()
+        .filter(|r| removed.iter().any(|d| r["timestamp"].as_str().unwrap().starts_with(d.as_str())))
+        .count();
+    assert_eq!(pruned["rows"], removed_rows, "{report}");
+    assert!(said.contains(&format!("{removed_rows} rows of {} days before", removed.len())), "{said}");
+
+    // The mirror holds exactly the logs of the days it kept; the archive, the removed ones:
+    // together every log ever delivered.
+    let in_mirror =
+        |row: &Map<String, Json>| !removed.iter().any(|d| row["timestamp"].as_str().unwrap().starts_with(d.as_str()));
+    let expected: Vec<Map<String, Json>> = everything().into_iter().filter(in_mirror).collect();
+    let mut with_late = rows(&db);
+    with_late.retain(|r| r["id"] != "00000000-0000-4000-8000-00000000cafe");
+    truth::assert_same_rows(&def, &with_late, &expected, "the mirror after --keep-days");
+    let archived = read_archive(&to).0;
+    for day in &removed {
+        assert_eq!(archived[day], archived_before[day], "{day} is in the archive");
+    }
+    let ids =
+        |rows: &Json| rows.as_array().unwrap().iter().map(|r| r[0].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let archived_ids: Vec<String> = removed.iter().flat_map(|d| ids(&archived[d])).collect();
+    for log in everything() {
+        let id = log["id"].as_str().unwrap().to_string();
+        assert!(in_mirror(&log) || archived_ids.contains(&id), "log {id} is in the mirror or the archive");
+    }
+
+    // Targets keep every log: the removed ones are not sent as deletes.
+    ok(run(vec!["replicate", "--namespace", NS, "--table", TABLE, "--from", &url, "--to", &replica]).await);
+    let replica_db = dir.path().join("replica").join("canvas_logs.db");
+    let mut on_target = rows(&replica_db);
+    on_target.retain(|r| r["id"] != "00000000-0000-4000-8000-00000000cafe");
+    truth::assert_same_rows(&def, &on_target, &everything(), "the replica after the mirror removed old days");
+
+    // A later archive leaves the removed days' partitions as they were, even when a log of such
+    // a day turns up in the mirror again (it stays there).
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "UPDATE web_logs SET timestamp = ?1 || substr(timestamp, 11) WHERE id = '00000000-0000-4000-8000-00000000cafe'",
+        [&removed[0]],
+    )
+    .unwrap();
+    drop(conn);
+    let part = |day: &str| to.join(format!("date={day}")).join("part-0.parquet");
+    let modified: Vec<_> = removed.iter().map(|d| std::fs::metadata(part(d)).unwrap().modified().unwrap()).collect();
+    archive(&emu, dir.path(), &mirror, &to).await;
+    let after: Vec<_> = removed.iter().map(|d| std::fs::metadata(part(d)).unwrap().modified().unwrap()).collect();
+    assert_eq!(modified, after, "removed days are not written again");
+    for day in &removed {
+        assert_eq!(read_archive(&to).0[day], archived_before[day], "{day} is still whole in the archive");
     }
 }
