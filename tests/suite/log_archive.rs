@@ -124,6 +124,64 @@ async fn every_log_survives_resnapshots_and_a_pause_names_its_gap(backend: Backe
 
 crate::each_backend!(every_log_survives_resnapshots_and_a_pause_names_its_gap);
 
+/// A re-snapshot of web_logs killed (SIGKILL) anywhere leaves every target either as it was or
+/// with every log: never the window alone (the older logs carried over in the same publish),
+/// never half of it; a rerun completes it.
+async fn a_resnapshot_killed_anywhere_keeps_the_old_logs(backend: Backend) {
+    let emu = emulator(EmulatorConfig { rows: 400, part_rows: 40, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (t, probe) = (
+        TestTarget::fresh(backend, "log_archive_kill").await,
+        TestTarget::fresh(backend, "log_archive_kill_probe").await,
+    );
+    let def = emu.table_def(NS, TABLE).unwrap();
+    let lines = |rows: &[Map<String, Json>]| truth::row_lines(&def, rows, t.limits());
+    for target in [&t, &probe] {
+        dap(&emu, dir.path(), target, "initdb", &[]).await;
+    }
+    // Synced within DAP's window (the initdb's watermark is 27 days old).
+    logs_on(&emu, (3..=27).step_by(3));
+    for target in [&t, &probe] {
+        dap(&emu, dir.path(), target, "syncdb", &[]).await;
+    }
+    // Three days more, then a re-snapshot: it holds days 12..42, and carries the rest over.
+    logs_on(&emu, [33, 39, 42]);
+    let replace = |url: &str| {
+        let mut cmd = ours_command(&emu, dir.path());
+        cmd.args(["initdb", "--replace", "--namespace", NS, "--table", TABLE, "--connection-string", url]);
+        cmd.args(t.dap_options()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        cmd
+    };
+    let started = std::time::Instant::now();
+    assert!(replace(&probe.url).status().await.unwrap().success());
+    let span = started.elapsed();
+    let old = lines(&t.rows(&def).await);
+    let every = lines(&every_log_but(&emu, None));
+    assert_ne!(old, every, "the re-snapshot changes the table");
+    let mut rng = fastrand::Rng::with_seed(20261205);
+    let mut seen_old = false;
+    for kill in 0..8 {
+        let after = span.mul_f64(0.2 + rng.f64() * 0.9);
+        let mut child = replace(&t.url).spawn().unwrap();
+        tokio::select! {
+            _ = child.wait() => {}
+            _ = tokio::time::sleep(after) => { child.start_kill().unwrap(); child.wait().await.unwrap(); }
+        }
+        let now = lines(&t.rows(&def).await);
+        seen_old |= now == old;
+        assert!(
+            now == old || now == every,
+            "{backend:?}: kill {kill} after {after:?}: web_logs is neither as it was nor every log\n{}",
+            differences(&now, &every, ["the target", "every log"])
+        );
+    }
+    assert!(replace(&t.url).status().await.unwrap().success());
+    assert_eq!(lines(&t.rows(&def).await), every, "{backend:?}: the rerun completes it");
+    eprintln!("{backend:?}: a kill left the old state {seen_old}");
+}
+
+crate::each_backend!(a_resnapshot_killed_anywhere_keeps_the_old_logs);
+
 /// A mirror re-snapshotted by `initdb --replace` outside the window and replicated to every
 /// target: each target holds every log the mirror holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
