@@ -28,7 +28,7 @@ use crate::progress::TableProgress;
 use crate::schema::SchemaError;
 use crate::schema::delta::{Refused, SchemaDelta};
 use crate::sink::{Bookkeeping, Sink, SinkError};
-use crate::source::{Reading, Source, SourceError};
+use crate::source::{Reading, SnapshotCause, Source, SourceError};
 use crate::time;
 
 #[derive(Debug, thiserror::Error)]
@@ -381,14 +381,18 @@ impl Replicator {
         intact?;
         let extract = match extract {
             Ok(extract) => extract,
-            Err(SourceError::SnapshotRequired { reason }) if schema.def.is_append_only() => {
-                // DAP has dropped logs this mirror never fetched. A new snapshot loses nothing
-                // (it replaces only the rows it holds), so it is taken without asking; the gap is
-                // recorded first (its end once known), so that a crash cannot hide it.
+            Err(SourceError::SnapshotRequired { reason, cause }) if schema.def.is_append_only() => {
+                // A new snapshot of a log table loses nothing (it replaces only the rows it
+                // holds), so it is taken without asking. When DAP has dropped logs this target
+                // never fetched, the gap is recorded first (its end once known), so that a crash
+                // cannot hide it; a source that started over (a mirror) lost nothing.
                 tracing::warn!("{namespace}.{table}: {reason}; taking a new snapshot, keeping every older row");
-                self.sink.record_gap(namespace, table, stored.watermark).await?;
+                let lost = cause == SnapshotCause::OutOfWindow;
+                if lost {
+                    self.sink.record_gap(namespace, table, stored.watermark).await?;
+                }
                 let (report, _) = Box::pin(self.initdb_once(namespace, table, Init::Replace, watch)).await?;
-                if let Some(gap) = self.sink.record_gap(namespace, table, stored.watermark).await? {
+                if lost && let Some(gap) = self.sink.record_gap(namespace, table, stored.watermark).await? {
                     let until = gap.before.map_or("the oldest row of the new snapshot".into(), time::format_wire);
                     tracing::warn!(
                         "{namespace}.{table}: no rows between {} and {until}: they had left the source's window (DAP keeps {} days) before this sync",
@@ -398,13 +402,13 @@ impl Replicator {
                 }
                 return Ok(report);
             }
-            Err(SourceError::SnapshotRequired { reason }) if self.reinit == Reinit::Automatically => {
+            Err(SourceError::SnapshotRequired { reason, .. }) if self.reinit == Reinit::Automatically => {
                 tracing::warn!("{namespace}.{table}: {reason}; taking a new snapshot (--auto-reinit)");
                 return Box::pin(self.initdb_once(namespace, table, Init::Replace, watch))
                     .await
                     .map(|(report, _)| report);
             }
-            Err(SourceError::SnapshotRequired { reason }) => {
+            Err(SourceError::SnapshotRequired { reason, .. }) => {
                 return Err(SyncError::SnapshotRequired { namespace: namespace.into(), table: table.into(), reason });
             }
             Err(e) => return Err(e.into()),

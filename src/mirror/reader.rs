@@ -9,6 +9,7 @@
 //! left alone until the mirror catches up. Positions live in the targets, so a copied mirror
 //! file knows nothing false about them, and any mirror of the same DAP data can serve any target.
 
+use crate::source::SnapshotCause;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -259,6 +260,7 @@ impl Source for MirrorSource {
             return Err(SourceError::SnapshotRequired {
                 reason: "the mirror has no change index for the table yet (made by an older dap); it is reloaded once"
                     .into(),
+                cause: SnapshotCause::Other,
             });
         };
         // A target that keeps whole seconds (MySQL) holds the epoch's start truncated.
@@ -271,6 +273,7 @@ impl Source for MirrorSource {
                     time::format_wire(since),
                     time::format_wire(epoch)
                 ),
+                cause: SnapshotCause::Other,
             });
         }
         // The first commit the target lacks: the one after the last whose watermark it holds.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use super::{Extract, Reading, Schema, Source, SourceError};
+use super::{Extract, Reading, Schema, SnapshotCause, Source, SourceError};
 use crate::api::types::{Format, Mode, Query};
 use crate::api::{ApiError, Client, CompleteJob, JobStage, ServerErrorKind};
 use crate::decode::Record;
@@ -142,7 +142,12 @@ impl Source for DapSource {
             Err(e)
                 if matches!(e.server_kind(), Some(ServerErrorKind::SnapshotRequired | ServerErrorKind::OutOfRange)) =>
             {
-                return Err(SourceError::SnapshotRequired { reason: e.to_string() });
+                let cause = if matches!(e.server_kind(), Some(ServerErrorKind::OutOfRange)) {
+                    SnapshotCause::OutOfWindow
+                } else {
+                    SnapshotCause::Other
+                };
+                return Err(SourceError::SnapshotRequired { reason: e.to_string(), cause });
             }
             Err(e) => return Err(e.into()),
         };

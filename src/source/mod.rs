@@ -39,6 +39,17 @@ pub struct Extract {
     pub applied_before: Option<Micros>,
 }
 
+/// Why a source needs a new snapshot: for a log table, whether rows were lost to the source's
+/// window (a gap to record) or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotCause {
+    /// The watermark is older than the source keeps (DAP's `OutOfRangeError`): changes between
+    /// it and the window's start are gone.
+    OutOfWindow,
+    /// Anything else (DAP's `SnapshotRequiredError`, a mirror that started its table over).
+    Other,
+}
+
 /// Why a source could not give what was asked, in terms any source has (DAP, the mirror):
 /// the underlying error is kept as the source of the error.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +64,7 @@ pub enum SourceError {
     TargetAhead { mirror: Micros, target: Micros },
     /// The source cannot give changes since the watermark (DAP: snapshot required, out of range).
     #[error("the source needs a new snapshot ({reason})")]
-    SnapshotRequired { reason: String },
+    SnapshotRequired { reason: String, cause: SnapshotCause },
     /// A part arrived corrupt or incomplete: reading it again may help.
     #[error("{table}: object {part} is corrupt or incomplete ({detail}); the table keeps its previous state")]
     Corrupt { table: String, part: String, detail: String },
