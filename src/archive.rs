@@ -16,6 +16,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use serde::{Deserialize, Serialize};
 
 use crate::export::{ExportError, ParquetWriter};
+use crate::mirror::format::{BOOKKEEPING, quote};
 use crate::query::QueryError;
 use crate::schema::{APPEND_ONLY_TIME_COLUMN, ColumnType};
 use crate::time::{self, MICROS_PER_DAY, Micros};
@@ -156,7 +157,7 @@ pub fn archive(request: &ArchiveRequest) -> Result<ArchiveReport, ArchiveError> 
     remove_leftovers(&request.to)?;
 
     let watermark: String = conn.query_row(
-        &format!("SELECT timestamp FROM {}.instructure_dap__table_sync WHERE source_table = ?1", quote(ns)),
+        &format!("SELECT timestamp FROM {}.{BOOKKEEPING} WHERE source_table = ?1", quote(ns)),
         [table],
         |r| r.get(0),
     )?;
@@ -347,10 +348,6 @@ fn remove_leftovers(to: &Path) -> Result<(), ArchiveError> {
         }
     }
     Ok(())
-}
-
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 #[cfg(test)]
