@@ -10,6 +10,8 @@ use dap_replica::{cli, interrupt, privacy, secrets};
 const EXIT_FAILURE: u8 = 5;
 /// A command line that makes no sense, as clap's own usage errors.
 const EXIT_USAGE: u8 = 2;
+/// `status --max-lag`: data older than the limit ("critical" to monitoring checks).
+const EXIT_STALE: u8 = 3;
 /// 128 + SIGINT, the shell convention for Ctrl-C.
 const EXIT_INTERRUPTED: u8 = 130;
 
@@ -50,6 +52,8 @@ async fn main() -> ExitCode {
             eprintln!("error: {}", cli::report(&e));
             if e.downcast_ref::<cli::UsageError>().is_some() {
                 ExitCode::from(EXIT_USAGE)
+            } else if e.downcast_ref::<cli::Stale>().is_some() {
+                ExitCode::from(EXIT_STALE)
             } else {
                 ExitCode::from(EXIT_FAILURE)
             }

@@ -402,6 +402,10 @@ pub struct StatusArgs {
     /// mirror (repeatable; DAP_REPLICATE_TO may hold a comma-separated list).
     #[arg(long = "to", env = "DAP_REPLICATE_TO", value_delimiter = ',', hide_env_values = true)]
     to: Vec<String>,
+    /// For monitoring (Nagios-style checks): exit 3 when any table's data is older than this
+    /// (6h, 90m, 1d), naming which; DAP refreshes about every 4 hours.
+    #[arg(long, value_name = "DURATION", value_parser = super::parse_duration)]
+    max_lag: Option<std::time::Duration>,
 }
 
 impl StatusArgs {
@@ -448,6 +452,7 @@ fn position_json(t: &TargetStatus) -> serde_json::Value {
 pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
     let report = crate::status::status(&args.request(ctx.shared)?).await?;
     print_status(&report, if args.json { Output::Json } else { Output::Text })?;
+    let stale = args.max_lag.map(|max| stale_tables(&report, max)).transpose();
     // A target that could not be read is said once, and the exit says it.
     let mut unreadable: Vec<(&str, &str)> = Vec::new();
     for t in report.iter().flat_map(|r| &r.targets) {
@@ -458,7 +463,7 @@ pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     if unreadable.is_empty() {
-        return Ok(());
+        return stale.map(|_| ());
     }
     // A target's own error usually names it already.
     let lines: Vec<String> =
@@ -469,6 +474,35 @@ pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
         args.to.iter().filter(|t| !t.trim().is_empty()).count(),
         crate::secrets::scrub(&lines.join("\n  "))
     )
+}
+
+/// `status --max-lag`: an error ([`super::Stale`], exit 3) naming every table whose data is older
+/// than `max`, with its age and how its last run ended.
+fn stale_tables(report: &[TableStatus], max: std::time::Duration) -> anyhow::Result<()> {
+    let limit = max.as_secs() as i64;
+    let stale: Vec<String> = report
+        .iter()
+        .filter(|t| t.staleness_seconds > limit)
+        .map(|t| {
+            let last = match (&t.last_run, t.last_result.as_deref()) {
+                (Some(at), Some("ok")) => format!("; last run {at} succeeded"),
+                (Some(at), Some(error)) => format!("; last run {at} failed: {error}"),
+                _ => String::new(),
+            };
+            format!("{}.{}: data {} old{last}", t.namespace, t.table, crate::status::staleness(t.staleness_seconds))
+        })
+        .collect();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    Err(super::Stale(format!(
+        "{} of {} tables are older than {}:\n  {}",
+        stale.len(),
+        report.len(),
+        crate::status::staleness(limit),
+        stale.join("\n  ")
+    ))
+    .into())
 }
 
 /// How `status` prints its report.
@@ -491,6 +525,7 @@ pub(super) fn print_status(report: &[TableStatus], output: Output) -> anyhow::Re
                 "schema_version": t.schema_version,
                 "watermark": time::format_wire(t.watermark),
                 "staleness": staleness(t.staleness_seconds),
+                "staleness_seconds": t.staleness_seconds,
                 "last_command": t.last_command,
                 "last_run": t.last_run,
                 "last_result": t.last_result,

@@ -189,6 +189,12 @@ pub enum Command {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// `status --max-lag` found tables older than the limit: exit code 3, as monitoring checks
+/// (Nagios, Icinga) read "critical".
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Stale(pub String);
+
 /// The official client's colour themes; accepted so that its command lines work, and ignored.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ConsoleTheme {

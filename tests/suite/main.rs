@@ -31,4 +31,5 @@ mod safety;
 mod schema_changes;
 mod sink_contract;
 mod tds_server;
+mod unattended;
 mod values;
