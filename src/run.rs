@@ -74,6 +74,21 @@ impl Mode {
             Mode::Sync { .. } => "syncdb",
         }
     }
+
+    /// The command with the flags that change what it does, as the record of runs shows it.
+    pub fn command_line(self) -> String {
+        let flags: &[&str] = match self {
+            Mode::Init(Init::Fresh) => &[],
+            Mode::Init(Init::Replace) => &["--replace"],
+            Mode::Sync { reinit, missing } => match (reinit, missing) {
+                (Reinit::Stop, Missing::Skip) => &[],
+                (Reinit::Automatically, Missing::Skip) => &["--auto-reinit"],
+                (Reinit::Stop, Missing::Initialise) => &["--init-missing"],
+                (Reinit::Automatically, Missing::Initialise) => &["--auto-reinit", "--init-missing"],
+            },
+        };
+        std::iter::once(self.command()).chain(flags.iter().copied()).collect::<Vec<_>>().join(" ")
+    }
 }
 
 /// A validated initdb or syncdb.
@@ -309,6 +324,7 @@ async fn record(sink: &dyn Sink, namespace: &str, table: &str, command: &str, re
 
 /// Runs an initdb or syncdb from DAP into the plan's target, then its fan-out.
 pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<RunReport, RunError> {
+    let started = crate::time::now();
     let ns = plan.namespace.as_str();
     let command = plan.mode.command();
     let mirror = plan.check()?;
@@ -343,8 +359,12 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
     };
     let replicator = Replicator { source: Arc::new(source), sink: target.clone(), reinit, attempts: plan.attempts };
     let overall = progress.overall(tables.len(), move || pacing.next_job_slot());
+    // A target that failed itself (damaged, unwritable, full) gets no record of the run written
+    // into it: a refused file is left as it was.
+    let target_failed = std::sync::atomic::AtomicBool::new(false);
     let outcomes = per_table::run_each(&tables, per_table::JOBS_IN_FLIGHT, |t| {
         let (r, local, target, overall) = (&replicator, &local, target.as_ref(), &overall);
+        let target_failed = &target_failed;
         async move {
             let watch = Arc::new(progress.table(&t));
             let report = match plan.mode {
@@ -360,6 +380,9 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
                 Err(e) => watch.fail(e),
             }
             overall.table_done();
+            if matches!(report, Err(SyncError::Sink(_))) {
+                target_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             if report.as_ref().err().and_then(Classify::skip_reason).is_none() {
                 record(target, ns, &t, command, &report).await;
             }
@@ -381,6 +404,9 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
             }
         }
     }
+    if let Some(file) = plan.target.local_file(ns)?.filter(|_| !target_failed.into_inner()) {
+        record_in_mirror(&file, plan.mode.command_line(), &outcomes, started, plan.sink.lock_timeout).await;
+    }
     let Some(mirror) = mirror else {
         return Ok(RunReport { command, tables: outcomes, replicate: None });
     };
@@ -397,6 +423,57 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
     };
     let fanned = replicate(&plan, progress).await?;
     Ok(RunReport { command, tables: outcomes, replicate: Some(fanned) })
+}
+
+/// Adds the run to the mirror file's record of runs (`dap_runs`). The tables are written
+/// already: a failure to record is a warning.
+async fn record_in_mirror(
+    file: &std::path::Path,
+    command: String,
+    outcomes: &[TableOutcome<TableReport>],
+    started: crate::time::Micros,
+    wait: std::time::Duration,
+) {
+    use crate::mirror::runs::{Run, RunResult};
+    if !file.exists() {
+        return;
+    }
+    let mut errors = Vec::new();
+    let (mut rows, mut changes) = (0, None::<u64>);
+    for o in outcomes {
+        match &o.outcome {
+            Outcome::Succeeded { result } => {
+                rows += result.rows;
+                if let Some(c) = result.changes {
+                    changes = Some(changes.unwrap_or(0) + c);
+                }
+            }
+            Outcome::Failed { error } => errors.push(format!("{}: {error}", o.table)),
+            Outcome::Skipped { .. } => {}
+        }
+    }
+    let run = Run {
+        started: crate::time::format_wire(started),
+        ended: crate::time::format_wire(crate::time::now()),
+        command,
+        tables: outcomes.iter().map(|o| o.table.as_str()).collect::<Vec<_>>().join(","),
+        rows,
+        changes,
+        result: if errors.is_empty() { RunResult::Succeeded } else { RunResult::Failed },
+        error: (!errors.is_empty()).then(|| crate::secrets::scrub(&errors.join("; ")).into_owned()),
+    };
+    let file = file.to_path_buf();
+    let saved = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let _lock = crate::mirror::folder::WriterLock::acquire_waiting(&file, wait).map_err(|e| e.to_string())?;
+        let mut conn = rusqlite::Connection::open(&file).map_err(|e| e.to_string())?;
+        conn.busy_timeout(wait).map_err(|e| e.to_string())?;
+        crate::mirror::runs::record(&mut conn, &run, crate::mirror::runs::kept()).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    if let Err(e) = saved {
+        tracing::warn!("the run is done, but the mirror's record of runs could not be written: {e}");
+    }
 }
 
 /// `--keep-days`: bounds each log table the run synced (see [`crate::mirror::retention`]), and

@@ -406,6 +406,10 @@ pub struct StatusArgs {
     /// (6h, 90m, 1d), naming which; DAP refreshes about every 4 hours.
     #[arg(long, value_name = "DURATION", value_parser = super::parse_duration)]
     max_lag: Option<std::time::Duration>,
+    /// List the newest N runs that wrote the mirror (10 when N is left out), instead of the tables:
+    /// when each started and ended, the command, tables, rows, changes and how it ended.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "10")]
+    runs: Option<u32>,
 }
 
 impl StatusArgs {
@@ -450,6 +454,9 @@ fn position_json(t: &TargetStatus) -> serde_json::Value {
 
 /// Per table: rows, schema version, watermark, staleness, last run and its result.
 pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.runs {
+        return print_runs(&args, n);
+    }
     let report = crate::status::status(&args.request(ctx.shared)?).await?;
     print_status(&report, if args.json { Output::Json } else { Output::Text })?;
     let stale = args.max_lag.map(|max| stale_tables(&report, max)).transpose();
@@ -474,6 +481,71 @@ pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
         args.to.iter().filter(|t| !t.trim().is_empty()).count(),
         crate::secrets::scrub(&lines.join("\n  "))
     )
+}
+
+/// `status --runs N`: the newest runs of each namespace file of the mirror, newest first.
+fn print_runs(args: &StatusArgs, n: u32) -> anyhow::Result<()> {
+    let folder = match (&args.dir, args.connection_string.as_deref()) {
+        (Some(dir), _) => dir.clone(),
+        (None, None) => crate::mirror::folder::default_dir()?,
+        (None, Some(url)) => match TargetSpec::parse(Some(url))?.local_file(args.namespace.as_deref().unwrap_or(""))? {
+            Some(file) => file.parent().map(PathBuf::from).unwrap_or_default(),
+            None => {
+                return Err(super::UsageError(
+                    "--runs lists the runs a mirror file records; a server target keeps none (see its table_sync)"
+                        .into(),
+                )
+                .into());
+            }
+        },
+    };
+    let files: Vec<(String, PathBuf)> = crate::mirror::folder::namespace_files(&folder)
+        .into_iter()
+        .filter(|(ns, _)| args.namespace.as_ref().is_none_or(|want| want == ns))
+        .collect();
+    let mut runs = Vec::new();
+    for (ns, file) in &files {
+        let newest = crate::mirror::runs::newest(file, n)
+            .map_err(|e| anyhow::anyhow!("{}: reading its record of runs: {e}", file.display()))?;
+        runs.extend(newest.into_iter().map(|r| (ns.clone(), r)));
+    }
+    runs.sort_by(|a, b| b.1.started.cmp(&a.1.started));
+    if args.json {
+        let rows: Vec<serde_json::Value> = runs
+            .iter()
+            .map(|(ns, r)| {
+                let mut v = serde_json::to_value(r).expect("a run serialises");
+                v["namespace"] = json!(ns);
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if runs.is_empty() {
+        println!("No runs are recorded in {} yet.", folder.display());
+        return Ok(());
+    }
+    for (ns, r) in &runs {
+        let took = match (time::parse_rfc3339(&r.started), time::parse_rfc3339(&r.ended)) {
+            (Ok(a), Ok(b)) => crate::status::staleness((b - a) / time::MICROS_PER_SECOND),
+            _ => "?".into(),
+        };
+        let changes = r.changes.map_or(String::new(), |c| format!(", {c} changes"));
+        let outcome = match (&r.result, &r.error) {
+            (crate::mirror::runs::RunResult::Failed, Some(e)) => format!("failed: {e}"),
+            _ => format!("{:?}", r.result).to_lowercase(),
+        };
+        // Text from a file is shown, never obeyed by the terminal.
+        println!(
+            "{}",
+            crate::term::safe(&format!(
+                "{}  {took:>7}  {ns}  {}  [{}]  {} rows{changes}  {outcome}",
+                r.started, r.command, r.tables, r.rows
+            ))
+        );
+    }
+    Ok(())
 }
 
 /// `status --max-lag`: an error ([`super::Stale`], exit 3) naming every table whose data is older

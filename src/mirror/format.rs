@@ -336,6 +336,7 @@ pub fn foreign_objects(conn: &Connection, views: UserViews) -> rusqlite::Result<
             || name == HISTORY_SETTINGS
             || name == GAPS
             || name == super::retention::ARCHIVED
+            || name == super::runs::RUNS
             || replicated.iter().any(|t| t == name || staging(t) == name || history_table(t) == name)
             || ["sqlite_sequence", "sqlite_stat1", "sqlite_stat4"].contains(&name)
     };

@@ -55,3 +55,72 @@ async fn max_lag_exits_3_naming_the_tables_older_than_the_limit() {
     let bad = status(&["--max-lag", "soon"]).await;
     assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
 }
+
+/// Every initdb and syncdb leaves a row in the mirror file's `dap_runs`, in order, with its
+/// tables, rows, changes and result; a failed table makes a failed run naming it; `status
+/// --runs` lists them newest first; `DAP_KEEP_RUNS` bounds the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_run_is_recorded_and_listed_newest_first() {
+    use dap_replica::emulator::{ChangeCounts, FaultKind, FaultSpec};
+    let emu = emulator_aged(3600).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    let url = mirror_url(dir, "canvas");
+    let mirror = dir.join("mirror");
+    let run = |verb: &'static str, env: Vec<(&'static str, &'static str)>| {
+        let args = ["--namespace", "canvas", "--table", "users,courses", "--connection-string", &url];
+        let args: Vec<String> = std::iter::once(verb).chain(args).map(String::from).collect();
+        let (emu, dir) = (&emu, dir);
+        async move { run_ours_with(emu, dir, &args.iter().map(String::as_str).collect::<Vec<_>>(), &env).await }
+    };
+    assert!(run("initdb", vec![]).await.status.success());
+    commit_round(&emu, "canvas", &["users", "courses"], ChangeCounts { inserts: 3, updates: 2, ..Default::default() });
+    assert!(run("syncdb", vec![]).await.status.success());
+    commit_round(&emu, "canvas", &["users", "courses"], ChangeCounts { inserts: 1, ..Default::default() });
+    emu.inject(FaultSpec::new(FaultKind::SnapshotRequired, 1).for_table("courses"));
+    let failed = run("syncdb", vec![]).await;
+    assert!(!failed.status.success());
+    emu.clear_faults();
+    assert!(run("syncdb", vec![]).await.status.success());
+
+    let listed = |extra: &[&str]| {
+        let mut args = vec!["status", "--dir", mirror.to_str().unwrap(), "--runs"];
+        args.extend(extra);
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        let (emu, dir) = (&emu, dir);
+        async move { ours_ok(emu, dir, &args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&listed(&["--json"]).await).unwrap();
+    let field = |i: usize, f: &str| runs[i][f].clone();
+    assert_eq!(runs.len(), 4, "{runs:#?}");
+    let commands: Vec<&str> = runs.iter().map(|r| r["command"].as_str().unwrap()).collect();
+    assert_eq!(commands, ["syncdb", "syncdb", "syncdb", "initdb"]);
+    let results: Vec<&str> = runs.iter().map(|r| r["result"].as_str().unwrap()).collect();
+    assert_eq!(results, ["succeeded", "failed", "succeeded", "succeeded"]);
+    let error = field(1, "error");
+    assert!(error.as_str().unwrap().starts_with("courses: "), "{error}");
+    // In order, none overlapping.
+    for pair in runs.windows(2) {
+        assert!(pair[1]["ended"].as_str() <= pair[0]["started"].as_str(), "{pair:?}");
+        assert!(pair[0]["started"].as_str() <= pair[0]["ended"].as_str());
+    }
+    let truth_rows =
+        (emu.truth("canvas", "users").unwrap().len() + emu.truth("canvas", "courses").unwrap().len()) as u64;
+    assert_eq!(field(0, "rows"), truth_rows);
+    assert_eq!(field(0, "tables"), "users,courses");
+    assert_eq!(field(3, "changes"), serde_json::Value::Null, "a snapshot has no changes");
+    assert_eq!(field(2, "changes"), 10, "the first sync applied 5 changes to each table");
+    assert_eq!(field(0, "namespace"), "canvas");
+
+    let two: Vec<serde_json::Value> = serde_json::from_str(&listed(&["2", "--json"]).await).unwrap();
+    assert_eq!(two, runs[..2]);
+    let text = listed(&[]).await;
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(text.lines().nth(1).unwrap().contains("failed: courses: "), "{text}");
+
+    // The record keeps the newest DAP_KEEP_RUNS runs.
+    assert!(run("syncdb", vec![("DAP_KEEP_RUNS", "3")]).await.status.success());
+    let kept: Vec<serde_json::Value> = serde_json::from_str(&listed(&["--json"]).await).unwrap();
+    assert_eq!(kept.len(), 3);
+    assert_eq!(kept[1..], runs[..2]);
+}
