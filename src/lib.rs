@@ -21,6 +21,7 @@ pub mod feed;
 pub mod fetch;
 pub mod history_choice;
 pub mod interrupt;
+pub mod metrics;
 pub mod mirror;
 pub mod pack;
 pub mod parquet_columns;

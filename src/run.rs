@@ -109,6 +109,8 @@ pub struct Plan {
     /// `--keep-days N`: after the run, the mirror keeps N days of its log tables, removing older
     /// days an archive holds whole ([`crate::mirror::retention`]).
     pub keep_days: Option<u32>,
+    /// `--metrics-file`: OpenMetrics text of the namespace's tables written after the run.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// Why a run could not start (its tables' failures are in its report instead).
@@ -407,6 +409,9 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
     if let Some(file) = plan.target.local_file(ns)?.filter(|_| !target_failed.into_inner()) {
         record_in_mirror(&file, plan.mode.command_line(), &outcomes, started, plan.sink.lock_timeout).await;
     }
+    if let Some(path) = &plan.metrics_file {
+        write_metrics(plan, path, &outcomes, started).await;
+    }
     let Some(mirror) = mirror else {
         return Ok(RunReport { command, tables: outcomes, replicate: None });
     };
@@ -423,6 +428,37 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
     };
     let fanned = replicate(&plan, progress).await?;
     Ok(RunReport { command, tables: outcomes, replicate: Some(fanned) })
+}
+
+/// `--metrics-file`: the namespace's tables as `dap status` sees them after the run, with the
+/// run's duration. A failure is a warning: the run itself is done.
+async fn write_metrics(
+    plan: &Plan,
+    path: &std::path::Path,
+    outcomes: &[TableOutcome<TableReport>],
+    started: crate::time::Micros,
+) {
+    let request = crate::status::StatusRequest {
+        namespace: Some(plan.namespace.clone()),
+        location: crate::status::Location::Target(plan.target.clone()),
+        targets: Vec::new(),
+        shared: plan.sink.shared,
+    };
+    let written = match crate::status::status(&request).await {
+        Ok(tables) => {
+            let run = crate::metrics::RunSummary {
+                namespace: &plan.namespace,
+                command: plan.mode.command(),
+                seconds: (crate::time::now() - started) as f64 / 1e6,
+                failed_tables: outcomes.iter().filter(|o| matches!(o.outcome, Outcome::Failed { .. })).count(),
+            };
+            crate::metrics::write(path, &crate::metrics::render(&tables, &run)).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = written {
+        tracing::warn!("{}: the metrics could not be written ({e}); the run itself is done", path.display());
+    }
 }
 
 /// Adds the run to the mirror file's record of runs (`dap_runs`). The tables are written

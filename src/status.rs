@@ -46,6 +46,8 @@ pub struct TableStatus {
     pub last_run: Option<String>,
     /// `ok`, or the error of the last run, as `state.json` recorded it.
     pub last_result: Option<String>,
+    /// When a run last succeeded on the table.
+    pub last_success: Option<String>,
     /// The file or database holding the table, as shown to users.
     pub file: String,
     pub targets: Vec<TargetStatus>,
@@ -246,6 +248,7 @@ pub async fn status(request: &StatusRequest) -> Result<Vec<TableStatus>, SinkErr
                 last_command: entry.and_then(|e| e.last_command.clone()),
                 last_run: entry.and_then(|e| e.last_run.clone()),
                 last_result: entry.and_then(|e| e.last_result.clone()),
+                last_success: entry.and_then(|e| e.last_success.clone()),
                 file: file.clone(),
                 targets,
                 history: histories.get(&(ns.clone(), b.table.clone())).cloned(),

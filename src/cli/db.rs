@@ -59,6 +59,16 @@ pub struct FanOutArgs {
     replicate_to: Vec<String>,
 }
 
+/// What initdb and syncdb leave for monitoring.
+#[derive(Debug, Default, Args)]
+pub struct MonitorArgs {
+    /// After the run, write the state of the namespace's tables (rows, lag, last success, last
+    /// run failed, run duration) as OpenMetrics text to this file, atomically: for the
+    /// node_exporter textfile collector.
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
+}
+
 /// History in the mirror (initdb and syncdb on a mirror file).
 #[derive(Debug, Default, Args)]
 pub struct HistoryArgs {
@@ -99,6 +109,8 @@ pub struct InitArgs {
     #[command(flatten)]
     db: DbArgs,
     #[command(flatten)]
+    monitor: MonitorArgs,
+    #[command(flatten)]
     fan_out: FanOutArgs,
     #[command(flatten)]
     history: HistoryArgs,
@@ -111,6 +123,8 @@ pub struct InitArgs {
 pub struct SyncArgs {
     #[command(flatten)]
     db: DbArgs,
+    #[command(flatten)]
+    monitor: MonitorArgs,
     #[command(flatten)]
     fan_out: FanOutArgs,
     #[command(flatten)]
@@ -169,6 +183,7 @@ pub(super) async fn run(
     history: HistoryArgs,
     mode: Mode,
     keep_days: Option<u32>,
+    monitor: MonitorArgs,
 ) -> anyhow::Result<()> {
     let plan = Plan {
         namespace: args.namespace.clone(),
@@ -180,6 +195,7 @@ pub(super) async fn run(
         sink: SinkOptions { history: history.choice(), ..args.sink_options(ctx) },
         attempts: ctx.client.retry.attempts,
         keep_days,
+        metrics_file: monitor.metrics_file,
     };
     let client = Client::new(ctx.client.clone())?;
     let progress = Progress::new(ctx.interactive && !args.json);
@@ -201,13 +217,13 @@ pub(super) async fn run(
 
 pub async fn initdb(ctx: &Context, args: InitArgs) -> anyhow::Result<()> {
     let init = if args.replace { Init::Replace } else { Init::Fresh };
-    run(ctx, args.db, args.fan_out, args.history, Mode::Init(init), None).await
+    run(ctx, args.db, args.fan_out, args.history, Mode::Init(init), None, args.monitor).await
 }
 
 pub async fn syncdb(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
     let reinit = if args.auto_reinit { Reinit::Automatically } else { Reinit::Stop };
     let missing = if args.init_missing { Missing::Initialise } else { Missing::Skip };
-    run(ctx, args.db, args.fan_out, args.history, Mode::Sync { reinit, missing }, args.keep_days).await
+    run(ctx, args.db, args.fan_out, args.history, Mode::Sync { reinit, missing }, args.keep_days, args.monitor).await
 }
 
 pub async fn drop(ctx: &Context, args: DbArgs) -> anyhow::Result<()> {
@@ -601,6 +617,7 @@ pub(super) fn print_status(report: &[TableStatus], output: Output) -> anyhow::Re
                 "last_command": t.last_command,
                 "last_run": t.last_run,
                 "last_result": t.last_result,
+                "last_success": t.last_success,
                 "file": t.file,
                 "history": t.history.as_ref().map(|h| json!({"since": h.since, "versions": h.versions, "days": h.days})),
                 "archive": t.archive.as_ref().map(|a| json!({

@@ -90,6 +90,7 @@ async fn sync_all(ctx: &Context, dir: &Path) -> anyhow::Result<()> {
             sink: SinkOptions { shared: ctx.shared, ..SinkOptions::default() },
             attempts: ctx.client.retry.attempts,
             keep_days: None,
+            metrics_file: None,
         };
         let progress = Progress::new(ctx.interactive);
         let report = crate::run::run(Client::new(ctx.client.clone())?, &plan, &progress).await?;

@@ -197,6 +197,9 @@ pub struct TableEntry {
     pub last_run: Option<String>,
     /// `ok`, or the error of the last run.
     pub last_result: Option<String>,
+    /// When a run last succeeded on the table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -294,6 +297,9 @@ impl StateFile {
         e.last_run = Some(time::format_wire(time::now()));
         if let Some(j) = job {
             e.last_job = Some(j.to_string());
+        }
+        if result.is_ok() {
+            e.last_success = e.last_run.clone();
         }
         e.last_result = Some(match result {
             Ok(()) => "ok".into(),

@@ -124,3 +124,94 @@ async fn every_run_is_recorded_and_listed_newest_first() {
     assert_eq!(kept.len(), 3);
     assert_eq!(kept[1..], runs[..2]);
 }
+
+/// The samples of an OpenMetrics file as a real parser (prometheus_client's) reads them:
+/// `(name, labels, value)`; `None` when the parser is not installed (a failure under CI).
+fn parse_openmetrics(path: &Path) -> Option<Vec<(String, serde_json::Value, f64)>> {
+    let script = r#"
+import json, sys
+try:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+except ImportError:
+    print("null"); sys.exit(0)
+out = []
+for family in text_string_to_metric_families(open(sys.argv[1]).read()):
+    for s in family.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let py =
+        std::process::Command::new(official_python()).args(["-c", script, path.to_str().unwrap()]).output().unwrap();
+    assert!(py.status.success(), "the OpenMetrics parser refused the file: {}", String::from_utf8_lossy(&py.stderr));
+    let parsed: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    if parsed.is_null() {
+        crate::common::targets::missing("prometheus_client is not installed beside the official client");
+        return None;
+    }
+    Some(
+        parsed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s[0].as_str().unwrap().to_string(), s[1].clone(), s[2].as_f64().unwrap()))
+            .collect(),
+    )
+}
+
+/// `--metrics-file` after each run: OpenMetrics text a real parser accepts, whose values are
+/// `dap status --json`'s; a failed table shows as failed, and the run's failures are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_file_parses_and_equals_status() {
+    use dap_replica::emulator::{ChangeCounts, FaultKind, FaultSpec};
+    let emu = emulator_aged(3600).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    let url = mirror_url(dir, "canvas");
+    let metrics = dir.join("metrics").join("dap.prom");
+    std::fs::create_dir_all(metrics.parent().unwrap()).unwrap();
+    let run = |verb: &'static str| {
+        let args = ["--namespace", "canvas", "--table", "users,courses", "--connection-string", &url];
+        let mut args: Vec<String> = std::iter::once(verb).chain(args).map(String::from).collect();
+        args.extend(["--metrics-file".to_string(), metrics.display().to_string()]);
+        let (emu, dir) = (&emu, dir);
+        async move { run_ours(emu, dir, &args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    assert!(run("initdb").await.status.success());
+    commit_round(&emu, "canvas", &["users", "courses"], ChangeCounts { inserts: 2, updates: 1, ..Default::default() });
+    emu.inject(FaultSpec::new(FaultKind::SnapshotRequired, 1).for_table("courses"));
+    assert!(!run("syncdb").await.status.success());
+    let Some(samples) = parse_openmetrics(&metrics) else { return };
+    let status = ours_ok(&emu, dir, &["status", "--json", "--dir", dir.join("mirror").to_str().unwrap()]).await;
+    let status: Vec<serde_json::Value> = serde_json::from_str(&status).unwrap();
+    let value = |name: &str, table: &str| {
+        samples
+            .iter()
+            .find(|(n, l, _)| n == name && l["table"] == table && l["namespace"] == "canvas")
+            .unwrap_or_else(|| panic!("{name} of {table} in {samples:?}"))
+            .2
+    };
+    let seconds = |text: &serde_json::Value| time::parse_rfc3339(text.as_str().unwrap()).unwrap() as f64 / 1e6;
+    for row in &status {
+        let table = row["table"].as_str().unwrap();
+        assert_eq!(value("dap_table_rows", table), row["rows"].as_f64().unwrap(), "{table}");
+        let lag = value("dap_table_lag_seconds", table) - row["staleness_seconds"].as_f64().unwrap();
+        assert!(lag.abs() <= 5.0, "{table}: the lag is status's, a moment earlier ({lag})");
+        assert_eq!(value("dap_table_watermark_timestamp_seconds", table), seconds(&row["watermark"]), "{table}");
+        assert_eq!(value("dap_table_last_success_timestamp_seconds", table), seconds(&row["last_success"]), "{table}");
+        let failed = if row["last_result"] == "ok" { 0.0 } else { 1.0 };
+        assert_eq!(value("dap_table_last_run_failed", table), failed, "{table}");
+    }
+    assert_eq!(value("dap_table_last_run_failed", "courses"), 1.0);
+    assert_eq!(value("dap_table_last_run_failed", "users"), 0.0);
+    let run_sample = |name: &str| samples.iter().find(|(n, l, _)| n == name && l["command"] == "syncdb").unwrap().2;
+    assert_eq!(run_sample("dap_run_failed_tables"), 1.0);
+    assert!(run_sample("dap_run_duration_seconds") > 0.0);
+    // The courses' last success is the initdb's; the users' the sync's.
+    let courses = status.iter().find(|r| r["table"] == "courses").unwrap();
+    let users = status.iter().find(|r| r["table"] == "users").unwrap();
+    assert!(courses["last_success"].as_str() < users["last_success"].as_str(), "{status:?}");
+    // Collectors read it as another user; no temporary file is left beside it.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&metrics).unwrap().permissions().mode() & 0o777, 0o644);
+    assert_eq!(std::fs::read_dir(metrics.parent().unwrap()).unwrap().count(), 1);
+}
