@@ -43,3 +43,4 @@ pub mod target;
 pub mod term;
 pub mod time;
 pub mod value;
+pub mod watch;

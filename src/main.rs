@@ -14,6 +14,20 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_STALE: u8 = 3;
 /// 128 + SIGINT, the shell convention for Ctrl-C.
 const EXIT_INTERRUPTED: u8 = 130;
+/// 128 + SIGTERM.
+const EXIT_TERMINATED: u8 = 143;
+
+/// SIGTERM (never on systems without it).
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            term.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -31,6 +45,12 @@ async fn main() -> ExitCode {
     tokio::pin!(run);
     let result = tokio::select! {
         result = &mut run => result,
+        _ = terminated() => {
+            // A service manager stopping us (systemd, launchd): as Ctrl-C, with SIGTERM's code.
+            interrupt::raise();
+            eprintln!("terminated: work in progress was rolled back; every table keeps its previous state");
+            std::process::exit(EXIT_TERMINATED.into());
+        }
         _ = tokio::signal::ctrl_c() => {
             interrupt::raise();
             if stops_by_itself {

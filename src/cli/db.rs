@@ -176,16 +176,17 @@ impl DbArgs {
     }
 }
 
-pub(super) async fn run(
+/// The validated run these arguments ask for (initdb, syncdb, and each run of `dap watch`).
+pub(super) fn plan(
     ctx: &Context,
-    args: DbArgs,
-    fan_out: FanOutArgs,
-    history: HistoryArgs,
+    args: &DbArgs,
+    fan_out: &FanOutArgs,
+    history: &HistoryArgs,
     mode: Mode,
     keep_days: Option<u32>,
-    monitor: MonitorArgs,
-) -> anyhow::Result<()> {
-    let plan = Plan {
+    monitor: &MonitorArgs,
+) -> anyhow::Result<Plan> {
+    Ok(Plan {
         namespace: args.namespace.clone(),
         tables: Tables::parse(&args.table)?,
         mode,
@@ -195,8 +196,20 @@ pub(super) async fn run(
         sink: SinkOptions { history: history.choice(), ..args.sink_options(ctx) },
         attempts: ctx.client.retry.attempts,
         keep_days,
-        metrics_file: monitor.metrics_file,
-    };
+        metrics_file: monitor.metrics_file.clone(),
+    })
+}
+
+pub(super) async fn run(
+    ctx: &Context,
+    args: DbArgs,
+    fan_out: FanOutArgs,
+    history: HistoryArgs,
+    mode: Mode,
+    keep_days: Option<u32>,
+    monitor: MonitorArgs,
+) -> anyhow::Result<()> {
+    let plan = plan(ctx, &args, &fan_out, &history, mode, keep_days, &monitor)?;
     let client = Client::new(ctx.client.clone())?;
     let progress = Progress::new(ctx.interactive && !args.json);
     let report = crate::run::run(client, &plan, &progress).await?;

@@ -12,6 +12,7 @@ mod export;
 mod pack;
 mod query;
 mod replicate;
+mod watch;
 
 use std::path::PathBuf;
 
@@ -145,6 +146,9 @@ pub enum Command {
     Initdb(db::InitArgs),
     /// Bring initialised tables up to date with the changes since their watermark.
     Syncdb(db::SyncArgs),
+    /// Keep tables current unattended: syncdb --init-missing on a schedule (--every 4h), one run
+    /// at a time, with alerts (--notify), metrics and a record of every run.
+    Watch(watch::WatchArgs),
     /// Drop tables (and their bookkeeping) from the mirror.
     Dropdb(db::DbArgs),
     /// List the server's tables with their replication state.
@@ -406,6 +410,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Incremental(args) => download::incremental(&ctx, args).await,
         Command::Initdb(args) => db::initdb(&ctx, args).await,
         Command::Syncdb(args) => db::syncdb(&ctx, args).await,
+        Command::Watch(args) => watch::run(&ctx, args).await,
         Command::Dropdb(args) => db::drop(&ctx, args).await,
         Command::Listdb(args) => db::listdb(&ctx, args).await,
         Command::Replicate(args) => replicate::replicate(&ctx, args).await,

@@ -215,3 +215,209 @@ async fn the_metrics_file_parses_and_equals_status() {
     assert_eq!(std::fs::metadata(&metrics).unwrap().permissions().mode() & 0o777, 0o644);
     assert_eq!(std::fs::read_dir(metrics.parent().unwrap()).unwrap().count(), 1);
 }
+
+/// A local webhook receiver: every POST body it gets, answered 200.
+async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/T0/B0/secretpath", listener.local_addr().unwrap());
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    let Some(end) = text.find("\r\n\r\n") else { continue };
+                    let length: usize = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + length {
+                        kept.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).into_owned());
+                        let _ = socket
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, bodies)
+}
+
+/// `dap watch --every 2s --max-runs 4` with a failing run among good ones: runs never overlap
+/// and start on schedule (dap_runs), the failure and the recovery are each posted once (body
+/// checked, no secret), a 5xx is absorbed, the metrics parse, and the tables equal the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_runs_on_schedule_and_posts_one_failure_and_one_recovery() {
+    use dap_replica::emulator::{Endpoint, FaultKind, FaultSpec};
+    let emu = emulator_aged(3600).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    let url = mirror_url(dir, "canvas");
+    let metrics = dir.join("dap.prom");
+    let (hook, posted) = receiver().await;
+    // Run 1 initialises (a snapshot); run 2's sync of courses is refused; a 5xx is retried away.
+    emu.inject(FaultSpec::new(FaultKind::SnapshotRequired, 1).for_table("courses"));
+    emu.inject(FaultSpec::new(FaultKind::ServerError, 1).on(Endpoint::Query).after(3));
+    let args = [
+        "watch",
+        "--namespace",
+        "canvas",
+        "--table",
+        "users,courses",
+        "--connection-string",
+        &url,
+        "--every",
+        "2s",
+        "--jitter",
+        "0",
+        "--max-runs",
+        "4",
+        "--notify",
+        &hook,
+        "--metrics-file",
+        metrics.to_str().unwrap(),
+        "--logformat",
+        "json",
+    ];
+    let out = run_ours(&emu, dir, &args).await;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "the last run succeeded: {log}");
+    assert!(!log.contains(&emu.config().client_secret) && !log.contains("secretpath"), "no secret in the log: {log}");
+    let events: Vec<String> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["fields"]["event"].as_str().map(String::from))
+        .collect();
+    assert_eq!(events.iter().filter(|e| *e == "run_started").count(), 4, "{log}");
+    assert_eq!(events.iter().filter(|e| *e == "run_failed").count(), 1, "{log}");
+
+    let runs = ours_ok(&emu, dir, &["status", "--dir", dir.join("mirror").to_str().unwrap(), "--runs", "--json"]).await;
+    let mut runs: Vec<serde_json::Value> = serde_json::from_str(&runs).unwrap();
+    runs.reverse();
+    let results: Vec<&str> = runs.iter().map(|r| r["result"].as_str().unwrap()).collect();
+    assert_eq!(results, ["succeeded", "failed", "succeeded", "succeeded"], "{runs:#?}");
+    let at = |r: &serde_json::Value, f: &str| time::parse_rfc3339(r[f].as_str().unwrap()).unwrap();
+    for pair in runs.windows(2) {
+        assert!(at(&pair[1], "started") >= at(&pair[0], "ended"), "runs never overlap: {pair:?}");
+        let gap = at(&pair[1], "started") - at(&pair[0], "started");
+        assert!(gap >= 1_900_000, "runs start on schedule, 2 s apart: {gap} µs");
+    }
+
+    let posted = posted.lock().unwrap().clone();
+    assert_eq!(posted.len(), 2, "one failure and one recovery: {posted:?}");
+    let failure: serde_json::Value = serde_json::from_str(&posted[0]).unwrap();
+    let recovery: serde_json::Value = serde_json::from_str(&posted[1]).unwrap();
+    assert_eq!((failure["event"].as_str(), failure["run"].as_u64()), (Some("failed"), Some(2)), "{failure}");
+    assert_eq!(failure["failures"][0]["table"], "courses", "{failure}");
+    let text = failure["text"].as_str().unwrap();
+    assert!(text.contains("canvas.courses") && text.contains("dap syncdb --namespace canvas"), "{text}");
+    assert_eq!((recovery["event"].as_str(), recovery["run"].as_u64()), (Some("recovered"), Some(3)), "{recovery}");
+    for body in &posted {
+        assert!(!body.contains(&emu.config().client_secret) && !body.contains("secretpath"), "{body}");
+    }
+    if let Some(samples) = parse_openmetrics(&metrics) {
+        let rows = samples.iter().find(|(n, l, _)| n == "dap_table_rows" && l["table"] == "users").unwrap().2;
+        assert_eq!(rows as usize, emu.truth("canvas", "users").unwrap().len());
+    }
+    for table in ["users", "courses"] {
+        let def = emu.table_def("canvas", table).unwrap();
+        let rows = crate::common::truth::sqlite_rows(&dir.join("mirror").join("canvas.db"), &def);
+        crate::common::truth::assert_same_rows_within(
+            &def,
+            &rows,
+            &emu.truth("canvas", table).unwrap(),
+            "after the watch",
+            &[crate::common::truth::Limit::NoNegativeZero],
+        );
+    }
+}
+
+/// SIGTERM ends a watch promptly with 143: during a run (held back by DAP) with nothing half
+/// written, and between runs at once. `--print-unit systemd` is a unit systemd accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_watch_promptly_and_its_unit_verifies() {
+    use dap_replica::emulator::{Endpoint, FaultKind, FaultSpec};
+    let emu = emulator_aged(3600).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    let url = mirror_url(dir, "canvas");
+    let watch = ["watch", "--namespace", "canvas", "--table", "users", "--connection-string", &url, "--every", "1h"];
+    let term = |pid: u32| unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+
+    // During a run: the snapshot's objects are held back; SIGTERM once it is loading.
+    emu.inject(
+        FaultSpec { delay_ms: Some(60_000), ..FaultSpec::new(FaultKind::Slow, 1) }.on(Endpoint::Object).after(1),
+    );
+    let mut cmd = ours_command(&emu, dir);
+    cmd.args(watch);
+    let mut child = Watched::spawn(cmd);
+    child.wait_for("users: loading").await;
+    assert_eq!(term(child.pid()), 0);
+    let sent = std::time::Instant::now();
+    let out = child.finish().await;
+    assert_eq!(out.status.code(), Some(143), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(sent.elapsed() < std::time::Duration::from_secs(10), "stopped promptly");
+    let db = dir.join("mirror").join("canvas.db");
+    let def = emu.table_def("canvas", "users").unwrap();
+    let has_users = rusqlite::Connection::open(&db)
+        .map(|c| c.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'users'", [], |r| r.get::<_, i64>(0)))
+        .map_or(0, |n| n.unwrap_or(0));
+    assert_eq!(has_users, 0, "an initdb stopped mid-way publishes nothing");
+    emu.clear_faults();
+
+    // Between runs: the first run done, the next an hour away.
+    let mut cmd = ours_command(&emu, dir);
+    cmd.args(watch);
+    let mut child = Watched::spawn(cmd);
+    child.wait_for("next run in").await;
+    assert_eq!(term(child.pid()), 0);
+    let sent = std::time::Instant::now();
+    let out = child.finish().await;
+    assert_eq!(out.status.code(), Some(143));
+    assert!(sent.elapsed() < std::time::Duration::from_secs(5), "stopped at once");
+    let rows = crate::common::truth::sqlite_rows(&db, &def);
+    crate::common::truth::assert_same_rows_within(
+        &def,
+        &rows,
+        &emu.truth("canvas", "users").unwrap(),
+        "the run before SIGTERM",
+        &[crate::common::truth::Limit::NoNegativeZero],
+    );
+
+    // The service definition systemd would run.
+    let mut args = watch.to_vec();
+    args.extend(["--print-unit", "systemd"]);
+    let unit = ours_ok(&emu, dir, &args).await;
+    assert!(unit.contains("ExecStart=") && unit.contains("\"watch\"") && !unit.contains("--print-unit"), "{unit}");
+    match std::process::Command::new("systemd-analyze").arg("--version").output() {
+        Ok(_) => {
+            let file = dir.join("dap-watch-canvas.service");
+            std::fs::write(&file, &unit).unwrap();
+            let verify = std::process::Command::new("systemd-analyze").arg("verify").arg(&file).output().unwrap();
+            assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+            // The control: a unit whose command does not exist is refused.
+            let broken = dir.join("dap-watch-broken.service");
+            std::fs::write(&broken, unit.replace("ExecStart=\"", "ExecStart=\"/nonexistent")).unwrap();
+            let verify = std::process::Command::new("systemd-analyze").arg("verify").arg(&broken).output().unwrap();
+            assert!(!verify.status.success(), "systemd-analyze verify checks the command");
+        }
+        Err(_) => eprintln!("systemd-analyze is not installed: the unit was not verified"),
+    }
+}

@@ -1,0 +1,177 @@
+//! `dap watch`: the command line of [`crate::watch`], and `--print-unit`, which prints a ready
+//! service definition (systemd, launchd, Windows Task Scheduler) for this installation.
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use super::Context;
+use super::db::{DbArgs, FanOutArgs, HistoryArgs, MonitorArgs};
+use crate::api::Client;
+use crate::progress::Progress;
+use crate::run::{Missing, Mode};
+use crate::sync::Reinit;
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    monitor: MonitorArgs,
+    #[command(flatten)]
+    fan_out: FanOutArgs,
+    #[command(flatten)]
+    history: HistoryArgs,
+    /// Time from the start of one run to the start of the next (DAP refreshes about every 4h).
+    #[arg(long, value_name = "DURATION", default_value = "4h", value_parser = super::parse_duration)]
+    every: Duration,
+    /// Each wait is longer by a random part of this (a tenth of --every, at most 5 minutes, when
+    /// not given; 0 for none).
+    #[arg(long, value_name = "DURATION", value_parser = super::parse_duration)]
+    jitter: Option<Duration>,
+    /// Stop after this many runs.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_runs: Option<u32>,
+    /// Run once and exit with its result (for cron and Task Scheduler).
+    #[arg(long, conflicts_with = "max_runs")]
+    once: bool,
+    /// Post a JSON message here on a failed run and on the first good run after failures
+    /// (repeatable; Slack and Teams incoming webhooks take it as it is).
+    #[arg(long, value_name = "URL", env = "DAP_NOTIFY", value_delimiter = ',', hide_env_values = true)]
+    notify: Vec<String>,
+    /// When DAP needs a new snapshot of a table, take it (atomically) instead of failing the run.
+    #[arg(long)]
+    auto_reinit: bool,
+    /// Keep N days of each log table in the mirror (see `syncdb --keep-days`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    keep_days: Option<u32>,
+    /// Print a service definition that runs this watch (with these options) and exit.
+    #[arg(long, value_name = "KIND")]
+    print_unit: Option<UnitKind>,
+}
+
+/// The service managers `--print-unit` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UnitKind {
+    Systemd,
+    Launchd,
+    Windows,
+}
+
+pub async fn run(ctx: &Context, args: WatchArgs) -> anyhow::Result<()> {
+    if let Some(kind) = args.print_unit {
+        print!("{}", unit(kind, &args.db.namespace)?);
+        return Ok(());
+    }
+    let reinit = if args.auto_reinit { Reinit::Automatically } else { Reinit::Stop };
+    let mode = Mode::Sync { reinit, missing: Missing::Initialise };
+    let plan = super::db::plan(ctx, &args.db, &args.fan_out, &args.history, mode, args.keep_days, &args.monitor)?;
+    let urls = args
+        .notify
+        .iter()
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            reqwest::Url::parse(u)
+                .ok()
+                .filter(|p| matches!(p.scheme(), "http" | "https"))
+                .ok_or_else(|| super::UsageError(format!("--notify: {u:?} is not an http(s) URL")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let schedule = crate::watch::Schedule {
+        every: args.every,
+        jitter: args.jitter.unwrap_or_else(|| (args.every / 10).min(Duration::from_secs(300))),
+        max_runs: if args.once { Some(1) } else { args.max_runs },
+    };
+    let client = Client::new(ctx.client.clone())?;
+    let progress = Progress::new(false);
+    let end = crate::watch::watch(client, &plan, &schedule, &crate::watch::Notify { urls }, &progress).await;
+    if end.failed() {
+        anyhow::bail!("watch: the last run ({}) failed on {} tables", end.number, end.failures.len());
+    }
+    Ok(())
+}
+
+/// This process's command line for a service: the binary's absolute path, `--non-interactive`,
+/// and every argument but `--print-unit`.
+fn service_command() -> anyhow::Result<Vec<String>> {
+    let exe = std::env::current_exe()?.display().to_string();
+    let mut words = vec![exe];
+    let mut args = std::env::args().skip(1).peekable();
+    let mut non_interactive = false;
+    while let Some(a) = args.next() {
+        if a == "--print-unit" {
+            args.next();
+            continue;
+        }
+        if a.starts_with("--print-unit=") {
+            continue;
+        }
+        non_interactive |= a == "--non-interactive";
+        words.push(a);
+    }
+    if !non_interactive {
+        words.insert(1, "--non-interactive".into());
+    }
+    Ok(words)
+}
+
+/// A service definition for `kind` that runs this watch.
+fn unit(kind: UnitKind, namespace: &str) -> anyhow::Result<String> {
+    let words = service_command()?;
+    Ok(match kind {
+        UnitKind::Systemd => {
+            // systemd's quoting: each word in double quotes, `\` and `"` escaped, `%` doubled.
+            let exec: Vec<String> = words
+                .iter()
+                .map(|w| format!("\"{}\"", w.replace('\\', "\\\\").replace('"', "\\\"").replace('%', "%%")))
+                .collect();
+            format!(
+                "# ~/.config/systemd/user/dap-watch-{namespace}.service, then:\n\
+                 #   systemctl --user daemon-reload && systemctl --user enable --now dap-watch-{namespace}\n\
+                 # Credentials come from `dap configure` (none here).\n\
+                 [Unit]\n\
+                 Description=dap watch: keeps the Canvas Data 2 mirror of {namespace} current\n\
+                 Wants=network-online.target\n\
+                 After=network-online.target\n\n\
+                 [Service]\n\
+                 Type=simple\n\
+                 ExecStart={}\n\
+                 Restart=on-failure\n\
+                 RestartSec=60\n\
+                 KillSignal=SIGTERM\n\
+                 TimeoutStopSec=120\n\n\
+                 [Install]\n\
+                 WantedBy=default.target\n",
+                exec.join(" ")
+            )
+        }
+        UnitKind::Launchd => {
+            let escape = |w: &str| w.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+            let args: Vec<String> = words.iter().map(|w| format!("    <string>{}</string>", escape(w))).collect();
+            format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+                 <!-- ~/Library/LaunchAgents/edu.dap-replica.watch.{namespace}.plist, then: launchctl load it -->\n\
+                 <!DOCTYPE plist PUBLIC \"-//Apple//DTD PLIST 1.0//EN\" \"http://www.apple.com/DTDs/PropertyList-1.0.dtd\">\n\
+                 <plist version=\"1.0\">\n<dict>\n\
+                 \x20 <key>Label</key>\n  <string>edu.dap-replica.watch.{namespace}</string>\n\
+                 \x20 <key>ProgramArguments</key>\n  <array>\n{}\n  </array>\n\
+                 \x20 <key>RunAtLoad</key>\n  <true/>\n\
+                 \x20 <key>KeepAlive</key>\n  <true/>\n\
+                 </dict>\n</plist>\n",
+                args.join("\n")
+            )
+        }
+        UnitKind::Windows => {
+            let quoted: Vec<String> = words
+                .iter()
+                .map(|w| if w.contains([' ', '"']) { format!("\\\"{}\\\"", w.replace('"', "")) } else { w.clone() })
+                .collect();
+            format!(
+                "rem Run once in an elevated prompt; the task starts with Windows and runs the watch.\r\n\
+                 schtasks /Create /SC ONSTART /RL LIMITED /TN \"dap-watch-{namespace}\" /TR \"{}\"\r\n",
+                quoted.join(" ")
+            )
+        }
+    })
+}
