@@ -24,6 +24,10 @@ pub struct UserConfig {
     /// Connection strings `dap replicate` copies to when no `--to` is given.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<String>,
+    /// Other Canvas instances (`dap configure --profile NAME`, `--profile NAME` on every
+    /// command): each its own credentials and targets, and its own mirror folder.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub profiles: std::collections::BTreeMap<String, UserConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +40,13 @@ pub enum ConfigError {
     Invalid { path: PathBuf, source: serde_json::Error },
     #[error("cannot write {}: {source}", path.display())]
     Write { path: PathBuf, source: std::io::Error },
+    #[error("{} has no profile {name} (it has: {known}); `dap configure --profile {name}` creates it", path.display())]
+    NoProfile { path: PathBuf, name: String, known: String },
+}
+
+/// Whether `name` can name a profile (and its mirror folder): letters, digits, `-` and `_`.
+pub fn valid_profile_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The platform's configuration folder for dap (`~/.config/dap-replica` on Linux,
@@ -65,10 +76,28 @@ impl UserConfig {
         let text = privacy::read_private_file(path)?;
         let config: UserConfig =
             serde_json::from_str(&text).map_err(|source| ConfigError::Invalid { path: path.to_path_buf(), source })?;
-        if let Some(secret) = &config.client_secret {
+        for secret in std::iter::once(&config).chain(config.profiles.values()).filter_map(|c| c.client_secret.as_ref())
+        {
             crate::secrets::register(secret);
         }
         Ok(Some(config))
+    }
+
+    /// The settings of `profile` (`None`: the default ones at the top of the file).
+    pub fn profile(mut self, profile: Option<&str>, path: &Path) -> Result<UserConfig, ConfigError> {
+        let Some(name) = profile else {
+            self.profiles.clear();
+            return Ok(self);
+        };
+        self.profiles.remove(name).ok_or_else(|| ConfigError::NoProfile {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            known: if self.profiles.is_empty() {
+                "none".into()
+            } else {
+                self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+            },
+        })
     }
 
     /// Writes the configuration file owner-only, replacing it atomically.
@@ -177,6 +206,8 @@ mod tests {
             client_id: Some("id".into()),
             client_secret: Some("secret-value".into()),
             targets: vec!["postgresql://u@h/db".into()],
+            profiles: [("east".to_string(), UserConfig { client_id: Some("east-id".into()), ..UserConfig::default() })]
+                .into(),
         };
         config.save(&path).unwrap();
         assert_eq!(UserConfig::load(&path).unwrap(), Some(config));

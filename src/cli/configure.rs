@@ -101,14 +101,23 @@ fn value(given: Option<&str>, prompt: &str, saved: Option<String>, echo: Echo) -
     Ok(ask(&shown, echo)?.filter(|a| !a.is_empty()).or(known))
 }
 
-pub fn run(ctx: &Context, base_url: Option<&str>, args: ConfigureArgs) -> anyhow::Result<()> {
+pub fn run(ctx: &Context, base_url: Option<&str>, profile: Option<&str>, args: ConfigureArgs) -> anyhow::Result<()> {
     let path = config_path()?;
-    let saved = UserConfig::load(&path)?;
+    let file = UserConfig::load(&path)?;
+    let profile = profile.map(str::trim).filter(|p| !p.is_empty());
+    // The section this run reads and writes: the profile's, or the default one at the top.
+    let saved = file.clone().map(|mut f| match profile {
+        Some(name) => f.profiles.remove(name).unwrap_or_default(),
+        None => {
+            f.profiles.clear();
+            f
+        }
+    });
     if args.show {
-        match saved {
-            None => println!("{}: no configuration yet; run `dap configure`", path.display()),
-            Some(c) => {
-                println!("{}", path.display());
+        let what = profile.map_or(String::new(), |p| format!(" (profile {p})"));
+        match &saved {
+            Some(c) if c != &UserConfig::default() => {
+                println!("{}{what}", path.display());
                 println!("  base URL:  {}", c.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL));
                 println!("  client ID: {}", c.client_id.as_deref().unwrap_or("(not set)"));
                 println!("  secret:    {}", if c.client_secret.is_some() { "(set)" } else { "(not set)" });
@@ -116,6 +125,10 @@ pub fn run(ctx: &Context, base_url: Option<&str>, args: ConfigureArgs) -> anyhow
                     println!("  target:    {}", crate::sink::redact(t));
                 }
             }
+            _ => println!("{}{what}: no configuration yet; run `dap configure`", path.display()),
+        }
+        if let Some(f) = file.as_ref().filter(|f| profile.is_none() && !f.profiles.is_empty()) {
+            println!("  profiles:  {}", f.profiles.keys().cloned().collect::<Vec<_>>().join(", "));
         }
         return Ok(());
     }
@@ -148,16 +161,26 @@ pub fn run(ctx: &Context, base_url: Option<&str>, args: ConfigureArgs) -> anyhow
         bail!("no client secret was given; nothing was saved");
     };
     crate::secrets::register(&secret);
-    let config = UserConfig {
+    let section = UserConfig {
         base_url: Some(base),
         client_id: Some(client_id),
         client_secret: Some(secret),
         targets: if args.targets.is_empty() { saved.targets } else { args.targets },
+        profiles: Default::default(),
     };
-    config.save(&path)?;
-    println!(
-        "Saved to {} (readable only by you). Commands now need no credentials, e.g. `dap list --namespace canvas`.",
-        path.display()
-    );
+    // The other sections of the file stay as they were.
+    let mut whole = file.unwrap_or_default();
+    match profile {
+        Some(name) => {
+            whole.profiles.insert(name.to_string(), section);
+        }
+        None => whole = UserConfig { profiles: whole.profiles, ..section },
+    }
+    whole.save(&path)?;
+    let example = match profile {
+        Some(name) => format!("dap --profile {name} list --namespace canvas"),
+        None => "dap list --namespace canvas".into(),
+    };
+    println!("Saved to {} (readable only by you). Commands now need no credentials, e.g. `{example}`.", path.display());
     Ok(())
 }

@@ -50,6 +50,10 @@ pub struct Cli {
     /// of warning about them.
     #[arg(long, env = "DAP_ALLOW_SHARED", global = true, hide_env_values = true)]
     pub allow_shared: bool,
+    /// A Canvas instance saved with `dap configure --profile NAME`: its credentials, targets
+    /// and its own default mirror folder.
+    #[arg(long, env = "DAP_PROFILE", global = true, value_name = "NAME")]
+    pub profile: Option<String>,
     /// Set when the secret was typed on the command line (visible to other users).
     #[arg(skip)]
     pub secret_on_command_line: bool,
@@ -328,6 +332,16 @@ impl Cli {
             crate::secrets::register(&text);
             secret = Some(text);
         }
+        let profile = self.profile.as_deref().map(str::trim).filter(|p| !p.is_empty());
+        if let Some(name) = profile {
+            if !crate::config::valid_profile_name(name) {
+                return Err(UsageError(format!(
+                    "--profile {name:?}: a profile name is letters, digits, - and _ (it names a folder)"
+                ))
+                .into());
+            }
+            crate::mirror::folder::use_profile(name);
+        }
         let replicate_needs_targets = matches!(&self.command, Command::Replicate(a) if a.needs_default_targets());
         let config = match &self.command {
             Command::Configure(_)
@@ -339,8 +353,25 @@ impl Cli {
             | Command::Pack(_)
             | Command::Unpack(_)
             | Command::Completions { .. } => None,
-            _ if self.base_url.is_none() || self.client_id.is_none() || secret.is_none() || replicate_needs_targets => {
-                UserConfig::load(&crate::config::config_path()?)?
+            _ if profile.is_some()
+                || self.base_url.is_none()
+                || self.client_id.is_none()
+                || secret.is_none()
+                || replicate_needs_targets =>
+            {
+                let path = crate::config::config_path()?;
+                match UserConfig::load(&path)? {
+                    Some(config) => Some(config.profile(profile, &path)?),
+                    None if profile.is_some() => {
+                        return Err(crate::config::ConfigError::NoProfile {
+                            path,
+                            name: profile.unwrap_or_default().to_string(),
+                            known: "none".into(),
+                        }
+                        .into());
+                    }
+                    None => None,
+                }
             }
             _ => None,
         }
@@ -393,7 +424,7 @@ pub(crate) fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let ctx = cli.context()?;
     match cli.command {
-        Command::Configure(args) => configure::run(&ctx, cli.base_url.as_deref(), args),
+        Command::Configure(args) => configure::run(&ctx, cli.base_url.as_deref(), cli.profile.as_deref(), args),
         Command::Query(args) => quiet_on_closed_pipe(on_a_thread(move || query::run(args)).await),
         Command::History(args) => quiet_on_closed_pipe(on_a_thread(move || query::history(args)).await),
         Command::Export(args) => on_a_thread(move || export::run(args)).await,

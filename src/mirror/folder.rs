@@ -96,12 +96,27 @@ impl WriterLock {
     }
 }
 
-/// The default mirror folder: `DAP_MIRROR_DIR`, else the platform data folder.
+/// The profile (Canvas instance) of this process, chosen once at start (`--profile`).
+static PROFILE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes the default mirror folder the profile's own: `profiles/NAME` in the platform data
+/// folder, so that the mirrors of two Canvas instances never mix.
+pub fn use_profile(name: &str) {
+    let _ = PROFILE.set(name.to_string());
+}
+
+/// The default mirror folder: `DAP_MIRROR_DIR`, else the platform data folder (its
+/// `profiles/NAME` under `--profile NAME`).
 pub fn default_dir() -> Result<PathBuf, SinkError> {
     if let Some(d) = std::env::var_os("DAP_MIRROR_DIR") {
         return Ok(PathBuf::from(d));
     }
-    directories::ProjectDirs::from("", "", "dap-replica").map(|p| p.data_dir().to_path_buf()).ok_or_else(|| {
+    let base = directories::ProjectDirs::from("", "", "dap-replica").map(|p| p.data_dir().to_path_buf());
+    let base = base.map(|b| match PROFILE.get() {
+        Some(name) => b.join("profiles").join(name),
+        None => b,
+    });
+    base.ok_or_else(|| {
         SinkError::refused(
             "the default mirror",
             Refusal::Missing,

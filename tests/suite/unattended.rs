@@ -421,3 +421,105 @@ async fn sigterm_stops_a_watch_promptly_and_its_unit_verifies() {
         Err(_) => eprintln!("systemd-analyze is not installed: the unit was not verified"),
     }
 }
+
+/// `dap` with only what files give: no DAP variables, the configuration file and the data
+/// folder (where default mirrors live) under `dir`.
+fn dap_from_files(dir: &Path, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dap"))
+        .current_dir(dir)
+        .env_remove("DAP_API_URL")
+        .env_remove("DAP_CLIENT_ID")
+        .env_remove("DAP_CLIENT_SECRET")
+        .env_remove("DAP_CLIENT_SECRET_FILE")
+        .env_remove("DAP_CONNECTION_STRING")
+        .env_remove("DAP_MIRROR_DIR")
+        .env_remove("DAP_PROFILE")
+        .env("DAP_CONFIG_FILE", dir.join("config").join("dap.json"))
+        .env("XDG_DATA_HOME", dir.join("data"))
+        .env("HOME", dir)
+        .env("DAP_JOB_RATE", "100000/1")
+        .arg("--non-interactive")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Two Canvas instances whose ids collide, each a profile: two mirrors in folders of their
+/// own, each equal to its own instance's truth; no secret printed by `configure --show` or in
+/// any output; an unknown profile is refused before anything is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_profiles_keep_two_instances_apart() {
+    let instance = |seed: u64, secret: &str| EmulatorConfig {
+        rows: 60,
+        seed,
+        client_id: format!("client-{seed}"),
+        client_secret: secret.to_string(),
+        ..EmulatorConfig::default()
+    };
+    let east = emulator(instance(11, "east-secret-0123456789")).await;
+    let west = emulator(instance(22, "west-secret-9876543210")).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    for (name, emu) in [("east", &east), ("west", &west)] {
+        let answers = format!("{}\n{}\n{}\n", emu.base_url(), emu.config().client_id, emu.config().client_secret);
+        let out = dap_from_files(dir, &["--profile", name, "configure"], &answers);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let secrets = [&east.config().client_secret, &west.config().client_secret];
+    let clean = |out: &std::process::Output| {
+        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(secrets.iter().all(|s| !all.contains(s.as_str())), "a secret was printed: {all}");
+        all
+    };
+    for name in ["east", "west"] {
+        let out = dap_from_files(dir, &["--profile", name, "configure", "--show"], "");
+        let shown = clean(&out);
+        assert!(shown.contains("(set)") && shown.contains(&format!("profile {name}")), "{shown}");
+        let sync = ["--profile", name, "syncdb", "--namespace", "canvas", "--table", "users,courses", "--init-missing"];
+        let out = dap_from_files(dir, &sync, "");
+        let said = clean(&out);
+        assert!(out.status.success(), "{said}");
+    }
+    let out = dap_from_files(dir, &["configure", "--show"], "");
+    assert!(clean(&out).contains("profiles:  east, west"));
+
+    let folder = |name: &str| dir.join("data").join("dap-replica").join("profiles").join(name);
+    for (name, emu) in [("east", &east), ("west", &west)] {
+        for table in ["users", "courses"] {
+            let def = emu.table_def("canvas", table).unwrap();
+            let rows = crate::common::truth::sqlite_rows(&folder(name).join("canvas.db"), &def);
+            crate::common::truth::assert_same_rows_within(
+                &def,
+                &rows,
+                &emu.truth("canvas", table).unwrap(),
+                &format!("profile {name}"),
+                &[crate::common::truth::Limit::NoNegativeZero],
+            );
+        }
+    }
+    // The ids collide, the rows do not.
+    let ids =
+        |emu: &Emulator| emu.truth("canvas", "users").unwrap().iter().map(|r| r["id"].clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&east), ids(&west), "the instances' ids collide");
+    assert_ne!(east.truth("canvas", "users").unwrap(), west.truth("canvas", "users").unwrap());
+    assert!(!dir.join("data").join("dap-replica").join("canvas.db").exists(), "no mirror outside the profiles");
+
+    // Status of one profile reads its own mirror.
+    let out = dap_from_files(dir, &["--profile", "west", "status", "--json"], "");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(rows.iter().all(|r| r["file"].as_str().unwrap().contains("profiles/west")), "{rows:?}");
+
+    // An unknown profile: refused, naming the known ones, nothing created.
+    let out = dap_from_files(dir, &["--profile", "north", "syncdb", "--namespace", "canvas", "--table", "users"], "");
+    let err = clean(&out);
+    assert!(!out.status.success() && err.contains("no profile north") && err.contains("east, west"), "{err}");
+    assert!(!folder("north").exists());
+    let out = dap_from_files(dir, &["--profile", "../x", "status"], "");
+    assert_eq!(out.status.code(), Some(2), "{}", clean(&out));
+}
