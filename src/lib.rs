@@ -12,6 +12,7 @@ pub mod archive;
 pub mod as_of;
 pub mod cli;
 pub mod config;
+pub mod cron;
 pub mod decode;
 pub mod download;
 pub mod emulator;

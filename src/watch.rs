@@ -20,13 +20,37 @@ use crate::sync::TableReport;
 /// When runs happen.
 #[derive(Debug, Clone)]
 pub struct Schedule {
-    /// From the start of one run to the start of the next.
-    pub every: Duration,
+    pub cadence: Cadence,
     /// Each wait is lengthened by a random part of this, so that many installations started
     /// at the same minute do not all ask DAP at once.
     pub jitter: Duration,
     /// Stop after this many runs (`--max-runs`, `--once`); `None`: until stopped.
     pub max_runs: Option<u32>,
+}
+
+/// How runs follow each other.
+#[derive(Debug, Clone)]
+pub enum Cadence {
+    /// From the start of one run to the start of the next; the first at once.
+    Every(Duration),
+    /// At the minutes a cron expression names (local time); the first at the first of them.
+    Cron(crate::cron::Cron),
+}
+
+impl Cadence {
+    /// When the run after one that started at `started` is due (`now` for the first).
+    fn due_after(&self, started: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        match self {
+            Cadence::Every(every) => Some(started + *every),
+            Cadence::Cron(cron) => {
+                let elapsed = started.elapsed();
+                let started_at = chrono::Local::now() - chrono::Duration::from_std(elapsed).ok()?;
+                let due = cron.next_after(started_at)?;
+                let wait = (due - chrono::Local::now()).to_std().unwrap_or(Duration::ZERO);
+                Some(tokio::time::Instant::now() + wait)
+            }
+        }
+    }
 }
 
 /// How one run ended, as the loop and the notifications see it.
@@ -73,7 +97,21 @@ pub async fn watch(client: Client, plan: &Plan, schedule: &Schedule, notify: &No
     let mut pending = tokio::task::JoinSet::new();
     let mut failing = false;
     let mut number = 0u32;
-    let mut next = tokio::time::Instant::now();
+    let now = tokio::time::Instant::now();
+    let mut next = match &schedule.cadence {
+        Cadence::Every(_) => now,
+        // A cron schedule's first run is at its first minute; one schedule that never comes
+        // is refused when it is parsed (see `cron`), so this always finds one.
+        Cadence::Cron(_) => schedule.cadence.due_after(now).unwrap_or(now),
+    };
+    if next > now {
+        tracing::info!(
+            event = "waiting",
+            seconds = (next - now).as_secs_f64(),
+            "watch: first run in {:.0} s",
+            (next - now).as_secs_f64()
+        );
+    }
     loop {
         tokio::time::sleep_until(next).await;
         number += 1;
@@ -117,16 +155,18 @@ pub async fn watch(client: Client, plan: &Plan, schedule: &Schedule, notify: &No
             while pending.join_next().await.is_some() {}
             return end;
         }
-        let wait = schedule.every + jitter(schedule.jitter);
-        next = started + wait;
+        let Some(due) = schedule.cadence.due_after(started) else {
+            tracing::warn!("watch: the schedule names no further time; stopping");
+            return end;
+        };
+        next = due + jitter(schedule.jitter);
         let now = tokio::time::Instant::now();
-        if next <= now {
+        if due <= now {
             tracing::warn!(
                 event = "run_overran",
                 run = number,
-                "watch: run {number} took {:.1} s, longer than --every {:.0} s; the next starts now",
-                took.as_secs_f64(),
-                schedule.every.as_secs_f64()
+                "watch: run {number} took {:.1} s, past the time of the next; the next starts now",
+                took.as_secs_f64()
             );
             next = now;
         } else {

@@ -25,8 +25,11 @@ pub struct WatchArgs {
     /// Time from the start of one run to the start of the next (DAP refreshes about every 4h).
     #[arg(long, value_name = "DURATION", default_value = "4h", value_parser = super::parse_duration)]
     every: Duration,
-    /// Each wait is longer by a random part of this (a tenth of --every, at most 5 minutes, when
-    /// not given; 0 for none).
+    /// Run at the minutes a cron schedule names instead (local time), e.g. "0 */4 * * *".
+    #[arg(long, value_name = "SCHEDULE", conflicts_with = "every", value_parser = crate::cron::Cron::parse)]
+    cron: Option<crate::cron::Cron>,
+    /// Each wait is longer by a random part of this (a tenth of --every, at most 5 minutes, or a
+    /// minute with --cron, when not given; 0 for none).
     #[arg(long, value_name = "DURATION", value_parser = super::parse_duration)]
     jitter: Option<Duration>,
     /// Stop after this many runs.
@@ -78,9 +81,21 @@ pub async fn run(ctx: &Context, args: WatchArgs) -> anyhow::Result<()> {
                 .ok_or_else(|| super::UsageError(format!("--notify: {u:?} is not an http(s) URL")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(cron) = &args.cron
+        && cron.next_after(chrono::Local::now()).is_none()
+    {
+        return Err(super::UsageError("--cron: the schedule names no time in the next four years".into()).into());
+    }
+    let default_jitter = match &args.cron {
+        Some(_) => Duration::from_secs(60),
+        None => (args.every / 10).min(Duration::from_secs(300)),
+    };
     let schedule = crate::watch::Schedule {
-        every: args.every,
-        jitter: args.jitter.unwrap_or_else(|| (args.every / 10).min(Duration::from_secs(300))),
+        cadence: match args.cron.clone() {
+            Some(cron) => crate::watch::Cadence::Cron(cron),
+            None => crate::watch::Cadence::Every(args.every),
+        },
+        jitter: args.jitter.unwrap_or(default_jitter),
         max_runs: if args.once { Some(1) } else { args.max_runs },
     };
     let client = Client::new(ctx.client.clone())?;

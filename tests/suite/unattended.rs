@@ -523,3 +523,37 @@ async fn two_profiles_keep_two_instances_apart() {
     let out = dap_from_files(dir, &["--profile", "../x", "status"], "");
     assert_eq!(out.status.code(), Some(2), "{}", clean(&out));
 }
+
+/// `dap watch --cron`: bad schedules are usage errors before anything runs; a run starts at a
+/// minute the schedule names (here the next whole minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_on_a_cron_schedule_runs_at_its_minutes() {
+    let emu = emulator_aged(3600).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    let url = mirror_url(dir, "canvas");
+    let base = ["watch", "--namespace", "canvas", "--table", "users", "--connection-string", &url];
+    for (extra, says) in [
+        (&["--cron", "0 */4 * *"][..], "five fields are needed"),
+        (&["--cron", "61 * * * *"][..], "minute"),
+        (&["--cron", "0 0 30 2 *"][..], "names no time"),
+        (&["--cron", "0 * * * *", "--every", "1h"][..], "cannot be used with"),
+    ] {
+        let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
+        let out = run_ours(&emu, dir, &args).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+    assert!(!dir.join("mirror").exists(), "nothing ran");
+
+    let args: Vec<&str> =
+        base.iter().copied().chain(["--cron", "* * * * *", "--jitter", "0", "--max-runs", "1"]).collect();
+    let out = run_ours(&emu, dir, &args).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let runs = ours_ok(&emu, dir, &["status", "--dir", dir.join("mirror").to_str().unwrap(), "--runs", "--json"]).await;
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&runs).unwrap();
+    let started = runs[0]["started"].as_str().unwrap();
+    let second: u32 = started[17..19].parse().unwrap();
+    assert!(second < 5, "the run started at a whole minute: {started}");
+}
