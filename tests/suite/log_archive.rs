@@ -182,6 +182,37 @@ async fn a_resnapshot_killed_anywhere_keeps_the_old_logs(backend: Backend) {
 
 crate::each_backend!(a_resnapshot_killed_anywhere_keeps_the_old_logs);
 
+/// Two writers at once on web_logs: two `initdb --replace` and a `syncdb`, started together on
+/// the same target, end with every log (never the window alone, never a log twice), whichever
+/// order the lock gives them.
+async fn two_writers_on_the_log_table_keep_every_log(backend: Backend) {
+    let emu = emulator(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestTarget::fresh(backend, "log_archive_writers").await;
+    let def = emu.table_def(NS, TABLE).unwrap();
+    dap(&emu, dir.path(), &t, "initdb", &[]).await;
+    logs_on(&emu, (3..=27).step_by(3));
+    dap(&emu, dir.path(), &t, "syncdb", &[]).await;
+    logs_on(&emu, [33, 39, 42]);
+    let command = |verb: &str, extra: &[&str]| {
+        let mut cmd = ours_command(&emu, dir.path());
+        cmd.args([verb, "--namespace", NS, "--table", TABLE, "--connection-string", &t.url]);
+        cmd.args(extra).args(t.dap_options());
+        cmd
+    };
+    let (a, b, c) = tokio::join!(
+        command("initdb", &["--replace"]).output(),
+        command("initdb", &["--replace"]).output(),
+        command("syncdb", &[]).output(),
+    );
+    for out in [a.unwrap(), b.unwrap(), c.unwrap()] {
+        assert!(out.status.success(), "{backend:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    t.assert_rows(&def, &every_log_but(&emu, None), &format!("{backend:?}: after three writers at once")).await;
+}
+
+crate::each_backend!(two_writers_on_the_log_table_keep_every_log);
+
 /// A mirror re-snapshotted by `initdb --replace` outside the window and replicated to every
 /// target: each target holds every log the mirror holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
