@@ -266,15 +266,16 @@ fn record_in_mirror(request: &ArchiveRequest, manifest: &Manifest, pruned: &std:
             .find(|(n, _)| n == ns)
             .map(|(_, f)| f)
             .ok_or_else(|| format!("no mirror file of {ns}"))?;
-        let conn = rusqlite::Connection::open(&file).map_err(|e| e.to_string())?;
-        if crate::mirror::retention::archived_days(&conn, ns, table).map_err(|e| e.to_string())? == days {
+        // Read first: a rerun with nothing new neither waits for the writer nor writes.
+        let recorded = crate::mirror::format::open_read_only(&file)
+            .and_then(|conn| crate::mirror::retention::archived_days(&conn, ns, table))
+            .map_err(|e| e.to_string())?;
+        if recorded == days {
             return Ok(());
         }
-        let _lock = crate::mirror::folder::WriterLock::acquire_waiting(&file, std::time::Duration::from_secs(60))
-            .map_err(|e| e.to_string())?;
-        let mut conn = conn;
-        conn.busy_timeout(std::time::Duration::from_secs(60)).map_err(|e| e.to_string())?;
-        record_archived(&mut conn, ns, table, &days).map_err(|e| e.to_string())
+        crate::mirror::folder::with_writer(&file, std::time::Duration::from_secs(60), |conn| {
+            record_archived(conn, ns, table, &days)
+        })
     };
     if let Err(e) = record() {
         tracing::warn!(

@@ -499,11 +499,10 @@ async fn record_in_mirror(
         error: (!errors.is_empty()).then(|| crate::secrets::scrub(&errors.join("; ")).into_owned()),
     };
     let file = file.to_path_buf();
-    let saved = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let _lock = crate::mirror::folder::WriterLock::acquire_waiting(&file, wait).map_err(|e| e.to_string())?;
-        let mut conn = rusqlite::Connection::open(&file).map_err(|e| e.to_string())?;
-        conn.busy_timeout(wait).map_err(|e| e.to_string())?;
-        crate::mirror::runs::record(&mut conn, &run, crate::mirror::runs::kept()).map_err(|e| e.to_string())
+    let saved = tokio::task::spawn_blocking(move || {
+        crate::mirror::folder::with_writer(&file, wait, |conn| {
+            crate::mirror::runs::record(conn, &run, crate::mirror::runs::kept())
+        })
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));
@@ -526,13 +525,12 @@ async fn keep_days(
         outcomes.iter().filter(|o| matches!(o.outcome, Outcome::Succeeded { .. })).map(|o| o.table.clone()).collect();
     let (file, ns_owned) = (file.to_path_buf(), ns.to_string());
     let pruned = tokio::task::spawn_blocking(move || {
-        let _lock = crate::mirror::folder::WriterLock::acquire_waiting(&file, wait).map_err(|e| e.to_string())?;
-        let mut conn = rusqlite::Connection::open(&file).map_err(|e| e.to_string())?;
-        conn.busy_timeout(wait).map_err(|e| e.to_string())?;
-        synced
-            .iter()
-            .map(|t| crate::mirror::retention::prune(&mut conn, &ns_owned, t, days).map_err(|e| format!("{t}: {e}")))
-            .collect::<Result<Vec<_>, String>>()
+        crate::mirror::folder::with_writer(&file, wait, |conn| {
+            synced
+                .iter()
+                .map(|t| crate::mirror::retention::prune(conn, &ns_owned, t, days))
+                .collect::<Result<Vec<_>, _>>()
+        })
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));

@@ -96,6 +96,20 @@ impl WriterLock {
     }
 }
 
+/// Runs `write` on the mirror file `db` as its writer: under its writer lock (waiting up to
+/// `wait` for another writer) and SQLite's busy timeout. For the short writes beside a run
+/// (`--keep-days`, the record of runs, what an archive holds); the error says what failed.
+pub fn with_writer<T>(
+    db: &Path,
+    wait: std::time::Duration,
+    write: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
+) -> Result<T, String> {
+    let _lock = WriterLock::acquire_waiting(db, wait).map_err(|e| e.to_string())?;
+    let mut conn = rusqlite::Connection::open(db).map_err(|e| e.to_string())?;
+    conn.busy_timeout(wait).map_err(|e| e.to_string())?;
+    write(&mut conn).map_err(|e| e.to_string())
+}
+
 /// The profile (Canvas instance) of this process, chosen once at start (`--profile`).
 static PROFILE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 

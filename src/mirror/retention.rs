@@ -143,8 +143,9 @@ pub fn prune(conn: &mut Connection, namespace: &str, table: &str, keep_days: u32
         ))?;
         stmt.query_map([&before], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?.collect::<Result<_, _>>()?
     };
+    let any_archived = has_table_named(&tx, ARCHIVED)?;
     let archived = |day: &str| -> rusqlite::Result<Option<ArchivedDay>> {
-        if !has_table_named(&tx, ARCHIVED)? {
+        if !any_archived {
             return Ok(None);
         }
         tx.query_row(
