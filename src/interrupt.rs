@@ -15,6 +15,18 @@ static HANDLES: Mutex<Vec<rusqlite::InterruptHandle>> = Mutex::new(Vec::new());
 #[error("interrupted (Ctrl-C); the unfinished output was removed")]
 pub struct Interrupted;
 
+/// Resolves on SIGTERM (never on systems without it): a service manager stopping us.
+pub async fn terminated() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            term.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
 /// Called by `main` on SIGINT: every loop stops, every registered statement is interrupted.
 pub fn raise() {
     RAISED.store(true, Ordering::SeqCst);

@@ -17,18 +17,6 @@ const EXIT_INTERRUPTED: u8 = 130;
 /// 128 + SIGTERM.
 const EXIT_TERMINATED: u8 = 143;
 
-/// SIGTERM (never on systems without it).
-async fn terminated() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            term.recv().await;
-            return;
-        }
-    }
-    std::future::pending::<()>().await
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     // Before anything is created: every file and folder of this process is owner-only.
@@ -40,12 +28,19 @@ async fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(EXIT_FAILURE);
     }
+    if let Some(profiles) = cli.several_profiles_to_watch() {
+        // One watch per profile, each a process of its own that handles its own signals.
+        return match cli::watch::several_profiles(&profiles).await {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => failed(&e),
+        };
+    }
     let stops_by_itself = cli.command.stops_by_itself_on_interrupt();
     let run = cli::run(cli);
     tokio::pin!(run);
     let result = tokio::select! {
         result = &mut run => result,
-        _ = terminated() => {
+        _ = interrupt::terminated() => {
             // A service manager stopping us (systemd, launchd): as Ctrl-C, with SIGTERM's code.
             interrupt::raise();
             eprintln!("terminated: work in progress was rolled back; every table keeps its previous state");
@@ -68,15 +63,18 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", cli::report(&e));
-            if e.downcast_ref::<cli::UsageError>().is_some() {
-                ExitCode::from(EXIT_USAGE)
-            } else if e.downcast_ref::<cli::Stale>().is_some() {
-                ExitCode::from(EXIT_STALE)
-            } else {
-                ExitCode::from(EXIT_FAILURE)
-            }
-        }
+        Err(e) => failed(&e),
+    }
+}
+
+/// Reports a failed command and gives its exit code.
+fn failed(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {}", cli::report(e));
+    if e.downcast_ref::<cli::UsageError>().is_some() {
+        ExitCode::from(EXIT_USAGE)
+    } else if e.downcast_ref::<cli::Stale>().is_some() {
+        ExitCode::from(EXIT_STALE)
+    } else {
+        ExitCode::from(EXIT_FAILURE)
     }
 }

@@ -140,6 +140,35 @@ pub struct RunReport {
     /// The fan-out's results, one per target, when there was one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicate: Option<Vec<TargetReport>>,
+    /// The target itself failed (damaged, unwritable, full): a mirror file refused is left as
+    /// it was, with no record of the run written into it.
+    #[serde(skip)]
+    pub target_failed: bool,
+}
+
+impl RunReport {
+    /// What failed: each table (`users`), each fan-out target that could not be opened
+    /// (`→ postgresql://…`) and each table the fan-out did not copy (`users → postgresql://…`),
+    /// with its error.
+    pub fn failures(&self) -> Vec<(String, String)> {
+        let failed = |outcomes: &[TableOutcome<TableReport>], suffix: &str| -> Vec<(String, String)> {
+            outcomes
+                .iter()
+                .filter_map(|o| match &o.outcome {
+                    Outcome::Failed { error } => Some((format!("{}{suffix}", o.table), error.clone())),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut all = failed(&self.tables, "");
+        for target in self.replicate.iter().flatten() {
+            if let Some(e) = &target.error {
+                all.push((format!("→ {}", target.target), e.clone()));
+            }
+            all.extend(failed(&target.tables, &format!(" → {}", target.target)));
+        }
+        all
+    }
 }
 
 /// What replication did for one target.
@@ -324,11 +353,11 @@ async fn record(sink: &dyn Sink, namespace: &str, table: &str, command: &str, re
     sink.record_run(namespace, table, &run).await;
 }
 
-/// Runs an initdb or syncdb from DAP into the plan's target, then its fan-out.
+/// Runs an initdb or syncdb from DAP into the plan's target, then its fan-out. A mirror file
+/// records the run as it starts and again as it ends (see [`crate::mirror::runs`]).
 pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<RunReport, RunError> {
     let started = crate::time::now();
     let ns = plan.namespace.as_str();
-    let command = plan.mode.command();
     let mirror = plan.check()?;
     // The namespace must be one the server has before anything is created (a typo would
     // otherwise leave an empty file behind).
@@ -336,6 +365,34 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
     if let Tables::Named(list) = &plan.tables {
         check_served(ns, list, &server_tables)?;
     }
+    let selection = match &plan.tables {
+        Tables::All => "all".to_string(),
+        Tables::Named(list) => list.join(","),
+    };
+    let record = MirrorRecord {
+        file: plan.target.local_file(ns)?,
+        id: tokio::sync::OnceCell::new(),
+        command: plan.mode.command_line(),
+        selection,
+        started,
+        wait: plan.sink.lock_timeout,
+    };
+    let report = run_recorded(client, plan, progress, server_tables, mirror, &record).await;
+    record.finish(&report).await;
+    report
+}
+
+async fn run_recorded(
+    client: Client,
+    plan: &Plan,
+    progress: &Progress,
+    server_tables: Vec<String>,
+    mirror: Option<PathBuf>,
+    run_record: &MirrorRecord,
+) -> Result<RunReport, RunError> {
+    let started = run_record.started;
+    let ns = plan.namespace.as_str();
+    let command = plan.mode.command();
     let pacing = client.clone();
     let target = target::open(&plan.target, ns, &plan.sink).await?;
     let local: Vec<String> = target.all_bookkeeping(ns).await?.into_iter().map(|b| b.table).collect();
@@ -365,7 +422,7 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
     // into it: a refused file is left as it was.
     let target_failed = std::sync::atomic::AtomicBool::new(false);
     let outcomes = per_table::run_each(&tables, per_table::JOBS_IN_FLIGHT, |t| {
-        let (r, local, target, overall) = (&replicator, &local, target.as_ref(), &overall);
+        let (r, local, target, overall, run_record) = (&replicator, &local, target.as_ref(), &overall, run_record);
         let target_failed = &target_failed;
         async move {
             let watch = Arc::new(progress.table(&t));
@@ -388,6 +445,9 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
             if report.as_ref().err().and_then(Classify::skip_reason).is_none() {
                 record(target, ns, &t, command, &report).await;
             }
+            if report.is_ok() {
+                run_record.started_in(target).await;
+            }
             report
         }
     })
@@ -406,14 +466,12 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
             }
         }
     }
-    if let Some(file) = plan.target.local_file(ns)?.filter(|_| !target_failed.into_inner()) {
-        record_in_mirror(&file, plan.mode.command_line(), &outcomes, started, plan.sink.lock_timeout).await;
-    }
+    let target_failed = target_failed.into_inner();
     if let Some(path) = &plan.metrics_file {
         write_metrics(plan, path, &outcomes, started).await;
     }
     let Some(mirror) = mirror else {
-        return Ok(RunReport { command, tables: outcomes, replicate: None });
+        return Ok(RunReport { command, tables: outcomes, replicate: None, target_failed });
     };
     let done: Vec<String> =
         outcomes.iter().filter(|o| matches!(o.outcome, Outcome::Succeeded { .. })).map(|o| o.table.clone()).collect();
@@ -427,7 +485,7 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
         attempts: plan.attempts,
     };
     let fanned = replicate(&plan, progress).await?;
-    Ok(RunReport { command, tables: outcomes, replicate: Some(fanned) })
+    Ok(RunReport { command, tables: outcomes, replicate: Some(fanned), target_failed })
 }
 
 /// `--metrics-file`: the namespace's tables as `dap status` sees them after the run, with the
@@ -461,54 +519,99 @@ async fn write_metrics(
     }
 }
 
-/// Adds the run to the mirror file's record of runs (`dap_runs`). The tables are written
-/// already: a failure to record is a warning.
-async fn record_in_mirror(
-    file: &std::path::Path,
+/// The record of a run in the mirror file it writes (`dap_runs`): begun once the run has
+/// changed the file (its first table committed), so that a run killed afterwards reads as
+/// interrupted and a file refused at the start is left as it was; finished as the run ends. The
+/// tables are what matters: a failure to record is a warning.
+struct MirrorRecord {
+    file: Option<PathBuf>,
+    /// The id of the record written as the run went; unset (or `None`) when it was not.
+    id: tokio::sync::OnceCell<Option<i64>>,
     command: String,
-    outcomes: &[TableOutcome<TableReport>],
+    /// The tables asked for (`all` or a list), for a run that ends before it lists them.
+    selection: String,
     started: crate::time::Micros,
     wait: std::time::Duration,
-) {
-    use crate::mirror::runs::{Run, RunResult};
-    if !file.exists() {
-        return;
+}
+
+impl MirrorRecord {
+    /// Records, once, through the run's own target, that the run is going.
+    async fn started_in(&self, target: &dyn Sink) {
+        if self.file.is_none() {
+            return;
+        }
+        self.id
+            .get_or_init(|| async {
+                let start = crate::mirror::runs::Start {
+                    started: crate::time::format_wire(self.started),
+                    command: self.command.clone(),
+                    profile: crate::mirror::folder::profile().map(String::from),
+                    tables: self.selection.clone(),
+                };
+                target.record_start(&start).await
+            })
+            .await;
     }
-    let mut errors = Vec::new();
-    let (mut rows, mut changes) = (0, None::<u64>);
-    for o in outcomes {
-        match &o.outcome {
-            Outcome::Succeeded { result } => {
-                rows += result.rows;
-                if let Some(c) = result.changes {
-                    changes = Some(changes.unwrap_or(0) + c);
+
+    async fn finish(self, report: &Result<RunReport, RunError>) {
+        use crate::mirror::runs::{Run, RunResult};
+        let Some(file) = self.file.filter(|f| f.exists()) else { return };
+        let id = self.id.get().copied().flatten();
+        let (mut rows, mut changes) = (0, None::<u64>);
+        let tables;
+        let errors: Vec<String> = match report {
+            // A target that failed itself gets no record it did not have at the start.
+            Ok(report) if report.target_failed && id.is_none() => return,
+            Ok(report) => {
+                for o in &report.tables {
+                    if let Outcome::Succeeded { result } = &o.outcome {
+                        rows += result.rows;
+                        if let Some(c) = result.changes {
+                            changes = Some(changes.unwrap_or(0) + c);
+                        }
+                    }
                 }
+                tables = report.tables.iter().map(|o| o.table.as_str()).collect::<Vec<_>>().join(",");
+                report.failures().into_iter().map(|(t, e)| format!("{t}: {e}")).collect()
             }
-            Outcome::Failed { error } => errors.push(format!("{}: {error}", o.table)),
-            Outcome::Skipped { .. } => {}
+            // A run that could not start is recorded only where its start was.
+            Err(_) if id.is_none() => return,
+            Err(e) => {
+                tables = self.selection;
+                vec![e.to_string()]
+            }
+        };
+        let run = Run {
+            started: crate::time::format_wire(self.started),
+            ended: Some(crate::time::format_wire(crate::time::now())),
+            command: self.command,
+            profile: crate::mirror::folder::profile().map(String::from),
+            tables,
+            rows,
+            changes,
+            result: if errors.is_empty() { RunResult::Succeeded } else { RunResult::Failed },
+            error: (!errors.is_empty()).then(|| crate::secrets::scrub(&errors.join("; ")).into_owned()),
+        };
+        if let Err(e) = save_run(file, id, run, self.wait).await {
+            tracing::warn!("the run is done, but the mirror's record of runs could not be written: {e}");
         }
     }
-    let run = Run {
-        started: crate::time::format_wire(started),
-        ended: crate::time::format_wire(crate::time::now()),
-        command,
-        tables: outcomes.iter().map(|o| o.table.as_str()).collect::<Vec<_>>().join(","),
-        rows,
-        changes,
-        result: if errors.is_empty() { RunResult::Succeeded } else { RunResult::Failed },
-        error: (!errors.is_empty()).then(|| crate::secrets::scrub(&errors.join("; ")).into_owned()),
-    };
-    let file = file.to_path_buf();
-    let saved = tokio::task::spawn_blocking(move || {
+}
+
+/// Writes how a run ended into the mirror file's record (see [`crate::mirror::runs::finish`]).
+async fn save_run(
+    file: PathBuf,
+    id: Option<i64>,
+    run: crate::mirror::runs::Run,
+    wait: std::time::Duration,
+) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || {
         crate::mirror::folder::with_writer(&file, wait, |conn| {
-            crate::mirror::runs::record(conn, &run, crate::mirror::runs::kept())
+            crate::mirror::runs::finish(conn, id, &run, crate::mirror::runs::kept())
         })
     })
     .await
-    .unwrap_or_else(|e| Err(e.to_string()));
-    if let Err(e) = saved {
-        tracing::warn!("the run is done, but the mirror's record of runs could not be written: {e}");
-    }
+    .unwrap_or_else(|e| Err(e.to_string()))
 }
 
 /// `--keep-days`: bounds each log table the run synced (see [`crate::mirror::retention`]), and
@@ -633,6 +736,7 @@ pub async fn drop_tables(
     options: &SinkOptions,
     progress: &Progress,
 ) -> Result<Vec<TableOutcome<Option<u64>>>, RunError> {
+    let started = crate::time::now();
     if let Some(file) = target.local_file(namespace)?
         && !file.exists()
     {
@@ -674,7 +778,50 @@ pub async fn drop_tables(
     if outcomes.iter().any(|o| matches!(o.outcome, Outcome::Succeeded { .. })) {
         sink.reclaim_space().await?;
     }
+    // The writer is let go before the run is recorded in the file.
+    std::mem::drop(sink);
+    if let Some(file) = target.local_file(namespace)?.filter(|f| crate::mirror::format::looks_like_sqlite(f)) {
+        record_drop(&file, &outcomes, started, options.lock_timeout).await;
+    }
     Ok(outcomes)
+}
+
+/// Adds a dropdb to the mirror file's record of runs: the tables it dropped and the rows they held.
+async fn record_drop(
+    file: &std::path::Path,
+    outcomes: &[TableOutcome<Option<u64>>],
+    started: crate::time::Micros,
+    wait: std::time::Duration,
+) {
+    use crate::mirror::runs::{Run, RunResult};
+    let errors: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| match &o.outcome {
+            Outcome::Failed { error } => Some(format!("{}: {error}", o.table)),
+            _ => None,
+        })
+        .collect();
+    let rows = outcomes
+        .iter()
+        .map(|o| match &o.outcome {
+            Outcome::Succeeded { result } => result.unwrap_or(0),
+            _ => 0,
+        })
+        .sum();
+    let run = Run {
+        started: crate::time::format_wire(started),
+        ended: Some(crate::time::format_wire(crate::time::now())),
+        command: "dropdb".into(),
+        profile: crate::mirror::folder::profile().map(String::from),
+        tables: outcomes.iter().map(|o| o.table.as_str()).collect::<Vec<_>>().join(","),
+        rows,
+        changes: None,
+        result: if errors.is_empty() { RunResult::Succeeded } else { RunResult::Failed },
+        error: (!errors.is_empty()).then(|| crate::secrets::scrub(&errors.join("; ")).into_owned()),
+    };
+    if let Err(e) = save_run(file.to_path_buf(), None, run, wait).await {
+        tracing::warn!("the tables are dropped, but the mirror's record of runs could not be written: {e}");
+    }
 }
 
 #[cfg(test)]

@@ -12,10 +12,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::api::Client;
-use crate::per_table::{Outcome, TableOutcome};
 use crate::progress::Progress;
 use crate::run::{Plan, RunError, RunReport};
-use crate::sync::TableReport;
 
 /// When runs happen.
 #[derive(Debug, Clone)]
@@ -65,7 +63,7 @@ pub struct RunEnd {
 impl RunEnd {
     fn of(number: u32, result: &Result<RunReport, RunError>) -> RunEnd {
         match result {
-            Ok(report) => RunEnd { number, failures: failed(&report.tables), tables: report.tables.len() },
+            Ok(report) => RunEnd { number, failures: report.failures(), tables: report.tables.len() },
             Err(e) => RunEnd { number, failures: vec![("run".into(), e.to_string())], tables: 0 },
         }
     }
@@ -73,16 +71,6 @@ impl RunEnd {
     pub fn failed(&self) -> bool {
         !self.failures.is_empty()
     }
-}
-
-fn failed(outcomes: &[TableOutcome<TableReport>]) -> Vec<(String, String)> {
-    outcomes
-        .iter()
-        .filter_map(|o| match &o.outcome {
-            Outcome::Failed { error } => Some((o.table.clone(), error.clone())),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Where notifications go.
@@ -194,8 +182,15 @@ pub fn message(plan: &Plan, end: &RunEnd) -> serde_json::Value {
     let host = hostname();
     let fix = crate::term::command(&["syncdb", "--namespace", ns, "--table", &tables_arg(plan), "--init-missing"]);
     let (event, text) = if end.failed() {
-        let lines: Vec<String> =
-            end.failures.iter().map(|(t, e)| format!("• {ns}.{t}: {}", crate::secrets::scrub(e))).collect();
+        // A failed fan-out target is named as such (`→ postgresql://…`); tables with their namespace.
+        let lines: Vec<String> = end
+            .failures
+            .iter()
+            .map(|(t, e)| match t.starts_with('→') {
+                true => format!("• {ns} {t}: {}", crate::secrets::scrub(e)),
+                false => format!("• {ns}.{t}: {}", crate::secrets::scrub(e)),
+            })
+            .collect();
         (
             "failed",
             format!(

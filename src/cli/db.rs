@@ -556,21 +556,29 @@ fn print_runs(args: &StatusArgs, n: u32) -> anyhow::Result<()> {
         return Ok(());
     }
     for (ns, r) in &runs {
-        let took = match (time::parse_rfc3339(&r.started), time::parse_rfc3339(&r.ended)) {
-            (Ok(a), Ok(b)) => crate::status::staleness((b - a) / time::MICROS_PER_SECOND),
+        let took = match (time::parse_rfc3339(&r.started), r.ended.as_deref().map(time::parse_rfc3339)) {
+            (Ok(a), Some(Ok(b))) => crate::status::staleness((b - a) / time::MICROS_PER_SECOND),
+            (_, None) => "-".into(),
             _ => "?".into(),
         };
         let changes = r.changes.map_or(String::new(), |c| format!(", {c} changes"));
         let outcome = match (&r.result, &r.error) {
             (crate::mirror::runs::RunResult::Failed, Some(e)) => format!("failed: {e}"),
+            (crate::mirror::runs::RunResult::Interrupted, _) => {
+                "interrupted (its process is gone; each table is as its last commit left it)".into()
+            }
             _ => format!("{:?}", r.result).to_lowercase(),
+        };
+        let command = match &r.profile {
+            Some(profile) => format!("{} (profile {profile})", r.command),
+            None => r.command.clone(),
         };
         // Text from a file is shown, never obeyed by the terminal.
         println!(
             "{}",
             crate::term::safe(&format!(
-                "{}  {took:>7}  {ns}  {}  [{}]  {} rows{changes}  {outcome}",
-                r.started, r.command, r.tables, r.rows
+                "{}  {took:>7}  {ns}  {command}  [{}]  {} rows{changes}  {outcome}",
+                r.started, r.tables, r.rows
             ))
         );
     }

@@ -12,7 +12,7 @@ mod export;
 mod pack;
 mod query;
 mod replicate;
-mod watch;
+pub mod watch;
 
 use std::path::PathBuf;
 
@@ -51,9 +51,9 @@ pub struct Cli {
     #[arg(long, env = "DAP_ALLOW_SHARED", global = true, hide_env_values = true)]
     pub allow_shared: bool,
     /// A Canvas instance saved with `dap configure --profile NAME`: its credentials, targets
-    /// and its own default mirror folder.
-    #[arg(long, env = "DAP_PROFILE", global = true, value_name = "NAME")]
-    pub profile: Option<String>,
+    /// and its own default mirror folder (`dap watch` takes several: one watch each).
+    #[arg(long, env = "DAP_PROFILE", global = true, value_name = "NAME", action = clap::ArgAction::Append)]
+    pub profile: Vec<String>,
     /// Set when the secret was typed on the command line (visible to other users).
     #[arg(skip)]
     pub secret_on_command_line: bool,
@@ -275,6 +275,17 @@ pub fn command() -> clap::Command {
     cmd
 }
 
+impl Cli {
+    /// The profiles of a `dap watch --profile A --profile B`, which runs one watch per profile
+    /// (see [`watch::several_profiles`]); `None` for every other command line.
+    pub fn several_profiles_to_watch(&self) -> Option<Vec<String>> {
+        match &self.command {
+            Command::Watch(args) if self.profile.len() > 1 && !args.prints_unit() => Some(self.profile.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// Parses the command line, noting where the secret came from.
 pub fn parse() -> Cli {
     let matches = command().get_matches();
@@ -332,7 +343,20 @@ impl Cli {
             crate::secrets::register(&text);
             secret = Some(text);
         }
-        let profile = self.profile.as_deref().map(str::trim).filter(|p| !p.is_empty());
+        let profile = match self.profile.as_slice() {
+            [] => None,
+            [one] => Some(one.trim()).filter(|p| !p.is_empty()),
+            // Only `watch --print-unit` gets here with several (see `several_profiles_to_watch`):
+            // the unit it prints runs them all.
+            [_, ..] if matches!(&self.command, Command::Watch(_)) => None,
+            several => {
+                return Err(UsageError(format!(
+                    "--profile is given {} times; one command works on one Canvas instance (only `dap watch` runs several)",
+                    several.len()
+                ))
+                .into());
+            }
+        };
         if let Some(name) = profile {
             if !crate::config::valid_profile_name(name) {
                 return Err(UsageError(format!(
@@ -424,7 +448,9 @@ pub(crate) fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let ctx = cli.context()?;
     match cli.command {
-        Command::Configure(args) => configure::run(&ctx, cli.base_url.as_deref(), cli.profile.as_deref(), args),
+        Command::Configure(args) => {
+            configure::run(&ctx, cli.base_url.as_deref(), cli.profile.first().map(String::as_str), args)
+        }
         Command::Query(args) => quiet_on_closed_pipe(on_a_thread(move || query::run(args)).await),
         Command::History(args) => quiet_on_closed_pipe(on_a_thread(move || query::history(args)).await),
         Command::Export(args) => on_a_thread(move || export::run(args)).await,

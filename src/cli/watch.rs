@@ -61,6 +61,12 @@ pub enum UnitKind {
     Windows,
 }
 
+impl WatchArgs {
+    pub fn prints_unit(&self) -> bool {
+        self.print_unit.is_some()
+    }
+}
+
 pub async fn run(ctx: &Context, args: WatchArgs) -> anyhow::Result<()> {
     if let Some(kind) = args.print_unit {
         print!("{}", unit(kind, &args.db.namespace)?);
@@ -105,6 +111,123 @@ pub async fn run(ctx: &Context, args: WatchArgs) -> anyhow::Result<()> {
         anyhow::bail!("watch: the last run ({}) failed on {} tables", end.number, end.failures.len());
     }
     Ok(())
+}
+
+/// `dap watch --profile A --profile B`: one watch per Canvas instance, each a process of its
+/// own (its own credentials, mirror folder, DAP job limit and schedule), started with this
+/// command line and one of the profiles. Their log lines are passed on marked with the profile
+/// (a `profile` field in JSON lines, `[A] ` before text ones); SIGTERM and Ctrl-C are passed on
+/// and waited for. Every profile is checked before any watch starts. Returns the exit code: 0
+/// when every watch ended well, else the first failing one's.
+pub async fn several_profiles(profiles: &[String]) -> anyhow::Result<u8> {
+    let path = crate::config::config_path()?;
+    let known = crate::config::UserConfig::load(&path)?.unwrap_or_default();
+    for name in profiles {
+        if !crate::config::valid_profile_name(name) {
+            return Err(super::UsageError(format!(
+                "--profile {name:?}: a profile name is letters, digits, - and _ (it names a folder)"
+            ))
+            .into());
+        }
+        known.clone().profile(Some(name), &path)?;
+    }
+    let unique: std::collections::BTreeSet<&String> = profiles.iter().collect();
+    if unique.len() != profiles.len() {
+        return Err(super::UsageError("--profile: each profile once (a mirror has one watch)".into()).into());
+    }
+    let exe = std::env::current_exe()?;
+    let rest = without_profiles(std::env::args_os().skip(1));
+    let mut children = Vec::new();
+    let mut relays = tokio::task::JoinSet::new();
+    for name in profiles {
+        let mut child = tokio::process::Command::new(&exe)
+            .arg("--profile")
+            .arg(name)
+            .args(&rest)
+            .env_remove("DAP_PROFILE")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting the watch of profile {name}: {e}"))?;
+        if let Some(stderr) = child.stderr.take() {
+            relays.spawn(relay(name.clone(), stderr));
+        }
+        children.push((name.clone(), child));
+    }
+    let pids: Vec<u32> = children.iter().filter_map(|(_, c)| c.id()).collect();
+    let pass_on = |signal: i32| {
+        for pid in &pids {
+            // SAFETY: signals a child of ours; it is not reaped before it is waited for below.
+            #[cfg(unix)]
+            unsafe {
+                libc::kill(*pid as libc::pid_t, signal)
+            };
+        }
+    };
+    let ended = futures_util::future::join_all(children.iter_mut().map(|(_, c)| c.wait()));
+    tokio::pin!(ended);
+    let codes: Vec<u8> = tokio::select! {
+        codes = &mut ended => codes.into_iter().map(|c| exit_code(c.ok())).collect(),
+        _ = crate::interrupt::terminated() => {
+            pass_on(libc::SIGTERM);
+            ended.await;
+            vec![143]
+        }
+        _ = tokio::signal::ctrl_c() => {
+            pass_on(libc::SIGINT);
+            ended.await;
+            vec![130]
+        }
+    };
+    while relays.join_next().await.is_some() {}
+    Ok(codes.into_iter().find(|c| *c != 0).unwrap_or(0))
+}
+
+/// The arguments without any `--profile NAME` / `--profile=NAME`.
+fn without_profiles(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut rest = Vec::new();
+    let mut args = args.peekable();
+    while let Some(a) = args.next() {
+        match a.to_str() {
+            Some("--profile") => {
+                args.next();
+            }
+            Some(s) if s.starts_with("--profile=") => {}
+            _ => rest.push(a),
+        }
+    }
+    rest
+}
+
+/// A child's exit status as a shell shows it (128 + the signal that ended it).
+fn exit_code(status: Option<std::process::ExitStatus>) -> u8 {
+    let Some(status) = status else { return 5 };
+    if let Some(code) = status.code() {
+        return u8::try_from(code).unwrap_or(5);
+    }
+    #[cfg(unix)]
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+        return u8::try_from(128 + signal).unwrap_or(5);
+    }
+    5
+}
+
+/// Passes a watch's log lines on, each marked with its profile.
+async fn relay(profile: String, stderr: tokio::process::ChildStderr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        eprintln!("{}", mark(&profile, &line));
+    }
+}
+
+/// One log line marked with its profile: a field of a JSON line, a prefix of a text one.
+fn mark(profile: &str, line: &str) -> String {
+    if let Ok(serde_json::Value::Object(mut event)) = serde_json::from_str::<serde_json::Value>(line) {
+        event.insert("profile".into(), serde_json::Value::String(profile.into()));
+        return serde_json::Value::Object(event).to_string();
+    }
+    format!("[{profile}] {line}")
 }
 
 /// This process's command line for a service: the binary's absolute path, `--non-interactive`,
@@ -189,4 +312,24 @@ fn unit(kind: UnitKind, namespace: &str) -> anyhow::Result<String> {
             )
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_watch_gets_the_command_line_without_the_profiles() {
+        let args = ["--profile", "east", "watch", "--profile=west", "--every", "1h", "--table", "profile"];
+        let rest = without_profiles(args.iter().map(std::ffi::OsString::from));
+        assert_eq!(rest, ["watch", "--every", "1h", "--table", "profile"].map(std::ffi::OsString::from));
+    }
+
+    #[test]
+    fn log_lines_are_marked_with_their_profile() {
+        assert_eq!(mark("east", "watch: run 1 started"), "[east] watch: run 1 started");
+        let json: serde_json::Value =
+            serde_json::from_str(&mark("east", r#"{"level":"INFO","fields":{"event":"run_started"}}"#)).unwrap();
+        assert_eq!((json["profile"].as_str(), json["fields"]["event"].as_str()), (Some("east"), Some("run_started")));
+    }
 }

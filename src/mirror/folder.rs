@@ -119,6 +119,11 @@ pub fn use_profile(name: &str) {
     let _ = PROFILE.set(name.to_string());
 }
 
+/// The profile chosen for this process (`--profile`), if any.
+pub fn profile() -> Option<&'static str> {
+    PROFILE.get().map(String::as_str)
+}
+
 /// The default mirror folder: `DAP_MIRROR_DIR`, else the platform data folder (its
 /// `profiles/NAME` under `--profile NAME`).
 pub fn default_dir() -> Result<PathBuf, SinkError> {
@@ -148,11 +153,9 @@ fn unusable(path: &Path, namespace: &str) -> Option<String> {
     if ["main", "temp"].iter().any(|reserved| namespace.eq_ignore_ascii_case(reserved)) {
         return Some(format!("{namespace} is a name SQLite reserves for its own databases"));
     }
-    let mut header = [0u8; 16];
-    let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read(&mut f, &mut header));
-    match read {
-        Ok(16) if header == *b"SQLite format 3\0" => None,
-        Ok(_) => Some("it is not a SQLite database".into()),
+    match super::format::sqlite_header(path) {
+        Ok(true) => None,
+        Ok(false) => Some("it is not a SQLite database".into()),
         Err(e) => Some(format!("it cannot be read ({e})")),
     }
 }

@@ -521,6 +521,20 @@ pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Whether the file at `path` starts as a SQLite database does (an empty or unreadable file
+/// does not).
+pub fn sqlite_header(path: &Path) -> std::io::Result<bool> {
+    let mut header = [0u8; 16];
+    let mut file = std::fs::File::open(path)?;
+    let read = std::io::Read::read(&mut file, &mut header)?;
+    Ok(read == 16 && header == *b"SQLite format 3\0")
+}
+
+/// [`sqlite_header`], with an unreadable file as not one.
+pub fn looks_like_sqlite(path: &Path) -> bool {
+    sqlite_header(path).unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

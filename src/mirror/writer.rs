@@ -1008,6 +1008,15 @@ impl Dialect for SqliteDialect {
         .await
     }
 
+    async fn record_start(&self, c: &mut SqliteConn, start: &super::runs::Start) -> Option<i64> {
+        let start = start.clone();
+        let begun = Self::run(c, move |w| {
+            super::runs::begin(&mut w.conn, &start, super::runs::kept()).map_err(|e| w.fail("recording the run", e))
+        })
+        .await;
+        begun.map_err(|e| tracing::debug!("the start of the run was not recorded in the mirror: {e}")).ok()
+    }
+
     async fn record_run(&self, namespace: &str, table: &str, run: &RunRecord) {
         let (path, ns, t, run) = (self.path.clone(), namespace.to_string(), table.to_string(), run.clone());
         let saved = tokio::task::spawn_blocking(move || {

@@ -329,6 +329,14 @@ pub trait Sink: Send + Sync {
     /// `state.json`); called once per table by whoever runs it.
     async fn record_run(&self, namespace: &str, table: &str, run: &RunRecord);
 
+    /// Records that a run of the whole command is going, for targets that keep a record of runs
+    /// (a mirror file's `dap_runs`), and returns its id there; called once the run has changed
+    /// the target (its first table committed), so that a target refused at the start is left as
+    /// it was. `None` from targets that keep no such record, or when it could not be written.
+    async fn record_start(&self, _start: &crate::mirror::runs::Start) -> Option<i64> {
+        None
+    }
+
     /// Records that an append-only table has no rows between `after` (the watermark of the last
     /// sync) and the oldest row a new snapshot brought, and returns the gap; `None` from targets
     /// that keep no such record.

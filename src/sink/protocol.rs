@@ -238,6 +238,10 @@ pub trait Dialect: Send + Sync + 'static {
         Ok(())
     }
     async fn record_run(&self, _namespace: &str, _table: &str, _run: &RunRecord) {}
+    /// See [`Sink::record_start`].
+    async fn record_start(&self, _c: &mut Self::Conn, _start: &crate::mirror::runs::Start) -> Option<i64> {
+        None
+    }
     /// See [`Sink::record_gap`]; targets keep no record of gaps unless they say otherwise.
     async fn record_gap(
         &self,
@@ -605,6 +609,13 @@ impl<D: Dialect> Sink for Protocol<D> {
 
     async fn record_run(&self, namespace: &str, table: &str, run: &RunRecord) {
         self.d.record_run(namespace, table, run).await
+    }
+
+    async fn record_start(&self, start: &crate::mirror::runs::Start) -> Option<i64> {
+        let mut c = self.d.connect().await.ok()?;
+        let id = self.d.record_start(&mut c, start).await;
+        self.d.release(c);
+        id
     }
 
     async fn record_gap(&self, namespace: &str, table: &str, after: Micros) -> Result<Option<Gap>, SinkError> {

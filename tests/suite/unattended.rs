@@ -123,6 +123,18 @@ async fn every_run_is_recorded_and_listed_newest_first() {
     let kept: Vec<serde_json::Value> = serde_json::from_str(&listed(&["--json"]).await).unwrap();
     assert_eq!(kept.len(), 3);
     assert_eq!(kept[1..], runs[..2]);
+
+    // dropdb is a run of the file too: the table it dropped and the rows that table held.
+    let courses = emu.truth("canvas", "courses").unwrap().len();
+    let dropped = ["dropdb", "--namespace", "canvas", "--table", "courses", "--connection-string", &url];
+    ours_ok(&emu, dir, &dropped).await;
+    let after: Vec<serde_json::Value> = serde_json::from_str(&listed(&["1", "--json"]).await).unwrap();
+    assert_eq!(
+        (after[0]["command"].as_str(), after[0]["tables"].as_str(), after[0]["rows"].as_u64()),
+        (Some("dropdb"), Some("courses"), Some(courses as u64)),
+        "{after:?}"
+    );
+    assert_eq!(after[0]["result"], "succeeded");
 }
 
 /// The samples of an OpenMetrics file as a real parser (prometheus_client's) reads them:
@@ -275,7 +287,7 @@ async fn watch_runs_on_schedule_and_posts_one_failure_and_one_recovery() {
     // Run 1 initialises (a snapshot); run 2's sync of courses is refused; a 5xx is retried away.
     emu.inject(FaultSpec::new(FaultKind::SnapshotRequired, 1).for_table("courses"));
     emu.inject(FaultSpec::new(FaultKind::ServerError, 1).on(Endpoint::Query).after(3));
-    let args = [
+    let mut args = vec![
         "watch",
         "--namespace",
         "canvas",
@@ -296,7 +308,31 @@ async fn watch_runs_on_schedule_and_posts_one_failure_and_one_recovery() {
         "--logformat",
         "json",
     ];
-    let out = run_ours(&emu, dir, &args).await;
+    // Run 3: the fan-out's PostgreSQL is down (its address answers and hangs up).
+    let fan_out = match crate::common::targets::require(crate::common::targets::Backend::Postgres) {
+        true => {
+            let target =
+                crate::common::targets::TestTarget::fresh(crate::common::targets::Backend::Postgres, "watch_fan_out")
+                    .await;
+            let gate = Gate::to(&target.url).await;
+            let through = gate.url(&target.url);
+            Some((target, gate, through))
+        }
+        false => None,
+    };
+    if let Some((_, _, through)) = &fan_out {
+        args.extend(["--replicate-to", through.as_str()]);
+    }
+    let mut cmd = ours_command(&emu, dir);
+    cmd.args(&args);
+    let mut watch = Watched::spawn(cmd);
+    if let Some((_, gate, _)) = &fan_out {
+        watch.wait_for("run_failed").await;
+        gate.shut();
+        watch.wait_for("run_failed").await;
+        gate.reopen();
+    }
+    let out = watch.finish().await;
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "the last run succeeded: {log}");
     assert!(!log.contains(&emu.config().client_secret) && !log.contains("secretpath"), "no secret in the log: {log}");
@@ -306,13 +342,29 @@ async fn watch_runs_on_schedule_and_posts_one_failure_and_one_recovery() {
         .filter_map(|v| v["fields"]["event"].as_str().map(String::from))
         .collect();
     assert_eq!(events.iter().filter(|e| *e == "run_started").count(), 4, "{log}");
-    assert_eq!(events.iter().filter(|e| *e == "run_failed").count(), 1, "{log}");
+    let down_for_one_run = fan_out.is_some();
+    let failed_runs = if down_for_one_run { 2 } else { 1 };
+    assert_eq!(events.iter().filter(|e| *e == "run_failed").count(), failed_runs, "{log}");
 
     let runs = ours_ok(&emu, dir, &["status", "--dir", dir.join("mirror").to_str().unwrap(), "--runs", "--json"]).await;
     let mut runs: Vec<serde_json::Value> = serde_json::from_str(&runs).unwrap();
     runs.reverse();
     let results: Vec<&str> = runs.iter().map(|r| r["result"].as_str().unwrap()).collect();
-    assert_eq!(results, ["succeeded", "failed", "succeeded", "succeeded"], "{runs:#?}");
+    let expected = match down_for_one_run {
+        true => ["succeeded", "failed", "failed", "succeeded"],
+        false => ["succeeded", "failed", "succeeded", "succeeded"],
+    };
+    assert_eq!(results, expected, "{runs:#?}");
+    if let Some((target, _, _)) = &fan_out {
+        // Run 3 synced the mirror and says which target it could not reach, with no password.
+        let error = runs[2]["error"].as_str().unwrap();
+        assert!(error.contains("→ postgresql://") && !error.contains("courses:"), "{error}");
+        let password = target.url.split_once("://").unwrap().1.split_once('@').and_then(|(u, _)| u.split_once(':'));
+        if let Some((_, password)) = password {
+            assert!(!error.contains(password) && !log.contains(password), "no password: {error}");
+        }
+        assert_eq!(runs[2]["profile"], serde_json::Value::Null);
+    }
     let at = |r: &serde_json::Value, f: &str| time::parse_rfc3339(r[f].as_str().unwrap()).unwrap();
     for pair in runs.windows(2) {
         assert!(at(&pair[1], "started") >= at(&pair[0], "ended"), "runs never overlap: {pair:?}");
@@ -328,7 +380,12 @@ async fn watch_runs_on_schedule_and_posts_one_failure_and_one_recovery() {
     assert_eq!(failure["failures"][0]["table"], "courses", "{failure}");
     let text = failure["text"].as_str().unwrap();
     assert!(text.contains("canvas.courses") && text.contains("dap syncdb --namespace canvas"), "{text}");
-    assert_eq!((recovery["event"].as_str(), recovery["run"].as_u64()), (Some("recovered"), Some(3)), "{recovery}");
+    let recovered_at = if down_for_one_run { 4 } else { 3 };
+    assert_eq!(
+        (recovery["event"].as_str(), recovery["run"].as_u64()),
+        (Some("recovered"), Some(recovered_at)),
+        "{recovery}"
+    );
     for body in &posted {
         assert!(!body.contains(&emu.config().client_secret) && !body.contains("secretpath"), "{body}");
     }
@@ -346,6 +403,10 @@ async fn watch_runs_on_schedule_and_posts_one_failure_and_one_recovery() {
             "after the watch",
             &[crate::common::truth::Limit::NoNegativeZero],
         );
+        // The fan-out caught up after the run its database was down.
+        if let Some((target, _, _)) = &fan_out {
+            target.assert_rows(&def, &emu.truth("canvas", table).unwrap(), "the fan-out after its outage").await;
+        }
     }
 }
 
@@ -363,7 +424,7 @@ async fn sigterm_stops_a_watch_promptly_and_its_unit_verifies() {
 
     // During a run: the snapshot's objects are held back; SIGTERM once it is loading.
     emu.inject(
-        FaultSpec { delay_ms: Some(60_000), ..FaultSpec::new(FaultKind::Slow, 1) }.on(Endpoint::Object).after(1),
+        FaultSpec { delay_ms: Some(15_000), ..FaultSpec::new(FaultKind::Slow, 1) }.on(Endpoint::Object).after(1),
     );
     let mut cmd = ours_command(&emu, dir);
     cmd.args(watch);
@@ -401,6 +462,45 @@ async fn sigterm_stops_a_watch_promptly_and_its_unit_verifies() {
         &[crate::common::truth::Limit::NoNegativeZero],
     );
 
+    // A run killed outright (SIGKILL, a machine switched off) once it has changed the mirror
+    // (users committed, courses held back by DAP) reads as interrupted.
+    commit_round(&emu, "canvas", &["users"], dap_replica::emulator::ChangeCounts { updates: 5, ..Default::default() });
+    emu.inject(
+        FaultSpec { delay_ms: Some(15_000), ..FaultSpec::new(FaultKind::Slow, 1) }
+            .on(Endpoint::Object)
+            .for_table("courses"),
+    );
+    let mut cmd = ours_command(&emu, dir);
+    cmd.args(["syncdb", "--namespace", "canvas", "--table", "users,courses", "--init-missing"]);
+    cmd.args(["--connection-string", &url]);
+    let mut child = Watched::spawn(cmd);
+    child.wait_for("courses: loading").await;
+    let going = || {
+        rusqlite::Connection::open(&db)
+            .and_then(|c| {
+                c.query_row("SELECT count(*) FROM dap_runs WHERE result = 'running'", [], |r| r.get::<_, i64>(0))
+            })
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while going() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the run was never recorded as going");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(unsafe { libc::kill(child.pid() as i32, libc::SIGKILL) }, 0);
+    let _ = child.finish().await;
+    emu.clear_faults();
+    let folder = dir.join("mirror");
+    let runs = ours_ok(&emu, dir, &["status", "--dir", folder.to_str().unwrap(), "--runs", "1", "--json"]).await;
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&runs).unwrap();
+    assert_eq!(
+        (runs[0]["command"].as_str(), runs[0]["result"].as_str()),
+        (Some("syncdb --init-missing"), Some("interrupted"))
+    );
+    assert!(runs[0]["ended"].is_null(), "{runs:?}");
+    let shown = ours_ok(&emu, dir, &["status", "--dir", folder.to_str().unwrap(), "--runs", "1"]).await;
+    assert!(shown.contains("interrupted (its process is gone"), "{shown}");
+
     // The service definition systemd would run.
     let mut args = watch.to_vec();
     args.extend(["--print-unit", "systemd"]);
@@ -426,8 +526,21 @@ async fn sigterm_stops_a_watch_promptly_and_its_unit_verifies() {
 /// folder (where default mirrors live) under `dir`.
 fn dap_from_files(dir: &Path, args: &[&str], stdin: &str) -> std::process::Output {
     use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dap"))
-        .current_dir(dir)
+    let mut child = from_files(dir)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The command [`dap_from_files`] runs, before its arguments.
+fn from_files(dir: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dap"));
+    cmd.current_dir(dir)
         .env_remove("DAP_API_URL")
         .env_remove("DAP_CLIENT_ID")
         .env_remove("DAP_CLIENT_SECRET")
@@ -439,15 +552,8 @@ fn dap_from_files(dir: &Path, args: &[&str], stdin: &str) -> std::process::Outpu
         .env("XDG_DATA_HOME", dir.join("data"))
         .env("HOME", dir)
         .env("DAP_JOB_RATE", "100000/1")
-        .arg("--non-interactive")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    child.wait_with_output().unwrap()
+        .arg("--non-interactive");
+    cmd
 }
 
 /// Two Canvas instances whose ids collide, each a profile: two mirrors in folders of their
@@ -522,6 +628,86 @@ async fn two_profiles_keep_two_instances_apart() {
     assert!(!folder("north").exists());
     let out = dap_from_files(dir, &["--profile", "../x", "status"], "");
     assert_eq!(out.status.code(), Some(2), "{}", clean(&out));
+    let out = dap_from_files(dir, &["--profile", "east", "--profile", "west", "status"], "");
+    assert_eq!(out.status.code(), Some(2), "one instance per command but watch: {}", clean(&out));
+
+    // One watch for both instances: each mirror kept current from its own instance, each run
+    // recorded with its profile, each log line marked with it.
+    for emu in [&east, &west] {
+        let counts = dap_replica::emulator::ChangeCounts { inserts: 3, updates: 4, soft_deletes: 1, hard_deletes: 1 };
+        commit_round(emu, "canvas", &["users", "courses"], counts);
+    }
+    let watch = [
+        "--profile",
+        "east",
+        "--profile",
+        "west",
+        "watch",
+        "--namespace",
+        "canvas",
+        "--table",
+        "users,courses",
+        "--every",
+        "1s",
+        "--jitter",
+        "0",
+        "--max-runs",
+        "2",
+        "--logformat",
+        "json",
+    ];
+    let out = dap_from_files(dir, &watch, "");
+    let log = clean(&out);
+    assert!(out.status.success(), "{log}");
+    let started: Vec<String> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["event"] == "run_started")
+        .map(|v| v["profile"].as_str().unwrap_or("none").to_string())
+        .collect();
+    assert_eq!(started.iter().filter(|p| *p == "east").count(), 2, "{log}");
+    assert_eq!(started.iter().filter(|p| *p == "west").count(), 2, "{log}");
+    for (name, emu) in [("east", &east), ("west", &west)] {
+        for table in ["users", "courses"] {
+            let def = emu.table_def("canvas", table).unwrap();
+            let rows = crate::common::truth::sqlite_rows(&folder(name).join("canvas.db"), &def);
+            crate::common::truth::assert_same_rows_within(
+                &def,
+                &rows,
+                &emu.truth("canvas", table).unwrap(),
+                &format!("profile {name} after the watch"),
+                &[crate::common::truth::Limit::NoNegativeZero],
+            );
+        }
+        let out = dap_from_files(dir, &["--profile", name, "status", "--runs", "2", "--json"], "");
+        let runs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        for run in &runs {
+            assert_eq!((run["profile"].as_str(), run["result"].as_str()), (Some(name), Some("succeeded")), "{run}");
+            assert_eq!(run["command"], "syncdb --init-missing");
+        }
+    }
+
+    // SIGTERM reaches both watches, and the one that started them waits for them.
+    let mut cmd = tokio::process::Command::from(from_files(dir));
+    cmd.args(watch.iter().map(|a| if *a == "1s" { "1h" } else { a }).filter(|a| !["--max-runs", "2"].contains(a)));
+    let mut both = Watched::spawn(cmd);
+    both.wait_for("next run in").await;
+    both.wait_for("next run in").await;
+    assert_eq!(unsafe { libc::kill(both.pid() as i32, libc::SIGTERM) }, 0);
+    let sent = std::time::Instant::now();
+    let out = both.finish().await;
+    assert_eq!(out.status.code(), Some(143), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(sent.elapsed() < std::time::Duration::from_secs(10), "stopped promptly");
+    let marker = dir.to_str().unwrap().as_bytes().to_vec();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|p| p.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|p| std::fs::read(p.path().join("environ")).is_ok_and(|e| e.windows(marker.len()).any(|w| w == marker)))
+        .map(|p| p.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "no watch outlives the one that started it: pids {left:?}");
 }
 
 /// `dap watch --cron`: bad schedules are usage errors before anything runs; a run starts at a

@@ -462,3 +462,60 @@ pub fn differences(first: &[String], second: &[String], names: [&str; 2]) -> Str
     let (only_first, only_second) = (only(first, second), only(second, first));
     format!("only {}: {only_first:#?}\nonly {}: {only_second:#?}", names[0], names[1])
 }
+
+/// A TCP forwarder in front of a database server that a test can shut: while shut, each
+/// connection is accepted and closed at once, as a server that is down behind its address
+/// (a stopped pooler, a failed-over host) looks to a client.
+pub struct Gate {
+    pub addr: std::net::SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gate {
+    /// Forwards to the host and port of the connection string `url`.
+    pub async fn to(url: &str) -> Gate {
+        let upstream = authority(url).1.to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let is_open = open.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !is_open.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Gate { addr, open }
+    }
+
+    /// `url` with its host and port replaced by the gate's.
+    pub fn url(&self, url: &str) -> String {
+        let (start, host_port) = authority(url);
+        format!("{}{}{}", &url[..start], self.addr, &url[start + host_port.len()..])
+    }
+
+    pub fn shut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn reopen(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Where the `host:port` of a connection string starts, and the text itself.
+fn authority(url: &str) -> (usize, &str) {
+    let after_scheme = url.find("://").expect("a URL") + 3;
+    let rest = &url[after_scheme..];
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let start = rest[..end].rfind('@').map_or(0, |at| at + 1);
+    (after_scheme + start, &rest[start..end])
+}
