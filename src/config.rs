@@ -24,6 +24,9 @@ pub struct UserConfig {
     /// Connection strings `dap replicate` copies to when no `--to` is given.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<String>,
+    /// Where `dap watch` posts its alerts when no `--notify` is given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<String>,
     /// Other Canvas instances (`dap configure --profile NAME`, `--profile NAME` on every
     /// command): each its own credentials and targets, and its own mirror folder.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -206,6 +209,7 @@ mod tests {
             client_id: Some("id".into()),
             client_secret: Some("secret-value".into()),
             targets: vec!["postgresql://u@h/db".into()],
+            notify: vec!["https://hooks.example.edu/T0/B0/x".into()],
             profiles: [("east".to_string(), UserConfig { client_id: Some("east-id".into()), ..UserConfig::default() })]
                 .into(),
         };

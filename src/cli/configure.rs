@@ -17,6 +17,10 @@ pub struct ConfigureArgs {
     /// A default target of `dap replicate` (repeatable); replaces the saved list.
     #[arg(long = "target", value_name = "URL")]
     targets: Vec<String>,
+    /// Where `dap watch` posts its alerts when it is given no --notify (repeatable); replaces
+    /// the saved list.
+    #[arg(long = "notify", value_name = "URL")]
+    notify: Vec<String>,
     /// Print where the configuration file is and what it holds (the secret hidden), and change
     /// nothing.
     #[arg(long)]
@@ -124,6 +128,10 @@ pub fn run(ctx: &Context, base_url: Option<&str>, profile: Option<&str>, args: C
                 for t in &c.targets {
                     println!("  target:    {}", crate::sink::redact(t));
                 }
+                // A webhook's path is its secret: the host only.
+                for url in c.notify.iter().filter_map(|u| reqwest::Url::parse(u).ok()) {
+                    println!("  notify:    {}", crate::watch::redact(&url));
+                }
             }
             _ => println!("{}{what}: no configuration yet; run `dap configure`", path.display()),
         }
@@ -136,6 +144,7 @@ pub fn run(ctx: &Context, base_url: Option<&str>, profile: Option<&str>, args: C
     for t in &args.targets {
         TargetSpec::parse(Some(t)).with_context(|| format!("--target {}", crate::sink::redact(t)))?;
     }
+    let notify = super::watch::notify_urls(&args.notify)?;
     let saved = saved.unwrap_or_default();
     let base = value(
         base_url,
@@ -166,6 +175,7 @@ pub fn run(ctx: &Context, base_url: Option<&str>, profile: Option<&str>, args: C
         client_id: Some(client_id),
         client_secret: Some(secret),
         targets: if args.targets.is_empty() { saved.targets } else { args.targets },
+        notify: if notify.is_empty() { saved.notify } else { notify.iter().map(|u| u.to_string()).collect() },
         profiles: Default::default(),
     };
     // The other sections of the file stay as they were.

@@ -113,6 +113,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         console: ctx.console,
         shared: ctx.shared,
         default_targets: Vec::new(),
+        default_notify: Vec::new(),
     };
     ctx.client.base_url = emulator.base_url().to_string();
     ctx.client.client_id = Some(DEFAULT_CLIENT_ID.into());

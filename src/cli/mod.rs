@@ -249,6 +249,8 @@ pub struct Context {
     pub shared: SharedFiles,
     /// `dap replicate`'s targets when no `--to` is given (from the configuration file).
     pub default_targets: Vec<String>,
+    /// `dap watch`'s alert URLs when no `--notify` is given (from the configuration file).
+    pub default_notify: Vec<String>,
 }
 
 /// Global options about reaching DAP, which commands that never call it do not list.
@@ -381,7 +383,8 @@ impl Cli {
                 || self.base_url.is_none()
                 || self.client_id.is_none()
                 || secret.is_none()
-                || replicate_needs_targets =>
+                || replicate_needs_targets
+                || matches!(&self.command, Command::Watch(_)) =>
             {
                 let path = crate::config::config_path()?;
                 match UserConfig::load(&path)? {
@@ -416,7 +419,14 @@ impl Cli {
             (Some(_), false) => Console::Unlogged,
             (None, false) => Console::Logged,
         };
-        Ok(Context { client, interactive: !self.non_interactive, console, shared, default_targets: config.targets })
+        Ok(Context {
+            client,
+            interactive: !self.non_interactive,
+            console,
+            shared,
+            default_targets: config.targets,
+            default_notify: config.notify,
+        })
     }
 }
 

@@ -75,18 +75,8 @@ pub async fn run(ctx: &Context, args: WatchArgs) -> anyhow::Result<()> {
     let reinit = if args.auto_reinit { Reinit::Automatically } else { Reinit::Stop };
     let mode = Mode::Sync { reinit, missing: Missing::Initialise };
     let plan = super::db::plan(ctx, &args.db, &args.fan_out, &args.history, mode, args.keep_days, &args.monitor)?;
-    let urls = args
-        .notify
-        .iter()
-        .map(|u| u.trim())
-        .filter(|u| !u.is_empty())
-        .map(|u| {
-            reqwest::Url::parse(u)
-                .ok()
-                .filter(|p| matches!(p.scheme(), "http" | "https"))
-                .ok_or_else(|| super::UsageError(format!("--notify: {u:?} is not an http(s) URL")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // Given ones replace the saved ones (`dap configure --notify`).
+    let urls = notify_urls(if args.notify.is_empty() { &ctx.default_notify } else { &args.notify })?;
     if let Some(cron) = &args.cron
         && cron.next_after(chrono::Local::now()).is_none()
     {
@@ -111,6 +101,22 @@ pub async fn run(ctx: &Context, args: WatchArgs) -> anyhow::Result<()> {
         anyhow::bail!("watch: the last run ({}) failed on {} tables", end.number, end.failures.len());
     }
     Ok(())
+}
+
+/// Alert URLs as given: each an http(s) URL, or a usage error naming it (without its path,
+/// which is a webhook's secret).
+pub fn notify_urls(given: &[String]) -> Result<Vec<reqwest::Url>, super::UsageError> {
+    given
+        .iter()
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            reqwest::Url::parse(u).ok().filter(|p| matches!(p.scheme(), "http" | "https")).ok_or_else(|| {
+                let shown = u.split('/').take(3).collect::<Vec<_>>().join("/");
+                super::UsageError(format!("--notify: {shown}… is not an http(s) URL"))
+            })
+        })
+        .collect()
 }
 
 /// `dap watch --profile A --profile B`: one watch per Canvas instance, each a process of its

@@ -631,12 +631,27 @@ async fn two_profiles_keep_two_instances_apart() {
     let out = dap_from_files(dir, &["--profile", "east", "--profile", "west", "status"], "");
     assert_eq!(out.status.code(), Some(2), "one instance per command but watch: {}", clean(&out));
 
+    // East's alerts go where `dap configure --notify` saved (the host alone shown); a URL that
+    // is not one is refused with nothing saved.
+    let (hook, posted) = receiver().await;
+    let answers = format!("\n{}\n\n", east.config().client_id);
+    let out =
+        dap_from_files(dir, &["--profile", "east", "configure", "--notify", "ftp://x/T0/B0/secretpath"], &answers);
+    assert_eq!(out.status.code(), Some(2), "{}", clean(&out));
+    assert!(!clean(&out).contains("secretpath"));
+    let out = dap_from_files(dir, &["--profile", "east", "configure", "--notify", &hook], &answers);
+    assert!(out.status.success(), "{}", clean(&out));
+    let shown = clean(&dap_from_files(dir, &["--profile", "east", "configure", "--show"], ""));
+    assert!(shown.contains("notify:    http://127.0.0.1") && !shown.contains("secretpath"), "{shown}");
+
     // One watch for both instances: each mirror kept current from its own instance, each run
-    // recorded with its profile, each log line marked with it.
+    // recorded with its profile, each log line marked with it; east's first run fails.
     for emu in [&east, &west] {
         let counts = dap_replica::emulator::ChangeCounts { inserts: 3, updates: 4, soft_deletes: 1, hard_deletes: 1 };
         commit_round(emu, "canvas", &["users", "courses"], counts);
     }
+    use dap_replica::emulator::{FaultKind, FaultSpec};
+    east.inject(FaultSpec::new(FaultKind::SnapshotRequired, 1).for_table("courses"));
     let watch = [
         "--profile",
         "east",
@@ -681,12 +696,20 @@ async fn two_profiles_keep_two_instances_apart() {
         }
         let out = dap_from_files(dir, &["--profile", name, "status", "--runs", "2", "--json"], "");
         let runs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(runs.len(), 2, "{runs:?}");
+        let results: Vec<&str> = runs.iter().map(|r| r["result"].as_str().unwrap()).collect();
+        let expected = if name == "east" { ["succeeded", "failed"] } else { ["succeeded", "succeeded"] };
+        assert_eq!(results, expected, "{runs:?}");
         for run in &runs {
-            assert_eq!((run["profile"].as_str(), run["result"].as_str()), (Some(name), Some("succeeded")), "{run}");
+            assert_eq!(run["profile"].as_str(), Some(name), "{run}");
             assert_eq!(run["command"], "syncdb --init-missing");
         }
     }
+    let posted = posted.lock().unwrap().clone();
+    let events: Vec<String> = posted
+        .iter()
+        .map(|b| serde_json::from_str::<serde_json::Value>(b).unwrap()["event"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(events, ["failed", "recovered"], "east's failure and recovery, west's nothing: {posted:?}");
 
     // SIGTERM reaches both watches, and the one that started them waits for them.
     let mut cmd = tokio::process::Command::from(from_files(dir));
