@@ -865,6 +865,8 @@ impl Dialect for SqliteDialect {
                 w.conn.execute(&sql, []).map_err(|e| w.fail(&format!("keeping the older rows of {}", def.name), e))?;
             }
             w.swap_in(&def.name, &staging(&def.name))?;
+            super::indexes::ensure(&w.conn, &def.namespace, &def.name)
+                .map_err(|e| w.fail(&format!("indexing {}", def.name), e))?;
             if w.keeping_history(&def, &choice, b.watermark)? != Keeping::No {
                 history::open_versions_of_snapshot(&w.conn, &def, b.watermark)
                     .and_then(|()| w.prune_history(&def, b.watermark))
@@ -900,6 +902,9 @@ impl Dialect for SqliteDialect {
             Self::run(c, move |w| {
                 w.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| w.fail("starting a transaction", e))?;
                 w.apply_delta(&def, &delta)?;
+                // A mirror made before its log tables were indexed gets the indexes here, once.
+                super::indexes::ensure(&w.conn, &def.namespace, &def.name)
+                    .map_err(|e| w.fail(&format!("indexing {}", def.name), e))?;
                 // History turned on by this sync begins at the table's watermark before it.
                 let before = w.stored_rows(Some(&def.namespace), Some(&def.name))?;
                 let started = before.first().and_then(|r| r.watermark.clone().ok()).unwrap_or(watermark);

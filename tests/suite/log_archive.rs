@@ -102,6 +102,22 @@ async fn every_log_survives_resnapshots_and_a_pause_names_its_gap(backend: Backe
     let expected = every_log_but(&emu, Some((last_sync, window_start)));
     t.assert_rows(&def(), &expected, &format!("{backend:?}: after a 42-day pause")).await;
     if backend == Backend::Sqlite {
+        // The analysts' indexes, through re-snapshots and a schema change, used by the questions.
+        let conn = rusqlite::Connection::open(t.file()).unwrap();
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'web_logs' AND sql IS NOT NULL ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(indexes, ["web_logs__by_course", "web_logs__by_time", "web_logs__by_user"]);
+        let plan: String = conn
+            .query_row("EXPLAIN QUERY PLAN SELECT * FROM web_logs WHERE user_id = 1 AND timestamp > '2026'", [], |r| {
+                r.get(3)
+            })
+            .unwrap();
+        assert!(plan.contains("web_logs__by_user"), "{plan}");
         let archive = archive_status(&emu, dir.path(), &t.url).await;
         let gaps = archive["gaps"].as_array().unwrap_or_else(|| panic!("gaps in {archive}"));
         let when = |v: &Json| v.as_str().and_then(|s| time::parse_rfc3339(s).ok());

@@ -28,6 +28,7 @@ mod privacy;
 mod progress;
 mod replicate;
 mod safety;
+mod scale;
 mod schema_changes;
 mod sink_contract;
 mod tds_server;
