@@ -554,48 +554,80 @@ impl MirrorRecord {
     }
 
     async fn finish(self, report: &Result<RunReport, RunError>) {
-        use crate::mirror::runs::{Run, RunResult};
         let Some(file) = self.file.filter(|f| f.exists()) else { return };
         let id = self.id.get().copied().flatten();
-        let (mut rows, mut changes) = (0, None::<u64>);
-        let tables;
-        let errors: Vec<String> = match report {
+        let run = match report {
             // A target that failed itself gets no record it did not have at the start.
             Ok(report) if report.target_failed && id.is_none() => return,
             Ok(report) => {
-                for o in &report.tables {
-                    if let Outcome::Succeeded { result } = &o.outcome {
-                        rows += result.rows;
-                        if let Some(c) = result.changes {
-                            changes = Some(changes.unwrap_or(0) + c);
-                        }
-                    }
-                }
-                tables = report.tables.iter().map(|o| o.table.as_str()).collect::<Vec<_>>().join(",");
-                report.failures().into_iter().map(|(t, e)| format!("{t}: {e}")).collect()
+                let errors = report.failures().into_iter().map(|(t, e)| format!("{t}: {e}")).collect();
+                ended_run(self.command, self.started, &report.tables, errors)
             }
             // A run that could not start is recorded only where its start was.
             Err(_) if id.is_none() => return,
-            Err(e) => {
-                tables = self.selection;
-                vec![e.to_string()]
-            }
-        };
-        let run = Run {
-            started: crate::time::format_wire(self.started),
-            ended: Some(crate::time::format_wire(crate::time::now())),
-            command: self.command,
-            profile: crate::mirror::folder::profile().map(String::from),
-            tables,
-            rows,
-            changes,
-            result: if errors.is_empty() { RunResult::Succeeded } else { RunResult::Failed },
-            error: (!errors.is_empty()).then(|| crate::secrets::scrub(&errors.join("; ")).into_owned()),
+            Err(e) => ended(self.command, self.started, self.selection, (0, None), vec![e.to_string()]),
         };
         if let Err(e) = save_run(file, id, run, self.wait).await {
             tracing::warn!("the run is done, but the mirror's record of runs could not be written: {e}");
         }
     }
+}
+
+/// A run as it ended: the tables it worked on, the rows they hold and the changes applied (of
+/// those that succeeded), and what failed (`errors`, scrubbed of secrets).
+fn ended_run(
+    command: String,
+    started: crate::time::Micros,
+    outcomes: &[TableOutcome<TableReport>],
+    errors: Vec<String>,
+) -> crate::mirror::runs::Run {
+    let (mut rows, mut changes) = (0, None::<u64>);
+    for o in outcomes {
+        if let Outcome::Succeeded { result } = &o.outcome {
+            rows += result.rows;
+            if let Some(c) = result.changes {
+                changes = Some(changes.unwrap_or(0) + c);
+            }
+        }
+    }
+    ended(command, started, table_list(outcomes), (rows, changes), errors)
+}
+
+/// A run as it ended, from its parts; `counts` is (rows, changes).
+fn ended(
+    command: String,
+    started: crate::time::Micros,
+    tables: String,
+    counts: (u64, Option<u64>),
+    errors: Vec<String>,
+) -> crate::mirror::runs::Run {
+    use crate::mirror::runs::{Run, RunResult};
+    Run {
+        started: crate::time::format_wire(started),
+        ended: Some(crate::time::format_wire(crate::time::now())),
+        command,
+        profile: crate::mirror::folder::profile().map(String::from),
+        tables,
+        rows: counts.0,
+        changes: counts.1,
+        result: if errors.is_empty() { RunResult::Succeeded } else { RunResult::Failed },
+        error: (!errors.is_empty()).then(|| crate::secrets::scrub(&errors.join("; ")).into_owned()),
+    }
+}
+
+fn table_list<T>(outcomes: &[TableOutcome<T>]) -> String {
+    outcomes.iter().map(|o| o.table.as_str()).collect::<Vec<_>>().join(",")
+}
+
+/// `table: error` of each table that failed.
+fn table_errors<T>(outcomes: &[TableOutcome<T>]) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter_map(|o| match &o.outcome {
+            Outcome::Failed { error } => Some(format!("{}: {error}", o.table)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Writes how a run ended into the mirror file's record (see [`crate::mirror::runs::finish`]).
@@ -686,6 +718,7 @@ pub struct ReplicatePlan {
 /// it gets what changed since its own watermark (a full reload when the mirror re-snapshotted the
 /// table since, nothing when the target is ahead of the mirror).
 pub async fn replicate(plan: &ReplicatePlan, progress: &Progress) -> Result<Vec<TargetReport>, RunError> {
+    let started = crate::time::now();
     let ns = plan.namespace.as_str();
     check_targets(&plan.targets, &plan.mirror)?;
     crate::privacy::check_mirror(&plan.mirror, plan.sink.shared);
@@ -721,6 +754,17 @@ pub async fn replicate(plan: &ReplicatePlan, progress: &Progress) -> Result<Vec<
                 }
             })
             .await;
+            // A mirror file written by the replicate records it, once its writer is let go.
+            std::mem::drop(replicator);
+            std::mem::drop(sink);
+            if let Ok(Some(file)) = spec.local_file(ns)
+                && crate::mirror::format::looks_like_sqlite(&file)
+            {
+                let run = ended_run("replicate".into(), started, &outcomes, table_errors(&outcomes));
+                if let Err(e) = save_run(file, None, run, plan.sink.lock_timeout).await {
+                    tracing::warn!("{target}: replicated, but its record of runs could not be written: {e}");
+                }
+            }
             TargetReport { target, error: None, tables: outcomes }
         }
     });
@@ -793,14 +837,6 @@ async fn record_drop(
     started: crate::time::Micros,
     wait: std::time::Duration,
 ) {
-    use crate::mirror::runs::{Run, RunResult};
-    let errors: Vec<String> = outcomes
-        .iter()
-        .filter_map(|o| match &o.outcome {
-            Outcome::Failed { error } => Some(format!("{}: {error}", o.table)),
-            _ => None,
-        })
-        .collect();
     let rows = outcomes
         .iter()
         .map(|o| match &o.outcome {
@@ -808,17 +844,7 @@ async fn record_drop(
             _ => 0,
         })
         .sum();
-    let run = Run {
-        started: crate::time::format_wire(started),
-        ended: Some(crate::time::format_wire(crate::time::now())),
-        command: "dropdb".into(),
-        profile: crate::mirror::folder::profile().map(String::from),
-        tables: outcomes.iter().map(|o| o.table.as_str()).collect::<Vec<_>>().join(","),
-        rows,
-        changes: None,
-        result: if errors.is_empty() { RunResult::Succeeded } else { RunResult::Failed },
-        error: (!errors.is_empty()).then(|| crate::secrets::scrub(&errors.join("; ")).into_owned()),
-    };
+    let run = ended("dropdb".into(), started, table_list(outcomes), (rows, None), table_errors(outcomes));
     if let Err(e) = save_run(file.to_path_buf(), None, run, wait).await {
         tracing::warn!("the tables are dropped, but the mirror's record of runs could not be written: {e}");
     }

@@ -135,6 +135,20 @@ async fn every_run_is_recorded_and_listed_newest_first() {
         "{after:?}"
     );
     assert_eq!(after[0]["result"], "succeeded");
+
+    // So is a replicate into another mirror file, recorded in that file.
+    let copy = dir.join("copy");
+    let to = format!("sqlite://{}", copy.join("canvas.db").display());
+    ours_ok(&emu, dir, &["replicate", "--namespace", "canvas", "--table", "users", "--from", &url, "--to", &to]).await;
+    let runs = ours_ok(&emu, dir, &["status", "--dir", copy.to_str().unwrap(), "--runs", "--json"]).await;
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&runs).unwrap();
+    let users = emu.truth("canvas", "users").unwrap().len() as u64;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(
+        (runs[0]["command"].as_str(), runs[0]["tables"].as_str(), runs[0]["rows"].as_u64()),
+        (Some("replicate"), Some("users"), Some(users)),
+        "{runs:?}"
+    );
 }
 
 /// The samples of an OpenMetrics file as a real parser (prometheus_client's) reads them:
