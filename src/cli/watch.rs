@@ -158,9 +158,9 @@ pub async fn several_profiles(profiles: &[String]) -> anyhow::Result<u8> {
         if let Some(stderr) = child.stderr.take() {
             relays.spawn(relay(name.clone(), stderr));
         }
-        children.push((name.clone(), child));
+        children.push(child);
     }
-    let pids: Vec<u32> = children.iter().filter_map(|(_, c)| c.id()).collect();
+    let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
     let pass_on = |signal: i32| {
         for pid in &pids {
             // SAFETY: signals a child of ours; it is not reaped before it is waited for below.
@@ -170,7 +170,7 @@ pub async fn several_profiles(profiles: &[String]) -> anyhow::Result<u8> {
             };
         }
     };
-    let ended = futures_util::future::join_all(children.iter_mut().map(|(_, c)| c.wait()));
+    let ended = futures_util::future::join_all(children.iter_mut().map(|c| c.wait()));
     tokio::pin!(ended);
     let codes: Vec<u8> = tokio::select! {
         codes = &mut ended => codes.into_iter().map(|c| exit_code(c.ok())).collect(),

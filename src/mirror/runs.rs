@@ -121,44 +121,25 @@ pub fn finish(conn: &mut Connection, id: Option<i64>, run: &Run, keep: u32) -> r
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     create(&tx)?;
     let ended = run.ended.clone().unwrap_or_else(|| run.started.clone());
-    let values = params![
-        run.started,
-        ended,
-        run.command,
-        run.profile,
-        run.tables,
-        run.rows as i64,
-        run.changes.map(|c| c as i64),
-        run.result.as_str(),
-        run.error,
-        id
-    ];
-    let updated = tx.execute(
+    // The row of its start replaced whole (`id` NULL: a new row).
+    tx.execute(
         &format!(
-            "UPDATE {RUNS} SET started = ?1, ended = ?2, command = ?3, profile = ?4, tables = ?5, rows = ?6,
-             changes = ?7, result = ?8, error = ?9 WHERE id = ?10"
+            "INSERT OR REPLACE INTO {RUNS} (id, started, ended, command, profile, tables, rows, changes, result, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
         ),
-        values,
+        params![
+            id,
+            run.started,
+            ended,
+            run.command,
+            run.profile,
+            run.tables,
+            run.rows as i64,
+            run.changes.map(|c| c as i64),
+            run.result.as_str(),
+            run.error
+        ],
     )?;
-    if updated == 0 {
-        tx.execute(
-            &format!(
-                "INSERT INTO {RUNS} (started, ended, command, profile, tables, rows, changes, result, error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-            ),
-            params![
-                run.started,
-                ended,
-                run.command,
-                run.profile,
-                run.tables,
-                run.rows as i64,
-                run.changes.map(|c| c as i64),
-                run.result.as_str(),
-                run.error
-            ],
-        )?;
-    }
     prune(&tx, keep)?;
     tx.commit()
 }

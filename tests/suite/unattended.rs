@@ -610,19 +610,23 @@ async fn two_profiles_keep_two_instances_apart() {
     assert!(clean(&out).contains("profiles:  east, west"));
 
     let folder = |name: &str| dir.join("data").join("dap-replica").join("profiles").join(name);
-    for (name, emu) in [("east", &east), ("west", &west)] {
-        for table in ["users", "courses"] {
-            let def = emu.table_def("canvas", table).unwrap();
-            let rows = crate::common::truth::sqlite_rows(&folder(name).join("canvas.db"), &def);
-            crate::common::truth::assert_same_rows_within(
-                &def,
-                &rows,
-                &emu.truth("canvas", table).unwrap(),
-                &format!("profile {name}"),
-                &[crate::common::truth::Limit::NoNegativeZero],
-            );
+    // Each profile's mirror equals its own instance's truth.
+    let each_mirror_is_its_truth = |when: &str| {
+        for (name, emu) in [("east", &east), ("west", &west)] {
+            for table in ["users", "courses"] {
+                let def = emu.table_def("canvas", table).unwrap();
+                let rows = crate::common::truth::sqlite_rows(&folder(name).join("canvas.db"), &def);
+                crate::common::truth::assert_same_rows_within(
+                    &def,
+                    &rows,
+                    &emu.truth("canvas", table).unwrap(),
+                    &format!("profile {name} {when}"),
+                    &[crate::common::truth::Limit::NoNegativeZero],
+                );
+            }
         }
-    }
+    };
+    each_mirror_is_its_truth("after its syncdb");
     // The ids collide, the rows do not.
     let ids =
         |emu: &Emulator| emu.truth("canvas", "users").unwrap().iter().map(|r| r["id"].clone()).collect::<Vec<_>>();
@@ -696,18 +700,8 @@ async fn two_profiles_keep_two_instances_apart() {
         .collect();
     assert_eq!(started.iter().filter(|p| *p == "east").count(), 2, "{log}");
     assert_eq!(started.iter().filter(|p| *p == "west").count(), 2, "{log}");
-    for (name, emu) in [("east", &east), ("west", &west)] {
-        for table in ["users", "courses"] {
-            let def = emu.table_def("canvas", table).unwrap();
-            let rows = crate::common::truth::sqlite_rows(&folder(name).join("canvas.db"), &def);
-            crate::common::truth::assert_same_rows_within(
-                &def,
-                &rows,
-                &emu.truth("canvas", table).unwrap(),
-                &format!("profile {name} after the watch"),
-                &[crate::common::truth::Limit::NoNegativeZero],
-            );
-        }
+    each_mirror_is_its_truth("after the watch");
+    for name in ["east", "west"] {
         let out = dap_from_files(dir, &["--profile", name, "status", "--runs", "2", "--json"], "");
         let runs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
         let results: Vec<&str> = runs.iter().map(|r| r["result"].as_str().unwrap()).collect();
