@@ -14,7 +14,8 @@ use serde_json::json;
 
 use super::dataset::{DatasetError, SchemaChange};
 use super::faults::FaultSpec;
-use super::{ChangeCounts, State};
+use super::output::Format;
+use super::{ChangeCounts, State, server};
 use crate::time;
 
 type Shared = Arc<State>;
@@ -47,6 +48,10 @@ struct CommitRequest {
     /// When the commit happens (RFC 3339, after the table's latest commit); now by default.
     #[serde(default)]
     at: Option<String>,
+    /// Prepare the increment a database command at the previous commit will ask for, in this
+    /// format, before answering (see `server::prepare_increment`).
+    #[serde(default)]
+    prepare: Option<Format>,
 }
 
 async fn commit(AxState(state): AxState<Shared>, Json(req): Json<CommitRequest>) -> Response {
@@ -54,10 +59,27 @@ async fn commit(AxState(state): AxState<Shared>, Json(req): Json<CommitRequest>)
         Ok(at) => at,
         Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string()}))).into_response(),
     };
-    match state.commit(&req.namespace, &req.table, req.counts, at) {
-        Ok(summary) => Json(summary).into_response(),
-        Err(e) => failure(e),
+    let previous =
+        state.dataset.read().expect("dataset lock").table(&req.namespace, &req.table).map(|t| t.history.head());
+    let (summary, since) =
+        match previous.and_then(|p| Ok((state.commit(&req.namespace, &req.table, req.counts, at)?, p))) {
+            Ok(done) => done,
+            Err(e) => return failure(e),
+        };
+    let mut answer = json!(summary);
+    if let Some(format) = req.prepare {
+        let started = std::time::Instant::now();
+        match server::prepare_increment(&state, &req.namespace, &req.table, since, format).await {
+            Ok((job, objects)) => {
+                answer["prepared"] =
+                    json!({"job": job, "objects": objects, "seconds": started.elapsed().as_secs_f64()});
+            }
+            Err(e) => {
+                return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e.to_string()}))).into_response();
+            }
+        }
     }
+    Json(answer).into_response()
 }
 
 #[derive(Deserialize)]

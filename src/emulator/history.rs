@@ -51,6 +51,8 @@ pub struct History {
     next_idx: u64,
     head: Micros,
     changes: BTreeMap<u64, Vec<Change>>,
+    /// The time of every commit, for the earliest change in a window.
+    commits: std::collections::BTreeSet<Micros>,
 }
 
 impl History {
@@ -64,6 +66,7 @@ impl History {
             next_idx: base_rows + 1,
             head: anchor,
             changes: BTreeMap::new(),
+            commits: Default::default(),
         }
     }
 
@@ -136,6 +139,19 @@ impl History {
         (1..=self.base_rows).filter_map(|i| self.base_change(i)).map(|c| c.ts).filter(|ts| *ts >= since).max()
     }
 
+    /// The earliest change at or after `since`: two incrementals whose `since` differ but have
+    /// the same earliest change select the same records (a client's `since` jitter).
+    pub fn earliest_change_since(&self, since: Micros) -> Option<Micros> {
+        let committed = self.commits.range(since..).next().copied();
+        if since >= self.anchor {
+            return committed;
+        }
+        // Base rows inserted in the window come before any commit (all are before the anchor).
+        let base =
+            (1..=self.base_rows).filter_map(|i| self.base_change(i)).map(|c| c.ts).filter(|ts| *ts >= since).min();
+        base.or(committed)
+    }
+
     /// Whether row `idx` exists now.
     pub fn is_live(&self, idx: u64) -> bool {
         self.state_at(idx, Micros::MAX).is_some()
@@ -183,6 +199,7 @@ impl History {
             push(i, ChangeKind::HardDelete);
         }
         self.head = ts;
+        self.commits.insert(ts);
     }
 
     fn versions_len(&self, idx: u64) -> u32 {

@@ -1,7 +1,8 @@
-//! Objects: pre-signed URLs that expire, and part files generated once, on first download, into a
-//! spool directory, so that they can be served with `Content-Length` and `Range` like S3 does.
+//! Objects: pre-signed URLs that expire, and part files generated once per content (on first
+//! download, or when a commit prepares them) into a spool directory, so that they can be served
+//! with `Content-Length` and `Range` like S3 does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -35,9 +36,23 @@ pub fn verify_url(key: &[u8], object_id: &str, expires: Micros, signature: &str,
 
 type Slot = Arc<OnceCell<PathBuf>>;
 
+/// The spooled objects, one file per distinct content: an object id is `{job}/{name}`, and
+/// the name carries the tag of what the object holds, so jobs with equal content (an identical
+/// query, a prepared increment, a `since` a little earlier) share one file, made once.
 pub struct ObjectStore {
     dir: tempfile::TempDir,
-    files: Mutex<HashMap<String, Slot>>,
+    files: Mutex<HashMap<String, Spooled>>,
+}
+
+struct Spooled {
+    slot: Slot,
+    /// The jobs that served it: the file goes when the last of them expires.
+    jobs: HashSet<String>,
+}
+
+/// An object id's job and content name.
+fn split_id(object_id: &str) -> (&str, &str) {
+    object_id.split_once('/').unwrap_or(("", object_id))
 }
 
 impl ObjectStore {
@@ -48,13 +63,22 @@ impl ObjectStore {
         })
     }
 
-    /// The spooled file of `object_id`, written by `make` the first time it is asked for.
+    /// The spooled file of `object_id`'s content, written by `make` the first time any job asks
+    /// for it.
     pub async fn materialize<F>(&self, object_id: &str, make: F) -> io::Result<PathBuf>
     where
         F: FnOnce(&Path) -> io::Result<()> + Send + 'static,
     {
-        let slot = self.files.lock().expect("object store lock").entry(object_id.to_string()).or_default().clone();
-        let path = self.dir.path().join(object_id.replace('/', "__"));
+        let (job, name) = split_id(object_id);
+        let slot = {
+            let mut files = self.files.lock().expect("object store lock");
+            let spooled = files
+                .entry(name.to_string())
+                .or_insert_with(|| Spooled { slot: Slot::default(), jobs: HashSet::new() });
+            spooled.jobs.insert(job.to_string());
+            spooled.slot.clone()
+        };
+        let path = self.dir.path().join(name);
         slot.get_or_try_init(|| async move {
             let tmp = path.with_extension("partial");
             let target = tmp.clone();
@@ -66,13 +90,13 @@ impl ObjectStore {
         .cloned()
     }
 
-    /// Deletes the spooled files of expired jobs.
+    /// Deletes the spooled files that only expired jobs served.
     pub fn forget_jobs(&self, job_ids: &[String]) {
         let mut files = self.files.lock().expect("object store lock");
-        files.retain(|id, slot| {
-            let job = id.split('/').next().unwrap_or_default();
-            let keep = !job_ids.iter().any(|j| j == job);
-            if !keep && let Some(path) = slot.get() {
+        files.retain(|_, spooled| {
+            spooled.jobs.retain(|j| !job_ids.contains(j));
+            let keep = !spooled.jobs.is_empty();
+            if !keep && let Some(path) = spooled.slot.get() {
                 let _ = std::fs::remove_file(path);
             }
             keep
@@ -98,10 +122,10 @@ mod tests {
     async fn objects_are_generated_once() {
         let store = ObjectStore::new().unwrap();
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        for _ in 0..3 {
+        for job in ["j", "j", "k"] {
             let c = calls.clone();
             let p = store
-                .materialize("j/part-0", move |path| {
+                .materialize(&format!("{job}/part-0-tag"), move |path| {
                     c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     std::fs::write(path, b"data")
                 })
@@ -109,8 +133,11 @@ mod tests {
                 .unwrap();
             assert_eq!(std::fs::read(p).unwrap(), b"data");
         }
-        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "equal content is made once");
         store.forget_jobs(&["j".to_string()]);
+        assert_eq!(store.files.lock().unwrap().len(), 1, "job k still serves it");
+        store.forget_jobs(&["k".to_string()]);
         assert!(store.files.lock().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(store.dir.path()).unwrap().count(), 0, "the file is gone");
     }
 }

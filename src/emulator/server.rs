@@ -20,9 +20,9 @@ use tokio_util::io::ReaderStream;
 
 use super::api_error::ApiError;
 use super::auth;
-use super::dataset::{DatasetError, Selection};
+use super::dataset::{DatasetError, Selection, TableState};
 use super::faults::{Endpoint, FaultKind};
-use super::jobs::{Job, Outcome, Window, plan_objects};
+use super::jobs::{Job, ObjectSpec, Outcome, Window, plan_objects};
 use super::objects::{UrlError, signed_url, verify_url};
 use super::output::{self, Format, Mode, PartSpec};
 use super::{State, control};
@@ -340,7 +340,7 @@ async fn query(
     }
     let mode = q.mode.unwrap_or(state.config.default_mode);
     let scope = params.get("scope").cloned().unwrap_or_default();
-    let query_key = format!("{ns}/{table}?scope={scope}|{:?}|{mode:?}|{:?}|{:?}", q.format, q.since, q.until);
+    let query_key = query_key(&ns, &table, &scope, &q, mode);
     let mut jobs = state.jobs.lock().expect("jobs lock");
     let expired = jobs.sweep(now);
     state.objects.forget_jobs(&expired);
@@ -350,6 +350,38 @@ async fn query(
         let (code, body) = existing.to_json(now);
         return Ok((code, axum::Json(body)).into_response());
     }
+    let outcome = if fault.is_some() { JobOutcome::Failed } else { JobOutcome::Complete };
+    let job = new_job(&state, ns, table, t, &q, mode, retained_from, now, outcome);
+    let (code, body) = job.to_json(now);
+    jobs.insert(query_key, job);
+    Ok((code, axum::Json(body)).into_response())
+}
+
+/// What makes two queries identical: DAP hands an identical query the live job back.
+fn query_key(ns: &str, table: &str, scope: &str, q: &QueryRequest, mode: Mode) -> String {
+    format!("{ns}/{table}?scope={scope}|{:?}|{mode:?}|{:?}|{:?}", q.format, q.since, q.until)
+}
+
+/// How a new job ends: with its objects, or failed (an injected fault).
+#[derive(Clone, Copy, PartialEq)]
+enum JobOutcome {
+    Complete,
+    Failed,
+}
+
+/// A new job answering `q` on `t` as of `now` (not yet registered).
+#[allow(clippy::too_many_arguments)]
+fn new_job(
+    state: &State,
+    namespace: String,
+    table: String,
+    t: &TableState,
+    q: &QueryRequest,
+    mode: Mode,
+    retained_from: Option<Micros>,
+    now: Micros,
+    outcome: JobOutcome,
+) -> Job {
     let head = t.history.head();
     let (selection, window) = match q.since {
         None => (Selection::Snapshot { at: head, oldest: retained_from }, Window::At(head)),
@@ -364,8 +396,8 @@ async fn query(
         }
     };
     let id = uuid::Uuid::new_v4().to_string();
-    let outcome = match fault {
-        Some(_) => Outcome::Failed {
+    let outcome = match outcome {
+        JobOutcome::Failed => Outcome::Failed {
             error: ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "ProcessingError",
@@ -373,8 +405,21 @@ async fn query(
             )
             .error,
         },
-        None => {
-            let content = format!("{ns}/{table}/{:?}/{mode:?}/{selection:?}/{}", q.format, t.current().def.version);
+        JobOutcome::Complete => {
+            // What the objects hold, so that equal content is made once and shared by jobs: an
+            // incremental's records depend on its earliest change, not on its exact `since`.
+            let content_selection = match selection {
+                Selection::Incremental { since, until } => Selection::Incremental {
+                    since: t.history.earliest_change_since(since).unwrap_or(Micros::MAX),
+                    until,
+                },
+                snapshot => snapshot,
+            };
+            let content = format!(
+                "{namespace}/{table}/{:?}/{mode:?}/{content_selection:?}/{}",
+                q.format,
+                t.current().def.version
+            );
             let tag = format!("{:016x}", super::rng::hash_str(&content));
             Outcome::Complete {
                 objects: plan_objects(&id, &tag, q.format, t.history.key_space(), state.config.part_rows),
@@ -382,9 +427,9 @@ async fn query(
         }
     };
     let running_at = now + state.config.job_waiting.as_micros() as i64;
-    let job = Job {
+    Job {
         id,
-        namespace: ns,
+        namespace,
         table,
         format: q.format,
         mode,
@@ -395,10 +440,86 @@ async fn query(
         done_at: running_at + state.config.job_running.as_micros() as i64,
         expires_at: now + state.config.job_lifetime.as_micros() as i64,
         outcome,
+    }
+}
+
+/// Why a commit's increment could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PrepareError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("generating the prepared objects: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Makes, ahead of any client, the job and objects of the incremental query a database command
+/// sends from the watermark `since` (the commit before the latest): `format`, condensed, no
+/// `until`. A client then pays only its download, as with DAP, whose jobs run on its own
+/// machines (benchmarks time the preparation apart). Returns the job's id and object count.
+pub(crate) async fn prepare_increment(
+    state: &Shared,
+    ns: &str,
+    table: &str,
+    since: Micros,
+    format: Format,
+) -> Result<(String, usize), PrepareError> {
+    let now = time::now();
+    let q = QueryRequest { format, mode: Some(Mode::Condensed), since: Some(since), until: None };
+    let job = {
+        let d = state.dataset.read().expect("dataset lock");
+        let t = d.table(ns, table)?;
+        let retained_from = d.retained_from(&t.current().def, state.clock(&d));
+        let key = query_key(ns, table, "", &q, Mode::Condensed);
+        let mut jobs = state.jobs.lock().expect("jobs lock");
+        match jobs.find_query(&key, now) {
+            Some(existing) => existing.clone(),
+            None => {
+                let job = new_job(
+                    state,
+                    ns.into(),
+                    table.into(),
+                    t,
+                    &q,
+                    Mode::Condensed,
+                    retained_from,
+                    now,
+                    JobOutcome::Complete,
+                );
+                jobs.insert(key, job.clone());
+                job
+            }
+        }
     };
-    let (code, body) = job.to_json(now);
-    jobs.insert(query_key, job);
-    Ok((code, axum::Json(body)).into_response())
+    let parts = match &job.outcome {
+        Outcome::Complete { objects } => objects.clone(),
+        Outcome::Failed { .. } => Vec::new(),
+    };
+    for part in &parts {
+        materialize(state, &job, part).await?;
+    }
+    Ok((job.id, parts.len()))
+}
+
+/// The spooled file of one of a job's objects, generated the first time it is asked for.
+async fn materialize(state: &Shared, job: &Job, part: &ObjectSpec) -> io::Result<std::path::PathBuf> {
+    let generator_state = Arc::clone(state);
+    let (job, rows) = (job.clone(), part.rows.clone());
+    state
+        .objects
+        .materialize(&part.id, move |path| {
+            let d = generator_state.dataset.read().expect("dataset lock");
+            let t = d.table(&job.namespace, &job.table).map_err(io::Error::other)?;
+            let spec = PartSpec {
+                def: &t.version(job.schema_version).def,
+                format: job.format,
+                mode: job.mode,
+                incremental: matches!(job.selection, Selection::Incremental { .. }),
+                csv_null: generator_state.config.csv_null,
+            };
+            let file = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+            output::write_part(&spec, d.records(t, job.selection, job.schema_version, rows), file)
+        })
+        .await
 }
 
 async fn job(AxState(state): AxState<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -475,23 +596,7 @@ async fn object(
     if fault.as_ref().is_some_and(|f| f.kind == FaultKind::ExpiredUrl) {
         return storage_error(StatusCode::FORBIDDEN, "AccessDenied", "Request has expired");
     }
-    let generator_state = Arc::clone(&state);
-    let made = state
-        .objects
-        .materialize(&id, move |path| {
-            let d = generator_state.dataset.read().expect("dataset lock");
-            let t = d.table(&job.namespace, &job.table).map_err(io::Error::other)?;
-            let spec = PartSpec {
-                def: &t.version(job.schema_version).def,
-                format: job.format,
-                mode: job.mode,
-                incremental: matches!(job.selection, Selection::Incremental { .. }),
-                csv_null: generator_state.config.csv_null,
-            };
-            let file = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-            output::write_part(&spec, d.records(t, job.selection, job.schema_version, part.rows.clone()), file)
-        })
-        .await;
+    let made = materialize(&state, &job, &part).await;
     let path = match made {
         Ok(p) => p,
         Err(e) => {

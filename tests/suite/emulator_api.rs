@@ -211,6 +211,70 @@ async fn incrementals_report_the_latest_commit_as_until() {
     assert!(deletes[0].get("value").is_none(), "a delete carries the key only");
 }
 
+/// A benchmark's commit can prepare the increment database commands will ask for, so that
+/// clients pay only their download: the same query then gets that job, complete, with the
+/// commit's records.
+#[tokio::test]
+async fn a_prepared_commit_hands_the_database_query_its_ready_job() {
+    let api = Api::start(quick(Default::default())).await;
+    let snap = api.complete_job("accounts", r#"{"format":"tsv","mode":"condensed"}"#).await;
+    let at = snap["at"].as_str().unwrap().to_string();
+    let commit = api
+        .http
+        .post(api.url("/emulator/commit"))
+        .json(&json!({"namespace": "canvas", "table": "accounts", "updates": 3, "inserts": 2, "prepare": "tsv"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(commit.status(), StatusCode::OK);
+    let commit: Value = commit.json().await.unwrap();
+    let prepared = &commit["prepared"];
+    assert!(prepared["objects"].as_u64().unwrap() >= 1, "{commit}");
+    assert!(prepared["seconds"].as_f64().unwrap() >= 0.0);
+    let query = json!({"format": "tsv", "mode": "condensed", "since": at}).to_string();
+    let job = api.complete_job("accounts", &query).await;
+    assert_eq!(job["id"], prepared["job"], "the database command's query gets the prepared job");
+    assert_eq!(job["until"], commit["ts"]);
+    let mut lines = 0;
+    for o in job["objects"].as_array().unwrap() {
+        let bytes =
+            api.http.get(api.object_url(o["id"].as_str().unwrap()).await).send().await.unwrap().bytes().await.unwrap();
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&bytes[..]).read_to_string(&mut text).unwrap();
+        lines += text.lines().skip(1).filter(|l| !l.is_empty()).count();
+    }
+    assert_eq!(lines, 5, "the commit's five changed rows");
+    // dap-replica asks from a little before its watermark (a fresh query each time): another
+    // job, with the same content, so the same prepared objects.
+    let since = dap_replica::time::parse_rfc3339(&at).unwrap() - 300_000;
+    let jittered = api
+        .complete_job(
+            "accounts",
+            &json!({"format": "tsv", "mode": "condensed", "since": dap_replica::time::format_wire(since)}).to_string(),
+        )
+        .await;
+    assert_ne!(jittered["id"], prepared["job"]);
+    let names = |job: &Value| -> Vec<String> {
+        job["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["id"].as_str().unwrap().split_once('/').unwrap().1.into())
+            .collect()
+    };
+    assert_eq!(names(&jittered), names(&job), "equal content, equal objects");
+    let other = api.complete_job("accounts", &json!({"format": "jsonl", "since": at}).to_string()).await;
+    assert_ne!(other["id"], prepared["job"], "another format is another query");
+    let refused = api
+        .http
+        .post(api.url("/emulator/commit"))
+        .json(&json!({"namespace": "canvas", "table": "nope", "updates": 1, "prepare": "tsv"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND);
+}
+
 #[tokio::test]
 async fn object_urls_expire_and_downloads_support_ranges() {
     // Long enough that the URL cannot expire between the statements that use it.

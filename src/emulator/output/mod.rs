@@ -50,7 +50,7 @@ pub fn write_part<W: Write + Send>(spec: &PartSpec, records: impl Iterator<Item 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::emulator::dataset::envelope_def;
     use crate::value::Value;
