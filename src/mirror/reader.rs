@@ -246,7 +246,7 @@ impl Source for MirrorSource {
         let epoch = Self::commit_watermark(&conn, def, 0).map_err(|e| self.io(e))?.unwrap_or(watermark);
         // The same mirror state gives the same extract, so an interrupted load resumes.
         let id = format!("mirror-epoch-{}-at-{}", time::format_wire(epoch), time::format_wire(watermark));
-        Ok(Extract { id, watermark, parts, applied_before: None })
+        Ok(Extract { id, watermark, parts, applied_through: None })
     }
 
     async fn changes(&self, def: &TableDef, since: Micros, _watch: &TableProgress) -> Result<Extract, SourceError> {
@@ -288,7 +288,7 @@ impl Source for MirrorSource {
             .map_err(|e| self.io(e))?;
         let id = format!("mirror-since-{}-at-{}", time::format_wire(since), time::format_wire(watermark));
         let parts = first.map(|seq| vec![format!("changes-since:{seq}")]).unwrap_or_default();
-        Ok(Extract { id, watermark, parts, applied_before: None })
+        Ok(Extract { id, watermark, parts, applied_through: None })
     }
 
     fn read(&self, def: &TableDef, _extract: &Extract, parts: Vec<String>, watch: Arc<TableProgress>) -> Reading {

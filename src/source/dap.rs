@@ -132,7 +132,7 @@ impl Source for DapSource {
             watermark: job_time(job.at.as_deref(), "at")?,
             id: job.id,
             parts: job.objects,
-            applied_before: None,
+            applied_through: None,
         })
     }
 
@@ -152,14 +152,14 @@ impl Source for DapSource {
             Err(e) => return Err(e.into()),
         };
         let until = job_time(job.until.as_deref(), "until")?.max(watermark);
-        Ok(Extract { watermark: until, id: job.id, parts: job.objects, applied_before: Some(watermark) })
+        Ok(Extract { watermark: until, id: job.id, parts: job.objects, applied_through: Some(watermark) })
     }
 
     fn read(&self, def: &TableDef, extract: &Extract, parts: Vec<String>, watch: Arc<TableProgress>) -> Reading {
         let (tx, feed) = Feed::channel(FEED_DEPTH);
         let (client, spool, transfers) = (self.client.clone(), self.spool.clone(), self.transfers.clone());
         let (def, job, concurrency) = (def.clone(), extract.id.clone(), self.download_concurrency);
-        let applied_before = extract.applied_before;
+        let applied_through = extract.applied_through;
         let task = tokio::spawn(async move {
             if transfers.available_permits() == 0 {
                 watch.stage("waiting for a download slot");
@@ -195,7 +195,7 @@ impl Source for DapSource {
                 }
             };
             let decoding = tokio::task::spawn_blocking(move || {
-                decode_all(std::iter::from_fn(|| arrivals.blocking_recv()), &def, applied_before, &tx)
+                decode_all(std::iter::from_fn(|| arrivals.blocking_recv()), &def, applied_through, &tx)
             });
             let ((), decoded) = tokio::join!(feed_downloads, decoding);
             drop(folder);
@@ -206,14 +206,16 @@ impl Source for DapSource {
 }
 
 /// Decodes each arrived object into the feed (`Begin`, rows, `End`), deleting it once decoded,
-/// then sends `Done`; records committed before `applied_before` are left out. Gives the count
-/// of new records: those committed at `applied_before` were applied already (it is the previous
-/// extract's last commit) and are sent again only to be safe. On any failure the feed closes
-/// without `Done`.
+/// then sends `Done`. Records committed at or before `applied_through` are left out: the
+/// previous extract ended there, and DAP's `until` is inclusive (`since < ts <= until`), so they
+/// were applied then; DAP may deliver the commit at its `since` again, and the `since` jitter
+/// asks for a little more still. Leaving them out before they reach the target halves a round
+/// of changes that re-delivers its previous commit. Gives the count of records sent. On any
+/// failure the feed closes without `Done`.
 fn decode_all(
     files: impl Iterator<Item = Result<fetch::Fetched, SourceError>>,
     def: &TableDef,
-    applied_before: Option<Micros>,
+    applied_through: Option<Micros>,
     tx: &FeedSender,
 ) -> Result<u64, SourceError> {
     let stopped = || SourceError::failed("", "the target stopped reading");
@@ -222,12 +224,10 @@ fn decode_all(
         let f = f?;
         tx.blocking_send(Piece::Begin(f.object_id.clone())).map_err(|_| stopped())?;
         let decoded = decode_object(&f.path, def, |mut batch| {
-            if let Some(before) = applied_before {
-                batch.retain(|r| r.ts.is_none_or(|ts| ts >= before));
+            if let Some(through) = applied_through {
+                batch.retain(|r| r.ts.is_none_or(|ts| ts > through));
             }
-            new +=
-                batch.iter().filter(|r| applied_before.is_none_or(|before| r.ts.is_none_or(|ts| ts > before))).count()
-                    as u64;
+            new += batch.len() as u64;
             if batch.is_empty() {
                 return Ok(());
             }
@@ -293,5 +293,38 @@ mod tests {
         let runs: std::collections::HashSet<i64> = (0..100).map(|_| fresh_since(w)).collect();
         assert!(runs.iter().all(|s| *s < w && w - s < 1_000_000));
         assert!(runs.len() > 95, "runs ask different queries");
+    }
+
+    /// The commit at the watermark and anything before it were applied by the previous sync:
+    /// only later records reach the target, and the count says so.
+    #[test]
+    fn records_through_the_watermark_stay_out_of_the_feed() {
+        use crate::emulator::output::{Format, Mode, tests::render, tests::sample_def};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("part-0.tsv.gz");
+        std::fs::write(&path, render(Format::Tsv, Mode::Condensed, true)).unwrap();
+        let def = sample_def();
+        let read = |through: Option<Micros>| {
+            let (tx, mut feed) = Feed::channel(16);
+            // decode_all deletes what it decoded: it reads a copy.
+            let copy = dir.path().join("copy.tsv.gz");
+            std::fs::copy(&path, &copy).unwrap();
+            let fetched = fetch::Fetched { object_id: "o".into(), path: copy, bytes: 0 };
+            let sent = decode_all(std::iter::once(Ok(fetched)), &def, through, &tx).unwrap();
+            drop(tx);
+            let mut keys = Vec::new();
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            while let Ok(piece) = runtime.block_on(feed.next()) {
+                if let crate::feed::Piece::Rows(rows) = piece {
+                    keys.extend(rows.into_iter().map(|r| r.key));
+                }
+            }
+            (sent, keys)
+        };
+        use crate::value::Value::Int;
+        assert_eq!(read(None), (3, vec![Int(1), Int(2), Int(3)]));
+        // The sample's records are at …800.0, …801.5 and …802.0 seconds.
+        assert_eq!(read(Some(1_714_564_801_500_000)), (1, vec![Int(3)]), "the commit at the watermark is left out");
+        assert_eq!(read(Some(1_714_564_801_499_999)), (2, vec![Int(2), Int(3)]));
     }
 }

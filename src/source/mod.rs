@@ -34,9 +34,10 @@ pub struct Extract {
     /// The snapshot's `at`, or the changes' `until`: the watermark once the extract is applied.
     pub watermark: Micros,
     pub parts: Vec<String>,
-    /// Changes committed before this time were applied by the previous sync: a source that asks
-    /// for a little more than it needs (DAP: the `since` jitter) leaves them out of the feed.
-    pub applied_before: Option<Micros>,
+    /// Changes committed at or before this time were applied by the previous sync: a source
+    /// that is given more (DAP: the commit at `since` again, and the `since` jitter) leaves them
+    /// out of the feed.
+    pub applied_through: Option<Micros>,
 }
 
 /// Why a source needs a new snapshot: for a log table, whether rows were lost to the source's
