@@ -1247,6 +1247,14 @@ impl Dialect for PostgresDialect {
     ) -> Result<(), SinkError> {
         self.ensure_types(c, def).await?;
         let (table, key) = (table_name(def), ident(&def.key.name));
+        // The staging table lives in the session's temp buffers, 8 MB by default: a round of
+        // changes overflows them and every page then goes through the file system. They can
+        // grow only before the session's first temporary table, hence the guard.
+        c.batch_execute(
+            "DO $$ BEGIN PERFORM set_config('temp_buffers', '256MB', false); EXCEPTION WHEN OTHERS THEN NULL; END $$",
+        )
+        .await
+        .map_err(self.fail("sizing the session's temporary buffers"))?;
         self.begin(c).await?;
         self.apply_delta(c, def, delta).await?;
         let columns: Vec<String> =
