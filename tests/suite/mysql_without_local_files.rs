@@ -1,7 +1,7 @@
 //! A MariaDB server that forbids `LOAD DATA LOCAL INFILE` (`local_infile = 0`, as many managed
-//! servers are set): dap loads with multi-row statements instead, with the same result. A test
-//! binary of its own, because the setting is the server's and cargo runs test binaries one after
-//! another: no other test loads while it is off.
+//! servers are set): dap loads with multi-row statements instead, with the same result. The
+//! setting is the whole server's, so scripts/test runs this module alone, after every other test:
+//! no other test loads while it is off (a plain `cargo nextest run` would let them collide).
 
 use crate::common;
 
