@@ -45,6 +45,14 @@ impl<'a> TsvDecoder<'a> {
         Ok(TsvDecoder { def, slots })
     }
 
+    /// The `meta.ts` of a line, read without decoding the rest (to leave out records a sync
+    /// applied already); `None` when the file has no such column or the field is no timestamp
+    /// (the full decode then says what is wrong).
+    pub fn ts_of(&self, text: &str) -> Option<crate::time::Micros> {
+        let at = self.slots.iter().position(|s| matches!(s, Slot::Ts))?;
+        crate::time::parse_rfc3339(text.split('\t').nth(at)?).ok()
+    }
+
     /// Decodes one line (without its newline); `line` numbers errors.
     pub fn decode(&self, text: &str, line: u64) -> Result<Record, DecodeError> {
         let mut record =

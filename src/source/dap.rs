@@ -139,17 +139,14 @@ impl Source for DapSource {
     async fn changes(&self, def: &TableDef, watermark: Micros, watch: &TableProgress) -> Result<Extract, SourceError> {
         let job = match self.run_job(def, || query(Some(fresh_since(watermark))), watch).await {
             Ok(job) => job,
-            Err(e)
-                if matches!(e.server_kind(), Some(ServerErrorKind::SnapshotRequired | ServerErrorKind::OutOfRange)) =>
-            {
-                let cause = if matches!(e.server_kind(), Some(ServerErrorKind::OutOfRange)) {
-                    SnapshotCause::OutOfWindow
-                } else {
-                    SnapshotCause::Other
+            Err(e) => {
+                let cause = match e.server_kind() {
+                    Some(ServerErrorKind::OutOfRange) => SnapshotCause::OutOfWindow,
+                    Some(ServerErrorKind::SnapshotRequired) => SnapshotCause::Other,
+                    _ => return Err(e.into()),
                 };
                 return Err(SourceError::SnapshotRequired { reason: e.to_string(), cause });
             }
-            Err(e) => return Err(e.into()),
         };
         let until = job_time(job.until.as_deref(), "until")?.max(watermark);
         Ok(Extract { watermark: until, id: job.id, parts: job.objects, applied_through: Some(watermark) })
@@ -223,14 +220,8 @@ fn decode_all(
     for f in files {
         let f = f?;
         tx.blocking_send(Piece::Begin(f.object_id.clone())).map_err(|_| stopped())?;
-        let decoded = decode_object(&f.path, def, |mut batch| {
-            if let Some(through) = applied_through {
-                batch.retain(|r| r.ts.is_none_or(|ts| ts > through));
-            }
+        let decoded = decode_object(&f.path, def, applied_through, |batch| {
             new += batch.len() as u64;
-            if batch.is_empty() {
-                return Ok(());
-            }
             tx.blocking_send(Piece::Rows(batch)).map_err(|_| stopped())
         });
         let _ = std::fs::remove_file(&f.path);
@@ -241,10 +232,12 @@ fn decode_all(
     Ok(new)
 }
 
-/// Decodes one gzip TSV object in batches, handing each batch to `load`.
+/// Decodes one gzip TSV object in batches, handing each non-empty batch to `load`; records
+/// committed at or before `applied_through` are skipped undecoded (only their `meta.ts` is read).
 fn decode_object(
     path: &Path,
     def: &TableDef,
+    applied_through: Option<Micros>,
     mut load: impl FnMut(Vec<Record>) -> Result<(), SourceError>,
 ) -> Result<u64, SourceError> {
     let table = format!("{}.{}", def.namespace, def.name);
@@ -268,6 +261,11 @@ fn decode_object(
     for (i, line) in lines.enumerate() {
         let line = line.map_err(corrupt)?;
         if line.is_empty() {
+            continue;
+        }
+        if let Some(through) = applied_through
+            && decoder.ts_of(&line).is_some_and(|ts| ts <= through)
+        {
             continue;
         }
         batch.push(decoder.decode(&line, i as u64 + 2).map_err(undecodable)?);
