@@ -17,6 +17,7 @@ use crate::sync::{Init, Reinit};
 use crate::target::{self, TargetSpec};
 use crate::time;
 
+/// Which tables of which target: every command that changes a target (`dropdb` takes only these).
 #[derive(Debug, Args)]
 pub struct DbArgs {
     /// Namespace, e.g. canvas, canvas_logs, catalog.
@@ -25,13 +26,28 @@ pub struct DbArgs {
     /// `all`, or a comma-separated list of tables.
     #[arg(long)]
     pub(super) table: String,
-    /// The target: postgresql://user:password@host:port/database[?ssl=MODE], sqlite:///ABS/PATH.db
-    /// or sqlite://REL/PATH.db; the default mirror when omitted.
+    /// The target: postgresql://user:password@host:port/database[?ssl=MODE],
+    /// mysql://user:password@host:port/database, mssql://user:password@host:port/database or
+    /// sqlite:///ABS/PATH.db (also sqlite:////ABS, sqlite://REL and sqlite:REL); the default
+    /// mirror when omitted.
     #[arg(long, env = "DAP_CONNECTION_STRING", hide_env_values = true)]
     pub(super) connection_string: Option<String>,
+    /// The mirror folder (NAMESPACE.db files), as status, query, export and pack take it
+    /// [default: DAP_MIRROR_DIR, else the platform data folder].
+    #[arg(long, conflicts_with = "connection_string")]
+    pub(super) dir: Option<PathBuf>,
     /// Print a machine-readable result per table on stdout.
     #[arg(long)]
     pub(super) json: bool,
+    /// How long to wait for another process writing the same table (or mirror file) to finish,
+    /// e.g. 90s, 10m or 2h; then that table is left alone with a message saying who holds it.
+    #[arg(long, value_parser = super::parse_duration, default_value = "10m")]
+    pub(super) lock_timeout: std::time::Duration,
+}
+
+/// How initdb and syncdb download and load (not dropdb's business).
+#[derive(Debug, Args)]
+pub struct LoadArgs {
     /// Tables that download and load at once (a database connection each on a server; a mirror
     /// file has one writer). Jobs for up to 32 tables are requested and waited on together.
     #[arg(long, default_value_t = 4)]
@@ -44,10 +60,15 @@ pub struct DbArgs {
     /// table before writing, or store NULL.
     #[arg(long, value_enum, default_value_t = NonFinite::Refuse)]
     pub(super) non_finite: NonFinite,
-    /// How long to wait for another process writing the same table (or mirror file) to finish,
-    /// e.g. 90s, 10m or 2h; then that table is left alone with a message saying who holds it.
-    #[arg(long, value_parser = super::parse_duration, default_value = "10m")]
-    pub(super) lock_timeout: std::time::Duration,
+}
+
+/// The target and the loading options of a run that loads (initdb, syncdb, watch).
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub(super) target: DbArgs,
+    #[command(flatten)]
+    pub(super) load: LoadArgs,
 }
 
 /// The fan-out of initdb and syncdb on the mirror.
@@ -107,7 +128,7 @@ impl HistoryArgs {
 #[derive(Debug, Args)]
 pub struct InitArgs {
     #[command(flatten)]
-    db: DbArgs,
+    db: RunArgs,
     #[command(flatten)]
     monitor: MonitorArgs,
     #[command(flatten)]
@@ -122,7 +143,7 @@ pub struct InitArgs {
 #[derive(Debug, Args)]
 pub struct SyncArgs {
     #[command(flatten)]
-    db: DbArgs,
+    db: RunArgs,
     #[command(flatten)]
     monitor: MonitorArgs,
     #[command(flatten)]
@@ -150,6 +171,10 @@ pub struct ListDbArgs {
     /// omitted.
     #[arg(long, env = "DAP_CONNECTION_STRING", hide_env_values = true)]
     connection_string: Option<String>,
+    /// The mirror folder (NAMESPACE.db files) [default: DAP_MIRROR_DIR, else the platform data
+    /// folder].
+    #[arg(long, conflicts_with = "connection_string")]
+    dir: Option<PathBuf>,
     /// Only tables present in the database.
     #[arg(long)]
     omit_not_replicated: bool,
@@ -158,19 +183,24 @@ pub struct ListDbArgs {
     omit_record_count: bool,
 }
 
-fn target_spec(connection_string: Option<&str>) -> anyhow::Result<TargetSpec> {
+/// The target of a command: its connection string, else the mirror in `dir` (`--dir`), else
+/// the default mirror.
+fn target_spec(connection_string: Option<&str>, dir: Option<&std::path::Path>) -> anyhow::Result<TargetSpec> {
+    if let Some(dir) = dir {
+        crate::mirror::folder::use_dir(dir);
+    }
     Ok(TargetSpec::parse(connection_string)?)
 }
 
-impl DbArgs {
+impl RunArgs {
     /// The target's options for a writing run.
     fn sink_options(&self, ctx: &Context) -> SinkOptions {
         SinkOptions {
             access: Access::Write,
-            parallelism: self.parallel_tables.max(1),
-            non_finite: self.non_finite,
+            parallelism: self.load.parallel_tables.max(1),
+            non_finite: self.load.non_finite,
             shared: ctx.shared,
-            lock_timeout: self.lock_timeout,
+            lock_timeout: self.target.lock_timeout,
             history: Default::default(),
         }
     }
@@ -179,7 +209,7 @@ impl DbArgs {
 /// The validated run these arguments ask for (initdb, syncdb, and each run of `dap watch`).
 pub(super) fn plan(
     ctx: &Context,
-    args: &DbArgs,
+    args: &RunArgs,
     fan_out: &FanOutArgs,
     history: &HistoryArgs,
     mode: Mode,
@@ -187,12 +217,12 @@ pub(super) fn plan(
     monitor: &MonitorArgs,
 ) -> anyhow::Result<Plan> {
     Ok(Plan {
-        namespace: args.namespace.clone(),
-        tables: Tables::parse(&args.table)?,
+        namespace: args.target.namespace.clone(),
+        tables: Tables::parse(&args.target.table)?,
         mode,
-        target: target_spec(args.connection_string.as_deref())?,
+        target: target_spec(args.target.connection_string.as_deref(), args.target.dir.as_deref())?,
         fan_out: super::replicate::parse_targets(&fan_out.replicate_to, "--replicate-to")?,
-        temp_dir: args.temp_dir.clone(),
+        temp_dir: args.load.temp_dir.clone(),
         sink: SinkOptions { history: history.choice(), ..args.sink_options(ctx) },
         attempts: ctx.client.retry.attempts,
         keep_days,
@@ -202,7 +232,7 @@ pub(super) fn plan(
 
 pub(super) async fn run(
     ctx: &Context,
-    args: DbArgs,
+    args: RunArgs,
     fan_out: FanOutArgs,
     history: HistoryArgs,
     mode: Mode,
@@ -211,16 +241,17 @@ pub(super) async fn run(
 ) -> anyhow::Result<()> {
     let plan = plan(ctx, &args, &fan_out, &history, mode, keep_days, &monitor)?;
     let client = Client::new(ctx.client.clone())?;
-    let progress = Progress::new(ctx.interactive && !args.json);
+    let json = args.target.json;
+    let progress = Progress::new(ctx.interactive && !json);
     let report = crate::run::run(client, &plan, &progress).await?;
     std::mem::drop(progress);
     let Some(fanned) = &report.replicate else {
-        if args.json {
+        if json {
             super::print_json(&report.tables)?;
         }
         return super::finish(ctx.console, report.command, &report.tables);
     };
-    if args.json {
+    if json {
         super::print_json(&report)?;
     }
     let own = super::finish(ctx.console, report.command, &report.tables);
@@ -240,7 +271,7 @@ pub async fn syncdb(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
 }
 
 pub async fn drop(ctx: &Context, args: DbArgs) -> anyhow::Result<()> {
-    let spec = target_spec(args.connection_string.as_deref())?;
+    let spec = target_spec(args.connection_string.as_deref(), args.dir.as_deref())?;
     let tables = Tables::parse(&args.table)?;
     let options = SinkOptions { shared: ctx.shared, lock_timeout: args.lock_timeout, ..SinkOptions::default() };
     let file = spec.local_file(&args.namespace)?;
@@ -291,7 +322,7 @@ fn local_isoformat(watermark: time::Micros) -> String {
 /// The tables of a namespace with their replication state, as the official client lists them:
 /// the replicated ones by name, then the others the server has.
 pub async fn listdb(ctx: &Context, args: ListDbArgs) -> anyhow::Result<()> {
-    let spec = target_spec(args.connection_string.as_deref())?;
+    let spec = target_spec(args.connection_string.as_deref(), args.dir.as_deref())?;
     let options = SinkOptions { access: Access::Read, shared: ctx.shared, ..SinkOptions::default() };
     let sink = target::open(&spec, &args.namespace, &options).await?;
     let local = sink.all_bookkeeping(&args.namespace).await?;
@@ -446,7 +477,7 @@ impl StatusArgs {
     fn request(&self, shared: crate::privacy::SharedFiles) -> anyhow::Result<StatusRequest> {
         let location = match &self.dir {
             Some(dir) => Location::Folder(dir.clone()),
-            None => Location::Target(target_spec(self.connection_string.as_deref())?),
+            None => Location::Target(target_spec(self.connection_string.as_deref(), None)?),
         };
         let targets = self
             .to

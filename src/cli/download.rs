@@ -19,7 +19,8 @@ pub struct ListArgs {
     /// Namespace, e.g. canvas, canvas_logs, catalog.
     #[arg(long)]
     namespace: String,
-    /// The documented `scope` parameter (e.g. a root account), for credentials with several.
+    /// DAP's documented `scope` parameter: which account to read (e.g. one root account) when the
+    /// credentials can read several; by default, what the credentials were issued for.
     #[arg(long)]
     scope: Option<String>,
 }
@@ -35,7 +36,8 @@ pub struct SchemaArgs {
     /// Folder the files are written under.
     #[arg(long, default_value = "downloads")]
     output_directory: PathBuf,
-    /// The documented `scope` parameter (e.g. a root account), for credentials with several.
+    /// DAP's documented `scope` parameter: which account to read (e.g. one root account) when the
+    /// credentials can read several; by default, what the credentials were issued for.
     #[arg(long)]
     scope: Option<String>,
 }
@@ -57,7 +59,8 @@ pub struct SnapshotArgs {
     /// Print a machine-readable result per table on stdout.
     #[arg(long)]
     json: bool,
-    /// The documented `scope` parameter (e.g. a root account), for credentials with several.
+    /// DAP's documented `scope` parameter: which account to read (e.g. one root account) when the
+    /// credentials can read several; by default, what the credentials were issued for.
     #[arg(long)]
     scope: Option<String>,
     /// Tables that download at once. Jobs for up to 32 tables are requested and waited on

@@ -136,6 +136,17 @@ fn parse_rate(s: &str) -> Result<(usize, f64), String> {
     Ok((n, secs))
 }
 
+/// The emulator's control routes, for `dap emulator --help` (no credentials; loopback only).
+const EMULATOR_CONTROL_ROUTES: &str = "Control routes (plain HTTP on the same port, no credentials):
+  POST /emulator/commit         change rows: {\"namespace\", \"table\", \"inserts\", \"updates\", \"soft_deletes\",
+                                \"hard_deletes\", \"at\"?: RFC 3339, \"prepare\"?: \"tsv\" (make the next sync's job now)}
+  POST /emulator/schema         bump a table's schema: {\"namespace\", \"table\", \"change\": \"add_column\" | ...}
+  POST /emulator/tables         add a table: {\"namespace\", \"table\", \"rows\"?}
+  POST /emulator/faults         inject a fault: {\"kind\", \"endpoint\"?, \"table\"?, \"count\"?}; DELETE clears them
+  GET  /emulator/truth/NS/TABLE the table's current rows as JSON lines (?at=RFC 3339 for an earlier commit)
+  GET  /emulator/stats          responses answered per endpoint and status
+  POST /emulator/jobs/expire    expire every job now";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// List the tables of a namespace.
@@ -188,6 +199,7 @@ pub enum Command {
     /// Try everything offline: a local emulator, a demo mirror, a sync, a query.
     Demo(demo::DemoArgs),
     /// Run a local DAP emulator (loopback only) for offline work and tests.
+    #[command(after_help = EMULATOR_CONTROL_ROUTES)]
     Emulator(emulator::EmulatorArgs),
 }
 
@@ -698,6 +710,31 @@ mod tests {
             }
         }
         assert!(undescribed.is_empty(), "options without a description: {undescribed:?}");
+    }
+
+    /// Help shows what a command uses, in whole sentences: dropdb loads nothing, every target
+    /// option names the four schemes, the emulator lists its control routes, `--scope` says it all.
+    #[test]
+    fn each_command_lists_what_it_uses_in_whole_sentences() {
+        let mut root = command();
+        root.build();
+        let mut help = |name: &str| root.find_subcommand_mut(name).unwrap().render_long_help().to_string();
+        let (dropdb, initdb, emulator) = (help("dropdb"), help("initdb"), help("emulator"));
+        for unused in ["--parallel-tables", "--temp-dir", "--non-finite"] {
+            assert!(!dropdb.contains(unused), "dropdb does not load: {unused} in {dropdb}");
+            assert!(initdb.contains(unused), "{initdb}");
+        }
+        for used in ["--namespace", "--table", "--connection-string", "--lock-timeout", "--json"] {
+            assert!(dropdb.contains(used), "{used} missing from {dropdb}");
+        }
+        for scheme in ["postgresql://", "mysql://", "mssql://", "sqlite:///", "sqlite:////"] {
+            assert!(dropdb.contains(scheme) && initdb.contains(scheme), "{scheme} not named");
+        }
+        for route in ["/emulator/commit", "/emulator/faults", "/emulator/truth"] {
+            assert!(emulator.contains(route), "{route} missing from {emulator}");
+        }
+        let snapshot = help("snapshot");
+        assert!(snapshot.contains("when the credentials can read several; by default"), "--scope whole: {snapshot}");
     }
 
     fn parse_from(args: &[&str]) -> Result<Cli, clap::Error> {

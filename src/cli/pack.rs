@@ -71,13 +71,15 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
 }
 
 pub fn unpack(args: UnpackArgs) -> anyhow::Result<()> {
+    // The next command must find this folder: named in the hint unless it is the default.
+    let named = args.dir.as_ref().map(|d| format!(" --dir '{}'", d.display())).unwrap_or_default();
     let dir = super::query::mirror_dir(args.dir)?;
     let overwrite = if args.force { Overwrite::Replace } else { Overwrite::Refuse };
     let views = if args.allow_views { UserViews::Accept } else { UserViews::Refuse };
     let options = UnpackOptions { overwrite, views, max_size: args.max_size };
     let manifest = pack::unpack(&args.file, &dir, options)?;
     eprintln!(
-        "unpack: {} (packed {}) restored into {}; `dap syncdb --namespace NS --table all` continues from there",
+        "unpack: {} (packed {}) restored into {}; `dap syncdb --namespace NS --table all{named}` continues from there",
         manifest.namespaces.join(", "),
         manifest.created,
         dir.display()

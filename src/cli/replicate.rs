@@ -31,9 +31,13 @@ pub struct ReplicateArgs {
     /// `dap configure --target`.
     #[arg(long = "to", env = "DAP_REPLICATE_TO", value_delimiter = ',', hide_env_values = true)]
     to: Vec<String>,
-    /// The mirror to copy from (sqlite:///PATH.db); the default mirror when omitted.
+    /// The mirror file to copy from (sqlite:///PATH.db); the default mirror when omitted.
     #[arg(long)]
     from: Option<String>,
+    /// The mirror folder to copy from (NAMESPACE.db files), as status, query and syncdb take it
+    /// [default: DAP_MIRROR_DIR, else the platform data folder].
+    #[arg(long, conflicts_with = "from")]
+    dir: Option<PathBuf>,
     /// Print a machine-readable result per target and table on stdout.
     #[arg(long)]
     json: bool,
@@ -115,6 +119,9 @@ pub(super) fn finish(console: super::Console, results: &[TargetReport]) -> anyho
 }
 
 pub async fn replicate(ctx: &super::Context, args: ReplicateArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.dir {
+        crate::mirror::folder::use_dir(dir);
+    }
     let mirror = mirror_file(args.from.as_deref(), &args.namespace)?;
     let to = if args.needs_default_targets() { &ctx.default_targets } else { &args.to };
     let targets = parse_targets(to, "--to")?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use super::Context;
-use super::db::{DbArgs, FanOutArgs, HistoryArgs, MonitorArgs};
+use super::db::{FanOutArgs, HistoryArgs, MonitorArgs, RunArgs};
 use crate::api::Client;
 use crate::progress::Progress;
 use crate::run::{Missing, Mode};
@@ -15,7 +15,7 @@ use crate::sync::Reinit;
 #[derive(Debug, Args)]
 pub struct WatchArgs {
     #[command(flatten)]
-    db: DbArgs,
+    db: RunArgs,
     #[command(flatten)]
     monitor: MonitorArgs,
     #[command(flatten)]
@@ -69,7 +69,7 @@ impl WatchArgs {
 
 pub async fn run(ctx: &Context, args: WatchArgs) -> anyhow::Result<()> {
     if let Some(kind) = args.print_unit {
-        print!("{}", unit(kind, &args.db.namespace)?);
+        print!("{}", unit(kind, &args.db.target.namespace)?);
         return Ok(());
     }
     let reinit = if args.auto_reinit { Reinit::Automatically } else { Reinit::Stop };

@@ -124,9 +124,21 @@ pub fn profile() -> Option<&'static str> {
     PROFILE.get().map(String::as_str)
 }
 
-/// The default mirror folder: `DAP_MIRROR_DIR`, else the platform data folder (its
-/// `profiles/NAME` under `--profile NAME`).
+/// The mirror folder this process was given with `--dir`, chosen once at start.
+static CHOSEN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes `dir` the mirror folder of every command of this process (`--dir`), before
+/// `DAP_MIRROR_DIR` and the platform data folder.
+pub fn use_dir(dir: &Path) {
+    let _ = CHOSEN_DIR.set(dir.to_path_buf());
+}
+
+/// The default mirror folder: `--dir`, else `DAP_MIRROR_DIR`, else the platform data folder
+/// (its `profiles/NAME` under `--profile NAME`).
 pub fn default_dir() -> Result<PathBuf, SinkError> {
+    if let Some(d) = CHOSEN_DIR.get() {
+        return Ok(d.clone());
+    }
     if let Some(d) = std::env::var_os("DAP_MIRROR_DIR") {
         return Ok(PathBuf::from(d));
     }

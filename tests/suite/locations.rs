@@ -140,3 +140,61 @@ async fn every_location_form_works_with_every_command() {
         assert_eq!(left, 0, "[{label}] dropdb left users");
     }
 }
+
+/// One `--dir` names the mirror folder for every mirror command, before `DAP_MIRROR_DIR` (set
+/// here to a decoy that must stay empty), and unpack's hint names the folder it restored into.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dir_names_the_mirror_for_every_command() {
+    let emu = emulator(EmulatorConfig { rows: 12, part_rows: 8, ..EmulatorConfig::default() }).await;
+    let root = tempfile::tempdir().unwrap();
+    let (dir, decoy, restored) =
+        (root.path().join("my mirror"), root.path().join("decoy"), root.path().join("restored"));
+    std::fs::create_dir_all(&decoy).unwrap();
+    let d = dir.to_str().unwrap();
+    let env = [("DAP_ALLOW_SHARED", "true"), ("DAP_MIRROR_DIR", decoy.to_str().unwrap())];
+    let cwd = root.path();
+    run_ok(&emu, cwd, vec!["initdb", "--namespace", "canvas", "--table", "accounts,users", "--dir", d], &env).await;
+    emu.commit("canvas", "accounts", ChangeCounts { inserts: 2, updates: 2, soft_deletes: 1, hard_deletes: 1 })
+        .unwrap();
+    run_ok(&emu, cwd, vec!["syncdb", "--namespace", "canvas", "--table", "all", "--dir", d], &env).await;
+    assert_table_is_truth(&emu, &dir.join("canvas.db"), "accounts", "after syncdb --dir");
+    let (listed, _) = run_ok(&emu, cwd, vec!["listdb", "--namespace", "canvas", "--dir", d], &env).await;
+    assert!(listed.contains("\"accounts\""), "{listed}");
+    let (status, _) = run_ok(&emu, cwd, vec!["status", "--json", "--dir", d], &env).await;
+    assert_eq!(serde_json::from_str::<Vec<Value>>(&status).unwrap().len(), 2, "{status}");
+    let (count, _) =
+        run_ok(&emu, cwd, vec!["query", "--dir", d, "--format", "csv", "SELECT count(*) AS n FROM canvas.users"], &env)
+            .await;
+    assert_eq!(count, format!("n\n{}\n", emu.truth("canvas", "users").unwrap().len()));
+    let replica = root.path().join("replica.db");
+    let to = format!("sqlite://{}", replica.display());
+    run_ok(&emu, cwd, vec!["replicate", "--namespace", "canvas", "--table", "all", "--dir", d, "--to", &to], &env)
+        .await;
+    assert_table_is_truth(&emu, &replica, "accounts", "replicate --dir");
+    let pack = root.path().join("mirror.pack");
+    run_ok(&emu, cwd, vec!["pack", "--dir", d, "-o", pack.to_str().unwrap()], &env).await;
+    let (_, said) =
+        run_ok(&emu, cwd, vec!["unpack", pack.to_str().unwrap(), "--dir", restored.to_str().unwrap()], &env).await;
+    assert!(said.contains(&format!("--dir '{}'", restored.display())), "the hint names the folder: {said}");
+    run_ok(&emu, cwd, vec!["dropdb", "--namespace", "canvas", "--table", "users", "--dir", d], &env).await;
+    let conn = rusqlite::Connection::open(dir.join("canvas.db")).unwrap();
+    let left: i64 =
+        conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'users'", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 0, "dropdb --dir dropped users");
+    assert_eq!(std::fs::read_dir(&decoy).unwrap().count(), 0, "DAP_MIRROR_DIR was not touched");
+    let both = run_ours_with(
+        &emu,
+        root.path(),
+        &["syncdb", "--namespace", "canvas", "--table", "all", "--dir", d, "--connection-string", "sqlite:///x.db"],
+        &env,
+    )
+    .await;
+    assert_eq!(both.status.code(), Some(2), "--dir and --connection-string are one choice");
+}
+
+async fn run_ok(emu: &Emulator, cwd: &Path, args: Vec<&str>, env: &[(&str, &str)]) -> (String, String) {
+    let out = run_ours_with(emu, cwd, &args, env).await;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "dap {args:?}: {err}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), err)
+}
