@@ -38,8 +38,11 @@ pub enum Selection {
 pub enum ExportError {
     #[error(transparent)]
     Query(#[from] QueryError),
-    #[error("{namespace}.{table} is not in the mirror; `dap status` lists what is")]
-    NoTable { namespace: String, table: String },
+    #[error("{namespace}.{table} is not in the mirror; {}", match elsewhere {
+        Some(other) => format!("{other}.{table} is: give --namespace {other}"),
+        None => "`dap status` lists what is".into(),
+    })]
+    NoTable { namespace: String, table: String, elsewhere: Option<String> },
     #[error("row {row}, column {column}: {reason}")]
     Value { row: u64, column: String, reason: String },
     #[error("writing {}: {source}", path.display())]
@@ -100,7 +103,11 @@ fn quote(name: &str) -> String {
 
 /// The stored definition of a mirrored table, from its bookkeeping row.
 pub(crate) fn table_def(conn: &Connection, namespace: &str, table: &str) -> Result<TableDef, ExportError> {
-    let missing = || ExportError::NoTable { namespace: namespace.into(), table: table.into() };
+    let missing = || ExportError::NoTable {
+        namespace: namespace.into(),
+        table: table.into(),
+        elsewhere: namespace_holding(conn, table).filter(|other| other != namespace),
+    };
     let sql = format!(
         "SELECT schema_version, schema_description FROM {}.instructure_dap__table_sync WHERE source_table = ?1",
         quote(namespace)
@@ -114,6 +121,19 @@ pub(crate) fn table_def(conn: &Connection, namespace: &str, table: &str) -> Resu
         row: 0,
         column: "(schema)".into(),
         reason: e.to_string(),
+    })
+}
+
+/// The attached namespace that mirrors `table`, if any (the first, by name).
+fn namespace_holding(conn: &Connection, table: &str) -> Option<String> {
+    let mut schemas: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_database_list WHERE name NOT IN ('main', 'temp')")
+        .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect())
+        .ok()?;
+    schemas.sort();
+    schemas.into_iter().find(|schema| {
+        let sql = format!("SELECT 1 FROM {}.instructure_dap__table_sync WHERE source_table = ?1", quote(schema));
+        conn.query_row(&sql, [table], |_| Ok(())).is_ok()
     })
 }
 
@@ -157,6 +177,7 @@ pub fn export(
     selection: &Selection,
     as_of: Option<crate::as_of::AsOf>,
     format: ExportFormat,
+    null: &str,
     output: &Path,
 ) -> Result<u64, ExportError> {
     crate::mirror::folder::refuse_mirror_output(dir, output).map_err(ExportError::Output)?;
@@ -207,7 +228,7 @@ pub fn export(
             let mut w = csv::WriterBuilder::new().delimiter(delimiter).from_writer(std::io::BufWriter::new(&mut file));
             w.write_record(&names)?;
             while let Some(values) = next(count + 1)? {
-                w.write_record(values.iter().map(|v| v.to_text().unwrap_or_default()))?;
+                w.write_record(values.iter().map(|v| v.to_text().unwrap_or_else(|| null.to_string())))?;
                 count += 1;
             }
             w.flush().map_err(write_err)?;

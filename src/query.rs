@@ -30,7 +30,7 @@ pub enum QueryError {
     NoMirror(PathBuf),
     #[error("dap query only reads: this statement would change the mirror. Run it with sqlite3 on a copy instead")]
     Writes,
-    #[error("{0}")]
+    #[error("{}", sql_message(.0))]
     Sql(#[from] rusqlite::Error),
     #[error("writing the result: {0}")]
     Output(#[from] std::io::Error),
@@ -42,6 +42,32 @@ pub enum QueryError {
     AsOf(#[from] crate::as_of::AsOfError),
     #[error("{table} is a table of {}: SQLite would read one of them silently; write {} instead", .namespaces.join(" and "), .namespaces.iter().map(|ns| format!("{ns}.{table}")).collect::<Vec<_>>().join(" or "))]
     Ambiguous { table: String, namespaces: Vec<String> },
+}
+
+/// SQLite's words about a query, without its generic code text, and what to do about the
+/// mistakes people make most.
+fn sql_message(e: &rusqlite::Error) -> String {
+    let hint = |message: &str| {
+        if message.starts_with("no such table") {
+            "; `dap status` lists the mirrored tables (write namespace.table, e.g. canvas.users)"
+        } else if message.starts_with("no such column") {
+            "; `SELECT column_name FROM dap_columns WHERE table_name = '…'` lists a table's columns"
+        } else if message.contains("syntax error") {
+            " (the SQL is SQLite's dialect)"
+        } else {
+            ""
+        }
+    };
+    match e {
+        rusqlite::Error::MultipleStatement => {
+            "dap query runs one statement at a time: give each statement its own `dap query`".into()
+        }
+        rusqlite::Error::SqlInputError { msg, offset, .. } => {
+            format!("{msg} (at character {} of the SQL){}", offset + 1, hint(msg))
+        }
+        rusqlite::Error::SqliteFailure(_, Some(message)) => format!("{message}{}", hint(message)),
+        other => other.to_string(),
+    }
 }
 
 impl QueryError {
@@ -442,5 +468,23 @@ mod tests {
         }
         let n: i64 = conn.query_row("SELECT count(*) FROM canvas.users", [], |r| r.get(0)).unwrap();
         assert_eq!(n, 2);
+    }
+
+    /// SQLite's mistakes read as what to do, without "Error code 1: SQL error or missing database".
+    #[test]
+    fn sql_mistakes_say_what_to_do() {
+        let dir = mirror();
+        let conn = open_mirror(dir.path()).unwrap();
+        let said =
+            |sql: &str| run(&conn, sql, OutputFormat::Csv, DEFAULT_MAX_WIDTH, &mut Vec::new()).unwrap_err().to_string();
+        let missing = said("SELECT * FROM canvas.nope");
+        assert!(missing.starts_with("no such table: canvas.nope; `dap status` lists"), "{missing}");
+        let column = said("SELECT shoe FROM canvas.users");
+        assert!(column.contains("lists a table's columns"), "{column}");
+        assert!(said("SELEC 1").ends_with("(the SQL is SQLite's dialect)"));
+        assert!(said("SELECT 1; SELECT 2").contains("one statement at a time"));
+        for sql in ["SELECT * FROM canvas.nope", "SELEC 1"] {
+            assert!(!said(sql).contains("Error code"), "{}", said(sql));
+        }
     }
 }

@@ -26,6 +26,10 @@ pub struct ExportArgs {
     /// csv without one); any other extension needs --format].
     #[arg(long, value_enum)]
     format: Option<ExportFormat>,
+    /// How CSV and TSV write NULL (e.g. `\N` or `NULL`); by default an empty field, which an
+    /// empty string is too.
+    #[arg(long, value_name = "TEXT")]
+    null: Option<String>,
     /// The file to write (replaced whole when the export succeeds).
     #[arg(long, short)]
     output: PathBuf,
@@ -62,7 +66,8 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         (None, Some(query)) => Selection::Query(query),
         _ => bail!("give either --table or --query"),
     };
-    let rows = export::export(&dir, &selection, args.as_of.as_of(), format, &args.output)?;
+    let rows =
+        export::export(&dir, &selection, args.as_of.as_of(), format, args.null.as_deref().unwrap_or(""), &args.output)?;
     eprintln!("export: {rows} rows written to {}", args.output.display());
     Ok(())
 }

@@ -196,6 +196,19 @@ async fn export_writes_tables_and_queries_that_independent_readers_read_back_wit
     let tsv_rows = csv::ReaderBuilder::new().delimiter(b'\t').from_path(out("tsv")).unwrap().records().count();
     assert_eq!(tsv_rows, rows.len());
 
+    // NULL and the empty string: alike by default, told apart with --null.
+    let nulls = out("nulls.csv");
+    let query = "SELECT NULL AS missing, '' AS empty, 'x' AS text";
+    dap_ok(&emu, dir, &["export", "--query", query, "-o", nulls.to_str().unwrap()]).await;
+    assert_eq!(std::fs::read_to_string(&nulls).unwrap(), "missing,empty,text\n,,x\n");
+    dap_ok(&emu, dir, &["export", "--query", query, "--null", "\\N", "-o", nulls.to_str().unwrap()]).await;
+    assert_eq!(std::fs::read_to_string(&nulls).unwrap(), "missing,empty,text\n\\N,,x\n");
+    // A table of another namespace is named with the flag that finds it.
+    let wrong = dap(&emu, dir, &["export", "--table", "web_logs", "-o", out("logs.csv").to_str().unwrap()]).await;
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success() && err.contains("canvas.web_logs is not in the mirror"), "{err}");
+    assert!(err.contains("give --namespace canvas_logs"), "{err}");
+
     // JSON Lines: one object per row with every column, typed.
     dap_ok(&emu, dir, &["export", "--table", "submissions", "--format", "jsonl", "-o", out("jsonl").to_str().unwrap()])
         .await;
