@@ -31,6 +31,8 @@ pub struct ArchiveRequest {
     pub table: String,
     /// The archive's folder (made when missing).
     pub to: PathBuf,
+    /// How long recording the archived days in the mirror waits for its writer.
+    pub lock_timeout: std::time::Duration,
 }
 
 /// What a run wrote.
@@ -273,9 +275,7 @@ fn record_in_mirror(request: &ArchiveRequest, manifest: &Manifest, pruned: &std:
         if recorded == days {
             return Ok(());
         }
-        crate::mirror::folder::with_writer(&file, std::time::Duration::from_secs(60), |conn| {
-            record_archived(conn, ns, table, &days)
-        })
+        crate::mirror::folder::with_writer(&file, request.lock_timeout, |conn| record_archived(conn, ns, table, &days))
     };
     if let Err(e) = record() {
         tracing::warn!(

@@ -23,11 +23,21 @@ pub struct ArchiveArgs {
     /// Print what was written as JSON.
     #[arg(long)]
     json: bool,
+    /// How long to wait for a sync writing the mirror file before recording the archived days
+    /// in it, e.g. 90s, 10m or 2h (the archive itself is written either way).
+    #[arg(long, value_parser = super::parse_duration, default_value = "10m")]
+    lock_timeout: std::time::Duration,
 }
 
 pub fn run(args: ArchiveArgs) -> anyhow::Result<()> {
     let mirror = super::query::mirror_dir(args.dir)?;
-    let request = ArchiveRequest { mirror, namespace: args.namespace, table: args.table, to: args.to };
+    let request = ArchiveRequest {
+        mirror,
+        namespace: args.namespace,
+        table: args.table,
+        to: args.to,
+        lock_timeout: args.lock_timeout,
+    };
     let report = archive::archive(&request)?;
     if args.json {
         return super::print_json(&report);
