@@ -28,9 +28,9 @@ async fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(EXIT_FAILURE);
     }
-    if let Some(profiles) = cli.several_profiles_to_watch() {
+    if let Some((profiles, one_location)) = cli.several_profiles_to_watch() {
         // One watch per profile, each a process of its own that handles its own signals.
-        return match cli::watch::several_profiles(&profiles).await {
+        return match cli::watch::several_profiles(&profiles, one_location).await {
             Ok(code) => ExitCode::from(code),
             Err(e) => failed(&e),
         };

@@ -291,10 +291,13 @@ pub fn command() -> clap::Command {
 
 impl Cli {
     /// The profiles of a `dap watch --profile A --profile B`, which runs one watch per profile
-    /// (see [`watch::several_profiles`]); `None` for every other command line.
-    pub fn several_profiles_to_watch(&self) -> Option<Vec<String>> {
+    /// (see [`watch::several_profiles`]), with the option that would give them one mirror;
+    /// `None` for every other command line.
+    pub fn several_profiles_to_watch(&self) -> Option<(Vec<String>, Option<&'static str>)> {
         match &self.command {
-            Command::Watch(args) if self.profile.len() > 1 && !args.prints_unit() => Some(self.profile.clone()),
+            Command::Watch(args) if self.profile.len() > 1 && !args.prints_unit() => {
+                Some((self.profile.clone(), args.one_location()))
+            }
             _ => None,
         }
     }

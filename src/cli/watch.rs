@@ -65,6 +65,18 @@ impl WatchArgs {
     pub fn prints_unit(&self) -> bool {
         self.print_unit.is_some()
     }
+
+    /// The option that would give several profiles one mirror, if any: each profile keeps its
+    /// own folder, so that two Canvas instances' rows (whose ids collide) never meet in a table.
+    pub fn one_location(&self) -> Option<&'static str> {
+        if self.db.target.dir.is_some() {
+            Some("--dir")
+        } else if self.db.target.connection_string.is_some() {
+            Some("--connection-string (or DAP_CONNECTION_STRING)")
+        } else {
+            None
+        }
+    }
 }
 
 pub async fn run(ctx: &Context, args: WatchArgs) -> anyhow::Result<()> {
@@ -125,7 +137,15 @@ pub fn notify_urls(given: &[String]) -> Result<Vec<reqwest::Url>, super::UsageEr
 /// (a `profile` field in JSON lines, `[A] ` before text ones); SIGTERM and Ctrl-C are passed on
 /// and waited for. Every profile is checked before any watch starts. Returns the exit code: 0
 /// when every watch ended well, else the first failing one's.
-pub async fn several_profiles(profiles: &[String]) -> anyhow::Result<u8> {
+pub async fn several_profiles(profiles: &[String], one_location: Option<&str>) -> anyhow::Result<u8> {
+    if let Some(option) = one_location {
+        return Err(super::UsageError(format!(
+            "{option} with several --profile would put several Canvas instances into one mirror; each profile \
+             watches its own (`dap configure --profile NAME` saves a target per profile), so run one watch per \
+             location instead"
+        ))
+        .into());
+    }
     let path = crate::config::config_path()?;
     let known = crate::config::UserConfig::load(&path)?.unwrap_or_default();
     for name in profiles {

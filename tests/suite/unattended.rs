@@ -648,6 +648,13 @@ async fn two_profiles_keep_two_instances_apart() {
     assert_eq!(out.status.code(), Some(2), "{}", clean(&out));
     let out = dap_from_files(dir, &["--profile", "east", "--profile", "west", "status"], "");
     assert_eq!(out.status.code(), Some(2), "one instance per command but watch: {}", clean(&out));
+    // Several profiles never share one mirror: a watch given one location for all is refused.
+    let shared = dir.join("shared");
+    let watch = ["--profile", "east", "--profile", "west", "watch", "--namespace", "canvas", "--table", "users"];
+    let out = dap_from_files(dir, &[&watch[..], &["--dir", shared.to_str().unwrap()]].concat(), "");
+    let err = clean(&out);
+    assert!(out.status.code() == Some(2) && err.contains("several Canvas instances into one mirror"), "{err}");
+    assert!(!shared.exists(), "nothing created");
 
     // East's alerts go where `dap configure --notify` saved (the host alone shown); a URL that
     // is not one is refused with nothing saved.
