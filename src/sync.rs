@@ -308,18 +308,19 @@ impl Replicator {
         let already = || SyncError::AlreadyInitialised { table: format!("{namespace}.{table}") };
         // A first look, so that no job is asked for a table that is not to be loaded.
         let peek = self.sink.bookkeeping(namespace, table).await?;
-        match (&peek, init) {
-            (Some(_), Init::Fresh) => return Err(already()),
-            (Some(_), Init::Replace) => {}
-            (None, _) => self.sink.check_unowned(namespace, table).await?,
+        if let (Some(_), Init::Fresh) = (&peek, init) {
+            return Err(already());
         }
         let schema = self.source.schema(namespace, table).await?;
+        if peek.is_none() {
+            self.sink.check_unowned(&schema.def).await?;
+        }
         let extract = self.source.snapshot(&schema.def, watch).await?;
         let _lock = self.sink.lock(namespace, table, watch).await?;
         let stored = self.sink.bookkeeping(namespace, table).await?;
         match (&stored, init) {
             (Some(_), Init::Fresh) => return Err(already()),
-            (None, _) if peek.is_some() => self.sink.check_unowned(namespace, table).await?,
+            (None, _) if peek.is_some() => self.sink.check_unowned(&schema.def).await?,
             _ => {}
         }
         let delta = match &stored {

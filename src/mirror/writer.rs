@@ -734,6 +734,18 @@ impl Dialect for SqliteDialect {
         Self::run(c, move |w| w.has_table(&t)).await
     }
 
+    async fn column_names(&self, c: &mut SqliteConn, _namespace: &str, table: &str) -> Result<Vec<String>, SinkError> {
+        let t = table.to_string();
+        Self::run(c, move |w| {
+            let read = || -> rusqlite::Result<Vec<String>> {
+                let mut statement = w.conn.prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?;
+                statement.query_map([&t], |r| r.get(0))?.collect()
+            };
+            read().map_err(|e| w.fail(&format!("reading the columns of {t}"), e))
+        })
+        .await
+    }
+
     /// A table name is one per file: another namespace's table of that name is not ours.
     async fn check_owner(&self, c: &mut SqliteConn, namespace: &str, table: &str) -> Result<(), SinkError> {
         let (ns, t) = (namespace.to_string(), table.to_string());

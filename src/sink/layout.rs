@@ -12,6 +12,46 @@ pub const OUR_SCHEMA: &str = "dap_replica";
 /// The only database version the official client 2.3.1 accepts without migrating.
 pub const DATABASE_VERSION: i64 = 1;
 
+/// What a database's `database_version` rows mean for dap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredVersion {
+    /// The single row `1`: a database of the official client 2.3.
+    Current,
+    /// No row. With an empty `table_sync` it was provisioned without its version row (an older
+    /// `dap ddl`, or by hand): the row is added, as the official client would. With watermarks,
+    /// the official client would take it for a pre-1.0 database and empty `table_sync`.
+    Missing,
+    /// Anything else: made by another version of the official client.
+    Other(Vec<i64>),
+}
+
+impl StoredVersion {
+    pub fn of(versions: &[i64]) -> StoredVersion {
+        match versions {
+            [DATABASE_VERSION] => StoredVersion::Current,
+            [] => StoredVersion::Missing,
+            other => StoredVersion::Other(other.to_vec()),
+        }
+    }
+
+    /// Why a database with these rows is refused (`watermarks`: the rows of `table_sync`), and
+    /// what to do; `None` when dap may go on (adding the version row when it is missing).
+    pub fn refusal(&self, version_table: &str, sync_table: &str, watermarks: u64) -> Option<String> {
+        match self {
+            StoredVersion::Current => None,
+            StoredVersion::Missing if watermarks == 0 => None,
+            StoredVersion::Missing => Some(format!(
+                "{version_table} has no row while {sync_table} holds {watermarks} watermarks: the tool that made it left the version out, and the official client would take this database for a pre-1.0 one and empty {sync_table}. \
+                 Add the row (INSERT INTO {version_table} (version) VALUES ({DATABASE_VERSION})), then run again"
+            )),
+            StoredVersion::Other(versions) => Some(format!(
+                "{version_table} holds {versions:?}, not [{DATABASE_VERSION}]: this database was made by another version of the official client. \
+                 dap writes only version {DATABASE_VERSION} databases; migrate it with the official client 2.3 (`dap syncdb`) first"
+            )),
+        }
+    }
+}
+
 pub const DATABASE_VERSION_COMMENT: &str = "Table for storing meta-information about the database schema version.";
 pub const VERSION_COLUMN_COMMENT: &str = "The version of the database schema.";
 pub const TABLE_SYNC_COMMENT: &str = "Table for storing meta-information about tables managed by the client library.";

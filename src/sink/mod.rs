@@ -288,8 +288,9 @@ pub trait Sink: Send + Sync {
     /// written to it. Runs while DAP prepares the job.
     async fn check_intact(&self, namespace: &str, table: &str) -> Result<(), SinkError>;
     /// Refuses a table initdb must not touch: one that exists without a bookkeeping row (left
-    /// half-loaded by another client), or whose name another namespace already owns here.
-    async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError>;
+    /// half-loaded by another client), or whose name another namespace already owns here. An
+    /// empty table of exactly the official columns (provisioned by `dap ddl`) is taken over.
+    async fn check_unowned(&self, def: &TableDef) -> Result<(), SinkError>;
 
     /// The right to write a table, waiting for another writer (`watch` shows whom) up to the
     /// lock timeout. Held from the first read of the table's state to its last write.

@@ -30,7 +30,7 @@ use tiberius::{AuthMethod, Client, ColumnData, Config, EncryptionLevel, TokenRow
 use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
-use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
+use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, StoredVersion, SyncColumnKind};
 use super::protocol::{Dialect, Provision, Replaces, Staged, StoredBookkeeping, lock_name};
 use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
@@ -54,9 +54,29 @@ impl Provision for MssqlDialect {
         bookkeeping_statements()
     }
 
+    fn version_statements() -> Vec<String> {
+        version_statements()
+    }
+
+    /// sqlcmd starts with `QUOTED_IDENTIFIER OFF` (its `-I` turns it on); the layout quotes
+    /// names with `"`.
+    fn script_preamble() -> Vec<String> {
+        SESSION.split("; ").filter(|s| !s.contains("XACT_ABORT")).map(String::from).collect()
+    }
+
     fn table_statements(def: &TableDef) -> Vec<String> {
         table_statements(def)
     }
+}
+
+/// Stores version 1 in the identity column.
+fn version_statements() -> Vec<String> {
+    let version = bookkeeping_table("database_version");
+    vec![
+        format!("SET IDENTITY_INSERT {version} ON"),
+        format!("INSERT INTO {version} (\"version\") VALUES ({DATABASE_VERSION})"),
+        format!("SET IDENTITY_INSERT {version} OFF"),
+    ]
 }
 
 /// Days from 0001-01-01 (day 0 of `date` and `datetime2`) to 1970-01-01.
@@ -611,10 +631,7 @@ impl MssqlDialect {
         if !self.exists(c, BOOKKEEPING_SCHEMA, "table_sync").await? {
             let mut sql = vec!["BEGIN TRANSACTION".to_string()];
             sql.extend(bookkeeping_statements());
-            let version = bookkeeping_table("database_version");
-            sql.push(format!("SET IDENTITY_INSERT {version} ON"));
-            sql.push(format!("INSERT INTO {version} (\"version\") VALUES ({DATABASE_VERSION})"));
-            sql.push(format!("SET IDENTITY_INSERT {version} OFF"));
+            sql.extend(version_statements());
             sql.push("COMMIT".into());
             let created = match c.simple_query(sql.join(";\n")).await {
                 Ok(stream) => stream.into_results().await.map(|_| ()),
@@ -639,15 +656,28 @@ impl MssqlDialect {
             .into_first_result()
             .await
             .map_err(self.fail("reading the database version"))?;
-        let versions: Vec<Option<i64>> = rows.iter().map(|r| r.get::<i64, _>(0)).collect();
-        if versions != [Some(DATABASE_VERSION)] {
-            return Err(SinkError::refused(
-                &self.shown,
-                Refusal::Incompatible,
-                format!(
-                    "instructure_dap.database_version holds {versions:?}, not [1]: this database was made by another version of the official client. dap writes only version 1 databases; migrate it with the official client 2.3 first"
-                ),
-            ));
+        let versions: Vec<i64> = rows.iter().filter_map(|r| r.get::<i64, _>(0)).collect();
+        let stored = StoredVersion::of(&versions);
+        let watermarks = match stored {
+            StoredVersion::Missing => {
+                let rows = c
+                    .simple_query(format!("SELECT count_big(*) FROM {}", bookkeeping_table("table_sync")))
+                    .await
+                    .map_err(self.fail("reading the watermarks"))?
+                    .into_first_result()
+                    .await
+                    .map_err(self.fail("reading the watermarks"))?;
+                rows.first().and_then(|r| r.get::<i64, _>(0)).unwrap_or(0)
+            }
+            _ => 0,
+        };
+        if let Some(why) =
+            stored.refusal("instructure_dap.database_version", "instructure_dap.table_sync", watermarks as u64)
+        {
+            return Err(SinkError::refused(&self.shown, Refusal::Incompatible, why));
+        }
+        if stored == StoredVersion::Missing {
+            self.batch(c, &version_statements().join(";\n"), "writing the database version").await?;
         }
         if !self.exists(c, OUR_SCHEMA, "checkpoints").await? {
             let sql = [
@@ -1027,6 +1057,22 @@ impl Dialect for MssqlDialect {
 
     async fn table_exists(&self, c: &mut Conn, namespace: &str, table: &str) -> Result<bool, SinkError> {
         self.exists(c, namespace, table).await
+    }
+
+    async fn column_names(&self, c: &mut Conn, namespace: &str, table: &str) -> Result<Vec<String>, SinkError> {
+        let action = "reading the table's columns";
+        let mut stream = c
+            .simple_query(format!("SELECT TOP 0 * FROM {}", table_name(namespace, table)))
+            .await
+            .map_err(self.fail(action))?;
+        let names = stream
+            .columns()
+            .await
+            .map_err(self.fail(action))?
+            .map(|columns| columns.iter().map(|c| c.name().to_string()).collect())
+            .unwrap_or_default();
+        stream.into_results().await.map_err(self.fail(action))?;
+        Ok(names)
     }
 
     async fn checkpoints(&self, c: &mut Conn, def: &TableDef) -> Result<Vec<(String, String)>, SinkError> {

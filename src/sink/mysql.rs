@@ -27,7 +27,7 @@ use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts};
 
-use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
+use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, StoredVersion, SyncColumnKind};
 use super::protocol::{Dialect, Provision, Replaces, Staged, StoredBookkeeping, lock_name, shared_columns};
 use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
@@ -48,9 +48,25 @@ impl Provision for MysqlDialect {
         bookkeeping_statements()
     }
 
+    fn version_statements() -> Vec<String> {
+        vec![version_statement()]
+    }
+
+    fn script_preamble() -> Vec<String> {
+        vec![SQL_MODE.into()]
+    }
+
     fn table_statements(def: &TableDef) -> Vec<String> {
         table_statements(def)
     }
+}
+
+/// The official client's SQL mode: `"` quotes names, as the layout's DDL does.
+const SQL_MODE: &str = "SET SESSION sql_mode = 'ANSI_QUOTES,NO_AUTO_VALUE_ON_ZERO,STRICT_ALL_TABLES'";
+
+/// Stores version 1; a second run of the same script leaves the row as it is.
+fn version_statement() -> String {
+    format!("INSERT IGNORE INTO {} (\"version\") VALUES ({DATABASE_VERSION})", bookkeeping_table("database_version"))
 }
 
 /// The session settings of the official client (spec §5.1), and no wait for a table or row lock
@@ -58,7 +74,7 @@ impl Provision for MysqlDialect {
 fn session(lock_timeout: Duration) -> Vec<String> {
     let wait = lock_timeout.as_secs().max(1);
     vec![
-        "SET SESSION sql_mode = 'ANSI_QUOTES,NO_AUTO_VALUE_ON_ZERO,STRICT_ALL_TABLES'".into(),
+        SQL_MODE.into(),
         "SET SESSION time_zone = '+00:00'".into(),
         "SET NAMES utf8mb4".into(),
         format!("SET SESSION lock_wait_timeout = {wait}, innodb_lock_wait_timeout = {wait}"),
@@ -569,25 +585,28 @@ impl MysqlDialect {
                     _ => database_error(&self.shown, "creating the bookkeeping tables", e),
                 })?;
             }
-            c.query_drop(format!(
-                "INSERT INTO {} (\"version\") VALUES ({DATABASE_VERSION})",
-                bookkeeping_table("database_version")
-            ))
-            .await
-            .map_err(self.fail("writing the database version"))?;
         }
         let versions: Vec<i64> = c
             .query(format!("SELECT \"version\" FROM {}", bookkeeping_table("database_version")))
             .await
             .map_err(self.fail("reading the database version"))?;
-        if versions != [DATABASE_VERSION] {
-            return Err(SinkError::refused(
-                &self.shown,
-                Refusal::Incompatible,
-                format!(
-                    "instructure_dap__database_version holds {versions:?}, not [1]: this database was made by another version of the official client. dap writes only version 1 databases; migrate it with the official client 2.3 first"
-                ),
-            ));
+        let stored = StoredVersion::of(&versions);
+        let watermarks: Option<i64> = match stored {
+            StoredVersion::Missing => c
+                .query_first(format!("SELECT count(*) FROM {}", bookkeeping_table("table_sync")))
+                .await
+                .map_err(self.fail("reading the watermarks"))?,
+            _ => None,
+        };
+        if let Some(why) = stored.refusal(
+            "instructure_dap__database_version",
+            "instructure_dap__table_sync",
+            watermarks.unwrap_or(0) as u64,
+        ) {
+            return Err(SinkError::refused(&self.shown, Refusal::Incompatible, why));
+        }
+        if stored == StoredVersion::Missing {
+            c.query_drop(version_statement()).await.map_err(self.fail("writing the database version"))?;
         }
         // Our own tables, created once (a sync issues no DDL at all when nothing changed).
         for (name, columns) in [
@@ -1099,6 +1118,15 @@ impl Dialect for MysqlDialect {
 
     async fn table_exists(&self, c: &mut Conn, namespace: &str, table: &str) -> Result<bool, SinkError> {
         self.exists(c, &format!("{namespace}__{table}")).await
+    }
+
+    async fn column_names(&self, c: &mut Conn, namespace: &str, table: &str) -> Result<Vec<String>, SinkError> {
+        c.exec(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (format!("{namespace}__{table}"),),
+        )
+        .await
+        .map_err(self.fail("reading the table's columns"))
     }
 
     async fn checkpoints(&self, c: &mut Conn, def: &TableDef) -> Result<Vec<(String, String)>, SinkError> {

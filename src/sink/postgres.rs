@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
-use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, SyncColumnKind};
+use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, StoredVersion, SyncColumnKind};
 use super::protocol::{Dialect, Provision, Replaces, Staged, StoredBookkeeping, lock_keys, lock_name};
 use super::{Access, Bookkeeping, ConnectionString, Refusal, SinkError, SinkOptions, SslMode};
 use crate::decode::Record;
@@ -39,6 +39,10 @@ impl Provision for PostgresDialect {
 
     fn bookkeeping_statements() -> Vec<String> {
         bookkeeping_statements()
+    }
+
+    fn version_statements() -> Vec<String> {
+        vec![version_statement()]
     }
 
     fn table_statements(def: &TableDef) -> Vec<String> {
@@ -255,6 +259,14 @@ pub fn bookkeeping_statements() -> Vec<String> {
         out.push(format!("COMMENT ON COLUMN {schema}.\"table_sync\".{} IS {}", ident(c.name), literal(c.comment)));
     }
     out
+}
+
+/// Stores version 1; a second run of the same script leaves the row as it is.
+fn version_statement() -> String {
+    format!(
+        "INSERT INTO {}.\"database_version\" (\"version\") VALUES ({DATABASE_VERSION}) ON CONFLICT DO NOTHING",
+        ident(BOOKKEEPING_SCHEMA)
+    )
 }
 
 /// The DDL of a table as the official client's initdb creates it on an empty database: its
@@ -672,10 +684,7 @@ impl PostgresDialect {
         let exists = self.has_bookkeeping(c).await?;
         if !exists {
             let mut statements = bookkeeping_statements();
-            statements.push(format!(
-                "INSERT INTO {}.\"database_version\" (\"version\") VALUES ({DATABASE_VERSION})",
-                ident(BOOKKEEPING_SCHEMA)
-            ));
+            statements.push(version_statement());
             let sql = format!("BEGIN; {}; COMMIT", statements.join(";\n"));
             if let Err(e) = c.batch_execute(&sql).await {
                 let _ = c.batch_execute("ROLLBACK").await;
@@ -699,13 +708,21 @@ impl PostgresDialect {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        if versions != [DATABASE_VERSION] {
-            return Err(self.refused(
-                Refusal::Incompatible,
-                format!(
-                    "instructure_dap.database_version holds {versions:?}, not [1]: this database was made by another version of the official client. dap writes only version 1 databases; migrate it with the official client 2.3 (`dap syncdb`) first"
-                ),
-            ));
+        let stored = StoredVersion::of(&versions);
+        if stored == StoredVersion::Missing {
+            let watermarks: i64 = c
+                .query_one(&format!("SELECT count(*) FROM {}.\"table_sync\"", ident(BOOKKEEPING_SCHEMA)), &[])
+                .await
+                .map_err(self.fail("reading the watermarks"))?
+                .get(0);
+            if let Some(why) =
+                stored.refusal("instructure_dap.database_version", "instructure_dap.table_sync", watermarks as u64)
+            {
+                return Err(self.refused(Refusal::Incompatible, why));
+            }
+            c.batch_execute(&version_statement()).await.map_err(self.fail("writing the database version"))?;
+        } else if let Some(why) = stored.refusal("instructure_dap.database_version", "instructure_dap.table_sync", 0) {
+            return Err(self.refused(Refusal::Incompatible, why));
         }
         // Our own schema: checkpoints of unfinished initdbs, and who holds which table's lock.
         c.batch_execute(&format!(
@@ -1092,6 +1109,18 @@ impl Dialect for PostgresDialect {
 
     async fn table_exists(&self, c: &mut PgConn, namespace: &str, table: &str) -> Result<bool, SinkError> {
         self.exists(c, namespace, table).await
+    }
+
+    async fn column_names(&self, c: &mut PgConn, namespace: &str, table: &str) -> Result<Vec<String>, SinkError> {
+        Ok(c.query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&format!("{}.{}", ident(namespace), ident(table))],
+        )
+        .await
+        .map_err(self.fail("reading the table's columns"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
     }
 
     async fn checkpoints(&self, c: &mut PgConn, def: &TableDef) -> Result<Vec<(String, String)>, SinkError> {

@@ -113,6 +113,16 @@ pub trait Provision: Dialect + Sized {
     async fn open(url: &ConnectionString, options: &SinkOptions) -> Result<Self, SinkError>;
     /// The DDL of the bookkeeping tables.
     fn bookkeeping_statements() -> Vec<String>;
+    /// What stores the database version (1) in the bookkeeping tables just created; without it
+    /// the official client takes the database for a pre-1.0 one. A file mirror has no version.
+    fn version_statements() -> Vec<String> {
+        Vec::new()
+    }
+    /// What a script of this DDL needs first to run as printed by the database's own client
+    /// (MySQL: `ANSI_QUOTES`, since the layout quotes names with `"`).
+    fn script_preamble() -> Vec<String> {
+        Vec::new()
+    }
     /// The DDL of one table, as initdb creates it.
     fn table_statements(def: &TableDef) -> Vec<String>;
 }
@@ -128,9 +138,12 @@ pub fn open_sink<'a, D: Provision>(
     })
 }
 
-/// The DDL initdb runs on an empty database: the bookkeeping tables, then each table (`dap ddl`).
+/// The DDL initdb runs on an empty database: the bookkeeping tables with the version row, then
+/// each table (`dap ddl`), as a script the database's own client runs as printed.
 pub fn ddl<D: Provision>(defs: &[TableDef]) -> Vec<String> {
-    let mut out = D::bookkeeping_statements();
+    let mut out = D::script_preamble();
+    out.extend(D::bookkeeping_statements());
+    out.extend(D::version_statements());
     for def in defs {
         out.extend(D::table_statements(def));
     }
@@ -184,6 +197,9 @@ pub trait Dialect: Send + Sync + 'static {
     async fn row_count(&self, c: &mut Self::Conn, namespace: &str, table: &str) -> Result<u64, SinkError>;
     /// Whether the replicated table itself exists.
     async fn table_exists(&self, c: &mut Self::Conn, namespace: &str, table: &str) -> Result<bool, SinkError>;
+    /// The names of an existing table's columns, in order: a table provisioned empty by
+    /// `dap ddl` is adopted when they are the official layout's.
+    async fn column_names(&self, c: &mut Self::Conn, namespace: &str, table: &str) -> Result<Vec<String>, SinkError>;
     /// Refuses what else makes a table not ours to initialise (the mirror: another namespace's
     /// table of that name in the same file).
     async fn check_owner(&self, _c: &mut Self::Conn, _namespace: &str, _table: &str) -> Result<(), SinkError> {
@@ -416,23 +432,42 @@ impl<D: Dialect> Sink for Protocol<D> {
         self.d.check_intact(namespace, table).await
     }
 
-    async fn check_unowned(&self, namespace: &str, table: &str) -> Result<(), SinkError> {
+    async fn check_unowned(&self, def: &TableDef) -> Result<(), SinkError> {
+        let (namespace, table) = (def.namespace.as_str(), def.name.as_str());
         let mut c = self.d.connect().await?;
         let checked = async {
             self.d.check_owner(&mut c, namespace, table).await?;
-            if self.d.table_exists(&mut c, namespace, table).await? {
-                let drop = format!("DROP TABLE {}", self.d.table_sql(namespace, table));
-                return Err(SinkError::refused(
-                    self.d.target(),
-                    Refusal::NotOurs,
-                    format!(
-                        "{namespace}.{table} exists but {} has no row for it: another client (likely the official one) stopped while loading it, or it is not a replicated table. \
-                         Drop it with `{drop}` (its rows are incomplete), or use another database, then run initdb again",
-                        self.d.bookkeeping_name()
-                    ),
-                ));
+            if !self.d.table_exists(&mut c, namespace, table).await? {
+                return Ok(());
             }
-            Ok(())
+            // Provisioned beforehand (`dap ddl`): an empty table of exactly the official
+            // columns is taken over; anything else may be someone's data.
+            let rows = self.d.row_count(&mut c, namespace, table).await?;
+            let columns = self.d.column_names(&mut c, namespace, table).await?;
+            let official: Vec<&str> = def.columns().map(|c| c.name.as_str()).collect();
+            if rows == 0 && columns == official {
+                tracing::info!("{namespace}.{table}: taking over the empty table provisioned beforehand");
+                return Ok(());
+            }
+            let why = if rows > 0 {
+                format!("it holds {rows} rows: another client (likely the official one) stopped while loading it, or it is not a replicated table")
+            } else {
+                format!(
+                    "it is empty, but its columns ({}) are not the official layout's ({}): provision it with `dap ddl`",
+                    columns.join(", "),
+                    official.join(", ")
+                )
+            };
+            let drop = format!("DROP TABLE {}", self.d.table_sql(namespace, table));
+            Err(SinkError::refused(
+                self.d.target(),
+                Refusal::NotOurs,
+                format!(
+                    "{namespace}.{table} exists but {} has no row for it, and {why}. \
+                     Drop it with `{drop}`, or use another database, then run initdb again",
+                    self.d.bookkeeping_name()
+                ),
+            ))
         }
         .await;
         self.finish(c, checked).await

@@ -26,6 +26,7 @@ mod official_client;
 mod postgres;
 mod privacy;
 mod progress;
+mod provisioning;
 mod replicate;
 mod safety;
 mod scale;

@@ -62,6 +62,17 @@ pub async fn connect(url: &str) -> MssqlClient {
 }
 
 /// Runs statements, each as its own batch (CREATE VIEW must stand alone in one).
+/// Runs a script as one batch, as sqlcmd sends a file without `GO`.
+pub async fn exec_batch(url: &str, sql: &str) {
+    let mut c = connect(url).await;
+    c.simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{sql}"))
+        .into_results()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+}
+
 pub async fn exec(url: &str, sql: &str) {
     let mut c = connect(url).await;
     for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
