@@ -264,6 +264,7 @@ fn record_in_mirror(request: &ArchiveRequest, manifest: &Manifest, pruned: &std:
             .filter(|d| d.part.is_file())
             .collect();
         let file = crate::mirror::folder::namespace_files(&request.mirror)
+            .map_err(|e| e.to_string())?
             .into_iter()
             .find(|(n, _)| n == ns)
             .map(|(_, f)| f)

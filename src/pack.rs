@@ -59,6 +59,16 @@ pub enum PackError {
     Exists(PathBuf),
     #[error(transparent)]
     Locked(#[from] StateError),
+    #[error(transparent)]
+    Folder(#[from] crate::mirror::folder::FolderError),
+}
+
+/// An error writing into the destination folder `dir`: one this user may not write is named so.
+fn writing(dir: &Path) -> impl Fn(std::io::Error) -> PackError + '_ {
+    move |source| match crate::mirror::folder::FolderError::writing(dir, source) {
+        Ok(refused) => PackError::Folder(refused),
+        Err(source) => PackError::Io { path: dir.to_path_buf(), source },
+    }
 }
 
 impl PackError {
@@ -77,7 +87,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> PackError + '_ {
 /// Writes the mirror folder `dir` (only `namespaces` when given) to `output`; returns the manifest.
 pub fn pack(dir: &Path, namespaces: &[String], output: &Path) -> Result<Manifest, PackError> {
     refuse_mirror_output(dir, output).map_err(PackError::Output)?;
-    let mut files = namespace_files(dir);
+    let mut files = namespace_files(dir)?;
     if files.is_empty() {
         return Err(PackError::NoMirror(dir.to_path_buf()));
     }
@@ -271,8 +281,8 @@ fn unpack_into(file: &Path, dir: &Path, options: UnpackOptions) -> Result<Manife
         let scratch = match &mut scratch {
             Some(s) => s,
             none => {
-                crate::privacy::create_private_dir(dir).map_err(io(dir))?;
-                none.insert(tempfile::Builder::new().prefix(".dap-unpack-").tempdir_in(dir).map_err(io(dir))?)
+                crate::privacy::create_private_dir(dir).map_err(writing(dir))?;
+                none.insert(tempfile::Builder::new().prefix(".dap-unpack-").tempdir_in(dir).map_err(writing(dir))?)
             }
         };
         let path = scratch.path().join(&name);

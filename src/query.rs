@@ -28,6 +28,8 @@ pub enum OutputFormat {
 pub enum QueryError {
     #[error("there is no mirror in {}: run `dap initdb --namespace canvas --table …` first (or point DAP_MIRROR_DIR / --dir at one)", .0.display())]
     NoMirror(PathBuf),
+    #[error(transparent)]
+    Folder(#[from] crate::mirror::folder::FolderError),
     #[error("dap query only reads: this statement would change the mirror. Run it with sqlite3 on a copy instead")]
     Writes,
     #[error("{}", sql_message(.0))]
@@ -101,7 +103,7 @@ impl std::ops::Deref for MirrorReader {
 
 /// A read-only connection with every namespace of the mirror folder `dir` attached.
 pub fn open_mirror(dir: &Path) -> Result<MirrorReader, QueryError> {
-    let files = namespace_files(dir);
+    let files = namespace_files(dir)?;
     if files.is_empty() {
         return Err(QueryError::NoMirror(dir.to_path_buf()));
     }
@@ -118,7 +120,7 @@ pub fn open_mirror(dir: &Path) -> Result<MirrorReader, QueryError> {
         };
         // A mirror on a medium nothing can write has no WAL index: it is read as immutable.
         if let Err(e) = attach(ReadMode::Shared) {
-            if e.sqlite_error_code() != Some(rusqlite::ErrorCode::CannotOpen) {
+            if !crate::mirror::format::needs_immutable(&e) {
                 return Err(e.into());
             }
             let _ = conn.execute("DETACH DATABASE ?1", [ns]);
@@ -402,7 +404,7 @@ pub fn fit(s: &str, width: usize) -> std::borrow::Cow<'_, str> {
 /// The `sqlite3` arguments that open the mirror the way [`open_mirror`] does, for an interactive
 /// shell: every file read-only through its escaped `file:` URI, under its (checked) namespace name.
 pub fn shell_args(dir: &Path) -> Result<Vec<String>, QueryError> {
-    let files = namespace_files(dir);
+    let files = namespace_files(dir)?;
     if files.is_empty() {
         return Err(QueryError::NoMirror(dir.to_path_buf()));
     }

@@ -214,7 +214,7 @@ impl Plan {
             }
         }
         if let (Mode::Sync { missing: Missing::Skip, .. }, Some(file)) = (self.mode, self.target.local_file(ns)?)
-            && !file.exists()
+            && !crate::mirror::folder::mirror_file_present(&file).map_err(|e| RunError::Input(e.to_string()))?
         {
             return Err(RunError::Input(format!(
                 "{}: there is no mirror here yet, so nothing to sync; start with `{}` (or pass --init-missing)",
@@ -785,8 +785,11 @@ pub async fn drop_tables(
         && !file.exists()
     {
         let folder = file.parent().unwrap_or(std::path::Path::new("."));
-        let mirrored: Vec<String> =
-            crate::mirror::folder::namespace_files(folder).into_iter().map(|(ns, _)| ns).collect();
+        let mirrored: Vec<String> = crate::mirror::folder::namespace_files(folder)
+            .map_err(|e| RunError::Input(e.to_string()))?
+            .into_iter()
+            .map(|(ns, _)| ns)
+            .collect();
         let here = if mirrored.is_empty() { "none".to_string() } else { mirrored.join(", ") };
         return Err(RunError::Input(format!(
             "{} does not exist: namespace {namespace} has no mirror there, so there is nothing to drop \

@@ -204,7 +204,9 @@ pub async fn status(request: &StatusRequest) -> Result<Vec<TableStatus>, SinkErr
             Location::Folder(dir) => Some(dir.join(format!("{ns}.db"))),
             Location::Target(spec) => spec.local_file(&ns)?,
         };
-        if local.as_ref().is_some_and(|p| !p.exists()) {
+        if let Some(path) = &local
+            && !crate::mirror::folder::mirror_file_present(path).map_err(|e| e.refusal())?
+        {
             continue;
         }
         let sink: Arc<dyn Sink> = match (&local, &request.location) {
@@ -270,14 +272,8 @@ fn namespaces(request: &StatusRequest) -> Result<Vec<String>, SinkError> {
         Location::Target(TargetSpec::Url(_)) => return Ok(DAP_NAMESPACES.map(String::from).to_vec()),
         Location::Target(TargetSpec::DefaultMirror) => crate::mirror::folder::default_dir()?,
     };
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".db")).map(String::from))
-        .collect();
-    names.sort();
-    Ok(names)
+    let files = crate::mirror::folder::namespace_files(&dir).map_err(|e| e.refusal())?;
+    Ok(files.into_iter().map(|(ns, _)| ns).collect())
 }
 
 /// A duration in seconds as the official client shows staleness: `42s`, `2m 5s`, `3h 1m`,

@@ -559,7 +559,7 @@ fn print_runs(args: &StatusArgs, n: u32) -> anyhow::Result<()> {
             }
         },
     };
-    let files: Vec<(String, PathBuf)> = crate::mirror::folder::namespace_files(&folder)
+    let files: Vec<(String, PathBuf)> = crate::mirror::folder::namespace_files(&folder)?
         .into_iter()
         .filter(|(ns, _)| args.namespace.as_ref().is_none_or(|want| want == ns))
         .collect();

@@ -124,7 +124,7 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
     let Some(sql) = args.sql else {
         let shell_args = query::shell_args(&dir)?;
         // The shell reads as dap does: it leaves no -wal/-shm behind either.
-        let files = crate::mirror::folder::namespace_files(&dir);
+        let files = crate::mirror::folder::namespace_files(&dir)?;
         let _tidy = crate::mirror::format::LeaveNoTrace::note(files.iter().map(|(_, f)| f.as_path()));
         let status = match std::process::Command::new("sqlite3").args(&shell_args).status() {
             Ok(status) => status,

@@ -28,10 +28,92 @@ pub enum StateError {
     Locked { path: PathBuf, holder: String, waited: std::time::Duration },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Folder(#[from] FolderError),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io { path: path.to_path_buf(), source }
+    move |source| match FolderError::writing(path, source) {
+        Ok(refused) => StateError::Folder(refused),
+        Err(source) => StateError::Io { path: path.to_path_buf(), source },
+    }
+}
+
+/// A mirror folder this user may not use, named, with what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum FolderError {
+    #[error(
+        "cannot read the mirror folder {} ({}): run dap as the user that owns it (`ls -ld` shows who), or have it shared with you (read and search rights on the folder, read on its files)",
+        folder.display(),
+        cause(folder, path, source)
+    )]
+    Unreadable { folder: PathBuf, path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot write in the mirror folder {} ({}): dap keeps the mirror, its lock and state.json there. Run dap as the user that owns it, make the folder writable, or point --dir (or DAP_MIRROR_DIR) at a writable one; status, query, export and pack only read it",
+        folder.display(),
+        cause(folder, path, source)
+    )]
+    ReadOnly { folder: PathBuf, path: PathBuf, source: std::io::Error },
+}
+
+/// What failed, on which file of `folder` (its name only: the line names the folder once).
+fn cause(folder: &Path, path: &Path, source: &std::io::Error) -> String {
+    let what = std::io::Error::new(source.kind(), source.to_string().split(" at path ").next().unwrap_or_default());
+    match path.strip_prefix(folder) {
+        Ok(rest) if !rest.as_os_str().is_empty() => format!("{what}, on {}", rest.display()),
+        _ => what.to_string(),
+    }
+}
+
+/// Whether the mirror file `path` is there; one this user may not read (or whose folder it may
+/// not search) is refused, named, rather than taken for missing.
+pub fn mirror_file_present(path: &Path) -> Result<bool, FolderError> {
+    match File::open(path) {
+        Ok(file) => Ok(file.metadata().is_ok_and(|m| m.is_file())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => FolderError::reading(path, e).map_or(Ok(false), Err),
+    }
+}
+
+impl FolderError {
+    /// The refusal a target reports; its message names the folder, once.
+    pub fn refusal(self) -> SinkError {
+        let folder = match &self {
+            FolderError::Unreadable { folder, .. } | FolderError::ReadOnly { folder, .. } => {
+                folder.display().to_string()
+            }
+        };
+        SinkError::refused(&folder, Refusal::NotAllowed, self.to_string())
+    }
+
+    /// The folder of `path` (or `path` itself when it is one).
+    fn folder_of(path: &Path) -> PathBuf {
+        if path.is_dir() {
+            return path.to_path_buf();
+        }
+        path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+    }
+
+    /// `source` as a refusal when it says the folder of `path` may not be written; else itself.
+    pub fn writing(path: &Path, source: std::io::Error) -> Result<FolderError, std::io::Error> {
+        use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem};
+        match source.kind() {
+            PermissionDenied | ReadOnlyFilesystem => {
+                Ok(FolderError::ReadOnly { folder: Self::folder_of(path), path: path.to_path_buf(), source })
+            }
+            _ => Err(source),
+        }
+    }
+
+    /// `source` as a refusal when it says `path` (the folder or a file in it) may not be read.
+    pub fn reading(path: &Path, source: std::io::Error) -> Result<FolderError, std::io::Error> {
+        match source.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                Ok(FolderError::Unreadable { folder: Self::folder_of(path), path: path.to_path_buf(), source })
+            }
+            _ => Err(source),
+        }
+    }
 }
 
 /// Exclusive right to write one mirror file, held until dropped.
@@ -156,47 +238,52 @@ pub fn default_dir() -> Result<PathBuf, SinkError> {
     })
 }
 
-/// Why a `.db` file of a mirror folder is left out of the folder's namespaces.
-fn unusable(path: &Path, namespace: &str) -> Option<String> {
+/// Why a `.db` file of a mirror folder is left out of the folder's namespaces (a file this user
+/// may not read is refused instead).
+fn unusable(path: &Path, namespace: &str) -> Result<Option<String>, FolderError> {
     let safe = !namespace.is_empty() && namespace.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !safe {
-        return Some("its name is not a namespace name (letters, digits and _ only)".into());
+        return Ok(Some("its name is not a namespace name (letters, digits and _ only)".into()));
     }
     if ["main", "temp"].iter().any(|reserved| namespace.eq_ignore_ascii_case(reserved)) {
-        return Some(format!("{namespace} is a name SQLite reserves for its own databases"));
+        return Ok(Some(format!("{namespace} is a name SQLite reserves for its own databases")));
     }
     match super::format::sqlite_header(path) {
-        Ok(true) => None,
-        Ok(false) => Some("it is not a SQLite database".into()),
-        Err(e) => Some(format!("it cannot be read ({e})")),
+        Ok(true) => Ok(None),
+        Ok(false) => Ok(Some("it is not a SQLite database".into())),
+        Err(e) => match FolderError::reading(path, e) {
+            Ok(refused) => Err(refused),
+            Err(e) => Ok(Some(format!("it cannot be read ({e})"))),
+        },
     }
 }
 
 /// The namespace files of a mirror folder: `(namespace, file)` for each `*.db` that is a SQLite
 /// database named like a namespace, sorted. Any other `.db` there (a file named so that it
 /// could not be attached safely, `temp.db`, a text file) is left out with a warning, so that one
-/// stray file never breaks the folder.
-pub fn namespace_files(dir: &Path) -> Vec<(String, PathBuf)> {
-    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let path = e.path();
-            let name = e.file_name();
-            let namespace = name.to_string_lossy().strip_suffix(".db")?.to_string();
-            if !path.is_file() {
-                return None;
-            }
-            if let Some(why) = unusable(&path, &namespace) {
-                tracing::warn!("{}: left out of the mirror: {why}", crate::term::safe(&path.display().to_string()));
-                return None;
-            }
-            Some((namespace, path))
-        })
-        .collect();
+/// stray file never breaks the folder. A folder that does not exist has none; one this user may
+/// not read (or a namespace file in it) is refused, named.
+pub fn namespace_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, FolderError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => return FolderError::reading(dir, e).map_or(Ok(Vec::new()), Err),
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        let Some(namespace) = name.to_string_lossy().strip_suffix(".db").map(String::from) else { continue };
+        if !path.is_file() {
+            continue;
+        }
+        if let Some(why) = unusable(&path, &namespace)? {
+            tracing::warn!("{}: left out of the mirror: {why}", crate::term::safe(&path.display().to_string()));
+            continue;
+        }
+        out.push((namespace, path));
+    }
     out.sort();
-    out
+    Ok(out)
 }
 
 /// Refuses an output file (of `export` or `pack`) that would replace a part of the mirror in

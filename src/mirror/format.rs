@@ -185,10 +185,21 @@ pub fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
         Ok(conn)
     };
     match open(ReadMode::Shared) {
-        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen) && path.is_file() => {
-            open(ReadMode::Immutable)
-        }
+        Err(e) if needs_immutable(&e) && path.is_file() => open(ReadMode::Immutable),
         other => other,
+    }
+}
+
+/// Whether a shared read failed only because no WAL index can be made beside the file (a
+/// read-only folder or medium): then the file is read as immutable.
+pub fn needs_immutable(e: &rusqlite::Error) -> bool {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => {
+            f.code == rusqlite::ErrorCode::CannotOpen
+                || f.extended_code == rusqlite::ffi::SQLITE_READONLY_DIRECTORY
+                || f.extended_code == rusqlite::ffi::SQLITE_READONLY_CANTINIT
+        }
+        _ => false,
     }
 }
 

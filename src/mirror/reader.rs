@@ -38,7 +38,9 @@ impl MirrorSource {
     /// The mirror file at `path`, which must exist (replication never creates a mirror).
     pub fn open(path: &Path) -> Result<MirrorSource, SourceError> {
         let source = MirrorSource { path: path.to_path_buf(), _tidy: Arc::new(LeaveNoTrace::note([path])) };
-        if !path.is_file() {
+        let present =
+            crate::mirror::folder::mirror_file_present(path).map_err(|e| SourceError::failed("", e.to_string()))?;
+        if !present {
             return Err(SourceError::failed(
                 "",
                 format!(

@@ -20,7 +20,7 @@ use std::time::Duration;
 use rusqlite::{Connection, params};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use super::folder::{StateFile, WriterLock};
+use super::folder::{StateError, StateFile, WriterLock, mirror_file_present};
 use super::format::*;
 use super::history::{self, Keeping, VersionWriter};
 use crate::decode::Record;
@@ -106,12 +106,14 @@ impl SqliteDialect {
                         )
                     })?;
                 }
-                let lock = WriterLock::acquire_waiting(path, lock_timeout)
-                    .map_err(|e| SinkError::refused(&shown, Refusal::Locked, e.to_string()))?;
+                let lock = WriterLock::acquire_waiting(path, lock_timeout).map_err(|e| match e {
+                    StateError::Folder(refused) => refused.refusal(),
+                    other => SinkError::refused(&shown, Refusal::Locked, other.to_string()),
+                })?;
                 (Connection::open(path).map_err(|e| fail("opening", e))?, Some(lock))
             }
             Access::Read => {
-                if !path.is_file() {
+                if !mirror_file_present(path).map_err(|e| e.refusal())? {
                     return Err(SinkError::refused(
                         &shown,
                         Refusal::Missing,

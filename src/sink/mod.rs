@@ -92,7 +92,7 @@ pub enum SinkError {
         source: Option<BoxError>,
     },
     /// The target is in a state the command cannot work on; `detail` says what to do.
-    #[error("{target}: {detail}")]
+    #[error("{}", named_once(target, detail))]
     Refused {
         target: String,
         kind: Refusal,
@@ -107,6 +107,11 @@ pub enum SinkError {
     /// The source sent rows outside a part: a bug of the source, not of the data.
     #[error("the source sent rows outside a part (rows or an end before the part's beginning)")]
     BrokenFeed,
+}
+
+/// `detail` after the target it is about, unless it already names it: a line names its target once.
+fn named_once(target: &str, detail: &str) -> String {
+    if target.is_empty() || detail.contains(target) { detail.to_string() } else { format!("{target}: {detail}") }
 }
 
 impl From<crate::feed::FeedError> for SinkError {

@@ -198,3 +198,93 @@ async fn run_ok(emu: &Emulator, cwd: &Path, args: Vec<&str>, env: &[(&str, &str)
     assert!(out.status.success(), "dap {args:?}: {err}");
     (String::from_utf8_lossy(&out.stdout).into_owned(), err)
 }
+
+/// Runs dap as a user other than the folder's owner: as `nobody` when the tests run as root
+/// (root reads and writes any folder), else as the test's own user.
+async fn as_another_user(emu: &Emulator, cwd: &Path, args: &[&str]) -> std::process::Output {
+    let root = std::process::Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    let mut cmd = ours_command(emu, cwd);
+    let dap = env!("CARGO_BIN_EXE_dap");
+    if root {
+        let std = cmd.as_std_mut();
+        let envs: Vec<(std::ffi::OsString, std::ffi::OsString)> =
+            std.get_envs().filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))).collect();
+        let mut other = tokio::process::Command::new("setpriv");
+        other.current_dir(cwd).args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", dap]);
+        other.envs(envs).env("HOME", cwd).env_remove("DAP_CONNECTION_STRING").arg("--non-interactive");
+        cmd = other;
+    }
+    cmd.args(args).output().await.expect("dap runs")
+}
+
+/// A mirror folder this user may not read is named as such with the fix (not "no tables yet",
+/// not "there is no mirror"), by every command; one it may read but not write is read by
+/// status, query and pack, and refused by the writing commands, named, with the fix, the
+/// mirror unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folders_this_user_cannot_read_or_write_are_named_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let emu = emulator(EmulatorConfig { rows: 8, ..EmulatorConfig::default() }).await;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mirror = root.path().join("mirror");
+    let m = mirror.to_str().unwrap();
+    ours_ok(&emu, root.path(), &["initdb", "--dir", m, "--namespace", "canvas", "--table", "accounts"]).await;
+    let file = mirror.join("canvas.db");
+    let before = std::fs::read(&file).unwrap();
+    let from = format!("sqlite:///{}", file.display());
+    let elsewhere = format!("sqlite:///{}", root.path().join("copy.db").display());
+    let pack = root.path().join("p.tar").display().to_string();
+
+    // Unreadable: the folder closed to others.
+    std::fs::set_permissions(&mirror, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["status", "--dir", m],
+        vec!["query", "--dir", m, "SELECT count(*) FROM accounts"],
+        vec!["export", "--dir", m, "--namespace", "canvas", "--table", "accounts", "-o", "x.csv"],
+        vec!["pack", "--dir", m, "-o", &pack],
+        vec!["syncdb", "--dir", m, "--namespace", "canvas", "--table", "accounts"],
+        vec!["replicate", "--from", &from, "--to", &elsewhere, "--namespace", "canvas", "--table", "all"],
+    ];
+    for args in &commands {
+        let out = as_another_user(&emu, root.path(), args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} in an unreadable folder must fail: {stderr}");
+        assert!(
+            stderr.contains("cannot read the mirror folder") && stderr.contains(m) && stderr.contains("owns it"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("no mirror") && !stderr.contains("mirrored yet"), "{args:?}: {stderr}");
+    }
+
+    // Read-only: readable by others, writable by its owner only.
+    std::fs::set_permissions(&mirror, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in std::fs::read_dir(&mirror).unwrap().flatten().filter(|e| e.path().is_file()) {
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    for args in
+        [vec!["status", "--dir", m, "--allow-shared"], vec!["query", "--dir", m, "SELECT count(*) FROM accounts"]]
+    {
+        let out = as_another_user(&emu, root.path(), &args).await;
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{args:?} reads a read-only folder: {stderr}");
+        assert!(stdout.contains("accounts") || stdout.contains('8'), "{args:?}: {stdout}");
+    }
+    for args in [
+        vec!["syncdb", "--dir", m, "--namespace", "canvas", "--table", "accounts", "--allow-shared"],
+        vec!["initdb", "--dir", m, "--namespace", "canvas", "--table", "courses", "--allow-shared"],
+        vec!["dropdb", "--dir", m, "--namespace", "canvas", "--table", "accounts", "--allow-shared"],
+    ] {
+        let out = as_another_user(&emu, root.path(), &args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} in a read-only folder must fail");
+        assert!(
+            stderr.contains("cannot write in the mirror folder")
+                && stderr.contains("--dir")
+                && !stderr.contains("os error 30)\n"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(stderr.matches(m).count(), 1, "{args:?}: the folder is named once: {stderr}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), before, "the mirror is unchanged");
+}
