@@ -217,8 +217,12 @@ impl TableProgress {
     /// The table's outcome when it failed (a warning off a terminal).
     pub fn fail(&self, error: &dyn std::fmt::Display) {
         match &self.bar {
-            Some((lines, bar)) => self.settle(lines, bar, &format!("failed: {error}")),
-            None => tracing::warn!("{}: {error}", self.name),
+            Some((lines, bar)) => {
+                let line = crate::term::in_context(&self.name, &error.to_string());
+                let cause = line.strip_prefix(&format!("{}: ", self.name)).unwrap_or(&line);
+                self.settle(lines, bar, &format!("failed: {cause}"))
+            }
+            None => tracing::warn!("{}", crate::term::in_context(&self.name, &error.to_string())),
         }
     }
 }

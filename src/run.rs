@@ -560,7 +560,7 @@ impl MirrorRecord {
             // A target that failed itself gets no record it did not have at the start.
             Ok(report) if report.target_failed && id.is_none() => return,
             Ok(report) => {
-                let errors = report.failures().into_iter().map(|(t, e)| format!("{t}: {e}")).collect();
+                let errors = report.failures().into_iter().map(|(t, e)| crate::term::in_context(&t, &e)).collect();
                 ended_run(self.command, self.started, &report.tables, errors)
             }
             // A run that could not start is recorded only where its start was.
@@ -734,7 +734,7 @@ pub async fn replicate(plan: &ReplicatePlan, progress: &Progress) -> Result<Vec<
             let sink = match target::open(spec, ns, &plan.sink).await {
                 Ok(sink) => sink,
                 Err(e) => {
-                    tracing::warn!("{target}: {e}");
+                    tracing::warn!("{}", crate::term::in_context(&target, &e.to_string()));
                     return TargetReport { target, error: Some(e.to_string()), tables: Vec::new() };
                 }
             };

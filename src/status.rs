@@ -261,6 +261,59 @@ pub async fn status(request: &StatusRequest) -> Result<Vec<TableStatus>, SinkErr
     Ok(report)
 }
 
+/// An initdb that stopped before publishing: objects loaded into staging, no bookkeeping row
+/// yet. `dap initdb` resumes it from its checkpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interrupted {
+    pub namespace: String,
+    pub table: String,
+    /// Objects of its job already loaded.
+    pub objects: u64,
+}
+
+/// The interrupted initdbs of the mirror files the request looks at (a server target keeps its
+/// checkpoints in its own schema and is not read here).
+pub fn interrupted(request: &StatusRequest) -> Result<Vec<Interrupted>, SinkError> {
+    use crate::mirror::format::{BOOKKEEPING, CHECKPOINTS, open_read_only};
+    let mut out = Vec::new();
+    for ns in namespaces(request)? {
+        let file = match &request.location {
+            Location::Folder(dir) => dir.join(format!("{ns}.db")),
+            Location::Target(spec) => match spec.local_file(&ns)? {
+                Some(file) => file,
+                None => continue,
+            },
+        };
+        if !crate::mirror::folder::mirror_file_present(&file).map_err(|e| e.refusal())? {
+            continue;
+        }
+        let read = || -> rusqlite::Result<Vec<Interrupted>> {
+            let conn = open_read_only(&file)?;
+            let exists: bool = conn.query_row(
+                "SELECT count(*) = 2 FROM sqlite_master WHERE name IN (?1, ?2)",
+                [CHECKPOINTS, BOOKKEEPING],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                return Ok(Vec::new());
+            }
+            let mut statement = conn.prepare(&format!(
+                "SELECT source_table, count(*) FROM {CHECKPOINTS} c WHERE source_namespace = ?1
+                 AND NOT EXISTS (SELECT 1 FROM {BOOKKEEPING} b WHERE b.source_namespace = c.source_namespace AND b.source_table = c.source_table)
+                 GROUP BY source_table ORDER BY source_table"
+            ))?;
+            statement
+                .query_map([&ns], |r| Ok(Interrupted { namespace: ns.clone(), table: r.get(0)?, objects: r.get(1)? }))?
+                .collect()
+        };
+        match read() {
+            Ok(found) => out.extend(found),
+            Err(e) => tracing::warn!("{}: could not read its unfinished loads: {e}", file.display()),
+        }
+    }
+    Ok(out)
+}
+
 /// The namespaces looked at: the one asked for, every DAP namespace of a connection string, or
 /// every mirror file's of a folder.
 fn namespaces(request: &StatusRequest) -> Result<Vec<String>, SinkError> {

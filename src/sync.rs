@@ -329,9 +329,10 @@ impl Replicator {
         };
         let done = self.sink.stage(&schema.def, &extract.id).await?;
         if !done.is_empty() {
+            // The job's id is an internal name (a DAP job's, or the mirror's epoch): debug only.
+            tracing::debug!("{namespace}.{table}: resuming job {}", extract.id);
             tracing::info!(
-                "{namespace}.{table}: resuming job {}: {} of {} objects were already loaded",
-                extract.id,
+                "{namespace}.{table}: resuming the interrupted load: {} of {} objects were already loaded",
                 done.len(),
                 extract.parts.len()
             );

@@ -78,3 +78,34 @@ mod tests {
         assert_eq!(shell_word("a\nb"), "'a\\nb'");
     }
 }
+
+/// `message` after `context` (a table, a target, or both), without the leading `X: ` parts of the
+/// message that `context` already names: an error that carries its target is logged under a line
+/// that names it too, and a line names its target once.
+pub fn in_context(context: &str, message: &str) -> String {
+    let mut rest = message;
+    while let Some((head, tail)) = rest.split_once(": ") {
+        if head.is_empty() || !context.contains(head) {
+            break;
+        }
+        rest = tail;
+    }
+    format!("{context}: {rest}")
+}
+
+#[cfg(test)]
+mod context_tests {
+    use super::in_context;
+
+    #[test]
+    fn a_line_names_its_target_once() {
+        let target = "postgresql://u:***@db:5432/dap";
+        assert_eq!(
+            in_context(&format!("canvas.courses → {target}"), &format!("{target}: connecting: refused")),
+            format!("canvas.courses → {target}: connecting: refused")
+        );
+        assert_eq!(in_context(target, &format!("{target}: {target}: x")), format!("{target}: x"));
+        // A message that merely starts with other words keeps them.
+        assert_eq!(in_context("accounts", "canvas.users exists: drop it"), "accounts: canvas.users exists: drop it");
+    }
+}

@@ -186,9 +186,9 @@ pub fn message(plan: &Plan, end: &RunEnd) -> serde_json::Value {
         let lines: Vec<String> = end
             .failures
             .iter()
-            .map(|(t, e)| match t.starts_with('→') {
-                true => format!("• {ns} {t}: {}", crate::secrets::scrub(e)),
-                false => format!("• {ns}.{t}: {}", crate::secrets::scrub(e)),
+            .map(|(t, e)| {
+                let context = if t.starts_with('→') { format!("{ns} {t}") } else { format!("{ns}.{t}") };
+                format!("• {}", crate::term::in_context(&context, &crate::secrets::scrub(e)))
             })
             .collect();
         (

@@ -517,8 +517,10 @@ pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
     if let Some(n) = args.runs {
         return print_runs(&args, n);
     }
-    let report = crate::status::status(&args.request(ctx.shared)?).await?;
-    print_status(&report, if args.json { Output::Json } else { Output::Text })?;
+    let request = args.request(ctx.shared)?;
+    let report = crate::status::status(&request).await?;
+    let interrupted = crate::status::interrupted(&request)?;
+    print_status(&report, &interrupted, if args.json { Output::Json } else { Output::Text })?;
     let stale = args.max_lag.map(|max| stale_tables(&report, max)).transpose();
     // A target that could not be read is said once, and the exit says it.
     let mut unreadable: Vec<(&str, &str)> = Vec::new();
@@ -653,11 +655,19 @@ pub(super) enum Output {
 }
 
 /// Prints a status report as a table, or as JSON for scripts.
-pub(super) fn print_status(report: &[TableStatus], output: Output) -> anyhow::Result<()> {
-    let rows: Vec<serde_json::Value> = report
+pub(super) fn print_status(
+    report: &[TableStatus],
+    interrupted: &[crate::status::Interrupted],
+    output: Output,
+) -> anyhow::Result<()> {
+    let resume = |i: &crate::status::Interrupted| {
+        crate::term::command(&["initdb", "--namespace", &i.namespace, "--table", &i.table])
+    };
+    let mut rows: Vec<serde_json::Value> = report
         .iter()
         .map(|t| {
             json!({
+                "state": "mirrored",
                 "targets": t.targets.iter().map(position_json).collect::<Vec<_>>(),
                 "namespace": t.namespace,
                 "table": t.table,
@@ -681,11 +691,31 @@ pub(super) fn print_status(report: &[TableStatus], output: Output) -> anyhow::Re
         })
         .collect();
     if output == Output::Json {
+        rows.extend(interrupted.iter().map(|i| {
+            json!({
+                "state": "initdb interrupted",
+                "namespace": i.namespace,
+                "table": i.table,
+                "objects_loaded": i.objects,
+                "watermark": null,
+                "resume": resume(i),
+            })
+        }));
         super::print_json(&rows)?;
         return Ok(());
     }
+    for i in interrupted {
+        println!(
+            "{}: initdb interrupted with {} objects loaded; `{}` resumes it where it stopped",
+            crate::term::safe(&format!("{}.{}", i.namespace, i.table)),
+            i.objects,
+            resume(i)
+        );
+    }
     if rows.is_empty() {
-        println!("No tables are mirrored yet; start with `dap initdb --namespace canvas --table <tables>`.");
+        if interrupted.is_empty() {
+            println!("No tables are mirrored yet; start with `dap initdb --namespace canvas --table <tables>`.");
+        }
         return Ok(());
     }
     println!(

@@ -142,7 +142,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         targets: Vec::new(),
         shared: ctx.shared,
     };
-    db::print_status(&crate::status::status(&request).await?, db::Output::Text)?;
+    db::print_status(&crate::status::status(&request).await?, &[], db::Output::Text)?;
 
     let conn = crate::query::open_mirror(&dir)?;
     for (n, (title, sql)) in QUERIES.iter().enumerate() {

@@ -84,7 +84,9 @@ pub(super) fn finish(console: super::Console, results: &[TargetReport]) -> anyho
     let mut failed = Vec::new();
     for r in results {
         if let Some(e) = &r.error {
-            eprintln!("replicate to {}: failed: {}", r.target, crate::secrets::scrub(e));
+            let line = crate::term::in_context(&r.target, &crate::secrets::scrub(e));
+            let cause = line.strip_prefix(&format!("{}: ", r.target)).unwrap_or(&line);
+            eprintln!("replicate to {}: failed: {cause}", r.target);
             failed.push(r.target.clone());
             continue;
         }

@@ -79,10 +79,38 @@ async fn killed_after_a_checkpoint_the_rerun_resumes(backend: Backend, emu: &Emu
         assert!(Instant::now() < deadline, "{backend:?}: no checkpoint within 120 s");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    if backend == Backend::Sqlite {
+        // `status` shows the interrupted initdb (not "no tables yet") and how to resume it.
+        let status = |json: bool| {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dap"));
+            cmd.args(["status", "--connection-string", &t.url]);
+            if json {
+                cmd.arg("--json");
+            }
+            cmd.output().unwrap()
+        };
+        let out = status(true);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let waiting: Vec<&serde_json::Value> = rows.iter().filter(|r| r["state"] == "initdb interrupted").collect();
+        assert!(!waiting.is_empty(), "status --json lists the interrupted initdb: {rows:?}");
+        for w in &waiting {
+            assert!(w["objects_loaded"].as_u64().unwrap() >= 1 && w["watermark"].is_null(), "{w}");
+            assert!(
+                w["resume"].as_str().unwrap().contains(&format!("--table {}", w["table"].as_str().unwrap())),
+                "{w}"
+            );
+        }
+        let text = String::from_utf8_lossy(&status(false).stdout).into_owned();
+        assert!(text.contains("initdb interrupted with") && !text.contains("No tables are mirrored yet"), "{text}");
+    }
     let out = command(emu, &t.url).output().await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("resuming job"), "{backend:?}: the rerun did not resume from its checkpoints:\n{stderr}");
+    assert!(
+        stderr.contains("resuming the interrupted load"),
+        "{backend:?}: the rerun did not resume from its checkpoints:\n{stderr}"
+    );
     for table in TABLES {
         let (now, truth) = (rows(&t, emu, table).await.unwrap(), truth(&t, emu, table));
         assert!(

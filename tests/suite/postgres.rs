@@ -398,6 +398,31 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         init(format!("postgresql://{user}:{secret}@{host}/dapt_pg_bad_input")).await,
         &["refused the login", "check the user and password"],
     );
+    // Replicating there: each line about the refused login names the target once.
+    let mirror = dir.path().join("mirror");
+    let out = run_ours(
+        &emu,
+        dir.path(),
+        &[
+            "initdb",
+            "--dir",
+            mirror.to_str().unwrap(),
+            "--namespace",
+            "canvas",
+            "--table",
+            "accounts",
+            "--replicate-to",
+            &format!("postgresql://{user}:{secret}@{host}/dapt_pg_bad_input"),
+        ],
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("refused the login")).collect();
+    assert!(lines.len() >= 2, "the failure is logged and summed up: {err}");
+    for line in lines {
+        assert_eq!(line.matches("/dapt_pg_bad_input").count(), 1, "the target named once: {line}");
+    }
+    assert!(!err.contains(secret), "a password leaked: {err}");
     expect(init(format!("postgresql://{user}:{secret}@127.0.0.1:1/db")).await, &["cannot reach the server"]);
     expect(init(format!("{base}/no_such_database")).await, &["database no_such_database does not exist"]);
     expect(
