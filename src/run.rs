@@ -417,12 +417,12 @@ async fn run_recorded(
         Mode::Init(_) => Reinit::Stop,
     };
     let replicator = Replicator { source: Arc::new(source), sink: target.clone(), reinit, attempts: plan.attempts };
-    let overall = progress.overall(tables.len(), move || pacing.next_job_slot());
+    let overall = progress.overall(tables.len(), pacing.job_limit(), move || pacing.next_job_slot());
     // A target that failed itself (damaged, unwritable, full) gets no record of the run written
     // into it: a refused file is left as it was.
     let target_failed = std::sync::atomic::AtomicBool::new(false);
     let outcomes = per_table::run_each(&tables, per_table::JOBS_IN_FLIGHT, |t| {
-        let (r, local, target, overall, run_record) = (&replicator, &local, target.as_ref(), &overall, run_record);
+        let (r, local, target, run_record) = (&replicator, &local, target.as_ref(), run_record);
         let target_failed = &target_failed;
         async move {
             let watch = Arc::new(progress.table(&t));
@@ -438,7 +438,6 @@ async fn run_recorded(
                 Err(e) if let Some(reason) = e.skip_reason() => watch.finish(&format!("skipped, {reason}")),
                 Err(e) => watch.fail(e),
             }
-            overall.table_done();
             if matches!(report, Err(SyncError::Sink(_))) {
                 target_failed.store(true, std::sync::atomic::Ordering::Relaxed);
             }

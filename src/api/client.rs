@@ -394,6 +394,11 @@ impl Client {
         self.pacer.wait()
     }
 
+    /// The job-creation limit in force, as people say it ("5 jobs a minute").
+    pub fn job_limit(&self) -> String {
+        self.pacer.describe()
+    }
+
     /// Submits `query` and polls the job (with backoff, up to the deadline) until it is complete;
     /// a job that expires while polled is submitted again. `on_stage` sees every state.
     pub async fn run_job(
@@ -445,7 +450,7 @@ impl Client {
 /// Where a query stands, for progress displays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobStage {
-    /// Held back by the job-creation rate (DAP allows 5 per minute).
+    /// Held back by the job-creation limit (DAP allows 5 a minute; `DAP_JOB_RATE` says otherwise).
     WaitingForSlot,
     /// Submitted; the job's state as last polled.
     Job(JobStatus),

@@ -61,6 +61,16 @@ impl Pacer {
         }
     }
 
+    /// The limit as people say it: "5 jobs a minute", "2 jobs every 3 s".
+    pub fn describe(&self) -> String {
+        let jobs = if self.limit == 1 { "1 job".to_string() } else { format!("{} jobs", self.limit) };
+        match self.window.as_secs() {
+            60 if self.window.subsec_nanos() == 0 => format!("{jobs} a minute"),
+            3600 if self.window.subsec_nanos() == 0 => format!("{jobs} an hour"),
+            _ => format!("{jobs} every {} s", self.window.as_secs_f64()),
+        }
+    }
+
     /// How long a creation asked for now would wait (zero when a slot is free); an estimate for
     /// progress displays, as requests in flight may finish sooner.
     pub fn wait(&self) -> Duration {
@@ -131,5 +141,12 @@ mod tests {
         let start = Instant::now();
         let _second = pacer.acquire().await;
         assert!(start.elapsed() >= Duration::from_millis(990));
+    }
+
+    #[test]
+    fn the_limit_is_said_as_people_say_it() {
+        assert_eq!(Pacer::new(5, Duration::from_secs(60)).describe(), "5 jobs a minute");
+        assert_eq!(Pacer::new(2, Duration::from_secs(3)).describe(), "2 jobs every 3 s");
+        assert_eq!(Pacer::new(1, Duration::from_secs(3600)).describe(), "1 job an hour");
     }
 }

@@ -294,7 +294,15 @@ impl Source for MirrorSource {
     }
 
     fn read(&self, def: &TableDef, _extract: &Extract, parts: Vec<String>, watch: Arc<TableProgress>) -> Reading {
-        watch.stage("reading the mirror");
+        // A snapshot's parts are rowid ranges: their sizes bound the rows (an ETA's total).
+        let rows: u64 = parts
+            .iter()
+            .filter_map(|p| match Part::parse(p)? {
+                Part::Rows(first, last) => Some((last - first + 1).max(0) as u64),
+                Part::ChangedSince(_) => None,
+            })
+            .sum();
+        watch.reading("reading the mirror", rows);
         let (tx, feed): (FeedSender, Feed) = Feed::channel(4);
         let source = MirrorSource { path: self.path.clone(), _tidy: self._tidy.clone() };
         let def = def.clone();

@@ -84,8 +84,9 @@ impl DapSource {
         let mut attempt = 1;
         loop {
             let on_stage = |stage: JobStage| match stage {
-                JobStage::WaitingForSlot => watch
-                    .stage(&format!("waiting for a job slot (about {} s)", self.client.next_job_slot().as_secs() + 1)),
+                JobStage::WaitingForSlot => {
+                    watch.waiting_for_slot(self.client.next_job_slot(), &self.client.job_limit())
+                }
                 stage => watch.stage(stage.describe()),
             };
             match self.client.run_job(&def.namespace, &def.name, &query(), on_stage).await {

@@ -57,6 +57,59 @@ async fn a_terminal_shows_each_table_in_flight_and_the_wait_for_a_job_slot() {
     assert!(screen.contains("initdb: 3 tables: 3 succeeded"), "{screen}");
 }
 
+/// 28 tables on a 16-row terminal: the lines in flight are summed up rather than clipped, the
+/// overall line comes last and counts each finished table as its outcome is printed, and the
+/// wait names the job limit in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_terminal_sums_up_what_does_not_fit_and_the_counter_keeps_step() {
+    let emu = emulator(EmulatorConfig {
+        rows: 50,
+        job_waiting: Duration::from_millis(300),
+        job_running: Duration::from_millis(300),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("canvas.db").display());
+    let tables: Vec<String> = emu.tables("canvas").unwrap().into_iter().take(28).collect();
+    let list = tables.join(",");
+    let args = ["initdb", "--namespace", "canvas", "--table", &list, "--connection-string", &url];
+    let dap = Path::new(env!("CARGO_BIN_EXE_dap"));
+    let (ok, screen) = tokio::task::block_in_place(|| {
+        on_a_terminal_of(dap, &emu, dir.path(), &args, &[("DAP_JOB_RATE", "20/2")], (16, 100))
+    });
+    assert!(ok, "{screen}");
+    assert!(screen.contains("more in flight"), "28 tables in flight on 16 rows are summed up:\n{screen}");
+    assert!(screen.contains("(DAP allows 20 jobs every 2 s)"), "the limit in force:\n{screen}");
+    assert!(!screen.contains("5 jobs a minute"), "{screen}");
+    let mut finished: std::collections::BTreeSet<&str> = Default::default();
+    let mut counted = 0;
+    // indicatif writes the block's lines padded to the terminal's width, one after another.
+    let rows: Vec<String> = screen
+        .lines()
+        .flat_map(|l| {
+            l.chars().collect::<Vec<char>>().chunks(100).map(|c| c.iter().collect::<String>()).collect::<Vec<_>>()
+        })
+        .collect();
+    for line in &rows {
+        if let Some((name, _)) = line.split_once(" initialised, ") {
+            finished.insert(name.trim());
+        }
+        if let Some(k) =
+            line.split_once("/28 tables done").and_then(|(k, _)| k.trim().rsplit(' ').next()?.parse::<usize>().ok())
+        {
+            counted += 1;
+            assert!(
+                (finished.len()..=finished.len() + 1).contains(&k),
+                "the counter says {k} with {} outcomes printed:\n{screen}",
+                finished.len()
+            );
+        }
+    }
+    assert!(counted > 0, "no overall line:\n{screen}");
+    assert_eq!(finished.len(), 28, "{screen}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn off_a_terminal_each_phase_is_a_log_line_and_no_log_to_console_leaves_only_errors() {
     let emu = emulator(config()).await;

@@ -306,7 +306,19 @@ pub fn on_a_terminal(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (bool, String) {
-    let mut cmd = in_a_pty(program, args);
+    on_a_terminal_of(program, emu, dir, args, env, (50, 200))
+}
+
+/// [`on_a_terminal`] on a pseudo-terminal of `(rows, cols)`.
+pub fn on_a_terminal_of(
+    program: &Path,
+    emu: &Emulator,
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    size: (u16, u16),
+) -> (bool, String) {
+    let mut cmd = in_a_pty_of(program, args, size);
     cmd.current_dir(dir)
         .env("TERM", "xterm-256color")
         .env_remove("NO_COLOR")
@@ -325,8 +337,13 @@ pub fn on_a_terminal(
 
 /// `program args` run by `script` in a 50×200 pseudo-terminal, its screen on `script`'s stdout.
 pub fn in_a_pty(program: &Path, args: &[&str]) -> std::process::Command {
+    in_a_pty_of(program, args, (50, 200))
+}
+
+/// [`in_a_pty`] of `(rows, cols)`.
+pub fn in_a_pty_of(program: &Path, args: &[&str], (rows, cols): (u16, u16)) -> std::process::Command {
     let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
-    let command = format!("stty rows 50 cols 200; '{}' {}", program.display(), quoted.join(" "));
+    let command = format!("stty rows {rows} cols {cols}; '{}' {}", program.display(), quoted.join(" "));
     let mut cmd = std::process::Command::new("script");
     cmd.args(["-qefc", &command, "/dev/null"]);
     cmd
