@@ -15,7 +15,7 @@ use crate::progress::Progress;
 use crate::run::{Missing, Mode, Plan, Tables};
 use crate::sink::{ConnectionString, SinkOptions};
 use crate::status::{Location, StatusRequest};
-use crate::sync::Reinit;
+use crate::sync::{Init, Reinit};
 use crate::target::TargetSpec;
 
 const TABLES: &[(&str, &str)] =
@@ -78,12 +78,13 @@ fn start_afresh(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// Syncs every demo table into the mirror files in `dir`, initialising those it lacks.
-async fn sync_all(ctx: &Context, dir: &Path) -> anyhow::Result<()> {
+/// Runs `mode` (the first initdb, then syncs) over every demo table.
+async fn run_all(ctx: &Context, dir: &Path, mode: Mode) -> anyhow::Result<()> {
     for &(ns, tables) in TABLES {
         let plan = Plan {
             namespace: ns.into(),
             tables: Tables::parse(tables)?,
-            mode: Mode::Sync { reinit: Reinit::Automatically, missing: Missing::Initialise },
+            mode,
             target: TargetSpec::Url(ConnectionString::sqlite(&dir.join(format!("{ns}.db")))),
             fan_out: Vec::new(),
             temp_dir: None,
@@ -103,8 +104,13 @@ async fn sync_all(ctx: &Context, dir: &Path) -> anyhow::Result<()> {
 pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     start_afresh(&args.dir)?;
     // Plausible values only: the demo is for reading, not for testing the edges of every type.
-    let config =
-        EmulatorConfig { rows: args.rows, special_floats: false, edge_rows: false, ..EmulatorConfig::default() };
+    let config = EmulatorConfig {
+        rows: args.rows,
+        special_floats: false,
+        edge_rows: false,
+        anchor: crate::emulator::anchor_now(),
+        ..EmulatorConfig::default()
+    };
     let emulator = Emulator::start(config).await.context("starting the emulator")?;
     println!("1. A local DAP emulator is serving Canvas Data 2 on {}", emulator.base_url());
     let mut ctx = Context {
@@ -126,7 +132,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         TABLES.iter().map(|(_, t)| t.split(',').count()).sum::<usize>(),
         dir.display()
     );
-    sync_all(&ctx, &dir).await?;
+    run_all(&ctx, &dir, Mode::Init(Init::Fresh)).await?;
     println!("3. Changing the source: inserts, updates, soft and hard deletes ...");
     for (ns, tables) in TABLES {
         for t in tables.split(',') {
@@ -134,7 +140,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     println!("4. Syncing the changes ...");
-    sync_all(&ctx, &dir).await?;
+    run_all(&ctx, &dir, Mode::Sync { reinit: Reinit::Automatically, missing: Missing::Initialise }).await?;
     println!("\n5. The mirror now:\n");
     let request = StatusRequest {
         namespace: None,

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::emulator::{
-    CsvNull, DEFAULT_ANCHOR, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, EmulatorConfig, Mode, SchemaChange,
+    CsvNull, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator, EmulatorConfig, Mode, SchemaChange,
 };
 use crate::time;
 
@@ -55,7 +55,8 @@ pub struct EmulatorArgs {
     /// Seconds the rate limits count over (60 in the real service).
     #[arg(long, default_value_t = 60.0)]
     rate_window: f64,
-    /// Export time of the base data (RFC 3339).
+    /// Export time of the base data (RFC 3339); by default now, to the minute, so that the
+    /// data's dates are recent (the tests use 2026-01-01 for data that is the same every day).
     #[arg(long, value_parser = time::parse_rfc3339)]
     anchor: Option<i64>,
     /// Layout of nested objects when a query names no mode.
@@ -123,7 +124,7 @@ impl EmulatorArgs {
             part_rows: self.part_rows,
             rate_limits: self.rate_limits,
             rate_window: Duration::from_secs_f64(self.rate_window),
-            anchor: self.anchor.unwrap_or(DEFAULT_ANCHOR),
+            anchor: self.anchor.unwrap_or_else(crate::emulator::anchor_now),
             default_mode: self.default_mode,
             csv_null: self.csv_null,
             special_floats: !(self.no_special_floats || self.plausible),

@@ -83,8 +83,15 @@ pub struct EmulatorConfig {
 
 pub const DEFAULT_CLIENT_ID: &str = "us-east-1#dap-replica-emulator";
 pub const DEFAULT_CLIENT_SECRET: &str = "emulator-secret";
-/// 2026-01-01T00:00:00Z
+/// 2026-01-01T00:00:00Z: the tests' fixed export time, so that their data is the same every day.
 pub const DEFAULT_ANCHOR: Micros = 1_767_225_600_000_000;
+
+/// The export time of data meant for people (`dap emulator`, `dap demo`): now, to the whole
+/// minute, so that its dates read as recent (web_logs of the last two weeks, a watermark of today).
+pub fn anchor_now() -> Micros {
+    let now = crate::time::now();
+    now - now.rem_euclid(60 * crate::time::MICROS_PER_SECOND)
+}
 
 impl Default for EmulatorConfig {
     fn default() -> Self {
@@ -309,7 +316,8 @@ impl Emulator {
                 tracing::error!("emulator stopped: {e}");
             }
         });
-        tracing::info!("DAP emulator listening on http://{addr}");
+        // `dap emulator` prints its own banner; the demo and the tests need no line of it.
+        tracing::debug!("DAP emulator listening on http://{addr}");
         Ok(Emulator { state, addr, shutdown: Some(tx) })
     }
 

@@ -24,6 +24,26 @@ fn demo_builds_and_syncs_a_mirror_offline_and_status_reports_it() {
     assert!(out.status.success(), "{}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("The mirror now") && stdout.contains("canvas.enrollments"), "{stdout}");
     assert_queries_answered(&stdout);
+    // Step 2 initialises, step 4 syncs; the emulator says nothing of its own.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (initdb, syncdb) = (stderr.find("initdb: 6 tables").unwrap_or(usize::MAX), stderr.find("syncdb: 6 tables"));
+    assert!(syncdb.is_some_and(|s| initdb < s), "step 2 initialises, step 4 syncs: {stderr}");
+    assert_eq!(stderr.matches("syncdb: ").count(), 2, "one sync per namespace, in step 4: {stderr}");
+    let all = format!("{stdout}{stderr}");
+    assert!(!all.contains("emulator listening"), "{all}");
+    // Dates relative to today: the logs of the last two weeks, a watermark of today.
+    let days: Vec<&str> = stdout
+        .split("Active users per day")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().split_whitespace().next().filter(|d| d.len() == 10 && d.starts_with("20")))
+        .collect();
+    assert!(!days.is_empty(), "{stdout}");
+    let today = chrono_free_today();
+    for day in &days {
+        assert!(days_between(day, &today) <= 15, "web_logs of the last two weeks, not {day} (today {today})");
+    }
 
     let mirror = dir.path().join("dap-demo");
     let out = dap(dir.path(), &["status", "--dir", mirror.to_str().unwrap(), "--json"]);
@@ -31,6 +51,8 @@ fn demo_builds_and_syncs_a_mirror_offline_and_status_reports_it() {
     let tables: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(tables.len(), 7);
     for t in &tables {
+        let staleness = t["staleness_seconds"].as_i64().unwrap();
+        assert!((0..3600).contains(&staleness), "a watermark of today: {t}");
         // 300 rows, then 25 inserts and 5 hard deletes.
         assert_eq!(t["rows"], 320, "{t}");
         assert_eq!(t["last_result"], "ok");
@@ -64,4 +86,24 @@ fn assert_queries_answered(stdout: &str) {
             assert!((0.0..=100.0).contains(&average), "a plausible average score: {}", rows[0]);
         }
     }
+}
+
+/// Today's date (UTC) as `YYYY-MM-DD`, from the system clock.
+fn chrono_free_today() -> String {
+    let out = Command::new("date").args(["-u", "+%F"]).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Whole days from `a` to `b` (`YYYY-MM-DD`).
+fn days_between(a: &str, b: &str) -> i64 {
+    let day = |d: &str| -> i64 {
+        let p: Vec<i64> = d.split('-').map(|x| x.parse().unwrap()).collect();
+        // Days from civil (Howard Hinnant's algorithm).
+        let (y, m, d) = (if p[1] <= 2 { p[0] - 1 } else { p[0] }, p[1], p[2]);
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+        era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy
+    };
+    day(b) - day(a)
 }
