@@ -37,7 +37,7 @@ fn demo_builds_and_syncs_a_mirror_offline_and_status_reports_it() {
         .nth(1)
         .unwrap()
         .lines()
-        .filter_map(|l| l.trim().split_whitespace().next().filter(|d| d.len() == 10 && d.starts_with("20")))
+        .filter_map(|l| l.split_whitespace().next().filter(|d| d.len() == 10 && d.starts_with("20")))
         .collect();
     assert!(!days.is_empty(), "{stdout}");
     let today = chrono_free_today();
