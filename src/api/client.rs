@@ -97,6 +97,11 @@ fn segment(name: &str) -> percent_encoding::PercentEncode<'_> {
 }
 
 impl ClientConfig {
+    /// Whether DAP can be asked at all: both halves of the credentials are set.
+    pub fn has_credentials(&self) -> bool {
+        self.client_id.is_some() && self.client_secret.is_some()
+    }
+
     pub fn new(base_url: &str) -> ClientConfig {
         // A password in the base URL (a proxy's) is hidden wherever the URL is printed.
         if let Some((_, rest)) = base_url.split_once("://")

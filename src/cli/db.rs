@@ -185,7 +185,10 @@ pub struct ListDbArgs {
 
 /// The target of a command: its connection string, else the mirror in `dir` (`--dir`), else
 /// the default mirror.
-fn target_spec(connection_string: Option<&str>, dir: Option<&std::path::Path>) -> anyhow::Result<TargetSpec> {
+pub(super) fn target_spec(
+    connection_string: Option<&str>,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<TargetSpec> {
     if let Some(dir) = dir {
         crate::mirror::folder::use_dir(dir);
     }
@@ -328,7 +331,12 @@ pub async fn listdb(ctx: &Context, args: ListDbArgs) -> anyhow::Result<()> {
     let local = sink.all_bookkeeping(&args.namespace).await?;
     let mut names: Vec<String> = local.iter().map(|b| b.table.clone()).collect();
     names.sort();
-    if !args.omit_not_replicated {
+    if !args.omit_not_replicated && !ctx.client.has_credentials() {
+        // Offline: what the target holds is listed from its own bookkeeping.
+        tracing::warn!(
+            "no DAP credentials: listing the tables this target holds only (DAP lists the others once `dap configure` has run; --omit-not-replicated lists these alone without this note)"
+        );
+    } else if !args.omit_not_replicated {
         let mut others: Vec<String> = Client::new(ctx.client.clone())?
             .tables(&args.namespace)
             .await?

@@ -1,6 +1,6 @@
 //! `dap ddl`: the DDL `initdb` would run on an empty database, for a DBA to review and provision
-//! before granting rights. It comes from the adapters' own code, from the live schemas or from
-//! files written by `dap schema`.
+//! before granting rights. It comes from the adapters' own code, from the live schemas, from
+//! files written by `dap schema`, or offline from the schemas a mirror stored.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ use super::Context;
 use crate::api::Client;
 use crate::run::Tables;
 use crate::schema::TableDef;
-use crate::sink::{self, Scheme};
+use crate::sink::{self, Access, Scheme, SinkOptions};
 use crate::target;
 
 #[derive(Debug, Args)]
@@ -28,6 +28,17 @@ pub struct DdlArgs {
     /// Schema files written by `dap schema` (or folders of them) instead of asking DAP.
     #[arg(long = "schema-file", value_name = "PATH")]
     schema_files: Vec<PathBuf>,
+    /// Take the schemas this mirror folder stored instead of asking DAP (used as well, with the
+    /// default mirror, when no DAP credentials are set).
+    #[arg(long, conflicts_with = "schema_files")]
+    dir: Option<PathBuf>,
+}
+
+impl DdlArgs {
+    /// Whether the schemas come from files or a named mirror, never from DAP.
+    pub fn is_offline(&self) -> bool {
+        !self.schema_files.is_empty() || self.dir.is_some()
+    }
 }
 
 /// A database of the registry, by the name (or another spelling) of its scheme.
@@ -72,13 +83,47 @@ fn schema_files(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, u64, PathBuf)>
     Ok(found)
 }
 
+/// The schemas the mirror stored for the tables asked for (every mirrored one with `all`).
+async fn mirrored_schemas(
+    ctx: &Context,
+    args: &DdlArgs,
+    selection: Option<Vec<String>>,
+) -> anyhow::Result<Vec<TableDef>> {
+    let spec = super::db::target_spec(None, args.dir.as_deref())?;
+    let options = SinkOptions { access: Access::Read, shared: ctx.shared, ..SinkOptions::default() };
+    let mirror = target::open(&spec, &args.namespace, &options).await?;
+    let stored = mirror.all_bookkeeping(&args.namespace).await?;
+    let names = selection.unwrap_or_else(|| stored.iter().map(|b| b.table.clone()).collect());
+    if args.dir.is_none() {
+        tracing::warn!(
+            "no DAP credentials: the DDL of the schemas {} stored (set them with `dap configure` to ask DAP for the current ones)",
+            mirror.describe()
+        );
+    }
+    names
+        .iter()
+        .map(|t| {
+            let b = stored.iter().find(|b| &b.table == t).with_context(|| {
+                format!(
+                    "{}.{t} is not in the mirror {}: ask DAP for its schema (set the credentials with `dap configure`), or give --schema-file",
+                    args.namespace,
+                    mirror.describe()
+                )
+            })?;
+            Ok(b.table_def()?)
+        })
+        .collect()
+}
+
 pub async fn run(ctx: &Context, args: DdlArgs) -> anyhow::Result<()> {
     let selection = match Tables::parse(&args.table)? {
         Tables::All => None,
         Tables::Named(list) => Some(list),
     };
     let mut defs: Vec<TableDef> = Vec::new();
-    if args.schema_files.is_empty() {
+    if args.schema_files.is_empty() && (args.dir.is_some() || !ctx.client.has_credentials()) {
+        defs = mirrored_schemas(ctx, &args, selection).await?;
+    } else if args.schema_files.is_empty() {
         let client = Client::new(ctx.client.clone())?;
         let names = match selection {
             Some(list) => list,

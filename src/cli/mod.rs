@@ -536,7 +536,13 @@ impl Command {
                 | Command::Syncdb(_)
                 | Command::Listdb(_)
                 | Command::Ddl(_)
-        )
+        ) && !self.works_offline()
+    }
+
+    /// A command that asks DAP only for what no local copy has: `ddl` from a mirror's stored
+    /// schemas or schema files.
+    fn works_offline(&self) -> bool {
+        matches!(self, Command::Ddl(args) if args.is_offline())
     }
 
     /// Commands that work on a thread of their own and, on Ctrl-C, stop at their next row or

@@ -166,3 +166,58 @@ async fn the_ddl_as_printed_gives_a_database_both_clients_initialise() {
         }
     }
 }
+
+/// Offline, `ddl` and `listdb` answer from what the mirror stored: the DDL of its stored schemas
+/// is the DDL of DAP's (the same schema version), for every dialect, and `listdb` lists the
+/// mirrored tables with a note that DAP was not asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_ddl_and_listdb_answer_from_the_mirror() {
+    let emu = emulator(EmulatorConfig { rows: 5, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mirror = dir.join("mirror");
+    let m = mirror.to_str().unwrap();
+    ours_ok(&emu, dir, &["initdb", "--dir", m, "--namespace", "canvas", "--table", "accounts,courses"]).await;
+    let offline = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dap"))
+            .current_dir(dir)
+            .env_remove("DAP_CLIENT_ID")
+            .env_remove("DAP_CLIENT_SECRET")
+            .env_remove("DAP_CLIENT_SECRET_FILE")
+            .env("HOME", dir)
+            .env("XDG_CONFIG_HOME", dir.join("config"))
+            .env("DAP_API_URL", "http://127.0.0.1:9") // nothing listens: DAP is never asked
+            .env("DAP_MIRROR_DIR", m)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for b in [Backend::Sqlite, Backend::Postgres, Backend::Mysql, Backend::Mssql] {
+        let args = ["ddl", "--dialect", dialect(b), "--namespace", "canvas", "--table", "accounts,courses"];
+        let from_dap = ours_ok(&emu, dir, &args).await;
+        let (ok, from_mirror, stderr) = offline(&args);
+        assert!(ok, "{b:?}: {stderr}");
+        assert_eq!(from_mirror, from_dap, "{b:?}: the stored schemas give DAP's DDL");
+        assert!(stderr.contains("no DAP credentials"), "{b:?}: it says where the schemas came from: {stderr}");
+        let with_dir: Vec<&str> = args.iter().copied().chain(["--dir", m]).collect();
+        assert_eq!(ours_ok(&emu, dir, &with_dir).await, from_dap, "{b:?}: --dir takes the mirror's");
+    }
+    let (ok, _, stderr) = offline(&["ddl", "--dialect", "postgresql", "--namespace", "canvas", "--table", "users"]);
+    assert!(
+        !ok && stderr.contains("canvas.users is not in the mirror") && stderr.contains("--schema-file"),
+        "{stderr}"
+    );
+
+    let (ok, stdout, stderr) = offline(&["listdb", "--namespace", "canvas", "--omit-record-count"]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["accounts", "courses"], "{stdout}");
+    assert!(rows.iter().all(|r| r["command"] == "syncdb" && r["schema"] == 1), "{stdout}");
+    assert!(stderr.contains("no DAP credentials"), "{stderr}");
+}
