@@ -32,8 +32,9 @@ pub enum QueryError {
     Folder(#[from] crate::mirror::folder::FolderError),
     #[error("dap query only reads: this statement would change the mirror. Run it with sqlite3 on a copy instead")]
     Writes,
+    /// SQLite's error, said once: its code text (the error's own source) is left out on purpose.
     #[error("{}", sql_message(.0))]
-    Sql(#[from] rusqlite::Error),
+    Sql(rusqlite::Error),
     #[error("writing the result: {0}")]
     Output(#[from] std::io::Error),
     #[error("writing CSV: {0}")]
@@ -69,6 +70,12 @@ fn sql_message(e: &rusqlite::Error) -> String {
         }
         rusqlite::Error::SqliteFailure(_, Some(message)) => format!("{message}{}", hint(message)),
         other => other.to_string(),
+    }
+}
+
+impl From<rusqlite::Error> for QueryError {
+    fn from(e: rusqlite::Error) -> QueryError {
+        QueryError::Sql(e)
     }
 }
 
@@ -485,8 +492,13 @@ mod tests {
         assert!(column.contains("lists a table's columns"), "{column}");
         assert!(said("SELEC 1").ends_with("(the SQL is SQLite's dialect)"));
         assert!(said("SELECT 1; SELECT 2").contains("one statement at a time"));
-        for sql in ["SELECT * FROM canvas.nope", "SELEC 1"] {
-            assert!(!said(sql).contains("Error code"), "{}", said(sql));
+        // As the command line reports it, with the error's sources.
+        let reported = |sql: &str| {
+            let e = run(&conn, sql, OutputFormat::Csv, DEFAULT_MAX_WIDTH, &mut Vec::new()).unwrap_err();
+            crate::cli::report(&anyhow::Error::from(e))
+        };
+        for sql in ["SELECT * FROM canvas.nope", "SELEC 1", "SELECT shoe FROM canvas.users"] {
+            assert!(!reported(sql).contains("Error code"), "{}", reported(sql));
         }
     }
 }

@@ -27,6 +27,7 @@ mod postgres;
 mod privacy;
 mod progress;
 mod provisioning;
+mod readme;
 mod replicate;
 mod safety;
 mod scale;
