@@ -379,6 +379,13 @@ pub async fn run(client: Client, plan: &Plan, progress: &Progress) -> Result<Run
     };
     let report = run_recorded(client, plan, progress, server_tables, mirror, &record).await;
     record.finish(&report).await;
+    // A clean end seals the mirror file, so that the next sync need not check its tables.
+    if let (Ok(done), Ok(Some(file))) = (&report, plan.target.local_file(ns))
+        && !done.target_failed
+        && file.is_file()
+    {
+        crate::mirror::seal::seal(&file);
+    }
     report
 }
 

@@ -338,6 +338,9 @@ pub struct StateFile {
     pub format: u32,
     /// [`StateFile::key`] → entry.
     pub tables: BTreeMap<String, TableEntry>,
+    /// File name → the file as the last clean run left it ([`super::seal`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub seals: BTreeMap<String, super::seal::Seal>,
 }
 
 impl StateFile {

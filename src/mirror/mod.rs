@@ -12,4 +12,5 @@ pub mod indexes;
 pub mod reader;
 pub mod retention;
 pub mod runs;
+pub mod seal;
 pub mod writer;

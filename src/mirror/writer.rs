@@ -68,6 +68,9 @@ pub struct SqliteDialect {
     _lock: Option<WriterLock>,
     /// A reading access leaves no `-wal`/`-shm` behind (dropped after the connection).
     _tidy: Option<LeaveNoTrace>,
+    /// The file was as the last clean run sealed it when this writer opened it: its tables'
+    /// check for damage is skipped ([`super::seal`]).
+    untouched: bool,
 }
 
 /// The connection and the statements built on it.
@@ -95,6 +98,7 @@ impl SqliteDialect {
         }
         refuse_foreign_file(path)?;
         let tidy = (access == Access::Read).then(|| LeaveNoTrace::note([path]));
+        let mut untouched = false;
         let (conn, lock) = match access {
             Access::Write => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -110,6 +114,7 @@ impl SqliteDialect {
                     StateError::Folder(refused) => refused.refusal(),
                     other => SinkError::refused(&shown, Refusal::Locked, other.to_string()),
                 })?;
+                untouched = path.exists() && super::seal::take(path);
                 (Connection::open(path).map_err(|e| fail("opening", e))?, Some(lock))
             }
             Access::Read => {
@@ -146,6 +151,7 @@ impl SqliteDialect {
             history: Arc::default(),
             _lock: lock,
             _tidy: tidy,
+            untouched,
         })
     }
 
@@ -768,6 +774,11 @@ impl Dialect for SqliteDialect {
     }
 
     async fn check_intact(&self, _namespace: &str, table: &str) -> Result<(), SinkError> {
+        if self.untouched {
+            tracing::debug!("{table}: the file is as the last clean run sealed it; its check for damage is skipped");
+            return Ok(());
+        }
+        tracing::debug!("{table}: checking it for damage");
         let (path, table) = (self.path.clone(), table.to_string());
         tokio::task::spawn_blocking(move || check_table(&path, &table))
             .await
