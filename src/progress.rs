@@ -138,17 +138,7 @@ impl Progress {
 
     /// A table's line, above the overall line.
     pub fn table(&self, name: &str) -> TableProgress {
-        let state = Arc::new(TableState {
-            name: name.to_string(),
-            stage: Mutex::new(String::new()),
-            slot_at: Mutex::new(None),
-            bytes: AtomicU64::new(0),
-            done: AtomicUsize::new(0),
-            total: AtomicUsize::new(0),
-            rows: AtomicU64::new(0),
-            expected_rows: AtomicU64::new(0),
-            started: Mutex::new(Instant::now()),
-        });
+        let state = Arc::new(TableState::new(name));
         if let Some(board) = &self.board {
             board.tables.lock().expect("progress lock").push(state.clone());
         }
@@ -235,6 +225,20 @@ struct TableState {
 }
 
 impl TableState {
+    fn new(name: &str) -> TableState {
+        TableState {
+            name: name.to_string(),
+            stage: Mutex::new(String::new()),
+            slot_at: Mutex::new(None),
+            bytes: AtomicU64::new(0),
+            done: AtomicUsize::new(0),
+            total: AtomicUsize::new(0),
+            rows: AtomicU64::new(0),
+            expected_rows: AtomicU64::new(0),
+            started: Mutex::new(Instant::now()),
+        }
+    }
+
     /// The phase with its counts, rates and ETA.
     fn line(&self) -> String {
         let stage = self.stage.lock().expect("stage lock").clone();
@@ -431,17 +435,9 @@ mod tests {
     use super::*;
 
     fn table(name: &str) -> Arc<TableState> {
-        Arc::new(TableState {
-            name: name.into(),
-            stage: Mutex::new("job running".into()),
-            slot_at: Mutex::new(None),
-            bytes: AtomicU64::new(0),
-            done: AtomicUsize::new(0),
-            total: AtomicUsize::new(0),
-            rows: AtomicU64::new(0),
-            expected_rows: AtomicU64::new(0),
-            started: Mutex::new(Instant::now()),
-        })
+        let t = TableState::new(name);
+        *t.stage.lock().unwrap() = "job running".into();
+        Arc::new(t)
     }
 
     #[test]
