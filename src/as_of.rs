@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use rusqlite::Connection;
 
 use crate::mirror::format::{HISTORY_SETTINGS, history_table, quote, quote_literal};
-use crate::mirror::history::{VALID_FROM, VALID_TO};
+use crate::mirror::history::{self, Storage, VALID_FROM, VALID_TO};
 use crate::query::QueryError;
 use crate::time::{self, Micros};
 
@@ -93,7 +93,7 @@ fn make_views(conn: &Connection, sql: &str, at: Micros, without: WithoutHistory)
     let mut rewrites: Vec<(std::ops::Range<usize>, String)> = Vec::new();
     let mut since_of: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     for ((ns, table), refs) in &named {
-        if table.ends_with("__history") || table.starts_with("dap_") || table.starts_with('_') {
+        if table.contains("__history") || table.starts_with("dap_") || table.starts_with('_') {
             continue; // dap's own tables (history, dictionary, bookkeeping) are read as they are
         }
         if !since_of.contains_key(ns) {
@@ -127,17 +127,7 @@ fn make_views(conn: &Connection, sql: &str, at: Micros, without: WithoutHistory)
             return Err(AsOfError::Ambiguous { table: table.clone(), first: first.clone(), second: ns.clone() }.into());
         }
         views.insert(table.clone(), ns.clone());
-        let history = history_table(table);
-        let columns: Vec<String> =
-            crate::mirror::history::data_columns_in(conn, ns, &history)?.iter().map(|c| quote(c)).collect();
-        let at_literal = quote_literal(&shown_at);
-        conn.execute_batch(&format!(
-            "CREATE TEMP VIEW {view} AS SELECT {columns} FROM {ns}.{history} WHERE {VALID_FROM} <= {at_literal} AND ({VALID_TO} IS NULL OR {VALID_TO} > {at_literal})",
-            view = quote(table),
-            columns = columns.join(", "),
-            ns = quote(ns),
-            history = quote(&history),
-        ))?;
+        conn.execute_batch(&view_as_of(conn, ns, table, &shown_at)?)?;
         for range in refs {
             rewrites.push((range.clone(), format!("temp.{}", quote(table))));
         }
@@ -150,17 +140,60 @@ fn make_views(conn: &Connection, sql: &str, at: Micros, without: WithoutHistory)
     Ok(rewritten)
 }
 
+/// The temporary view of `ns.table` as it was at `at` (stored text). In the split storage
+/// (`mirror::history`): the ended versions valid then, and the table's rows whose current
+/// version had begun by then; a plain history table (an older mirror's) is read as it is.
+fn view_as_of(conn: &Connection, ns: &str, table: &str, at: &str) -> rusqlite::Result<String> {
+    let data = history::data_columns_in(conn, ns, table)?;
+    let columns: Vec<String> = data.iter().map(|c| quote(c)).collect();
+    let (view, schema, at) = (quote(table), quote(ns), quote_literal(at));
+    if history::storage_in(conn, ns, table)? != Storage::Split {
+        return Ok(format!(
+            "CREATE TEMP VIEW {view} AS SELECT {columns} FROM {schema}.{history} WHERE {VALID_FROM} <= {at} AND ({VALID_TO} IS NULL OR {VALID_TO} > {at})",
+            columns = columns.join(", "),
+            history = quote(&history_table(table)),
+        ));
+    }
+    let current: Vec<String> = {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1, ?2) ORDER BY cid")?;
+        stmt.query_map([table, ns], |r| r.get(0))?.collect::<Result<_, _>>()?
+    };
+    let key: String =
+        conn.query_row("SELECT name FROM pragma_table_info(?1, ?2) WHERE pk = 1", [table, ns], |r| r.get(0))?;
+    let current_columns: Vec<String> =
+        data.iter().map(|c| if current.contains(c) { quote(c) } else { format!("NULL AS {}", quote(c)) }).collect();
+    let (ended, since) = (quote(&history::ended_table(table)), quote(&history::since_table(table)));
+    let changed_since: bool = conn.query_row(
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM {schema}.{ended} WHERE {VALID_TO} > {at})
+                 OR EXISTS (SELECT 1 FROM {schema}.{since} WHERE {VALID_FROM} > {at})"
+        ),
+        [],
+        |r| r.get(0),
+    )?;
+    if !changed_since {
+        // Nothing changed after `at`: the table as it was then is the table, read as one plain
+        // select (SQLite flattens it into the query; a count needs no pass over the rows).
+        return Ok(format!(
+            "CREATE TEMP VIEW {view} AS SELECT {current_columns} FROM {schema}.{t}",
+            current_columns = current_columns.join(", "),
+            t = quote(table),
+        ));
+    }
+    Ok(format!(
+        "CREATE TEMP VIEW {view} AS SELECT {columns} FROM {schema}.{ended} WHERE {VALID_FROM} <= {at} AND {VALID_TO} > {at}
+         UNION ALL SELECT {current_columns} FROM {schema}.{t} WHERE {key} NOT IN (SELECT {key} FROM {schema}.{since} WHERE {VALID_FROM} > {at})",
+        columns = columns.join(", "),
+        current_columns = current_columns.join(", "),
+        t = quote(table),
+        key = quote(&key),
+    ))
+}
+
 /// The statement `dap history` runs: every version of one row, oldest first.
 pub fn versions_sql(conn: &Connection, namespace: &str, table: &str, key: &str) -> Result<String, QueryError> {
     let history = history_table(table);
-    let exists: bool = conn
-        .query_row(
-            &format!("SELECT count(*) > 0 FROM {}.sqlite_master WHERE type = 'table' AND name = ?1", quote(namespace)),
-            [&history],
-            |r| r.get(0),
-        )
-        .unwrap_or(false);
-    if !exists {
+    if history::storage_in(conn, namespace, table).unwrap_or(Storage::None) == Storage::None {
         return Err(AsOfError::NoHistoryTable { namespace: namespace.to_string(), table: table.to_string() }.into());
     }
     let key_column: String =
@@ -170,7 +203,7 @@ pub fn versions_sql(conn: &Connection, namespace: &str, table: &str, key: &str) 
         Err(_) => quote_literal(key),
     };
     Ok(format!(
-        "SELECT * FROM {}.{} WHERE {} = {literal} ORDER BY {VALID_FROM}, rowid",
+        "SELECT * FROM {}.{} WHERE {} = {literal} ORDER BY {VALID_FROM}, {VALID_TO} IS NULL, {VALID_TO}",
         quote(namespace),
         quote(&history),
         quote(&key_column)

@@ -107,6 +107,8 @@ pub struct HistoryStatus {
     /// When history began (stored text, RFC 3339).
     pub since: String,
     pub versions: u64,
+    /// What the history takes in the file beyond the table's own rows.
+    pub bytes: u64,
     /// `--history-days`, when versions are pruned.
     pub days: Option<u32>,
 }
@@ -120,7 +122,8 @@ fn history_of(file: &std::path::Path) -> std::collections::BTreeMap<(String, Str
         let mut out = std::collections::BTreeMap::new();
         for (ns, table, setting) in history::settings(&conn)? {
             let versions = history::version_count(&conn, &table)?;
-            out.insert((ns, table), HistoryStatus { since: setting.since, versions, days: setting.days });
+            let bytes = history::stored_bytes(&conn, &table)?;
+            out.insert((ns, table), HistoryStatus { since: setting.since, versions, bytes, days: setting.days });
         }
         Ok(out)
     };

@@ -689,7 +689,7 @@ pub(super) fn print_status(
                 "last_result": t.last_result,
                 "last_success": t.last_success,
                 "file": t.file,
-                "history": t.history.as_ref().map(|h| json!({"since": h.since, "versions": h.versions, "days": h.days})),
+                "history": t.history.as_ref().map(|h| json!({"since": h.since, "versions": h.versions, "bytes": h.bytes, "days": h.days})),
                 "archive": t.archive.as_ref().map(|a| json!({
                     "oldest": a.oldest,
                     "newest": a.newest,
@@ -750,7 +750,12 @@ pub(super) fn print_status(
             let kept = h["days"]
                 .as_u64()
                 .map_or("every version kept".to_string(), |d| format!("ended versions kept {d} days"));
-            println!("  history since {}: {} versions, {kept}", text(&h["since"], ""), h["versions"]);
+            let megabytes = h["bytes"].as_u64().unwrap_or(0) as f64 / 1e6;
+            println!(
+                "  history since {}: {} versions, {megabytes:.1} MB beside the table, {kept}",
+                text(&h["since"], ""),
+                h["versions"]
+            );
         }
         if let Some(a) = r["archive"].as_object() {
             println!(

@@ -348,7 +348,13 @@ pub fn foreign_objects(conn: &Connection, views: UserViews) -> rusqlite::Result<
             || name == GAPS
             || name == super::retention::ARCHIVED
             || name == super::runs::RUNS
-            || replicated.iter().any(|t| t == name || staging(t) == name || history_table(t) == name)
+            || replicated.iter().any(|t| {
+                t == name
+                    || staging(t) == name
+                    || history_table(t) == name
+                    || super::history::ended_table(t) == name
+                    || super::history::since_table(t) == name
+            })
             || ["sqlite_sequence", "sqlite_stat1", "sqlite_stat4"].contains(&name)
     };
     let mut stmt = conn.prepare("SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master")?;
@@ -361,6 +367,12 @@ pub fn foreign_objects(conn: &Connection, views: UserViews) -> rusqlite::Result<
         match kind.as_str() {
             "trigger" => found.push(format!("trigger {shown} (it would run on every sync)")),
             "view" if views == UserViews::Accept => {}
+            // A history's view, exactly as dap makes it from the file's own tables.
+            "view"
+                if replicated.iter().any(|t| {
+                    history_table(t) == name
+                        && super::history::view_sql_in(conn, "main", t).ok().flatten().is_some_and(|ours| ours == sql)
+                }) => {}
             "view" => found.push(format!("view {shown}")),
             "table" if words.get(1).is_some_and(|w| w == "VIRTUAL") => found.push(format!("virtual table {shown}")),
             "table" if !ours(&name) => found.push(format!("table {shown}, which no bookkeeping row describes")),
@@ -414,6 +426,15 @@ pub fn sql_words(sql: &str) -> Vec<String> {
         words.push(word);
     }
     words
+}
+
+/// Whether the file attached as `schema` has a table `name`.
+pub fn has_table_in(conn: &Connection, schema: &str, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        &format!("SELECT count(*) > 0 FROM {}.sqlite_master WHERE type = 'table' AND name = ?1", quote(schema)),
+        [name],
+        |r| r.get(0),
+    )
 }
 
 pub fn has_table_named(conn: &Connection, name: &str) -> rusqlite::Result<bool> {

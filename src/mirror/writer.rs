@@ -22,7 +22,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::folder::{StateError, StateFile, WriterLock, mirror_file_present};
 use super::format::*;
-use super::history::{self, Keeping, VersionWriter};
+use super::history::{self, ChangeTime, Keeping, Recorder};
 use crate::decode::Record;
 use crate::feed::Pump;
 use crate::schema::delta::{Change, SchemaDelta};
@@ -77,6 +77,8 @@ pub struct SqliteDialect {
 pub struct Writer {
     path: PathBuf,
     conn: Connection,
+    /// The change time of the record being written, for the history triggers.
+    change_time: ChangeTime,
 }
 
 /// The file's one connection, taken by one table at a time.
@@ -132,13 +134,16 @@ impl SqliteDialect {
         // Reading the schema fails at once on a file that is not a SQLite database.
         conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
             .map_err(|e| fail("reading the database", e))?;
-        let writer = Writer { path: path.to_path_buf(), conn };
+        let writer = Writer { path: path.to_path_buf(), conn, change_time: ChangeTime::default() };
         if access == Access::Write {
             writer
-                .conn
-                .execute_batch(
-                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA legacy_alter_table = ON;",
-                )
+                .change_time
+                .register(&writer.conn)
+                .and_then(|()| {
+                    writer.conn.execute_batch(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA legacy_alter_table = ON;",
+                    )
+                })
                 .and_then(|()| writer.conn.execute_batch(&bookkeeping_statements().join(";\n")))
                 .map_err(|e| fail("preparing the bookkeeping tables", e))?;
             writer.save_state(|_| {});
@@ -253,15 +258,16 @@ impl Writer {
     }
 
     /// Writes records, and appends the keys they changed to `changed` (an unchanged row or an
-    /// absent key's delete changes none); each change is also a version in `versions` when the
-    /// table keeps history.
+    /// absent key's delete changes none). When the table keeps history, `history` is the time
+    /// of a record without one (the sync's watermark): the history triggers read each record's
+    /// change time.
     fn write_rows(
         &self,
         table: &str,
         def: &TableDef,
         rows: &[Record],
         changed: &mut Vec<Value>,
-        versions: Option<&VersionWriter>,
+        history: Option<time::Micros>,
     ) -> Result<(), SinkError> {
         let mut upsert = self
             .conn
@@ -272,6 +278,9 @@ impl Writer {
             .prepare_cached(&format!("DELETE FROM {} WHERE {} = ?", quote(table), quote(&def.key.name)))
             .map_err(|e| self.fail("preparing the delete", e))?;
         for r in rows {
+            if let Some(fallback) = history {
+                self.change_time.set(r.ts.unwrap_or(fallback));
+            }
             let n = if r.action == Some('D') {
                 delete.execute([to_sql(&r.key)]).map_err(|e| self.fail(&format!("deleting from {table}"), e))?
             } else {
@@ -280,12 +289,6 @@ impl Writer {
                     self.fail(&format!("writing {table} key {}", r.key.to_text().unwrap_or_default()), e)
                 })?
             };
-            // A delete that found no row still ends the key's open version: a table that moved
-            // back to an older snapshot (DAP's cached job) lacks rows its history still holds.
-            let recorded = n > 0 || r.action == Some('D');
-            if let Some(versions) = versions.filter(|_| recorded) {
-                versions.record(&self.conn, r, &to_sql(&r.key)).map_err(|e| self.fail("recording history", e))?;
-            }
             if n > 0 {
                 changed.push(r.key.clone());
             }
@@ -889,12 +892,18 @@ impl Dialect for SqliteDialect {
             {
                 w.conn.execute(&sql, []).map_err(|e| w.fail(&format!("keeping the older rows of {}", def.name), e))?;
             }
+            // History compares the table with its replacement, so it is written before the swap.
+            let keeping = w.keeping_history(&def, &choice, b.watermark)?;
+            if keeping != Keeping::No {
+                history::record_snapshot(&w.conn, &def, &staging(&def.name), &shared, b.watermark)
+                    .and_then(|()| w.prune_history(&def, b.watermark))
+                    .map_err(|e| w.fail(&format!("recording the history of {}", def.name), e))?;
+            }
             w.swap_in(&def.name, &staging(&def.name))?;
             super::indexes::ensure(&w.conn, &def.namespace, &def.name)
                 .map_err(|e| w.fail(&format!("indexing {}", def.name), e))?;
-            if w.keeping_history(&def, &choice, b.watermark)? != Keeping::No {
-                history::open_versions_of_snapshot(&w.conn, &def, b.watermark)
-                    .and_then(|()| w.prune_history(&def, b.watermark))
+            if keeping != Keeping::No {
+                history::refresh_view(&w.conn, &def.name)
                     .map_err(|e| w.fail(&format!("recording the history of {}", def.name), e))?;
             }
             w.conn
@@ -934,20 +943,20 @@ impl Dialect for SqliteDialect {
                 let before = w.stored_rows(Some(&def.namespace), Some(&def.name))?;
                 let started = before.first().and_then(|r| r.watermark.clone().ok()).unwrap_or(watermark);
                 let keeping = w.keeping_history(&def, &choice, started)?;
-                if keeping == Keeping::FromNow {
-                    history::open_versions_of_snapshot(&w.conn, &def, started)
-                        .map_err(|e| w.fail(&format!("starting the history of {}", def.name), e))?;
+                if keeping != Keeping::No {
+                    Recorder::install(&w.conn, &def)
+                        .map_err(|e| w.fail(&format!("recording the history of {}", def.name), e))?;
                 }
                 Ok(keeping)
             })
             .await?
         };
-        let versions = (keeping != Keeping::No).then(|| Arc::new(VersionWriter::new(&def, b.watermark)));
+        let history = (keeping != Keeping::No).then_some(b.watermark);
         let mut keys: Vec<Value> = Vec::new();
         while let Some(records) = rows.next_batch().await? {
-            let (def, versions) = (def.clone(), versions.clone());
+            let def = def.clone();
             keys = Self::run(c, move |w| {
-                w.write_rows(&def.name, &def, &records, &mut keys, versions.as_deref())?;
+                w.write_rows(&def.name, &def, &records, &mut keys, history)?;
                 Ok(keys)
             })
             .await?;
@@ -1093,6 +1102,8 @@ impl SqliteDialect {
         Self::run(c, move |w| {
             w.write_bookkeeping(&b)?;
             w.write_dictionary(&def)?;
+            Recorder::finish(&w.conn, &def)
+                .map_err(|e| w.fail(&format!("recording the history of {}", def.name), e))?;
             w.prune_history(&def, b.watermark).map_err(|e| w.fail("pruning history", e))?;
             let started = std::time::Instant::now();
             w.record_commit(&b, &keys)?;

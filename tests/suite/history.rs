@@ -403,6 +403,12 @@ async fn history_survives_a_kill_mid_sync_and_pack_and_prunes_only_ended_version
     let history = &rows.iter().find(|r| r["table"] == "scores").unwrap()["history"];
     assert_eq!(history["days"], 7, "{status}");
     assert_eq!(history["versions"].as_u64(), Some(ended_after + current_after), "{status}");
+    // Its size: at least a page for each of its four b-trees (ended versions, starts, two
+    // indexes), and less than the file.
+    let bytes = history["bytes"].as_u64().unwrap_or_default();
+    let page: u64 = rusqlite::Connection::open(&db).unwrap().query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+    let file = std::fs::metadata(&db).unwrap().len();
+    assert!(bytes >= 4 * page && bytes < file, "history takes {bytes} bytes of a {file}-byte file: {status}");
 }
 
 /// The current versions of a table's history are exactly its rows, every column compared.
@@ -556,4 +562,99 @@ async fn history_choices_are_checked_first_remembered_described_and_undone() {
         )
         .unwrap();
     assert_eq!(left, 0, "--drop-history removes the table, its indexes and its description");
+}
+
+/// Rewrites a mirror's history of `table` as dap kept it before the split storage: one plain
+/// `<table>__history` table holding every version, current ones with `dap_valid_to` NULL.
+fn make_plain_history_as_older_versions_did(db: &Path, table: &str) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let view = format!("{table}__history");
+    let columns: Vec<String> = conn
+        .prepare(&format!("SELECT name, type FROM pragma_table_info('{table}__history_ended') ORDER BY cid"))
+        .unwrap()
+        .query_map([], |r| Ok(format!("\"{}\" {}", r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .map(|c| c.replace("\"dap_valid_to\" TEXT", "\"dap_valid_to\" TEXT_NULLABLE"))
+        .collect();
+    let columns = columns.join(", ").replace("TEXT_NULLABLE", "TEXT");
+    conn.execute_batch(&format!(
+        "BEGIN;
+         CREATE TABLE old_history ({columns});
+         INSERT INTO old_history SELECT * FROM \"{view}\";
+         DROP VIEW \"{view}\"; DROP TABLE \"{table}__history_ended\"; DROP TABLE \"{table}__history_since\";
+         ALTER TABLE old_history RENAME TO \"{view}\";
+         CREATE INDEX \"{view}__by_key\" ON \"{view}\" (id);
+         COMMIT;"
+    ))
+    .unwrap();
+}
+
+/// A mirror made by an older dap keeps one plain history table: it is read as it is, and the
+/// next sync converts it to the split storage without losing or changing a version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_mirrors_history_table_is_read_then_converted_unchanged() {
+    let emu = emulator(EmulatorConfig { rows: 30, part_rows: 10, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    let tables = TABLES.join(",");
+    let mut init = vec!["initdb", "--namespace", "canvas", "--table", &tables, "--connection-string", &url];
+    init.extend(["--keep-history", "all"]);
+    let sync = ["syncdb", "--namespace", "canvas", "--table", &tables, "--connection-string", &url];
+    ours_ok(&emu, dir.path(), &init).await;
+    let mut times = vec![sync_time(&emu, dir.path()).await];
+    for _ in 0..3 {
+        commit_round(&emu, "canvas", &TABLES, ROUND);
+        ours_ok(&emu, dir.path(), &sync).await;
+        times.push(sync_time(&emu, dir.path()).await);
+    }
+    let all_versions = |d: &Path| {
+        let conn = rusqlite::Connection::open(d).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT * FROM scores__history ORDER BY id, dap_valid_from, dap_valid_to IS NULL, dap_valid_to")
+            .unwrap();
+        let n = stmt.column_count();
+        stmt.query_map([], |r| {
+            (0..n)
+                .map(|i| r.get::<_, rusqlite::types::Value>(i).map(|v| format!("{v:?}")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>()
+    };
+    let before = all_versions(&db);
+    for table in TABLES {
+        make_plain_history_as_older_versions_did(&db, table);
+    }
+    assert_eq!(all_versions(&db), before, "the plain table holds the same versions");
+    assert_as_of_is_the_truth(&emu, dir.path(), &times, "an older mirror's plain history").await;
+
+    commit_round(&emu, "canvas", &TABLES, ROUND);
+    ours_ok(&emu, dir.path(), &sync).await;
+    times.push(sync_time(&emu, dir.path()).await);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (views, ended): (i64, i64) = conn
+        .query_row(
+            "SELECT sum(type = 'view' AND name LIKE '%\\_\\_history' ESCAPE '\\'), sum(name LIKE '%\\_\\_history\\_ended' ESCAPE '\\')
+             FROM sqlite_master",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((views, ended), (3, 3), "each history converted to the split storage");
+    drop(conn);
+    let after = all_versions(&db);
+    assert!(after.len() > before.len(), "the sync after the conversion recorded versions");
+    let unchanged: Vec<&Vec<String>> = before.iter().filter(|v| !after.contains(v)).collect();
+    // Only versions current before the sync may have ended since (their end is new).
+    assert!(
+        unchanged.iter().all(|v| v.iter().rev().nth(1).is_some_and(|to| to == "Null")),
+        "versions that had ended are kept as they were: {unchanged:?}"
+    );
+    assert_as_of_is_the_truth(&emu, dir.path(), &times, "after the conversion").await;
+    for table in TABLES {
+        assert_history_agrees(&db, table);
+    }
 }
