@@ -321,7 +321,63 @@ async fn repeated_keys_keep_the_later_row_and_drop_removes_table_and_bookkeeping
     }
 }
 
+/// A table keyed by text (web_logs' UUIDs; the mirror stages such a snapshot unkeyed and keys
+/// it when publishing): a key repeated within a part and across parts keeps its last record,
+/// through a cut-off load resumed, and a re-snapshot replaces the rows whole.
+async fn text_keys_keep_the_later_row_through_a_resumed_load_and_a_resnapshot(backend: Backend) {
+    let t = TestTarget::fresh(backend, "contract_text_keys").await;
+    let sink = t.open(NS).await;
+    let mut schema = flat(1);
+    schema["properties"]["id"] = json!({"type": "string", "format": "uuid", "description": "Key."});
+    let d = envelope_def(NS, TABLE, 1, &schema).unwrap();
+    let row = |id: &str, name: &str| Record {
+        ts: None,
+        action: Some('U'),
+        key: Value::Uuid(u128::from_str_radix(&id.replace('-', ""), 16).unwrap()),
+        values: vec![Value::Str(name.into()), Value::Str("active".into()), Value::Float(1.5)],
+    };
+    let expect = |rows: &[&Record]| -> Vec<Map<String, Json>> {
+        let mut latest: std::collections::BTreeMap<String, Map<String, Json>> = Default::default();
+        for r in rows {
+            let mut m = Map::new();
+            m.insert(d.key.name.clone(), value_json(&r.key));
+            for (c, v) in d.values.iter().zip(&r.values) {
+                m.insert(c.name.clone(), value_json(v));
+            }
+            latest.insert(r.key.to_text().unwrap(), m);
+        }
+        latest.into_values().collect()
+    };
+    let (b1, a1, b2, c1, a2, a3) = (
+        row("00000000-0000-4000-8000-000000000002", "b1"),
+        row("00000000-0000-4000-8000-000000000001", "a1"),
+        row("00000000-0000-4000-8000-000000000002", "b2"),
+        row("00000000-0000-4000-8000-000000000003", "c1"),
+        row("00000000-0000-4000-8000-000000000001", "a2"),
+        row("00000000-0000-4000-8000-000000000001", "a3"),
+    );
+    sink.stage(&d, "job-text").await.unwrap();
+    let parts = || vec![("p0", vec![b1.clone(), a1.clone(), b2.clone()]), ("p1", vec![c1.clone(), a2.clone()])];
+    let cut = sink.load(&d, "job-text", feed(parts(), false)).await;
+    assert!(matches!(cut, Err(SinkError::FeedAborted)), "{backend:?}: the cut-off feed fails: {cut:?}");
+    let done = sink.stage(&d, "job-text").await.unwrap();
+    assert_eq!(done, vec!["p0".to_string()], "{backend:?}: the first part stays loaded");
+    sink.load(&d, "job-text", feed(vec![("p1", vec![c1.clone(), a2.clone()]), ("p2", vec![a3.clone()])], true))
+        .await
+        .unwrap();
+    sink.publish(&d, &SchemaDelta::default(), &bookkeeping(&d, secs(1))).await.unwrap();
+    t.assert_rows(&d, &expect(&[&b1, &a1, &b2, &c1, &a2, &a3]), &format!("{backend:?}: initdb")).await;
+
+    let (c2, d1) =
+        (row("00000000-0000-4000-8000-000000000003", "c2"), row("00000000-0000-4000-8000-000000000004", "d1"));
+    sink.stage(&d, "job-again").await.unwrap();
+    sink.load(&d, "job-again", feed(vec![("p0", vec![c2.clone(), d1.clone(), c2.clone()])], true)).await.unwrap();
+    sink.publish(&d, &SchemaDelta::default(), &bookkeeping(&d, secs(2))).await.unwrap();
+    t.assert_rows(&d, &expect(&[&c2, &d1]), &format!("{backend:?}: re-snapshot")).await;
+}
+
 crate::each_backend!(
+    text_keys_keep_the_later_row_through_a_resumed_load_and_a_resnapshot,
     a_table_is_published_whole_and_an_interrupted_initdb_resumes_its_job,
     an_interrupted_initdb_of_another_job_starts_over,
     an_aborted_sync_keeps_rows_and_watermark_and_a_complete_one_moves_both,
