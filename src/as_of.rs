@@ -154,12 +154,8 @@ fn view_as_of(conn: &Connection, ns: &str, table: &str, at: &str) -> rusqlite::R
             history = quote(&history_table(table)),
         ));
     }
-    let current: Vec<String> = {
-        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1, ?2) ORDER BY cid")?;
-        stmt.query_map([table, ns], |r| r.get(0))?.collect::<Result<_, _>>()?
-    };
-    let key: String =
-        conn.query_row("SELECT name FROM pragma_table_info(?1, ?2) WHERE pk = 1", [table, ns], |r| r.get(0))?;
+    let current = history::columns_in(conn, ns, table)?;
+    let key = history::key_column_in(conn, ns, table)?;
     let current_columns: Vec<String> =
         data.iter().map(|c| if current.contains(c) { quote(c) } else { format!("NULL AS {}", quote(c)) }).collect();
     let (ended, since) = (quote(&history::ended_table(table)), quote(&history::since_table(table)));
@@ -196,8 +192,7 @@ pub fn versions_sql(conn: &Connection, namespace: &str, table: &str, key: &str) 
     if history::storage_in(conn, namespace, table).unwrap_or(Storage::None) == Storage::None {
         return Err(AsOfError::NoHistoryTable { namespace: namespace.to_string(), table: table.to_string() }.into());
     }
-    let key_column: String =
-        conn.query_row("SELECT name FROM pragma_table_info(?1, ?2) WHERE pk = 1", [table, namespace], |r| r.get(0))?;
+    let key_column = history::key_column_in(conn, namespace, table)?;
     let literal = match key.parse::<i64>() {
         Ok(n) => n.to_string(),
         Err(_) => quote_literal(key),

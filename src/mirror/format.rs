@@ -280,14 +280,6 @@ pub fn create_table_sql(name: &str, def: &TableDef) -> String {
     format!("CREATE TABLE {} ({}, PRIMARY KEY ({}))", quote(name), columns.join(", "), quote(&def.key.name))
 }
 
-/// A snapshot's staging table: the table's columns without its key, so that loading appends
-/// (a key index filled at random, as a UUID key is, rewrites pages all over it once it outgrows
-/// the page cache); the keyed table is made from it in key order when it is published.
-pub fn create_heap_sql(name: &str, def: &TableDef) -> String {
-    let columns: Vec<String> = def.columns().map(column_sql).collect();
-    format!("CREATE TABLE {} ({})", quote(name), columns.join(", "))
-}
-
 /// The mirror's bookkeeping tables (created when missing).
 pub fn bookkeeping_statements() -> Vec<String> {
     vec![

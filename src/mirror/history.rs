@@ -109,7 +109,7 @@ pub fn settings(conn: &Connection) -> rusqlite::Result<Vec<(String, String, Sett
 }
 
 /// The columns of a table or view in `schema`, in order.
-fn columns_in(conn: &Connection, schema: &str, table: &str) -> rusqlite::Result<Vec<String>> {
+pub fn columns_in(conn: &Connection, schema: &str, table: &str) -> rusqlite::Result<Vec<String>> {
     let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1, ?2) ORDER BY cid")?;
     stmt.query_map([table, schema], |r| r.get(0))?.collect()
 }
@@ -126,7 +126,7 @@ pub fn data_columns_in(conn: &Connection, schema: &str, table: &str) -> rusqlite
 }
 
 /// The key column of `table` in `schema`.
-fn key_column_in(conn: &Connection, schema: &str, table: &str) -> rusqlite::Result<String> {
+pub fn key_column_in(conn: &Connection, schema: &str, table: &str) -> rusqlite::Result<String> {
     conn.query_row("SELECT name FROM pragma_table_info(?1, ?2) WHERE pk = 1", [table, schema], |r| r.get(0))
 }
 
@@ -290,7 +290,7 @@ fn convert_plain(conn: &Connection, def: &TableDef, at: Micros) -> rusqlite::Res
 /// as they are there: ended versions, then each row of the table as its current version.
 /// `None` when the table keeps no history there in the split storage.
 pub fn view_sql_in(conn: &Connection, schema: &str, table: &str) -> rusqlite::Result<Option<String>> {
-    let namespace: Option<String> = if super::format::has_table_in(conn, schema, SETTINGS)? {
+    let began: Option<String> = if super::format::has_table_in(conn, schema, SETTINGS)? {
         conn.query_row(
             &format!("SELECT since FROM {}.{SETTINGS} WHERE source_table = ?1", quote(schema)),
             [table],
@@ -300,7 +300,7 @@ pub fn view_sql_in(conn: &Connection, schema: &str, table: &str) -> rusqlite::Re
     } else {
         None
     };
-    let Some(started) = namespace else { return Ok(None) };
+    let Some(started) = began else { return Ok(None) };
     if storage_in(conn, schema, table)? != Storage::Split || !super::format::has_table_in(conn, schema, table)? {
         return Ok(None);
     }

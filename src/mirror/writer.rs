@@ -57,26 +57,6 @@ impl Provision for SqliteDialect {
     }
 }
 
-/// How a snapshot is staged in the mirror.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Staging {
-    /// In a table keyed like the live one: an integer key is the rowid, and snapshots arrive
-    /// nearly in key order, so rows are appended (sorting them first cost 7 s of a 10 s load of
-    /// 10^6 submissions).
-    Keyed,
-    /// Appended to a table without its key ([`create_heap_sql`]), keyed in key order at the
-    /// publish: other keys (the UUIDs of web_logs) arrive at random, and an index filled at
-    /// random rewrites pages all over it once it outgrows the page cache (a 2·10^6-row web_logs
-    /// load: 26.7 s against 30.3 s).
-    Heap,
-}
-
-impl Staging {
-    fn of(def: &TableDef) -> Staging {
-        if sql_type(&def.key.ty) == "INTEGER" { Staging::Keyed } else { Staging::Heap }
-    }
-}
-
 /// A mirror file as the load protocol drives it.
 pub struct SqliteDialect {
     path: PathBuf,
@@ -251,49 +231,8 @@ impl Writer {
             .map_err(|e| self.fail("reading the schema", e))
     }
 
-    /// Appends a snapshot's records to its staging table (see [`create_heap_sql`]). `OR REPLACE`
-    /// only matters to a staging table an earlier version of dap made with the key.
-    fn append_rows(&self, table: &str, def: &TableDef, rows: &[Record]) -> Result<(), SinkError> {
-        let names: Vec<String> = def.columns().map(|c| quote(&c.name)).collect();
-        let marks = vec!["?"; names.len()].join(", ");
-        let mut insert = self
-            .conn
-            .prepare_cached(&format!("INSERT OR REPLACE INTO {} ({}) VALUES ({marks})", quote(table), names.join(", ")))
-            .map_err(|e| self.fail("preparing the load", e))?;
-        for r in rows {
-            let params = std::iter::once(Bind(&r.key)).chain(r.values.iter().map(Bind));
-            insert
-                .execute(rusqlite::params_from_iter(params))
-                .map_err(|e| self.fail(&format!("loading {table} key {}", r.key.to_text().unwrap_or_default()), e))?;
-        }
-        Ok(())
-    }
-
-    /// Makes the staged snapshot a keyed table, in key order (sorted once, then appended to the
-    /// key index in order), the last record of a repeated key winning; inside the publish's
-    /// transaction.
-    fn key_staging(&self, def: &TableDef) -> Result<(), SinkError> {
-        let (heap, keyed) = (staging(&def.name), format!("_dap_keyed__{}", def.name));
-        let has_key: bool = self
-            .conn
-            .query_row("SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE pk > 0", [&heap], |r| r.get(0))
-            .map_err(|e| self.fail("reading the staging table", e))?;
-        if has_key {
-            return Ok(());
-        }
-        let names: Vec<String> = def.columns().map(|c| quote(&c.name)).collect();
-        let names = names.join(", ");
-        let fail = |e| self.fail(&format!("ordering the snapshot of {} by its key", def.name), e);
-        self.conn.execute_batch(&create_table_sql(&keyed, def)).map_err(fail)?;
-        self.conn
-            .execute_batch(&format!(
-                "INSERT OR REPLACE INTO {k} ({names}) SELECT {names} FROM {h} ORDER BY {key}, rowid;
-                 DROP TABLE {h}; ALTER TABLE {k} RENAME TO {h};",
-                k = quote(&keyed),
-                h = quote(&heap),
-                key = quote(&def.key.name),
-            ))
-            .map_err(fail)
+    fn create_table(&self, name: &str, def: &TableDef) -> Result<(), SinkError> {
+        self.conn.execute_batch(&create_table_sql(name, def)).map_err(|e| self.fail(&format!("creating {name}"), e))
     }
 
     /// `INSERT … ON CONFLICT DO UPDATE` of every column: whole-row upserts. A row that arrives
@@ -739,8 +678,6 @@ impl Dialect for SqliteDialect {
         BOOKKEEPING
     }
 
-    /// A keyed staging table keeps the latest record per key; a heap keeps every record until it
-    /// is keyed at the publish, so the looser check holds for both.
     fn staging_keeps(&self) -> Staged {
         Staged::LatestPerKey
     }
@@ -877,11 +814,7 @@ impl Dialect for SqliteDialect {
         Self::run(c, move |w| {
             let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
             w.forget_staging(&def)?;
-            let sql = match Staging::of(&def) {
-                Staging::Keyed => create_table_sql(&staging(&def.name), &def),
-                Staging::Heap => create_heap_sql(&staging(&def.name), &def),
-            };
-            w.conn.execute_batch(&sql).map_err(|e| w.fail("creating the staging table", e))?;
+            w.create_table(&staging(&def.name), &def)?;
             tx.commit().map_err(|e| w.fail("creating the staging table", e))
         })
         .await
@@ -901,11 +834,7 @@ impl Dialect for SqliteDialect {
         let def = Arc::new(def.clone());
         while let Some(batch) = rows.next_batch().await? {
             let def = def.clone();
-            Self::run(c, move |w| match Staging::of(&def) {
-                Staging::Keyed => w.write_rows(&staging(&def.name), &def, &batch, &mut Vec::new(), None),
-                Staging::Heap => w.append_rows(&staging(&def.name), &def, &batch),
-            })
-            .await?;
+            Self::run(c, move |w| w.write_rows(&staging(&def.name), &def, &batch, &mut Vec::new(), None)).await?;
         }
         Ok(())
     }
@@ -953,7 +882,6 @@ impl Dialect for SqliteDialect {
         let shared: Vec<String> = shared_columns(&def, delta).map(quote).collect();
         Self::run(c, move |w| {
             let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
-            w.key_staging(&def)?;
             if w.has_table(&def.name)?
                 && let Some(sql) = Replaces::of(&def).carry_over_sql(
                     &quote(&def.name),
