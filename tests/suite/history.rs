@@ -658,3 +658,60 @@ async fn an_older_mirrors_history_table_is_read_then_converted_unchanged() {
         assert_history_agrees(&db, table);
     }
 }
+
+/// History turned off keeps what it recorded (a plain table, nothing added while off); turned
+/// on again it goes on from then: as of every later sync each table is the truth, each row has
+/// one current version, and the versions recorded before the pause are still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_paused_then_resumed_goes_on_from_the_resumption() {
+    let emu = emulator(EmulatorConfig { rows: 30, part_rows: 10, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    let tables = TABLES.join(",");
+    let sync = ["syncdb", "--namespace", "canvas", "--table", &tables, "--connection-string", &url];
+    let with = |extra: &[&'static str]| {
+        let mut args = sync.to_vec();
+        args.extend(extra);
+        args
+    };
+    let mut init = vec!["initdb", "--namespace", "canvas", "--table", &tables, "--connection-string", &url];
+    init.extend(["--keep-history", "all"]);
+    ours_ok(&emu, dir.path(), &init).await;
+    commit_round(&emu, "canvas", &TABLES, ROUND);
+    ours_ok(&emu, dir.path(), &sync).await;
+    let ended_before_pause = version_counts(&db, "scores").0;
+    assert!(ended_before_pause > 0, "the first round ended versions");
+
+    // Paused for two rounds: nothing recorded, the plain table keeps what was.
+    commit_round(&emu, "canvas", &TABLES, ROUND);
+    ours_ok(&emu, dir.path(), &with(&["--no-history", "all"])).await;
+    commit_round(&emu, "canvas", &TABLES, ROUND);
+    ours_ok(&emu, dir.path(), &sync).await;
+    assert_eq!(version_counts(&db, "scores").0, ended_before_pause, "nothing recorded while paused");
+
+    // Resumed: from this sync on, every sync time reads as the truth.
+    commit_round(&emu, "canvas", &TABLES, ROUND);
+    ours_ok(&emu, dir.path(), &with(&["--keep-history", "all"])).await;
+    let mut times = vec![sync_time(&emu, dir.path()).await];
+    for _ in 0..2 {
+        commit_round(&emu, "canvas", &TABLES, ROUND);
+        ours_ok(&emu, dir.path(), &sync).await;
+        times.push(sync_time(&emu, dir.path()).await);
+    }
+    assert_as_of_is_the_truth(&emu, dir.path(), &times, "history resumed").await;
+    for table in TABLES {
+        assert_history_agrees(&db, table);
+    }
+    let (ended, _) = version_counts(&db, "scores");
+    assert!(ended > ended_before_pause, "the versions before the pause are kept and new ones added");
+    // Before the resumption the mirror cannot say: it names when its history begins.
+    let out = run_ours(
+        &emu,
+        dir.path(),
+        &["query", "--dir", dir.path().to_str().unwrap(), "--as-of", "2026-01-01T00:00:00Z", "SELECT 1 FROM scores"],
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("begins at"), "{err}");
+}
