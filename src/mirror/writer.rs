@@ -542,6 +542,12 @@ impl Writer {
         Ok(())
     }
 
+    /// Removes the descriptions of the tables that store a history in the split form.
+    fn forget_history_storage(&self, table: &str) -> Result<(), SinkError> {
+        self.forget_in_dictionary(&history::ended_table(table))?;
+        self.forget_in_dictionary(&history::since_table(table))
+    }
+
     /// Drops a table's staging and its checkpoints (in the caller's transaction).
     fn forget_staging(&self, def: &TableDef) -> Result<(), SinkError> {
         self.conn
@@ -564,8 +570,12 @@ impl Writer {
     ) -> Result<Keeping, SinkError> {
         let keeping = history::apply_choice(&self.conn, def, choice, started)
             .map_err(|e| self.fail(&format!("applying the history choice to {}", def.name), e))?;
-        if keeping == Keeping::No && choice.stop.selects(&def.name) && choice.recorded == history::Recorded::Drop {
-            self.forget_in_dictionary(&history::table_name(&def.name))?;
+        if keeping == Keeping::No && choice.stop.selects(&def.name) {
+            // Paused, the versions are one plain table (still described); dropped, nothing is.
+            self.forget_history_storage(&def.name)?;
+            if choice.recorded == history::Recorded::Drop {
+                self.forget_in_dictionary(&history::table_name(&def.name))?;
+            }
         }
         Ok(keeping)
     }
@@ -608,6 +618,24 @@ impl Writer {
                 params![name, def.name],
             )
             .map_err(fail)?;
+        let storage = [
+            (
+                history::ended_table(&def.name),
+                format!("internal: the versions of {} that ended (see {name})", def.name),
+            ),
+            (
+                history::since_table(&def.name),
+                format!("internal: when each current row of {} began, for rows changed since history began", def.name),
+            ),
+        ];
+        for (table, description) in storage {
+            self.conn
+                .execute(
+                    &format!("INSERT OR REPLACE INTO {DICTIONARY_TABLES} VALUES (?1, 'internal', ?2, NULL, ?3)"),
+                    params![table, def.namespace, description],
+                )
+                .map_err(fail)?;
+        }
         let extra = [
             (
                 history::VALID_FROM,
@@ -981,6 +1009,7 @@ impl Dialect for SqliteDialect {
                     .map_err(|e| w.fail(&format!("dropping {t}"), e))?;
                 w.forget_in_dictionary(&t)?;
                 w.forget_in_dictionary(&history::table_name(&t))?;
+                w.forget_history_storage(&t)?;
                 history::forget(&w.conn, &ns, &t).map_err(|e| w.fail("dropping the history", e))?;
                 for index in [COMMITS, CHANGES] {
                     w.conn

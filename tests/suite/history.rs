@@ -539,6 +539,14 @@ async fn history_choices_are_checked_first_remembered_described_and_undone() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(described, stored, "every column of the history table is described, in order");
+    let internal: Vec<String> = conn
+        .prepare("SELECT table_name FROM dap_tables WHERE kind = 'internal' AND table_name LIKE 'scores\\_\\_history\\_%' ESCAPE '\\' ORDER BY 1")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(internal, ["scores__history_ended", "scores__history_since"], "the tables that store it are described");
     drop(conn);
 
     // Off: nothing more is recorded, what was recorded stays; then dropped on request.
@@ -556,7 +564,7 @@ async fn history_choices_are_checked_first_remembered_described_and_undone() {
     let conn = rusqlite::Connection::open(&db).unwrap();
     let left: i64 = conn
         .query_row(
-            "SELECT (SELECT count(*) FROM sqlite_master WHERE name LIKE 'scores__history%') + (SELECT count(*) FROM dap_tables WHERE table_name = 'scores__history')",
+            "SELECT (SELECT count(*) FROM sqlite_master WHERE name LIKE 'scores__history%') + (SELECT count(*) FROM dap_tables WHERE table_name LIKE 'scores__history%')",
             [],
             |r| r.get(0),
         )
