@@ -351,7 +351,8 @@ async fn query(
         return Ok((code, axum::Json(body)).into_response());
     }
     let outcome = if fault.is_some() { JobOutcome::Failed } else { JobOutcome::Complete };
-    let job = new_job(&state, ns, table, t, &q, mode, retained_from, now, outcome);
+    let request = JobRequest { namespace: ns, table, t, q: &q, mode, retained_from };
+    let job = new_job(&state, request, now, outcome);
     let (code, body) = job.to_json(now);
     jobs.insert(query_key, job);
     Ok((code, axum::Json(body)).into_response())
@@ -369,19 +370,20 @@ enum JobOutcome {
     Failed,
 }
 
-/// A new job answering `q` on `t` as of `now` (not yet registered).
-#[allow(clippy::too_many_arguments)]
-fn new_job(
-    state: &State,
+/// What a job is asked: a query of one table, in a mode, over the rows the table still has.
+struct JobRequest<'a> {
     namespace: String,
     table: String,
-    t: &TableState,
-    q: &QueryRequest,
+    t: &'a TableState,
+    q: &'a QueryRequest,
     mode: Mode,
+    /// The oldest time the table still holds rows from (an append-only table's window).
     retained_from: Option<Micros>,
-    now: Micros,
-    outcome: JobOutcome,
-) -> Job {
+}
+
+/// A new job answering `request` as of `now` (not yet registered).
+fn new_job(state: &State, request: JobRequest<'_>, now: Micros, outcome: JobOutcome) -> Job {
+    let JobRequest { namespace, table, t, q, mode, retained_from } = request;
     let head = t.history.head();
     let (selection, window) = match q.since {
         None => (Selection::Snapshot { at: head, oldest: retained_from }, Window::At(head)),
@@ -474,17 +476,15 @@ pub(crate) async fn prepare_increment(
         match jobs.find_query(&key, now) {
             Some(existing) => existing.clone(),
             None => {
-                let job = new_job(
-                    state,
-                    ns.into(),
-                    table.into(),
+                let request = JobRequest {
+                    namespace: ns.into(),
+                    table: table.into(),
                     t,
-                    &q,
-                    Mode::Condensed,
+                    q: &q,
+                    mode: Mode::Condensed,
                     retained_from,
-                    now,
-                    JobOutcome::Complete,
-                );
+                };
+                let job = new_job(state, request, now, JobOutcome::Complete);
                 jobs.insert(key, job.clone());
                 job
             }
