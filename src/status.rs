@@ -274,44 +274,33 @@ pub struct Interrupted {
     pub objects: u64,
 }
 
-/// The interrupted initdbs of the mirror files the request looks at (a server target keeps its
-/// checkpoints in its own schema and is not read here).
-pub fn interrupted(request: &StatusRequest) -> Result<Vec<Interrupted>, SinkError> {
-    use crate::mirror::format::{BOOKKEEPING, CHECKPOINTS, open_read_only};
+/// The interrupted initdbs the request looks at: per namespace, the tables with checkpoints of
+/// a load and no bookkeeping row, in a mirror file or a server target alike.
+pub async fn interrupted(request: &StatusRequest) -> Result<Vec<Interrupted>, SinkError> {
+    let options = SinkOptions { access: Access::Read, shared: request.shared, ..SinkOptions::default() };
     let mut out = Vec::new();
     for ns in namespaces(request)? {
-        let file = match &request.location {
-            Location::Folder(dir) => dir.join(format!("{ns}.db")),
-            Location::Target(spec) => match spec.local_file(&ns)? {
-                Some(file) => file,
-                None => continue,
-            },
+        let local = match &request.location {
+            Location::Folder(dir) => Some(dir.join(format!("{ns}.db"))),
+            Location::Target(spec) => spec.local_file(&ns)?,
         };
-        if !crate::mirror::folder::mirror_file_present(&file).map_err(|e| e.refusal())? {
-            continue;
-        }
-        let read = || -> rusqlite::Result<Vec<Interrupted>> {
-            let conn = open_read_only(&file)?;
-            let exists: bool = conn.query_row(
-                "SELECT count(*) = 2 FROM sqlite_master WHERE name IN (?1, ?2)",
-                [CHECKPOINTS, BOOKKEEPING],
-                |r| r.get(0),
-            )?;
-            if !exists {
-                return Ok(Vec::new());
+        let sink: Arc<dyn Sink> = match (&local, &request.location) {
+            (Some(path), _) => {
+                if !crate::mirror::folder::mirror_file_present(path).map_err(|e| e.refusal())? {
+                    continue;
+                }
+                target::open(&TargetSpec::Url(ConnectionString::sqlite(path)), &ns, &options).await?
             }
-            let mut statement = conn.prepare(&format!(
-                "SELECT source_table, count(*) FROM {CHECKPOINTS} c WHERE source_namespace = ?1
-                 AND NOT EXISTS (SELECT 1 FROM {BOOKKEEPING} b WHERE b.source_namespace = c.source_namespace AND b.source_table = c.source_table)
-                 GROUP BY source_table ORDER BY source_table"
-            ))?;
-            statement
-                .query_map([&ns], |r| Ok(Interrupted { namespace: ns.clone(), table: r.get(0)?, objects: r.get(1)? }))?
-                .collect()
+            (None, Location::Target(spec)) => target::open(spec, &ns, &options).await?,
+            (None, Location::Folder(_)) => unreachable!("a folder's namespaces are files"),
         };
-        match read() {
-            Ok(found) => out.extend(found),
-            Err(e) => tracing::warn!("{}: could not read its unfinished loads: {e}", file.display()),
+        match sink.unfinished_loads(&ns).await {
+            Ok(found) => out.extend(found.into_iter().map(|(table, objects)| Interrupted {
+                namespace: ns.clone(),
+                table,
+                objects,
+            })),
+            Err(e) => tracing::warn!("{}: could not read its unfinished loads: {e}", sink.describe()),
         }
     }
     Ok(out)

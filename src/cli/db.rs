@@ -527,7 +527,7 @@ pub async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
     }
     let request = args.request(ctx.shared)?;
     let report = crate::status::status(&request).await?;
-    let interrupted = crate::status::interrupted(&request)?;
+    let interrupted = crate::status::interrupted(&request).await?;
     print_status(&report, &interrupted, if args.json { Output::Json } else { Output::Text })?;
     let stale = args.max_lag.map(|max| stale_tables(&report, max)).transpose();
     // A target that could not be read is said once, and the exit says it.

@@ -832,6 +832,25 @@ impl Dialect for SqliteDialect {
         .await
     }
 
+    async fn checkpoint_counts(&self, c: &mut SqliteConn, namespace: &str) -> Result<Vec<(String, u64)>, SinkError> {
+        let ns = namespace.to_string();
+        Self::run(c, move |w| {
+            if !w.has_table(CHECKPOINTS)? {
+                return Ok(Vec::new()); // a file no write has prepared
+            }
+            let mut stmt = w
+                .conn
+                .prepare(&format!(
+                    "SELECT source_table, count(*) FROM {CHECKPOINTS} WHERE source_namespace = ?1 GROUP BY source_table ORDER BY source_table"
+                ))
+                .map_err(|e| w.fail("reading checkpoints", e))?;
+            stmt.query_map(params![ns], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+                .and_then(|rows| rows.collect())
+                .map_err(|e| w.fail("reading checkpoints", e))
+        })
+        .await
+    }
+
     async fn staging_exists(&self, c: &mut SqliteConn, def: &TableDef) -> Result<bool, SinkError> {
         let name = staging(&def.name);
         Self::run(c, move |w| w.has_table(&name)).await

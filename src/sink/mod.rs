@@ -287,6 +287,9 @@ pub trait Sink: Send + Sync {
     async fn bookkeeping(&self, namespace: &str, table: &str) -> Result<Option<Bookkeeping>, SinkError>;
     /// Every bookkeeping row of a namespace, by table name.
     async fn all_bookkeeping(&self, namespace: &str) -> Result<Vec<Bookkeeping>, SinkError>;
+    /// The tables of `namespace` whose initdb was interrupted after loading objects and never
+    /// published: per table, the objects loaded (what a rerun resumes).
+    async fn unfinished_loads(&self, namespace: &str) -> Result<Vec<(String, u64)>, SinkError>;
     /// Rows in a replicated table.
     async fn row_count(&self, namespace: &str, table: &str) -> Result<u64, SinkError>;
     /// syncdb, first: refuses a table whose storage the target finds damaged, so that nothing is

@@ -1095,6 +1095,29 @@ impl Dialect for MssqlDialect {
             .collect())
     }
 
+    async fn checkpoint_counts(&self, c: &mut Conn, namespace: &str) -> Result<Vec<(String, u64)>, SinkError> {
+        if !self.exists(c, OUR_SCHEMA, "checkpoints").await? {
+            return Ok(Vec::new());
+        }
+        let rows = c
+            .query(
+                format!(
+                    "SELECT \"table_name\", count_big(*) FROM {} WHERE \"namespace\" = @P1 GROUP BY \"table_name\" ORDER BY \"table_name\"",
+                    ours("checkpoints")
+                ),
+                &[&namespace],
+            )
+            .await
+            .map_err(self.fail("reading checkpoints"))?
+            .into_first_result()
+            .await
+            .map_err(self.fail("reading checkpoints"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<&str, _>(0).unwrap_or_default().into(), r.get::<i64, _>(1).unwrap_or_default() as u64))
+            .collect())
+    }
+
     async fn staging_exists(&self, c: &mut Conn, def: &TableDef) -> Result<bool, SinkError> {
         self.exists(c, OUR_SCHEMA, &staging_table(def)).await
     }

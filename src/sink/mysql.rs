@@ -1138,6 +1138,21 @@ impl Dialect for MysqlDialect {
         .map_err(self.fail("reading checkpoints"))
     }
 
+    async fn checkpoint_counts(&self, c: &mut Conn, namespace: &str) -> Result<Vec<(String, u64)>, SinkError> {
+        if !self.exists(c, &format!("{OUR_SCHEMA}__checkpoints")).await? {
+            return Ok(Vec::new());
+        }
+        c.exec(
+            format!(
+                "SELECT table_name, count(*) FROM {} WHERE namespace = ? GROUP BY table_name ORDER BY table_name",
+                our_table("checkpoints")
+            ),
+            (namespace,),
+        )
+        .await
+        .map_err(self.fail("reading checkpoints"))
+    }
+
     async fn staging_exists(&self, c: &mut Conn, def: &TableDef) -> Result<bool, SinkError> {
         self.exists(c, &format!("{OUR_SCHEMA}__{}__{}", def.namespace, def.name)).await
     }

@@ -1138,6 +1138,24 @@ impl Dialect for PostgresDialect {
         .collect())
     }
 
+    async fn checkpoint_counts(&self, c: &mut PgConn, namespace: &str) -> Result<Vec<(String, u64)>, SinkError> {
+        if !self.exists(c, OUR_SCHEMA, "checkpoints").await? {
+            return Ok(Vec::new());
+        }
+        Ok(c.query(
+            &format!(
+                "SELECT table_name, count(*) FROM {}.\"checkpoints\" WHERE namespace = $1 GROUP BY table_name ORDER BY table_name",
+                ident(OUR_SCHEMA)
+            ),
+            &[&namespace],
+        )
+        .await
+        .map_err(self.fail("reading checkpoints"))?
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+        .collect())
+    }
+
     async fn staging_exists(&self, c: &mut PgConn, def: &TableDef) -> Result<bool, SinkError> {
         self.exists(c, OUR_SCHEMA, &staging_table(def)).await
     }

@@ -212,6 +212,9 @@ pub trait Dialect: Send + Sync + 'static {
 
     /// The `(job, part)` checkpoints of a table's staging.
     async fn checkpoints(&self, c: &mut Self::Conn, def: &TableDef) -> Result<Vec<(String, String)>, SinkError>;
+    /// Per table of `namespace` with checkpoints, how many objects they record (none where no
+    /// load of ours ever ran).
+    async fn checkpoint_counts(&self, c: &mut Self::Conn, namespace: &str) -> Result<Vec<(String, u64)>, SinkError>;
     async fn staging_exists(&self, c: &mut Self::Conn, def: &TableDef) -> Result<bool, SinkError>;
     /// A new, empty staging table for `def`, any old one and its checkpoints gone.
     async fn create_staging(&self, c: &mut Self::Conn, def: &TableDef) -> Result<(), SinkError>;
@@ -426,6 +429,19 @@ impl<D: Dialect> Sink for Protocol<D> {
         let mut c = self.d.connect().await?;
         let n = self.d.row_count(&mut c, namespace, table).await;
         self.finish(c, n).await
+    }
+
+    async fn unfinished_loads(&self, namespace: &str) -> Result<Vec<(String, u64)>, SinkError> {
+        let mut c = self.d.connect().await?;
+        let counts = self.d.checkpoint_counts(&mut c, namespace).await;
+        let counts = self.finish(c, counts).await?;
+        if counts.is_empty() {
+            return Ok(counts);
+        }
+        // A table published since keeps no checkpoints; one with a bookkeeping row and
+        // checkpoints is a re-snapshot under way, which `status` shows as the table it is.
+        let published: Vec<String> = self.all_bookkeeping(namespace).await?.into_iter().map(|b| b.table).collect();
+        Ok(counts.into_iter().filter(|(table, _)| !published.contains(table)).collect())
     }
 
     async fn check_intact(&self, namespace: &str, table: &str) -> Result<(), SinkError> {
