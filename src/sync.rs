@@ -312,11 +312,22 @@ impl Replicator {
             return Err(already());
         }
         let schema = self.source.schema(namespace, table).await?;
-        if peek.is_none() {
-            self.sink.check_unowned(&schema.def).await?;
+        let mut held = None;
+        if peek.is_none()
+            && let Err(refused) = self.sink.check_unowned(&schema.def).await
+        {
+            // Another writer may be publishing it this moment (its table there, its row not
+            // yet): asked again under the table's lock, which that writer holds until it is done.
+            held = Some(self.sink.lock(namespace, table, watch).await?);
+            if self.sink.bookkeeping(namespace, table).await?.is_none() {
+                self.sink.check_unowned(&schema.def).await.map_err(|_| refused)?;
+            }
         }
         let extract = self.source.snapshot(&schema.def, watch).await?;
-        let _lock = self.sink.lock(namespace, table, watch).await?;
+        let _lock = match held {
+            Some(lock) => lock,
+            None => self.sink.lock(namespace, table, watch).await?,
+        };
         let stored = self.sink.bookkeeping(namespace, table).await?;
         match (&stored, init) {
             (Some(_), Init::Fresh) => return Err(already()),
