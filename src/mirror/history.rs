@@ -46,6 +46,11 @@ pub fn since_table(table: &str) -> String {
     format!("{table}__history_since")
 }
 
+/// Whether `column` is one of history's own three (not one of the table's).
+fn is_history_column(column: &str) -> bool {
+    [VALID_FROM, VALID_TO, DELETED].contains(&column)
+}
+
 /// A table's history setting, as the file remembers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Setting {
@@ -122,7 +127,7 @@ pub fn data_columns_in(conn: &Connection, schema: &str, table: &str) -> rusqlite
         _ => table_name(table),
     };
     let columns = columns_in(conn, schema, &stored)?;
-    Ok(columns.into_iter().filter(|c| ![VALID_FROM, VALID_TO, DELETED].contains(&c.as_str())).collect())
+    Ok(columns.into_iter().filter(|c| !is_history_column(c)).collect())
 }
 
 /// The key column of `table` in `schema`.
@@ -204,7 +209,7 @@ fn ensure_storage(conn: &Connection, def: &TableDef, at: Micros) -> rusqlite::Re
                 |r| r.get::<_, String>(0),
             )
         };
-        for c in plain_columns.iter().filter(|c| ![VALID_FROM, VALID_TO, DELETED].contains(&c.as_str())) {
+        for c in plain_columns.iter().filter(|c| !is_history_column(c)) {
             if def.columns().all(|d| &d.name != c) {
                 columns.push(format!("{} {}", quote(c), decl(c)?));
             }
@@ -249,14 +254,10 @@ fn convert_plain(conn: &Connection, def: &TableDef, at: Micros) -> rusqlite::Res
     let (t, key) = (quote(&def.name), quote(&def.key.name));
     let stored = columns_in(conn, "main", &table_name(&def.name))?;
     let table_columns = columns_in(conn, "main", &def.name)?;
-    let names: Vec<String> =
-        stored.iter().filter(|c| ![VALID_FROM, VALID_TO, DELETED].contains(&c.as_str())).map(|c| quote(c)).collect();
+    let data: Vec<&String> = stored.iter().filter(|c| !is_history_column(c)).collect();
+    let names: Vec<String> = data.iter().map(|c| quote(c)).collect();
     let names = names.join(", ");
-    let p_names: Vec<String> = stored
-        .iter()
-        .filter(|c| ![VALID_FROM, VALID_TO, DELETED].contains(&c.as_str()))
-        .map(|c| format!("p.{}", quote(c)))
-        .collect();
+    let p_names: Vec<String> = data.iter().map(|c| format!("p.{}", quote(c))).collect();
     let p_names = p_names.join(", ");
     let same: Vec<String> =
         table_columns.iter().filter(|c| stored.contains(c)).map(|c| format!("t.{0} IS p.{0}", quote(c))).collect();
@@ -342,8 +343,7 @@ fn freeze(conn: &Connection, table: &str) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare("SELECT name, type FROM pragma_table_info(?1) ORDER BY cid")?;
     let declared: Vec<(String, String)> =
         stmt.query_map([&ended], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
-    let data: Vec<&(String, String)> =
-        declared.iter().filter(|(c, _)| ![VALID_FROM, VALID_TO, DELETED].contains(&c.as_str())).collect();
+    let data: Vec<&(String, String)> = declared.iter().filter(|(c, _)| !is_history_column(c)).collect();
     let columns: Vec<String> = data.iter().map(|(c, ty)| format!("{} {ty}", quote(c))).collect();
     let names: Vec<String> = data.iter().map(|(c, _)| quote(c)).collect();
     let frozen = format!("{view}__frozen");

@@ -390,16 +390,9 @@ async fn a_table_another_writer_is_publishing_is_waited_for_not_refused(backend:
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{backend:?}: a table being published was refused:\n{err}");
     assert!(!err.contains("has no row for it"), "{backend:?}: {err}");
-    let def = emu.table_def("canvas", "users").unwrap();
     let mut limits = target.limits().to_vec();
     limits.push(Limit::NoNegativeZero);
-    common::truth::assert_same_rows_within(
-        &def,
-        &target.rows(&def).await,
-        &emu.truth("canvas", "users").unwrap(),
-        "after waiting for the publish",
-        &limits,
-    );
+    assert_truth(&emu, &target, "users", &limits, "after waiting for the publish").await;
 }
 
 // One test per backend, so each is named, runs in parallel and fails on its own.
