@@ -488,6 +488,7 @@ async fn run_recorded(
         targets: plan.fan_out.clone(),
         // History is the mirror's own: the fan-out's targets get the tables.
         sink: SinkOptions { history: Default::default(), ..plan.sink.clone() },
+        history: HistoryCopy::Leave,
         attempts: plan.attempts,
     };
     let fanned = replicate(&plan, progress).await?;
@@ -716,7 +717,18 @@ pub struct ReplicatePlan {
     pub mirror: PathBuf,
     pub targets: Vec<TargetSpec>,
     pub sink: SinkOptions,
+    /// Whether the mirror's history tables go too (`--with-history`).
+    pub history: HistoryCopy,
     pub attempts: u32,
+}
+
+/// Whether `dap replicate` carries the mirror's history of each table to the targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryCopy {
+    /// Only the tables (the official layout).
+    Leave,
+    /// Each table's `<table>__history` too, as a plain table beside it (`--with-history`).
+    Carry,
 }
 
 /// Replicates tables from the mirror to every target, all at once; one target failing does not
@@ -727,14 +739,24 @@ pub async fn replicate(plan: &ReplicatePlan, progress: &Progress) -> Result<Vec<
     let started = crate::time::now();
     let ns = plan.namespace.as_str();
     check_targets(&plan.targets, &plan.mirror)?;
+    if plan.history == HistoryCopy::Carry
+        && let Some(file) = plan.targets.iter().find(|t| matches!(t.local_file(ns), Ok(Some(_))))
+    {
+        return Err(RunError::Input(format!(
+            "--with-history: {} is a mirror file, which keeps a history of its own (initdb/syncdb --keep-history on it); \
+             history tables are carried to PostgreSQL, MySQL and SQL Server targets",
+            file.describe()
+        )));
+    }
     crate::privacy::check_mirror(&plan.mirror, plan.sink.shared);
-    let source: Arc<dyn Source> = Arc::new(MirrorSource::open(&plan.mirror)?);
+    let mirror = Arc::new(MirrorSource::open(&plan.mirror)?);
+    let source: Arc<dyn Source> = mirror.clone();
     let tables = match &plan.tables {
         Tables::Named(list) => list.clone(),
         Tables::All => source.tables(ns).await?,
     };
     let runs = plan.targets.iter().map(|spec| {
-        let (source, tables) = (source.clone(), &tables);
+        let (source, tables, mirror) = (source.clone(), &tables, mirror.clone());
         async move {
             let target = spec.describe();
             let sink = match target::open(spec, ns, &plan.sink).await {
@@ -747,10 +769,18 @@ pub async fn replicate(plan: &ReplicatePlan, progress: &Progress) -> Result<Vec<
             let replicator =
                 Replicator { source, sink: sink.clone(), reinit: Reinit::Automatically, attempts: plan.attempts };
             let outcomes = per_table::run_each(tables, plan.sink.parallelism, |t| {
-                let (r, sink, target) = (&replicator, sink.as_ref(), &target);
+                let (r, sink, target, mirror) = (&replicator, sink.as_ref(), &target, mirror.as_ref());
                 async move {
                     let watch = Arc::new(progress.table(&format!("{ns}.{t} → {target}")));
-                    let report = r.replicate(ns, &t, &watch).await;
+                    let report = match r.replicate(ns, &t, &watch).await {
+                        Ok(mut report) if plan.history == HistoryCopy::Carry => {
+                            crate::sync::carry_history(mirror, sink, ns, &t, &watch).await.map(|carried| {
+                                report.history = carried;
+                                report
+                            })
+                        }
+                        other => other,
+                    };
                     match &report {
                         Ok(rep) => watch.finish(&rep.describe()),
                         Err(e) => watch.fail(e),

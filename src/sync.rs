@@ -108,19 +108,72 @@ pub struct TableReport {
     /// What `--keep-days` removed from the mirror after the run, and the old days it kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pruned: Option<crate::mirror::retention::Pruned>,
+    /// What `replicate --with-history` carried of the table's history.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<Carried>,
+}
+
+/// What `replicate --with-history` carried of a table's history to a target.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Carried {
+    /// `whole` (the target's history table made afresh) or `of_keys` (the versions of the keys
+    /// changed since its copy replaced theirs).
+    pub scope: crate::sink::VersionScope,
+    /// Versions sent.
+    pub versions: u64,
 }
 
 impl TableReport {
     /// The report as a log line says it: `initialised, 2000 rows, watermark …`.
     pub fn describe(&self) -> String {
-        match (self.action, self.changes) {
+        let line = match (self.action, self.changes) {
             (Action::Synced, Some(changes)) => {
                 format!("synced, {changes} changes, {} rows, watermark {}", self.rows, self.watermark)
             }
             (Action::Ahead, _) => format!("left alone (ahead of its source), {} rows", self.rows),
             _ => format!("initialised, {} rows, watermark {}", self.rows, self.watermark),
+        };
+        match self.history {
+            Some(Carried { scope: crate::sink::VersionScope::Whole, versions }) => {
+                format!("{line}; history copied whole, {versions} versions")
+            }
+            Some(Carried { versions, .. }) => format!("{line}; history: {versions} versions of changed keys"),
+            None => line,
         }
     }
+}
+
+/// `replicate --with-history`, after the table itself: brings the target's copy of the table's
+/// history (`<table>__history`, a plain table beside it) up to the mirror's, under the table's
+/// lock. The copy is made whole when the target has none (or one of other columns: the schema
+/// changed) or the mirror's history started over since its latest change; otherwise the
+/// versions of the keys changed in the mirror's commits since then replace theirs, and ended
+/// versions the mirror pruned go. `None` when the mirror keeps no history of the table.
+pub async fn carry_history(
+    mirror: &crate::mirror::reader::MirrorSource,
+    sink: &dyn Sink,
+    namespace: &str,
+    table: &str,
+    watch: &Arc<TableProgress>,
+) -> Result<Option<Carried>, SyncError> {
+    let schema = mirror.schema(namespace, table).await?;
+    let versions = crate::schema::versions::versions_def(&schema.def);
+    let _lock = sink.lock(namespace, table, watch).await?;
+    let names: Vec<&str> = versions.columns().map(|c| c.name.as_str()).collect();
+    let held = sink.history_held(namespace, table).await?;
+    let latest = held.filter(|h| h.columns == names).and_then(|h| h.latest);
+    let Some(crate::mirror::reader::VersionReading { load, reading: Reading { mut feed, task } }) =
+        mirror.history(&versions, latest, watch.clone())?
+    else {
+        return Ok(None);
+    };
+    watch.stage("carrying history");
+    let apply = async {
+        feed.ready().await?;
+        sink.replace_history(&versions, load, feed.watched_by(watch.clone())).await
+    };
+    let sent = consume(task, apply).await?;
+    Ok(Some(Carried { scope: load.scope, versions: sent }))
 }
 
 /// Whether initdb may replace a table that is initialised already.
@@ -292,6 +345,7 @@ impl Replicator {
                     watermark: time::format_wire(stored.watermark),
                     schema_version: stored.schema_version,
                     pruned: None,
+                    history: None,
                 })
             }
             other => other,
@@ -372,6 +426,7 @@ impl Replicator {
             watermark: time::format_wire(extract.watermark),
             schema_version: schema.def.version,
             pruned: None,
+            history: None,
         };
         Ok((report, Replaced { before: stored.map(|b| b.watermark), after: extract.watermark }))
     }
@@ -452,6 +507,7 @@ impl Replicator {
             watermark: time::format_wire(extract.watermark),
             schema_version: schema.def.version,
             pruned: None,
+            history: None,
         })
     }
 

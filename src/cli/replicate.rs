@@ -13,7 +13,7 @@ use clap::Args;
 
 use crate::per_table::{self, Outcome};
 use crate::progress::Progress;
-use crate::run::{ReplicatePlan, Tables, TargetReport};
+use crate::run::{HistoryCopy, ReplicatePlan, Tables, TargetReport};
 use crate::sink::{Access, NonFinite, SinkOptions};
 use crate::sync::Action;
 use crate::target::TargetSpec;
@@ -51,6 +51,13 @@ pub struct ReplicateArgs {
     /// 90s, 10m or 2h; then that table is left alone with a message saying who holds it.
     #[arg(long, value_parser = super::parse_duration, default_value = "10m")]
     lock_timeout: std::time::Duration,
+    /// Also carry each table's history (kept by the mirror with --keep-history) as a plain table
+    /// beside it: `"canvas"."users__history"` on PostgreSQL and SQL Server,
+    /// `canvas__users__history` on MySQL, with the table's columns (enum labels as text) and
+    /// dap_valid_from, dap_valid_to, dap_deleted. Incremental: the versions of keys changed since
+    /// the target's copy replace theirs. The official client ignores these tables.
+    #[arg(long)]
+    with_history: bool,
 }
 
 impl ReplicateArgs {
@@ -145,6 +152,7 @@ pub async fn replicate(ctx: &super::Context, args: ReplicateArgs) -> anyhow::Res
             lock_timeout: args.lock_timeout,
             history: Default::default(),
         },
+        history: if args.with_history { HistoryCopy::Carry } else { HistoryCopy::Leave },
         attempts: ctx.client.retry.attempts,
     };
     let progress = Progress::new(ctx.interactive && !args.json);

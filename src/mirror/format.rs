@@ -58,7 +58,7 @@ pub fn gaps(conn: &Connection, namespace: &str) -> rusqlite::Result<Vec<(String,
 
 /// The history table of `table`: every version of its rows (`history.rs`).
 pub fn history_table(table: &str) -> String {
-    format!("{table}__history")
+    crate::schema::versions::history_name(table)
 }
 
 /// The data dictionary: one row per table (data and internal ones), one per column of every

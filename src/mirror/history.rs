@@ -31,10 +31,7 @@ pub use crate::history_choice::{Choice, Recorded, Selection};
 use crate::schema::TableDef;
 use crate::time::{self, MICROS_PER_DAY, Micros};
 
-/// The three columns a history adds to the table's own.
-pub const VALID_FROM: &str = "dap_valid_from";
-pub const VALID_TO: &str = "dap_valid_to";
-pub const DELETED: &str = "dap_deleted";
+pub use crate::schema::versions::{DELETED, VALID_FROM, VALID_TO};
 
 /// The versions of `table` that ended (the table's columns it has had, then history's three).
 pub fn ended_table(table: &str) -> String {

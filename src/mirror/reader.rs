@@ -20,6 +20,7 @@ use crate::decode::Record;
 use crate::feed::{Feed, FeedSender, Piece};
 use crate::progress::TableProgress;
 use crate::schema::TableDef;
+use crate::sink::{EndedGone, VersionLoad, VersionScope};
 use crate::source::{Extract, Reading, Schema, Source, SourceError};
 use crate::time::{self, Micros};
 use crate::value::Value;
@@ -109,6 +110,149 @@ impl MirrorSource {
             .map(Some)
             .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
         Ok(text.and_then(|t| time::parse_rfc3339(&t).ok()))
+    }
+
+    /// `replicate --with-history`: what a target whose copy of the table's history holds changes
+    /// up to `held` (`None`: it has no usable copy) lacks of it, as versions of `versions`
+    /// ([`crate::schema::versions::versions_def`]); `None` when the mirror keeps no history of the
+    /// table.
+    pub fn history(
+        &self,
+        versions: &TableDef,
+        held: Option<Micros>,
+        watch: Arc<TableProgress>,
+    ) -> Result<Option<VersionReading>, SourceError> {
+        use super::history::{self, Storage, VALID_TO};
+        let conn = self.connect()?;
+        conn.execute_batch("BEGIN").map_err(|e| self.io(e))?;
+        let (namespace, table) = (&versions.namespace, &versions.name);
+        let stored = match history::storage_in(&conn, "main", table).map_err(|e| self.io(e))? {
+            Storage::None => return Ok(None),
+            Storage::Split => history::ended_table(table),
+            Storage::Plain => history::table_name(table),
+        };
+        let began = history::setting(&conn, namespace, table)
+            .map_err(|e| self.io(e))?
+            .and_then(|s| time::parse_rfc3339(&s.since).ok());
+        let epoch = Self::commit_watermark(&conn, versions, 0).map_err(|e| self.io(e))?;
+        let (scope, first) = match lacking(held, began, epoch) {
+            Lacking::Whole => (VersionScope::Whole, None),
+            Lacking::ChangedAfter(at) => {
+                let first: Option<i64> = conn
+                    .query_row(
+                        &format!(
+                            "SELECT MIN(seq) FROM {COMMITS} WHERE source_namespace = ?1 AND source_table = ?2 AND seq > 0 AND watermark > ?3"
+                        ),
+                        params![namespace, table, time::format_fixed(at)],
+                        |r| r.get(0),
+                    )
+                    .map_err(|e| self.io(e))?;
+                (VersionScope::OfKeys, first)
+            }
+        };
+        let oldest_end: Option<String> = conn
+            .query_row(&format!("SELECT min({VALID_TO}) FROM {}", quote(&stored)), [], |r| r.get(0))
+            .map_err(|e| self.io(e))?;
+        let gone = match oldest_end.and_then(|t| time::parse_rfc3339(&t).ok()) {
+            Some(at) => EndedGone::Before(at - at.rem_euclid(time::MICROS_PER_SECOND)),
+            None => EndedGone::All,
+        };
+        let columns: Vec<String> = versions.columns().map(|c| quote(&c.name)).collect();
+        let mut sql = format!("SELECT {} FROM {}", columns.join(", "), quote(&history::table_name(table)));
+        let keys = match (scope, first) {
+            (VersionScope::Whole, _) => None,
+            (VersionScope::OfKeys, Some(seq)) => {
+                sql.push_str(&format!(
+                    " WHERE {} IN (SELECT key FROM {CHANGES} WHERE source_namespace = ?1 AND source_table = ?2 AND seq >= ?3)",
+                    quote(&versions.key.name)
+                ));
+                Some(seq)
+            }
+            (VersionScope::OfKeys, None) => {
+                sql.push_str(" WHERE 0");
+                None
+            }
+        };
+        watch.reading("reading the mirror's history", 0);
+        let (tx, feed): (FeedSender, Feed) = Feed::channel(4);
+        let (source, versions) =
+            (MirrorSource { path: self.path.clone(), _tidy: self._tidy.clone() }, versions.clone());
+        let task = tokio::task::spawn(async move {
+            tokio::task::spawn_blocking(move || read_versions(&source, &conn, &versions, &sql, keys, &tx))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        });
+        Ok(Some(VersionReading { load: VersionLoad { scope, gone }, reading: Reading { feed, task } }))
+    }
+}
+
+/// Sends the versions `sql` selects (`keys`: the first commit whose keys it takes) as one part,
+/// in the read transaction `conn` holds.
+fn read_versions(
+    source: &MirrorSource,
+    conn: &Connection,
+    versions: &TableDef,
+    sql: &str,
+    keys: Option<i64>,
+    tx: &FeedSender,
+) -> Result<u64, SourceError> {
+    const PART: &str = "history";
+    let send =
+        |piece: Piece| tx.blocking_send(piece).map_err(|_| SourceError::failed("", "the target stopped reading"));
+    let bad = |e: String| SourceError::Corrupt { table: versions.name.clone(), part: PART.into(), detail: e };
+    send(Piece::Begin(PART.into()))?;
+    let mut stmt = conn.prepare(sql).map_err(|e| source.io(e))?;
+    let mut rows = match keys {
+        Some(seq) => stmt.query(params![versions.namespace, versions.name, seq]),
+        None => stmt.query([]),
+    }
+    .map_err(|e| source.io(e))?;
+    let (mut total, mut batch) = (0u64, Vec::with_capacity(BATCH));
+    while let Some(row) = rows.next().map_err(|e| source.io(e))? {
+        batch.push(record(row, versions, 0).map_err(bad)?);
+        if batch.len() == BATCH {
+            total += batch.len() as u64;
+            send(Piece::Rows(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))))?;
+        }
+    }
+    if !batch.is_empty() {
+        total += batch.len() as u64;
+        send(Piece::Rows(batch))?;
+    }
+    send(Piece::End(PART.into()))?;
+    send(Piece::Done)?;
+    Ok(total)
+}
+
+/// What a target lacks of a table's history (`replicate --with-history`): how its copy changes,
+/// and the versions it needs, read in the same read transaction as the decision.
+pub struct VersionReading {
+    pub load: VersionLoad,
+    pub reading: Reading,
+}
+
+/// Which versions a target's copy of a history lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lacking {
+    /// All of them: it has none, or the mirror's history started over after the latest change it
+    /// holds (a new snapshot, history turned on again).
+    Whole,
+    /// The versions of the keys changed in the commits after this time (the latest change the
+    /// target holds).
+    ChangedAfter(Micros),
+}
+
+/// What a copy whose latest change is `held` (`None`: no usable copy) lacks, given when the
+/// mirror's history began (`began`) and its table's epoch (the snapshot its change index starts
+/// at). A time in whole seconds may be a server's truncation (MySQL): the true time may be
+/// anywhere in that second.
+fn lacking(held: Option<Micros>, began: Option<Micros>, epoch: Option<Micros>) -> Lacking {
+    let (Some(held), Some(epoch)) = (held, epoch) else { return Lacking::Whole };
+    let latest_possible = held + if held % time::MICROS_PER_SECOND == 0 { time::MICROS_PER_SECOND - 1 } else { 0 };
+    if epoch > latest_possible || began.is_some_and(|b| b > latest_possible) {
+        Lacking::Whole
+    } else {
+        Lacking::ChangedAfter(held)
     }
 }
 
@@ -312,5 +456,39 @@ impl Source for MirrorSource {
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
         });
         Reading { feed, task }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Micros = time::MICROS_PER_SECOND;
+
+    #[test]
+    fn a_copy_lacks_the_whole_history_only_when_it_has_none_or_the_history_started_over_after_it() {
+        let (epoch, began) = (100 * S, Some(100 * S));
+        assert_eq!(lacking(None, began, Some(epoch)), Lacking::Whole, "no copy");
+        assert_eq!(lacking(Some(150 * S + 7), began, None), Lacking::Whole, "no change index to read changes from");
+        assert_eq!(lacking(Some(150 * S + 7), began, Some(epoch)), Lacking::ChangedAfter(150 * S + 7));
+        assert_eq!(lacking(Some(150 * S + 7), began, Some(160 * S)), Lacking::Whole, "a new snapshot since");
+        assert_eq!(lacking(Some(150 * S + 7), Some(160 * S), Some(epoch)), Lacking::Whole, "history turned on again");
+        assert_eq!(lacking(Some(150 * S + 7), None, Some(epoch)), Lacking::ChangedAfter(150 * S + 7), "history off");
+    }
+
+    #[test]
+    fn a_time_in_whole_seconds_may_be_a_servers_truncation_of_any_time_in_that_second() {
+        // MySQL keeps 100.5 s as 100 s: a snapshot or a start at 100.5 s is not after the copy.
+        assert_eq!(
+            lacking(Some(100 * S), Some(100 * S + S / 2), Some(100 * S + S / 2)),
+            Lacking::ChangedAfter(100 * S)
+        );
+        assert_eq!(lacking(Some(100 * S), Some(100 * S), Some(101 * S)), Lacking::Whole);
+        // A time with fractions is exact.
+        assert_eq!(lacking(Some(100 * S + 1), Some(100 * S + 2), Some(epoch_of(100))), Lacking::Whole);
+    }
+
+    fn epoch_of(seconds: i64) -> Micros {
+        seconds * S
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod bundled;
 pub mod delta;
+pub mod versions;
 
 use serde_json::{Map, Value as Json};
 

@@ -267,6 +267,42 @@ pub struct Gap {
 }
 
 /// How a table's run on a target ended, for the targets that keep a record of runs.
+/// What a target holds of a table's history (`replicate --with-history`): a plain table beside
+/// the replicated one (`"canvas"."users__history"`, MySQL `canvas__users__history`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryHeld {
+    /// Its columns, in order.
+    pub columns: Vec<String>,
+    /// The latest start or end of a version in it; `None` when it is empty.
+    pub latest: Option<Micros>,
+}
+
+/// Which versions of the target's history a load of versions replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionScope {
+    /// All: the history table is made afresh with the versions loaded.
+    Whole,
+    /// Those of the keys loaded: each key's versions are replaced by the ones loaded.
+    OfKeys,
+}
+
+/// The ended versions the source no longer has (it pruned them), removed after a load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndedGone {
+    /// Versions that ended before this time (whole seconds: a target may keep no fractions).
+    Before(Micros),
+    /// Every ended version: the source has none.
+    All,
+}
+
+/// How a load of versions changes the target's history of a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionLoad {
+    pub scope: VersionScope,
+    pub gone: EndedGone,
+}
+
 #[derive(Debug, Clone)]
 pub struct RunRecord {
     pub command: String,
@@ -345,6 +381,16 @@ pub trait Sink: Send + Sync {
     async fn record_start(&self, _start: &crate::mirror::runs::Start) -> Option<i64> {
         None
     }
+
+    /// `replicate --with-history`: what the target holds of `table`'s history; `None` when it
+    /// has no history table of it.
+    async fn history_held(&self, namespace: &str, table: &str) -> Result<Option<HistoryHeld>, SinkError>;
+    /// `replicate --with-history`: loads versions (`versions`, from
+    /// [`crate::schema::versions::versions_def`]) into the table's history as `load` says, then
+    /// removes the ended versions gone from the source, all at once (a crash leaves the history
+    /// as it was, or one a rerun makes whole). Returns the versions loaded. Called under the
+    /// table's lock.
+    async fn replace_history(&self, versions: &TableDef, load: VersionLoad, feed: Feed) -> Result<u64, SinkError>;
 
     /// Records that an append-only table has no rows between `after` (the watermark of the last
     /// sync) and the oldest row a new snapshot brought, and returns the gap; `None` from targets

@@ -31,13 +31,20 @@ use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, StoredVersion, SyncColumnKind};
-use super::protocol::{Dialect, Provision, Replaces, Staged, StoredBookkeeping, lock_name};
-use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, SinkError, SinkOptions, SslMode};
+use super::protocol::{
+    Dialect, Provision, Replaces, Staged, StoredBookkeeping, history_load_statements, history_table_statements,
+    lock_name,
+};
+use super::{
+    Access, Bookkeeping, ConnectionString, NonFinite, Refusal, SinkError, SinkOptions, SslMode, VersionLoad,
+    VersionScope,
+};
 use crate::decode::Record;
 use crate::error::Retry;
 use crate::feed::Pump;
 pub use crate::feed::Span;
 use crate::schema::delta::{Change, SchemaDelta};
+use crate::schema::versions::{VALID_FROM, VALID_TO, history_name};
 use crate::schema::{Column, ColumnType, TableDef};
 use crate::time::{self, MICROS_PER_DAY, Micros};
 use crate::value::Value;
@@ -1280,6 +1287,55 @@ impl Dialect for MssqlDialect {
             .await?;
         }
         Ok(removed)
+    }
+
+    async fn latest_version_change(
+        &self,
+        c: &mut Conn,
+        namespace: &str,
+        history: &str,
+    ) -> Result<Option<time::Micros>, SinkError> {
+        let table = table_name(namespace, history);
+        let reading = format!("reading {namespace}.{history}");
+        let sql = format!("SELECT max({}), max({}) FROM {table}", ident(VALID_FROM), ident(VALID_TO));
+        let rows = c
+            .simple_query(sql)
+            .await
+            .map_err(self.fail(&reading))?
+            .into_first_result()
+            .await
+            .map_err(self.fail(&reading))?;
+        let at = |i: usize| {
+            let at: Option<chrono::NaiveDateTime> = rows.first().and_then(|r| r.get(i));
+            at.map(|at| at.and_utc().timestamp_micros())
+        };
+        Ok(at(0).max(at(1)))
+    }
+
+    async fn replace_versions(
+        &self,
+        c: &mut Conn,
+        versions: &TableDef,
+        load: VersionLoad,
+        rows: &mut Pump<'_>,
+    ) -> Result<(), SinkError> {
+        let name = history_name(&versions.name);
+        let history = table_name(&versions.namespace, &name);
+        let scratch = format!("{}__{}__versions", versions.namespace, versions.name);
+        self.batch(c, &create_scratch_sql(versions, &scratch, Span::Part), "creating the versions table").await?;
+        self.bulk_load(c, versions, &scratch, Span::Part, rows).await?;
+        let mut sql = Vec::new();
+        if load.scope == VersionScope::Whole {
+            sql.push(format!("DROP TABLE IF EXISTS {history}"));
+            sql.extend(history_table_statements(&history, &name, versions, ident, column_type));
+        }
+        sql.extend(history_load_statements(&history, &ours(&scratch), versions, ident, load));
+        self.begin(c).await?;
+        for statement in sql {
+            self.batch(c, &statement, &format!("writing {}.{name}", versions.namespace)).await?;
+        }
+        self.commit(c).await?;
+        self.batch(c, &format!("DROP TABLE IF EXISTS {}", ours(&scratch)), "dropping the versions table").await
     }
 
     async fn lock_session(&self) -> Result<MssqlLockSession, SinkError> {

@@ -28,12 +28,19 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, StoredVersion, SyncColumnKind};
-use super::protocol::{Dialect, Provision, Replaces, Staged, StoredBookkeeping, lock_name, shared_columns};
-use super::{Access, Bookkeeping, ConnectionString, NonFinite, Refusal, SinkError, SinkOptions, SslMode};
+use super::protocol::{
+    Dialect, Provision, Replaces, Staged, StoredBookkeeping, history_load_statements, history_table_statements,
+    latest_change_of, latest_change_sql, lock_name, shared_columns,
+};
+use super::{
+    Access, Bookkeeping, ConnectionString, NonFinite, Refusal, SinkError, SinkOptions, SslMode, VersionLoad,
+    VersionScope,
+};
 use crate::decode::Record;
 use crate::error::Retry;
 use crate::feed::Pump;
 use crate::schema::delta::{Change, SchemaDelta};
+use crate::schema::versions::history_name;
 use crate::schema::{Column, ColumnType, TableDef};
 use crate::time::{self, MICROS_PER_SECOND};
 use crate::value::{Value, format_float};
@@ -1319,6 +1326,53 @@ impl Dialect for MysqlDialect {
             .map_err(self.fail("removing the exact watermark"))?;
         }
         Ok(removed > 0)
+    }
+
+    async fn latest_version_change(
+        &self,
+        c: &mut Conn,
+        namespace: &str,
+        history: &str,
+    ) -> Result<Option<time::Micros>, SinkError> {
+        let table = table_name(namespace, history);
+        let text: Option<Option<String>> = c
+            .query_first(format!("SELECT CAST({} AS CHAR) FROM {table}", latest_change_sql(ident)))
+            .await
+            .map_err(self.fail(&format!("reading {namespace}.{history}")))?;
+        latest_change_of(&self.shown, &table, text.flatten())
+    }
+
+    async fn replace_versions(
+        &self,
+        c: &mut Conn,
+        versions: &TableDef,
+        load: VersionLoad,
+        rows: &mut Pump<'_>,
+    ) -> Result<(), SinkError> {
+        let name = history_name(&versions.name);
+        let history = table_name(&versions.namespace, &name);
+        let writing = format!("writing {}.{name}", versions.namespace);
+        // DDL commits at once here: the table is made before the transaction, so a crash in
+        // between leaves it empty, which the next run (finding no versions) makes whole again.
+        let mut ddl = Vec::new();
+        if load.scope == VersionScope::Whole {
+            ddl.push(format!("DROP TABLE IF EXISTS {history}"));
+            ddl.extend(history_table_statements(&history, &name, versions, ident, column_type));
+        }
+        let scratch: Vec<String> =
+            versions.columns().map(|col| format!("{} {}", ident(&col.name), column_type(col))).collect();
+        ddl.push("DROP TEMPORARY TABLE IF EXISTS \"_dap_versions\"".into());
+        ddl.push(format!("CREATE TEMPORARY TABLE \"_dap_versions\" ({}) ENGINE = InnoDB", scratch.join(", ")));
+        for statement in ddl {
+            c.query_drop(statement).await.map_err(self.fail(&writing))?;
+        }
+        self.begin(c).await?;
+        self.load_into(c, versions, "\"_dap_versions\"", false, rows).await?;
+        for statement in history_load_statements(&history, "\"_dap_versions\"", versions, ident, load) {
+            c.query_drop(statement).await.map_err(self.fail(&writing))?;
+        }
+        self.commit(c).await?;
+        c.query_drop("DROP TEMPORARY TABLE IF EXISTS \"_dap_versions\"").await.map_err(self.fail(&writing))
     }
 
     async fn lock_session(&self) -> Result<MysqlLockSession, SinkError> {

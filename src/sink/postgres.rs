@@ -21,12 +21,18 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, StoredVersion, SyncColumnKind};
-use super::protocol::{Dialect, Provision, Replaces, Staged, StoredBookkeeping, lock_keys, lock_name};
-use super::{Access, Bookkeeping, ConnectionString, Refusal, SinkError, SinkOptions, SslMode};
+use super::protocol::{
+    Dialect, Provision, Replaces, Staged, StoredBookkeeping, history_load_statements, history_table_statements,
+    latest_change_of, latest_change_sql, lock_keys, lock_name,
+};
+use super::{
+    Access, Bookkeeping, ConnectionString, Refusal, SinkError, SinkOptions, SslMode, VersionLoad, VersionScope,
+};
 use crate::decode::Record;
 use crate::error::Retry;
 use crate::feed::Pump;
 use crate::schema::delta::{Change, SchemaDelta};
+use crate::schema::versions::history_name;
 use crate::schema::{Column, ColumnType, TableDef};
 use crate::time;
 use crate::value::{Value, format_float, format_uuid};
@@ -1338,6 +1344,49 @@ impl Dialect for PostgresDialect {
         }
         self.commit(c).await?;
         Ok(removed > 0)
+    }
+
+    async fn latest_version_change(
+        &self,
+        c: &mut PgConn,
+        namespace: &str,
+        history: &str,
+    ) -> Result<Option<time::Micros>, SinkError> {
+        let table = format!("{}.{}", ident(namespace), ident(history));
+        let sql = format!("SELECT ({})::text FROM {table}", latest_change_sql(ident));
+        let row = c.query_one(&sql, &[]).await.map_err(self.fail(&format!("reading {namespace}.{history}")))?;
+        latest_change_of(&self.shown, &table, row.get(0))
+    }
+
+    async fn replace_versions(
+        &self,
+        c: &mut PgConn,
+        versions: &TableDef,
+        load: VersionLoad,
+        rows: &mut Pump<'_>,
+    ) -> Result<(), SinkError> {
+        let name = history_name(&versions.name);
+        let history = format!("{}.{}", ident(&versions.namespace), ident(&name));
+        let writing = format!("writing {}.{name}", versions.namespace);
+        let typed = |col: &Column| column_type(versions, col);
+        let mut sql = Vec::new();
+        if load.scope == VersionScope::Whole {
+            sql.push(format!("DROP TABLE IF EXISTS {history}"));
+            sql.extend(history_table_statements(&history, &name, versions, ident, typed));
+        }
+        let scratch: Vec<String> =
+            versions.columns().map(|col| format!("{} {}", ident(&col.name), typed(col))).collect();
+        sql.push(format!("CREATE TEMP TABLE \"_dap_versions\" ({}) ON COMMIT DROP", scratch.join(", ")));
+        self.begin(c).await?;
+        for statement in &sql {
+            c.batch_execute(statement).await.map_err(self.fail(&writing))?;
+        }
+        let copy_sql = format!("COPY \"_dap_versions\" ({}) FROM STDIN", column_list(versions));
+        self.copy_rows(c, versions, &copy_sql, false, rows).await?;
+        for statement in history_load_statements(&history, "\"_dap_versions\"", versions, ident, load) {
+            c.batch_execute(&statement).await.map_err(self.fail(&writing))?;
+        }
+        self.commit(c).await
     }
 
     async fn lock_session(&self) -> Result<PgLockSession, SinkError> {

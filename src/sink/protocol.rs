@@ -26,11 +26,15 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use super::{Bookkeeping, ConnectionString, Gap, Refusal, RunRecord, Sink, SinkError, SinkOptions, TableLock};
+use super::{
+    Bookkeeping, ConnectionString, EndedGone, Gap, HistoryHeld, Refusal, RunRecord, Sink, SinkError, SinkOptions,
+    TableLock, VersionLoad, VersionScope,
+};
 use crate::feed::{Feed, Pump, Span, next_part};
 use crate::progress::TableProgress;
-use crate::schema::TableDef;
 use crate::schema::delta::SchemaDelta;
+use crate::schema::versions::{VALID_FROM, VALID_TO, history_name};
+use crate::schema::{Column, TableDef};
 use crate::time::Micros;
 
 /// A bookkeeping row as a dialect reads it, before the protocol's rules.
@@ -102,6 +106,103 @@ pub fn shared_columns<'a>(def: &'a TableDef, delta: &SchemaDelta) -> impl Iterat
         })
         .collect();
     def.columns().map(|c| c.name.as_str()).filter(move |n| !added.contains(n))
+}
+
+/// A time as a literal every server compares with its timestamp columns
+/// (`'2026-01-02 03:04:05.000000'`).
+pub fn timestamp_literal(at: Micros) -> String {
+    let fixed = crate::time::format_fixed(at);
+    format!("'{}'", fixed.trim_end_matches('Z').replacen('T', " ", 1))
+}
+
+/// The DDL of a history table (`table`, quoted; its indexes named after `name`): the columns of
+/// `versions` typed by the dialect, and two indexes: a key's versions (`dap history`, and the
+/// replacement of a key's versions) and the versions by end (pruning).
+pub fn history_table_statements(
+    table: &str,
+    name: &str,
+    versions: &TableDef,
+    ident: fn(&str) -> String,
+    type_of: impl Fn(&Column) -> String,
+) -> Vec<String> {
+    let columns: Vec<String> = versions
+        .columns()
+        .map(|c| format!("{} {}{}", ident(&c.name), type_of(c), if c.required { " NOT NULL" } else { "" }))
+        .collect();
+    vec![
+        format!("CREATE TABLE {table} ({})", columns.join(", ")),
+        format!(
+            "CREATE INDEX {} ON {table} ({}, {})",
+            ident(&format!("{name}__by_key")),
+            ident(&versions.key.name),
+            ident(VALID_FROM)
+        ),
+        format!("CREATE INDEX {} ON {table} ({})", ident(&format!("{name}__by_end")), ident(VALID_TO)),
+    ]
+}
+
+/// What moves loaded versions from `scratch` into the history table `history` (both quoted):
+/// the replaced keys' versions out, the loaded ones in, then the ended versions the source no
+/// longer has out.
+pub fn history_load_statements(
+    history: &str,
+    scratch: &str,
+    versions: &TableDef,
+    ident: fn(&str) -> String,
+    load: VersionLoad,
+) -> Vec<String> {
+    let key = ident(&versions.key.name);
+    let columns: Vec<String> = versions.columns().map(|c| ident(&c.name)).collect();
+    let columns = columns.join(", ");
+    let mut sql = Vec::new();
+    if load.scope == VersionScope::OfKeys {
+        sql.push(format!("DELETE FROM {history} WHERE {key} IN (SELECT s.{key} FROM {scratch} AS s)"));
+    }
+    sql.push(format!("INSERT INTO {history} ({columns}) SELECT {columns} FROM {scratch}"));
+    if load.scope == VersionScope::OfKeys {
+        let ended = ident(VALID_TO);
+        sql.push(match load.gone {
+            EndedGone::Before(at) => format!("DELETE FROM {history} WHERE {ended} < {}", timestamp_literal(at)),
+            EndedGone::All => format!("DELETE FROM {history} WHERE {ended} IS NOT NULL"),
+        });
+    }
+    sql
+}
+
+/// The latest start or end of a version in a history table, as one SQL expression over it.
+pub fn latest_change_sql(ident: fn(&str) -> String) -> String {
+    let (from, to) = (ident(VALID_FROM), ident(VALID_TO));
+    format!("CASE WHEN max({to}) IS NULL OR max({from}) > max({to}) THEN max({from}) ELSE max({to}) END")
+}
+
+/// A server's text of a timestamp (`2026-01-02 03:04:05.123456`, fractions optional) as a time.
+pub fn parse_server_timestamp(text: &str) -> Option<Micros> {
+    crate::time::parse_rfc3339(&format!("{}Z", text.trim().replacen(' ', "T", 1))).ok()
+}
+
+/// The latest change of a history table as a server wrote it (`text`), for
+/// [`Dialect::latest_version_change`].
+pub fn latest_change_of(target: &str, table: &str, text: Option<String>) -> Result<Option<Micros>, SinkError> {
+    text.map(|t| {
+        parse_server_timestamp(&t).ok_or_else(|| {
+            SinkError::refused(
+                target,
+                Refusal::Damaged,
+                format!("{table} holds {t}, which is no time; drop the table and replicate --with-history again"),
+            )
+        })
+    })
+    .transpose()
+}
+
+/// The refusal of a target that carries no history tables.
+fn carries_no_history(target: &str) -> SinkError {
+    SinkError::refused(
+        target,
+        Refusal::Input,
+        "replicate --with-history carries history to PostgreSQL, MySQL and SQL Server targets; a mirror file keeps \
+         its own (initdb/syncdb --keep-history on it)",
+    )
 }
 
 /// How a dialect is opened from a connection string and how it provisions an empty database:
@@ -270,6 +371,29 @@ pub trait Dialect: Send + Sync + 'static {
         _after: Micros,
     ) -> Result<Option<Gap>, SinkError> {
         Ok(None)
+    }
+
+    /// `replicate --with-history`: the latest start or end of a version in the history table
+    /// `history` of `namespace` (it exists; [`latest_change_sql`]), `None` when it is empty.
+    /// A target that carries no history refuses.
+    async fn latest_version_change(
+        &self,
+        _c: &mut Self::Conn,
+        _namespace: &str,
+        _history: &str,
+    ) -> Result<Option<Micros>, SinkError> {
+        Err(carries_no_history(self.target()))
+    }
+    /// `replicate --with-history` ([`Sink::replace_history`]): the versions into a scratch table,
+    /// then [`history_table_statements`] (a `Whole` load) and [`history_load_statements`], at once.
+    async fn replace_versions(
+        &self,
+        _c: &mut Self::Conn,
+        _versions: &TableDef,
+        _load: VersionLoad,
+        _rows: &mut Pump<'_>,
+    ) -> Result<(), SinkError> {
+        Err(carries_no_history(self.target()))
     }
 
     /// A session in which table locks are taken (a dedicated connection on a server).
@@ -644,6 +768,29 @@ impl<D: Dialect> Sink for Protocol<D> {
         let applied = self.d.apply_changes(&mut c, def, delta, &mut pump, bookkeeping).await;
         let rows = pump.rows();
         self.finish(c, applied.map(|()| rows)).await
+    }
+
+    async fn history_held(&self, namespace: &str, table: &str) -> Result<Option<HistoryHeld>, SinkError> {
+        let name = history_name(table);
+        let mut c = self.d.connect().await?;
+        let held = async {
+            if !self.d.table_exists(&mut c, namespace, &name).await? {
+                return Ok(None);
+            }
+            let columns = self.d.column_names(&mut c, namespace, &name).await?;
+            let latest = self.d.latest_version_change(&mut c, namespace, &name).await?;
+            Ok(Some(HistoryHeld { columns, latest }))
+        }
+        .await;
+        self.finish(c, held).await
+    }
+
+    async fn replace_history(&self, versions: &TableDef, load: VersionLoad, mut feed: Feed) -> Result<u64, SinkError> {
+        let mut c = self.d.connect().await?;
+        let mut pump = Pump::new(&mut feed, Span::Feed);
+        let replaced = self.d.replace_versions(&mut c, versions, load, &mut pump).await;
+        let rows = pump.rows();
+        self.finish(c, replaced.map(|()| rows)).await
     }
 
     async fn drop_table(&self, namespace: &str, table: &str) -> Result<bool, SinkError> {

@@ -723,3 +723,174 @@ async fn history_paused_then_resumed_goes_on_from_the_resumption() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("begins at"), "{err}");
 }
+
+/// A table's versions as a target's `<table>__history` holds them (and the mirror's view).
+fn history_def(def: &TableDef) -> TableDef {
+    let mut versions = dap_replica::schema::versions::versions_def(def);
+    versions.name = dap_replica::schema::versions::history_name(&def.name);
+    versions
+}
+
+/// The target's history of `table` is the mirror's, every version, every column (within the
+/// target's documented limits); returns how many versions it holds.
+async fn assert_target_history(
+    emu: &Emulator,
+    mirror: &Path,
+    target: &crate::common::targets::TestTarget,
+    table: &str,
+    step: &str,
+) -> usize {
+    let versions = history_def(&emu.table_def("canvas", table).unwrap());
+    let mut limits = target.limits().to_vec();
+    limits.push(Limit::NoNegativeZero);
+    let lines = |rows: &[Map<String, Json>]| crate::common::truth::row_lines(&versions, rows, &limits);
+    let want = lines(&crate::common::truth::sqlite_rows(mirror, &versions));
+    let got = lines(&target.rows(&versions).await);
+    assert!(
+        want == got,
+        "{:?} {step}: {table}__history holds {} versions, the mirror's {}:\n{}",
+        target.backend,
+        got.len(),
+        want.len(),
+        differences(&want, &got, ["the mirror", "the target"])
+    );
+    got.len()
+}
+
+/// What `replicate --json` says it carried of each table's history, per target and table.
+fn carried(out: &str) -> Vec<(String, String, String)> {
+    let reports: Vec<Json> = serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let mut seen = Vec::new();
+    for r in &reports {
+        for t in r["tables"].as_array().unwrap() {
+            let scope = t["history"]["scope"].as_str().unwrap_or("none").to_string();
+            seen.push((r["target"].as_str().unwrap().to_string(), t["table"].as_str().unwrap().to_string(), scope));
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_official_client_still_syncs() {
+    use crate::common::targets::{Backend, TestTarget, backends};
+    let emu =
+        emulator(EmulatorConfig { rows: 30, part_rows: 20, special_floats: false, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let db = dir.join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    let tables = ["scores", "enrollments"];
+    let list = tables.join(",");
+    let sync = ["syncdb", "--namespace", "canvas", "--table", &list, "--connection-string", &url];
+    ours_ok(
+        &emu,
+        dir,
+        &["initdb", "--namespace", "canvas", "--table", &list, "--keep-history", "all", "--connection-string", &url],
+    )
+    .await;
+    let mut targets = Vec::new();
+    for b in backends().into_iter().filter(|b| *b != Backend::Sqlite) {
+        targets.push(TestTarget::fresh(b, &format!("with_history_{b:?}").to_lowercase()).await);
+    }
+    let replicate = |to: Vec<String>| {
+        let mut args: Vec<String> =
+            ["replicate", "--namespace", "canvas", "--table", &list, "--from", &url].map(String::from).to_vec();
+        args.extend(["--with-history", "--non-finite", "null", "--json"].map(String::from));
+        for t in to {
+            args.extend(["--to".to_string(), t]);
+        }
+        args
+    };
+    let urls: Vec<String> = targets.iter().map(|t| t.url.clone()).collect();
+
+    // A mirror file keeps its own history: refused before anything is written.
+    let other = dir.join("other.db");
+    let out = run_ours(
+        &emu,
+        dir,
+        &replicate(vec![format!("sqlite://{}", other.display())]).iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--with-history") && err.contains("keep-history"), "{err}");
+    assert!(!other.exists(), "nothing was created for a refused target");
+
+    let mut scores_held = Vec::new();
+    for round in 0..4 {
+        let step = match round {
+            0 => "the first copy",
+            1 => "a round of changes",
+            2 => "a schema change of enrollments",
+            _ => "ten days later, the mirror pruning versions older than 7 days",
+        };
+        match round {
+            0 => {}
+            1 => commit_round(&emu, "canvas", &tables, ROUND),
+            2 => {
+                emu.evolve("canvas", "enrollments", SchemaChange::AddColumn).unwrap();
+                commit_round(&emu, "canvas", &tables, ROUND);
+            }
+            _ => {
+                let now = watermark(&emu, dir, "scores").await;
+                let later = dap_replica::time::parse_rfc3339(&now).unwrap() + 10 * 86_400_000_000;
+                emu.commit_at("canvas", "scores", ChangeCounts { updates: 3, ..Default::default() }, later).unwrap();
+            }
+        }
+        match round {
+            0 => {}
+            3 => {
+                ours_ok(&emu, dir, &[&sync[..], &["--history-days", "7"]].concat()).await;
+            }
+            _ => {
+                ours_ok(&emu, dir, &sync).await;
+            }
+        }
+        let args = replicate(urls.clone());
+        let out = ours_ok(&emu, dir, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let scopes = carried(&out);
+        assert_eq!(scopes.len(), targets.len() * tables.len(), "{out}");
+        for (target, table, scope) in &scopes {
+            let expected = match (round, table.as_str()) {
+                (0, _) | (2, "enrollments") => "whole",
+                _ => "of_keys",
+            };
+            assert_eq!(scope, expected, "{step}: {table} to {target}: {out}");
+        }
+        for t in &targets {
+            for table in tables {
+                let held = assert_target_history(&emu, &db, t, table, step).await;
+                assert!(held > 0, "{step}: {table}__history holds versions");
+                if table == "scores" {
+                    scores_held.push((round, held));
+                }
+            }
+        }
+    }
+    // The prune reached the targets: fewer versions after it than before, though it added three.
+    let at = |round: u32| scores_held.iter().filter(|(r, _)| *r == round).map(|(_, n)| *n).collect::<Vec<_>>();
+    assert!(at(3).iter().zip(at(2)).all(|(after, before)| *after < before), "{scores_held:?}");
+
+    // The official client syncs a database that holds history tables, and leaves them alone.
+    for t in targets.iter().filter(|t| matches!(t.backend, Backend::Postgres | Backend::Mysql)) {
+        official_ok(
+            &emu,
+            dir,
+            &["syncdb", "--namespace", "canvas", "--table", "enrollments", "--connection-string", &t.url],
+        )
+        .await;
+        let def = emu.table_def("canvas", "enrollments").unwrap();
+        // asyncpg writes the first and last timestamps as -infinity and infinity.
+        let mut limits = t.limits().to_vec();
+        if t.backend == Backend::Postgres {
+            limits.push(Limit::InfinityAtTheEnds);
+        }
+        assert_same_rows_within(
+            &def,
+            &t.rows(&def).await,
+            &emu.truth("canvas", "enrollments").unwrap(),
+            "after the official client's syncdb",
+            &limits,
+        );
+        assert_target_history(&emu, &db, t, "enrollments", "after the official client's syncdb").await;
+    }
+}
