@@ -816,12 +816,13 @@ async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_o
     assert!(!other.exists(), "nothing was created for a refused target");
 
     let mut scores_held = Vec::new();
-    for round in 0..4 {
+    for round in 0..5 {
         let step = match round {
             0 => "the first copy",
             1 => "a round of changes",
             2 => "a schema change of enrollments",
-            _ => "ten days later, the mirror pruning versions older than 7 days",
+            3 => "ten days later, the mirror pruning versions older than 7 days",
+            _ => "a re-snapshot of scores in the mirror",
         };
         match round {
             0 => {}
@@ -830,6 +831,7 @@ async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_o
                 emu.evolve("canvas", "enrollments", SchemaChange::AddColumn).unwrap();
                 commit_round(&emu, "canvas", &tables, ROUND);
             }
+            4 => commit_round(&emu, "canvas", &tables, ROUND),
             _ => {
                 let now = watermark(&emu, dir, "scores").await;
                 let later = dap_replica::time::parse_rfc3339(&now).unwrap() + 10 * 86_400_000_000;
@@ -841,6 +843,11 @@ async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_o
             3 => {
                 ours_ok(&emu, dir, &[&sync[..], &["--history-days", "7"]].concat()).await;
             }
+            4 => {
+                ours_ok(&emu, dir, &sync).await;
+                let replace = ["initdb", "--namespace", "canvas", "--table", "scores", "--replace"];
+                ours_ok(&emu, dir, &[&replace[..], &["--connection-string", &url]].concat()).await;
+            }
             _ => {
                 ours_ok(&emu, dir, &sync).await;
             }
@@ -851,7 +858,7 @@ async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_o
         assert_eq!(scopes.len(), targets.len() * tables.len(), "{out}");
         for (target, table, scope) in &scopes {
             let expected = match (round, table.as_str()) {
-                (0, _) | (2, "enrollments") => "whole",
+                (0, _) | (2, "enrollments") | (4, "scores") => "whole",
                 _ => "of_keys",
             };
             assert_eq!(scope, expected, "{step}: {table} to {target}: {out}");
