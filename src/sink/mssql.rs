@@ -607,28 +607,29 @@ impl MssqlDialect {
         Ok(())
     }
 
+    /// The rows of a statement's first result set: a batch without parameters, an
+    /// `sp_executesql` call with them; `action` names it in errors.
+    async fn first_result(
+        &self,
+        c: &mut Conn,
+        sql: &str,
+        params: &[&dyn tiberius::ToSql],
+        action: &str,
+    ) -> Result<Vec<tiberius::Row>, SinkError> {
+        let stream = if params.is_empty() { c.simple_query(sql).await } else { c.query(sql, params).await };
+        stream.map_err(self.fail(action))?.into_first_result().await.map_err(self.fail(action))
+    }
+
     /// The first column of every row of a query, as text.
     async fn text_query(&self, c: &mut Conn, sql: &str) -> Result<Vec<Option<String>>, SinkError> {
-        let rows = c
-            .simple_query(sql)
-            .await
-            .map_err(self.fail("reading the catalog"))?
-            .into_first_result()
-            .await
-            .map_err(self.fail("reading the catalog"))?;
+        let rows = self.first_result(c, sql, &[], "reading the catalog").await?;
         Ok(rows.iter().map(|r| r.get::<&str, _>(0).map(str::to_string)).collect())
     }
 
     /// Whether a table exists.
     async fn exists(&self, c: &mut Conn, schema: &str, table: &str) -> Result<bool, SinkError> {
         let name = format!("{}.{}", ident(schema), ident(table));
-        let rows = c
-            .query("SELECT OBJECT_ID(@P1)", &[&name.as_str()])
-            .await
-            .map_err(self.fail("reading the catalog"))?
-            .into_first_result()
-            .await
-            .map_err(self.fail("reading the catalog"))?;
+        let rows = self.first_result(c, "SELECT OBJECT_ID(@P1)", &[&name.as_str()], "reading the catalog").await?;
         Ok(rows.first().and_then(|r| r.get::<i32, _>(0)).is_some())
     }
 
@@ -656,24 +657,26 @@ impl MssqlDialect {
                 _ => database_error(&self.shown, "creating the bookkeeping tables", e),
             })?;
         }
-        let rows = c
-            .simple_query(format!("SELECT \"version\" FROM {}", bookkeeping_table("database_version")))
-            .await
-            .map_err(self.fail("reading the database version"))?
-            .into_first_result()
-            .await
-            .map_err(self.fail("reading the database version"))?;
+        let rows = self
+            .first_result(
+                c,
+                &format!("SELECT \"version\" FROM {}", bookkeeping_table("database_version")),
+                &[],
+                "reading the database version",
+            )
+            .await?;
         let versions: Vec<i64> = rows.iter().filter_map(|r| r.get::<i64, _>(0)).collect();
         let stored = StoredVersion::of(&versions);
         let watermarks = match stored {
             StoredVersion::Missing => {
-                let rows = c
-                    .simple_query(format!("SELECT count_big(*) FROM {}", bookkeeping_table("table_sync")))
-                    .await
-                    .map_err(self.fail("reading the watermarks"))?
-                    .into_first_result()
-                    .await
-                    .map_err(self.fail("reading the watermarks"))?;
+                let rows = self
+                    .first_result(
+                        c,
+                        &format!("SELECT count_big(*) FROM {}", bookkeeping_table("table_sync")),
+                        &[],
+                        "reading the watermarks",
+                    )
+                    .await?;
                 rows.first().and_then(|r| r.get::<i64, _>(0)).unwrap_or(0)
             }
             _ => 0,
@@ -716,16 +719,14 @@ impl MssqlDialect {
             })?
             .naive_utc();
         let version = b.schema_version as i64;
-        let rows = c
-            .query(
-                format!("SELECT MIN(\"id\") FROM {sync} WHERE \"source_namespace\" = @P1 AND \"source_table\" = @P2"),
+        let rows = self
+            .first_result(
+                c,
+                &format!("SELECT MIN(\"id\") FROM {sync} WHERE \"source_namespace\" = @P1 AND \"source_table\" = @P2"),
                 &[&b.namespace.as_str(), &b.table.as_str()],
+                "reading instructure_dap.table_sync",
             )
-            .await
-            .map_err(self.fail("reading instructure_dap.table_sync"))?
-            .into_first_result()
-            .await
-            .map_err(self.fail("reading instructure_dap.table_sync"))?;
+            .await?;
         match rows.first().and_then(|r| r.get::<i64, _>(0)) {
             Some(id) => c
                 .execute(
@@ -885,13 +886,14 @@ impl MssqlDialect {
                         continue;
                     };
                     if let Change::SetNotNull(_) = change {
-                        let rows = c
-                            .simple_query(format!("SELECT COUNT_BIG(*) FROM {table} WHERE {} IS NULL", ident(name)))
-                            .await
-                            .map_err(self.fail(&format!("checking {name} for NULLs")))?
-                            .into_first_result()
-                            .await
-                            .map_err(self.fail(&format!("checking {name} for NULLs")))?;
+                        let rows = self
+                            .first_result(
+                                c,
+                                &format!("SELECT COUNT_BIG(*) FROM {table} WHERE {} IS NULL", ident(name)),
+                                &[],
+                                &format!("checking {name} for NULLs"),
+                            )
+                            .await?;
                         let nulls = rows.first().and_then(|r| r.get::<i64, _>(0)).unwrap_or(0);
                         if nulls > 0 {
                             return Err(SinkError::required_over_nulls(&self.shown, def, name, Some(nulls as u64)));
@@ -915,13 +917,7 @@ impl MssqlDialect {
             literal(&def.name),
             literal(column)
         );
-        let rows = c
-            .simple_query(sql)
-            .await
-            .map_err(self.fail("reading the table's columns"))?
-            .into_first_result()
-            .await
-            .map_err(self.fail("reading the table's columns"))?;
+        let rows = self.first_result(c, &sql, &[], "reading the table's columns").await?;
         let row = rows.first().ok_or_else(|| {
             SinkError::refused(
                 &self.shown,
@@ -1019,13 +1015,7 @@ impl Dialect for MssqlDialect {
              FROM {} WHERE \"source_namespace\" = @P1 ORDER BY \"source_table\", \"id\"",
             bookkeeping_table("table_sync")
         );
-        let rows = c
-            .query(sql, &[&namespace])
-            .await
-            .map_err(self.fail("reading instructure_dap.table_sync"))?
-            .into_first_result()
-            .await
-            .map_err(self.fail("reading instructure_dap.table_sync"))?;
+        let rows = self.first_result(c, &sql, &[&namespace], "reading instructure_dap.table_sync").await?;
         Ok(rows
             .iter()
             .filter_map(|r| {
@@ -1052,13 +1042,9 @@ impl Dialect for MssqlDialect {
 
     async fn row_count(&self, c: &mut Conn, namespace: &str, table: &str) -> Result<u64, SinkError> {
         let action = format!("counting {namespace}.{table}");
-        let rows = c
-            .simple_query(format!("SELECT COUNT_BIG(*) FROM {}", table_name(namespace, table)))
-            .await
-            .map_err(self.fail(&action))?
-            .into_first_result()
-            .await
-            .map_err(self.fail(&action))?;
+        let rows = self
+            .first_result(c, &format!("SELECT COUNT_BIG(*) FROM {}", table_name(namespace, table)), &[], &action)
+            .await?;
         Ok(rows.first().and_then(|r| r.get::<i64, _>(0)).unwrap_or(0) as u64)
     }
 
@@ -1083,19 +1069,17 @@ impl Dialect for MssqlDialect {
     }
 
     async fn checkpoints(&self, c: &mut Conn, def: &TableDef) -> Result<Vec<(String, String)>, SinkError> {
-        let rows = c
-            .query(
-                format!(
+        let rows = self
+            .first_result(
+                c,
+                &format!(
                     "SELECT \"job_id\", \"object\" FROM {} WHERE \"namespace\" = @P1 AND \"table_name\" = @P2",
                     ours("checkpoints")
                 ),
                 &[&def.namespace.as_str(), &def.name.as_str()],
+                "reading checkpoints",
             )
-            .await
-            .map_err(self.fail("reading checkpoints"))?
-            .into_first_result()
-            .await
-            .map_err(self.fail("reading checkpoints"))?;
+            .await?;
         Ok(rows
             .iter()
             .map(|r| (r.get::<&str, _>(0).unwrap_or_default().into(), r.get::<&str, _>(1).unwrap_or_default().into()))
@@ -1106,19 +1090,10 @@ impl Dialect for MssqlDialect {
         if !self.exists(c, OUR_SCHEMA, "checkpoints").await? {
             return Ok(Vec::new());
         }
-        let rows = c
-            .query(
-                format!(
+        let rows = self.first_result(c, &format!(
                     "SELECT \"table_name\", count_big(*) FROM {} WHERE \"namespace\" = @P1 GROUP BY \"table_name\" ORDER BY \"table_name\"",
                     ours("checkpoints")
-                ),
-                &[&namespace],
-            )
-            .await
-            .map_err(self.fail("reading checkpoints"))?
-            .into_first_result()
-            .await
-            .map_err(self.fail("reading checkpoints"))?;
+                ), &[&namespace], "reading checkpoints").await?;
         Ok(rows
             .iter()
             .map(|r| (r.get::<&str, _>(0).unwrap_or_default().into(), r.get::<i64, _>(1).unwrap_or_default() as u64))
@@ -1160,13 +1135,9 @@ impl Dialect for MssqlDialect {
 
     async fn staged_rows(&self, c: &mut Conn, def: &TableDef) -> Result<u64, SinkError> {
         let action = format!("counting the staged rows of {}", def.name);
-        let rows = c
-            .simple_query(format!("SELECT COUNT_BIG(*) FROM {}", ours(&staging_table(def))))
-            .await
-            .map_err(self.fail(&action))?
-            .into_first_result()
-            .await
-            .map_err(self.fail(&action))?;
+        let rows = self
+            .first_result(c, &format!("SELECT COUNT_BIG(*) FROM {}", ours(&staging_table(def))), &[], &action)
+            .await?;
         Ok(rows.first().and_then(|r| r.get::<i64, _>(0)).unwrap_or(0) as u64)
     }
 
@@ -1298,13 +1269,7 @@ impl Dialect for MssqlDialect {
         let table = table_name(namespace, history);
         let reading = format!("reading {namespace}.{history}");
         let sql = format!("SELECT max({}), max({}) FROM {table}", ident(VALID_FROM), ident(VALID_TO));
-        let rows = c
-            .simple_query(sql)
-            .await
-            .map_err(self.fail(&reading))?
-            .into_first_result()
-            .await
-            .map_err(self.fail(&reading))?;
+        let rows = self.first_result(c, &sql, &[], &reading).await?;
         let at = |i: usize| {
             let at: Option<chrono::NaiveDateTime> = rows.first().and_then(|r| r.get(i));
             at.map(|at| at.and_utc().timestamp_micros())
@@ -1347,17 +1312,14 @@ impl Dialect for MssqlDialect {
     async fn try_lock(&self, s: &mut MssqlLockSession, namespace: &str, table: &str) -> Result<bool, SinkError> {
         let name = lock_name(&self.database, namespace, table);
         let action = format!("taking the lock of {namespace}.{table}");
-        let rows = s
-            .conn
-            .query(
+        let rows = self
+            .first_result(
+                &mut s.conn,
                 "DECLARE @result int; EXEC @result = sp_getapplock @Resource = @P1, @LockMode = 'Exclusive', @LockOwner = 'Session', @LockTimeout = 0; SELECT @result",
                 &[&name.as_str()],
+                &action,
             )
-            .await
-            .map_err(self.fail(&action))?
-            .into_first_result()
-            .await
-            .map_err(self.fail(&action))?;
+            .await?;
         Ok(rows.first().and_then(|r| r.get::<i32, _>(0)).is_some_and(|result| result >= 0))
     }
 
@@ -1388,17 +1350,11 @@ impl Dialect for MssqlDialect {
         table: &str,
     ) -> Result<Option<String>, SinkError> {
         let action = "reading who holds a table's lock";
-        let rows = s
-            .conn
-            .query(
-                format!("SELECT CAST(\"holder\" AS nvarchar(512)) FROM {} WHERE \"namespace\" = @P1 AND \"table_name\" = @P2", ours("locks")),
-                &[&namespace, &table],
-            )
-            .await
-            .map_err(self.fail(action))?
-            .into_first_result()
-            .await
-            .map_err(self.fail(action))?;
+        let sql = format!(
+            "SELECT CAST(\"holder\" AS nvarchar(512)) FROM {} WHERE \"namespace\" = @P1 AND \"table_name\" = @P2",
+            ours("locks")
+        );
+        let rows = self.first_result(&mut s.conn, &sql, &[&namespace, &table], action).await?;
         Ok(rows.first().and_then(|r| r.get::<&str, _>(0)).map(str::to_string))
     }
 }
