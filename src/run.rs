@@ -101,6 +101,8 @@ pub struct Plan {
     /// Targets replicated to from the mirror after the run (`--replicate-to`); the target must
     /// then be a mirror file.
     pub fan_out: Vec<TargetSpec>,
+    /// Whether the fan-out carries the mirror's history tables too (`--replicate-with-history`).
+    pub fan_out_history: HistoryCopy,
     /// Where downloads wait (`--temp-dir`); beside the mirror, or the system's temporary folder.
     pub temp_dir: Option<PathBuf>,
     pub sink: SinkOptions,
@@ -197,6 +199,7 @@ impl Plan {
                 )));
             };
             check_targets(&self.fan_out, &mirror)?;
+            check_history_targets(&self.fan_out, ns, self.fan_out_history, "--replicate-with-history")?;
             Some(mirror)
         };
         self.check_history()?;
@@ -280,6 +283,24 @@ pub fn check_targets(targets: &[TargetSpec], mirror: &std::path::Path) -> Result
         }
     }
     Ok(())
+}
+
+/// Refuses carrying history (`flag`) to a mirror file, before anything is written: a mirror
+/// keeps a history of its own.
+fn check_history_targets(
+    targets: &[TargetSpec],
+    namespace: &str,
+    history: HistoryCopy,
+    flag: &str,
+) -> Result<(), RunError> {
+    match targets.iter().find(|t| matches!(t.local_file(namespace), Ok(Some(_)))) {
+        Some(file) if history == HistoryCopy::Carry => Err(RunError::Input(format!(
+            "{flag}: {} is a mirror file, which keeps a history of its own (initdb/syncdb --keep-history on it); \
+             history tables are carried to PostgreSQL, MySQL and SQL Server targets",
+            file.describe()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
@@ -488,7 +509,7 @@ async fn run_recorded(
         targets: plan.fan_out.clone(),
         // History is the mirror's own: the fan-out's targets get the tables.
         sink: SinkOptions { history: Default::default(), ..plan.sink.clone() },
-        history: HistoryCopy::Leave,
+        history: plan.fan_out_history,
         attempts: plan.attempts,
     };
     let fanned = replicate(&plan, progress).await?;
@@ -739,15 +760,7 @@ pub async fn replicate(plan: &ReplicatePlan, progress: &Progress) -> Result<Vec<
     let started = crate::time::now();
     let ns = plan.namespace.as_str();
     check_targets(&plan.targets, &plan.mirror)?;
-    if plan.history == HistoryCopy::Carry
-        && let Some(file) = plan.targets.iter().find(|t| matches!(t.local_file(ns), Ok(Some(_))))
-    {
-        return Err(RunError::Input(format!(
-            "--with-history: {} is a mirror file, which keeps a history of its own (initdb/syncdb --keep-history on it); \
-             history tables are carried to PostgreSQL, MySQL and SQL Server targets",
-            file.describe()
-        )));
-    }
+    check_history_targets(&plan.targets, ns, plan.history, "--with-history")?;
     crate::privacy::check_mirror(&plan.mirror, plan.sink.shared);
     let mirror = Arc::new(MirrorSource::open(&plan.mirror)?);
     let source: Arc<dyn Source> = mirror.clone();

@@ -10,7 +10,7 @@ use super::Context;
 use crate::api::Client;
 use crate::per_table::{self, Outcome};
 use crate::progress::Progress;
-use crate::run::{Missing, Mode, Plan, Tables};
+use crate::run::{HistoryCopy, Missing, Mode, Plan, Tables};
 use crate::sink::{Access, NonFinite, SinkOptions};
 use crate::status::{Location, Position, StatusRequest, TableStatus, TargetStatus, staleness};
 use crate::sync::{Init, Reinit};
@@ -78,6 +78,10 @@ pub struct FanOutArgs {
     /// postgresql://…, mysql://…, mssql://… or sqlite:///PATH.db.
     #[arg(long = "replicate-to")]
     replicate_to: Vec<String>,
+    /// The fan-out carries each table's history too (kept by the mirror with --keep-history),
+    /// as `dap replicate --with-history` does.
+    #[arg(long, requires = "replicate_to")]
+    replicate_with_history: bool,
 }
 
 /// What initdb and syncdb leave for monitoring.
@@ -225,6 +229,7 @@ pub(super) fn plan(
         mode,
         target: target_spec(args.target.connection_string.as_deref(), args.target.dir.as_deref())?,
         fan_out: super::replicate::parse_targets(&fan_out.replicate_to, "--replicate-to")?,
+        fan_out_history: if fan_out.replicate_with_history { HistoryCopy::Carry } else { HistoryCopy::Leave },
         temp_dir: args.load.temp_dir.clone(),
         sink: SinkOptions { history: history.choice(), ..args.sink_options(ctx) },
         attempts: ctx.client.retry.attempts,

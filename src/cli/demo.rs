@@ -87,6 +87,7 @@ async fn run_all(ctx: &Context, dir: &Path, mode: Mode) -> anyhow::Result<()> {
             mode,
             target: TargetSpec::Url(ConnectionString::sqlite(&dir.join(format!("{ns}.db")))),
             fan_out: Vec::new(),
+            fan_out_history: crate::run::HistoryCopy::Leave,
             temp_dir: None,
             sink: SinkOptions { shared: ctx.shared, ..SinkOptions::default() },
             attempts: ctx.client.retry.attempts,

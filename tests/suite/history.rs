@@ -757,14 +757,42 @@ async fn assert_target_history(
     got.len()
 }
 
-/// What `replicate --json` says it carried of each table's history, per target and table.
-fn carried(out: &str) -> Vec<(String, String, String)> {
+/// A carry of history that fails at its last statement (the SQL Server test server refusing the
+/// removal of pruned versions) leaves the target's copy exactly as it was: one transaction.
+async fn assert_failed_carry_changes_nothing(
+    emu: &Emulator,
+    dir: &Path,
+    target: &crate::common::targets::TestTarget,
+    args: &[String],
+) {
+    let versions = history_def(&emu.table_def("canvas", "scores").unwrap());
+    let lines = |rows: &[Map<String, Json>]| crate::common::truth::row_lines(&versions, rows, &[]);
+    let before = lines(&target.rows(&versions).await);
+    let server = target.tds.as_ref().unwrap();
+    let refused = "DELETE FROM \"canvas\".\"scores__history\" WHERE \"dap_valid_to\"";
+    server.set_faults(crate::common::tds::Faults { statement_error_on: Some(refused.into()), ..Default::default() });
+    let out = run_ours(emu, dir, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("scores__history"), "the carry fails, naming the table:\n{err}");
+    let after = lines(&target.rows(&versions).await);
+    assert!(before == after, "a failed carry changed the copy:\n{}", differences(&before, &after, ["before", "after"]));
+}
+
+/// What `replicate --json` says it carried of each table's history, per target and table: its
+/// scope and the versions sent.
+fn carried(out: &str) -> Vec<(String, String, String, u64)> {
     let reports: Vec<Json> = serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"));
     let mut seen = Vec::new();
     for r in &reports {
         for t in r["tables"].as_array().unwrap() {
             let scope = t["history"]["scope"].as_str().unwrap_or("none").to_string();
-            seen.push((r["target"].as_str().unwrap().to_string(), t["table"].as_str().unwrap().to_string(), scope));
+            let versions = t["history"]["versions"].as_u64().unwrap_or(u64::MAX);
+            seen.push((
+                r["target"].as_str().unwrap().to_string(),
+                t["table"].as_str().unwrap().to_string(),
+                scope,
+                versions,
+            ));
         }
     }
     seen
@@ -848,15 +876,36 @@ async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_o
                 let replace = ["initdb", "--namespace", "canvas", "--table", "scores", "--replace"];
                 ours_ok(&emu, dir, &[&replace[..], &["--connection-string", &url]].concat()).await;
             }
+            1 => {
+                // The fan-out of the sync carries history as `replicate --with-history` does.
+                let mut fan_out: Vec<&str> = vec!["--replicate-with-history", "--non-finite", "null"];
+                for u in &urls {
+                    fan_out.extend(["--replicate-to", u]);
+                }
+                ours_ok(&emu, dir, &[&sync[..], &fan_out].concat()).await;
+                for t in &targets {
+                    for table in tables {
+                        assert_target_history(&emu, &db, t, table, "the fan-out of a syncdb").await;
+                    }
+                }
+            }
             _ => {
                 ours_ok(&emu, dir, &sync).await;
             }
+        }
+        if round == 3
+            && let Some(t) = targets.iter().find(|t| t.tds.is_some())
+        {
+            assert_failed_carry_changes_nothing(&emu, dir, t, &replicate(vec![t.url.clone()])).await;
         }
         let args = replicate(urls.clone());
         let out = ours_ok(&emu, dir, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
         let scopes = carried(&out);
         assert_eq!(scopes.len(), targets.len() * tables.len(), "{out}");
-        for (target, table, scope) in &scopes {
+        for (target, table, scope, versions) in &scopes {
+            if round == 1 {
+                assert_eq!(*versions, 0, "after the fan-out, nothing is left to carry: {out}");
+            }
             let expected = match (round, table.as_str()) {
                 (0, _) | (2, "enrollments") | (4, "scores") => "whole",
                 _ => "of_keys",
