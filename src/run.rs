@@ -787,7 +787,7 @@ pub async fn replicate(plan: &ReplicatePlan, progress: &Progress) -> Result<Vec<
                     let watch = Arc::new(progress.table(&format!("{ns}.{t} → {target}")));
                     let report = match r.replicate(ns, &t, &watch).await {
                         Ok(mut report) if plan.history == HistoryCopy::Carry => {
-                            crate::sync::carry_history(mirror, sink, ns, &t, &watch).await.map(|carried| {
+                            r.carry_history(mirror, ns, &t, &watch).await.map(|carried| {
                                 report.history = carried;
                                 report
                             })

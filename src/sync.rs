@@ -143,39 +143,6 @@ impl TableReport {
     }
 }
 
-/// `replicate --with-history`, after the table itself: brings the target's copy of the table's
-/// history (`<table>__history`, a plain table beside it) up to the mirror's, under the table's
-/// lock. The copy is made whole when the target has none (or one of other columns: the schema
-/// changed) or the mirror's history started over since its latest change; otherwise the
-/// versions of the keys changed in the mirror's commits since then replace theirs, and ended
-/// versions the mirror pruned go. `None` when the mirror keeps no history of the table.
-pub async fn carry_history(
-    mirror: &crate::mirror::reader::MirrorSource,
-    sink: &dyn Sink,
-    namespace: &str,
-    table: &str,
-    watch: &Arc<TableProgress>,
-) -> Result<Option<Carried>, SyncError> {
-    let schema = mirror.schema(namespace, table).await?;
-    let versions = crate::schema::versions::versions_def(&schema.def);
-    let _lock = sink.lock(namespace, table, watch).await?;
-    let names: Vec<&str> = versions.columns().map(|c| c.name.as_str()).collect();
-    let held = sink.history_held(namespace, table).await?;
-    let latest = held.filter(|h| h.columns == names).and_then(|h| h.latest);
-    let Some(crate::mirror::reader::VersionReading { load, reading: Reading { mut feed, task } }) =
-        mirror.history(&versions, latest, watch.clone())?
-    else {
-        return Ok(None);
-    };
-    watch.stage("carrying history");
-    let apply = async {
-        feed.ready().await?;
-        sink.replace_history(&versions, load, feed.watched_by(watch.clone())).await
-    };
-    let sent = consume(task, apply).await?;
-    Ok(Some(Carried { scope: load.scope, versions: sent }))
-}
-
 /// Whether initdb may replace a table that is initialised already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Init {
@@ -258,6 +225,51 @@ impl Replicator {
                 outcome => return outcome,
             }
         }
+    }
+
+    /// `replicate --with-history`, after the table itself: brings the target's copy of the table's
+    /// history (`<table>__history`, a plain table beside it) up to the mirror's, under the table's
+    /// lock. The copy is made whole when the target has none (or one of other columns: the schema
+    /// changed) or the mirror's history started over since its latest change; otherwise the
+    /// versions of the keys changed in the mirror's commits since then replace theirs, and ended
+    /// versions the mirror pruned go. `None` when the mirror keeps no history of the table. A
+    /// failure a retry may clear is retried: a carry replaces versions, so it can run again.
+    pub async fn carry_history(
+        &self,
+        mirror: &crate::mirror::reader::MirrorSource,
+        namespace: &str,
+        table: &str,
+        watch: &Arc<TableProgress>,
+    ) -> Result<Option<Carried>, SyncError> {
+        self.retrying(|| self.carry_history_once(mirror, namespace, table, watch)).await
+    }
+
+    async fn carry_history_once(
+        &self,
+        mirror: &crate::mirror::reader::MirrorSource,
+        namespace: &str,
+        table: &str,
+        watch: &Arc<TableProgress>,
+    ) -> Result<Option<Carried>, SyncError> {
+        let sink = self.sink.as_ref();
+        let schema = mirror.schema(namespace, table).await?;
+        let versions = crate::schema::versions::versions_def(&schema.def);
+        let _lock = sink.lock(namespace, table, watch).await?;
+        let names: Vec<&str> = versions.columns().map(|c| c.name.as_str()).collect();
+        let held = sink.history_held(namespace, table).await?;
+        let latest = held.filter(|h| h.columns == names).and_then(|h| h.latest);
+        let Some(crate::mirror::reader::VersionReading { load, reading: Reading { mut feed, task } }) =
+            mirror.history(&versions, latest, watch.clone())?
+        else {
+            return Ok(None);
+        };
+        watch.stage("carrying history");
+        let apply = async {
+            feed.ready().await?;
+            sink.replace_history(&versions, load, feed.watched_by(watch.clone())).await
+        };
+        let sent = consume(task, apply).await?;
+        Ok(Some(Carried { scope: load.scope, versions: sent }))
     }
 
     /// Snapshots a table into a staging area and publishes it with its bookkeeping row.

@@ -15,8 +15,9 @@ pub fn history_name(table: &str) -> String {
 }
 
 /// The definition of `def`'s versions, for the targets that carry them: the key, then every
-/// value column made optional (a column added later is NULL in older versions) with enum
-/// labels as text (an older version may hold a label the current schema no longer lists), then
+/// value column made optional (a column added later is NULL in older versions), with enum
+/// labels as text and text unbounded (an older version may hold a label the current schema no
+/// longer lists; a schema that widens a text column keeps the history table's columns), then
 /// `dap_valid_from`, `dap_valid_to` (NULL while current) and `dap_deleted`. It keeps the
 /// table's namespace and name: a target names the history table itself.
 pub fn versions_def(def: &TableDef) -> TableDef {
@@ -25,7 +26,9 @@ pub fn versions_def(def: &TableDef) -> TableDef {
         .iter()
         .map(|c| Column {
             ty: match &c.ty {
-                ColumnType::Enum(_) => ColumnType::Str { max_length: None, truncatable: false },
+                ColumnType::Enum(_) | ColumnType::Str { .. } => {
+                    ColumnType::Str { max_length: None, truncatable: false }
+                }
                 ty => ty.clone(),
             },
             required: false,
@@ -44,7 +47,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn versions_are_the_columns_optional_with_labels_as_text_then_three() {
+    fn versions_are_the_columns_optional_with_labels_and_text_unbounded_then_three() {
         let column =
             |name: &str, ty: ColumnType, required: bool| Column { name: name.into(), ty, required, comment: None };
         let def = TableDef {
@@ -69,7 +72,7 @@ mod tests {
                 && v.values[4].required
         );
         assert_eq!(v.values[0].ty, ColumnType::Str { max_length: None, truncatable: false });
-        assert_eq!(v.values[1].ty, def.values[1].ty);
+        assert_eq!(v.values[1].ty, ColumnType::Str { max_length: None, truncatable: false }, "text unbounded");
         assert_eq!((v.namespace.as_str(), v.name.as_str()), ("canvas", "users"));
         assert_eq!(history_name("users"), "users__history");
     }
