@@ -903,7 +903,10 @@ async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_o
         let scopes = carried(&out);
         assert_eq!(scopes.len(), targets.len() * tables.len(), "{out}");
         for (target, table, scope, versions) in &scopes {
-            if round == 1 {
+            // After the fan-out nothing is left to carry; a MySQL copy keeps whole seconds, so
+            // the keys of the last commit within its last second are carried again (the same
+            // versions, replaced).
+            if round == 1 && !target.starts_with("mysql:") {
                 assert_eq!(*versions, 0, "after the fan-out, nothing is left to carry: {out}");
             }
             let expected = match (round, table.as_str()) {
@@ -948,5 +951,44 @@ async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_o
             &limits,
         );
         assert_target_history(&emu, &db, t, "enrollments", "after the official client's syncdb").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicates_with_history_at_once_leave_each_servers_copy_equal_to_the_mirrors() {
+    use crate::common::targets::{Backend, TestTarget, backends};
+    let emu =
+        emulator(EmulatorConfig { rows: 30, part_rows: 20, special_floats: false, ..EmulatorConfig::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let db = dir.join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    let tables = ["scores", "enrollments"];
+    let list = tables.join(",");
+    let init = ["initdb", "--namespace", "canvas", "--table", &list, "--keep-history", "all"];
+    ours_ok(&emu, dir, &[&init[..], &["--connection-string", &url]].concat()).await;
+    commit_round(&emu, "canvas", &tables, ROUND);
+    ours_ok(&emu, dir, &["syncdb", "--namespace", "canvas", "--table", &list, "--connection-string", &url]).await;
+    let mut targets = Vec::new();
+    for b in backends().into_iter().filter(|b| *b != Backend::Sqlite) {
+        targets.push(TestTarget::fresh(b, &format!("history_at_once_{b:?}").to_lowercase()).await);
+    }
+    let mut args: Vec<&str> = vec!["replicate", "--namespace", "canvas", "--table", &list, "--from", &url];
+    args.extend(["--with-history", "--non-finite", "null"]);
+    for t in &targets {
+        args.extend(["--to", &t.url]);
+    }
+    // Two writers of the same tables and histories, started together: each table's lock orders
+    // them; the second finds the first one's copy and carries what it lacks (nothing).
+    let (first, second) =
+        tokio::join!(ours_command(&emu, dir).args(&args).output(), ours_command(&emu, dir).args(&args).output());
+    for out in [first.unwrap(), second.unwrap()] {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for t in &targets {
+        for table in tables {
+            let held = assert_target_history(&emu, &db, t, table, "after two replicates at once").await;
+            assert!(held > 30, "{table}: the versions of the round are there ({held})");
+        }
     }
 }
