@@ -186,6 +186,38 @@ impl MirrorSource {
     }
 }
 
+/// Sends a piece of a feed; an error when the target stopped reading.
+fn send(tx: &FeedSender, piece: Piece) -> Result<(), SourceError> {
+    tx.blocking_send(piece).map_err(|_| SourceError::failed("", "the target stopped reading"))
+}
+
+/// Records gathered into the feed's batches: each sent when it is full, the rest on `flush`.
+struct Batches<'a> {
+    tx: &'a FeedSender,
+    batch: Vec<Record>,
+    /// Records sent so far.
+    sent: u64,
+}
+
+impl<'a> Batches<'a> {
+    fn new(tx: &'a FeedSender) -> Batches<'a> {
+        Batches { tx, batch: Vec::with_capacity(BATCH), sent: 0 }
+    }
+
+    fn push(&mut self, record: Record) -> Result<(), SourceError> {
+        self.batch.push(record);
+        if self.batch.len() == BATCH { self.flush() } else { Ok(()) }
+    }
+
+    fn flush(&mut self) -> Result<(), SourceError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.sent += self.batch.len() as u64;
+        send(self.tx, Piece::Rows(std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH))))
+    }
+}
+
 /// Sends the versions `sql` selects (`keys`: the first commit whose keys it takes) as one part,
 /// in the read transaction `conn` holds.
 fn read_versions(
@@ -197,31 +229,22 @@ fn read_versions(
     tx: &FeedSender,
 ) -> Result<u64, SourceError> {
     const PART: &str = "history";
-    let send =
-        |piece: Piece| tx.blocking_send(piece).map_err(|_| SourceError::failed("", "the target stopped reading"));
     let bad = |e: String| SourceError::Corrupt { table: versions.name.clone(), part: PART.into(), detail: e };
-    send(Piece::Begin(PART.into()))?;
+    send(tx, Piece::Begin(PART.into()))?;
     let mut stmt = conn.prepare(sql).map_err(|e| source.io(e))?;
     let mut rows = match keys {
         Some(seq) => stmt.query(params![versions.namespace, versions.name, seq]),
         None => stmt.query([]),
     }
     .map_err(|e| source.io(e))?;
-    let (mut total, mut batch) = (0u64, Vec::with_capacity(BATCH));
+    let mut out = Batches::new(tx);
     while let Some(row) = rows.next().map_err(|e| source.io(e))? {
-        batch.push(record(row, versions, 0).map_err(bad)?);
-        if batch.len() == BATCH {
-            total += batch.len() as u64;
-            send(Piece::Rows(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))))?;
-        }
+        out.push(record(row, versions, 0).map_err(bad)?)?;
     }
-    if !batch.is_empty() {
-        total += batch.len() as u64;
-        send(Piece::Rows(batch))?;
-    }
-    send(Piece::End(PART.into()))?;
-    send(Piece::Done)?;
-    Ok(total)
+    out.flush()?;
+    send(tx, Piece::End(PART.into()))?;
+    send(tx, Piece::Done)?;
+    Ok(out.sent)
 }
 
 /// What a target lacks of a table's history (`replicate --with-history`): how its copy changes,
@@ -289,13 +312,10 @@ fn read_parts(source: &MirrorSource, def: &TableDef, parts: &[String], tx: &Feed
     conn.execute_batch("BEGIN").map_err(|e| source.io(e))?;
     let columns: Vec<String> = def.columns().map(|c| format!("t.{}", quote(&c.name))).collect();
     let table = quote(&def.name);
-    let mut total = 0u64;
-    let send =
-        |piece: Piece| tx.blocking_send(piece).map_err(|_| SourceError::failed("", "the target stopped reading"));
+    let mut out = Batches::new(tx);
     for part in parts {
         let bad = |e: String| SourceError::Corrupt { table: def.name.clone(), part: part.clone(), detail: e };
-        send(Piece::Begin(part.clone()))?;
-        let mut batch = Vec::with_capacity(BATCH);
+        send(tx, Piece::Begin(part.clone()))?;
         match Part::parse(part).ok_or_else(|| bad("not a part of the mirror".into()))? {
             Part::Rows(first, last) => {
                 let mut stmt = conn
@@ -306,11 +326,7 @@ fn read_parts(source: &MirrorSource, def: &TableDef, parts: &[String], tx: &Feed
                     .map_err(|e| source.io(e))?;
                 let mut rows = stmt.query(params![first, last]).map_err(|e| source.io(e))?;
                 while let Some(row) = rows.next().map_err(|e| source.io(e))? {
-                    batch.push(record(row, def, 0).map_err(bad)?);
-                    if batch.len() == BATCH {
-                        total += batch.len() as u64;
-                        send(Piece::Rows(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))))?;
-                    }
+                    out.push(record(row, def, 0).map_err(bad)?)?;
                 }
             }
             Part::ChangedSince(seq) => {
@@ -332,23 +348,16 @@ fn read_parts(source: &MirrorSource, def: &TableDef, parts: &[String], tx: &Feed
                         let key = from_sql(row.get_ref(0).map_err(|e| source.io(e))?, &def.key.ty).map_err(bad)?;
                         Record { ts: None, action: Some('D'), key, values: vec![Value::Null; def.values.len()] }
                     };
-                    batch.push(r);
-                    if batch.len() == BATCH {
-                        total += batch.len() as u64;
-                        send(Piece::Rows(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))))?;
-                    }
+                    out.push(r)?;
                 }
             }
         }
-        if !batch.is_empty() {
-            total += batch.len() as u64;
-            send(Piece::Rows(batch))?;
-        }
-        send(Piece::End(part.clone()))?;
+        out.flush()?;
+        send(tx, Piece::End(part.clone()))?;
     }
-    send(Piece::Done)?;
+    send(tx, Piece::Done)?;
     let _ = conn.execute_batch("COMMIT");
-    Ok(total)
+    Ok(out.sent)
 }
 
 #[async_trait::async_trait]

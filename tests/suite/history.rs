@@ -724,6 +724,31 @@ async fn history_paused_then_resumed_goes_on_from_the_resumption() {
     assert!(!out.status.success() && err.contains("begins at"), "{err}");
 }
 
+/// The tables the tests of history on servers carry.
+const CARRIED: [&str; 2] = ["scores", "enrollments"];
+
+/// An emulator, and a mirror in `dir` of [`CARRIED`] with history on: its file and URL.
+async fn mirror_with_history(dir: &Path) -> (Emulator, std::path::PathBuf, String) {
+    let emu =
+        emulator(EmulatorConfig { rows: 30, part_rows: 20, special_floats: false, ..EmulatorConfig::default() }).await;
+    let db = dir.join("canvas.db");
+    let url = format!("sqlite://{}", db.display());
+    let list = CARRIED.join(",");
+    let init = ["initdb", "--namespace", "canvas", "--table", &list, "--keep-history", "all"];
+    ours_ok(&emu, dir, &[&init[..], &["--connection-string", &url]].concat()).await;
+    (emu, db, url)
+}
+
+/// A fresh database on every server the suite has (a mirror file keeps a history of its own).
+async fn server_targets(name: &str) -> Vec<crate::common::targets::TestTarget> {
+    use crate::common::targets::{Backend, TestTarget, backends};
+    let mut targets = Vec::new();
+    for b in backends().into_iter().filter(|b| *b != Backend::Sqlite) {
+        targets.push(TestTarget::fresh(b, &format!("{name}_{b:?}").to_lowercase()).await);
+    }
+    targets
+}
+
 /// A table's versions as a target's `<table>__history` holds them (and the mirror's view).
 fn history_def(def: &TableDef) -> TableDef {
     let mut versions = dap_replica::schema::versions::versions_def(def);
@@ -800,26 +825,14 @@ fn carried(out: &str) -> Vec<(String, String, String, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_official_client_still_syncs() {
-    use crate::common::targets::{Backend, TestTarget, backends};
-    let emu =
-        emulator(EmulatorConfig { rows: 30, part_rows: 20, special_floats: false, ..EmulatorConfig::default() }).await;
+    use crate::common::targets::Backend;
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let db = dir.join("canvas.db");
-    let url = format!("sqlite://{}", db.display());
-    let tables = ["scores", "enrollments"];
+    let (emu, db, url) = mirror_with_history(dir).await;
+    let tables = CARRIED;
     let list = tables.join(",");
     let sync = ["syncdb", "--namespace", "canvas", "--table", &list, "--connection-string", &url];
-    ours_ok(
-        &emu,
-        dir,
-        &["initdb", "--namespace", "canvas", "--table", &list, "--keep-history", "all", "--connection-string", &url],
-    )
-    .await;
-    let mut targets = Vec::new();
-    for b in backends().into_iter().filter(|b| *b != Backend::Sqlite) {
-        targets.push(TestTarget::fresh(b, &format!("with_history_{b:?}").to_lowercase()).await);
-    }
+    let targets = server_targets("with_history").await;
     let replicate = |to: Vec<String>| {
         let mut args: Vec<String> =
             ["replicate", "--namespace", "canvas", "--table", &list, "--from", &url].map(String::from).to_vec();
@@ -956,23 +969,14 @@ async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicates_with_history_at_once_leave_each_servers_copy_equal_to_the_mirrors() {
-    use crate::common::targets::{Backend, TestTarget, backends};
-    let emu =
-        emulator(EmulatorConfig { rows: 30, part_rows: 20, special_floats: false, ..EmulatorConfig::default() }).await;
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let db = dir.join("canvas.db");
-    let url = format!("sqlite://{}", db.display());
-    let tables = ["scores", "enrollments"];
+    let (emu, db, url) = mirror_with_history(dir).await;
+    let tables = CARRIED;
     let list = tables.join(",");
-    let init = ["initdb", "--namespace", "canvas", "--table", &list, "--keep-history", "all"];
-    ours_ok(&emu, dir, &[&init[..], &["--connection-string", &url]].concat()).await;
     commit_round(&emu, "canvas", &tables, ROUND);
     ours_ok(&emu, dir, &["syncdb", "--namespace", "canvas", "--table", &list, "--connection-string", &url]).await;
-    let mut targets = Vec::new();
-    for b in backends().into_iter().filter(|b| *b != Backend::Sqlite) {
-        targets.push(TestTarget::fresh(b, &format!("history_at_once_{b:?}").to_lowercase()).await);
-    }
+    let targets = server_targets("history_at_once").await;
     let mut args: Vec<&str> = vec!["replicate", "--namespace", "canvas", "--table", &list, "--from", &url];
     args.extend(["--with-history", "--non-finite", "null"]);
     for t in &targets {
