@@ -32,7 +32,7 @@ use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, StoredVersion, SyncColumnKind};
 use super::protocol::{
-    Dialect, Provision, Replaces, Staged, StoredBookkeeping, history_load_statements, history_table_statements,
+    self, Dialect, Provision, Replaces, Staged, StoredBookkeeping, history_load_statements, history_table_statements,
     lock_name,
 };
 use super::{
@@ -573,7 +573,7 @@ impl MssqlDialect {
             );
         }
         if options.access == Access::Write {
-            sink.prepare(&mut c).await?;
+            protocol::prepared_alone(&sink, sink.prepare(&mut c)).await?;
         }
         sink.release(c);
         Ok(sink)

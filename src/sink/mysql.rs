@@ -29,7 +29,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslO
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, StoredVersion, SyncColumnKind};
 use super::protocol::{
-    Dialect, Provision, Replaces, Staged, StoredBookkeeping, history_load_statements, history_table_statements,
+    self, Dialect, Provision, Replaces, Staged, StoredBookkeeping, history_load_statements, history_table_statements,
     latest_change_of, latest_change_sql, lock_name, shared_columns,
 };
 use super::{
@@ -539,7 +539,7 @@ impl MysqlDialect {
             );
         }
         if options.access == Access::Write {
-            sink.prepare(&mut conn).await?;
+            protocol::prepared_alone(&sink, sink.prepare(&mut conn)).await?;
         }
         Ok(sink)
     }

@@ -22,7 +22,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::layout::{self, BOOKKEEPING_SCHEMA, DATABASE_VERSION, OUR_SCHEMA, StoredVersion, SyncColumnKind};
 use super::protocol::{
-    Dialect, Provision, Replaces, Staged, StoredBookkeeping, history_load_statements, history_table_statements,
+    self, Dialect, Provision, Replaces, Staged, StoredBookkeeping, history_load_statements, history_table_statements,
     latest_change_of, latest_change_sql, lock_keys, lock_name,
 };
 use super::{
@@ -659,7 +659,7 @@ impl PostgresDialect {
             PostgresDialect { shown, database: url.database.clone(), pool, lock_timeout: options.lock_timeout };
         let c = dialect.pool.get().await?;
         if options.access == Access::Write {
-            dialect.prepare(&c).await?;
+            protocol::prepared_alone(&dialect, dialect.prepare(&c)).await?;
         }
         dialect.release(c);
         Ok(dialect)

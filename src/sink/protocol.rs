@@ -417,6 +417,38 @@ pub trait Dialect: Send + Sync + 'static {
     ) -> Result<Option<String>, SinkError>;
 }
 
+/// Runs `prepare` (a server's check and creation of the bookkeeping tables and our own) holding
+/// the target's preparation lock. Every writer reads whether the tables exist and creates what
+/// is missing: two that open an empty target at once would both create them and one fail
+/// (`already exists`), or both write the version row. The lock is a session of
+/// [`Dialect::lock_session`], given back (and the lock with it) when this returns.
+pub async fn prepared_alone<D: Dialect, T>(
+    d: &D,
+    prepare: impl Future<Output = Result<T, SinkError>>,
+) -> Result<T, SinkError> {
+    const LOCK: (&str, &str) = (super::layout::OUR_SCHEMA, "bookkeeping");
+    let mut session = d.lock_session().await?;
+    let started = Instant::now();
+    while !d.try_lock(&mut session, LOCK.0, LOCK.1).await? {
+        let waited = started.elapsed();
+        if waited >= d.lock_timeout() {
+            return Err(SinkError::refused(
+                d.target(),
+                Refusal::Locked,
+                format!(
+                    "another process has been creating the bookkeeping tables for {} s (--lock-timeout); \
+                     run the command again once it finishes, or give it a longer --lock-timeout",
+                    waited.as_secs()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let prepared = prepare.await;
+    drop(session);
+    prepared
+}
+
 /// What the current run loaded into a table's staging, for the check before publishing.
 #[derive(Debug, Default, Clone, Copy)]
 struct Loaded {

@@ -18,6 +18,7 @@ use common::targets::{Backend, TestTarget};
 use common::truth::Limit;
 use common::*;
 use dap_replica::emulator::{ChangeCounts, Emulator, EmulatorConfig};
+use dap_replica::sink::{NonFinite, SinkOptions};
 
 const TABLES: [&str; 4] = ["users", "submissions", "courses", "enrollments"];
 const ROUNDS: usize = 5;
@@ -395,9 +396,46 @@ async fn a_table_another_writer_is_publishing_is_waited_for_not_refused(backend:
     assert_truth(&emu, &target, "users", &limits, "after waiting for the publish").await;
 }
 
+/// Writers that reach an empty target at the same moment (a cron job and a person, or the
+/// fan-out of two syncs) each find no bookkeeping and create it: every one must open the target,
+/// and the target must end with the official layout's one version row. Seen in CI as
+/// `Table 'instructure_dap__database_version' already exists` from the second `replicate`.
+async fn writers_opening_an_empty_target_at_once_all_open_it_and_leave_one_version(backend: Backend) {
+    const OPENERS: usize = 6;
+    const ROUNDS: usize = 3;
+    for round in 0..ROUNDS {
+        let target = TestTarget::fresh(backend, &format!("open_at_once_{round}_{backend:?}").to_lowercase()).await;
+        let opened = futures_util::future::join_all((0..OPENERS).map(|_| {
+            let spec = target.spec();
+            async move {
+                let options = SinkOptions { non_finite: NonFinite::Null, ..SinkOptions::default() };
+                dap_replica::target::open(&spec, "canvas", &options).await.map(|_| ())
+            }
+        }))
+        .await;
+        for (i, result) in opened.iter().enumerate() {
+            if let Err(e) = result {
+                panic!("{backend:?}, round {round}: opener {i} of {OPENERS} failed on an empty target: {e}");
+            }
+        }
+        // A SQLite target (the mirror's file) makes its bookkeeping at its first table's write,
+        // under the file's writer lock: opening it writes nothing.
+        let version_table = match backend {
+            Backend::Sqlite => continue,
+            Backend::Mysql => "instructure_dap__database_version",
+            Backend::Postgres | Backend::Mssql => "\"instructure_dap\".\"database_version\"",
+        };
+        let versions = target.column(&format!("SELECT version FROM {version_table}")).await;
+        assert_eq!(versions, vec![Some("1".to_string())], "{backend:?}, round {round}: the database's version rows");
+        let watermarks = target.column(&format!("SELECT count(*) FROM {}", target.bookkeeping_table())).await;
+        assert_eq!(watermarks, vec![Some("0".to_string())], "{backend:?}, round {round}: no table was synced");
+    }
+}
+
 // One test per backend, so each is named, runs in parallel and fails on its own.
 crate::each_backend!(
     writers_at_once_leave_every_table_equal_to_the_truth,
     a_held_lock_makes_a_writer_wait_then_leave_the_table_alone,
-    a_table_another_writer_is_publishing_is_waited_for_not_refused
+    a_table_another_writer_is_publishing_is_waited_for_not_refused,
+    writers_opening_an_empty_target_at_once_all_open_it_and_leave_one_version
 );
