@@ -8,9 +8,7 @@
 //!
 //! SCHEMA.json is the table's schema as `dap schema` writes it. Prints rows and bytes sent.
 
-#[allow(dead_code)]
-#[path = "../tests/suite/common/tds/mod.rs"]
-mod tds;
+use tds_test_server as tds;
 
 use std::io::BufRead;
 use std::sync::atomic::Ordering;

@@ -6,9 +6,7 @@
 //!
 //! It writes `bulk_bytes ROWS_DECODED` to STATS_FILE every 100 ms, and runs until killed.
 
-#[allow(dead_code)]
-#[path = "../tests/suite/common/tds/mod.rs"]
-mod tds;
+use tds_test_server as tds;
 
 use std::sync::atomic::Ordering;
 

@@ -4,7 +4,7 @@
 
 pub mod mssql;
 pub mod targets;
-pub mod tds;
+pub use tds_test_server as tds;
 pub mod truth;
 
 use std::path::{Path, PathBuf};

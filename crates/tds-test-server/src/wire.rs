@@ -681,7 +681,7 @@ impl BulkDecoder {
     }
 
     /// The next complete token, or `None` until more bytes arrive.
-    pub fn next(&mut self) -> io::Result<Option<BulkToken>> {
+    pub fn next_token(&mut self) -> io::Result<Option<BulkToken>> {
         let mut r = Reader::new(&self.buf[self.at..]);
         let result = (|| -> io::Result<BulkToken> {
             match r.u8()? {

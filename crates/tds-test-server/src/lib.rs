@@ -448,7 +448,7 @@ async fn bulk<S: AsyncRead + AsyncWrite + Unpin>(
         if error.is_none() {
             decoder.push(&packet.payload);
             loop {
-                match decoder.next() {
+                match decoder.next_token() {
                     Ok(None) | Ok(Some(BulkToken::Done)) => break,
                     Ok(Some(BulkToken::Columns(c))) => {
                         let names: Vec<String> = c.iter().map(|(n, _)| n.clone()).collect();
