@@ -2,10 +2,11 @@
 //! and row-by-row comparison with the emulator's ground truth.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
-pub mod mssql;
-pub mod targets;
-pub use tds_test_server as tds;
-pub mod truth;
+// Comparison with the truth, the targets and the servers live in a crate of their own, built
+// optimised (crates/test-support): unoptimised, reading rows back and comparing them was most of
+// the CPU of the heaviest tests.
+pub use dap_test_support::servers::*;
+pub use dap_test_support::{mssql, targets, tds, truth};
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -56,79 +57,6 @@ pub async fn official_ok(emu: &Emulator, dir: &Path, args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "official client {args:?} failed ({}):\n{stderr}", out.status);
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The base URL of the PostgreSQL server the tests use (`scripts/db-up.sh` exports it); a test
-/// asks [`targets::require`] first, so a missing server is skipped or failed by the one rule,
-/// never replaced by a guessed address.
-pub fn postgres_url() -> String {
-    std::env::var("TEST_POSTGRES_URL").expect("TEST_POSTGRES_URL is set (ask targets::require first)")
-}
-
-/// The base URL of the MariaDB server the tests use; see [`postgres_url`].
-pub fn mysql_url() -> String {
-    std::env::var("TEST_MYSQL_URL").expect("TEST_MYSQL_URL is set (ask targets::require first)")
-}
-
-/// `url` with its database name replaced.
-fn with_database(url: &str, db: &str) -> String {
-    let (url, query) = url.split_once('?').map_or((url, String::new()), |(u, q)| (u, format!("?{q}")));
-    let (base, _) = url.rsplit_once('/').expect("database URL has a path");
-    format!("{base}/{db}{query}")
-}
-
-/// A new, empty PostgreSQL database for one test; returns its URL and a connection.
-pub async fn fresh_postgres(name: &str) -> (String, tokio_postgres::Client) {
-    let admin_url = postgres_url();
-    let (admin, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {admin_url} ({e}): run scripts/db-up.sh"));
-    tokio::spawn(conn);
-    let db = format!("dapt_{name}");
-    // Two statements: a multi-statement batch is one transaction, which DROP DATABASE refuses.
-    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.expect("drop old test database");
-    admin.batch_execute(&format!("CREATE DATABASE {db}")).await.expect("create test database");
-    let url = with_database(&admin_url, &db);
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect to test database");
-    tokio::spawn(conn);
-    (url, client)
-}
-
-/// Runs SQL on MariaDB/MySQL through the `mariadb` command-line client; returns tab-separated rows.
-pub async fn mysql_query(db: Option<&str>, sql: &str) -> Vec<Vec<String>> {
-    let url = mysql_url();
-    let rest = url.strip_prefix("mysql://").expect("mysql:// URL");
-    let (cred, hostdb) = rest.split_once('@').expect("user:pass@host");
-    let (user, pass) = cred.split_once(':').expect("user:pass");
-    let (hostport, _) = hostdb.split_once('/').expect("host/db");
-    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "3306"));
-    let mut cmd = tokio::process::Command::new("mariadb");
-    cmd.args(["-N", "-B", "--raw", "-h", host, "-P", port, "-u", user]).arg(format!("-p{pass}"));
-    if let Some(db) = db {
-        cmd.arg(db);
-    }
-    let out = cmd.arg("-e").arg(sql).output().await.expect("the mariadb client runs (scripts/db-up.sh installs it)");
-    assert!(out.status.success(), "mariadb {sql}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| l.split('\t').map(String::from).collect()).collect()
-}
-
-/// A new, empty MariaDB database; returns its URL.
-pub async fn fresh_mysql(name: &str) -> String {
-    let db = format!("dapt_{name}");
-    mysql_query(
-        None,
-        &format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"),
-    )
-    .await;
-    with_database(&mysql_url(), &db)
-}
-
-/// A connection pool to a MariaDB database, in the session mode dap uses.
-pub fn mysql_pool(url: &str) -> mysql_async::Pool {
-    let opts = mysql_async::Opts::from_url(url).expect("a mysql:// URL");
-    let opts = mysql_async::OptsBuilder::from_opts(opts)
-        .setup(vec!["SET SESSION sql_mode = 'ANSI_QUOTES'", "SET SESSION time_zone = '+00:00'"]);
-    mysql_async::Pool::new(opts)
 }
 
 /// Our `dap` binary set up against the emulator in `dir`, non-interactively: the one place a
@@ -535,4 +463,44 @@ fn authority(url: &str) -> (usize, &str) {
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let start = rest[..end].rfind('@').map_or(0, |at| at + 1);
     (after_scheme + start, &rest[start..end])
+}
+
+/// One test per (case, backend) from one body, named for both (`case::postgres`): a failing
+/// backend neither hides the others nor its own name. Each case is an
+/// `async fn case(backend: Backend)`; a backend this machine lacks is handled by [`require`].
+#[macro_export]
+macro_rules! each_backend {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            use $crate::common::targets::{Backend, require};
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                if require(Backend::Sqlite) {
+                    super::$case(Backend::Sqlite).await
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if require(Backend::Postgres) {
+                    super::$case(Backend::Postgres).await
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mariadb() {
+                if require(Backend::Mysql) {
+                    super::$case(Backend::Mysql).await
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mssql() {
+                if require(Backend::Mssql) {
+                    super::$case(Backend::Mssql).await
+                }
+            }
+        }
+    )*};
 }

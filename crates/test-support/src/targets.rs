@@ -10,7 +10,7 @@ use dap_replica::sink::{NonFinite, Sink, SinkOptions};
 use dap_replica::target::{self, TargetSpec};
 use serde_json::{Map, Value as Json};
 
-use super::truth::{self, Limit};
+use crate::truth::{self, Limit};
 
 /// What the official MySQL layout cannot keep: fractions of seconds (`datetime`, `time`), the
 /// sign of a zero double, and an IPv4 address in a `binary(16)` column of IPv4-or-IPv6 is padded
@@ -78,7 +78,7 @@ pub struct TestTarget {
     postgres: Option<tokio_postgres::Client>,
     mysql: Option<mysql_async::Pool>,
     /// The TDS test server behind an SQL Server target (`None` on a real server).
-    pub tds: Option<super::tds::TdsServer>,
+    pub tds: Option<crate::tds::TdsServer>,
 }
 
 impl TestTarget {
@@ -91,16 +91,16 @@ impl TestTarget {
                 TestTarget { backend, url, _dir: Some(dir), postgres: None, mysql: None, tds: None }
             }
             Backend::Postgres => {
-                let (url, client) = super::fresh_postgres(name).await;
+                let (url, client) = crate::servers::fresh_postgres(name).await;
                 TestTarget { backend, url, _dir: None, postgres: Some(client), mysql: None, tds: None }
             }
             Backend::Mysql => {
-                let url = super::fresh_mysql(name).await;
-                let pool = super::mysql_pool(&url);
+                let url = crate::servers::fresh_mysql(name).await;
+                let pool = crate::servers::mysql_pool(&url);
                 TestTarget { backend, url, _dir: None, postgres: None, mysql: Some(pool), tds: None }
             }
             Backend::Mssql => {
-                let (url, tds) = super::mssql::fresh_mssql(name).await;
+                let (url, tds) = crate::mssql::fresh_mssql(name).await;
                 TestTarget { backend, url, _dir: None, postgres: None, mysql: None, tds }
             }
         }
@@ -171,7 +171,7 @@ impl TestTarget {
                 let mut conn = self.mysql.as_ref().unwrap().get_conn().await.unwrap();
                 conn.query_drop(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
             }
-            Backend::Mssql => super::mssql::exec(&self.url, sql).await,
+            Backend::Mssql => crate::mssql::exec(&self.url, sql).await,
         }
     }
 
@@ -215,7 +215,7 @@ impl TestTarget {
                     })
                     .collect()
             }
-            Backend::Mssql => super::mssql::column(&self.url, sql).await,
+            Backend::Mssql => crate::mssql::column(&self.url, sql).await,
         }
     }
 
@@ -307,44 +307,4 @@ impl TestTarget {
     pub async fn assert_rows(&self, def: &TableDef, truth: &[Map<String, Json>], what: &str) {
         truth::assert_same_rows_within(def, &self.rows(def).await, truth, what, self.limits());
     }
-}
-
-/// One test per (case, backend) from one body, named for both (`case::postgres`): a failing
-/// backend neither hides the others nor its own name. Each case is an
-/// `async fn case(backend: Backend)`; a backend this machine lacks is handled by [`require`].
-#[macro_export]
-macro_rules! each_backend {
-    ($($case:ident),* $(,)?) => {$(
-        mod $case {
-            use $crate::common::targets::{Backend, require};
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                if require(Backend::Sqlite) {
-                    super::$case(Backend::Sqlite).await
-                }
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                if require(Backend::Postgres) {
-                    super::$case(Backend::Postgres).await
-                }
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mariadb() {
-                if require(Backend::Mysql) {
-                    super::$case(Backend::Mysql).await
-                }
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mssql() {
-                if require(Backend::Mssql) {
-                    super::$case(Backend::Mssql).await
-                }
-            }
-        }
-    )*};
 }

@@ -4,7 +4,7 @@
 use tiberius::{AuthMethod, Client, ColumnData, Config, EncryptionLevel};
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
-use super::tds::{ServerOptions, TdsServer};
+use crate::tds::{ServerOptions, TdsServer};
 use dap_replica::sink::{ConnectionString, SslMode};
 
 pub type MssqlClient = Client<Compat<tokio::net::TcpStream>>;
@@ -24,7 +24,7 @@ pub async fn fresh_mssql(name: &str) -> (String, Option<TdsServer>) {
             ] {
                 c.simple_query(sql).await.unwrap().into_results().await.unwrap();
             }
-            (super::with_database(&admin, &db), None)
+            (crate::servers::with_database(&admin, &db), None)
         }
         Err(_) => {
             let server =

@@ -490,7 +490,7 @@ pub async fn mssql_rows(url: &str, def: &TableDef) -> Vec<Map<String, Json>> {
         });
     }
     let sql = format!("SELECT {} FROM \"{}\".\"{}\" AS t{joins}", select.join(", "), def.namespace, def.name);
-    let mut client = super::mssql::connect(url).await;
+    let mut client = crate::mssql::connect(url).await;
     let rows = client
         .simple_query(&sql)
         .await
