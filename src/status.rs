@@ -111,6 +111,51 @@ pub struct HistoryStatus {
     pub bytes: u64,
     /// `--history-days`, when versions are pruned.
     pub days: Option<u32>,
+    /// The latest start or end of a version (what a target's copy is compared with); `None`
+    /// when there is none, or the history is stored as an older dap did.
+    pub latest: Option<Micros>,
+}
+
+/// What a replication target holds of a table's history (`replicate --with-history`), shown
+/// for the tables whose mirror keeps history.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HistoryCopy {
+    /// The target has no history table of it.
+    Absent,
+    /// Its latest version change is the mirror's (or the mirror's latest is unknown).
+    Current { latest: Option<Micros> },
+    /// The mirror's history changed after the copy's latest change: the next `replicate
+    /// --with-history` carries it.
+    Behind { latest: Option<Micros> },
+}
+
+impl HistoryCopy {
+    fn of(mirror_latest: Option<Micros>, held: Option<crate::sink::HistoryHeld>) -> HistoryCopy {
+        let Some(held) = held else { return HistoryCopy::Absent };
+        let latest = held.latest;
+        let covered = match (mirror_latest, latest) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(m), Some(h)) => m <= crate::mirror::reader::latest_possible(h),
+        };
+        if covered { HistoryCopy::Current { latest } } else { HistoryCopy::Behind { latest } }
+    }
+
+    /// The word `dap status` shows.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HistoryCopy::Absent => "absent",
+            HistoryCopy::Current { .. } => "current",
+            HistoryCopy::Behind { .. } => "behind",
+        }
+    }
+
+    pub fn latest(&self) -> Option<Micros> {
+        match self {
+            HistoryCopy::Absent => None,
+            HistoryCopy::Current { latest } | HistoryCopy::Behind { latest } => *latest,
+        }
+    }
 }
 
 /// The history settings and sizes of a mirror file's tables, by table; nothing when it keeps
@@ -123,7 +168,16 @@ fn history_of(file: &std::path::Path) -> std::collections::BTreeMap<(String, Str
         for (ns, table, setting) in history::settings(&conn)? {
             let versions = history::version_count(&conn, &table)?;
             let bytes = history::stored_bytes(&conn, &table)?;
-            out.insert((ns, table), HistoryStatus { since: setting.since, versions, bytes, days: setting.days });
+            let latest = match history::storage_in(&conn, "main", &table)? {
+                history::Storage::Split => {
+                    history::known_until(&conn, &table)?.and_then(|t| time::parse_rfc3339(&t).ok())
+                }
+                history::Storage::Plain | history::Storage::None => None,
+            };
+            out.insert(
+                (ns, table),
+                HistoryStatus { since: setting.since, versions, bytes, days: setting.days, latest },
+            );
         }
         Ok(out)
     };
@@ -139,6 +193,8 @@ pub struct TargetStatus {
     /// The target, its password hidden.
     pub target: String,
     pub position: Position,
+    /// Set when the mirror keeps the table's history and the target could be read.
+    pub history: Option<HistoryCopy>,
 }
 
 /// Where a target stands against the mirror's watermark.
@@ -194,6 +250,10 @@ impl Position {
     }
 }
 
+/// A replication target's bookkeeping, and the target itself when it may hold history copies (a
+/// server: a mirror file keeps a history of its own).
+type TargetRead = (Option<Arc<dyn Sink>>, Vec<Bookkeeping>);
+
 /// The DAP namespaces a server target may hold.
 const DAP_NAMESPACES: [&str; 4] = ["canvas", "canvas_logs", "catalog", "new_quizzes"];
 
@@ -221,28 +281,44 @@ pub async fn status(request: &StatusRequest) -> Result<Vec<TableStatus>, SinkErr
         let histories = local.as_deref().map(history_of).unwrap_or_default();
         let archives = local.as_deref().map(|f| archive_of(f, &ns)).unwrap_or_default();
         let file = sink.describe();
-        let mut positions: Vec<(String, Result<Vec<Bookkeeping>, String>)> = Vec::new();
+        let mut positions: Vec<(String, Result<TargetRead, String>)> = Vec::new();
         for spec in &request.targets {
+            let server = spec.local_file(&ns)?.is_none();
             let read = match target::open(spec, &ns, &options).await {
-                Ok(t) => t.all_bookkeeping(&ns).await.map_err(|e| e.to_string()),
+                Ok(t) => {
+                    t.all_bookkeeping(&ns).await.map(|rows| (server.then_some(t), rows)).map_err(|e| e.to_string())
+                }
                 Err(e) => Err(e.to_string()),
             };
             positions.push((spec.describe(), read));
         }
         for b in sink.all_bookkeeping(&ns).await? {
             let entry = local.as_ref().and_then(|db| state.entry(db, &ns, &b.table));
-            let targets = positions
-                .iter()
-                .map(|(target, read)| TargetStatus {
-                    target: target.clone(),
-                    position: match read {
-                        Ok(rows) => {
-                            Position::of(b.watermark, rows.iter().find(|t| t.table == b.table).map(|t| t.watermark))
-                        }
-                        Err(e) => Position::Unreadable { error: e.clone() },
-                    },
-                })
-                .collect();
+            let history = histories.get(&(ns.clone(), b.table.clone())).cloned();
+            let mut targets = Vec::new();
+            for (target, read) in &positions {
+                let (position, copy) = match read {
+                    Ok((sink, rows)) => {
+                        let watermark = rows.iter().find(|t| t.table == b.table).map(|t| t.watermark);
+                        let copy = match (&history, sink) {
+                            (Some(h), Some(sink)) => match sink.history_held(&ns, &b.table).await {
+                                Ok(held) => Some(HistoryCopy::of(h.latest, held)),
+                                Err(e) => {
+                                    tracing::warn!(
+                                        "{target}: could not read its copy of {ns}.{}'s history: {e}",
+                                        b.table
+                                    );
+                                    None
+                                }
+                            },
+                            _ => None,
+                        };
+                        (Position::of(b.watermark, watermark), copy)
+                    }
+                    Err(e) => (Position::Unreadable { error: e.clone() }, None),
+                };
+                targets.push(TargetStatus { target: target.clone(), position, history: copy });
+            }
             report.push(TableStatus {
                 rows: sink.row_count(&ns, &b.table).await?,
                 namespace: ns.clone(),
@@ -256,7 +332,7 @@ pub async fn status(request: &StatusRequest) -> Result<Vec<TableStatus>, SinkErr
                 last_success: entry.and_then(|e| e.last_success.clone()),
                 file: file.clone(),
                 targets,
-                history: histories.get(&(ns.clone(), b.table.clone())).cloned(),
+                history,
                 archive: archives.get(&b.table).cloned(),
             });
         }

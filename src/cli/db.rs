@@ -439,7 +439,7 @@ mod tests {
     #[test]
     fn a_target_is_shown_current_behind_ahead_or_absent_with_its_lag() {
         let shown = |position: Position| {
-            let j = position_json(&TargetStatus { target: "t".into(), position });
+            let j = position_json(&TargetStatus { target: "t".into(), position, history: None });
             (j["state"].as_str().unwrap().to_string(), j["lag"].clone(), j["lag_seconds"].clone())
         };
         assert_eq!(shown(Position::Current { watermark: 100_000_000 }), ("current".into(), json!("0s"), json!(0)));
@@ -522,6 +522,7 @@ fn position_json(t: &TargetStatus) -> serde_json::Value {
         "state": t.position.name(),
         "lag": lag,
         "lag_seconds": seconds,
+        "history": t.history.as_ref().map(|h| json!({"state": h.name(), "latest": h.latest().map(time::format_wire)})),
     })
 }
 
@@ -785,6 +786,19 @@ pub(super) fn print_status(
                 text(&t["watermark"], "-"),
                 crate::term::safe(t["lag"].as_str().unwrap_or("-"))
             );
+            if let Some(h) = t["history"].as_object() {
+                let latest = text(&h["latest"], "-");
+                println!(
+                    "    history copy: {}",
+                    match h["state"].as_str().unwrap_or_default() {
+                        "absent" => "none (`dap replicate --with-history` makes it)".to_string(),
+                        "behind" => format!(
+                            "behind, latest change {latest} (the next `replicate --with-history` carries the rest)"
+                        ),
+                        state => format!("{state}, latest change {latest}"),
+                    }
+                );
+            }
         }
     }
     Ok(())

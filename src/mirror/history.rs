@@ -376,8 +376,9 @@ fn drop_storage(conn: &Connection, table: &str) -> rusqlite::Result<()> {
     ))
 }
 
-/// The latest time `table`'s history knows of: the last start or end of a version.
-fn known_until(conn: &Connection, table: &str) -> rusqlite::Result<Option<String>> {
+/// The latest time `table`'s history knows of: the last start or end of a version (`dap
+/// status` compares a target's copy with it).
+pub fn known_until(conn: &Connection, table: &str) -> rusqlite::Result<Option<String>> {
     conn.query_row(
         &format!(
             "SELECT max(coalesce((SELECT max({VALID_FROM}) FROM {s}), ''), coalesce((SELECT max({VALID_TO}) FROM {e}), ''))",

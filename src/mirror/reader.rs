@@ -265,13 +265,18 @@ enum Lacking {
     ChangedAfter(Micros),
 }
 
+/// The latest true time a copy's latest change `held` may stand for: a time in whole seconds
+/// may be a server's truncation (MySQL), so the true time may be anywhere in that second.
+pub fn latest_possible(held: Micros) -> Micros {
+    held + if held % time::MICROS_PER_SECOND == 0 { time::MICROS_PER_SECOND - 1 } else { 0 }
+}
+
 /// What a copy whose latest change is `held` (`None`: no usable copy) lacks, given when the
 /// mirror's history began (`began`) and its table's epoch (the snapshot its change index starts
-/// at). A time in whole seconds may be a server's truncation (MySQL): the true time may be
-/// anywhere in that second.
+/// at); see [`latest_possible`].
 fn lacking(held: Option<Micros>, began: Option<Micros>, epoch: Option<Micros>) -> Lacking {
     let (Some(held), Some(epoch)) = (held, epoch) else { return Lacking::Whole };
-    let latest_possible = held + if held % time::MICROS_PER_SECOND == 0 { time::MICROS_PER_SECOND - 1 } else { 0 };
+    let latest_possible = latest_possible(held);
     if epoch > latest_possible || began.is_some_and(|b| b > latest_possible) {
         Lacking::Whole
     } else {

@@ -856,6 +856,31 @@ async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_o
     assert!(!out.status.success() && err.contains("--with-history") && err.contains("keep-history"), "{err}");
     assert!(!other.exists(), "nothing was created for a refused target");
 
+    // `dap status --to` says, per target, whether its history copy is absent, behind or current.
+    let copies = |want: &'static str, step: &'static str| {
+        let (emu, url, urls) = (&emu, url.clone(), urls.clone());
+        async move {
+            let n = urls.len();
+            let mut args = vec!["status".to_string(), "--json".into(), "--namespace".into(), "canvas".into()];
+            args.extend(["--connection-string".to_string(), url]);
+            for u in urls {
+                args.extend(["--to".to_string(), u]);
+            }
+            let out = ours_ok(emu, dir, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+            let report: Json = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+            let mut seen = 0;
+            for row in report.as_array().unwrap().iter().filter(|r| CARRIED.contains(&r["table"].as_str().unwrap())) {
+                for t in row["targets"].as_array().unwrap() {
+                    assert_eq!(t["history"]["state"], want, "{step}: {} on {}: {out}", row["table"], t["target"]);
+                    assert_eq!(t["history"]["latest"].is_null(), want == "absent", "{step}: {out}");
+                    seen += 1;
+                }
+            }
+            assert_eq!(seen, CARRIED.len() * n, "{step}: every table on every target: {out}");
+        }
+    };
+    copies("absent", "before any replicate --with-history").await;
+
     let mut scores_held = Vec::new();
     for round in 0..5 {
         let step = match round {
@@ -911,8 +936,14 @@ async fn replicate_with_history_gives_every_server_the_mirrors_history_and_the_o
         {
             assert_failed_carry_changes_nothing(&emu, dir, t, &replicate(vec![t.url.clone()])).await;
         }
+        if round == 2 {
+            copies("behind", "the mirror synced changes the copies lack").await;
+        }
         let args = replicate(urls.clone());
         let out = ours_ok(&emu, dir, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        if round == 0 {
+            copies("current", "after the first replicate --with-history").await;
+        }
         let scopes = carried(&out);
         assert_eq!(scopes.len(), targets.len() * tables.len(), "{out}");
         for (target, table, scope, versions) in &scopes {
@@ -993,6 +1024,111 @@ async fn two_replicates_with_history_at_once_leave_each_servers_copy_equal_to_th
         for table in tables {
             let held = assert_target_history(&emu, &db, t, table, "after two replicates at once").await;
             assert!(held > 30, "{table}: the versions of the round are there ({held})");
+        }
+    }
+}
+
+/// A target's history of `table` as comparable lines (within its documented limits).
+async fn target_history_lines(emu: &Emulator, target: &crate::common::targets::TestTarget, table: &str) -> Vec<String> {
+    let versions = history_def(&emu.table_def("canvas", table).unwrap());
+    let mut limits = target.limits().to_vec();
+    limits.push(Limit::NoNegativeZero);
+    crate::common::truth::row_lines(&versions, &target.rows(&versions).await, &limits)
+}
+
+/// The mirror's history of `table` in the form [`target_history_lines`] gives for `target`.
+fn mirror_history_lines(
+    emu: &Emulator,
+    mirror: &Path,
+    target: &crate::common::targets::TestTarget,
+    table: &str,
+) -> Vec<String> {
+    let versions = history_def(&emu.table_def("canvas", table).unwrap());
+    let mut limits = target.limits().to_vec();
+    limits.push(Limit::NoNegativeZero);
+    crate::common::truth::row_lines(&versions, &crate::common::truth::sqlite_rows(mirror, &versions), &limits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_anywhere_in_a_carry_leaves_each_copy_old_or_new_and_a_rerun_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (emu, db, url) = mirror_with_history(dir).await;
+    let list = CARRIED.join(",");
+    let targets = server_targets("carry_kill").await;
+    let mut args: Vec<String> =
+        ["replicate", "--namespace", "canvas", "--table", &list, "--from", &url].map(String::from).to_vec();
+    args.extend(["--with-history", "--non-finite", "null"].map(String::from));
+    for t in &targets {
+        args.extend(["--to".to_string(), t.url.clone()]);
+    }
+    // The first copy, timed to spread the kill points over a run.
+    let started = std::time::Instant::now();
+    ours_ok(&emu, dir, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let span = started.elapsed().max(std::time::Duration::from_millis(200));
+    let mut old = Vec::new();
+    for t in &targets {
+        for table in CARRIED {
+            old.push(target_history_lines(&emu, t, table).await);
+        }
+    }
+    // The mirror moves on: two rounds of changes, so that every key's versions are replaced.
+    for _ in 0..2 {
+        commit_round(&emu, "canvas", &CARRIED, ROUND);
+        ours_ok(&emu, dir, &["syncdb", "--namespace", "canvas", "--table", &list, "--connection-string", &url]).await;
+    }
+    let new: Vec<Vec<String>> =
+        targets.iter().flat_map(|t| CARRIED.map(|table| mirror_history_lines(&emu, &db, t, table))).collect();
+    assert!(old.iter().zip(&new).all(|(o, n)| o != n), "the rounds changed every history");
+
+    let mut rng = fastrand::Rng::with_seed(20261206);
+    let mut outcomes = (0, 0);
+    for kill in 0..12 {
+        // Every other kill at a random point of a run; the others within 30 ms of a carry's
+        // start (its scratch load and its transaction are a small part of a run).
+        let after = if kill % 2 == 0 {
+            let after = span.mul_f64(rng.f64() * 1.2);
+            let mut child = ours_command(&emu, dir).args(&args).stderr(std::process::Stdio::null()).spawn().unwrap();
+            tokio::select! {
+                _ = child.wait() => {}
+                _ = tokio::time::sleep(after) => { child.start_kill().unwrap(); child.wait().await.unwrap(); }
+            }
+            format!("{after:?}")
+        } else {
+            let mut cmd = ours_command(&emu, dir);
+            cmd.args(&args);
+            let mut child = Watched::spawn(cmd);
+            child.wait_for("carrying history").await;
+            let after = std::time::Duration::from_millis(rng.u64(0..30));
+            tokio::time::sleep(after).await;
+            unsafe { libc::kill(child.pid() as i32, libc::SIGKILL) };
+            child.finish().await;
+            format!("{after:?} after a carry began")
+        };
+        let mut i = 0;
+        for t in &targets {
+            for table in CARRIED {
+                let now = target_history_lines(&emu, t, table).await;
+                if now == new[i] {
+                    outcomes.1 += 1;
+                } else {
+                    assert!(
+                        now == old[i],
+                        "kill {kill} at {after}: {:?} {table}__history is neither the copy before nor the mirror's:\n{}",
+                        t.backend,
+                        differences(&old[i], &now, ["before", "after the kill"])
+                    );
+                    outcomes.0 += 1;
+                }
+                i += 1;
+            }
+        }
+    }
+    eprintln!("after the kills: {} copies as before, {} as the mirror's", outcomes.0, outcomes.1);
+    ours_ok(&emu, dir, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    for t in &targets {
+        for table in CARRIED {
+            assert_target_history(&emu, &db, t, table, "the rerun after the kills").await;
         }
     }
 }
