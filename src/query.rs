@@ -131,6 +131,7 @@ pub fn open_mirror(dir: &Path) -> Result<MirrorReader, QueryError> {
                 return Err(e.into());
             }
             let _ = conn.execute("DETACH DATABASE ?1", [ns]);
+            crate::mirror::format::refuse_unread_log(file)?;
             attach(ReadMode::Immutable)?;
         }
     }

@@ -185,9 +185,34 @@ pub fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
         Ok(conn)
     };
     match open(ReadMode::Shared) {
-        Err(e) if needs_immutable(&e) && path.is_file() => open(ReadMode::Immutable),
+        Err(e) if needs_immutable(&e) && path.is_file() => {
+            refuse_unread_log(path)?;
+            open(ReadMode::Immutable)
+        }
         other => other,
     }
+}
+
+/// Before a file is read as immutable: such a read ignores its `-wal`, so when one with content
+/// is beside it (a writer stopped before folding it in, and its WAL index is gone: a copy or a
+/// backup without the `-shm`), every answer would silently miss committed changes. Refused,
+/// naming both files and the way out.
+pub fn refuse_unread_log(path: &Path) -> rusqlite::Result<()> {
+    let wal = sibling(path, "-wal");
+    if !std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        return Ok(());
+    }
+    Err(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+        Some(format!(
+            "{} holds changes not yet written into {}, and this folder cannot be written, so they cannot be read \
+             (the file alone would give answers without them). Run any dap command on the folder once as a user who \
+             may write it (the changes are then folded into the file), or copy the folder, with that file, somewhere \
+             writable",
+            wal.display(),
+            path.display()
+        )),
+    ))
 }
 
 /// Whether a shared read failed only because no WAL index can be made beside the file (a

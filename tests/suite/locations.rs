@@ -287,4 +287,39 @@ async fn folders_this_user_cannot_read_or_write_are_named_with_the_fix() {
         assert_eq!(stderr.matches(m).count(), 1, "{args:?}: the folder is named once: {stderr}");
     }
     assert_eq!(std::fs::read(&file).unwrap(), before, "the mirror is unchanged");
+
+    // A copy of the file with a write-ahead log holding committed changes, but without its WAL
+    // index (`-shm`), in a folder this user cannot write: SQLite could only read the file alone,
+    // which would silently miss the changes. Refused, naming the log and the way out.
+    let copy = root.path().join("copied");
+    std::fs::create_dir(&copy).unwrap();
+    let writer = rusqlite::Connection::open(&file).unwrap();
+    writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    let deleted =
+        writer.execute("DELETE FROM accounts WHERE rowid IN (SELECT rowid FROM accounts LIMIT 3)", []).unwrap();
+    assert_eq!(deleted, 3);
+    for suffix in ["", "-wal"] {
+        let name = format!("canvas.db{suffix}");
+        std::fs::copy(mirror.join(&name), copy.join(&name)).unwrap();
+        std::fs::set_permissions(copy.join(&name), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    drop(writer);
+    assert!(std::fs::metadata(copy.join("canvas.db-wal")).unwrap().len() > 0, "the copy's log holds the delete");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let c = copy.to_str().unwrap();
+    for args in
+        [vec!["status", "--dir", c, "--allow-shared"], vec!["query", "--dir", c, "SELECT count(*) FROM accounts"]]
+    {
+        let out = as_another_user(&emu, root.path(), &args).await;
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{args:?} answered without the changes in the log: {stdout}");
+        assert!(
+            stderr.contains(&format!("{c}/canvas.db-wal holds changes not yet written"))
+                && stderr.contains("as a user who may write it"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // Its owner, who may write the folder, reads the changes.
+    let out = ours_ok(&emu, root.path(), &["query", "--dir", c, "SELECT count(*) FROM accounts"]).await;
+    assert!(out.contains('5'), "8 accounts less the 3 deleted: {out}");
 }
