@@ -122,7 +122,8 @@ pub struct HistoryStatus {
 pub enum HistoryCopy {
     /// The target has no history table of it.
     Absent,
-    /// Its latest version change is the mirror's (or the mirror's latest is unknown).
+    /// Its latest version change is the mirror's (within its last second on a server that keeps
+    /// whole seconds, MySQL), or the mirror's history is empty or of an older dap.
     Current { latest: Option<Micros> },
     /// The mirror's history changed after the copy's latest change: the next `replicate
     /// --with-history` carries it.
@@ -427,5 +428,19 @@ mod tests {
         assert_eq!(Position::of(10_000_000, Some(10_000_000)), Position::Current { watermark: 10_000_000 });
         assert_eq!(Position::of(10_000_000, Some(13_000_000)), Position::Ahead { watermark: 13_000_000, seconds: 3 });
         assert_eq!(Position::of(10_000_000, Some(4_000_000)), Position::Behind { watermark: 4_000_000, seconds: 6 });
+    }
+
+    #[test]
+    fn a_history_copy_is_behind_only_when_the_mirror_changed_after_its_latest_possible_time() {
+        let held = |latest: Option<Micros>| Some(crate::sink::HistoryHeld { columns: Vec::new(), latest });
+        assert_eq!(HistoryCopy::of(Some(10_500_000), None), HistoryCopy::Absent);
+        assert_eq!(HistoryCopy::of(Some(10_500_000), held(Some(10_500_000))).name(), "current");
+        assert_eq!(HistoryCopy::of(Some(10_500_000), held(Some(10_400_000))).name(), "behind");
+        // A copy in whole seconds (MySQL) may hold anything of its last second.
+        assert_eq!(HistoryCopy::of(Some(10_500_000), held(Some(10_000_000))).name(), "current");
+        assert_eq!(HistoryCopy::of(Some(11_000_000), held(Some(10_000_000))).name(), "behind");
+        // An empty copy lacks what the mirror has; against an empty history nothing is lacking.
+        assert_eq!(HistoryCopy::of(Some(10_500_000), held(None)), HistoryCopy::Behind { latest: None });
+        assert_eq!(HistoryCopy::of(None, held(None)), HistoryCopy::Current { latest: None });
     }
 }
