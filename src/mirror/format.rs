@@ -199,7 +199,7 @@ pub fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
 /// naming both files and the way out.
 pub fn refuse_unread_log(path: &Path) -> rusqlite::Result<()> {
     let wal = sibling(path, "-wal");
-    if !std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+    if !std::fs::metadata(&wal).is_ok_and(|m| m.is_file() && m.len() > 0) {
         return Ok(());
     }
     Err(rusqlite::Error::SqliteFailure(
