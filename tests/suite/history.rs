@@ -765,12 +765,8 @@ async fn assert_target_history(
     table: &str,
     step: &str,
 ) -> usize {
-    let versions = history_def(&emu.table_def("canvas", table).unwrap());
-    let mut limits = target.limits().to_vec();
-    limits.push(Limit::NoNegativeZero);
-    let lines = |rows: &[Map<String, Json>]| crate::common::truth::row_lines(&versions, rows, &limits);
-    let want = lines(&crate::common::truth::sqlite_rows(mirror, &versions));
-    let got = lines(&target.rows(&versions).await);
+    let want = mirror_history_lines(emu, mirror, target, table);
+    let got = target_history_lines(emu, target, table).await;
     assert!(
         want == got,
         "{:?} {step}: {table}__history holds {} versions, the mirror's {}:\n{}",
@@ -1028,12 +1024,18 @@ async fn two_replicates_with_history_at_once_leave_each_servers_copy_equal_to_th
     }
 }
 
-/// A target's history of `table` as comparable lines (within its documented limits).
-async fn target_history_lines(emu: &Emulator, target: &crate::common::targets::TestTarget, table: &str) -> Vec<String> {
-    let versions = history_def(&emu.table_def("canvas", table).unwrap());
+/// What a target's copy of a history may differ in from the mirror's: its documented limits,
+/// and no negative zero (the mirror's SQLite keeps none).
+fn history_limits(target: &crate::common::targets::TestTarget) -> Vec<Limit> {
     let mut limits = target.limits().to_vec();
     limits.push(Limit::NoNegativeZero);
-    crate::common::truth::row_lines(&versions, &target.rows(&versions).await, &limits)
+    limits
+}
+
+/// A target's history of `table` as comparable lines.
+async fn target_history_lines(emu: &Emulator, target: &crate::common::targets::TestTarget, table: &str) -> Vec<String> {
+    let versions = history_def(&emu.table_def("canvas", table).unwrap());
+    crate::common::truth::row_lines(&versions, &target.rows(&versions).await, &history_limits(target))
 }
 
 /// The mirror's history of `table` in the form [`target_history_lines`] gives for `target`.
@@ -1044,9 +1046,8 @@ fn mirror_history_lines(
     table: &str,
 ) -> Vec<String> {
     let versions = history_def(&emu.table_def("canvas", table).unwrap());
-    let mut limits = target.limits().to_vec();
-    limits.push(Limit::NoNegativeZero);
-    crate::common::truth::row_lines(&versions, &crate::common::truth::sqlite_rows(mirror, &versions), &limits)
+    let rows = crate::common::truth::sqlite_rows(mirror, &versions);
+    crate::common::truth::row_lines(&versions, &rows, &history_limits(target))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
