@@ -3,7 +3,8 @@
 //! then (`temp.<table>`); names written `namespace.table` are pointed at those views, plain
 //! names find them first (SQLite looks in `temp` before the attached files).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 
@@ -89,6 +90,7 @@ fn make_views(conn: &Connection, sql: &str, at: Micros, without: WithoutHistory)
         named.entry(table.clone()).or_insert_with(|| names.qualified.get(table).cloned().unwrap_or_default());
     }
     let shown_at = time::format_fixed(at);
+    let read = columns_read(conn, sql);
     let mut views: BTreeMap<String, String> = BTreeMap::new();
     let mut rewrites: Vec<(std::ops::Range<usize>, String)> = Vec::new();
     let mut since_of: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
@@ -127,7 +129,10 @@ fn make_views(conn: &Connection, sql: &str, at: Micros, without: WithoutHistory)
             return Err(AsOfError::Ambiguous { table: table.clone(), first: first.clone(), second: ns.clone() }.into());
         }
         views.insert(table.clone(), ns.clone());
-        conn.execute_batch(&view_as_of(conn, ns, table, &shown_at)?)?;
+        let used = read.as_ref().and_then(|r| r.get(&(ns.clone(), table.clone())));
+        let view = view_as_of(conn, ns, table, &shown_at, used)?;
+        tracing::debug!("{ns}.{table} as of {shown_at}: {view}");
+        conn.execute_batch(&view)?;
         for range in refs {
             rewrites.push((range.clone(), format!("temp.{}", quote(table))));
         }
@@ -140,11 +145,59 @@ fn make_views(conn: &Connection, sql: &str, at: Micros, without: WithoutHistory)
     Ok(rewritten)
 }
 
+/// The columns a statement reads, per table (namespace, name).
+type ColumnsRead = BTreeMap<(String, String), BTreeSet<String>>;
+
+/// The columns of each table (by namespace and name) that `sql` reads, as SQLite reports them
+/// while preparing it against the tables as they are now; a table the statement names without
+/// reading a column (`count(*)`) is there with none. `None` when it cannot be prepared so (it
+/// names a column only the history has): then every column is kept.
+fn columns_read(conn: &Connection, sql: &str) -> Option<ColumnsRead> {
+    use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+    let read: Arc<Mutex<ColumnsRead>> = Arc::default();
+    let gathered = read.clone();
+    conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+        if let (AuthAction::Read { table_name, column_name }, Some(schema)) = (ctx.action, ctx.database_name)
+            && let Ok(mut read) = gathered.lock()
+        {
+            let columns = read.entry((schema.to_string(), table_name.to_string())).or_default();
+            if !column_name.is_empty() {
+                columns.insert(column_name.to_string());
+            }
+        }
+        Authorization::Allow
+    }));
+    let prepared = conn.prepare(sql).map(drop);
+    conn.authorizer(None::<fn(AuthContext<'_>) -> Authorization>);
+    prepared.ok()?;
+    Arc::try_unwrap(read).ok()?.into_inner().ok()
+}
+
 /// The temporary view of `ns.table` as it was at `at` (stored text). In the split storage
 /// (`mirror::history`): the ended versions valid then, and the table's rows whose current
 /// version had begun by then; a plain history table (an older mirror's) is read as it is.
-fn view_as_of(conn: &Connection, ns: &str, table: &str, at: &str) -> rusqlite::Result<String> {
-    let data = history::data_columns_in(conn, ns, table)?;
+///
+/// With `used` (the columns the query reads, see [`columns_read`]) the view has those columns
+/// only, or the key when it reads none: SQLite computes every column of each arm of a
+/// `UNION ALL` for each row, even for a count, and a wide table's unread columns cost most of
+/// the read (a count as of a time inside the history of a 46-column table: 1.8 s with every
+/// column, 0.8 s with the key). A query reading every current column keeps them all (and the
+/// columns the table has dropped, which `*` shows as of before the drop).
+fn view_as_of(
+    conn: &Connection,
+    ns: &str,
+    table: &str,
+    at: &str,
+    used: Option<&BTreeSet<String>>,
+) -> rusqlite::Result<String> {
+    let mut data = history::data_columns_in(conn, ns, table)?;
+    if let Some(used) = used {
+        let current = history::columns_in(conn, ns, table)?;
+        if !current.iter().all(|c| used.contains(c)) {
+            let key = history::key_column_in(conn, ns, table)?;
+            data.retain(|c| used.contains(c) || (used.is_empty() && *c == key));
+        }
+    }
     let columns: Vec<String> = data.iter().map(|c| quote(c)).collect();
     let (view, schema, at) = (quote(table), quote(ns), quote_literal(at));
     if history::storage_in(conn, ns, table)? != Storage::Split {
@@ -156,8 +209,10 @@ fn view_as_of(conn: &Connection, ns: &str, table: &str, at: &str) -> rusqlite::R
     }
     let current = history::columns_in(conn, ns, table)?;
     let key = history::key_column_in(conn, ns, table)?;
-    let current_columns: Vec<String> =
-        data.iter().map(|c| if current.contains(c) { quote(c) } else { format!("NULL AS {}", quote(c)) }).collect();
+    let current_columns: Vec<String> = data
+        .iter()
+        .map(|c| if current.contains(c) { format!("t.{0} AS {0}", quote(c)) } else { format!("NULL AS {}", quote(c)) })
+        .collect();
     let (ended, since) = (quote(&history::ended_table(table)), quote(&history::since_table(table)));
     let changed_since: bool = conn.query_row(
         &format!(
@@ -171,14 +226,17 @@ fn view_as_of(conn: &Connection, ns: &str, table: &str, at: &str) -> rusqlite::R
         // Nothing changed after `at`: the table as it was then is the table, read as one plain
         // select (SQLite flattens it into the query; a count needs no pass over the rows).
         return Ok(format!(
-            "CREATE TEMP VIEW {view} AS SELECT {current_columns} FROM {schema}.{t}",
+            "CREATE TEMP VIEW {view} AS SELECT {current_columns} FROM {schema}.{t} AS t",
             current_columns = current_columns.join(", "),
             t = quote(table),
         ));
     }
+    // The current rows whose version began by `at`, found by a join on the key rather than
+    // `NOT IN` a list: the table is read in key order, so are the starts (measured: a count as
+    // of a time inside the history of a 1,000,000-row table, 0.58 s with `NOT IN`, 0.51 s).
     Ok(format!(
         "CREATE TEMP VIEW {view} AS SELECT {columns} FROM {schema}.{ended} WHERE {VALID_FROM} <= {at} AND {VALID_TO} > {at}
-         UNION ALL SELECT {current_columns} FROM {schema}.{t} WHERE {key} NOT IN (SELECT {key} FROM {schema}.{since} WHERE {VALID_FROM} > {at})",
+         UNION ALL SELECT {current_columns} FROM {schema}.{t} AS t LEFT JOIN {schema}.{since} AS s ON s.{key} = t.{key} AND s.{VALID_FROM} > {at} WHERE s.{key} IS NULL",
         columns = columns.join(", "),
         current_columns = current_columns.join(", "),
         t = quote(table),
@@ -203,4 +261,42 @@ pub fn versions_sql(conn: &Connection, namespace: &str, table: &str, key: &str) 
         quote(&history),
         quote(&key_column)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(conn: &Connection, sql: &str) -> Option<Vec<(String, Vec<String>)>> {
+        columns_read(conn, sql).map(|r| {
+            r.into_iter()
+                .map(|((schema, table), columns)| (format!("{schema}.{table}"), columns.into_iter().collect()))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn the_columns_a_query_reads_are_found_per_table() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "ATTACH ':memory:' AS canvas;
+             CREATE TABLE canvas.scores (id INTEGER PRIMARY KEY, score REAL, state TEXT);
+             CREATE TABLE canvas.users (id INTEGER PRIMARY KEY, name TEXT);",
+        )
+        .unwrap();
+        let owned = |v: &[(&str, &[&str])]| -> Vec<(String, Vec<String>)> {
+            v.iter().map(|(t, c)| (t.to_string(), c.iter().map(|c| c.to_string()).collect())).collect()
+        };
+        // A count reads no column: the table is there with none (its view keeps the key).
+        assert_eq!(read(&conn, "SELECT count(*) FROM canvas.scores"), Some(owned(&[("canvas.scores", &[])])));
+        assert_eq!(
+            read(&conn, "SELECT s.score FROM scores s JOIN users u ON u.id = s.id WHERE u.name = 'a'"),
+            Some(owned(&[("canvas.scores", &["id", "score"]), ("canvas.users", &["id", "name"])]))
+        );
+        assert_eq!(read(&conn, "SELECT * FROM scores"), Some(owned(&[("canvas.scores", &["id", "score", "state"])])));
+        // A column only the history has (dropped since): every column is kept.
+        assert_eq!(read(&conn, "SELECT dropped FROM scores"), None);
+        // The authorizer is gone afterwards: statements run as before.
+        conn.execute_batch("SELECT name FROM canvas.users").unwrap();
+    }
 }
