@@ -12,8 +12,9 @@
 //! Stored so that a change costs appends, not rewrites: a current version *is* the table's row,
 //! so only its start is kept, in the narrow `<table>__history_since` (a key absent there began
 //! when history did); a version that ended is appended whole to `<table>__history_ended`. The
-//! view joins the two. A sync writes them from temporary triggers on the table, which see the
-//! row before the change (`OLD`), so no row is read or written twice. (Measured at 1,000,000
+//! view joins the two. A sync gathers its changes from temporary triggers on the table, which
+//! see the row before the change (`OLD`), and writes them after the rows, in key order
+//! ([`Recorder`]). (Measured at 1,000,000
 //! rows, `bench/run history`: one wide history table, its current versions updated in place,
 //! cost a 100,000-change sync +111%.) Mirrors made before keep a plain `<table>__history`
 //! table; it is converted by the next run that writes the table.
