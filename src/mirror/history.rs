@@ -567,15 +567,15 @@ impl Recorder {
     }
 
     /// Turns the recorded changes into history (see [`Recorder`]) and removes the triggers
-    /// (before the run commits); nothing when the table keeps no history.
-    pub fn finish(conn: &Connection, def: &TableDef) -> rusqlite::Result<()> {
+    /// (before the run commits); nothing when the table keeps no history. Whether it recorded.
+    pub fn finish(conn: &Connection, def: &TableDef) -> rusqlite::Result<bool> {
         let recording: bool = conn.query_row(
             "SELECT count(*) > 0 FROM temp.sqlite_master WHERE type = 'table' AND name = ?1",
             [format!("dap_history_pending_{}", def.name)],
             |r| r.get(0),
         )?;
         if !recording {
-            return Ok(());
+            return Ok(false);
         }
         let (key, pending, rounds) = (quote(&def.key.name), Self::pending(&def.name), Self::rounds(&def.name));
         // The changes in key order without sorting whole rows: measured, 0.67 s → 0.44 s for
@@ -603,7 +603,8 @@ impl Recorder {
             };
             Self::record_round(conn, def, &this_round)?;
         }
-        Self::remove(conn, &def.name)
+        Self::remove(conn, &def.name)?;
+        Ok(true)
     }
 
     /// One round of [`Recorder::finish`]: the changes `this_round` selects (at most one per
@@ -777,7 +778,7 @@ mod tests {
         write(6, "UPDATE users SET state = 'd1' WHERE id = 4");
         write(7, "DELETE FROM users WHERE id = 1");
         write(0, "UPDATE users SET state = 'c0' WHERE id = 3");
-        Recorder::finish(&conn, &def).unwrap();
+        assert!(Recorder::finish(&conn, &def).unwrap(), "it recorded");
 
         let s = |v: &str| Some(v.to_string());
         assert_eq!(

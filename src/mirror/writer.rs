@@ -1151,9 +1151,11 @@ impl SqliteDialect {
             w.write_bookkeeping(&b)?;
             w.write_dictionary(&def)?;
             let recording = std::time::Instant::now();
-            Recorder::finish(&w.conn, &def)
-                .map_err(|e| w.fail(&format!("recording the history of {}", def.name), e))?;
-            tracing::debug!("{}: history recorded in {} ms", def.name, recording.elapsed().as_millis());
+            if Recorder::finish(&w.conn, &def)
+                .map_err(|e| w.fail(&format!("recording the history of {}", def.name), e))?
+            {
+                tracing::debug!("{}: history recorded in {} ms", def.name, recording.elapsed().as_millis());
+            }
             w.prune_history(&def, b.watermark).map_err(|e| w.fail("pruning history", e))?;
             let started = std::time::Instant::now();
             w.record_commit(&b, &keys)?;
