@@ -511,9 +511,9 @@ impl ChangeTime {
 ///
 /// Why not in the triggers themselves (as before): each change then read and wrote the narrow
 /// table at a random key, twice or three times, among the table's own random pages; a sync of
-/// 100,000 changes spent most of history's cost there (measured on a 1,000,000-row table, with
-/// SQLite's trigger programs replayed outside the client: 2.2 s of 2.3 s of history's extra
-/// writing went away when the narrow table was written after, in key order). Appending the
+/// 100,000 changes spent most of history's cost there (measured on a 1,000,000-row table: the
+/// triggers' share of the write phase fell from about 1.2 s to 0.15 s, and the statements
+/// after it take 0.5 s; the whole sync with history went from +57% to +39%). Appending the
 /// ended versions in key order keeps their key index growing in order too.
 ///
 /// A change no later than the current version's start is one history has already (a sync
