@@ -288,7 +288,7 @@ pub fn namespace_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, FolderError
 
 /// Refuses an output file (of `export` or `pack`) that would replace a part of the mirror in
 /// `dir`: a namespace file or any `.db` there (which would become a namespace), a file's
-/// `-wal`/`-shm`/`-journal` or lock, `state.json`, or the spool; followed through links.
+/// `-wal`/`-shm`/`-journal`, lock or load file, `state.json`, or the spool; followed through links.
 pub fn refuse_mirror_output(dir: &Path, output: &Path) -> Result<(), String> {
     let canonical = |p: &Path| std::fs::canonicalize(p).ok();
     let Some(mirror) = canonical(dir) else { return Ok(()) };
@@ -302,7 +302,9 @@ pub fn refuse_mirror_output(dir: &Path, output: &Path) -> Result<(), String> {
     }
     let landed = landing.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let part_of_the_mirror = landed.ends_with(".db")
-        || [".db-wal", ".db-shm", ".db-journal", ".db.lock"].iter().any(|s| landed.ends_with(s))
+        || [".db-wal", ".db-shm", ".db-journal", ".db.lock", ".db-load", ".db-load-wal", ".db-load-shm"]
+            .iter()
+            .any(|s| landed.ends_with(s))
         || ["state.json", "state.json.lock", "state.json.partial", ".dap-spool"].contains(&landed.as_str());
     if part_of_the_mirror {
         return Err(format!(

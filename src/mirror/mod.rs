@@ -9,6 +9,7 @@ pub mod folder;
 pub mod format;
 pub mod history;
 pub mod indexes;
+pub mod load_file;
 pub mod reader;
 pub mod retention;
 pub mod runs;

@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use super::folder::{StateError, StateFile, WriterLock, mirror_file_present};
 use super::format::*;
 use super::history::{self, ChangeTime, Keeping, Recorder};
+use super::load_file::{self, LoadFile, Staging};
 use crate::decode::Record;
 use crate::feed::Pump;
 use crate::schema::delta::{Change, SchemaDelta};
@@ -79,6 +80,8 @@ pub struct Writer {
     conn: Connection,
     /// The change time of the record being written, for the history triggers.
     change_time: ChangeTime,
+    /// Where snapshots with a text key are staged ([`load_file`]).
+    load: LoadFile,
 }
 
 /// The file's one connection, taken by one table at a time.
@@ -134,7 +137,8 @@ impl SqliteDialect {
         // Reading the schema fails at once on a file that is not a SQLite database.
         conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
             .map_err(|e| fail("reading the database", e))?;
-        let writer = Writer { path: path.to_path_buf(), conn, change_time: ChangeTime::default() };
+        let mut writer =
+            Writer { path: path.to_path_buf(), conn, change_time: ChangeTime::default(), load: LoadFile::of(path) };
         if access == Access::Write {
             writer
                 .change_time
@@ -146,6 +150,7 @@ impl SqliteDialect {
                 })
                 .and_then(|()| writer.conn.execute_batch(&bookkeeping_statements().join(";\n")))
                 .map_err(|e| fail("preparing the bookkeeping tables", e))?;
+            writer.tidy_load_file()?;
             writer.save_state(|_| {});
         }
         Ok(SqliteDialect {
@@ -548,6 +553,107 @@ impl Writer {
         self.forget_in_dictionary(&history::since_table(table))
     }
 
+    /// Publishes the staged snapshot of `def` (see the `publish` verb), in one transaction.
+    fn publish(
+        &self,
+        def: &TableDef,
+        b: &Bookkeeping,
+        choice: &history::Choice,
+        shared: &[String],
+    ) -> Result<(), SinkError> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.fail("starting a transaction", e))?;
+        if Staging::of(def) == Staging::Heap {
+            let fail = |e| self.fail(&format!("ordering the snapshot of {} by its key", &def.name), e);
+            // `main.`: unqualified, the name would find the heap in the attached file.
+            self.conn
+                .execute_batch(&format!("DROP TABLE IF EXISTS main.{}", quote(&staging(&def.name))))
+                .map_err(fail)?;
+            self.create_table(&staging(&def.name), def)?;
+            self.conn.execute(&load_file::copy_in_key_order_sql(def), []).map_err(fail)?;
+        }
+        if self.has_table(&def.name)?
+            && let Some(sql) = Replaces::of(def).carry_over_sql(
+                &quote(&def.name),
+                &quote(&staging(&def.name)),
+                &quote(&def.key.name),
+                shared,
+            )
+        {
+            self.conn
+                .execute(&sql, [])
+                .map_err(|e| self.fail(&format!("keeping the older rows of {}", &def.name), e))?;
+        }
+        // History compares the table with its replacement, so it is written before the swap.
+        let keeping = self.keeping_history(def, choice, b.watermark)?;
+        if keeping != Keeping::No {
+            history::record_snapshot(&self.conn, def, &staging(&def.name), shared, b.watermark)
+                .and_then(|()| self.prune_history(def, b.watermark))
+                .map_err(|e| self.fail(&format!("recording the history of {}", &def.name), e))?;
+        }
+        self.swap_in(&def.name, &staging(&def.name))?;
+        super::indexes::ensure(&self.conn, &def.namespace, &def.name)
+            .map_err(|e| self.fail(&format!("indexing {}", &def.name), e))?;
+        if keeping != Keeping::No {
+            history::refresh_view(&self.conn, &def.name)
+                .map_err(|e| self.fail(&format!("recording the history of {}", &def.name), e))?;
+        }
+        self.conn
+            .execute(
+                &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
+                params![&def.namespace, &def.name],
+            )
+            .map_err(|e| self.fail("clearing checkpoints", e))?;
+        self.write_bookkeeping(b)?;
+        self.write_dictionary(def)?;
+        self.start_epoch(b)?;
+        tx.commit().map_err(|e| self.fail(&format!("committing {}", &def.name), e))?;
+        self.save_state(|_| {});
+        Ok(())
+    }
+
+    /// Drops the heaps of the load file whose loads have no checkpoint left in the mirror (a
+    /// crash after a publish, before its heap was dropped), and the file when it is empty.
+    fn tidy_load_file(&mut self) -> Result<(), SinkError> {
+        let shown = self.load.path().display().to_string();
+        let fail = |e| database_error(&shown, "tidying the load file", e);
+        let heaps = self.load.heaps().map_err(fail)?;
+        for table in heaps {
+            let loading: bool = self
+                .conn
+                .query_row(&format!("SELECT count(*) > 0 FROM {CHECKPOINTS} WHERE source_table = ?1"), [&table], |r| {
+                    r.get(0)
+                })
+                .map_err(|e| self.fail("reading checkpoints", e))?;
+            if !loading {
+                tracing::debug!("{table}: dropping the heap left in the load file");
+                self.load.drop_heap(&table).map_err(fail)?;
+            }
+        }
+        self.load.remove_if_empty().map_err(fail)
+    }
+
+    fn load_failed(&self, what: &str, e: rusqlite::Error) -> SinkError {
+        database_error(&self.load.path().display().to_string(), what, e)
+    }
+
+    /// Appends a snapshot's records to the heap of `def` in the load file.
+    fn append_rows(&mut self, def: &TableDef, rows: &[Record]) -> Result<(), SinkError> {
+        let names: Vec<String> = def.columns().map(|c| quote(&c.name)).collect();
+        let marks = vec!["?"; names.len()].join(", ");
+        let sql = format!("INSERT INTO {} ({}) VALUES ({marks})", quote(&staging(&def.name)), names.join(", "));
+        let shown = self.load.path().display().to_string();
+        let fail = |what: &str, e| database_error(&shown, what, e);
+        let conn = self.load.conn().map_err(|e| fail("opening the load file", e))?;
+        let mut insert = conn.prepare_cached(&sql).map_err(|e| fail("preparing the load", e))?;
+        for r in rows {
+            let params = std::iter::once(Bind(&r.key)).chain(r.values.iter().map(Bind));
+            insert
+                .execute(rusqlite::params_from_iter(params))
+                .map_err(|e| fail(&format!("loading {} key {}", def.name, r.key.to_text().unwrap_or_default()), e))?;
+        }
+        Ok(())
+    }
+
     /// Drops a table's staging and its checkpoints (in the caller's transaction).
     fn forget_staging(&self, def: &TableDef) -> Result<(), SinkError> {
         self.conn
@@ -720,18 +826,30 @@ impl Dialect for SqliteDialect {
 
     fn release(&self, _c: SqliteConn) {}
 
+    /// A part's transaction: in the mirror, and in the load file when it is open.
     async fn begin(&self, c: &mut SqliteConn) -> Result<(), SinkError> {
-        Self::run(c, |w| w.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| w.fail("starting a transaction", e))).await
+        Self::run(c, |w| {
+            w.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| w.fail("starting a transaction", e))?;
+            w.load.begin().map_err(|e| w.load_failed("starting a transaction", e))
+        })
+        .await
     }
 
+    /// The load file commits first: a crash between the two commits leaves rows without their
+    /// checkpoint (loaded again), never a checkpoint without its rows.
     async fn commit(&self, c: &mut SqliteConn) -> Result<(), SinkError> {
-        Self::run(c, |w| w.conn.execute_batch("COMMIT").map_err(|e| w.fail("committing", e))).await
+        Self::run(c, |w| {
+            w.load.commit().map_err(|e| w.load_failed("committing", e))?;
+            w.conn.execute_batch("COMMIT").map_err(|e| w.fail("committing", e))
+        })
+        .await
     }
 
     /// The mirror's connection is shared by the run: what a failed step left open is rolled
     /// back before the next step takes it.
     async fn abandon(&self, mut c: SqliteConn) {
         let rolled_back = Self::run(&mut c, |w| {
+            w.load.rollback().map_err(|e| w.load_failed("rolling back", e))?;
             if !w.conn.is_autocommit() {
                 w.conn.execute_batch("ROLLBACK").map_err(|e| w.fail("rolling back", e))?;
             }
@@ -852,17 +970,30 @@ impl Dialect for SqliteDialect {
     }
 
     async fn staging_exists(&self, c: &mut SqliteConn, def: &TableDef) -> Result<bool, SinkError> {
-        let name = staging(&def.name);
-        Self::run(c, move |w| w.has_table(&name)).await
+        let def = def.clone();
+        Self::run(c, move |w| match Staging::of(&def) {
+            Staging::Keyed => w.has_table(&staging(&def.name)),
+            Staging::Heap => w.load.has_heap(&def.name).map_err(|e| w.load_failed("reading the load file", e)),
+        })
+        .await
     }
 
+    /// The mirror forgets the table's checkpoints first, then the load file gets a new heap: a
+    /// crash between the two leaves a heap without checkpoints, which no load resumes.
     async fn create_staging(&self, c: &mut SqliteConn, def: &TableDef) -> Result<(), SinkError> {
         let def = def.clone();
         Self::run(c, move |w| {
             let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
             w.forget_staging(&def)?;
-            w.create_table(&staging(&def.name), &def)?;
-            tx.commit().map_err(|e| w.fail("creating the staging table", e))
+            if Staging::of(&def) == Staging::Keyed {
+                w.create_table(&staging(&def.name), &def)?;
+            }
+            tx.commit().map_err(|e| w.fail("creating the staging table", e))?;
+            match Staging::of(&def) {
+                Staging::Keyed => w.load.drop_heap(&def.name),
+                Staging::Heap => w.load.create_heap(&def),
+            }
+            .map_err(|e| w.load_failed("creating the staging table", e))
         })
         .await
     }
@@ -872,7 +1003,8 @@ impl Dialect for SqliteDialect {
         Self::run(c, move |w| {
             let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
             w.forget_staging(&def)?;
-            tx.commit().map_err(|e| w.fail("dropping the staging table", e))
+            tx.commit().map_err(|e| w.fail("dropping the staging table", e))?;
+            w.load.drop_heap(&def.name).map_err(|e| w.load_failed("dropping the staging table", e))
         })
         .await
     }
@@ -881,7 +1013,11 @@ impl Dialect for SqliteDialect {
         let def = Arc::new(def.clone());
         while let Some(batch) = rows.next_batch().await? {
             let def = def.clone();
-            Self::run(c, move |w| w.write_rows(&staging(&def.name), &def, &batch, &mut Vec::new(), None)).await?;
+            Self::run(c, move |w| match Staging::of(&def) {
+                Staging::Keyed => w.write_rows(&staging(&def.name), &def, &batch, &mut Vec::new(), None),
+                Staging::Heap => w.append_rows(&def, &batch),
+            })
+            .await?;
         }
         Ok(())
     }
@@ -907,17 +1043,20 @@ impl Dialect for SqliteDialect {
     }
 
     async fn staged_rows(&self, c: &mut SqliteConn, def: &TableDef) -> Result<u64, SinkError> {
-        let name = staging(&def.name);
-        Self::run(c, move |w| {
-            w.conn
-                .query_row(&format!("SELECT count(*) FROM {}", quote(&name)), [], |r| r.get(0))
-                .map_err(|e| w.fail("counting the staged rows", e))
+        let def = def.clone();
+        Self::run(c, move |w| match Staging::of(&def) {
+            Staging::Keyed => w
+                .conn
+                .query_row(&format!("SELECT count(*) FROM {}", quote(&staging(&def.name))), [], |r| r.get(0))
+                .map_err(|e| w.fail("counting the staged rows", e)),
+            Staging::Heap => w.load.staged_rows(&def.name).map_err(|e| w.load_failed("counting the staged rows", e)),
         })
         .await
     }
 
     /// The staging table replaces the table whole (SQLite views refer to tables by name, so they
-    /// keep working), so the delta needs no DDL here.
+    /// keep working), so the delta needs no DDL here. A heap in the load file first becomes that
+    /// staging table, in key order, in the same transaction; the heap is dropped after it.
     async fn publish(
         &self,
         c: &mut SqliteConn,
@@ -927,44 +1066,12 @@ impl Dialect for SqliteDialect {
     ) -> Result<(), SinkError> {
         let (def, b, choice) = (def.clone(), b.clone(), self.history.clone());
         let shared: Vec<String> = shared_columns(&def, delta).map(quote).collect();
-        Self::run(c, move |w| {
-            let tx = w.conn.unchecked_transaction().map_err(|e| w.fail("starting a transaction", e))?;
-            if w.has_table(&def.name)?
-                && let Some(sql) = Replaces::of(&def).carry_over_sql(
-                    &quote(&def.name),
-                    &quote(&staging(&def.name)),
-                    &quote(&def.key.name),
-                    &shared,
-                )
-            {
-                w.conn.execute(&sql, []).map_err(|e| w.fail(&format!("keeping the older rows of {}", def.name), e))?;
+        Self::run(c, move |w| match Staging::of(&def) {
+            Staging::Keyed => w.publish(&def, &b, &choice, &shared),
+            Staging::Heap => {
+                w.load.attached(&w.conn, || w.publish(&def, &b, &choice, &shared))?;
+                w.load.drop_heap(&def.name).map_err(|e| w.load_failed("dropping the staged snapshot", e))
             }
-            // History compares the table with its replacement, so it is written before the swap.
-            let keeping = w.keeping_history(&def, &choice, b.watermark)?;
-            if keeping != Keeping::No {
-                history::record_snapshot(&w.conn, &def, &staging(&def.name), &shared, b.watermark)
-                    .and_then(|()| w.prune_history(&def, b.watermark))
-                    .map_err(|e| w.fail(&format!("recording the history of {}", def.name), e))?;
-            }
-            w.swap_in(&def.name, &staging(&def.name))?;
-            super::indexes::ensure(&w.conn, &def.namespace, &def.name)
-                .map_err(|e| w.fail(&format!("indexing {}", def.name), e))?;
-            if keeping != Keeping::No {
-                history::refresh_view(&w.conn, &def.name)
-                    .map_err(|e| w.fail(&format!("recording the history of {}", def.name), e))?;
-            }
-            w.conn
-                .execute(
-                    &format!("DELETE FROM {CHECKPOINTS} WHERE source_namespace = ?1 AND source_table = ?2"),
-                    params![def.namespace, def.name],
-                )
-                .map_err(|e| w.fail("clearing checkpoints", e))?;
-            w.write_bookkeeping(&b)?;
-            w.write_dictionary(&def)?;
-            w.start_epoch(&b)?;
-            tx.commit().map_err(|e| w.fail(&format!("committing {}", def.name), e))?;
-            w.save_state(|_| {});
-            Ok(())
         })
         .await
     }

@@ -4,6 +4,7 @@
 
 use crate::common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::targets::{Backend, TestTarget, backends};
@@ -29,6 +30,11 @@ fn truth(t: &TestTarget, emu: &Emulator, table: &str) -> Vec<String> {
 }
 
 fn command(emu: &Emulator, url: &str) -> tokio::process::Command {
+    command_of(emu, url, "canvas", &TABLES.join(","))
+}
+
+/// `syncdb --init-missing` of `tables` of `namespace` into `url`.
+fn command_of(emu: &Emulator, url: &str, namespace: &str, tables: &str) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_dap"));
     cmd.env("DAP_API_URL", emu.base_url())
         .env("DAP_CLIENT_ID", &emu.config().client_id)
@@ -39,9 +45,9 @@ fn command(emu: &Emulator, url: &str) -> tokio::process::Command {
             "syncdb",
             "--init-missing",
             "--namespace",
-            "canvas",
+            namespace,
             "--table",
-            &TABLES.join(","),
+            tables,
             "--connection-string",
             url,
         ])
@@ -52,7 +58,11 @@ fn command(emu: &Emulator, url: &str) -> tokio::process::Command {
 
 /// Runs the sync-else-init command and kills it after `after`.
 async fn run_and_kill(emu: &Emulator, url: &str, after: Duration) {
-    let mut child = command(emu, url).stderr(std::process::Stdio::null()).spawn().unwrap();
+    kill_after(command(emu, url), after).await
+}
+
+async fn kill_after(mut command: tokio::process::Command, after: Duration) {
+    let mut child = command.stderr(std::process::Stdio::null()).spawn().unwrap();
     tokio::select! {
         _ = child.wait() => {}
         _ = tokio::time::sleep(after) => { child.start_kill().unwrap(); child.wait().await.unwrap(); }
@@ -232,5 +242,98 @@ async fn sigkill_anywhere_keeps_every_table_whole_and_reruns_converge(backend: B
         if phase == Phase::Initdb {
             killed_after_a_checkpoint_the_rerun_resumes(backend, &emu).await;
         }
+    }
+}
+
+/// The mirror stages a snapshot with a text key (web_logs' UUIDs, some repeated as DAP repeats
+/// them) in a load file beside it and copies it in key order when publishing. A kill after a
+/// checkpoint leaves the staged rows in the load file and the rerun resumes from them; SIGKILL at
+/// seeded points of an initdb leaves web_logs absent or equal to the truth; once the table is
+/// published and a run has ended, no load file is left beside the mirror (a kill after the
+/// publish and before the file's deletion is tidied by the next run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_text_keyed_initdb_keeps_the_mirror_whole_and_leaves_no_load_file() {
+    let emu = emulator(EmulatorConfig {
+        rows: 100,
+        table_rows: [("canvas_logs.web_logs".to_string(), 4000)].into(),
+        part_rows: 250,
+        web_logs_duplicate_rate: 0.05,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let t = TestTarget::fresh(Backend::Sqlite, "crash_text_keys").await;
+    let load_file = {
+        let mut name = t.file().into_os_string();
+        name.push("-load");
+        std::path::PathBuf::from(name)
+    };
+    let run = || command_of(&emu, &t.url, "canvas_logs", "web_logs");
+    let def = emu.table_def("canvas_logs", "web_logs").unwrap();
+    let truth = row_lines(&def, &emu.truth("canvas_logs", "web_logs").unwrap(), t.limits());
+    let rows = || async {
+        if t.has_table("canvas_logs", "web_logs").await {
+            Some(row_lines(&def, &t.rows(&def).await, t.limits()))
+        } else {
+            None
+        }
+    };
+
+    // Killed once it holds a checkpoint: the load file holds the staged rows, and the rerun
+    // resumes from them.
+    let mut child = run().stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while t.checkpoints().await.unwrap_or(0) == 0 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before any checkpoint could be seen");
+        assert!(Instant::now() < deadline, "no checkpoint within 120 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    assert!(load_file.exists(), "a load interrupted after a checkpoint keeps its staged rows in {load_file:?}");
+    assert_eq!(rows().await, None, "web_logs is not published by an interrupted load");
+    let out = run().output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("resuming the interrupted load"), "{stderr}");
+    let now = rows().await.unwrap();
+    assert!(
+        now == truth,
+        "web_logs after a resumed initdb\n{}",
+        differences(&now, &truth, ["the mirror", "the truth"])
+    );
+    assert!(!load_file.exists(), "the load file is deleted once web_logs is published");
+
+    // Kills at seeded points of fresh initdbs (the table dropped before each), spread over the
+    // time an uninterrupted one takes.
+    let drop_web_logs = || async {
+        let args = ["dropdb", "--namespace", "canvas_logs", "--table", "web_logs", "--connection-string", &t.url];
+        let dropped = run_ours(&emu, Path::new("."), &args).await;
+        assert!(dropped.status.success(), "{}", String::from_utf8_lossy(&dropped.stderr));
+    };
+    drop_web_logs().await;
+    let started = Instant::now();
+    let out = run().output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let span = started.elapsed();
+    let mut rng = fastrand::Rng::with_seed(20261206);
+    for kill in 0..8 {
+        drop_web_logs().await;
+        let after = span.mul_f64(rng.f64() * 1.1);
+        kill_after(run(), after).await;
+        if let Some(now) = rows().await {
+            assert!(
+                now == truth,
+                "kill {kill} at {after:?}: web_logs is published but not the truth\n{}",
+                differences(&now, &truth, ["the mirror", "the truth"])
+            );
+        }
+        let out = run().output().await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let now = rows().await.unwrap();
+        assert!(
+            now == truth,
+            "kill {kill}: the rerun converged\n{}",
+            differences(&now, &truth, ["the mirror", "the truth"])
+        );
+        assert!(!load_file.exists(), "kill {kill}: no load file is left once web_logs is published");
     }
 }
