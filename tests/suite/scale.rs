@@ -31,6 +31,10 @@ fn the_scale_benchmark_runs_at_a_hundred_thousand_rows() {
     // Every row of the snapshot, then every new row of the sync.
     assert_eq!(r["changes"], 1000);
     assert_eq!(r["mirror_rows"], 101_000, "{r}");
+    // web_logs' snapshot was staged in a load file beside the mirror: it is gone, and the
+    // mirror holds no pages freed by the staging.
+    assert_eq!(r["load_file_left"], false, "{r}");
+    assert!(r["mirror_free_bytes"].as_u64().unwrap() < 1 << 20, "{r}");
     // The load was watched while it ran: parts committed, never fewer than before (the
     // checkpoints go when the table is published; a snapshot of web_logs repeats about 1% of
     // its rows, so whole parts can count a little past 100,000).
