@@ -294,12 +294,10 @@ async fn sigkill_during_a_text_keyed_initdb_keeps_the_mirror_whole_and_leaves_no
     let out = run().output().await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.contains("resuming the interrupted load"), "{stderr}");
-    let now = rows().await.unwrap();
-    assert!(
-        now == truth,
-        "web_logs after a resumed initdb\n{}",
-        differences(&now, &truth, ["the mirror", "the truth"])
-    );
+    let equal_to_truth = |now: &_, when: &str| {
+        assert!(*now == truth, "web_logs {when}\n{}", differences(now, &truth, ["the mirror", "the truth"]))
+    };
+    equal_to_truth(&rows().await.unwrap(), "after a resumed initdb");
     assert!(!load_file.exists(), "the load file is deleted once web_logs is published");
 
     // Kills at seeded points of fresh initdbs (the table dropped before each), spread over the
@@ -320,20 +318,11 @@ async fn sigkill_during_a_text_keyed_initdb_keeps_the_mirror_whole_and_leaves_no
         let after = span.mul_f64(rng.f64() * 1.1);
         kill_after(run(), after).await;
         if let Some(now) = rows().await {
-            assert!(
-                now == truth,
-                "kill {kill} at {after:?}: web_logs is published but not the truth\n{}",
-                differences(&now, &truth, ["the mirror", "the truth"])
-            );
+            equal_to_truth(&now, &format!("published by the run killed at {after:?} (kill {kill})"));
         }
         let out = run().output().await.unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let now = rows().await.unwrap();
-        assert!(
-            now == truth,
-            "kill {kill}: the rerun converged\n{}",
-            differences(&now, &truth, ["the mirror", "the truth"])
-        );
+        equal_to_truth(&rows().await.unwrap(), &format!("after the rerun of kill {kill}"));
         assert!(!load_file.exists(), "kill {kill}: no load file is left once web_logs is published");
     }
 }
