@@ -6,9 +6,10 @@
 //! it (a 10^7-row web_logs initdb slowed to 0.60 of its first tenth's pace). Staged here as a
 //! heap (the table's columns without its key), a part only appends; the publish copies the heap
 //! into the mirror in key order, so the key index is appended to as well (measured at 10^7
-//! rows: the load flat, 0.83, and the initdb 208 s instead of 255 s, the copy 123 s of it). In a file of its own
-//! because a heap staged inside the mirror would leave its pages free in the mirror once it is
-//! dropped (measured: 6.75 GB instead of 5.00 GB at 10^7 rows); this file is deleted instead.
+//! rows: the load flat, 0.83, and the initdb 208 s instead of 255 s, the copy 123 s of it). In
+//! a file of its own because a heap staged inside the mirror would leave its pages free in the
+//! mirror once it is dropped (measured: 6.75 GB instead of 5.00 GB at 10^7 rows); this file is
+//! deleted instead.
 //!
 //! Integer keys are staged keyed inside the mirror as before ([`Staging::of`]): an integer key is
 //! the table's rowid, and snapshots arrive nearly in key order, so their load already appends
